@@ -1,0 +1,296 @@
+"""Build a process from a scenario and run its thread: images, TEB/PEB, kernel, trace.
+
+``run(scenario)`` is the one entry point; it returns a :class:`Run` holding the trace,
+the images, the thread's outcome and any error that stopped it. Errors that stop
+a run (a fault, a budget) are kept on the Run with everything recorded so far;
+errors in the input (a bad scenario, assembly that does not assemble) are raised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from emu.context import UserContext
+from emu.errors import BudgetExceeded, EmuError, ImageError, KernelError, MachineFault, ScenarioError
+from emu.image import PAGE, Image, Symbolizer, image_from_assembly
+from emu.kernel import (
+    CallbackResult,
+    Kernel,
+    KThread,
+    ServiceRegistry,
+    UserCallback,
+    builtin_services,
+)
+from emu.kernel.services import ServiceContext
+from emu.machine import Machine
+from emu.runtime import NTDLL_BASE, build_ntdll, build_win32u
+from emu.scenario import CallbackStep, Scenario, ServiceScript, load_scenario
+from emu.trace import Trace
+from emu.winnt import (
+    KUSER_NT_BUILD_NUMBER,
+    KUSER_NT_MAJOR_VERSION,
+    KUSER_NT_MINOR_VERSION,
+    KUSER_SHARED_DATA,
+    KUSER_SYSTEM_CALL,
+    PEB_IMAGE_BASE,
+    PEB_KERNEL_CALLBACK_TABLE,
+    PEB_SIZE,
+    RFLAGS_IF,
+    RFLAGS_RESERVED,
+    TEB_CLIENT_ID,
+    TEB_PEB,
+    TEB_SELF,
+    TEB_SIZE,
+    TEB_STACK_BASE,
+    TEB_STACK_LIMIT,
+)
+
+if TYPE_CHECKING:
+    from emu.detect import Detection
+    from emu.expect import Outcome
+    from emu.graph import StateGraph
+
+# Address-space layout. Classic x64 user layout (Windows 7): PEB just below
+# KUSER_SHARED_DATA's neighbourhood at the top of the 8 TB user range, TEBs below it.
+PEB_ADDRESS = 0x7FF_FFFD_F000
+TEB_ADDRESS = 0x7FF_FFFD_D000  # thread i at TEB_ADDRESS - i * TEB_SIZE
+WIN32U_BASE = NTDLL_BASE + 0x0100_0000
+MODULE_BASE = 0x7FFA_C000_0000  # scenario modules, 16 MiB apart (within rel32 reach of ntdll)
+MODULE_STRIDE = 0x0100_0000
+STACK_SIZE = 0x40000
+PROCESS_ID = 0x1000
+THREAD_ID_BASE = 0x1004
+
+
+def scripted_service(script: ServiceScript):  # type: ignore[no-untyped-def]
+    """A service implementation that plays a scenario's steps."""
+
+    def play(ctx: ServiceContext) -> Generator[UserCallback, CallbackResult, int]:
+        last: CallbackResult | None = None
+        for step in script.steps:
+            if isinstance(step, CallbackStep):
+                last = yield UserCallback(step.api, step.data)
+            else:
+                if step.status is not None:
+                    return step.status
+                return last.status if last is not None else 0
+        return 0  # unreachable: validation requires a final return step
+
+    play.__doc__ = f"scripted: {len(script.steps)} step(s)"
+    return play
+
+
+@dataclass
+class Run:
+    """The outcome of running one scenario."""
+
+    scenario: Scenario
+    trace: Trace
+    images: list[Image]
+    threads: dict[int, KThread]
+    error: EmuError | None = None
+    max_depth: int = 0
+    stop: str = "exit"  # "exit", "fault", "budget"
+    _views: dict[int, object] = field(default_factory=dict, repr=False)
+
+    @property
+    def symbolize(self) -> Symbolizer:
+        return self.trace.symbolize  # type: ignore[return-value]
+
+    @property
+    def exit_status(self) -> int | None:
+        t = self.threads.get(0)
+        return t.exit_status if t else None
+
+    @cached_property
+    def graph(self) -> StateGraph:
+        from emu.graph import StateGraph
+
+        return StateGraph.from_trace(self.trace)
+
+    @cached_property
+    def detections(self) -> list[Detection]:
+        from emu.detect import detect_run
+
+        return detect_run(self)
+
+    @cached_property
+    def outcomes(self) -> list[Outcome]:
+        from emu.expect import check
+
+        return check(self)
+
+    @property
+    def ok(self) -> bool:
+        return all(o.passed for o in self.outcomes)
+
+
+class Process:
+    """A scenario built into a machine, a kernel and threads, ready to run."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.scenario = scenario
+        profile = scenario.profile
+        self.machine = Machine()
+        self.images: list[Image] = []
+        self.ntdll = build_ntdll(profile, NTDLL_BASE)
+        self.images.append(self.ntdll)
+        if any(n.startswith(("NtUser", "NtGdi")) for n in profile.ssn):
+            self.images.append(build_win32u(profile, WIN32U_BASE))
+        for i, spec in enumerate(scenario.modules):
+            self.images.append(self._assemble(i, spec.name, spec.code, spec.data))
+        self.stack_regions: list[tuple[int, int, str]] = []
+        self.trace = Trace(symbolize=Symbolizer([]))
+        for img in self.images:
+            self.machine.map_image(img)
+        self._map_kuser()
+        self.callback_table = self._map_peb()
+        registry = builtin_services(ServiceRegistry())
+        for name, script in scenario.services.items():
+            registry.add(name, scripted_service(script))
+        dispatcher = self.ntdll.export("KiUserCallbackDispatcher")
+        if dispatcher is None:
+            raise ImageError("ntdll exports no KiUserCallbackDispatcher")
+        self.kernel = Kernel(
+            self.machine, profile, registry, self.trace, dispatcher, scenario.budgets.callback_depth
+        )
+        self.thread = self.create_thread(0, self.resolve(scenario.entry, ("thread", "entry")), scenario.argument)
+        sym = Symbolizer(self.images, self.stack_regions)
+        self.trace.symbolize = sym
+        self.machine.symbolize = sym
+        self.kernel.add_thread(self.thread)
+
+    # --- building -------------------------------------------------------------------
+    def _assemble(self, i: int, name: str, code: str, data: str) -> Image:
+        def resolve(sym: str) -> int | None:
+            for img in self.images:
+                if sym in img.exports:
+                    return img.exports[sym]
+            return None
+
+        try:
+            return image_from_assembly(name, MODULE_BASE + i * MODULE_STRIDE, code, data, resolve)
+        except ImageError as e:
+            section = getattr(e, "section", "code")
+            line = getattr(e, "line", None)
+            key = "data" if section == "data" else "code"
+            where = self.scenario.line_of("module", i, key)
+            abs_line = where + line if where is not None and line is not None else where
+            detail = getattr(e, "detail", str(e))
+            text = getattr(e, "text", "").strip()
+            shown = f" in {text!r}" if text else ""
+            raise ScenarioError(
+                self.scenario.path, f"module[{i}].{key}", f"assembly does not assemble: line {line} of the {key}: {detail}{shown}", abs_line
+            ) from None
+
+    def resolve(self, ref: str, where: tuple[str, ...]) -> int:
+        mod, bang, label = ref.partition("!")
+        for img in self.images:
+            if bang and img.name.lower() != mod.lower():
+                continue
+            addr = img.symbols.get(label if bang else ref)
+            if addr is not None:
+                return addr
+        raise ScenarioError(self.scenario.path, ".".join(where), f"{ref!r} names no symbol in the loaded images", self.scenario.line_of(*where))
+
+    def _map_kuser(self) -> None:
+        p = self.scenario.profile
+        page = bytearray(PAGE)
+        page[KUSER_NT_BUILD_NUMBER : KUSER_NT_BUILD_NUMBER + 4] = p.build.to_bytes(4, "little")
+        page[KUSER_NT_MAJOR_VERSION : KUSER_NT_MAJOR_VERSION + 4] = p.major.to_bytes(4, "little")
+        page[KUSER_NT_MINOR_VERSION : KUSER_NT_MINOR_VERSION + 4] = p.minor.to_bytes(4, "little")
+        page[KUSER_SYSTEM_CALL] = self.scenario.system_call
+        # KUSER_SHARED_DATA is read-only to user mode (MS docs, KUSER_SHARED_DATA).
+        self.machine.map(KUSER_SHARED_DATA, PAGE, "r", "KUSER_SHARED_DATA", bytes(page))
+
+    def _map_peb(self) -> int:
+        s = self.scenario
+        table = bytearray(8 * s.callback_table_size)
+        for idx, ref in s.callback_table.items():
+            table[8 * idx : 8 * idx + 8] = self.resolve(ref, ("kernel_callback_table", str(idx))).to_bytes(8, "little")
+        table_addr = self.machine.allocate(len(table), "r", "KernelCallbackTable", bytes(table))
+        peb = bytearray(PEB_SIZE)
+        first = self.images[-1].base if s.modules else 0
+        peb[PEB_IMAGE_BASE : PEB_IMAGE_BASE + 8] = first.to_bytes(8, "little")
+        peb[PEB_KERNEL_CALLBACK_TABLE : PEB_KERNEL_CALLBACK_TABLE + 8] = table_addr.to_bytes(8, "little")
+        self.machine.map(PEB_ADDRESS, PEB_SIZE, "rw", "PEB", bytes(peb))
+        return table_addr
+
+    def create_thread(self, index: int, entry: int, argument: int) -> KThread:
+        """TEB, stack with a guard page, and a context at RtlUserThreadStart(entry, argument)."""
+        m = self.machine
+        guard = m.allocate(PAGE, "", f"thread {index} stack guard")
+        limit = guard + PAGE
+        m.map(limit, STACK_SIZE, "rw", f"thread {index} stack")
+        base = limit + STACK_SIZE
+        self.stack_regions.append((limit, base, f"stack{index}"))
+        teb = TEB_ADDRESS - index * TEB_SIZE
+        t = bytearray(TEB_SIZE)
+        tid = THREAD_ID_BASE + 4 * index
+        for off, val in (
+            (TEB_STACK_BASE, base), (TEB_STACK_LIMIT, limit), (TEB_SELF, teb),
+            (TEB_CLIENT_ID, PROCESS_ID), (TEB_CLIENT_ID + 8, tid), (TEB_PEB, PEB_ADDRESS),
+        ):  # fmt: skip
+            t[off : off + 8] = val.to_bytes(8, "little")
+        m.map(teb, TEB_SIZE, "rw", f"thread {index} TEB", bytes(t))
+        start = self.ntdll.export("RtlUserThreadStart")
+        if start is None:
+            raise ImageError("ntdll exports no RtlUserThreadStart")
+        # Threads begin at RtlUserThreadStart as if called: RSP = 8 mod 16, a zero return address.
+        rsp = base - 0x30 - 8
+        ctx = UserContext(
+            rax=0, rcx=entry, rdx=argument, rbx=0, rsp=rsp, rbp=0, rsi=0, rdi=0, r8=0, r9=0, r10=0,
+            r11=0, r12=0, r13=0, r14=0, r15=0, rip=start, rflags=RFLAGS_IF | RFLAGS_RESERVED,
+        )  # fmt: skip
+        return KThread(tid=index, teb=teb, stack_base=base, stack_limit=limit, entry_context=ctx)
+
+    # --- running --------------------------------------------------------------------
+    def run(self) -> Run:
+        b = self.scenario.budgets
+        thread = self.thread
+        kernel = self.kernel
+        kernel.current = thread
+        self.machine.set_gs_base(thread.teb)
+        self.machine.regs.set_context(thread.entry_context)
+        error: EmuError | None = None
+        stop = "exit"
+        try:
+            info = self.machine.run(thread.entry_context.rip, b.instructions, b.wall_time)
+            if not thread.terminated:
+                rip = self.machine.regs.read(("rip",))[0]
+                where = self.trace.symbolize(rip)
+                if info.reason == "timeout":
+                    raise BudgetExceeded("wall_time", f"{b.wall_time:g} s", where)
+                raise BudgetExceeded("instructions", b.instructions, where)
+        except MachineFault as e:
+            kernel.record_fault(thread, e)
+            error, stop = e, "fault"
+        except BudgetExceeded as e:
+            error, stop = e, "budget"
+        except KernelError as e:
+            error, stop = e, "fault"
+        return Run(
+            scenario=self.scenario, trace=self.trace, images=self.images, threads=dict(kernel.threads),
+            error=error, max_depth=kernel.max_depth, stop=stop,
+        )  # fmt: skip
+
+
+def build(scenario: Scenario | str | Path) -> Process:
+    """Build the process for a scenario (a Scenario or a path) without running it."""
+    if not isinstance(scenario, Scenario):
+        scenario = load_scenario(scenario)
+    return Process(scenario)
+
+
+def run(scenario: Scenario | str | Path) -> Run:
+    """Load (if given a path), build and run a scenario.
+
+    >>> r = run("scenarios/callback_roundtrip.toml")  # doctest: +SKIP
+    >>> [d.rip for d in r.detections]                   # doctest: +SKIP
+    ['ntdll!ZwCallbackReturn+0x14']
+    """
+    return build(scenario).run()

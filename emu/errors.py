@@ -1,0 +1,71 @@
+"""One error base for emu, one subclass per area.
+
+Every error carries enough context to be printed as a single line: the file and
+key path for scenario errors, the RIP as ``module!symbol+0xoff`` for machine
+faults, the service name for kernel errors. The CLI prints ``str(error)`` and
+nothing else.
+"""
+
+from __future__ import annotations
+
+
+class EmuError(Exception):
+    """Base class of every error emu raises on purpose."""
+
+
+class ScenarioError(EmuError):
+    """A scenario file is malformed: names the file, the key path and what was expected."""
+
+    def __init__(self, file: str, where: str, message: str, line: int | None = None) -> None:
+        self.file = file
+        self.where = where
+        self.message = message
+        self.line = line
+        place = f"{file}:{line}" if line is not None else file
+        at = f" [{where}]" if where else ""
+        super().__init__(f"{place}{at}: {message}")
+
+
+class ImageError(EmuError):
+    """An image (assembly or PE) cannot be built or loaded."""
+
+
+class MachineFault(EmuError):
+    """User code faulted: names the access, the address and the RIP as a symbol."""
+
+    def __init__(self, message: str, rip: int = 0, rip_symbol: str = "") -> None:
+        self.rip = rip
+        self.rip_symbol = rip_symbol
+        super().__init__(message)
+
+
+class KernelError(EmuError):
+    """The kernel model was asked for something it cannot do."""
+
+
+class UnimplementedService(KernelError):
+    """A system service is in the profile's table but has no implementation in this run."""
+
+    def __init__(self, ssn: int, name: str) -> None:
+        self.ssn = ssn
+        self.name = name
+        super().__init__(
+            f"system service {name} (SSN {ssn:#x}) is not implemented: give it steps in the "
+            f"scenario ([services.{name}]) or register a Python service with "
+            f"@registry.service({name!r})"
+        )
+
+
+class BudgetExceeded(EmuError):
+    """A run hit one of its budgets: names the budget, the limit and where it stopped."""
+
+    def __init__(self, budget: str, limit: float | int, where: str = "") -> None:
+        self.budget = budget
+        self.limit = limit
+        self.where = where
+        at = f" at {where}" if where else ""
+        super().__init__(f"budget '{budget}' exceeded (limit {limit}){at}")
+
+
+class DumpError(EmuError):
+    """A minidump cannot be written or read."""

@@ -1,0 +1,374 @@
+"""The kernel model: system call entry and exit, callbacks into user mode, NtCallbackReturn.
+
+Entered from the machine's ``syscall`` (or ``int 2Eh``) hook. Applies the
+architectural effects Unicorn leaves out, runs the service for the SSN, and leaves
+the CPU either where the service returns (sysret) or at KiUserCallbackDispatcher
+(callback). Every crossing is recorded in the trace as a transition between states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from unicorn import UcError
+
+from emu.context import UserContext
+from emu.errors import BudgetExceeded, KernelError, MachineFault, UnimplementedService
+from emu.kernel.services import (
+    Activation,
+    CallbackResult,
+    ServiceRegistry,
+    TerminateThread,
+    UserCallback,
+)
+from emu.machine import Machine
+from emu.profile import Profile
+from emu.trace import Mode, State, Trace, Transition, TransitionKind
+from emu.winnt import (
+    KGDT64_R3_CODE,
+    KGDT64_R3_DATA,
+    KTRAP_FRAME_EFLAGS,
+    KTRAP_FRAME_R8,
+    KTRAP_FRAME_R9,
+    KTRAP_FRAME_R10,
+    KTRAP_FRAME_R11,
+    KTRAP_FRAME_RAX,
+    KTRAP_FRAME_RCX,
+    KTRAP_FRAME_RDX,
+    KTRAP_FRAME_RIP,
+    KTRAP_FRAME_RSP,
+    KTRAP_FRAME_SEGCS,
+    KTRAP_FRAME_SEGSS,
+    KTRAP_FRAME_SIZE,
+    STATUS_ACCESS_VIOLATION,
+    STATUS_INVALID_SYSTEM_SERVICE,
+    STATUS_NO_CALLBACK_ACTIVE,
+    STATUS_STACK_OVERFLOW,
+    UCALLOUT_API_NUMBER,
+    UCALLOUT_BUFFER,
+    UCALLOUT_FRAME_SIZE,
+    UCALLOUT_LENGTH,
+    UCALLOUT_MF_EFLAGS,
+    UCALLOUT_MF_RIP,
+    UCALLOUT_MF_RSP,
+    UCALLOUT_MF_SEGCS,
+    UCALLOUT_MF_SEGSS,
+)
+
+NT_CALLBACK_RETURN = "NtCallbackReturn"
+STACK_CAPTURE_LIMIT = 0x10000  # bytes of user stack kept per state
+_ALL = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11",
+        "r12", "r13", "r14", "r15", "rip", "rflags")  # fmt: skip
+_SYSRET = ("rax", "rcx", "r11")
+_MASK64 = 0xFFFF_FFFF_FFFF_FFFF
+
+
+@dataclass(frozen=True, slots=True)
+class KTrapFrame:
+    """The user context saved on kernel entry (x64 KTRAP_FRAME; offsets in emu.winnt)."""
+
+    ctx: UserContext
+    via: str  # "syscall" or "int 2Eh"
+
+    def to_bytes(self) -> bytes:
+        """The KTRAP_FRAME fields emu models, at their Windows offsets (0x190 bytes)."""
+        buf = bytearray(KTRAP_FRAME_SIZE)
+        c = self.ctx
+        for off, val in (
+            (KTRAP_FRAME_RAX, c.rax), (KTRAP_FRAME_RCX, c.rcx), (KTRAP_FRAME_RDX, c.rdx),
+            (KTRAP_FRAME_R8, c.r8), (KTRAP_FRAME_R9, c.r9), (KTRAP_FRAME_R10, c.r10),
+            (KTRAP_FRAME_R11, c.r11), (KTRAP_FRAME_RIP, c.rip), (KTRAP_FRAME_SEGCS, KGDT64_R3_CODE),
+            (KTRAP_FRAME_EFLAGS, c.rflags), (KTRAP_FRAME_RSP, c.rsp), (KTRAP_FRAME_SEGSS, KGDT64_R3_DATA),
+        ):  # fmt: skip
+            buf[off : off + 8] = (val & _MASK64).to_bytes(8, "little")
+        return bytes(buf)
+
+
+@dataclass
+class CallbackFrame:
+    """One KeUserModeCallback in progress (an entry of KTHREAD.CallbackStack)."""
+
+    activation: Activation
+    trap: KTrapFrame  # the user context of the syscall whose service called back
+    api: int
+    user_frame: int  # address of the UCALLOUT_FRAME on the user stack
+
+
+@dataclass
+class KThread:
+    """A thread as the kernel model sees it. Several may exist; one runs at a time."""
+
+    tid: int
+    teb: int
+    stack_base: int
+    stack_limit: int
+    entry_context: UserContext
+    callback_stack: list[CallbackFrame] = field(default_factory=list)
+    mode: Mode = "user"
+    state_id: int = 0
+    terminated: bool = False
+    exit_status: int | None = None
+    trap_frame: KTrapFrame | None = None
+    context: UserContext | None = None  # saved user context while not on the CPU
+
+
+class ThreadServiceContext:
+    """What a service sees: the calling thread's id and user memory."""
+
+    def __init__(self, kernel: Kernel, thread: KThread) -> None:
+        self._kernel = kernel
+        self.thread_id = thread.tid
+
+    def read(self, address: int, size: int) -> bytes:
+        return self._kernel.machine.read(address, size)
+
+    def write(self, address: int, data: bytes) -> None:
+        self._kernel.machine.write(address, data)
+
+
+class Kernel:
+    """System service dispatch, callback stacks and the trace of every crossing."""
+
+    def __init__(
+        self,
+        machine: Machine,
+        profile: Profile,
+        registry: ServiceRegistry,
+        trace: Trace,
+        dispatcher: int,
+        callback_depth_budget: int | None = None,
+    ) -> None:
+        self.machine = machine
+        self.profile = profile
+        self.registry = registry
+        self.trace = trace
+        self.dispatcher = dispatcher
+        self.callback_depth_budget = callback_depth_budget
+        self.names: dict[int, str] = {ssn: name for name, ssn in sorted(profile.ssn.items())}
+        self.threads: dict[int, KThread] = {}
+        self.current: KThread | None = None
+        self.max_depth = 0
+        self._entry_len = 2  # bytes Unicorn adds to a RIP written in the current hook
+        machine.on_syscall = self.on_syscall
+        machine.on_interrupt = self.on_interrupt
+
+    # --- threads ------------------------------------------------------------------------
+    def add_thread(self, thread: KThread) -> None:
+        self.threads[thread.tid] = thread
+        sid = len(self.trace.states)
+        self.trace.states.append(self._state(sid, thread, "user", thread.entry_context, None, None, False))
+        thread.state_id = sid
+
+    # --- entry --------------------------------------------------------------------------
+    def on_syscall(self) -> None:
+        vals = self.machine.regs.read(_ALL)
+        # Intel SDM vol. 2B SYSCALL: RCX <- RIP of the next instruction, R11 <- RFLAGS.
+        vals[1] = vals[16] + 2
+        vals[11] = vals[17]
+        vals[16] += 2
+        self._entry_len = 2  # Unicorn adds the instruction length to a RIP written here
+        self._enter(UserContext._make(vals), "syscall")
+
+    def on_interrupt(self, intno: int) -> None:
+        vals = self.machine.regs.read(_ALL)
+        ctx = UserContext._make(vals)  # RIP is already past the `int` instruction
+        self._entry_len = 0
+        if intno == 0x2E:
+            # KiSystemService: the legacy entry ntdll takes when KUSER_SHARED_DATA.SystemCall
+            # is set (Win10 stub shape); INT/IRETQ leave RCX and R11 alone (Intel SDM).
+            self._enter(ctx, "int 2Eh")
+            return
+        what = "breakpoint (int3)" if intno == 3 else f"interrupt {intno:#x}"
+        where = self.trace.symbolize(ctx.rip - (1 if intno == 3 else 2))
+        raise MachineFault(f"{what} at {where}", ctx.rip, where)
+
+    def _enter(self, ctx: UserContext, via: str) -> None:
+        thread = self.current
+        if thread is None:
+            raise KernelError("system call with no current thread")
+        trap = KTrapFrame(ctx, via)
+        thread.trap_frame = trap
+        ssn = ctx.rax & 0xFFFF_FFFF
+        name = self.names.get(ssn)
+        if name == NT_CALLBACK_RETURN:
+            self._callback_return(thread, trap, ssn)
+            return
+        self._record("syscall", thread, "kernel", ctx, name, ssn, service=name)
+        if name is None:
+            # KiSystemCall64: an SSN beyond the service table's limit fails the call.
+            self._sysret(thread, trap, STATUS_INVALID_SYSTEM_SERVICE, None, resumed=False)
+            return
+        spec = self.registry.get(name)
+        if spec is None:
+            raise UnimplementedService(ssn, name)
+        args = [ctx.r10, ctx.rdx, ctx.r8, ctx.r9]
+        extra = len(spec.arg_types) - 4
+        if extra > 0:
+            # Arguments 5+ sit above the return address and the 0x20 shadow space.
+            raw = self._read_user(ctx.rsp + 0x28, 8 * extra) or bytes(8 * extra)
+            args += [int.from_bytes(raw[i : i + 8], "little") for i in range(0, 8 * extra, 8)]
+        act = spec.activate(ThreadServiceContext(self, thread), args)
+        self._drive(thread, act, trap, None, resumed=False)
+
+    # --- service driving ----------------------------------------------------------------
+    def _drive(
+        self, thread: KThread, act: Activation, trap: KTrapFrame, value: CallbackResult | None, resumed: bool
+    ) -> None:
+        while True:
+            req = act.step(value)
+            if isinstance(req, int):
+                self._sysret(thread, trap, req, act.spec.name, resumed)
+                return
+            if isinstance(req, TerminateThread):
+                self._exit(thread, req.status, act.spec.name)
+                return
+            depth = len(thread.callback_stack)
+            if depth >= self.profile.callback_depth_limit:
+                # KeUserModeCallback cannot grow the kernel stack any further.
+                value = CallbackResult(STATUS_STACK_OVERFLOW)
+                continue
+            if self.callback_depth_budget is not None and depth >= self.callback_depth_budget:
+                raise BudgetExceeded("callback_depth", self.callback_depth_budget, self.trace.symbolize(trap.ctx.rip))
+            failure = self._callback(thread, act, trap, req)
+            if failure is None:
+                return
+            value = failure
+
+    def _sysret(self, thread: KThread, trap: KTrapFrame, status: int, service: str | None, resumed: bool) -> None:
+        ctx = trap.ctx
+        if not resumed:
+            # The CPU is still at the entry instruction: only RAX (and the SYSCALL
+            # clobbers RCX/R11) change; RIP continues after the instruction.
+            if trap.via == "syscall":
+                self.machine.regs.write(_SYSRET, (status, ctx.rcx, ctx.r11))
+            else:
+                self.machine.regs.write(("rax",), (status,))
+            user = ctx._replace(rax=status)
+        else:
+            # Returning from a service that called back: the trap frame of its own
+            # syscall is restored (ReactOS NtCallbackReturn restores Thread->TrapFrame).
+            user = ctx._replace(rax=status)
+            self.machine.regs.set_context(user._replace(rip=ctx.rip - self._entry_len))
+        thread.mode = "user"
+        ssn = self.profile.ssn.get(service) if service else None
+        self._record("sysret", thread, "user", user, service, ssn, status=status)
+
+    def _callback(self, thread: KThread, act: Activation, trap: KTrapFrame, req: UserCallback) -> CallbackResult | None:
+        """Enter KiUserCallbackDispatcher; returns a failure result instead if the frame cannot be built."""
+        data = bytes(req.data)
+        old = trap.ctx.rsp
+        # ReactOS KeUserModeCallback (ntoskrnl/ke/amd64/usercall.c): the input goes to
+        # ALIGN_DOWN(OldRsp - Length, 16) - 8 and the UCALLOUT_FRAME right below it, so
+        # the frame (and RSP at the dispatcher) is 16-byte aligned.
+        buffer = ((old - len(data)) & ~0xF) - 8
+        frame = buffer - UCALLOUT_FRAME_SIZE
+        lowest = frame if self.profile.dispatcher == "stack" else frame - 8
+        if lowest < thread.stack_limit or not self.machine.readable(lowest, old - lowest):
+            # ProbeForWrite of the frame fails: KeUserModeCallback returns the exception code.
+            return CallbackResult(STATUS_ACCESS_VIOLATION)
+        block = bytearray(UCALLOUT_FRAME_SIZE)
+        for off, val, size in (
+            (UCALLOUT_BUFFER, buffer, 8), (UCALLOUT_LENGTH, len(data), 4), (UCALLOUT_API_NUMBER, req.api, 4),
+            (UCALLOUT_MF_RIP, trap.ctx.rip, 8), (UCALLOUT_MF_SEGCS, KGDT64_R3_CODE, 8),
+            (UCALLOUT_MF_EFLAGS, trap.ctx.rflags, 8), (UCALLOUT_MF_RSP, old, 8), (UCALLOUT_MF_SEGSS, KGDT64_R3_DATA, 8),
+        ):  # fmt: skip
+            block[off : off + size] = (val & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        self.machine.write(frame, bytes(block) + data)
+        if self.profile.dispatcher == "stack":
+            user = trap.ctx._replace(rsp=frame, rip=self.dispatcher)
+        else:
+            # "registers" convention: entered like a call, ECX = api, RDX = buffer, R8D = length.
+            self.machine.write_u64(frame - 8, 0)
+            user = trap.ctx._replace(rsp=frame - 8, rip=self.dispatcher, rcx=req.api, rdx=buffer, r8=len(data))
+        thread.callback_stack.append(CallbackFrame(act, trap, req.api, frame))
+        self.max_depth = max(self.max_depth, len(thread.callback_stack))
+        self.machine.regs.set_context(user._replace(rip=self.dispatcher - self._entry_len))
+        thread.mode = "user"
+        self._record("callback", thread, "user", user, act.spec.name, None, api=req.api, service=act.spec.name)
+        return None
+
+    def _callback_return(self, thread: KThread, trap: KTrapFrame, ssn: int) -> None:
+        ctx = trap.ctx
+        if not thread.callback_stack:
+            # NtCallbackReturn with no callback on the thread (ReactOS, Wine).
+            self._record("syscall", thread, "kernel", ctx, NT_CALLBACK_RETURN, ssn, service=NT_CALLBACK_RETURN)
+            self._sysret(thread, trap, STATUS_NO_CALLBACK_ACTIVE, NT_CALLBACK_RETURN, resumed=False)
+            return
+        top = thread.callback_stack[-1]
+        service = top.activation.spec.name
+        # The seed's state: the user side waits at ZwCallbackReturn while the kernel completes the callback.
+        self._record("syscall", thread, "kernel", ctx, NT_CALLBACK_RETURN, ssn, service=service, pending=True, api=top.api)
+        thread.callback_stack.pop()
+        result_ptr, length, status = ctx.r10, ctx.rdx & 0xFFFF_FFFF, ctx.r8 & 0xFFFF_FFFF
+        detail = ""
+        output = b""
+        if length:
+            n = min(length, self.profile.callback_output_limit)
+            if n < length:
+                detail = f"output truncated to the model's limit of {n:#x} bytes"
+            got = self._read_user(result_ptr, n)
+            if got is None:
+                # The kernel's copy of the result faults: the caller gets the exception code.
+                status, detail = STATUS_ACCESS_VIOLATION, f"result buffer {result_ptr:#x} is not readable"
+            else:
+                output = got
+        resumed = top.trap.ctx
+        self._record(
+            "callback_return", thread, "kernel", resumed, service, None,
+            status=status, api=top.api, service=service, detail=detail or f"{len(output)} byte(s) of output",
+            data=output,
+        )  # fmt: skip
+        self._drive(thread, top.activation, top.trap, CallbackResult(status, output), resumed=True)
+
+    def _exit(self, thread: KThread, status: int, service: str) -> None:
+        thread.terminated = True
+        thread.exit_status = status
+        thread.mode = "exited"
+        ctx = thread.trap_frame.ctx if thread.trap_frame else thread.entry_context
+        self._record("exit", thread, "exited", ctx, service, self.profile.ssn.get(service), status=status)
+        self.machine.request_stop()
+
+    def record_fault(self, thread: KThread, error: MachineFault) -> None:
+        ctx = self.machine.regs.context()
+        thread.terminated = True
+        thread.mode = "exited"
+        self._record("fault", thread, "exited", ctx, None, None, detail=str(error))
+
+    # --- recording ----------------------------------------------------------------------
+    def _read_user(self, address: int, size: int) -> bytes | None:
+        try:
+            return self.machine.read(address, size)
+        except UcError:
+            return None
+
+    def _state(
+        self, sid: int, thread: KThread, mode: Mode, ctx: UserContext, service: str | None,
+        api: int | None, pending: bool,
+    ) -> State:  # fmt: skip
+        rsp = ctx.rsp
+        size = min(thread.stack_base - rsp, STACK_CAPTURE_LIMIT) if thread.stack_limit <= rsp < thread.stack_base else 0
+        stack = (self._read_user(rsp, size) or b"") if size > 0 else b""
+        if api is None and thread.callback_stack:
+            api = thread.callback_stack[-1].api
+        if service is None and thread.callback_stack and mode != "kernel":
+            service = thread.callback_stack[-1].activation.spec.name
+        return State(sid, thread.tid, mode, ctx, stack, thread.stack_base, len(thread.callback_stack), service, api, pending)
+
+    def _record(
+        self, kind: TransitionKind, thread: KThread, mode: Mode, ctx: UserContext, name: str | None,
+        ssn: int | None, *, status: int | None = None, api: int | None = None, service: str | None = None,
+        pending: bool = False, detail: str = "", data: bytes = b"",
+    ) -> None:  # fmt: skip
+        trace = self.trace
+        sid = len(trace.states)
+        trace.states.append(self._state(sid, thread, mode, ctx, service, api, pending))
+        sym = trace.symbolize
+        trace.transitions.append(
+            Transition(
+                len(trace.transitions), kind, thread.tid, thread.state_id, sid, name, ssn,
+                ctx.rip, ctx.rsp, sym(ctx.rip), sym(ctx.rsp), len(thread.callback_stack), status, api, detail, data,
+            )
+        )  # fmt: skip
+        thread.state_id = sid
+        if mode == "kernel":
+            thread.mode = "kernel"

@@ -1,0 +1,226 @@
+"""System services: typed generator functions registered by name in a per-kernel registry.
+
+A service is a function ``(ctx, arg1, arg2, ...)`` whose parameters after ``ctx`` are
+annotated with the argument types below. It either returns an NTSTATUS or is a
+generator that may ``yield`` requests to the kernel (:class:`UserCallback`,
+:class:`TerminateThread`) and finally ``return`` an NTSTATUS::
+
+    registry = ServiceRegistry()
+
+    @registry.service("NtUserMessageCall")
+    def message_call(ctx, hwnd: HANDLE, msg: ULONG):
+        result = yield UserCallback(api=2, data=b"hello")
+        return result.status
+
+Registration checks the signature (names, types, duplicates) at once, not at the
+first call.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from emu.errors import KernelError
+
+
+# --- argument types (SAL-style: how the raw 64-bit register or stack slot is decoded) ---
+class ArgType:
+    bits = 64
+
+    @classmethod
+    def decode(cls, raw: int) -> int:
+        return raw & ((1 << cls.bits) - 1)
+
+
+class Ptr(ArgType):
+    """A user-mode pointer."""
+
+
+class HANDLE(ArgType):
+    pass
+
+
+class ULONG_PTR(ArgType):
+    pass
+
+
+class ULONG(ArgType):
+    bits = 32
+
+
+class NTSTATUS(ArgType):
+    bits = 32
+
+
+ARG_TYPES: dict[str, type[ArgType]] = {
+    t.__name__: t for t in (Ptr, HANDLE, ULONG_PTR, ULONG, NTSTATUS)
+}
+MAX_ARGS = 16
+
+
+# --- requests a service yields, and what it gets back -----------------------------------
+@dataclass(frozen=True)
+class UserCallback:
+    """KeUserModeCallback(api, data): run KernelCallbackTable[api](data) in user mode."""
+
+    api: int
+    data: bytes = b""
+
+
+@dataclass(frozen=True)
+class CallbackResult:
+    """What a callback gave back through NtCallbackReturn (or the failure to call back)."""
+
+    status: int
+    output: bytes = b""
+
+
+@dataclass(frozen=True)
+class TerminateThread:
+    """End the calling thread with an exit status; the service never resumes."""
+
+    status: int
+
+
+Request = UserCallback | TerminateThread
+
+
+class ServiceContext(Protocol):
+    """What a service may touch: the calling thread's user memory and identity."""
+
+    thread_id: int
+
+    def read(self, address: int, size: int) -> bytes: ...
+
+    def write(self, address: int, data: bytes) -> None: ...
+
+
+ServiceGen = Generator[Request, CallbackResult, int]
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """A registered service: its name, argument types and implementation."""
+
+    name: str
+    func: Callable[..., Any]
+    arg_types: tuple[type[ArgType], ...]
+    arg_names: tuple[str, ...]
+    doc: str = ""
+
+    def activate(self, ctx: ServiceContext, raw_args: list[int]) -> Activation:
+        args = [t.decode(a) for t, a in zip(self.arg_types, raw_args)]
+        return Activation(self, ctx, args)
+
+
+@dataclass
+class Activation:
+    """One running instance of a service: a generator plus what was sent into it.
+
+    ``sent`` is the journal of values the generator received; together with the
+    arguments it is enough to rebuild the activation by replay when a run forks.
+    """
+
+    spec: ServiceSpec
+    ctx: ServiceContext
+    args: list[int]
+    sent: list[CallbackResult | None] = field(default_factory=list)
+    _gen: Iterator[Any] | None = None
+
+    def step(self, value: CallbackResult | None) -> Request | int:
+        """Advance: returns the next request, or the final NTSTATUS."""
+        if self._gen is None:
+            out = self.spec.func(self.ctx, *self.args)
+            if not inspect.isgenerator(out):
+                return _status(self.spec.name, out)
+            self._gen = out
+        self.sent.append(value)
+        try:
+            req = self._gen.send(value) if len(self.sent) > 1 else next(self._gen)
+        except StopIteration as stop:
+            return _status(self.spec.name, stop.value)
+        if not isinstance(req, (UserCallback, TerminateThread)):
+            raise KernelError(f"service {self.spec.name} yielded {req!r}; expected UserCallback or TerminateThread")
+        return req
+
+
+def _status(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise KernelError(f"service {name} returned {value!r}; expected an NTSTATUS (int)")
+    return value & 0xFFFF_FFFF
+
+
+class ServiceRegistry:
+    """Services by name; one registry per kernel, never a module global."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, ServiceSpec] = {}
+
+    def service(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator: register ``func`` as the implementation of ``name``."""
+
+        def register(func: Callable[..., Any]) -> Callable[..., Any]:
+            self.add(name, func)
+            return func
+
+        return register
+
+    def add(self, name: str, func: Callable[..., Any], doc: str = "") -> ServiceSpec:
+        if not name.startswith("Nt"):
+            raise KernelError(f"service name {name!r} must use the Nt spelling (e.g. 'NtClose')")
+        if name in self._specs:
+            raise KernelError(f"service {name} is registered twice")
+        sig = inspect.signature(func)
+        params = list(sig.parameters.values())
+        if not params:
+            raise KernelError(f"service {name}: first parameter must be the service context")
+        try:
+            hints = typing.get_type_hints(func)
+        except Exception as e:  # unresolved annotation names
+            raise KernelError(f"service {name}: cannot resolve argument annotations ({e})") from None
+        types: list[type[ArgType]] = []
+        names: list[str] = []
+        for p in params[1:]:
+            if p.kind is p.VAR_POSITIONAL:
+                continue
+            t = hints.get(p.name)
+            if not (isinstance(t, type) and issubclass(t, ArgType)):
+                raise KernelError(
+                    f"service {name}: parameter {p.name!r} needs an argument type "
+                    f"({', '.join(ARG_TYPES)}), got {t!r}"
+                )
+            types.append(t)
+            names.append(p.name)
+        if len(types) > MAX_ARGS:
+            raise KernelError(f"service {name}: {len(types)} arguments, at most {MAX_ARGS}")
+        spec = ServiceSpec(name, func, tuple(types), tuple(names), doc or (func.__doc__ or "").strip())
+        self._specs[name] = spec
+        return spec
+
+    def get(self, name: str) -> ServiceSpec | None:
+        return self._specs.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+
+def builtin_services(registry: ServiceRegistry) -> ServiceRegistry:
+    """Register the services every run has (NtCallbackReturn is the kernel's own)."""
+
+    @registry.service("NtTerminateThread")
+    def terminate_thread(ctx: ServiceContext, ThreadHandle: HANDLE, ExitStatus: NTSTATUS) -> ServiceGen:
+        """End the calling thread (only NtCurrentThread(), handle -2, is modelled)."""
+        # MS docs ZwTerminateThread; NtCurrentThread() is (HANDLE)-2 (wdm.h).
+        if ThreadHandle not in (0xFFFF_FFFF_FFFF_FFFE, 0):
+            return 0xC0000008  # STATUS_INVALID_HANDLE: other threads arrive with several threads
+        yield TerminateThread(ExitStatus)
+        return 0
+
+    return registry

@@ -1,0 +1,96 @@
+"""Profiles: the Windows build a run models (SSN table, stub shape, dispatcher convention).
+
+Profiles and SSN tables are package data (``emu/data/profiles.toml``,
+``emu/data/syscalls.toml``); this module only reads them and applies overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from typing import Any, Literal
+
+Dispatcher = Literal["stack", "registers"]
+StubShape = Literal["win7", "win10"]
+
+DEFAULT_PROFILE = "win10-22h2"
+DISPATCHERS: tuple[str, ...] = ("stack", "registers")
+STUB_SHAPES: tuple[str, ...] = ("win7", "win10")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A modelled Windows build. ``ssn`` maps service names (Nt spelling) to numbers."""
+
+    name: str
+    title: str
+    major: int
+    minor: int
+    build: int
+    stub: StubShape
+    dispatcher: Dispatcher
+    callback_depth_limit: int
+    callback_output_limit: int
+    ssn: dict[str, int] = field(default_factory=dict)
+    ssn_source: str = ""
+
+    def with_overrides(self, **fields: Any) -> Profile:
+        """A copy with some fields replaced; ``ssn`` entries are merged, not replaced."""
+        ssn = dict(self.ssn)
+        ssn.update(fields.pop("ssn", {}) or {})
+        return dataclasses.replace(self, ssn=ssn, **fields)
+
+    def service_name(self, ssn: int) -> str | None:
+        return self._by_number().get(ssn)
+
+    def _by_number(self) -> dict[int, str]:
+        return {v: k for k, v in sorted(self.ssn.items())}
+
+
+OVERRIDABLE: dict[str, type] = {
+    "stub": str,
+    "dispatcher": str,
+    "callback_depth_limit": int,
+    "callback_output_limit": int,
+}
+
+
+@cache
+def _data(name: str) -> dict[str, Any]:
+    with resources.files("emu.data").joinpath(name).open("rb") as f:
+        return tomllib.load(f)
+
+
+def profile_names() -> list[str]:
+    return sorted(_data("profiles.toml"))
+
+
+def get_profile(name: str = DEFAULT_PROFILE) -> Profile:
+    """The named profile with its SSN table.
+
+    >>> get_profile("win10-22h2").ssn["NtCallbackReturn"]
+    5
+    >>> get_profile("win7-sp1").ssn["NtCallbackReturn"]
+    2
+    """
+    profiles = _data("profiles.toml")
+    if name not in profiles:
+        raise KeyError(name)
+    p = profiles[name]
+    tables = _data("syscalls.toml").get(name, {})
+    return Profile(
+        name=name,
+        title=p["title"],
+        major=p["major"],
+        minor=p["minor"],
+        build=p["build"],
+        stub=p["stub"],
+        dispatcher=p["dispatcher"],
+        callback_depth_limit=p["callback_depth_limit"],
+        callback_output_limit=p["callback_output_limit"],
+        ssn=dict(tables.get("services", {})),
+        ssn_source=tables.get("source", ""),
+    )

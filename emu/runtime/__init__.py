@@ -1,0 +1,94 @@
+"""The built-in reference ntdll: syscall stubs, KiUserCallbackDispatcher, RtlUserThreadStart.
+
+Assembled with keystone from the source in ``ntdll.asm`` plus one stub per
+service in the profile's table, so it runs without any Windows file. NtX and ZwX
+are two names for one address, as in the real ntdll.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from emu.image import Image, image_from_assembly
+from emu.profile import Profile
+
+NTDLL_BASE = 0x7FFB_0000_0000
+
+# Win10+ stub, byte for byte as in ntdll 10.0.19041 (and j00ru's / MS docs' disassemblies):
+#   4C 8B D1                 mov r10, rcx
+#   B8 nn nn nn nn           mov eax, SSN
+#   F6 04 25 08 03 FE 7F 01  test byte ptr [7FFE0308h], 1   ; KUSER_SHARED_DATA.SystemCall
+#   75 03                    jne +3                         ; -> int 2Eh
+#   0F 05                    syscall                        ; at +0x12
+#   C3                       ret                            ; at +0x14
+#   CD 2E                    int 2Eh
+#   C3                       ret
+# padded to 0x20 with an 8-byte NOP. keystone would encode `mov r10, rcx` and the absolute
+# `test` differently (49 89 CA; RIP-relative), so the fixed bytes are spelled out.
+_WIN10_STUB = """\
+{nt}:
+{zw}:
+    .byte 0x4c, 0x8b, 0xd1
+    mov eax, {ssn:#x}
+    .byte 0xf6, 0x04, 0x25, 0x08, 0x03, 0xfe, 0x7f, 0x01
+    jne {nt}__int2e
+    syscall
+    ret
+{nt}__int2e:
+    int 0x2e
+    ret
+    .byte 0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00
+"""
+
+# Win7 stub (ntdll 6.1.7601): mov r10,rcx; mov eax,N; syscall; ret, padded to 0x10.
+_WIN7_STUB = """\
+{nt}:
+{zw}:
+    .byte 0x4c, 0x8b, 0xd1
+    mov eax, {ssn:#x}
+    syscall
+    ret
+    .byte 0x0f, 0x1f, 0x40, 0x00, 0x90
+"""
+
+SYSCALL_OFFSET = {"win10": 0x12, "win7": 0x8}
+STUB_SIZE = {"win10": 0x20, "win7": 0x10}
+
+
+def zw_name(nt_name: str) -> str:
+    return "Zw" + nt_name[2:] if nt_name.startswith("Nt") else nt_name
+
+
+def ntdll_source(profile: Profile) -> str:
+    """The runtime's assembly text for this profile (dispatcher, thread start, stubs)."""
+    pkg = resources.files("emu.runtime")
+    common = pkg.joinpath("ntdll.asm").read_text()
+    dispatcher = pkg.joinpath(f"dispatcher_{profile.dispatcher}.asm").read_text()
+    template = _WIN10_STUB if profile.stub == "win10" else _WIN7_STUB
+    stubs = []
+    for name, ssn in sorted(profile.ssn.items(), key=lambda kv: (kv[1], kv[0])):
+        if name.startswith("NtUser") or name.startswith("NtGdi"):
+            continue  # win32k services live in win32u.dll, not ntdll
+        stubs.append(template.format(nt=name, zw=zw_name(name), ssn=ssn))
+    return "\n".join([dispatcher, common, *stubs])
+
+
+def win32u_source(profile: Profile) -> str:
+    """Stubs for win32k services (numbers >= 0x1000), exported by win32u.dll on Windows 10+."""
+    template = _WIN10_STUB if profile.stub == "win10" else _WIN7_STUB
+    stubs = [
+        template.format(nt=name, zw=name, ssn=ssn).replace(f"{name}:\n{name}:\n", f"{name}:\n")
+        for name, ssn in sorted(profile.ssn.items(), key=lambda kv: (kv[1], kv[0]))
+        if name.startswith("NtUser") or name.startswith("NtGdi")
+    ]
+    return "\n".join(stubs) or "    ret\n"
+
+
+def build_ntdll(profile: Profile, base: int = NTDLL_BASE) -> Image:
+    """Assemble the reference ntdll for ``profile`` at ``base``."""
+    return image_from_assembly("ntdll", base, ntdll_source(profile))
+
+
+def build_win32u(profile: Profile, base: int) -> Image:
+    """Assemble win32u (the win32k syscall stubs) for ``profile`` at ``base``."""
+    return image_from_assembly("win32u", base, win32u_source(profile))

@@ -1,0 +1,18 @@
+; KiUserCallbackDispatcher, "registers" convention (Wine's PE ntdll, dlls/ntdll/signal_x86_64.c):
+; entered like a call, ECX = ApiNumber, RDX = InputBuffer, R8D = InputLength, RSP = 8 mod 16.
+KiUserCallbackDispatcher:
+    sub rsp, 0x28
+    mov r9d, ecx
+    mov rcx, rdx
+    mov edx, r8d
+    mov rax, qword ptr gs:[0x60]
+    mov rax, qword ptr [rax + 0x58]
+    call qword ptr [rax + r9 * 8]
+KiUserCallbackDispatcherReturn:
+    xor ecx, ecx
+    xor edx, edx
+    mov r8d, eax
+    call ZwCallbackReturn
+    mov ecx, eax
+    call RtlRaiseStatus
+    int3

@@ -1,0 +1,111 @@
+"""What a run records: typed state records and the transitions between them.
+
+A :class:`State` is one moment of one thread as both sides know it: the user-mode
+context a debugger would show (plus the stack bytes above RSP) and the kernel
+model's truth (mode, active service, callback depth, whether a callback return is
+pending). A :class:`Transition` is an edge between two states. Both are frozen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from emu.context import UserContext
+from emu.winnt import status_name
+
+TransitionKind = Literal["start", "syscall", "sysret", "callback", "callback_return", "fault", "exit"]
+Mode = Literal["user", "kernel", "exited"]
+
+KINDS: tuple[str, ...] = ("start", "syscall", "sysret", "callback", "callback_return", "fault", "exit")
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """One state of one thread.
+
+    ``context`` is the user-mode context (in kernel mode: the trap frame's view, RIP
+    just after the ``syscall``). ``stack`` holds the bytes from ``context.rsp`` up to
+    ``stack_base``. ``pending`` is the ground truth for the seed's state: the thread
+    is in kernel mode inside NtCallbackReturn with a callback frame to complete.
+    """
+
+    id: int
+    thread: int
+    mode: Mode
+    context: UserContext
+    stack: bytes
+    stack_base: int
+    depth: int
+    service: str | None
+    api: int | None
+    pending: bool
+
+    @property
+    def rip(self) -> int:
+        return self.context.rip
+
+    @property
+    def rsp(self) -> int:
+        return self.context.rsp
+
+    def stack_word(self, address: int) -> int | None:
+        off = address - self.context.rsp
+        if 0 <= off and off + 8 <= len(self.stack):
+            return int.from_bytes(self.stack[off : off + 8], "little")
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """An edge: ``src`` → ``dst`` (state ids) of kind ``kind`` for ``thread``.
+
+    ``rip``/``rsp`` are the user-mode RIP and RSP at the transition point, with their
+    symbols; ``status`` is the NTSTATUS carried (sysret, callback_return, exit).
+    """
+
+    step: int
+    kind: TransitionKind
+    thread: int
+    src: int
+    dst: int
+    service: str | None
+    ssn: int | None
+    rip: int
+    rsp: int
+    rip_symbol: str
+    rsp_symbol: str
+    depth: int
+    status: int | None = None
+    api: int | None = None
+    detail: str = ""
+    data: bytes = b""  # callback_return: the output the callback gave back
+
+    @property
+    def status_name(self) -> str:
+        return "" if self.status is None else status_name(self.status)
+
+
+@dataclass
+class Trace:
+    """The states and transitions of one run, in the order they happened."""
+
+    symbolize: Callable[[int], str]
+    states: list[State] = field(default_factory=list)
+    transitions: list[Transition] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[Transition]:
+        return iter(self.transitions)
+
+    def __len__(self) -> int:
+        return len(self.transitions)
+
+    def state(self, state_id: int) -> State:
+        return self.states[state_id]
+
+    def kinds(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for t in self.transitions:
+            counts[t.kind] = counts.get(t.kind, 0) + 1
+        return counts
