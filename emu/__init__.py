@@ -1,0 +1,34 @@
+"""emu: Windows x64 user/kernel mode transitions — syscalls, kernel-to-user callbacks
+(KiUserCallbackDispatcher) and ZwCallbackReturn — on the Unicorn CPU emulator with a
+Python kernel model.
+
+The public API is small::
+
+    import emu
+    r = emu.run("scenarios/callback_roundtrip.toml")
+    r.detections          # states where the thread waits at ZwCallbackReturn
+    r.graph.to_graphml()  # the state graph
+"""
+
+from emu.detect import Detection, ThreadView, detect
+from emu.engine import Run, run
+from emu.errors import (
+    BudgetExceeded,
+    DumpError,
+    EmuError,
+    ImageError,
+    KernelError,
+    MachineFault,
+    ScenarioError,
+    UnimplementedService,
+)
+from emu.graph import StateGraph
+from emu.scenario import Scenario, load_scenario
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BudgetExceeded", "Detection", "DumpError", "EmuError", "ImageError", "KernelError", "MachineFault",
+    "Run", "Scenario", "ScenarioError", "StateGraph", "ThreadView", "UnimplementedService",
+    "__version__", "detect", "load_scenario", "run",
+]  # fmt: skip

@@ -1,0 +1,179 @@
+"""The ``emu`` command.
+
+Exit codes: 0 every expectation holds; 1 an expectation failed (named);
+2 invalid input (scenario, assembly, arguments); 3 the run stopped on a budget or a
+fault (named, with the RIP as a symbol).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import TextIO
+
+from emu import __version__
+from emu.engine import Run, run
+from emu.errors import EmuError
+from emu.scenario import load_scenario
+
+EXIT_OK, EXIT_EXPECT, EXIT_INPUT, EXIT_STOPPED = 0, 1, 2, 3
+
+
+def _transition_rows(r: Run) -> list[dict[str, object]]:
+    rows = []
+    for t in r.trace:
+        src = r.trace.state(t.src)
+        dst = r.trace.state(t.dst)
+        rows.append({
+            "step": t.step,
+            "kind": t.kind,
+            "thread": t.thread,
+            "from": src.mode,
+            "to": dst.mode,
+            "service": t.service,
+            "ssn": t.ssn,
+            "rip": t.rip_symbol,
+            "rsp": t.rsp_symbol,
+            "depth": t.depth,
+            "api": t.api,
+            "status": t.status_name or None,
+            "pending": dst.pending,
+            "detail": t.detail or None,
+        })  # fmt: skip
+    return rows
+
+
+def _report(r: Run) -> dict[str, object]:
+    return {
+        "scenario": r.scenario.name,
+        "profile": r.scenario.profile.name,
+        "transitions": _transition_rows(r),
+        "detections": [d.as_dict() for d in r.detections],
+        "expectations": [{"where": o.where, "passed": o.passed, "message": o.message} for o in r.outcomes],
+        "exit_status": None if r.exit_status is None else f"{r.exit_status:#010x}",
+        "stopped": None if r.error is None else {"by": r.stop, "message": str(r.error)},
+    }
+
+
+def _print_table(r: Run, out: TextIO) -> None:
+    out.write(f"{r.scenario.name} ({r.scenario.profile.title})\n")
+    header = f"{'step':>4}  {'kind':<15} {'from':<6} -> {'to':<6}  {'service':<22} {'user rip':<42} {'depth':>5}  status"
+    out.write(header + "\n" + "-" * len(header) + "\n")
+    for row in _transition_rows(r):
+        mark = "  <- callback-return pending" if row["pending"] else ""
+        line = (
+            f"{row['step']:>4}  {row['kind']:<15} {row['from']:<6} -> {row['to']:<6}  {row['service'] or '':<22} "
+            f"{row['rip']:<42} {row['depth']:>5}  {row['status'] or ''}{mark}"
+        )
+        out.write(line.rstrip() + "\n")
+    out.write(f"\ndetections ({len(r.detections)}): user side suspended at ZwCallbackReturn while the kernel completes the callback\n")
+    for d in r.detections:
+        out.write(
+            f"  state s{d.state}: rip {d.rip}, [rsp] -> {d.return_address}, depth {d.depth}, api {d.api_number}\n"
+        )
+    if r.exit_status is not None:
+        from emu.winnt import status_name
+
+        out.write(f"\nthread exit status: {status_name(r.exit_status)}\n")
+    passed = sum(o.passed for o in r.outcomes)
+    out.write(f"expectations: {passed} of {len(r.outcomes)} hold\n")
+
+
+def _finish(r: Run, err: TextIO) -> int:
+    failed = [o for o in r.outcomes if not o.passed]
+    for o in failed:
+        err.write(f"{r.scenario.path}: expectation failed: {o.where}: {o.message}\n")
+    if r.error is not None:
+        err.write(f"{r.scenario.path}: stopped by {r.stop}: {r.error}\n")
+        return EXIT_STOPPED
+    return EXIT_EXPECT if failed else EXIT_OK
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    r = run(load_scenario(args.scenario))
+    if args.json:
+        sys.stdout.write(json.dumps(_report(r), indent=2) + "\n")
+    else:
+        _print_table(r, sys.stdout)
+    return _finish(r, sys.stderr)
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    r = run(load_scenario(args.scenario))
+    dets = [d.as_dict() for d in r.detections]
+    if args.json:
+        sys.stdout.write(json.dumps(dets, indent=2) + "\n")
+    else:
+        for d in r.detections:
+            sys.stdout.write(f"s{d.state}: {d.rip}  [rsp] -> {d.return_address}  depth {d.depth}  api {d.api_number}\n")
+        if not dets:
+            sys.stdout.write("no thread waits at ZwCallbackReturn in any state\n")
+    return _finish(r, sys.stderr)
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    r = run(load_scenario(args.scenario))
+    out = Path(args.output)
+    fmt = out.suffix.lower().lstrip(".")
+    writers = {"graphml": r.graph.to_graphml, "json": r.graph.to_json, "dot": r.graph.to_dot, "gv": r.graph.to_dot}
+    if fmt not in writers:
+        sys.stderr.write(f"{args.output}: unknown graph format '{out.suffix}' (expected .graphml, .json or .dot)\n")
+        return EXIT_INPUT
+    _write_atomic(out, writers[fmt]())
+    sys.stdout.write(f"wrote {out} ({len(r.graph)} states, {r.graph.nx.number_of_edges()} transitions)\n")
+    return _finish(r, sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="emu",
+        description="Windows x64 user/kernel transitions on Unicorn: syscalls, kernel callbacks, ZwCallbackReturn.",
+    )
+    p.add_argument("--version", action="version", version=f"emu {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a scenario: transitions, detections, expectations")
+    r.add_argument("scenario")
+    r.add_argument("--json", action="store_true", help="machine-readable report")
+    r.set_defaults(func=cmd_run)
+    d = sub.add_parser("detect", help="report states where the thread waits at ZwCallbackReturn")
+    d.add_argument("scenario")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_detect)
+    g = sub.add_parser("graph", help="export the state graph (.graphml, .json, .dot)")
+    g.add_argument("scenario")
+    g.add_argument("-o", "--output", required=True)
+    g.set_defaults(func=cmd_graph)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except EmuError as e:
+        sys.stderr.write(f"{e}\n")
+        return EXIT_INPUT
+    except BrokenPipeError:  # pragma: no cover - `emu run ... | head`
+        return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""Detecting the seed's state from what a debugger can see.
+
+"If a thread is waiting for a kernel-mode callback to complete, the user-mode side
+of the thread will delay at a call to the ZwCallbackReturn function." (MS DevNotes,
+*Detecting Kernel-Mode Callbacks*.)
+
+A detector gets a :class:`ThreadView` — the thread's user-mode context, readable
+memory ranges and the module list with exports — and nothing from the kernel
+model. Ground truth (``State.pending``) comes from the kernel model; the two are
+compared in the tests on every state of every shipped scenario.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import capstone
+
+from emu.context import UserContext
+from emu.image import Image
+from emu.winnt import UCALLOUT_API_NUMBER, UCALLOUT_BUFFER, UCALLOUT_FRAME_SIZE, UCALLOUT_LENGTH, UCALLOUT_MF_RSP
+
+if TYPE_CHECKING:
+    from emu.engine import Run
+    from emu.trace import State
+
+CALLBACK_RETURN_NAMES = ("ZwCallbackReturn", "NtCallbackReturn")
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """A loaded module as a debugger lists it: name, range, exports, and its bytes."""
+
+    name: str
+    base: int
+    size: int
+    exports: dict[str, int]
+    image: Image = field(repr=False, compare=False)
+
+    def contains(self, address: int) -> bool:
+        return self.base <= address < self.base + self.size
+
+    def export(self, *names: str) -> int | None:
+        for n in names:
+            if n in self.exports:
+                return self.exports[n]
+        return None
+
+    def export_end(self, address: int) -> int:
+        """End of the export starting at ``address``: the next export's address (or the image end)."""
+        later = [a for a in self.exports.values() if a > address]
+        return min(later, default=self.base + self.size)
+
+
+@dataclass(frozen=True)
+class ThreadView:
+    """What a tool can see of one thread: user context, memory, modules.
+
+    ``kernel_mode`` is what a live (kernel) debugger knows about the thread; it is
+    None when the source cannot tell (a user-mode dump).
+    """
+
+    thread: int
+    context: UserContext
+    memory: tuple[tuple[int, bytes], ...]
+    modules: tuple[ModuleInfo, ...]
+    kernel_mode: bool | None = None
+
+    def read(self, address: int, size: int) -> bytes | None:
+        for start, data in self.memory:
+            if start <= address and address + size <= start + len(data):
+                return data[address - start : address - start + size]
+        for m in self.modules:
+            if m.contains(address):
+                return m.image.read(address, size)
+        return None
+
+    def u64(self, address: int) -> int | None:
+        b = self.read(address, 8)
+        return None if b is None else int.from_bytes(b, "little")
+
+    def u32(self, address: int) -> int | None:
+        b = self.read(address, 4)
+        return None if b is None else int.from_bytes(b, "little")
+
+    def module(self, name: str) -> ModuleInfo | None:
+        for m in self.modules:
+            if m.name.lower() == name.lower():
+                return m
+        return None
+
+    def module_at(self, address: int) -> ModuleInfo | None:
+        for m in self.modules:
+            if m.contains(address):
+                return m
+        return None
+
+    def symbol(self, address: int) -> str:
+        """``module!export+0xoff`` from the export table alone (what a tool without PDBs shows)."""
+        m = self.module_at(address)
+        if m is None:
+            return f"{address:#x}"
+        best: tuple[int, str] | None = None
+        for name, a in m.exports.items():
+            if a <= address and (best is None or a > best[0] or (a == best[0] and _pref(name) < _pref(best[1]))):
+                best = (a, name)
+        if best is None:
+            return f"{m.name}+{address - m.base:#x}"
+        off = address - best[0]
+        return f"{m.name}!{best[1]}" + (f"+{off:#x}" if off else "")
+
+    def stack_end(self) -> int:
+        """End of the readable memory range holding RSP (the stack base as far as the view goes)."""
+        rsp = self.context.rsp
+        for start, data in self.memory:
+            if start <= rsp < start + len(data):
+                return start + len(data)
+        return rsp
+
+
+def _pref(name: str) -> tuple[int, str]:
+    return (0 if name.startswith("Zw") else 1, name)
+
+
+@dataclass(frozen=True)
+class DispatcherFrame:
+    """A KiUserCallbackDispatcher frame found on the user stack."""
+
+    return_slot: int  # stack address holding the return address into the dispatcher
+    frame: int  # address of the UCALLOUT_FRAME
+    api: int
+    buffer: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Detection:
+    """A thread found waiting at ZwCallbackReturn for the kernel to complete a callback."""
+
+    state: int | None
+    thread: int
+    rip: str
+    return_address: str
+    depth: int
+    api_number: int | None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "state": self.state,
+            "thread": self.thread,
+            "rip": self.rip,
+            "return_address": self.return_address,
+            "depth": self.depth,
+            "api_number": self.api_number,
+        }
+
+
+_md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+
+
+def syscall_sites(view: ThreadView, start: int, end: int) -> list[int]:
+    """Addresses just after each `syscall` / `int 2Eh` in [start, end), by disassembly."""
+    code = view.read(start, end - start)
+    if code is None:
+        return []
+    out = []
+    for insn in _md.disasm(code, start):
+        if insn.mnemonic == "syscall" or (insn.mnemonic == "int" and insn.op_str.lower() in ("0x2e", "46")):
+            out.append(insn.address + insn.size)
+    return out
+
+
+def dispatcher_frames(view: ThreadView) -> list[DispatcherFrame]:
+    """Scan the stack from RSP up for return addresses into KiUserCallbackDispatcher.
+
+    A candidate is kept only if a plausible UCALLOUT_FRAME sits above it (Buffer
+    inside the frame's argument area, MachineFrame.Rsp above the frame), first for
+    the stack convention (frame right above the slot), then for the registers
+    convention (frame above the dispatcher's 0x28-byte home area and a return slot).
+    Innermost first. Stack scanning, like a debugger without unwind data.
+    """
+    ntdll = view.module("ntdll")
+    if ntdll is None:
+        return []
+    disp = ntdll.export("KiUserCallbackDispatcher")
+    if disp is None:
+        return []
+    disp_end = _dispatcher_end(ntdll, disp)
+    rsp = view.context.rsp
+    end = view.stack_end()
+    frames: list[DispatcherFrame] = []
+    slot = rsp
+    while slot + 8 <= end:
+        value = view.u64(slot)
+        if value is not None and disp < value < disp_end:
+            for frame in (slot + 8, slot + 8 + 0x28 + 8):
+                f = _callout_frame(view, slot, frame, end)
+                if f is not None:
+                    frames.append(f)
+                    break
+        slot += 8
+    return frames
+
+
+def _dispatcher_end(ntdll: ModuleInfo, disp: int) -> int:
+    # The dispatcher's code runs until the next export that is not one of its own labels.
+    later = sorted(a for n, a in ntdll.exports.items() if a > disp and not n.startswith("KiUserCallbackDispatcher"))
+    return later[0] if later else ntdll.base + ntdll.size
+
+
+def _callout_frame(view: ThreadView, slot: int, frame: int, end: int) -> DispatcherFrame | None:
+    if frame + UCALLOUT_FRAME_SIZE > end:
+        return None
+    buffer = view.u64(frame + UCALLOUT_BUFFER)
+    length = view.u32(frame + UCALLOUT_LENGTH)
+    api = view.u32(frame + UCALLOUT_API_NUMBER)
+    old_rsp = view.u64(frame + UCALLOUT_MF_RSP)
+    if buffer is None or length is None or api is None or old_rsp is None:
+        return None
+    if not (frame + UCALLOUT_FRAME_SIZE <= buffer and buffer + length <= old_rsp <= end and old_rsp > frame):
+        return None
+    return DispatcherFrame(slot, frame, api, buffer, length)
+
+
+def detect_callback_return_pending(view: ThreadView) -> Detection | None:
+    """The seed's rule, from a debugger's view of one thread.
+
+    Reports when (1) RIP is just after the `syscall` (or `int 2Eh`) of ntdll's
+    ZwCallbackReturn/NtCallbackReturn export, (2) the thread is not known to be in
+    user mode, and (3) at least one KiUserCallbackDispatcher frame is on the stack —
+    without (3) the call would fail with STATUS_NO_CALLBACK_ACTIVE instead of waiting.
+    """
+    if view.kernel_mode is False:
+        return None
+    ntdll = view.module("ntdll")
+    if ntdll is None:
+        return None
+    stub = ntdll.export(*CALLBACK_RETURN_NAMES)
+    if stub is None:
+        return None
+    rip = view.context.rip
+    if rip not in syscall_sites(view, stub, min(ntdll.export_end(stub), stub + 0x40)):
+        return None
+    frames = dispatcher_frames(view)
+    if not frames:
+        return None
+    ret = view.u64(view.context.rsp)
+    return Detection(
+        state=None,
+        thread=view.thread,
+        rip=view.symbol(rip),
+        return_address=view.symbol(ret) if ret is not None else "?",
+        depth=len(frames),
+        api_number=frames[0].api,
+    )
+
+
+Detector = Callable[[ThreadView], "Detection | bool | None"]
+
+
+def view_of(run: Run, state: State) -> ThreadView:
+    """The debugger-style view of a recorded state: context, stack bytes, modules."""
+    modules = tuple(ModuleInfo(i.name, i.base, i.size, dict(i.exports), i) for i in run.images)
+    memory = ((state.context.rsp, state.stack),) if state.stack else ()
+    kernel = None if state.mode == "exited" else state.mode == "kernel"
+    return ThreadView(state.thread, state.context, memory, modules, kernel)
+
+
+def detect_run(run: Run, detector: Callable[[ThreadView], Detection | None] = detect_callback_return_pending) -> list[Detection]:
+    """Run a detector over every state of a run, in state order."""
+    out = []
+    for state in run.trace.states:
+        d = detector(view_of(run, state))
+        if d is not None:
+            out.append(Detection(state.id, d.thread, d.rip, d.return_address, d.depth, d.api_number))
+    return out
+
+
+def detect(target: Run | ThreadView) -> list[Detection] | Detection | None:
+    """Detect the seed's state: over every state of a Run, or on one ThreadView."""
+    if isinstance(target, ThreadView):
+        return detect_callback_return_pending(target)
+    return detect_run(target)
