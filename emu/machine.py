@@ -146,7 +146,6 @@ class StopInfo:
     """Why ``Machine.run`` returned: ``requested`` by a handler, ``instructions`` or ``timeout``."""
 
     reason: str
-    instructions_left: int
     elapsed: float
 
 
@@ -168,6 +167,7 @@ class Machine:
         self.on_syscall: SyscallHandler | None = None
         self.on_interrupt: InterruptHandler | None = None
         self._stop_requested = False
+        self._fault: MachineFault | None = None
         self.uc.hook_add(UC_HOOK_INSN, self._syscall_hook, None, 1, 0, x86.UC_X86_INS_SYSCALL)
         self.uc.hook_add(UC_HOOK_INTR, self._interrupt_hook)
         self.uc.hook_add(
@@ -249,15 +249,24 @@ class Machine:
     def run(self, begin: int, instructions: int, timeout: float) -> StopInfo:
         """Run from ``begin`` until a handler stops it, or a budget runs out."""
         self._stop_requested = False
-        self._executed_hint = 0
+        self._fault = None
         start = time.perf_counter()
-        self.uc.emu_start(begin, 0, timeout=max(1, int(timeout * 1_000_000)), count=instructions)
+        try:
+            self.uc.emu_start(begin, 0, timeout=max(1, int(timeout * 1_000_000)), count=instructions)
+        except UcError as e:
+            # A fault hook returned False, so Unicorn reports the access as an error; the
+            # hook has kept the explanation.
+            if self._fault is not None:
+                raise self._fault from None
+            rip = self.regs.read(("rip",))[0]
+            where = self.symbolize(rip)
+            raise MachineFault(f"CPU error: {e} at {where}", rip, where) from None
         elapsed = time.perf_counter() - start
         if self._stop_requested:
-            return StopInfo("requested", -1, elapsed)
+            return StopInfo("requested", elapsed)
         if self.uc.query(UC_QUERY_TIMEOUT):
-            return StopInfo("timeout", -1, elapsed)
-        return StopInfo("instructions", 0, elapsed)
+            return StopInfo("timeout", elapsed)
+        return StopInfo("instructions", elapsed)
 
     # --- hooks ----------------------------------------------------------------------
     def _syscall_hook(self, uc: Uc, user_data: object) -> None:
@@ -280,6 +289,5 @@ class Machine:
         elif region is not None:
             why = f"{why}: {region.label} is '{region.perms or '-'}'"
         where = self.symbolize(rip)
-        raise MachineFault(
-            f"memory fault: {what} of {size} byte(s) at {address:#x} ({why}) at {where}", rip, where
-        )
+        self._fault = MachineFault(f"memory fault: {what} of {size} byte(s) at {address:#x} ({why}) at {where}", rip, where)
+        return False
