@@ -69,7 +69,7 @@ CODE_BASE = 0x0100_0000
 # --- 1. bare Unicorn ------------------------------------------------------------------------
 def _bare_machine(n: int) -> tuple[Uc, int, int]:
     ks = Ks(KS_ARCH_X86, KS_MODE_64)
-    code, _ = ks.asm(f"mov ebx, {n}; l: mov eax, 5; syscall; dec ebx; jnz l; nop", CODE_BASE)
+    code, _ = ks.asm(f"mov ebx, {n:#x}; l: mov eax, 5; syscall; dec ebx; jnz l; nop", CODE_BASE)
     blob = bytes(code)
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     uc.mem_map(CODE_BASE, 0x1000, UC_PROT_ALL)
@@ -105,6 +105,9 @@ def bare_hook(n: int, emu_like: bool = False) -> tuple[float, int]:
 
 
 # --- 2./3. emu scenarios ----------------------------------------------------------------------
+# Immediates are written in hex on purpose: emu.image.assemble sets keystone's sym_resolver,
+# and keystone 0.9.2 then reads bare decimal literals as hex ("2000" -> 0x2000; keystone issues
+# #481 and #538). The bug can leak into Ks objects created later, so the bare loop uses hex too.
 def _scenario_text(name: str, n: int, body: str, services: str, extra_code: str = "", table: str = "") -> str:
     return f'''
 [scenario]
@@ -121,7 +124,7 @@ code = """
 main:                         ; entered by call: RSP = 8 mod 16
     push rbx                  ; RSP = 0 mod 16; RBX (nonvolatile) is the loop counter
     sub rsp, 0x20             ; shadow space, RSP still 0 mod 16
-    mov ebx, {n}
+    mov ebx, {n:#x}              ; hex: see the note on immediates above
 loop_top:
 {body}
     dec ebx
