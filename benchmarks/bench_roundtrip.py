@@ -124,7 +124,7 @@ code = """
 main:                         ; entered by call: RSP = 8 mod 16
     push rbx                  ; RSP = 0 mod 16; RBX (nonvolatile) is the loop counter
     sub rsp, 0x20             ; shadow space, RSP still 0 mod 16
-    mov ebx, {n:#x}              ; hex: see the note on immediates above
+    mov ebx, {n:#x}           ; hex on purpose: see the note above
 loop_top:
 {body}
     dec ebx

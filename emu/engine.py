@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from emu.context import UserContext
 from emu.errors import BudgetExceeded, EmuError, ImageError, KernelError, MachineFault, ScenarioError
-from emu.image import PAGE, Image, Symbolizer, image_from_assembly
+from emu.image import PAGE, AssemblyError, Image, Symbolizer, image_from_assembly
 from emu.kernel import (
     CallbackResult,
     Kernel,
@@ -174,18 +174,21 @@ class Process:
 
         try:
             return image_from_assembly(name, MODULE_BASE + i * MODULE_STRIDE, code, data, resolve)
-        except ImageError as e:
-            section = getattr(e, "section", "code")
-            line = getattr(e, "line", None)
-            key = "data" if section == "data" else "code"
+        except AssemblyError as e:
+            key = e.section
             where = self.scenario.line_of("module", i, key)
-            abs_line = where + line if where is not None and line is not None else where
-            detail = getattr(e, "detail", str(e))
-            text = getattr(e, "text", "").strip()
-            shown = f" in {text!r}" if text else ""
+            line = where
+            if where is not None and e.line is not None:
+                # TOML drops the newline right after an opening triple quote, so the text
+                # starts on the key's own line only when something follows the quotes there.
+                opener = self.scenario.source.splitlines()[where - 1].split("=", 1)[-1].strip()
+                same_line = opener not in ('"""', "'''")
+                line = where + e.line - (1 if same_line else 0)
+            shown = f" in {e.text!r}" if e.text else ""
             raise ScenarioError(
-                self.scenario.path, f"module[{i}].{key}", f"assembly does not assemble: line {line} of the {key}: {detail}{shown}", abs_line
-            ) from None
+                self.scenario.path, f"module[{i}].{key}",
+                f"assembly does not assemble: {f'line {e.line} of the {key}: ' if e.line else ''}{e.detail}{shown}", line,
+            ) from None  # fmt: skip
 
     def resolve(self, ref: str, where: tuple[str, ...]) -> int:
         mod, bang, label = ref.partition("!")

@@ -9,13 +9,12 @@ produce the same type. :class:`Symbolizer` turns any address into
 from __future__ import annotations
 
 import bisect
-import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from keystone import KS_ARCH_X86, KS_MODE_64, Ks, KsError
+from emu.asm import AssemblyError, Resolver, assemble, assemble_sections, labels_in
 
-from emu.errors import ImageError
+__all__ = ["AssemblyError", "Image", "Section", "Symbolizer", "assemble", "image_from_assembly", "labels_in"]
 
 PAGE = 0x1000
 
@@ -82,115 +81,6 @@ class Image:
         return None
 
 
-_TOKEN = re.compile(r"[A-Za-z_.$?][\w.$?@]*")
-_LABEL = re.compile(r"^\s*([A-Za-z_.$?][\w.$?@]*)\s*:", re.MULTILINE)
-_COMMENT = re.compile(r"""^((?:[^;#"']|"[^"]*"|'[^']*')*)[;#].*$""")
-
-
-def strip_comments(source: str) -> str:
-    """Drop ``;`` and ``#`` comments (keystone reads ``;`` as a statement separator)."""
-    return "\n".join(_COMMENT.sub(r"\1", line) for line in source.splitlines())
-
-
-def labels_in(source: str) -> list[str]:
-    """Labels defined in an assembly text, in order (numeric local labels excluded)."""
-    seen: dict[str, None] = {}
-    for line in strip_comments(source).splitlines():
-        m = _LABEL.match(line)
-        if m:
-            seen.setdefault(m.group(1), None)
-    return list(seen)
-
-
-Resolver = Callable[[str], int | None]
-
-
-class AssemblyError(ImageError):
-    """Assembly failed; ``line`` is 1-based within the source when it could be found."""
-
-    def __init__(self, message: str, line: int | None = None, text: str = "") -> None:
-        self.line = line
-        self.text = text
-        self.detail = message
-        where = f"line {line}: " if line is not None else ""
-        shown = f" in {text.strip()!r}" if text.strip() else ""
-        super().__init__(f"{where}{message}{shown}")
-
-
-def assemble(source: str, base: int, resolve: Resolver | None = None) -> tuple[bytes, dict[str, int]]:
-    """Assemble Intel-syntax x86-64 at ``base``; return the bytes and every label's address.
-
-    Names the source does not define are looked up with ``resolve`` (e.g. exports of
-    other modules). Label addresses are read back from a table of ``.quad label``
-    appended after the code, which leaves the code's layout untouched.
-
-    >>> code, labels = assemble("start: nop\\nend: ret", 0x1000)
-    >>> code.hex(), labels
-    ('90c3', {'start': 4096, 'end': 4097})
-    """
-    source = strip_comments(source)
-    names = labels_in(source)
-    missing: list[str] = []
-    local = set(names)
-    # Names from other modules become `.set NAME, address` lines: keystone's symbol
-    # resolver callback mis-encodes `call NAME` (the target lands 4 bytes late).
-    external: dict[str, int] = {}
-    if resolve is not None:
-        for token in sorted(set(_TOKEN.findall(source)) - local):
-            addr = resolve(token)
-            if addr is not None:
-                external[token] = addr
-    prefix = "".join(f".set {n}, {a:#x}\n" for n, a in external.items())
-
-    def resolver(sym: bytes, value: object) -> bool:
-        missing.append(sym.decode(errors="replace"))
-        return False
-
-    ks = Ks(KS_ARCH_X86, KS_MODE_64)
-    ks.sym_resolver = resolver
-    table = "\n__emu_label_table__:\n" + "".join(f".quad {n}\n" for n in names)
-    try:
-        encoding, _ = ks.asm(prefix + source + table, base)
-    except KsError as e:
-        raise _explain(source, e, missing) from None
-    blob = bytes(encoding or b"")
-    n = len(names)
-    code = blob[: len(blob) - 8 * n] if n else blob
-    tail = blob[len(code) :]
-    labels = {name: int.from_bytes(tail[8 * i : 8 * i + 8], "little") for i, name in enumerate(names)}
-    return code, labels
-
-
-def _explain(source: str, error: KsError, missing: list[str]) -> AssemblyError:
-    """Find the first line keystone rejects, for a one-line message."""
-    if missing:
-        name = missing[-1]
-        for i, line in enumerate(source.splitlines(), 1):
-            if re.search(rf"(?<![\w.$?@]){re.escape(name)}(?![\w.$?@])", line):
-                return AssemblyError(f"undefined symbol '{name}'", i, line)
-        return AssemblyError(f"undefined symbol '{name}'")
-    ks = Ks(KS_ARCH_X86, KS_MODE_64)
-
-    def anything(sym: bytes, value: object) -> bool:
-        value[0] = 0  # type: ignore[index]
-        return True
-
-    ks.sym_resolver = anything
-    for i, line in enumerate(source.splitlines(), 1):
-        text = line.strip()
-        if not text:
-            continue
-        try:
-            ks.asm(text, 0)
-        except KsError as e:
-            return AssemblyError(_ks_message(e), i, line)
-    return AssemblyError(_ks_message(error))
-
-
-def _ks_message(e: KsError) -> str:
-    return re.sub(r"\s*\(KS_ERR_\w+\)", "", str(e)).strip() or "does not assemble"
-
-
 def image_from_assembly(
     name: str,
     base: int,
@@ -199,39 +89,16 @@ def image_from_assembly(
     resolve: Resolver | None = None,
     exports: Iterable[str] | None = None,
 ) -> Image:
-    """Build an image from assembly: ``.data`` (rw) first at base+0x1000, then ``.text`` (rx).
+    """Build an image from assembly: ``.text`` (rx) at base+0x1000, ``.data`` (rw) after it.
 
-    Every label is a symbol; all are exported unless ``exports`` narrows them.
-    Errors are :class:`AssemblyError` with ``section`` set to ``"data"`` or ``"code"``.
+    Every label is a symbol; all but internal ones (containing ``__``) are exported
+    unless ``exports`` narrows them. Errors are :class:`AssemblyError` naming the
+    section (``code`` or ``data``) and the line within it.
     """
-    sections: list[Section] = []
-    symbols: dict[str, int] = {}
-    rva = PAGE
+    text, blob, data_off, symbols = assemble_sections(code, data, base + PAGE, PAGE, resolve)
+    sections = [Section(".text", PAGE, text, "rx", page_align(max(len(text), 1)))]
     if data.strip():
-        try:
-            blob, labels = assemble(data, base + rva, resolve)
-        except AssemblyError as e:
-            e.section = "data"  # type: ignore[attr-defined]
-            raise
-        sections.append(Section(".data", rva, blob, "rw", page_align(max(len(blob), 1))))
-        symbols.update(labels)
-        rva += page_align(max(len(blob), 1))
-
-    def resolve_with_data(sym: str) -> int | None:
-        if sym in symbols:
-            return symbols[sym]
-        return resolve(sym) if resolve else None
-
-    try:
-        blob, labels = assemble(code, base + rva, resolve_with_data)
-    except AssemblyError as e:
-        e.section = "code"  # type: ignore[attr-defined]
-        raise
-    sections.append(Section(".text", rva, blob, "rx", page_align(max(len(blob), 1))))
-    dup = set(labels) & set(symbols)
-    if dup:
-        raise AssemblyError(f"label {sorted(dup)[0]!r} is defined in both data and code")
-    symbols.update(labels)
+        sections.append(Section(".data", PAGE + data_off, blob, "rw", page_align(max(len(blob), 1))))
     public = {n: a for n, a in symbols.items() if "__" not in n}
     exported = public if exports is None else {n: public[n] for n in exports if n in public}
     return Image(name=name, base=base, sections=sections, exports=dict(exported), symbols=symbols)

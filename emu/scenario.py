@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from emu.asm import labels_in
 from emu.errors import ScenarioError
 from emu.profile import DEFAULT_PROFILE, DISPATCHERS, OVERRIDABLE, STUB_SHAPES, Profile, get_profile, profile_names
 from emu.winnt import STATUS_BY_NAME
@@ -191,29 +192,85 @@ def _dotted(path: tuple[str | int, ...]) -> str:
 
 
 def _line_of(text: str, path: tuple[str | int, ...]) -> int | None:
-    """Best-effort line of a key path in TOML text (tomllib keeps no positions)."""
+    """Best-effort line of a key path in TOML text (tomllib keeps no positions).
+
+    Finds the deepest ``[table]`` / ``[[array]]`` header on the path, then the key
+    below it, then (for ``key[j].sub``) the j-th inline table of that array.
+    """
     if not path:
         return None
     lines = text.splitlines()
     names = [p for p in path if isinstance(p, str)]
-    index = next((p for p in path if isinstance(p, int)), 0)
-    start, depth, rest = 0, 0, names
+    start, depth, rest = 0, 0, list(path)
     for d in range(len(names), 0, -1):
         header = re.compile(rf"^\s*\[\[?\s*{re.escape('.'.join(names[:d]))}\s*\]\]?\s*(#.*)?$")
         hits = [i for i, line in enumerate(lines) if header.match(line)]
         if hits:
-            is_array = lines[hits[0]].lstrip().startswith("[[")
-            start, depth, rest = (hits[min(index, len(hits) - 1)] if is_array else hits[0]), d, names[d:]
+            pos = _position_after(path, names[d - 1])
+            rest = list(path[pos:])
+            if lines[hits[0]].lstrip().startswith("[["):
+                # An [[array]] header: the index after its name picks the entry.
+                index = rest.pop(0) if rest and isinstance(rest[0], int) else 0
+                start = hits[min(int(index), len(hits) - 1)]
+            else:
+                start = hits[0]
+            depth = d
             break
-    if not rest:
-        return start + 1 if depth else None
-    key = re.compile(rf"(^|[{{,])\s*{re.escape(rest[0])}\s*=")
-    for i in range(start, len(lines)):
-        if i > start and depth and re.match(r"^\s*\[", lines[i]):
+    line = start
+    found = bool(depth)
+    while rest:
+        key = rest.pop(0)
+        if isinstance(key, int):
+            hit = _nth_inline_table(lines, line, key)
+            if hit is None:
+                break
+            line = hit
+            continue
+        pat = re.compile(rf"(^|[{{,])\s*{re.escape(key)}\s*=")
+        for i in range(line, len(lines)):
+            if i > line and re.match(r"^\s*\[", lines[i]):
+                i = -1
+                break
+            if pat.search(lines[i]):
+                break
+        else:
+            i = -1
+        if i < 0:
             break
-        if key.search(lines[i]):
+        line, found = i, True
+    return line + 1 if found else None
+
+
+def _position_after(path: tuple[str | int, ...], name: str) -> int:
+    for i, p in enumerate(path):
+        if p == name:
             return i + 1
-    return start + 1 if depth else None
+    return len(path)
+
+
+def _nth_inline_table(lines: list[str], start: int, n: int) -> int | None:
+    """Line of the n-th top-level ``{`` of the array that begins on line ``start``."""
+    count, depth, quote = -1, 0, ""
+    for i in range(start, len(lines)):
+        line = lines[i] if i > start else lines[i][lines[i].find("=") + 1 :]
+        for ch in line:
+            if quote:
+                quote = "" if ch == quote else quote
+            elif ch in "\"'":
+                quote = ch
+            elif ch == "#":
+                break
+            elif ch == "[":
+                depth += 1
+            elif ch == "]":
+                depth -= 1
+                if depth <= 0:
+                    return None
+            elif ch == "{" and depth == 1:
+                count += 1
+                if count == n:
+                    return i
+    return None
 
 
 TOP_KEYS = {
@@ -347,8 +404,6 @@ def _modules(r: _Reader, obj: Any) -> tuple[ModuleSpec, ...]:
 
 
 def _labels(m: ModuleSpec) -> list[str]:
-    from emu.image import labels_in
-
     return labels_in(m.data) + labels_in(m.code)
 
 

@@ -5,9 +5,6 @@ thing, writes the copy into ``tmp_path`` and asserts the whole of ``str(error)``
 ``FILE[:LINE] [key.path]: message``. Expected line numbers are found in the mutated
 text by a unique needle (not taken from the validator), so edits to the comments of
 the base scenario do not break these tests, while a wrong line still does.
-
-Cases marked ``xfail(strict=True)`` assert the message that *should* appear; the
-validator currently names the wrong line for them.
 """
 
 from __future__ import annotations
@@ -236,10 +233,6 @@ def test_callback_api_out_of_range_one_line_steps(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="line of a key inside a multi-line steps array is the 'steps = [' line, not the line of the step",
-)
 def test_callback_api_out_of_range(tmp_path: Path) -> None:
     text = mutate("api = 2,", "api = 9,")
     path = write(tmp_path, text)
@@ -249,10 +242,6 @@ def test_callback_api_out_of_range(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="line of a key inside a multi-line steps array is the 'steps = [' line, not the line of the step",
-)
 def test_step_unknown_kind(tmp_path: Path) -> None:
     text = mutate('{ kind = "return", status = "callback" }', '{ kind = "sleep", status = "callback" }')
     path = write(tmp_path, text)
@@ -317,10 +306,6 @@ def test_assembly_undefined_symbol(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="when the code starts on the 'code = \"\"\"' line the file line is one too high",
-)
 def test_assembly_error_code_starting_on_quote_line(tmp_path: Path) -> None:
     text = mutate('code = """\nmain:\n', 'code = """main:\n')
     text = mutate("    xor ecx, ecx ", "    xorr ecx, ecx", text)

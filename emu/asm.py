@@ -1,0 +1,160 @@
+"""Assembly with keystone: bytes plus every label's address, and one-line errors.
+
+Two keystone pitfalls shape this module (keystone-engine 0.9.2):
+
+* Setting ``Ks.sym_resolver`` switches the number radix to 16 for that object and
+  later ones (keystone issues #481, #538), so ``mov edx, 64`` would load 0x64; and
+  ``call NAME`` through the resolver lands 4 bytes late. emu never sets a resolver:
+  names from other modules become ``.set NAME, address`` lines.
+* Keystone returns no symbol table, so label addresses are read back from a table of
+  ``.quad label`` appended after the source; it leaves the layout above it untouched.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from keystone import KS_ARCH_X86, KS_ERR_ASM_SYMBOL_MISSING, KS_MODE_64, Ks, KsError
+
+from emu.errors import ImageError
+
+Resolver = Callable[[str], int | None]
+
+_TOKEN = re.compile(r"[A-Za-z_.$?][\w.$?@]*")
+_LABEL = re.compile(r"^\s*([A-Za-z_.$?][\w.$?@]*)\s*:")
+_LEADING_LABELS = re.compile(r"^\s*(?:[A-Za-z_.$?][\w.$?@]*\s*:\s*)*")
+_COMMENT = re.compile(r"""^((?:[^;#"']|"[^"]*"|'[^']*')*)[;#].*$""")
+_REGISTER = re.compile(
+    r"^(r[a-d]x|e[a-d]x|[a-d][xlh]|r[sd]i|e[sd]i|[sd]il?|r[sb]p|e[sb]p|[sb]pl?|r(?:[89]|1[0-5])[dwb]?"
+    r"|[re]?ip|[c-gs]s|[xyz]mm\d+|cr\d+|dr\d+|st\d?|k[0-7])$",
+    re.IGNORECASE,
+)
+_KEYWORDS = {"byte", "word", "dword", "qword", "tbyte", "xmmword", "ymmword", "zmmword", "ptr", "offset", "rel", "short", "near", "far"}
+
+
+def strip_comments(source: str) -> str:
+    """Drop ``;`` and ``#`` comments (keystone reads ``;`` as a statement separator)."""
+    return "\n".join(_COMMENT.sub(r"\1", line) for line in source.splitlines())
+
+
+def labels_in(source: str) -> list[str]:
+    """Labels defined in an assembly text, in order.
+
+    >>> labels_in("main: nop ; start\\nloop:\\n  jmp loop")
+    ['main', 'loop']
+    """
+    seen: dict[str, None] = {}
+    for line in strip_comments(source).splitlines():
+        rest = line
+        while (m := _LABEL.match(rest)) is not None:
+            seen.setdefault(m.group(1), None)
+            rest = rest[m.end() :]
+    return list(seen)
+
+
+class AssemblyError(ImageError):
+    """Assembly failed; ``line`` is 1-based within the source that failed, ``section`` code or data."""
+
+    def __init__(self, message: str, line: int | None = None, text: str = "", section: str = "code") -> None:
+        self.line = line
+        self.text = text.strip()
+        self.detail = message
+        self.section = section
+        where = f"line {line}: " if line is not None else ""
+        shown = f" in {self.text!r}" if self.text else ""
+        super().__init__(f"{where}{message}{shown}")
+
+
+def assemble(source: str, base: int, resolve: Resolver | None = None) -> tuple[bytes, dict[str, int]]:
+    """Assemble Intel-syntax x86-64 at ``base``; return the bytes and every label's address.
+
+    Names the source does not define are looked up with ``resolve`` (e.g. exports of
+    other modules). Numbers are decimal unless written ``0x...``.
+
+    >>> code, labels = assemble("start: mov edx, 64\\nend: ret", 0x1000)
+    >>> code.hex(), labels
+    ('ba40000000c3', {'start': 4096, 'end': 4101})
+    """
+    source = strip_comments(source)
+    names = labels_in(source)
+    external = _externals(source, set(names), resolve)
+    prefix = "".join(f".set {n}, {a:#x}\n" for n, a in external.items())
+    table = "\n__emu_label_table__:\n" + "".join(f".quad {n}\n" for n in names)
+    try:
+        encoding, _ = Ks(KS_ARCH_X86, KS_MODE_64).asm(prefix + source + table, base)
+    except KsError as e:
+        raise _explain(source, e, set(names) | set(external)) from None
+    blob = bytes(encoding or b"")
+    n = len(names)
+    code = blob[: len(blob) - 8 * n] if n else blob
+    tail = blob[len(code) :]
+    return code, {name: int.from_bytes(tail[8 * i : 8 * i + 8], "little") for i, name in enumerate(names)}
+
+
+def _externals(source: str, local: set[str], resolve: Resolver | None) -> dict[str, int]:
+    out: dict[str, int] = {}
+    if resolve is None:
+        return out
+    for token in sorted(set(_TOKEN.findall(source)) - local):
+        addr = resolve(token)
+        if addr is not None:
+            out[token] = addr
+    return out
+
+
+def _explain(source: str, error: KsError, known: set[str]) -> AssemblyError:
+    """Find the first line keystone rejects on its own (every known name defined), for a one-line message."""
+    for i, line in enumerate(source.splitlines(), 1):
+        text = line.strip()
+        if not text:
+            continue
+        own = set(labels_in(text))
+        prefix = "".join(f".set {n}, 0\n" for n in sorted(known - own))
+        try:
+            Ks(KS_ARCH_X86, KS_MODE_64).asm(prefix + text, 0)
+        except KsError as e:
+            if e.errno == KS_ERR_ASM_SYMBOL_MISSING:
+                body = _LEADING_LABELS.sub("", text)
+                tokens = _TOKEN.findall(body)[1:]  # skip the mnemonic or directive
+                unknown = [t for t in tokens if t not in known and not _REGISTER.match(t) and t.lower() not in _KEYWORDS]
+                if unknown:
+                    return AssemblyError(f"undefined symbol '{unknown[0]}'", i, line)
+            return AssemblyError(_ks_message(e), i, line)
+    return AssemblyError(_ks_message(error))
+
+
+def _ks_message(e: KsError) -> str:
+    return re.sub(r"\s*\(KS_ERR_\w+\)", "", str(e)).strip() or "does not assemble"
+
+
+def assemble_sections(
+    code: str, data: str, base: int, page: int, resolve: Resolver | None = None
+) -> tuple[bytes, bytes, int, dict[str, int]]:
+    """Assemble code and data in one keystone run, data starting at the page after the code.
+
+    One run keeps data labels ordinary labels, so ``lea rcx, [rip + label]`` works for
+    them as it does for code labels. Returns (code bytes, data bytes, data offset, labels).
+    """
+    code = strip_comments(code)
+    data = strip_comments(data)
+    n_code = len(code.splitlines())
+    pad = 0
+    for _ in range(4):  # the padding settles after one pass: RIP-relative operands are 32-bit
+        skip = f".skip {pad}" if pad else ""  # keystone rejects `.skip 0` on a line of its own
+        text = f"{code}\n{skip}\n__emu_data__:\n{data}"
+        try:
+            blob, labels = assemble(text, base, resolve)
+        except AssemblyError as e:
+            if e.line is not None and e.line > n_code + 2:
+                e.line -= n_code + 2
+                e.section = "data"
+                e.args = (f"line {e.line}: {e.detail}" + (f" in {e.text!r}" if e.text else ""),)
+            raise
+        start = labels.pop("__emu_data__") - base
+        code_len = start - pad
+        want = (code_len + page - 1) // page * page if data.strip() else code_len
+        if start == want:
+            return blob[:code_len], blob[start:], start, labels
+        pad = want - code_len
+    raise AssemblyError("code and data layout did not settle")
