@@ -8,7 +8,7 @@ errors in the input (a bad scenario, assembly that does not assemble) are raised
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import gc
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -17,15 +17,7 @@ from typing import TYPE_CHECKING
 from emu.context import UserContext
 from emu.errors import BudgetExceeded, EmuError, ImageError, KernelError, MachineFault, ScenarioError
 from emu.image import PAGE, AssemblyError, Image, Symbolizer, image_from_assembly
-from emu.kernel import (
-    CallbackResult,
-    Kernel,
-    KThread,
-    ServiceRegistry,
-    UserCallback,
-    builtin_services,
-)
-from emu.kernel.services import ServiceContext
+from emu.kernel import Kernel, KThread, ServiceRegistry, UserCallback, builtin_services
 from emu.machine import Machine
 from emu.runtime import NTDLL_BASE, build_ntdll, build_win32u
 from emu.scenario import CallbackStep, Scenario, ServiceScript, load_scenario
@@ -66,22 +58,9 @@ PROCESS_ID = 0x1000
 THREAD_ID_BASE = 0x1004
 
 
-def scripted_service(script: ServiceScript):  # type: ignore[no-untyped-def]
-    """A service implementation that plays a scenario's steps."""
-
-    def play(ctx: ServiceContext) -> Generator[UserCallback, CallbackResult, int]:
-        last: CallbackResult | None = None
-        for step in script.steps:
-            if isinstance(step, CallbackStep):
-                last = yield UserCallback(step.api, step.data)
-            else:
-                if step.status is not None:
-                    return step.status
-                return last.status if last is not None else 0
-        return 0  # unreachable: validation requires a final return step
-
-    play.__doc__ = f"scripted: {len(script.steps)} step(s)"
-    return play
+def _script_steps(script: ServiceScript) -> list[UserCallback | int | None]:
+    """A scenario's service steps as the kernel's script: callbacks, then a status (None: the last callback's)."""
+    return [UserCallback(st.api, st.data) if isinstance(st, CallbackStep) else st.status for st in script.steps]
 
 
 @dataclass
@@ -151,7 +130,7 @@ class Process:
         self.callback_table = self._map_peb()
         registry = builtin_services(ServiceRegistry())
         for name, script in scenario.services.items():
-            registry.add(name, scripted_service(script))
+            registry.add_script(name, _script_steps(script))
         dispatcher = self.ntdll.export("KiUserCallbackDispatcher")
         if dispatcher is None:
             raise ImageError("ntdll exports no KiUserCallbackDispatcher")
@@ -261,6 +240,10 @@ class Process:
         self.machine.regs.set_context(thread.entry_context)
         error: EmuError | None = None
         stop = "exit"
+        # The hot path allocates many small records and no cycles; the cyclic collector
+        # rescanning the growing trace would cost more than the run itself.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
         try:
             info = self.machine.run(thread.entry_context.rip, b.instructions, b.wall_time)
             if not thread.terminated:
@@ -276,6 +259,9 @@ class Process:
             error, stop = e, "budget"
         except KernelError as e:
             error, stop = e, "fault"
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         return Run(
             scenario=self.scenario, trace=self.trace, images=self.images, threads=dict(kernel.threads),
             error=error, max_depth=kernel.max_depth, stop=stop,

@@ -149,8 +149,8 @@ class StopInfo:
     elapsed: float
 
 
-SyscallHandler = Callable[[], None]
-InterruptHandler = Callable[[int], None]
+SyscallHandler = Callable[[Uc, object], None]
+InterruptHandler = Callable[[Uc, int, object], None]
 
 
 class Machine:
@@ -164,12 +164,8 @@ class Machine:
         self.regions: list[Region] = []
         self._next_alloc = self.ALLOC_BASE
         self.symbolize: Callable[[int], str] = lambda a: f"{a:#x}"
-        self.on_syscall: SyscallHandler | None = None
-        self.on_interrupt: InterruptHandler | None = None
         self._stop_requested = False
         self._fault: MachineFault | None = None
-        self.uc.hook_add(UC_HOOK_INSN, self._syscall_hook, None, 1, 0, x86.UC_X86_INS_SYSCALL)
-        self.uc.hook_add(UC_HOOK_INTR, self._interrupt_hook)
         self.uc.hook_add(
             UC_HOOK_MEM_READ_UNMAPPED
             | UC_HOOK_MEM_WRITE_UNMAPPED
@@ -269,16 +265,15 @@ class Machine:
         return StopInfo("instructions", elapsed)
 
     # --- hooks ----------------------------------------------------------------------
-    def _syscall_hook(self, uc: Uc, user_data: object) -> None:
-        if self.on_syscall is not None:
-            self.on_syscall()
+    def install(self, on_syscall: SyscallHandler, on_interrupt: InterruptHandler) -> None:
+        """Hand `syscall` and interrupts to the kernel, registered directly (no extra Python layer).
 
-    def _interrupt_hook(self, uc: Uc, intno: int, user_data: object) -> None:
-        if self.on_interrupt is not None:
-            self.on_interrupt(intno)
-            return
-        rip = self.regs.read(("rip",))[0]
-        raise MachineFault(f"interrupt {intno:#x} at {self.symbolize(rip)}", rip, self.symbolize(rip))
+        Unicorn calls ``on_syscall(uc, user_data)`` with RIP at the `syscall` itself and
+        ``on_interrupt(uc, intno, user_data)`` with RIP past the `int`. Without a handler a
+        `syscall` does nothing and an interrupt stops the CPU with an error.
+        """
+        self.uc.hook_add(UC_HOOK_INSN, on_syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
+        self.uc.hook_add(UC_HOOK_INTR, on_interrupt)
 
     def _fault_hook(self, uc: Uc, access: int, address: int, size: int, value: int, user_data: object) -> bool:
         rip = self.regs.read(("rip",))[0]

@@ -9,16 +9,16 @@ pending). A :class:`Transition` is an edge between two states. Both are frozen.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from emu.context import UserContext
 from emu.winnt import status_name
 
-TransitionKind = Literal["start", "syscall", "sysret", "callback", "callback_return", "fault", "exit"]
+TransitionKind = Literal["syscall", "sysret", "callback", "callback_return", "fault", "exit"]
 Mode = Literal["user", "kernel", "exited"]
 
-KINDS: tuple[str, ...] = ("start", "syscall", "sysret", "callback", "callback_return", "fault", "exit")
+KINDS: tuple[str, ...] = ("syscall", "sysret", "callback", "callback_return", "fault", "exit")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,8 +27,11 @@ class State:
 
     ``context`` is the user-mode context (in kernel mode: the trap frame's view, RIP
     just after the ``syscall``). ``stack`` holds the bytes from ``context.rsp`` up to
-    ``stack_base``. ``pending`` is the ground truth for the seed's state: the thread
-    is in kernel mode inside NtCallbackReturn with a callback frame to complete.
+    ``stack_base``. ``depth`` is the number of callbacks in progress and ``api`` the
+    api number of the innermost one (None at depth 0); ``service`` is the service in
+    the kernel (kernel mode) or the one whose callback is running (user mode).
+    ``pending`` is the ground truth for the seed's state: the thread is in kernel mode
+    inside NtCallbackReturn with a callback frame to complete.
     """
 
     id: int
@@ -87,25 +90,51 @@ class Transition:
         return "" if self.status is None else status_name(self.status)
 
 
-@dataclass
 class Trace:
-    """The states and transitions of one run, in the order they happened."""
+    """The states and transitions of one run, in the order they happened.
 
-    symbolize: Callable[[int], str]
-    states: list[State] = field(default_factory=list)
-    transitions: list[Transition] = field(default_factory=list)
+    The kernel appends plain tuples to ``raw_states`` and ``raw_transitions`` (the hot
+    path); :attr:`states` and :attr:`transitions` build the typed records on first
+    access, with symbols resolved then.
+    """
+
+    def __init__(self, symbolize: Callable[[int], str]) -> None:
+        self.symbolize = symbolize
+        self.raw_states: list[tuple[Any, ...]] = []
+        self.raw_transitions: list[tuple[Any, ...]] = []
+        self._states: list[State] = []
+        self._transitions: list[Transition] = []
+
+    @property
+    def states(self) -> list[State]:
+        done = len(self._states)
+        if done < len(self.raw_states):
+            self._states.extend(
+                State(r[0], r[1], r[2], UserContext._make(r[3]), *r[4:]) for r in self.raw_states[done:]
+            )
+        return self._states
+
+    @property
+    def transitions(self) -> list[Transition]:
+        done = len(self._transitions)
+        if done < len(self.raw_transitions):
+            sym = self.symbolize
+            self._transitions.extend(
+                Transition(*r[:9], sym(r[7]), sym(r[8]), *r[9:]) for r in self.raw_transitions[done:]
+            )
+        return self._transitions
 
     def __iter__(self) -> Iterator[Transition]:
         return iter(self.transitions)
 
     def __len__(self) -> int:
-        return len(self.transitions)
+        return len(self.raw_transitions)
 
     def state(self, state_id: int) -> State:
         return self.states[state_id]
 
     def kinds(self) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for t in self.transitions:
-            counts[t.kind] = counts.get(t.kind, 0) + 1
+        for r in self.raw_transitions:
+            counts[r[1]] = counts.get(r[1], 0) + 1
         return counts

@@ -17,13 +17,14 @@ from emu.errors import BudgetExceeded, KernelError, MachineFault, UnimplementedS
 from emu.kernel.services import (
     Activation,
     CallbackResult,
+    ScriptActivation,
     ServiceRegistry,
     TerminateThread,
     UserCallback,
 )
 from emu.machine import Machine
 from emu.profile import Profile
-from emu.trace import Mode, State, Trace, Transition, TransitionKind
+from emu.trace import Mode, Trace, TransitionKind
 from emu.winnt import (
     KGDT64_R3_CODE,
     KGDT64_R3_DATA,
@@ -53,6 +54,7 @@ from emu.winnt import (
     UCALLOUT_MF_RSP,
     UCALLOUT_MF_SEGCS,
     UCALLOUT_MF_SEGSS,
+    status_name,
 )
 
 NT_CALLBACK_RETURN = "NtCallbackReturn"
@@ -88,7 +90,7 @@ class KTrapFrame:
 class CallbackFrame:
     """One KeUserModeCallback in progress (an entry of KTHREAD.CallbackStack)."""
 
-    activation: Activation
+    activation: Activation | ScriptActivation
     trap: KTrapFrame  # the user context of the syscall whose service called back
     api: int
     user_frame: int  # address of the UCALLOUT_FRAME on the user stack
@@ -110,6 +112,7 @@ class KThread:
     exit_status: int | None = None
     trap_frame: KTrapFrame | None = None
     context: UserContext | None = None  # saved user context while not on the CPU
+    service_ctx: ThreadServiceContext | None = None
 
 
 class ThreadServiceContext:
@@ -123,11 +126,16 @@ class ThreadServiceContext:
         return self._kernel.machine.read(address, size)
 
     def write(self, address: int, data: bytes) -> None:
+        self._kernel.user_writes += 1
         self._kernel.machine.write(address, data)
 
 
 class Kernel:
-    """System service dispatch, callback stacks and the trace of every crossing."""
+    """System service dispatch, callback stacks and the trace of every crossing.
+
+    Register values travel as plain lists on the hot path (a syscall whose service
+    returns at once); ``UserContext`` tuples are built only where a callback needs one.
+    """
 
     def __init__(
         self,
@@ -148,112 +156,137 @@ class Kernel:
         self.threads: dict[int, KThread] = {}
         self.current: KThread | None = None
         self.max_depth = 0
+        self.user_writes = 0  # bumped by service writes: a sysret state may reuse the entry's stack bytes
         self._entry_len = 2  # bytes Unicorn adds to a RIP written in the current hook
-        machine.on_syscall = self.on_syscall
-        machine.on_interrupt = self.on_interrupt
+        self._read = machine.regs.read
+        self._write = machine.regs.write
+        machine.install(self.on_syscall, self.on_interrupt)
 
     # --- threads ------------------------------------------------------------------------
     def add_thread(self, thread: KThread) -> None:
         self.threads[thread.tid] = thread
-        sid = len(self.trace.states)
-        self.trace.states.append(self._state(sid, thread, "user", thread.entry_context, None, None, False))
-        thread.state_id = sid
+        thread.service_ctx = ThreadServiceContext(self, thread)
+        thread.state_id = len(self.trace.raw_states)
+        self.trace.raw_states.append((
+            thread.state_id, thread.tid, "user", tuple(thread.entry_context),
+            self._capture(thread, thread.entry_context.rsp), thread.stack_base, 0, None, None, False,
+        ))  # fmt: skip
 
     # --- entry --------------------------------------------------------------------------
-    def on_syscall(self) -> None:
-        vals = self.machine.regs.read(_ALL)
+    def on_syscall(self, uc: object = None, user_data: object = None) -> None:
+        vals = self._read(_ALL)
         # Intel SDM vol. 2B SYSCALL: RCX <- RIP of the next instruction, R11 <- RFLAGS.
-        vals[1] = vals[16] + 2
+        rip = vals[16] + 2
+        vals[1] = vals[16] = rip
         vals[11] = vals[17]
-        vals[16] += 2
         self._entry_len = 2  # Unicorn adds the instruction length to a RIP written here
-        self._enter(UserContext._make(vals), "syscall")
+        self._enter(tuple(vals), "syscall")
 
-    def on_interrupt(self, intno: int) -> None:
-        vals = self.machine.regs.read(_ALL)
-        ctx = UserContext._make(vals)  # RIP is already past the `int` instruction
+    def on_interrupt(self, uc: object, intno: int, user_data: object = None) -> None:
+        vals = tuple(self._read(_ALL))  # RIP is already past the `int` instruction
         self._entry_len = 0
         if intno == 0x2E:
             # KiSystemService: the legacy entry ntdll takes when KUSER_SHARED_DATA.SystemCall
             # is set (Win10 stub shape); INT/IRETQ leave RCX and R11 alone (Intel SDM).
-            self._enter(ctx, "int 2Eh")
+            self._enter(vals, "int 2Eh")
             return
         what = "breakpoint (int3)" if intno == 3 else f"interrupt {intno:#x}"
-        where = self.trace.symbolize(ctx.rip - (1 if intno == 3 else 2))
-        raise MachineFault(f"{what} at {where}", ctx.rip, where)
+        rip = vals[16]
+        where = self.trace.symbolize(rip - (1 if intno == 3 else 2))
+        raise MachineFault(f"{what} at {where}", rip, where)
 
-    def _enter(self, ctx: UserContext, via: str) -> None:
+    def _enter(self, regs: tuple[int, ...], via: str) -> None:
         thread = self.current
         if thread is None:
             raise KernelError("system call with no current thread")
-        trap = KTrapFrame(ctx, via)
-        thread.trap_frame = trap
-        ssn = ctx.rax & 0xFFFF_FFFF
+        ssn = regs[0] & 0xFFFF_FFFF
         name = self.names.get(ssn)
+        thread.trap_frame = None
         if name == NT_CALLBACK_RETURN:
-            self._callback_return(thread, trap, ssn)
+            self._callback_return(thread, regs, via, ssn)
             return
-        self._record("syscall", thread, "kernel", ctx, name, ssn, service=name)
+        self._record("syscall", thread, "kernel", regs, name, ssn, None, None, name, False, "", b"", None)
         if name is None:
             # KiSystemCall64: an SSN beyond the service table's limit fails the call.
-            self._sysret(thread, trap, STATUS_INVALID_SYSTEM_SERVICE, None, resumed=False)
+            self._sysret_now(thread, regs, via, STATUS_INVALID_SYSTEM_SERVICE, None, "")
             return
         spec = self.registry.get(name)
         if spec is None:
             raise UnimplementedService(ssn, name)
-        args = [ctx.r10, ctx.rdx, ctx.r8, ctx.r9]
+        args = [regs[10], regs[2], regs[8], regs[9]]
         extra = len(spec.arg_types) - 4
         if extra > 0:
             # Arguments 5+ sit above the return address and the 0x20 shadow space.
-            raw = self._read_user(ctx.rsp + 0x28, 8 * extra) or bytes(8 * extra)
+            raw = self._read_user(regs[4] + 0x28, 8 * extra) or bytes(8 * extra)
             args += [int.from_bytes(raw[i : i + 8], "little") for i in range(0, 8 * extra, 8)]
-        act = spec.activate(ThreadServiceContext(self, thread), args)
-        self._drive(thread, act, trap, None, resumed=False)
+        act = spec.activate(thread.service_ctx, args)  # type: ignore[arg-type]
+        writes = self.user_writes
+        req = act.step(None)
+        if isinstance(req, int) and writes == self.user_writes:
+            # The common case: the service returns at once and wrote nothing, so the
+            # user-mode state after sysret has the stack bytes the entry state has.
+            self._sysret_now(thread, regs, via, req, name, "", reuse_stack=True)
+            return
+        self._drive(thread, act, KTrapFrame(UserContext._make(regs), via), None, resumed=False, first=req)
 
     # --- service driving ----------------------------------------------------------------
     def _drive(
-        self, thread: KThread, act: Activation, trap: KTrapFrame, value: CallbackResult | None, resumed: bool
-    ) -> None:
+        self, thread: KThread, act: Activation | ScriptActivation, trap: KTrapFrame,
+        value: CallbackResult | None, resumed: bool, first: object = None,
+    ) -> None:  # fmt: skip
+        note = ""
+        req = first if first is not None else act.step(value)
         while True:
-            req = act.step(value)
             if isinstance(req, int):
-                self._sysret(thread, trap, req, act.spec.name, resumed)
+                if resumed:
+                    self._sysret_resumed(thread, trap, req, act.spec.name, note)
+                else:
+                    self._sysret_now(thread, trap.ctx, trap.via, req, act.spec.name, note)
                 return
             if isinstance(req, TerminateThread):
                 self._exit(thread, req.status, act.spec.name)
                 return
             depth = len(thread.callback_stack)
+            failure: CallbackResult | None
             if depth >= self.profile.callback_depth_limit:
                 # KeUserModeCallback cannot grow the kernel stack any further.
-                value = CallbackResult(STATUS_STACK_OVERFLOW)
-                continue
-            if self.callback_depth_budget is not None and depth >= self.callback_depth_budget:
-                raise BudgetExceeded("callback_depth", self.callback_depth_budget, self.trace.symbolize(trap.ctx.rip))
-            failure = self._callback(thread, act, trap, req)
-            if failure is None:
-                return
-            value = failure
-
-    def _sysret(self, thread: KThread, trap: KTrapFrame, status: int, service: str | None, resumed: bool) -> None:
-        ctx = trap.ctx
-        if not resumed:
-            # The CPU is still at the entry instruction: only RAX (and the SYSCALL
-            # clobbers RCX/R11) change; RIP continues after the instruction.
-            if trap.via == "syscall":
-                self.machine.regs.write(_SYSRET, (status, ctx.rcx, ctx.r11))
+                failure = CallbackResult(STATUS_STACK_OVERFLOW)
+                why = f"depth limit {self.profile.callback_depth_limit}"
             else:
-                self.machine.regs.write(("rax",), (status,))
-            user = ctx._replace(rax=status)
-        else:
-            # Returning from a service that called back: the trap frame of its own
-            # syscall is restored (ReactOS NtCallbackReturn restores Thread->TrapFrame).
-            user = ctx._replace(rax=status)
-            self.machine.regs.set_context(user._replace(rip=ctx.rip - self._entry_len))
-        thread.mode = "user"
-        ssn = self.profile.ssn.get(service) if service else None
-        self._record("sysret", thread, "user", user, service, ssn, status=status)
+                if self.callback_depth_budget is not None and depth >= self.callback_depth_budget:
+                    raise BudgetExceeded("callback_depth", self.callback_depth_budget, self.trace.symbolize(trap.ctx.rip))
+                failure = self._callback(thread, act, trap, req, note)
+                if failure is None:
+                    return
+                why = "the callout frame does not fit on the user stack"
+            note = (note + "; " if note else "") + f"callback api {req.api} refused: {status_name(failure.status)} ({why})"
+            req = act.step(failure)
 
-    def _callback(self, thread: KThread, act: Activation, trap: KTrapFrame, req: UserCallback) -> CallbackResult | None:
+    def _sysret_now(
+        self, thread: KThread, regs: tuple[int, ...], via: str, status: int, service: str | None,
+        note: str, reuse_stack: bool = False,
+    ) -> None:  # fmt: skip
+        """Return to the instruction after the entry: only RAX (and the SYSCALL clobbers RCX/R11) change."""
+        if via == "syscall":
+            self._write(_SYSRET, (status, regs[1], regs[11]))
+        else:
+            self._write(("rax",), (status,))
+        user = (status,) + regs[1:]
+        ssn = self.profile.ssn.get(service) if service else None
+        stack = self.trace.raw_states[thread.state_id][4] if reuse_stack else None
+        self._record("sysret", thread, "user", user, service, ssn, status, None, None, False, note, b"", stack)
+
+    def _sysret_resumed(self, thread: KThread, trap: KTrapFrame, status: int, service: str, note: str) -> None:
+        """Return from a service that called back: its own syscall's trap frame is restored
+        (ReactOS NtCallbackReturn restores Thread->TrapFrame), RAX = status."""
+        ctx = trap.ctx._replace(rax=status)
+        self.machine.regs.set_context(ctx._replace(rip=ctx.rip - self._entry_len))
+        ssn = self.profile.ssn.get(service)
+        self._record("sysret", thread, "user", tuple(ctx), service, ssn, status, None, None, False, note, b"", None)
+
+    def _callback(
+        self, thread: KThread, act: Activation | ScriptActivation, trap: KTrapFrame, req: UserCallback, note: str
+    ) -> CallbackResult | None:
         """Enter KiUserCallbackDispatcher; returns a failure result instead if the frame cannot be built."""
         data = bytes(req.data)
         old = trap.ctx.rsp
@@ -283,56 +316,49 @@ class Kernel:
         thread.callback_stack.append(CallbackFrame(act, trap, req.api, frame))
         self.max_depth = max(self.max_depth, len(thread.callback_stack))
         self.machine.regs.set_context(user._replace(rip=self.dispatcher - self._entry_len))
-        thread.mode = "user"
-        self._record("callback", thread, "user", user, act.spec.name, None, api=req.api, service=act.spec.name)
+        name = act.spec.name
+        self._record("callback", thread, "user", tuple(user), name, None, None, req.api, name, False, note, b"", None)
         return None
 
-    def _callback_return(self, thread: KThread, trap: KTrapFrame, ssn: int) -> None:
-        ctx = trap.ctx
+    def _callback_return(self, thread: KThread, regs: tuple[int, ...], via: str, ssn: int) -> None:
         if not thread.callback_stack:
             # NtCallbackReturn with no callback on the thread (ReactOS, Wine).
-            self._record("syscall", thread, "kernel", ctx, NT_CALLBACK_RETURN, ssn, service=NT_CALLBACK_RETURN)
-            self._sysret(thread, trap, STATUS_NO_CALLBACK_ACTIVE, NT_CALLBACK_RETURN, resumed=False)
+            self._record("syscall", thread, "kernel", regs, NT_CALLBACK_RETURN, ssn, None, None, NT_CALLBACK_RETURN, False, "", b"", None)
+            self._sysret_now(thread, regs, via, STATUS_NO_CALLBACK_ACTIVE, NT_CALLBACK_RETURN, "", reuse_stack=True)
             return
         top = thread.callback_stack[-1]
         service = top.activation.spec.name
         # The seed's state: the user side waits at ZwCallbackReturn while the kernel completes the callback.
-        self._record("syscall", thread, "kernel", ctx, NT_CALLBACK_RETURN, ssn, service=service, pending=True, api=top.api)
+        self._record("syscall", thread, "kernel", regs, NT_CALLBACK_RETURN, ssn, None, None, service, True, "", b"", None)
         thread.callback_stack.pop()
-        result_ptr, length, status = ctx.r10, ctx.rdx & 0xFFFF_FFFF, ctx.r8 & 0xFFFF_FFFF
+        result_ptr, length, status = regs[10], regs[2] & 0xFFFF_FFFF, regs[8] & 0xFFFF_FFFF
         detail = ""
         output = b""
         if length:
             n = min(length, self.profile.callback_output_limit)
             if n < length:
-                detail = f"output truncated to the model's limit of {n:#x} bytes"
+                detail = f"output truncated to the model's limit of {n:#x} bytes; "
             got = self._read_user(result_ptr, n)
             if got is None:
                 # The kernel's copy of the result faults: the caller gets the exception code.
-                status, detail = STATUS_ACCESS_VIOLATION, f"result buffer {result_ptr:#x} is not readable"
+                status, detail = STATUS_ACCESS_VIOLATION, f"result buffer {result_ptr:#x} is not readable; "
             else:
                 output = got
-        resumed = top.trap.ctx
-        self._record(
-            "callback_return", thread, "kernel", resumed, service, None,
-            status=status, api=top.api, service=service, detail=detail or f"{len(output)} byte(s) of output",
-            data=output,
-        )  # fmt: skip
+        detail += f"{len(output)} byte(s) of output"
+        self._record("callback_return", thread, "kernel", tuple(top.trap.ctx), service, None, status, top.api, service, False, detail, output, None)
         self._drive(thread, top.activation, top.trap, CallbackResult(status, output), resumed=True)
 
     def _exit(self, thread: KThread, status: int, service: str) -> None:
         thread.terminated = True
         thread.exit_status = status
-        thread.mode = "exited"
-        ctx = thread.trap_frame.ctx if thread.trap_frame else thread.entry_context
-        self._record("exit", thread, "exited", ctx, service, self.profile.ssn.get(service), status=status)
+        regs = self.trace.raw_states[thread.state_id][3]
+        self._record("exit", thread, "exited", regs, service, self.profile.ssn.get(service), status, None, None, False, "", b"", None)
         self.machine.request_stop()
 
     def record_fault(self, thread: KThread, error: MachineFault) -> None:
-        ctx = self.machine.regs.context()
         thread.terminated = True
-        thread.mode = "exited"
-        self._record("fault", thread, "exited", ctx, None, None, detail=str(error))
+        regs = tuple(self.machine.regs.context())
+        self._record("fault", thread, "exited", regs, None, None, None, None, None, False, str(error), b"", None)
 
     # --- recording ----------------------------------------------------------------------
     def _read_user(self, address: int, size: int) -> bytes | None:
@@ -341,34 +367,30 @@ class Kernel:
         except UcError:
             return None
 
-    def _state(
-        self, sid: int, thread: KThread, mode: Mode, ctx: UserContext, service: str | None,
-        api: int | None, pending: bool,
-    ) -> State:  # fmt: skip
-        rsp = ctx.rsp
-        size = min(thread.stack_base - rsp, STACK_CAPTURE_LIMIT) if thread.stack_limit <= rsp < thread.stack_base else 0
-        stack = (self._read_user(rsp, size) or b"") if size > 0 else b""
-        if api is None and thread.callback_stack:
-            api = thread.callback_stack[-1].api
-        if service is None and thread.callback_stack and mode != "kernel":
-            service = thread.callback_stack[-1].activation.spec.name
-        return State(sid, thread.tid, mode, ctx, stack, thread.stack_base, len(thread.callback_stack), service, api, pending)
+    def _capture(self, thread: KThread, rsp: int) -> bytes:
+        """The user stack from RSP to its base (capped), as a debugger could read it."""
+        if not thread.stack_limit <= rsp < thread.stack_base:
+            return b""
+        return self._read_user(rsp, min(thread.stack_base - rsp, STACK_CAPTURE_LIMIT)) or b""
 
     def _record(
-        self, kind: TransitionKind, thread: KThread, mode: Mode, ctx: UserContext, name: str | None,
-        ssn: int | None, *, status: int | None = None, api: int | None = None, service: str | None = None,
-        pending: bool = False, detail: str = "", data: bytes = b"",
+        self, kind: TransitionKind, thread: KThread, mode: Mode, regs: tuple[int, ...], name: str | None,
+        ssn: int | None, status: int | None, api: int | None, service: str | None, pending: bool,
+        detail: str, data: bytes, stack: bytes | None,
     ) -> None:  # fmt: skip
+        """Append one state and the transition into it (plain tuples; see Trace)."""
         trace = self.trace
-        sid = len(trace.states)
-        trace.states.append(self._state(sid, thread, mode, ctx, service, api, pending))
-        sym = trace.symbolize
-        trace.transitions.append(
-            Transition(
-                len(trace.transitions), kind, thread.tid, thread.state_id, sid, name, ssn,
-                ctx.rip, ctx.rsp, sym(ctx.rip), sym(ctx.rsp), len(thread.callback_stack), status, api, detail, data,
-            )
+        sid = len(trace.raw_states)
+        cbs = thread.callback_stack
+        depth = len(cbs)
+        top_api = cbs[-1].api if cbs else None
+        if service is None and cbs and mode == "user":
+            service = cbs[-1].activation.spec.name
+        if stack is None:
+            stack = self._capture(thread, regs[4])
+        trace.raw_states.append((sid, thread.tid, mode, regs, stack, thread.stack_base, depth, service, top_api, pending))
+        trace.raw_transitions.append(
+            (len(trace.raw_transitions), kind, thread.tid, thread.state_id, sid, name, ssn, regs[16], regs[4], depth, status, api, detail, data)
         )  # fmt: skip
         thread.state_id = sid
-        if mode == "kernel":
-            thread.mode = "kernel"
+        thread.mode = mode

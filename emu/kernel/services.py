@@ -102,19 +102,47 @@ class ServiceContext(Protocol):
 ServiceGen = Generator[Request, CallbackResult, int]
 
 
+ScriptStep = UserCallback | int | None  # a callback, a status to return, or None: return the last callback's status
+
+
 @dataclass(frozen=True)
 class ServiceSpec:
-    """A registered service: its name, argument types and implementation."""
+    """A registered service: its name, argument types and implementation (a function or a script)."""
 
     name: str
-    func: Callable[..., Any]
+    func: Callable[..., Any] | None
     arg_types: tuple[type[ArgType], ...]
     arg_names: tuple[str, ...]
     doc: str = ""
+    script: tuple[ScriptStep, ...] | None = None
 
-    def activate(self, ctx: ServiceContext, raw_args: list[int]) -> Activation:
+    def activate(self, ctx: ServiceContext, raw_args: list[int]) -> Activation | ScriptActivation:
+        if self.script is not None:
+            return ScriptActivation(self)
         args = [t.decode(a) for t, a in zip(self.arg_types, raw_args)]
         return Activation(self, ctx, args)
+
+
+class ScriptActivation:
+    """A running scripted service: an index into its steps (cheap, and copied as is when forking)."""
+
+    __slots__ = ("spec", "index", "last")
+
+    def __init__(self, spec: ServiceSpec) -> None:
+        self.spec = spec
+        self.index = 0
+        self.last: CallbackResult | None = None
+
+    def step(self, value: CallbackResult | None) -> Request | int:
+        if value is not None:
+            self.last = value
+        st = (self.spec.script or (0,))[self.index]
+        self.index += 1
+        if isinstance(st, UserCallback):
+            return st
+        if st is None:
+            return self.last.status if self.last is not None else 0
+        return st
 
 
 @dataclass
@@ -134,7 +162,10 @@ class Activation:
     def step(self, value: CallbackResult | None) -> Request | int:
         """Advance: returns the next request, or the final NTSTATUS."""
         if self._gen is None:
-            out = self.spec.func(self.ctx, *self.args)
+            func = self.spec.func
+            if func is None:
+                raise KernelError(f"service {self.spec.name} has no implementation")
+            out = func(self.ctx, *self.args)
             if not inspect.isgenerator(out):
                 return _status(self.spec.name, out)
             self._gen = out
@@ -198,6 +229,16 @@ class ServiceRegistry:
         if len(types) > MAX_ARGS:
             raise KernelError(f"service {name}: {len(types)} arguments, at most {MAX_ARGS}")
         spec = ServiceSpec(name, func, tuple(types), tuple(names), doc or (func.__doc__ or "").strip())
+        self._specs[name] = spec
+        return spec
+
+    def add_script(self, name: str, steps: list[ScriptStep], doc: str = "") -> ServiceSpec:
+        """Register a scripted service: callbacks in order, ending with a status (or None)."""
+        if name in self._specs:
+            raise KernelError(f"service {name} is registered twice")
+        if not steps or isinstance(steps[-1], UserCallback):
+            raise KernelError(f"service {name}: a script must end with a status to return")
+        spec = ServiceSpec(name, None, (), (), doc or f"scripted: {len(steps)} step(s)", tuple(steps))
         self._specs[name] = spec
         return spec
 
