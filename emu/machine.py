@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from unicorn import (
     UC_ARCH_X86,
     UC_ERR_OK,
+    UC_ERR_READ_UNMAPPED,
     UC_HOOK_INSN,
     UC_HOOK_INTR,
     UC_HOOK_MEM_FETCH_PROT,
@@ -103,6 +104,32 @@ class RegisterFile:
             b = self._batches[names] = (ids, vals, ptrs, n)
         return b
 
+    def reader(self, names: tuple[str, ...]) -> Callable[[], list[int]]:
+        """A function reading ``names`` in one C call (for hot paths: arrays bound once)."""
+        if self._lib is None:
+            return lambda: self.read(names)
+        ids, vals, ptrs, n = self._batch(names)
+        fn, handle = self._lib.uc_reg_read_batch, self._handle
+
+        def read() -> list[int]:
+            fn(handle, ids, ptrs, n)
+            return vals[:]  # type: ignore[no-any-return, index]
+
+        return read
+
+    def writer(self, names: tuple[str, ...]) -> Callable[[Sequence[int]], None]:
+        """A function writing ``names`` in one C call (values must fit in 64 bits)."""
+        if self._lib is None:
+            return lambda values: self.write(names, values)
+        ids, vals, ptrs, n = self._batch(names)
+        fn, handle = self._lib.uc_reg_write_batch, self._handle
+
+        def write(values: Sequence[int]) -> None:
+            vals[:] = values  # type: ignore[index]
+            fn(handle, ids, ptrs, n)
+
+        return write
+
     def read(self, names: tuple[str, ...]) -> list[int]:
         if self._lib is None:
             return [self._uc.reg_read(_REG_IDS[n]) for n in names]
@@ -164,6 +191,10 @@ class Machine:
         self.regions: list[Region] = []
         self._next_alloc = self.ALLOC_BASE
         self.symbolize: Callable[[int], str] = lambda a: f"{a:#x}"
+        # Direct uc_mem_read into one reusable buffer: the binding allocates a buffer per call.
+        self._mem_buf = ctypes.create_string_buffer(0x10000)
+        self._mem_read = getattr(self.regs, "_lib", None) and self.regs._lib.uc_mem_read
+        self._handle = getattr(self.regs, "_handle", None)
         self._stop_requested = False
         self._fault: MachineFault | None = None
         self.uc.hook_add(
@@ -213,7 +244,12 @@ class Machine:
         return None
 
     def read(self, address: int, size: int) -> bytes:
-        return bytes(self.uc.mem_read(address, size))
+        """Bytes of user memory; raises UcError if any of it is unmapped."""
+        if self._mem_read is None or size > len(self._mem_buf):
+            return bytes(self.uc.mem_read(address, size))
+        if self._mem_read(self._handle, address, self._mem_buf, size) != UC_ERR_OK:
+            raise UcError(UC_ERR_READ_UNMAPPED)
+        return ctypes.string_at(self._mem_buf, size)
 
     def write(self, address: int, data: bytes) -> None:
         self.uc.mem_write(address, bytes(data))

@@ -158,8 +158,9 @@ class Kernel:
         self.max_depth = 0
         self.user_writes = 0  # bumped by service writes: a sysret state may reuse the entry's stack bytes
         self._entry_len = 2  # bytes Unicorn adds to a RIP written in the current hook
-        self._read = machine.regs.read
-        self._write = machine.regs.write
+        self._read_all = machine.regs.reader(_ALL)
+        self._write_sysret = machine.regs.writer(_SYSRET)
+        self._write_rax = machine.regs.writer(("rax",))
         machine.install(self.on_syscall, self.on_interrupt)
 
     # --- threads ------------------------------------------------------------------------
@@ -174,7 +175,7 @@ class Kernel:
 
     # --- entry --------------------------------------------------------------------------
     def on_syscall(self, uc: object = None, user_data: object = None) -> None:
-        vals = self._read(_ALL)
+        vals = self._read_all()
         # Intel SDM vol. 2B SYSCALL: RCX <- RIP of the next instruction, R11 <- RFLAGS.
         rip = vals[16] + 2
         vals[1] = vals[16] = rip
@@ -183,7 +184,7 @@ class Kernel:
         self._enter(tuple(vals), "syscall")
 
     def on_interrupt(self, uc: object, intno: int, user_data: object = None) -> None:
-        vals = tuple(self._read(_ALL))  # RIP is already past the `int` instruction
+        vals = tuple(self._read_all())  # RIP is already past the `int` instruction
         self._entry_len = 0
         if intno == 0x2E:
             # KiSystemService: the legacy entry ntdll takes when KUSER_SHARED_DATA.SystemCall
@@ -268,9 +269,9 @@ class Kernel:
     ) -> None:  # fmt: skip
         """Return to the instruction after the entry: only RAX (and the SYSCALL clobbers RCX/R11) change."""
         if via == "syscall":
-            self._write(_SYSRET, (status, regs[1], regs[11]))
+            self._write_sysret((status, regs[1], regs[11]))
         else:
-            self._write(("rax",), (status,))
+            self._write_rax((status,))
         user = (status,) + regs[1:]
         ssn = self.profile.ssn.get(service) if service else None
         stack = self.trace.raw_states[thread.state_id][4] if reuse_stack else None
