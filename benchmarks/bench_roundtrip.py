@@ -230,11 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     results = [
         bare,
         best_of(repeat, "bare hook + count/timeout (info)", lambda: bare_hook(n, emu_like=True)),
-        best_of(repeat, "emu syscall round trip (inline)", lambda: emu_run(syscall_inline_text(n), "NtClose", n, False)),
-        best_of(repeat, "emu syscall round trip (call NtClose)", lambda: emu_run(syscall_stub_text(n), "NtClose", n, False)),
         best_of(
-            repeat, "emu callback round trip", lambda: emu_run(callback_text(n), "NtUserMessageCall", n, True)
+            repeat, "emu syscall round trip (inline)", lambda: emu_run(syscall_inline_text(n), "NtClose", n, False)
         ),
+        best_of(
+            repeat, "emu syscall round trip (call NtClose)", lambda: emu_run(syscall_stub_text(n), "NtClose", n, False)
+        ),
+        best_of(repeat, "emu callback round trip", lambda: emu_run(callback_text(n), "NtUserMessageCall", n, True)),
     ]
 
     w = max(len(r.name) for r in results)

@@ -30,7 +30,22 @@ _REGISTER = re.compile(
     r"|[re]?ip|[c-gs]s|[xyz]mm\d+|cr\d+|dr\d+|st\d?|k[0-7])$",
     re.IGNORECASE,
 )
-_KEYWORDS = {"byte", "word", "dword", "qword", "tbyte", "xmmword", "ymmword", "zmmword", "ptr", "offset", "rel", "short", "near", "far"}
+_KEYWORDS = {
+    "byte",
+    "word",
+    "dword",
+    "qword",
+    "tbyte",
+    "xmmword",
+    "ymmword",
+    "zmmword",
+    "ptr",
+    "offset",
+    "rel",
+    "short",
+    "near",
+    "far",
+}
 
 
 def strip_comments(source: str) -> str:
@@ -117,7 +132,9 @@ def _explain(source: str, error: KsError, known: set[str]) -> AssemblyError:
             if e.errno == KS_ERR_ASM_SYMBOL_MISSING:
                 body = _LEADING_LABELS.sub("", text)
                 tokens = _TOKEN.findall(body)[1:]  # skip the mnemonic or directive
-                unknown = [t for t in tokens if t not in known and not _REGISTER.match(t) and t.lower() not in _KEYWORDS]
+                unknown = [
+                    t for t in tokens if t not in known and not _REGISTER.match(t) and t.lower() not in _KEYWORDS
+                ]
                 if unknown:
                     return AssemblyError(f"undefined symbol '{unknown[0]}'", i, line)
             return AssemblyError(_ks_message(e), i, line)

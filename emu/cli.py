@@ -61,7 +61,9 @@ def _report(r: Run) -> dict[str, object]:
 
 def _print_table(r: Run, out: TextIO) -> None:
     out.write(f"{r.scenario.name} ({r.scenario.profile.title})\n")
-    header = f"{'step':>4}  {'kind':<15} {'from':<6} -> {'to':<6}  {'service':<22} {'user rip':<42} {'depth':>5}  status"
+    header = (
+        f"{'step':>4}  {'kind':<15} {'from':<6} -> {'to':<6}  {'service':<22} {'user rip':<42} {'depth':>5}  status"
+    )
     out.write(header + "\n" + "-" * len(header) + "\n")
     for row in _transition_rows(r):
         mark = "  <- callback-return pending" if row["pending"] else ""
@@ -70,7 +72,9 @@ def _print_table(r: Run, out: TextIO) -> None:
             f"{row['rip']:<42} {row['depth']:>5}  {row['status'] or ''}{mark}"
         )
         out.write(line.rstrip() + "\n")
-    out.write(f"\ndetections ({len(r.detections)}): user side suspended at ZwCallbackReturn while the kernel completes the callback\n")
+    out.write(
+        f"\ndetections ({len(r.detections)}): user side suspended at ZwCallbackReturn while the kernel completes the callback\n"
+    )
     for d in r.detections:
         out.write(
             f"  state s{d.state}: rip {d.rip}, [rsp] -> {d.return_address}, depth {d.depth}, api {d.api_number}\n"

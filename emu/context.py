@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
+
+from emu.winnt import (
+    KGDT64_R3_CODE,
+    KGDT64_R3_DATA,
+    KTRAP_FRAME_EFLAGS,
+    KTRAP_FRAME_R8,
+    KTRAP_FRAME_R9,
+    KTRAP_FRAME_R10,
+    KTRAP_FRAME_R11,
+    KTRAP_FRAME_RAX,
+    KTRAP_FRAME_RCX,
+    KTRAP_FRAME_RDX,
+    KTRAP_FRAME_RIP,
+    KTRAP_FRAME_RSP,
+    KTRAP_FRAME_SEGCS,
+    KTRAP_FRAME_SEGSS,
+    KTRAP_FRAME_SIZE,
+)
 
 REGISTER_NAMES: tuple[str, ...] = (
     "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
@@ -42,3 +61,24 @@ class UserContext(NamedTuple):
 
     def as_hex(self) -> dict[str, str]:
         return {n: f"{v:#018x}" for n, v in zip(REGISTER_NAMES, self)}
+
+
+@dataclass(frozen=True, slots=True)
+class KTrapFrame:
+    """The user context the kernel saves on entry (x64 KTRAP_FRAME; offsets in emu.winnt)."""
+
+    ctx: UserContext
+    via: str = "syscall"  # or "int 2Eh"
+
+    def to_bytes(self) -> bytes:
+        """The KTRAP_FRAME fields emu models, at their Windows offsets (0x190 bytes)."""
+        buf = bytearray(KTRAP_FRAME_SIZE)
+        c = self.ctx
+        for off, val in (
+            (KTRAP_FRAME_RAX, c.rax), (KTRAP_FRAME_RCX, c.rcx), (KTRAP_FRAME_RDX, c.rdx),
+            (KTRAP_FRAME_R8, c.r8), (KTRAP_FRAME_R9, c.r9), (KTRAP_FRAME_R10, c.r10),
+            (KTRAP_FRAME_R11, c.r11), (KTRAP_FRAME_RIP, c.rip), (KTRAP_FRAME_SEGCS, KGDT64_R3_CODE),
+            (KTRAP_FRAME_EFLAGS, c.rflags), (KTRAP_FRAME_RSP, c.rsp), (KTRAP_FRAME_SEGSS, KGDT64_R3_DATA),
+        ):  # fmt: skip
+            buf[off : off + 8] = (val & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little")
+        return bytes(buf)

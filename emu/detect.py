@@ -268,7 +268,9 @@ def view_of(run: Run, state: State) -> ThreadView:
     return ThreadView(state.thread, state.context, memory, modules, kernel)
 
 
-def detect_run(run: Run, detector: Callable[[ThreadView], Detection | None] = detect_callback_return_pending) -> list[Detection]:
+def detect_run(
+    run: Run, detector: Callable[[ThreadView], Detection | None] = detect_callback_return_pending
+) -> list[Detection]:
     """Run a detector over every state of a run, in state order."""
     out = []
     for state in run.trace.states:

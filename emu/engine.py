@@ -134,9 +134,7 @@ class Process:
         dispatcher = self.ntdll.export("KiUserCallbackDispatcher")
         if dispatcher is None:
             raise ImageError("ntdll exports no KiUserCallbackDispatcher")
-        self.kernel = Kernel(
-            self.machine, profile, registry, self.trace, dispatcher, scenario.budgets.callback_depth
-        )
+        self.kernel = Kernel(self.machine, profile, registry, self.trace, dispatcher, scenario.budgets.callback_depth)
         self.thread = self.create_thread(0, self.resolve(scenario.entry, ("thread", "entry")), scenario.argument)
         sym = Symbolizer(self.images, self.stack_regions)
         self.trace.symbolize = sym
@@ -177,7 +175,12 @@ class Process:
             addr = img.symbols.get(label if bang else ref)
             if addr is not None:
                 return addr
-        raise ScenarioError(self.scenario.path, ".".join(where), f"{ref!r} names no symbol in the loaded images", self.scenario.line_of(*where))
+        raise ScenarioError(
+            self.scenario.path,
+            ".".join(where),
+            f"{ref!r} names no symbol in the loaded images",
+            self.scenario.line_of(*where),
+        )
 
     def _map_kuser(self) -> None:
         p = self.scenario.profile

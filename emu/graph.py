@@ -83,10 +83,13 @@ class StateGraph:
     def to_dot(self) -> str:
         lines = ["digraph emu {", "  rankdir=TB;", '  node [shape=box, fontname="monospace", fontsize=10];']
         for n, d in self.nx.nodes(data=True):
-            style = ', style=filled, fillcolor="#ffd7a8"' if d.get("pending") else (
-                ', style=filled, fillcolor="#dde8ff"' if d.get("mode") == "kernel" else "")
+            style = (
+                ', style=filled, fillcolor="#ffd7a8"'
+                if d.get("pending")
+                else (', style=filled, fillcolor="#dde8ff"' if d.get("mode") == "kernel" else "")
+            )
             lines.append(f'  {n} [label="{_dot_escape(str(d["label"]))}"{style}];')
-        for u, v, k, d in self.nx.edges(keys=True, data=True):
+        for u, v, d in self.nx.edges(data=True):
             label = f"{d['step']}: {d['kind']}"
             if d.get("service"):
                 label += f" {d['service']}"

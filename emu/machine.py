@@ -320,5 +320,7 @@ class Machine:
         elif region is not None:
             why = f"{why}: {region.label} is '{region.perms or '-'}'"
         where = self.symbolize(rip)
-        self._fault = MachineFault(f"memory fault: {what} of {size} byte(s) at {address:#x} ({why}) at {where}", rip, where)
+        self._fault = MachineFault(
+            f"memory fault: {what} of {size} byte(s) at {address:#x} ({why}) at {where}", rip, where
+        )
         return False

@@ -119,7 +119,9 @@ class _Reader:
     def fail(self, path: tuple[str | int, ...], message: str) -> ScenarioError:
         return ScenarioError(self.file, _dotted(path), message, _line_of(self.text, path))
 
-    def table(self, obj: Any, path: tuple[str | int, ...], allowed: dict[str, str], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    def table(
+        self, obj: Any, path: tuple[str | int, ...], allowed: dict[str, str], required: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
         if not isinstance(obj, dict):
             raise self.fail(path, f"expected a table, got {_kind(obj)}")
         for key in obj:
@@ -130,7 +132,15 @@ class _Reader:
                 raise self.fail(path, f"missing required key '{key}' ({allowed[key]})")
         return obj
 
-    def int_(self, obj: dict[str, Any], key: str, path: tuple[str | int, ...], default: int | None = None, lo: int = 0, hi: int = 2**64 - 1) -> int:
+    def int_(
+        self,
+        obj: dict[str, Any],
+        key: str,
+        path: tuple[str | int, ...],
+        default: int | None = None,
+        lo: int = 0,
+        hi: int = 2**64 - 1,
+    ) -> int:
         if key not in obj:
             if default is None:
                 raise self.fail(path, f"missing required key '{key}'")
@@ -157,15 +167,17 @@ class _Reader:
             return v
         if isinstance(v, str) and v in STATUS_BY_NAME:
             return STATUS_BY_NAME[v]
-        raise self.fail(path, f"expected an NTSTATUS (0..0xffffffff or one of {', '.join(sorted(STATUS_BY_NAME))}), got {_kind(v)}")
+        raise self.fail(
+            path, f"expected an NTSTATUS (0..0xffffffff or one of {', '.join(sorted(STATUS_BY_NAME))}), got {_kind(v)}"
+        )
 
     def hexdata(self, v: Any, path: tuple[str | int, ...]) -> bytes:
         if not isinstance(v, str):
-            raise self.fail(path, f"expected a hex string such as \"48 69 00\", got {_kind(v)}")
+            raise self.fail(path, f'expected a hex string such as "48 69 00", got {_kind(v)}')
         try:
             return bytes.fromhex(v)
         except ValueError:
-            raise self.fail(path, f"expected hex bytes such as \"48 69 00\", got {v!r}") from None
+            raise self.fail(path, f'expected hex bytes such as "48 69 00", got {v!r}') from None
 
 
 def _kind(v: Any) -> str:
@@ -280,7 +292,7 @@ TOP_KEYS = {
     "budgets": "a table {instructions, wall_time, callback_depth}",
     "module": "an array of tables [[module]] {name, code, data}",
     "thread": "a table {entry, argument}",
-    "kernel_callback_table": "a table {size, <index> = \"module!label\"}",
+    "kernel_callback_table": 'a table {size, <index> = "module!label"}',
     "services": "a table of [services.NtName] {ssn, steps}",
     "expect": "an array of tables [[expect]]",
 }
@@ -317,20 +329,31 @@ def parse_scenario(text: str, file: str = "<scenario>") -> Scenario:
     r = _Reader(file, text)
     r.table(doc, (), TOP_KEYS, ("scenario", "module", "thread"))
 
-    head = r.table(doc["scenario"], ("scenario",), {"name": "a string", "description": "a string", "profile": "a profile name"}, ("name",))
+    head = r.table(
+        doc["scenario"],
+        ("scenario",),
+        {"name": "a string", "description": "a string", "profile": "a profile name"},
+        ("name",),
+    )
     name = r.str_(head, "name", ("scenario",))
     description = r.str_(head, "description", ("scenario",), "")
     pname = r.str_(head, "profile", ("scenario",), DEFAULT_PROFILE)
     try:
         profile = get_profile(pname)
     except KeyError:
-        raise r.fail(("scenario", "profile"), f"unknown profile {pname!r} (known: {', '.join(profile_names())})") from None
+        raise r.fail(
+            ("scenario", "profile"), f"unknown profile {pname!r} (known: {', '.join(profile_names())})"
+        ) from None
     profile = _profile_overrides(r, doc.get("profile"), profile)
 
     machine = r.table(doc.get("machine", {}), ("machine",), {"system_call": "0 or 1: KUSER_SHARED_DATA.SystemCall"})
     system_call = r.int_(machine, "system_call", ("machine",), 0, 0, 1)
 
-    b = r.table(doc.get("budgets", {}), ("budgets",), {"instructions": "an integer", "wall_time": "seconds", "callback_depth": "an integer"})
+    b = r.table(
+        doc.get("budgets", {}),
+        ("budgets",),
+        {"instructions": "an integer", "wall_time": "seconds", "callback_depth": "an integer"},
+    )
     wall = b.get("wall_time", Budgets.wall_time)
     if not isinstance(wall, (int, float)) or isinstance(wall, bool) or not 0 < wall <= 3600:
         raise r.fail(("budgets", "wall_time"), f"expected seconds in (0, 3600], got {_kind(wall)}")
@@ -343,7 +366,12 @@ def parse_scenario(text: str, file: str = "<scenario>") -> Scenario:
     modules = _modules(r, doc["module"])
     labels = {(m.name, lab) for m in modules for lab in _labels(m)}
 
-    th = r.table(doc["thread"], ("thread",), {"entry": "\"module!label\" or \"label\"", "argument": "an integer passed in RDX"}, ("entry",))
+    th = r.table(
+        doc["thread"],
+        ("thread",),
+        {"entry": '"module!label" or "label"', "argument": "an integer passed in RDX"},
+        ("entry",),
+    )
     entry = r.str_(th, "entry", ("thread",))
     _check_ref(r, entry, ("thread", "entry"), modules, labels)
     argument = r.int_(th, "argument", ("thread",), 0)
@@ -372,11 +400,15 @@ def _profile_overrides(r: _Reader, obj: Any, profile: Profile) -> Profile:
         else:
             fields[key] = r.str_(obj, key, ("profile",))
     if "dispatcher" in fields and fields["dispatcher"] not in DISPATCHERS:
-        raise r.fail(("profile", "dispatcher"), f"expected one of {', '.join(DISPATCHERS)}, got {fields['dispatcher']!r}")
+        raise r.fail(
+            ("profile", "dispatcher"), f"expected one of {', '.join(DISPATCHERS)}, got {fields['dispatcher']!r}"
+        )
     if "stub" in fields and fields["stub"] not in STUB_SHAPES:
         raise r.fail(("profile", "stub"), f"expected one of {', '.join(STUB_SHAPES)}, got {fields['stub']!r}")
     if "ssn" in obj:
-        ssn = r.table(obj["ssn"], ("profile", "ssn"), {k: "" for k in obj["ssn"]} if isinstance(obj["ssn"], dict) else {})
+        ssn = r.table(
+            obj["ssn"], ("profile", "ssn"), {k: "" for k in obj["ssn"]} if isinstance(obj["ssn"], dict) else {}
+        )
         fields["ssn"] = {}
         for k in ssn:
             if not k.startswith("Nt") or not _NAME.match(k):
@@ -392,10 +424,17 @@ def _modules(r: _Reader, obj: Any) -> tuple[ModuleSpec, ...]:
     seen: set[str] = set()
     for i, m in enumerate(obj):
         path: tuple[str | int, ...] = ("module", i)
-        r.table(m, path, {"name": "a module name", "code": "assembly text", "data": "assembly text (data directives)"}, ("name", "code"))
+        r.table(
+            m,
+            path,
+            {"name": "a module name", "code": "assembly text", "data": "assembly text (data directives)"},
+            ("name", "code"),
+        )
         name = r.str_(m, "name", path)
         if not _NAME.match(name) or name.lower() in ("ntdll", "win32u"):
-            raise r.fail(path + ("name",), f"expected a module name (letters, digits, _), not a built-in module, got {name!r}")
+            raise r.fail(
+                path + ("name",), f"expected a module name (letters, digits, _), not a built-in module, got {name!r}"
+            )
         if name.lower() in seen:
             raise r.fail(path + ("name",), f"module {name!r} is declared twice")
         seen.add(name.lower())
@@ -407,9 +446,11 @@ def _labels(m: ModuleSpec) -> list[str]:
     return labels_in(m.data) + labels_in(m.code)
 
 
-def _check_ref(r: _Reader, ref: str, path: tuple[str | int, ...], modules: tuple[ModuleSpec, ...], labels: set[tuple[str, str]]) -> None:
+def _check_ref(
+    r: _Reader, ref: str, path: tuple[str | int, ...], modules: tuple[ModuleSpec, ...], labels: set[tuple[str, str]]
+) -> None:
     if not _ID.match(ref):
-        raise r.fail(path, f"expected \"module!label\" or \"label\", got {ref!r}")
+        raise r.fail(path, f'expected "module!label" or "label", got {ref!r}')
     mod, bang, lab = ref.partition("!")
     if bang:
         if mod.lower() in ("ntdll", "win32u"):
@@ -419,14 +460,18 @@ def _check_ref(r: _Reader, ref: str, path: tuple[str | int, ...], modules: tuple
         if (mod, lab) not in labels:
             raise r.fail(path, f"module {mod!r} has no label {lab!r}")
     else:
-        owners = [m for (m, l) in labels if l == ref]
+        owners = [mod for (mod, lab) in labels if lab == ref]
         if not owners:
             raise r.fail(path, f"no module defines label {ref!r}")
         if len(owners) > 1:
-            raise r.fail(path, f"label {ref!r} is defined in several modules ({', '.join(sorted(owners))}); write \"module!{ref}\"")
+            raise r.fail(
+                path, f'label {ref!r} is defined in several modules ({", ".join(sorted(owners))}); write "module!{ref}"'
+            )
 
 
-def _callback_table(r: _Reader, obj: Any, modules: tuple[ModuleSpec, ...], labels: set[tuple[str, str]]) -> tuple[dict[int, str], int]:
+def _callback_table(
+    r: _Reader, obj: Any, modules: tuple[ModuleSpec, ...], labels: set[tuple[str, str]]
+) -> tuple[dict[int, str], int]:
     path: tuple[str | int, ...] = ("kernel_callback_table",)
     if not isinstance(obj, dict):
         raise r.fail(path, f"expected a table, got {_kind(obj)}")
@@ -437,7 +482,7 @@ def _callback_table(r: _Reader, obj: Any, modules: tuple[ModuleSpec, ...], label
         if not key.isdigit():
             raise r.fail(path + (key,), f"unknown key '{key}' (expected 'size' or an api number such as 2)")
         if not isinstance(val, str):
-            raise r.fail(path + (key,), f"expected \"module!label\", got {_kind(val)}")
+            raise r.fail(path + (key,), f'expected "module!label", got {_kind(val)}')
         _check_ref(r, val, path + (key,), modules, labels)
         entries[int(key)] = val
     need = max(entries, default=-1) + 1
@@ -468,25 +513,32 @@ def _services(r: _Reader, obj: Any, profile: Profile, table_size: int) -> dict[s
         for j, st in enumerate(steps_raw):
             sp = path + ("steps", j)
             if not isinstance(st, dict) or "kind" not in st:
-                raise r.fail(sp, "expected a step table with 'kind' = \"callback\" or \"return\"")
+                raise r.fail(sp, 'expected a step table with \'kind\' = "callback" or "return"')
             kind = st["kind"]
             if kind == "callback":
-                r.table(st, sp, {"kind": "", "api": "an api number", "data": "hex bytes", "text": "a string sent as bytes"}, ("api",))
+                r.table(
+                    st,
+                    sp,
+                    {"kind": "", "api": "an api number", "data": "hex bytes", "text": "a string sent as bytes"},
+                    ("api",),
+                )
                 api = r.int_(st, "api", sp, None, 0, 0xFFFF_FFFF)
                 if api >= table_size:
-                    raise r.fail(sp + ("api",), f"callback index {api} is out of range (kernel_callback_table size {table_size})")
+                    raise r.fail(
+                        sp + ("api",), f"callback index {api} is out of range (kernel_callback_table size {table_size})"
+                    )
                 if "data" in st and "text" in st:
                     raise r.fail(sp, "give either 'data' or 'text', not both")
                 data = r.hexdata(st["data"], sp + ("data",)) if "data" in st else r.str_(st, "text", sp, "").encode()
                 steps.append(CallbackStep(api, data))
             elif kind == "return":
-                r.table(st, sp, {"kind": "", "status": "an NTSTATUS or \"callback\""}, ("status",))
+                r.table(st, sp, {"kind": "", "status": 'an NTSTATUS or "callback"'}, ("status",))
                 v = st["status"]
                 steps.append(ReturnStep(None if v == "callback" else r.status(v, sp + ("status",))))
             else:
-                raise r.fail(sp + ("kind",), f"expected \"callback\" or \"return\", got {_kind(kind)}")
+                raise r.fail(sp + ("kind",), f'expected "callback" or "return", got {_kind(kind)}')
         if not isinstance(steps[-1], ReturnStep):
-            raise r.fail(path + ("steps",), "the last step must be a \"return\" step")
+            raise r.fail(path + ("steps",), 'the last step must be a "return" step')
         out[name] = ServiceScript(name, tuple(steps), None if ssn < 0 else ssn)
     return out
 
@@ -509,7 +561,17 @@ def _expectations(r: _Reader, obj: Any) -> tuple[Expectation, ...]:
         elif kind == "exit_status":
             value = r.status(v, kp)
         elif kind == "detection":
-            r.table(v, kp, {"index": "an integer", "rip": "a symbol", "return_address": "a symbol", "depth": "an integer", "api": "an integer"})
+            r.table(
+                v,
+                kp,
+                {
+                    "index": "an integer",
+                    "rip": "a symbol",
+                    "return_address": "a symbol",
+                    "depth": "an integer",
+                    "api": "an integer",
+                },
+            )
             value = {"index": r.int_(v, "index", kp, 0)}
             for k in ("rip", "return_address"):
                 if k in v:

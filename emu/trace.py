@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from emu.context import UserContext
+from emu.context import KTrapFrame, UserContext
 from emu.winnt import status_name
 
 TransitionKind = Literal["syscall", "sysret", "callback", "callback_return", "fault", "exit"]
@@ -53,9 +53,13 @@ class State:
     def rsp(self) -> int:
         return self.context.rsp
 
+    def trap_frame(self) -> KTrapFrame | None:
+        """In kernel mode: the trap frame saved on entry (the user context this state shows)."""
+        return KTrapFrame(self.context) if self.mode == "kernel" else None
+
     def stack_word(self, address: int) -> int | None:
         off = address - self.context.rsp
-        if 0 <= off and off + 8 <= len(self.stack):
+        if off >= 0 and off + 8 <= len(self.stack):
             return int.from_bytes(self.stack[off : off + 8], "little")
         return None
 

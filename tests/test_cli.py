@@ -23,7 +23,10 @@ def test_run_prints_transitions_and_detection(root: Path, capsys) -> None:
     assert code == 0
     assert "syscall         user   -> kernel  NtCallbackReturn" in out
     assert "<- callback-return pending" in out
-    assert "state s3: rip ntdll!ZwCallbackReturn+0x14, [rsp] -> ntdll!KiUserCallbackDispatcherReturn+0xc, depth 1, api 2" in out
+    assert (
+        "state s3: rip ntdll!ZwCallbackReturn+0x14, [rsp] -> ntdll!KiUserCallbackDispatcherReturn+0xc, depth 1, api 2"
+        in out
+    )
 
 
 def test_run_json(root: Path, capsys) -> None:
@@ -43,7 +46,9 @@ def test_detect_json_keys(root: Path, capsys) -> None:
 
 
 def test_failed_expectation_exits_1_and_names_it(root: Path, tmp_path: Path, capsys) -> None:
-    text = (root / "scenarios/callback_roundtrip.toml").read_text().replace("exit_status = 0x1234", "exit_status = 0x1235")
+    text = (
+        (root / "scenarios/callback_roundtrip.toml").read_text().replace("exit_status = 0x1234", "exit_status = 0x1235")
+    )
     p = tmp_path / "wrong.toml"
     p.write_text(text)
     assert main(["run", str(p)]) == 1
@@ -54,11 +59,14 @@ def test_failed_expectation_exits_1_and_names_it(root: Path, tmp_path: Path, cap
 
 def test_budget_stop_exits_3(tmp_path: Path, capsys) -> None:
     p = tmp_path / "loop.toml"
-    p.write_text('[scenario]\nname = "loop"\n[budgets]\ninstructions = 1000\n'
-                 '[[module]]\nname = "app"\ncode = "main: jmp main"\n[thread]\nentry = "main"\n')
+    p.write_text(
+        '[scenario]\nname = "loop"\n[budgets]\ninstructions = 1000\n'
+        '[[module]]\nname = "app"\ncode = "main: jmp main"\n[thread]\nentry = "main"\n'
+    )
     assert main(["run", str(p)]) == 3
     assert capsys.readouterr().err.strip() == (
-        f"{p}: stopped by budget: budget 'instructions' exceeded (limit 1000) at app!main")
+        f"{p}: stopped by budget: budget 'instructions' exceeded (limit 1000) at app!main"
+    )
 
 
 def test_graph_writes_each_format(root: Path, tmp_path: Path, capsys) -> None:

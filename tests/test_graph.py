@@ -19,7 +19,9 @@ def test_graph_nodes_and_edges_follow_the_trace(shipped_runs) -> None:
     assert g.nx.number_of_edges() == len(r.trace.transitions)
     assert g.pending() == ["s3"]
     label = g.nx.nodes["s3"]["label"]
-    assert label == "kernel | NtUserMessageCall | depth 1 | user at ntdll!ZwCallbackReturn+0x14 | callback-return pending"
+    assert (
+        label == "kernel | NtUserMessageCall | depth 1 | user at ntdll!ZwCallbackReturn+0x14 | callback-return pending"
+    )
     assert [d["kind"] for _, _, d in g.nx.edges(data=True)][:4] == ["syscall", "callback", "syscall", "callback_return"]
     assert g.path_to("s3") == ["s0", "s1", "s2", "s3"]
     assert g.nx.nodes["s3"]["reg_rip"] == f"{r.trace.state(3).rip:#x}"
@@ -51,8 +53,12 @@ def test_exports_are_byte_identical_across_runs_and_hash_seeds(root: Path, tmp_p
         for ext in ("graphml", "json", "dot"):
             out = tmp_path / f"{seed}.{ext}"
             env = dict(os.environ, PYTHONHASHSEED=seed)
-            subprocess.run([sys.executable, "-m", "emu.cli", "graph", str(scenario), "-o", str(out)],
-                           check=True, env=env, capture_output=True)
+            subprocess.run(
+                [sys.executable, "-m", "emu.cli", "graph", str(scenario), "-o", str(out)],
+                check=True,
+                env=env,
+                capture_output=True,
+            )
             files.append(out.read_bytes())
         outputs.append(files)
     assert outputs[0] == outputs[1]

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from conftest import asm_scenario
 from emu.engine import build, run
 from emu.errors import BudgetExceeded, MachineFault, UnimplementedService
-from emu.kernel import KTrapFrame
 from emu.scenario import parse_scenario
 from emu.winnt import (
     KTRAP_FRAME_RIP,
@@ -50,8 +47,12 @@ def callback_run(extra: str = ""):
 
 
 def test_syscall_sets_rcx_and_r11_and_sysret_sets_rax() -> None:
-    r = run(scenario("main:\n sub rsp, 0x28\n call NtClose\n add rsp, 0x28\n ret",
-                     services='[services.NtClose]\nsteps = [{ kind = "return", status = 0xC0000008 }]'))
+    r = run(
+        scenario(
+            "main:\n sub rsp, 0x28\n call NtClose\n add rsp, 0x28\n ret",
+            services='[services.NtClose]\nsteps = [{ kind = "return", status = 0xC0000008 }]',
+        )
+    )
     entry = next(t for t in r.trace if t.kind == "syscall" and t.service == "NtClose")
     k = r.trace.state(entry.dst)
     # Intel SDM SYSCALL: RCX <- next RIP, R11 <- RFLAGS; the user context shows RIP after `syscall`.
@@ -114,6 +115,8 @@ def test_int_2e_path_when_kuser_system_call_is_set() -> None:
     assert [r.symbolize(s.rip) for s in pending] == ["ntdll!ZwCallbackReturn+0x17"]
     assert [d.state for d in r.detections] == [pending[0].id]
     assert r.exit_status == 0x44
+    entries = [t for t in r.trace if t.kind == "syscall"]
+    assert entries and all(t.detail == "entered via int 2Eh" for t in entries)
 
 
 def test_windows7_profile_uses_its_stub_and_ssn() -> None:
@@ -139,8 +142,12 @@ def test_registers_dispatcher_convention() -> None:
 
 
 def test_no_callback_active_outside_a_callback() -> None:
-    r = run(scenario("main:\n sub rsp, 0x28\n xor ecx, ecx\n xor edx, edx\n xor r8d, r8d\n"
-                     " call ZwCallbackReturn\n add rsp, 0x28\n ret"))
+    r = run(
+        scenario(
+            "main:\n sub rsp, 0x28\n xor ecx, ecx\n xor edx, edx\n xor r8d, r8d\n"
+            " call ZwCallbackReturn\n add rsp, 0x28\n ret"
+        )
+    )
     assert r.exit_status == STATUS_NO_CALLBACK_ACTIVE
     assert not any(s.pending for s in r.trace.states)
     assert r.detections == []
@@ -173,8 +180,7 @@ def test_wall_time_budget() -> None:
 
 def test_callback_depth_budget() -> None:
     code = "main:\n sub rsp, 0x28\n call NtUserMessageCall\n add rsp, 0x28\n ret\non_message:\n jmp main"
-    r = run(scenario(code, table=CALLBACK_TABLE, services=CALLBACK_SERVICE,
-                     extra="[budgets]\ncallback_depth = 3\n"))
+    r = run(scenario(code, table=CALLBACK_TABLE, services=CALLBACK_SERVICE, extra="[budgets]\ncallback_depth = 3\n"))
     assert isinstance(r.error, BudgetExceeded)
     assert r.error.budget == "callback_depth"
     assert r.max_depth == 3
@@ -183,7 +189,9 @@ def test_callback_depth_budget() -> None:
 def test_trap_frame_layout() -> None:
     r = callback_run()
     s = r.trace.state(r.trace.transitions[0].dst)
-    raw = KTrapFrame(s.context, "syscall").to_bytes()
+    frame = s.trap_frame()
+    assert frame is not None
+    raw = frame.to_bytes()
     assert len(raw) == 0x190
     assert int.from_bytes(raw[KTRAP_FRAME_RIP : KTRAP_FRAME_RIP + 8], "little") == s.context.rip
     assert int.from_bytes(raw[KTRAP_FRAME_RSP : KTRAP_FRAME_RSP + 8], "little") == s.context.rsp

@@ -118,9 +118,7 @@ def test_invalid_toml_duplicate_key(tmp_path: Path) -> None:
 def test_unknown_top_level_key(tmp_path: Path) -> None:
     text = BASE + "\n[colour]\nred = 1\n"
     path = write(tmp_path, text)
-    assert load_error(path) == (
-        f"{path}:{line(text, '[colour]')} [colour]: unknown key 'colour' (allowed: {TOP_KEYS})"
-    )
+    assert load_error(path) == (f"{path}:{line(text, '[colour]')} [colour]: unknown key 'colour' (allowed: {TOP_KEYS})")
 
 
 def test_unknown_key_in_thread(tmp_path: Path) -> None:
@@ -149,7 +147,7 @@ def test_missing_thread_entry(tmp_path: Path) -> None:
     text = mutate('entry = "app!main"\n', "argument = 1\n")
     path = write(tmp_path, text)
     assert load_error(path) == (
-        f"{path}:{line(text, '[thread]')} [thread]: missing required key 'entry' (\"module!label\" or \"label\")"
+        f'{path}:{line(text, "[thread]")} [thread]: missing required key \'entry\' ("module!label" or "label")'
     )
 
 
@@ -247,7 +245,7 @@ def test_step_unknown_kind(tmp_path: Path) -> None:
     path = write(tmp_path, text)
     assert load_error(path) == (
         f"{path}:{line(text, 'sleep')} [services.NtUserMessageCall.steps[1].kind]: "
-        "expected \"callback\" or \"return\", got string 'sleep'"
+        'expected "callback" or "return", got string \'sleep\''
     )
 
 
@@ -255,7 +253,7 @@ def test_last_step_not_return(tmp_path: Path) -> None:
     text = mutate('    { kind = "return", status = "callback" },\n', "")
     path = write(tmp_path, text)
     assert load_error(path) == (
-        f"{path}:{line(text, 'steps = [')} [services.NtUserMessageCall.steps]: the last step must be a \"return\" step"
+        f'{path}:{line(text, "steps = [")} [services.NtUserMessageCall.steps]: the last step must be a "return" step'
     )
 
 

@@ -1,6 +1,7 @@
 """The kernel model: service registry, system call dispatch and callback stacks."""
 
-from emu.kernel.core import CallbackFrame, Kernel, KThread, KTrapFrame
+from emu.context import KTrapFrame
+from emu.kernel.core import CallbackFrame, Kernel, KThread
 from emu.kernel.services import (
     HANDLE,
     NTSTATUS,

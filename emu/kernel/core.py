@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from unicorn import UcError
 
-from emu.context import UserContext
+from emu.context import KTrapFrame, UserContext
 from emu.errors import BudgetExceeded, KernelError, MachineFault, UnimplementedService
 from emu.kernel.services import (
     Activation,
@@ -28,19 +28,6 @@ from emu.trace import Mode, Trace, TransitionKind
 from emu.winnt import (
     KGDT64_R3_CODE,
     KGDT64_R3_DATA,
-    KTRAP_FRAME_EFLAGS,
-    KTRAP_FRAME_R8,
-    KTRAP_FRAME_R9,
-    KTRAP_FRAME_R10,
-    KTRAP_FRAME_R11,
-    KTRAP_FRAME_RAX,
-    KTRAP_FRAME_RCX,
-    KTRAP_FRAME_RDX,
-    KTRAP_FRAME_RIP,
-    KTRAP_FRAME_RSP,
-    KTRAP_FRAME_SEGCS,
-    KTRAP_FRAME_SEGSS,
-    KTRAP_FRAME_SIZE,
     STATUS_ACCESS_VIOLATION,
     STATUS_INVALID_SYSTEM_SERVICE,
     STATUS_NO_CALLBACK_ACTIVE,
@@ -62,28 +49,7 @@ STACK_CAPTURE_LIMIT = 0x10000  # bytes of user stack kept per state
 _ALL = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11",
         "r12", "r13", "r14", "r15", "rip", "rflags")  # fmt: skip
 _SYSRET = ("rax", "rcx", "r11")
-_MASK64 = 0xFFFF_FFFF_FFFF_FFFF
-
-
-@dataclass(frozen=True, slots=True)
-class KTrapFrame:
-    """The user context saved on kernel entry (x64 KTRAP_FRAME; offsets in emu.winnt)."""
-
-    ctx: UserContext
-    via: str  # "syscall" or "int 2Eh"
-
-    def to_bytes(self) -> bytes:
-        """The KTRAP_FRAME fields emu models, at their Windows offsets (0x190 bytes)."""
-        buf = bytearray(KTRAP_FRAME_SIZE)
-        c = self.ctx
-        for off, val in (
-            (KTRAP_FRAME_RAX, c.rax), (KTRAP_FRAME_RCX, c.rcx), (KTRAP_FRAME_RDX, c.rdx),
-            (KTRAP_FRAME_R8, c.r8), (KTRAP_FRAME_R9, c.r9), (KTRAP_FRAME_R10, c.r10),
-            (KTRAP_FRAME_R11, c.r11), (KTRAP_FRAME_RIP, c.rip), (KTRAP_FRAME_SEGCS, KGDT64_R3_CODE),
-            (KTRAP_FRAME_EFLAGS, c.rflags), (KTRAP_FRAME_RSP, c.rsp), (KTRAP_FRAME_SEGSS, KGDT64_R3_DATA),
-        ):  # fmt: skip
-            buf[off : off + 8] = (val & _MASK64).to_bytes(8, "little")
-        return bytes(buf)
+_VIA = {"syscall": "", "int 2Eh": "entered via int 2Eh"}
 
 
 @dataclass
@@ -206,7 +172,7 @@ class Kernel:
         if name == NT_CALLBACK_RETURN:
             self._callback_return(thread, regs, via, ssn)
             return
-        self._record("syscall", thread, "kernel", regs, name, ssn, None, None, name, False, "", b"", None)
+        self._record("syscall", thread, "kernel", regs, name, ssn, None, None, name, False, _VIA[via], b"", None)
         if name is None:
             # KiSystemCall64: an SSN beyond the service table's limit fails the call.
             self._sysret_now(thread, regs, via, STATUS_INVALID_SYSTEM_SERVICE, None, "")
@@ -255,12 +221,16 @@ class Kernel:
                 why = f"depth limit {self.profile.callback_depth_limit}"
             else:
                 if self.callback_depth_budget is not None and depth >= self.callback_depth_budget:
-                    raise BudgetExceeded("callback_depth", self.callback_depth_budget, self.trace.symbolize(trap.ctx.rip))
+                    raise BudgetExceeded(
+                        "callback_depth", self.callback_depth_budget, self.trace.symbolize(trap.ctx.rip)
+                    )
                 failure = self._callback(thread, act, trap, req, note)
                 if failure is None:
                     return
                 why = "the callout frame does not fit on the user stack"
-            note = (note + "; " if note else "") + f"callback api {req.api} refused: {status_name(failure.status)} ({why})"
+            note = (
+                note + "; " if note else ""
+            ) + f"callback api {req.api} refused: {status_name(failure.status)} ({why})"
             req = act.step(failure)
 
     def _sysret_now(
@@ -324,13 +294,29 @@ class Kernel:
     def _callback_return(self, thread: KThread, regs: tuple[int, ...], via: str, ssn: int) -> None:
         if not thread.callback_stack:
             # NtCallbackReturn with no callback on the thread (ReactOS, Wine).
-            self._record("syscall", thread, "kernel", regs, NT_CALLBACK_RETURN, ssn, None, None, NT_CALLBACK_RETURN, False, "", b"", None)
+            self._record(
+                "syscall",
+                thread,
+                "kernel",
+                regs,
+                NT_CALLBACK_RETURN,
+                ssn,
+                None,
+                None,
+                NT_CALLBACK_RETURN,
+                False,
+                _VIA[via],
+                b"",
+                None,
+            )
             self._sysret_now(thread, regs, via, STATUS_NO_CALLBACK_ACTIVE, NT_CALLBACK_RETURN, "", reuse_stack=True)
             return
         top = thread.callback_stack[-1]
         service = top.activation.spec.name
         # The seed's state: the user side waits at ZwCallbackReturn while the kernel completes the callback.
-        self._record("syscall", thread, "kernel", regs, NT_CALLBACK_RETURN, ssn, None, None, service, True, "", b"", None)
+        self._record(
+            "syscall", thread, "kernel", regs, NT_CALLBACK_RETURN, ssn, None, None, service, True, _VIA[via], b"", None
+        )
         thread.callback_stack.pop()
         result_ptr, length, status = regs[10], regs[2] & 0xFFFF_FFFF, regs[8] & 0xFFFF_FFFF
         detail = ""
@@ -346,14 +332,42 @@ class Kernel:
             else:
                 output = got
         detail += f"{len(output)} byte(s) of output"
-        self._record("callback_return", thread, "kernel", tuple(top.trap.ctx), service, None, status, top.api, service, False, detail, output, None)
+        self._record(
+            "callback_return",
+            thread,
+            "kernel",
+            tuple(top.trap.ctx),
+            service,
+            None,
+            status,
+            top.api,
+            service,
+            False,
+            detail,
+            output,
+            None,
+        )
         self._drive(thread, top.activation, top.trap, CallbackResult(status, output), resumed=True)
 
     def _exit(self, thread: KThread, status: int, service: str) -> None:
         thread.terminated = True
         thread.exit_status = status
         regs = self.trace.raw_states[thread.state_id][3]
-        self._record("exit", thread, "exited", regs, service, self.profile.ssn.get(service), status, None, None, False, "", b"", None)
+        self._record(
+            "exit",
+            thread,
+            "exited",
+            regs,
+            service,
+            self.profile.ssn.get(service),
+            status,
+            None,
+            None,
+            False,
+            "",
+            b"",
+            None,
+        )
         self.machine.request_stop()
 
     def record_fault(self, thread: KThread, error: MachineFault) -> None:
@@ -389,7 +403,9 @@ class Kernel:
             service = cbs[-1].activation.spec.name
         if stack is None:
             stack = self._capture(thread, regs[4])
-        trace.raw_states.append((sid, thread.tid, mode, regs, stack, thread.stack_base, depth, service, top_api, pending))
+        trace.raw_states.append(
+            (sid, thread.tid, mode, regs, stack, thread.stack_base, depth, service, top_api, pending)
+        )
         trace.raw_transitions.append(
             (len(trace.raw_transitions), kind, thread.tid, thread.state_id, sid, name, ssn, regs[16], regs[4], depth, status, api, detail, data)
         )  # fmt: skip

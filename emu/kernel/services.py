@@ -56,9 +56,7 @@ class NTSTATUS(ArgType):
     bits = 32
 
 
-ARG_TYPES: dict[str, type[ArgType]] = {
-    t.__name__: t for t in (Ptr, HANDLE, ULONG_PTR, ULONG, NTSTATUS)
-}
+ARG_TYPES: dict[str, type[ArgType]] = {t.__name__: t for t in (Ptr, HANDLE, ULONG_PTR, ULONG, NTSTATUS)}
 MAX_ARGS = 16
 
 
@@ -126,7 +124,7 @@ class ServiceSpec:
 class ScriptActivation:
     """A running scripted service: an index into its steps (cheap, and copied as is when forking)."""
 
-    __slots__ = ("spec", "index", "last")
+    __slots__ = ("index", "last", "spec")
 
     def __init__(self, spec: ServiceSpec) -> None:
         self.spec = spec
@@ -221,8 +219,7 @@ class ServiceRegistry:
             t = hints.get(p.name)
             if not (isinstance(t, type) and issubclass(t, ArgType)):
                 raise KernelError(
-                    f"service {name}: parameter {p.name!r} needs an argument type "
-                    f"({', '.join(ARG_TYPES)}), got {t!r}"
+                    f"service {name}: parameter {p.name!r} needs an argument type ({', '.join(ARG_TYPES)}), got {t!r}"
                 )
             types.append(t)
             names.append(p.name)
