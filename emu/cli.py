@@ -24,7 +24,7 @@ EXIT_OK, EXIT_EXPECT, EXIT_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 
 
 def _transition_rows(r: Run) -> list[dict[str, object]]:
-    rows = []
+    rows: list[dict[str, object]] = []
     for t in r.trace:
         src = r.trace.state(t.src)
         dst = r.trace.state(t.dst)

@@ -59,7 +59,7 @@ class UnimplementedService(KernelError):
 class BudgetExceeded(EmuError):
     """A run hit one of its budgets: names the budget, the limit and where it stopped."""
 
-    def __init__(self, budget: str, limit: float | int, where: str = "") -> None:
+    def __init__(self, budget: str, limit: float | int | str, where: str = "") -> None:
         self.budget = budget
         self.limit = limit
         self.where = where

@@ -35,8 +35,8 @@ def check(run: Run) -> list[Outcome]:
 def _check(run: Run, e: Expectation) -> Outcome:
     v = e.value
     if e.kind == "detections":
-        got = len(run.detections)
-        return Outcome(e, got == v, f"{got} detection(s), expected {v}")
+        count = len(run.detections)
+        return Outcome(e, count == v, f"{count} detection(s), expected {v}")
     if e.kind == "detection":
         dets = run.detections
         i = v["index"]
@@ -47,21 +47,21 @@ def _check(run: Run, e: Expectation) -> Outcome:
         wrong = [f"{k} is {d[k]!r}, expected {want!r}" for k, want in v.items() if k != "index" and d[k] != want]
         return Outcome(e, not wrong, "; ".join(wrong) or f"detection #{i} matches")
     if e.kind == "exit_status":
-        got = run.exit_status
-        shown = "none (the thread did not exit)" if got is None else status_name(got)
-        return Outcome(e, got == v, f"exit status {shown}, expected {status_name(v)}")
+        status = run.exit_status
+        shown = "none (the thread did not exit)" if status is None else status_name(status)
+        return Outcome(e, status == v, f"exit status {shown}, expected {status_name(v)}")
     if e.kind == "max_depth":
         return Outcome(e, run.max_depth == v, f"max callback depth {run.max_depth}, expected {v}")
     if e.kind == "sysret":
         seen = [t.status for t in run.trace if t.kind == "sysret" and t.service == v["service"]]
         ok = v["status"] in seen
-        got = ", ".join(status_name(s) for s in seen if s is not None) or "none"
-        return Outcome(e, ok, f"sysret statuses of {v['service']}: {got}; expected {status_name(v['status'])}")
+        shown = ", ".join(status_name(s) for s in seen if s is not None) or "none"
+        return Outcome(e, ok, f"sysret statuses of {v['service']}: {shown}; expected {status_name(v['status'])}")
     if e.kind == "callback_output":
         outs = [t.data for t in run.trace if t.kind == "callback_return" and t.api == v["api"]]
         ok = v["data"] in outs
-        got = "; ".join(o.hex(" ") if o else "(empty)" for o in outs) or "no callback return"
-        return Outcome(e, ok, f"outputs of api {v['api']}: {got}; expected {v['data'].hex(' ')}")
+        shown = "; ".join(o.hex(" ") if o else "(empty)" for o in outs) or "no callback return"
+        return Outcome(e, ok, f"outputs of api {v['api']}: {shown}; expected {v['data'].hex(' ')}")
     # transitions
     counts = run.trace.kinds()
     wrong = [f"{k}: {counts.get(k, 0)}, expected {n}" for k, n in v.items() if counts.get(k, 0) != n]

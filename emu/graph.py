@@ -29,7 +29,7 @@ def node_id(state_id: int) -> str:
 
 def state_label(state: State, symbolize: Callable[[int], str]) -> str:
     """The human name of a state."""
-    parts = [state.mode]
+    parts: list[str] = [state.mode]
     if state.service:
         parts.append(state.service)
     parts.append(f"depth {state.depth}")

@@ -113,7 +113,7 @@ class RegisterFile:
 
         def read() -> list[int]:
             fn(handle, ids, ptrs, n)
-            return vals[:]  # type: ignore[no-any-return, index]
+            return vals[:]  # type: ignore[index]
 
         return read
 
@@ -140,8 +140,8 @@ class RegisterFile:
 
     def write(self, names: tuple[str, ...], values: Sequence[int]) -> None:
         if self._lib is None:
-            for n, v in zip(names, values):
-                self._uc.reg_write(_REG_IDS[n], v)
+            for name, v in zip(names, values):
+                self._uc.reg_write(_REG_IDS[name], v)
             return
         ids, vals, ptrs, n = self._batch(names)
         for i, v in enumerate(values):
@@ -193,7 +193,8 @@ class Machine:
         self.symbolize: Callable[[int], str] = lambda a: f"{a:#x}"
         # Direct uc_mem_read into one reusable buffer: the binding allocates a buffer per call.
         self._mem_buf = ctypes.create_string_buffer(0x10000)
-        self._mem_read = getattr(self.regs, "_lib", None) and self.regs._lib.uc_mem_read
+        lib = self.regs._lib
+        self._mem_read = lib.uc_mem_read if lib is not None else None
         self._handle = getattr(self.regs, "_handle", None)
         self._stop_requested = False
         self._fault: MachineFault | None = None

@@ -124,7 +124,8 @@ class Trace:
         if done < len(self.raw_transitions):
             sym = self.symbolize
             self._transitions.extend(
-                Transition(*r[:9], sym(r[7]), sym(r[8]), *r[9:]) for r in self.raw_transitions[done:]
+                Transition(*r[:9], sym(r[7]), sym(r[8]), *r[9:])  # type: ignore[call-arg]
+                for r in self.raw_transitions[done:]
             )
         return self._transitions
 

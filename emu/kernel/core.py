@@ -17,6 +17,7 @@ from emu.errors import BudgetExceeded, KernelError, MachineFault, UnimplementedS
 from emu.kernel.services import (
     Activation,
     CallbackResult,
+    Request,
     ScriptActivation,
     ServiceRegistry,
     TerminateThread,
@@ -199,7 +200,7 @@ class Kernel:
     # --- service driving ----------------------------------------------------------------
     def _drive(
         self, thread: KThread, act: Activation | ScriptActivation, trap: KTrapFrame,
-        value: CallbackResult | None, resumed: bool, first: object = None,
+        value: CallbackResult | None, resumed: bool, first: Request | int | None = None,
     ) -> None:  # fmt: skip
         note = ""
         req = first if first is not None else act.step(value)

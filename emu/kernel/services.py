@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,7 +28,9 @@ from emu.errors import KernelError
 
 
 # --- argument types (SAL-style: how the raw 64-bit register or stack slot is decoded) ---
-class ArgType:
+class ArgType(int):
+    """An argument's type in a service signature; values arrive as plain ints."""
+
     bits = 64
 
     @classmethod
@@ -155,7 +157,7 @@ class Activation:
     ctx: ServiceContext
     args: list[int]
     sent: list[CallbackResult | None] = field(default_factory=list)
-    _gen: Iterator[Any] | None = None
+    _gen: Generator[Any, Any, Any] | None = None
 
     def step(self, value: CallbackResult | None) -> Request | int:
         """Advance: returns the next request, or the final NTSTATUS."""
@@ -167,9 +169,10 @@ class Activation:
             if not inspect.isgenerator(out):
                 return _status(self.spec.name, out)
             self._gen = out
+        gen: Generator[Any, Any, Any] = self._gen
         self.sent.append(value)
         try:
-            req = self._gen.send(value) if len(self.sent) > 1 else next(self._gen)
+            req = gen.send(value) if len(self.sent) > 1 else next(gen)
         except StopIteration as stop:
             return _status(self.spec.name, stop.value)
         if not isinstance(req, (UserCallback, TerminateThread)):
