@@ -281,8 +281,9 @@ def build(scenario: Scenario | str | Path) -> Process:
 def run(scenario: Scenario | str | Path) -> Run:
     """Load (if given a path), build and run a scenario.
 
-    >>> r = run("scenarios/callback_roundtrip.toml")  # doctest: +SKIP
-    >>> [d.rip for d in r.detections]                   # doctest: +SKIP
-    ['ntdll!ZwCallbackReturn+0x14']
+    Example (from the repository root)::
+
+        r = run("scenarios/callback_roundtrip.toml")
+        [d.rip for d in r.detections]   # ['ntdll!ZwCallbackReturn+0x14']
     """
     return build(scenario).run()
