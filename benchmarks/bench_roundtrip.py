@@ -105,9 +105,6 @@ def bare_hook(n: int, emu_like: bool = False) -> tuple[float, int]:
 
 
 # --- 2./3. emu scenarios ----------------------------------------------------------------------
-# Immediates are written in hex on purpose: emu.image.assemble sets keystone's sym_resolver,
-# and keystone 0.9.2 then reads bare decimal literals as hex ("2000" -> 0x2000; keystone issues
-# #481 and #538). The bug can leak into Ks objects created later, so the bare loop uses hex too.
 def _scenario_text(name: str, n: int, body: str, services: str, extra_code: str = "", table: str = "") -> str:
     return f'''
 [scenario]
@@ -124,7 +121,7 @@ code = """
 main:                         ; entered by call: RSP = 8 mod 16
     push rbx                  ; RSP = 0 mod 16; RBX (nonvolatile) is the loop counter
     sub rsp, 0x20             ; shadow space, RSP still 0 mod 16
-    mov ebx, {n:#x}           ; hex on purpose: see the note above
+    mov ebx, {n:#x}
 loop_top:
 {body}
     dec ebx
