@@ -67,6 +67,8 @@ def _print_table(r: Run, out: TextIO) -> None:
     out.write(header + "\n" + "-" * len(header) + "\n")
     for row in _transition_rows(r):
         mark = "  <- callback-return pending" if row["pending"] else ""
+        if row["detail"]:
+            mark += f"  ({row['detail']})"
         line = (
             f"{row['step']:>4}  {row['kind']:<15} {row['from']:<6} -> {row['to']:<6}  {row['service'] or '':<22} "
             f"{row['rip']:<42} {row['depth']:>5}  {row['status'] or ''}{mark}"

@@ -209,3 +209,12 @@ def test_threads_get_teb_peb_and_kernel_callback_table(tmp_path: Path) -> None:
     assert m.read_u64(table + 2 * 8) == p.images[-1].symbols["on_message"]
     assert m.read_u64(teb + 0x08) == p.thread.stack_base
     assert m.read(0x7FFE0308, 1) == b"\0"
+
+
+def test_refused_callback_is_named_on_the_next_transition(shipped_runs) -> None:
+    r = shipped_runs["callback_depth_overflow"]
+    refused = [t for t in r.trace if "refused" in t.detail]
+    assert [(t.kind, t.detail) for t in refused] == [
+        ("sysret", "callback api 2 refused: STATUS_STACK_OVERFLOW (depth limit 4)")
+    ]
+    assert refused[0].depth == r.max_depth == 4
