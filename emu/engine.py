@@ -18,9 +18,11 @@ from emu.context import UserContext
 from emu.errors import BudgetExceeded, EmuError, ImageError, KernelError, MachineFault, ScenarioError
 from emu.image import PAGE, AssemblyError, Image, Symbolizer, image_from_assembly
 from emu.kernel import Kernel, KThread, ServiceRegistry, UserCallback, builtin_services
+from emu.kernel.services import ChoiceStep as KChoiceStep
+from emu.kernel.services import ScriptStep
 from emu.machine import Machine
 from emu.runtime import NTDLL_BASE, build_ntdll, build_win32u
-from emu.scenario import CallbackStep, Scenario, ServiceScript, load_scenario
+from emu.scenario import CallbackStep, ChoiceStep, Scenario, Step, load_scenario
 from emu.trace import Trace
 from emu.winnt import (
     KUSER_NT_BUILD_NUMBER,
@@ -58,9 +60,17 @@ PROCESS_ID = 0x1000
 THREAD_ID_BASE = 0x1004
 
 
-def _script_steps(script: ServiceScript) -> list[UserCallback | int | None]:
-    """A scenario's service steps as the kernel's script: callbacks, then a status (None: the last callback's)."""
-    return [UserCallback(st.api, st.data) if isinstance(st, CallbackStep) else st.status for st in script.steps]
+def _script_steps(steps: tuple[Step, ...]) -> list[ScriptStep]:
+    """A scenario's service steps as the kernel's script (callbacks, choices, a status; None: the last callback's)."""
+    out: list[ScriptStep] = []
+    for st in steps:
+        if isinstance(st, CallbackStep):
+            out.append(UserCallback(st.api, st.data))
+        elif isinstance(st, ChoiceStep):
+            out.append(KChoiceStep(st.name, st.default, tuple((n, tuple(_script_steps(o))) for n, o in st.options)))
+        else:
+            out.append(st.status)
+    return out
 
 
 @dataclass
@@ -130,7 +140,7 @@ class Process:
         self.callback_table = self._map_peb()
         registry = builtin_services(ServiceRegistry())
         for name, script in scenario.services.items():
-            registry.add_script(name, _script_steps(script))
+            registry.add_script(name, _script_steps(script.steps))
         dispatcher = self.ntdll.export("KiUserCallbackDispatcher")
         if dispatcher is None:
             raise ImageError("ntdll exports no KiUserCallbackDispatcher")

@@ -245,7 +245,7 @@ def test_step_unknown_kind(tmp_path: Path) -> None:
     path = write(tmp_path, text)
     assert load_error(path) == (
         f"{path}:{line(text, 'sleep')} [services.NtUserMessageCall.steps[1].kind]: "
-        'expected "callback" or "return", got string \'sleep\''
+        'expected "callback", "return" or "choice", got string \'sleep\''
     )
 
 
@@ -253,7 +253,7 @@ def test_last_step_not_return(tmp_path: Path) -> None:
     text = mutate('    { kind = "return", status = "callback" },\n', "")
     path = write(tmp_path, text)
     assert load_error(path) == (
-        f'{path}:{line(text, "steps = [")} [services.NtUserMessageCall.steps]: the last step must be a "return" step'
+        f'{path}:{line(text, "steps = [")} [services.NtUserMessageCall.steps]: the last step must be a "return" step (or a choice whose options all return)'
     )
 
 

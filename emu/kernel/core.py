@@ -8,6 +8,8 @@ the CPU either where the service returns (sysret) or at KiUserCallbackDispatcher
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from unicorn import UcError
@@ -17,8 +19,10 @@ from emu.errors import BudgetExceeded, KernelError, MachineFault, UnimplementedS
 from emu.kernel.services import (
     Activation,
     CallbackResult,
+    Choice,
     Request,
     ScriptActivation,
+    Sent,
     ServiceRegistry,
     TerminateThread,
     UserCallback,
@@ -61,6 +65,18 @@ class CallbackFrame:
     trap: KTrapFrame  # the user context of the syscall whose service called back
     api: int
     user_frame: int  # address of the UCALLOUT_FRAME on the user stack
+
+
+@dataclass(frozen=True)
+class PendingChoice:
+    """A service suspended at a Choice, waiting for the explorer to pick an option."""
+
+    tid: int
+    activation: Activation | ScriptActivation
+    trap: KTrapFrame
+    resumed: bool
+    note: str
+    choice: Choice
 
 
 @dataclass
@@ -124,6 +140,11 @@ class Kernel:
         self.current: KThread | None = None
         self.max_depth = 0
         self.user_writes = 0  # bumped by service writes: a sysret state may reuse the entry's stack bytes
+        # How a Choice is answered: an option name, or None to suspend (exploration).
+        self.choose: Callable[[KThread, Choice], str | None] = lambda thread, choice: choice.default
+        self.pending_choice: PendingChoice | None = None
+        # Called with (state id, thread) after each recorded state (exploration computes digests).
+        self.observer: Callable[[int, KThread], None] | None = None
         self._entry_len = 2  # bytes Unicorn adds to a RIP written in the current hook
         self._read_all = machine.regs.reader(_ALL)
         self._write_sysret = machine.regs.writer(_SYSRET)
@@ -195,16 +216,24 @@ class Kernel:
             # user-mode state after sysret has the stack bytes the entry state has.
             self._sysret_now(thread, regs, via, req, name, "", reuse_stack=True)
             return
-        self._drive(thread, act, KTrapFrame(UserContext._make(regs), via), None, resumed=False, first=req)
+        self._drive(thread, act, KTrapFrame(UserContext._make(regs), via), None, False, req)
 
     # --- service driving ----------------------------------------------------------------
     def _drive(
         self, thread: KThread, act: Activation | ScriptActivation, trap: KTrapFrame,
-        value: CallbackResult | None, resumed: bool, first: Request | int | None = None,
+        value: Sent, resumed: bool, first: Request | int | None = None, note: str = "",
     ) -> None:  # fmt: skip
-        note = ""
         req = first if first is not None else act.step(value)
         while True:
+            if isinstance(req, Choice):
+                option = self.choose(thread, req)
+                if option is None:
+                    # Suspend here: the explorer forks the machine and resumes with each option.
+                    self.pending_choice = PendingChoice(thread.tid, act, trap, resumed, note, req)
+                    self.machine.request_stop()
+                    return
+                req = act.step(option)
+                continue
             if isinstance(req, int):
                 if resumed:
                     self._sysret_resumed(thread, trap, req, act.spec.name, note)
@@ -412,3 +441,64 @@ class Kernel:
         )  # fmt: skip
         thread.state_id = sid
         thread.mode = mode
+        if self.observer is not None:
+            self.observer(sid, thread)
+
+    # --- forking ------------------------------------------------------------------------
+    def resume(self, option: str) -> None:
+        """Continue the suspended service with ``option`` (outside any hook: RIP is written as is)."""
+        pending = self.pending_choice
+        if pending is None:
+            raise KernelError("no choice is pending")
+        self.pending_choice = None
+        thread = self.threads[pending.tid]
+        self.current = thread
+        self._entry_len = 0
+        self._drive(thread, pending.activation, pending.trap, option, pending.resumed, None, pending.note)
+
+    def save(self) -> KernelState:
+        """Everything the kernel model knows, copied so the original may go on changing."""
+        return KernelState(
+            {tid: _copy_thread(t) for tid, t in self.threads.items()},
+            None if self.current is None else self.current.tid,
+            self.max_depth,
+            None if self.pending_choice is None else dataclasses.replace(
+                self.pending_choice, activation=self.pending_choice.activation.fork()),
+        )  # fmt: skip
+
+    def load(self, state: KernelState) -> None:
+        """Make ``state`` current (copied again, so one saved state can be loaded many times)."""
+        self.threads = {tid: _copy_thread(t) for tid, t in state.threads.items()}
+        for t in self.threads.values():
+            t.service_ctx = ThreadServiceContext(self, t)
+        self.current = None if state.current is None else self.threads[state.current]
+        self.max_depth = state.max_depth
+        p = state.pending_choice
+        self.pending_choice = None if p is None else dataclasses.replace(p, activation=p.activation.fork())
+
+    def digest_key(self, thread: KThread) -> tuple[object, ...]:
+        """The kernel-model part of a state's identity: the thread's callback stack and fate."""
+        frames = tuple((f.api, f.user_frame, tuple(f.trap.ctx), f.activation.position()) for f in thread.callback_stack)
+        pending = None
+        if self.pending_choice is not None and self.pending_choice.tid == thread.tid:
+            pending = (
+                self.pending_choice.choice,
+                self.pending_choice.activation.position(),
+                self.pending_choice.resumed,
+            )
+        return (thread.tid, thread.mode, thread.terminated, thread.exit_status, frames, pending)
+
+
+@dataclass(frozen=True)
+class KernelState:
+    """A saved kernel model: threads (with their callback stacks), the current thread, a pending choice."""
+
+    threads: dict[int, KThread]
+    current: int | None
+    max_depth: int
+    pending_choice: PendingChoice | None
+
+
+def _copy_thread(t: KThread) -> KThread:
+    frames = [dataclasses.replace(f, activation=f.activation.fork()) for f in t.callback_stack]
+    return dataclasses.replace(t, callback_stack=frames, service_ctx=None)

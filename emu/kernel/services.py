@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -86,9 +86,6 @@ class TerminateThread:
     status: int
 
 
-Request = UserCallback | TerminateThread
-
-
 class ServiceContext(Protocol):
     """What a service may touch: the calling thread's user memory and identity."""
 
@@ -99,10 +96,49 @@ class ServiceContext(Protocol):
     def write(self, address: int, data: bytes) -> None: ...
 
 
-ServiceGen = Generator[Request, CallbackResult, int]
+ServiceGen = Generator["Request", Any, int]
 
 
-ScriptStep = UserCallback | int | None  # a callback, a status to return, or None: return the last callback's status
+@dataclass(frozen=True)
+class Choice:
+    """Ask the kernel which way to go: one of ``options`` by name.
+
+    A single run takes ``default``; an explorer forks the whole machine here and
+    follows every option.
+    """
+
+    name: str
+    options: tuple[str, ...]
+    default: str
+
+
+Request = UserCallback | TerminateThread | Choice
+Sent = CallbackResult | str | None  # what a service receives: a callback's result or a chosen option
+
+
+@dataclass(frozen=True)
+class ChoiceStep:
+    """A scripted choice: named alternatives, each a tuple of script steps."""
+
+    name: str
+    default: str
+    options: tuple[tuple[str, tuple[ScriptStep, ...]], ...]
+
+    def request(self) -> Choice:
+        return Choice(self.name, tuple(n for n, _ in self.options), self.default)
+
+    def branch(self, option: str) -> tuple[ScriptStep, ...]:
+        for n, steps in self.options:
+            if n == option:
+                return steps
+        raise KernelError(
+            f"choice {self.name!r} has no option {option!r} (options: {', '.join(n for n, _ in self.options)})"
+        )
+
+
+# A script step: a callback, a status to return, None (return the last callback's status),
+# or a choice between alternative step lists.
+ScriptStep = UserCallback | int | None | ChoiceStep
 
 
 @dataclass(frozen=True)
@@ -118,48 +154,98 @@ class ServiceSpec:
 
     def activate(self, ctx: ServiceContext, raw_args: list[int]) -> Activation | ScriptActivation:
         if self.script is not None:
-            return ScriptActivation(self)
+            return ScriptActivation(self, [(self.script, 0)])
         args = [t.decode(a) for t, a in zip(self.arg_types, raw_args)]
-        return Activation(self, ctx, args)
+        return Activation(self, _JournalContext(ctx), args)
 
 
 class ScriptActivation:
-    """A running scripted service: an index into its steps (cheap, and copied as is when forking)."""
+    """A running scripted service: a stack of (steps, index) positions. Forking copies it."""
 
-    __slots__ = ("index", "last", "spec")
+    __slots__ = ("last", "pending", "spec", "stack")
 
-    def __init__(self, spec: ServiceSpec) -> None:
+    def __init__(self, spec: ServiceSpec, stack: list[tuple[tuple[ScriptStep, ...], int]]) -> None:
         self.spec = spec
-        self.index = 0
+        self.stack = stack
         self.last: CallbackResult | None = None
+        self.pending: ChoiceStep | None = None
 
-    def step(self, value: CallbackResult | None) -> Request | int:
-        if value is not None:
+    def step(self, value: Sent) -> Request | int:
+        if isinstance(value, str):
+            if self.pending is None:
+                raise KernelError(f"service {self.spec.name} got option {value!r} but asked for no choice")
+            self.stack.append((self.pending.branch(value), 0))
+            self.pending = None
+        elif value is not None:
             self.last = value
-        st = (self.spec.script or (0,))[self.index]
-        self.index += 1
-        if isinstance(st, UserCallback):
+        while True:
+            steps, i = self.stack[-1]
+            if i >= len(steps):
+                if len(self.stack) == 1:
+                    raise KernelError(f"service {self.spec.name}: its script ended without a return step")
+                self.stack.pop()  # an option's steps are done: continue after the choice
+                continue
+            self.stack[-1] = (steps, i + 1)
+            st = steps[i]
+            if isinstance(st, UserCallback):
+                return st
+            if isinstance(st, ChoiceStep):
+                self.pending = st
+                return st.request()
+            if st is None:
+                return self.last.status if self.last is not None else 0
             return st
-        if st is None:
-            return self.last.status if self.last is not None else 0
-        return st
+
+    def fork(self) -> ScriptActivation:
+        twin = ScriptActivation(self.spec, list(self.stack))
+        twin.last, twin.pending = self.last, self.pending
+        return twin
+
+    def position(self) -> tuple[object, ...]:
+        """What identifies this activation's progress (for state digests)."""
+        last = None if self.last is None else (self.last.status, self.last.output)
+        return (self.spec.name, tuple(i for _, i in self.stack), len(self.stack), last)
+
+
+class _JournalContext:
+    """A service's view of user memory that records what it read, so a replay sees the same bytes."""
+
+    def __init__(self, ctx: ServiceContext, replay: list[bytes] | None = None) -> None:
+        self._ctx = ctx
+        self.thread_id = ctx.thread_id
+        self.reads: list[bytes] = []
+        self._replay = replay or []
+        self.replaying = replay is not None
+
+    def read(self, address: int, size: int) -> bytes:
+        n = len(self.reads)
+        data = self._replay[n] if self.replaying and n < len(self._replay) else self._ctx.read(address, size)
+        self.reads.append(data)
+        return data
+
+    def write(self, address: int, data: bytes) -> None:
+        if self.replaying:
+            return  # the restored memory already holds what the original run wrote
+        self._ctx.write(address, data)
 
 
 @dataclass
 class Activation:
-    """One running instance of a service: a generator plus what was sent into it.
+    """One running instance of a Python service: a generator plus what was sent into it.
 
-    ``sent`` is the journal of values the generator received; together with the
-    arguments it is enough to rebuild the activation by replay when a run forks.
+    ``sent`` is the journal of values the generator received and ``ctx.reads`` the
+    bytes it read; with the arguments they rebuild the activation by replay when a
+    run forks (writes are not repeated: the restored memory already holds them).
     """
 
     spec: ServiceSpec
-    ctx: ServiceContext
+    ctx: _JournalContext
     args: list[int]
-    sent: list[CallbackResult | None] = field(default_factory=list)
+    sent: list[Sent] = field(default_factory=list)
     _gen: Generator[Any, Any, Any] | None = None
+    _done: bool = False
 
-    def step(self, value: CallbackResult | None) -> Request | int:
+    def step(self, value: Sent) -> Request | int:
         """Advance: returns the next request, or the final NTSTATUS."""
         if self._gen is None:
             func = self.spec.func
@@ -167,6 +253,7 @@ class Activation:
                 raise KernelError(f"service {self.spec.name} has no implementation")
             out = func(self.ctx, *self.args)
             if not inspect.isgenerator(out):
+                self._done = True
                 return _status(self.spec.name, out)
             self._gen = out
         gen: Generator[Any, Any, Any] = self._gen
@@ -174,10 +261,25 @@ class Activation:
         try:
             req = gen.send(value) if len(self.sent) > 1 else next(gen)
         except StopIteration as stop:
+            self._done = True
             return _status(self.spec.name, stop.value)
-        if not isinstance(req, (UserCallback, TerminateThread)):
-            raise KernelError(f"service {self.spec.name} yielded {req!r}; expected UserCallback or TerminateThread")
+        if not isinstance(req, (UserCallback, TerminateThread, Choice)):
+            raise KernelError(
+                f"service {self.spec.name} yielded {req!r}; expected UserCallback, Choice or TerminateThread"
+            )
         return req
+
+    def fork(self) -> Activation:
+        """A twin at the same point, rebuilt by replaying the journal into a fresh generator."""
+        ctx = _JournalContext(self.ctx._ctx, list(self.ctx.reads))
+        twin = Activation(self.spec, ctx, list(self.args))
+        for value in self.sent:
+            twin.step(value)
+        ctx.replaying = False
+        return twin
+
+    def position(self) -> tuple[object, ...]:
+        return (self.spec.name, tuple(self.args), tuple(repr(v) for v in self.sent), tuple(self.ctx.reads))
 
 
 def _status(name: str, value: object) -> int:
@@ -232,12 +334,12 @@ class ServiceRegistry:
         self._specs[name] = spec
         return spec
 
-    def add_script(self, name: str, steps: list[ScriptStep], doc: str = "") -> ServiceSpec:
-        """Register a scripted service: callbacks in order, ending with a status (or None)."""
+    def add_script(self, name: str, steps: Sequence[ScriptStep], doc: str = "") -> ServiceSpec:
+        """Register a scripted service: callbacks and choices in order, ending with a status (or None)."""
         if name in self._specs:
             raise KernelError(f"service {name} is registered twice")
         if not steps or isinstance(steps[-1], UserCallback):
-            raise KernelError(f"service {name}: a script must end with a status to return")
+            raise KernelError(f"service {name}: a script must end with a status to return (or a choice)")
         spec = ServiceSpec(name, None, (), (), doc or f"scripted: {len(steps)} step(s)", tuple(steps))
         self._specs[name] = spec
         return spec
