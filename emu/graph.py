@@ -126,6 +126,8 @@ def _node_attrs(s: State, sym: Callable[[int], str]) -> dict[str, object]:
         attrs["service"] = s.service
     if s.api is not None:
         attrs["api"] = s.api
+    if s.callbacks:
+        attrs["callbacks"] = " > ".join(f"api {api} ({svc})" for api, svc in s.callbacks)
     for name, value in zip(REGISTER_NAMES, s.context):
         attrs[f"reg_{name}"] = f"{value:#x}"
     words = [s.stack[i : i + 8] for i in range(0, min(len(s.stack), 8 * STACK_WORDS), 8)]

@@ -44,6 +44,7 @@ from unicorn import x86_const as x86
 from emu.context import REGISTER_NAMES, UserContext
 from emu.errors import ImageError, MachineFault
 from emu.image import PAGE, Image, page_align
+from emu.snapshot import CowMemory
 
 _REG_IDS: dict[str, int] = {
     **{n: getattr(x86, f"UC_X86_REG_{n.upper()}") for n in REGISTER_NAMES if n != "rflags"},
@@ -198,6 +199,8 @@ class Machine:
         self._handle = getattr(self.regs, "_handle", None)
         self._stop_requested = False
         self._fault: MachineFault | None = None
+        self._cow_retry = False
+        self.cow: CowMemory | None = None
         self.uc.hook_add(
             UC_HOOK_MEM_READ_UNMAPPED
             | UC_HOOK_MEM_WRITE_UNMAPPED
@@ -253,13 +256,15 @@ class Machine:
         return ctypes.string_at(self._mem_buf, size)
 
     def write(self, address: int, data: bytes) -> None:
+        if self.cow is not None:
+            self.cow.on_host_write(address, len(data))
         self.uc.mem_write(address, bytes(data))
 
     def read_u64(self, address: int) -> int:
         return int.from_bytes(self.uc.mem_read(address, 8), "little")
 
     def write_u64(self, address: int, value: int) -> None:
-        self.uc.mem_write(address, (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little"))
+        self.write(address, (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little"))
 
     def readable(self, address: int, size: int) -> bool:
         end = address + size
@@ -279,21 +284,39 @@ class Machine:
         self._stop_requested = True
         self.uc.emu_stop()
 
+    def enable_cow(self) -> CowMemory:
+        """Track dirty pages for snapshots (exploration); call once, after everything is mapped."""
+        if self.cow is None:
+            self.cow = CowMemory(self)
+        return self.cow
+
     def run(self, begin: int, instructions: int, timeout: float) -> StopInfo:
-        """Run from ``begin`` until a handler stops it, or a budget runs out."""
+        """Run from ``begin`` until a handler stops it, or a budget runs out.
+
+        With copy-on-write tracking on, the first write to a tracked page stops the CPU
+        before the instruction takes effect; the page is made writable and the run
+        resumes at the same instruction (the instruction budget applies per resumption).
+        """
         self._stop_requested = False
-        self._fault = None
         start = time.perf_counter()
-        try:
-            self.uc.emu_start(begin, 0, timeout=max(1, int(timeout * 1_000_000)), count=instructions)
-        except UcError as e:
-            # A fault hook returned False, so Unicorn reports the access as an error; the
-            # hook has kept the explanation.
-            if self._fault is not None:
-                raise self._fault from None
-            rip = self.regs.read(("rip",))[0]
-            where = self.symbolize(rip)
-            raise MachineFault(f"CPU error: {e} at {where}", rip, where) from None
+        while True:
+            self._fault = None
+            self._cow_retry = False
+            left = timeout - (time.perf_counter() - start)
+            try:
+                self.uc.emu_start(begin, 0, timeout=max(1, int(left * 1_000_000)), count=instructions)
+                break
+            except UcError as e:
+                if self._cow_retry:
+                    begin = self.regs.read(("rip",))[0]
+                    continue
+                # A fault hook returned False, so Unicorn reports the access as an error; the
+                # hook has kept the explanation.
+                if self._fault is not None:
+                    raise self._fault from None
+                rip = self.regs.read(("rip",))[0]
+                where = self.symbolize(rip)
+                raise MachineFault(f"CPU error: {e} at {where}", rip, where) from None
         elapsed = time.perf_counter() - start
         if self._stop_requested:
             return StopInfo("requested", elapsed)
@@ -313,6 +336,9 @@ class Machine:
         self.uc.hook_add(UC_HOOK_INTR, on_interrupt)
 
     def _fault_hook(self, uc: Uc, access: int, address: int, size: int, value: int, user_data: object) -> bool:
+        if access == UC_MEM_WRITE_PROT and self.cow is not None and self.cow.on_write_fault(address, size):
+            self._cow_retry = True
+            return False  # stop before the write; run() resumes at the same instruction
         rip = self.regs.read(("rip",))[0]
         what, why = _ACCESS.get(access, ("access", "invalid"))
         region = self.region_at(address)

@@ -44,6 +44,7 @@ class State:
     service: str | None
     api: int | None
     pending: bool
+    callbacks: tuple[tuple[int, str], ...] = ()  # the callback stack, outermost first: (api, service)
 
     @property
     def rip(self) -> int:

@@ -158,7 +158,7 @@ class Kernel:
         thread.state_id = len(self.trace.raw_states)
         self.trace.raw_states.append((
             thread.state_id, thread.tid, "user", tuple(thread.entry_context),
-            self._capture(thread, thread.entry_context.rsp), thread.stack_base, 0, None, None, False,
+            self._capture(thread, thread.entry_context.rsp), thread.stack_base, 0, None, None, False, (),
         ))  # fmt: skip
 
     # --- entry --------------------------------------------------------------------------
@@ -433,8 +433,9 @@ class Kernel:
             service = cbs[-1].activation.spec.name
         if stack is None:
             stack = self._capture(thread, regs[4])
+        frames = tuple((f.api, f.activation.spec.name) for f in cbs) if cbs else ()
         trace.raw_states.append(
-            (sid, thread.tid, mode, regs, stack, thread.stack_base, depth, service, top_api, pending)
+            (sid, thread.tid, mode, regs, stack, thread.stack_base, depth, service, top_api, pending, frames)
         )
         trace.raw_transitions.append(
             (len(trace.raw_transitions), kind, thread.tid, thread.state_id, sid, name, ssn, regs[16], regs[4], depth, status, api, detail, data)
