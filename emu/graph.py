@@ -50,7 +50,7 @@ class StateGraph:
         g = nx.MultiDiGraph()
         sym = trace.symbolize
         for s in trace.states:
-            g.add_node(node_id(s.id), **_node_attrs(s, sym))
+            g.add_node(node_id(s.id), **node_attrs(s, sym))
         for t in trace.transitions:
             g.add_edge(node_id(t.src), node_id(t.dst), key=t.step, **_edge_attrs(t))
         return cls(g)
@@ -110,7 +110,7 @@ class StateGraph:
         return fmt
 
 
-def _node_attrs(s: State, sym: Callable[[int], str]) -> dict[str, object]:
+def node_attrs(s: State, sym: Callable[[int], str]) -> dict[str, object]:
     attrs: dict[str, object] = {
         "label": state_label(s, sym),
         "thread": s.thread,

@@ -69,9 +69,11 @@ class ServiceScript:
 class Budgets:
     """Limits on a run; hitting one stops it with BudgetExceeded (exit code 3)."""
 
-    instructions: int = 5_000_000
-    wall_time: float = 20.0
+    instructions: int = 5_000_000  # per run, or per segment between two choices when exploring
+    wall_time: float = 20.0  # per run, or for a whole exploration
     callback_depth: int = 1024
+    states: int = 100_000  # exploration: distinct states
+    choice_depth: int = 256  # exploration: choices along one path
 
 
 @dataclass(frozen=True)
@@ -299,7 +301,7 @@ TOP_KEYS = {
     "scenario": "a table {name, description, profile}",
     "profile": f"a table of overrides ({', '.join(OVERRIDABLE)}, ssn)",
     "machine": "a table {system_call}",
-    "budgets": "a table {instructions, wall_time, callback_depth}",
+    "budgets": "a table {instructions, wall_time, callback_depth, states, choice_depth}",
     "module": "an array of tables [[module]] {name, code, data}",
     "thread": "a table {entry, argument}",
     "kernel_callback_table": 'a table {size, <index> = "module!label"}',
@@ -362,7 +364,13 @@ def parse_scenario(text: str, file: str = "<scenario>") -> Scenario:
     b = r.table(
         doc.get("budgets", {}),
         ("budgets",),
-        {"instructions": "an integer", "wall_time": "seconds", "callback_depth": "an integer"},
+        {
+            "instructions": "an integer",
+            "wall_time": "seconds",
+            "callback_depth": "an integer",
+            "states": "an integer (exploration)",
+            "choice_depth": "an integer (exploration)",
+        },
     )
     wall = b.get("wall_time", Budgets.wall_time)
     if not isinstance(wall, (int, float)) or isinstance(wall, bool) or not 0 < wall <= 3600:
@@ -371,6 +379,8 @@ def parse_scenario(text: str, file: str = "<scenario>") -> Scenario:
         instructions=r.int_(b, "instructions", ("budgets",), Budgets.instructions, 1, 10**12),
         wall_time=float(wall),
         callback_depth=r.int_(b, "callback_depth", ("budgets",), Budgets.callback_depth, 1, 1 << 20),
+        states=r.int_(b, "states", ("budgets",), Budgets.states, 1, 1 << 32),
+        choice_depth=r.int_(b, "choice_depth", ("budgets",), Budgets.choice_depth, 1, 1 << 20),
     )
 
     modules = _modules(r, doc["module"])

@@ -96,6 +96,9 @@ class KThread:
     trap_frame: KTrapFrame | None = None
     context: UserContext | None = None  # saved user context while not on the CPU
     service_ctx: ThreadServiceContext | None = None
+    # In kernel mode after a callback returned: what the resuming service is about to get
+    # (its position, the status and output). Part of the state's identity when exploring.
+    resuming: tuple[object, ...] | None = None
 
 
 class ThreadServiceContext:
@@ -362,6 +365,7 @@ class Kernel:
             else:
                 output = got
         detail += f"{len(output)} byte(s) of output"
+        thread.resuming = (top.activation.position(), status, output)
         self._record(
             "callback_return",
             thread,
@@ -442,6 +446,8 @@ class Kernel:
         )  # fmt: skip
         thread.state_id = sid
         thread.mode = mode
+        if kind != "callback_return":
+            thread.resuming = None
         if self.observer is not None:
             self.observer(sid, thread)
 
@@ -487,7 +493,7 @@ class Kernel:
                 self.pending_choice.activation.position(),
                 self.pending_choice.resumed,
             )
-        return (thread.tid, thread.mode, thread.terminated, thread.exit_status, frames, pending)
+        return (thread.tid, thread.mode, thread.terminated, thread.exit_status, frames, pending, thread.resuming)
 
 
 @dataclass(frozen=True)
