@@ -90,7 +90,7 @@ class StateGraph:
             )
             lines.append(f'  {n} [label="{_dot_escape(str(d["label"]))}"{style}];')
         for u, v, d in self.nx.edges(data=True):
-            label = f"{d['step']}: {d['kind']}"
+            label = f"{d['step']}: {d['kind']}" if "step" in d else str(d["kind"])
             if d.get("service"):
                 label += f" {d['service']}"
             if "status" in d:
