@@ -30,6 +30,18 @@ class ImageError(EmuError):
     """An image (assembly or PE) cannot be built or loaded."""
 
 
+class UnimplementedImport(ImageError):
+    """User code called an import the loader could not bind, so it was bound to a trap."""
+
+    def __init__(self, label: str, importer: str = "", reason: str = "") -> None:
+        self.label = label
+        self.importer = importer
+        self.reason = reason
+        by = f" (imported by {importer})" if importer else ""
+        why = f": {reason}" if reason else ""
+        super().__init__(f"call to unbound import {label}{by}{why}")
+
+
 class MachineFault(EmuError):
     """User code faulted: names the access, the address and the RIP as a symbol."""
 

@@ -169,7 +169,9 @@ class Explorer:
                 self._restore(fork)
                 mark = len(self.trace.raw_states)
                 self.kernel.resume(option)
-                self._segment(result, *fork.trace_len, run_cpu=self._merged_at is None and self.kernel.pending_choice is None)
+                self._segment(
+                    result, *fork.trace_len, run_cpu=self._merged_at is None and self.kernel.pending_choice is None
+                )
                 result.forked_states += len(self.trace.raw_states) - mark
                 self._after_segment(result, work, fork.depth + 1)
             if work and result.stopped_by is None:
@@ -239,7 +241,7 @@ class Explorer:
         result.forks += 1
         result.snapshot_bytes += fork.memory.own_bytes
         options = list(pending.choice.options)
-        work.extend(((fork, o) for o in (options if self.strategy == "bfs" else reversed(options))))
+        work.extend((fork, o) for o in (options if self.strategy == "bfs" else reversed(options)))
         self._report(result, work)
 
     def _restore(self, fork: Fork) -> None:
@@ -313,9 +315,7 @@ def _edge_sort(key: tuple[object, ...]) -> tuple[str, ...]:
     return tuple("" if v is None else str(v) for v in key[2:])
 
 
-def explore(
-    scenario: Scenario | str, strategy: Strategy = "bfs", progress: bool | TextIO = False
-) -> Exploration:
+def explore(scenario: Scenario | str, strategy: Strategy = "bfs", progress: bool | TextIO = False) -> Exploration:
     """Explore every option of every choice in a scenario (a Scenario or a path).
 
     ``progress=True`` writes a progress line to stderr when it is a terminal.

@@ -1,8 +1,9 @@
 """Images: the code and data a thread runs, with the names that make addresses readable.
 
 An :class:`Image` is a module as the loader sees it: a name, a base, sections with
-protections, and symbols. Images come from assembly (keystone) here; PE files (LIEF)
-produce the same type. :class:`Symbolizer` turns any address into
+protections, and symbols. Images come from assembly (keystone) here; PE files (LIEF,
+:mod:`emu.pe`) produce the same type and also fill the PE-only fields (headers,
+ordinals, forwarders, imports). :class:`Symbolizer` turns any address into
 ``module!symbol+0xoff``.
 """
 
@@ -14,7 +15,17 @@ from dataclasses import dataclass, field
 
 from emu.asm import AssemblyError, Resolver, assemble, assemble_sections, labels_in
 
-__all__ = ["AssemblyError", "Image", "Section", "Symbolizer", "assemble", "image_from_assembly", "labels_in"]
+__all__ = [
+    "AssemblyError",
+    "Forwarder",
+    "Image",
+    "ImageImport",
+    "Section",
+    "Symbolizer",
+    "assemble",
+    "image_from_assembly",
+    "labels_in",
+]
 
 PAGE = 0x1000
 
@@ -38,12 +49,45 @@ class Section:
         return max(self.virtual_size, len(self.data))
 
 
+@dataclass(frozen=True)
+class ImageImport:
+    """One imported function: its DLL, a name or an ordinal, and the IAT slot (absolute) to fill."""
+
+    dll: str
+    name: str | None
+    ordinal: int | None
+    slot: int
+
+    @property
+    def label(self) -> str:
+        """``ntdll.dll!NtClose`` or ``ntdll.dll!#42``."""
+        return f"{self.dll}!{self.name if self.name is not None else f'#{self.ordinal}'}"
+
+
+@dataclass(frozen=True)
+class Forwarder:
+    """An export that names another DLL's export (``kernelbase.Sleep``) instead of code."""
+
+    name: str | None
+    ordinal: int
+    target: str
+
+
 @dataclass
 class Image:
     """A module: name, base, sections and symbols (absolute addresses).
 
     ``exports`` are the names other modules may bind to; ``symbols`` adds internal
     labels. Two names at one address (``NtClose``/``ZwClose``) are both kept.
+
+    The remaining fields are filled by the PE loader and empty for assembled images:
+    ``headers`` (the bytes of the first page, which the machine maps read-only),
+    ``ordinals`` (ordinal → address, including exports without a name),
+    ``export_ordinals`` (name → ordinal), ``forwarders`` (reported, never followed),
+    ``imports`` (for :func:`emu.pe.bind_imports`), ``entry`` (AddressOfEntryPoint,
+    absolute), ``preferred_base`` (the file's ImageBase; differs from ``base`` when
+    relocated), ``path`` and ``pdata`` (the raw exception directory: RUNTIME_FUNCTION
+    entries, RVAs).
     """
 
     name: str
@@ -51,6 +95,15 @@ class Image:
     sections: list[Section]
     exports: dict[str, int] = field(default_factory=dict)
     symbols: dict[str, int] = field(default_factory=dict)
+    headers: bytes = b""
+    ordinals: dict[int, int] = field(default_factory=dict)
+    export_ordinals: dict[str, int] = field(default_factory=dict)
+    forwarders: list[Forwarder] = field(default_factory=list)
+    imports: list[ImageImport] = field(default_factory=list)
+    entry: int | None = None
+    preferred_base: int | None = None
+    path: str | None = None
+    pdata: bytes = b""
 
     @property
     def size(self) -> int:
@@ -71,13 +124,22 @@ class Image:
         return None
 
     def read(self, address: int, size: int) -> bytes | None:
-        """Bytes of the image as loaded, or None outside any section."""
-        for s in self.sections:
-            start = self.base + s.rva
-            if start <= address and address + size <= start + s.size:
+        """Bytes of the image as loaded, or None outside any section (and the headers page)."""
+        ranges = [(self.base + s.rva, s.size, s.data) for s in self.sections]
+        if self.headers:
+            ranges.append((self.base, page_align(len(self.headers)), self.headers))
+        for start, length, data in ranges:
+            if start <= address and address + size <= start + length:
                 off = address - start
-                chunk = s.data[off : off + size]
+                chunk = data[off : off + size]
                 return chunk + b"\0" * (size - len(chunk))
+        return None
+
+    def section_at(self, address: int) -> Section | None:
+        """The section holding ``address``, else None."""
+        for s in self.sections:
+            if self.base + s.rva <= address < self.base + s.rva + s.size:
+                return s
         return None
 
 
