@@ -280,12 +280,11 @@ class Explorer:
                     queue.append(dst)
         g = nx.MultiDiGraph()
         for d, i in sorted(order.items(), key=lambda kv: kv[1]):
-            attrs = node_attrs(self.nodes[d], sym)
-            attrs["digest"] = d
-            g.add_node(f"n{i}", **attrs)
+            g.add_node(f"n{i}", **node_attrs(self.nodes[d], sym), digest=d)
         for key in sorted(self.edges, key=lambda k: (order[str(k[0])], order[str(k[1])], _edge_sort(k))):
-            src, dst, kind, service, ssn, status, api, detail = key
+            kind, service, ssn, status, api, detail = key[2:]
             attrs: dict[str, object] = {"kind": kind}
+            src_id, dst_id = order[str(key[0])], order[str(key[1])]
             if service:
                 attrs["service"] = service
             if ssn is not None:
@@ -296,7 +295,7 @@ class Explorer:
                 attrs["api"] = api
             if detail:
                 attrs["detail"] = detail
-            g.add_edge(f"n{order[str(src)]}", f"n{order[str(dst)]}", **attrs)
+            g.add_edge(f"n{src_id}", f"n{dst_id}", **attrs)
         return StateGraph(g)
 
     def _label(self, d: str) -> str:
