@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import TextIO
 
-from emu import __version__
+from emu import __version__, cli_explore
 from emu.engine import Run, run
 from emu.errors import EmuError
 from emu.scenario import load_scenario
+from emu.writing import write_atomic
 
 EXIT_OK, EXIT_EXPECT, EXIT_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 
@@ -99,18 +98,6 @@ def _finish(r: Run, err: TextIO) -> int:
     return EXIT_EXPECT if failed else EXIT_OK
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     r = run(load_scenario(args.scenario))
     if args.json:
@@ -141,7 +128,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
     if fmt not in writers:
         sys.stderr.write(f"{args.output}: unknown graph format '{out.suffix}' (expected .graphml, .json or .dot)\n")
         return EXIT_INPUT
-    _write_atomic(out, writers[fmt]())
+    write_atomic(out, writers[fmt]())
     sys.stdout.write(f"wrote {out} ({len(r.graph)} states, {r.graph.nx.number_of_edges()} transitions)\n")
     return _finish(r, sys.stderr)
 
@@ -165,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("scenario")
     g.add_argument("-o", "--output", required=True)
     g.set_defaults(func=cmd_graph)
+    cli_explore.add_parsers(sub)
     return p
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from emu.scenario import Expectation
+from emu.scenario import EXPLORE_KINDS, Expectation
 from emu.winnt import status_name
 
 if TYPE_CHECKING:
     from emu.engine import Run
+    from emu.explore import Exploration
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,23 @@ class Outcome:
 
 
 def check(run: Run) -> list[Outcome]:
-    """Evaluate every expectation of the run's scenario."""
-    return [_check(run, e) for e in run.scenario.expectations]
+    """Evaluate the expectations of the run's scenario about one run (not the ``explored_*`` ones)."""
+    return [_check(run, e) for e in run.scenario.expectations if e.kind not in EXPLORE_KINDS]
+
+
+def check_exploration(exp: Exploration) -> list[Outcome]:
+    """Evaluate the ``explored_*`` expectations against an exploration."""
+    got = {
+        "explored_states": exp.states,
+        "explored_merges": exp.merges,
+        "explored_pending": len(exp.pending),
+    }
+    out = []
+    for e in exp.scenario.expectations:
+        if e.kind in EXPLORE_KINDS:
+            what = e.kind.removeprefix("explored_")
+            out.append(Outcome(e, got[e.kind] == e.value, f"explored {what}: {got[e.kind]}, expected {e.value}"))
+    return out
 
 
 def _check(run: Run, e: Expectation) -> Outcome:

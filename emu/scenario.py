@@ -115,7 +115,11 @@ EXPECT_KINDS: dict[str, str] = {
     "sysret": "a table {service, status}: some return from that service carried that status",
     "callback_output": "a table {api, data}: some callback for api returned exactly these bytes",
     "transitions": "a table {kind = count}: how many transitions of each kind",
+    "explored_states": "an integer: distinct states `emu explore` finds",
+    "explored_merges": "an integer: states `emu explore` reaches along more than one edge",
+    "explored_pending": "an integer: callback-return pending states `emu explore` finds",
 }
+EXPLORE_KINDS = frozenset(k for k in EXPECT_KINDS if k.startswith("explored_"))
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ID = re.compile(r"^[A-Za-z_.$?][\w.$?@]*(![A-Za-z_.$?][\w.$?@]*)?$")
@@ -661,7 +665,7 @@ def _expectations(r: _Reader, obj: Any) -> tuple[Expectation, ...]:
         kind = kinds[0]
         v = e[kind]
         kp = path + (kind,)
-        if kind in ("detections", "max_depth"):
+        if kind in ("detections", "max_depth") or kind in EXPLORE_KINDS:
             value: Any = r.int_(e, kind, path, None, 0, 1 << 32)
         elif kind == "exit_status":
             value = r.status(v, kp)

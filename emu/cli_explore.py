@@ -1,0 +1,87 @@
+"""``emu explore`` and ``emu explain``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from emu.errors import ScenarioError
+from emu.expect import check_exploration
+from emu.explain import explain, find_node, render
+from emu.explore import Explorer
+from emu.scenario import load_scenario
+from emu.writing import write_atomic
+
+EXIT_OK, EXIT_EXPECT, EXIT_INPUT, EXIT_STOPPED = 0, 1, 2, 3
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    e = sub.add_parser("explore", help="follow every option of every kernel choice; print the state graph's summary")
+    e.add_argument("scenario")
+    e.add_argument("--strategy", choices=("bfs", "dfs"), default="bfs")
+    e.add_argument("-o", "--output", help="also write the graph (.graphml, .json or .dot)")
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--no-progress", action="store_true", help="no progress line on a terminal")
+    e.set_defaults(func=cmd_explore)
+    x = sub.add_parser("explain", help="the transitions from the start to a state, with code and registers")
+    x.add_argument("scenario")
+    x.add_argument("state", help="a node id from `emu explore` (n4), a digest prefix, or 'pending'")
+    x.set_defaults(func=cmd_explain)
+
+
+def _explorer(path: str, strategy: str, progress: bool) -> Explorer:
+    stream = sys.stderr if progress and sys.stderr.isatty() else None
+    return Explorer(load_scenario(path), "dfs" if strategy == "dfs" else "bfs", stream)
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    exp = _explorer(args.scenario, args.strategy, not args.no_progress).run()
+    outcomes = check_exploration(exp)
+    if args.output:
+        out = Path(args.output)
+        writers = {"graphml": exp.graph.to_graphml, "json": exp.graph.to_json, "dot": exp.graph.to_dot}
+        fmt = out.suffix.lower().lstrip(".")
+        if fmt not in writers:
+            sys.stderr.write(f"{args.output}: unknown graph format '{out.suffix}' (expected .graphml, .json or .dot)\n")
+            return EXIT_INPUT
+        write_atomic(out, writers[fmt]())
+    summary = exp.summary()
+    summary["expectations"] = [{"where": o.where, "passed": o.passed, "message": o.message} for o in outcomes]
+    if args.json:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    else:
+        sys.stdout.write(
+            f"{exp.scenario.name}: {exp.states} states, {summary['transitions']} transitions, "
+            f"{exp.merges} merges, {len(exp.pending)} callback-return pending ({exp.strategy}, "
+            f"{exp.forks} forks, {exp.paths} paths)\n"
+        )
+        for n in exp.pending:
+            sys.stdout.write(f"  pending: {n}  {exp.graph.nx.nodes[n]['label']}\n")
+        for node, message in exp.faults:
+            sys.stdout.write(f"  stopped at {node}: {message}\n")
+        if exp.stopped_by:
+            sys.stdout.write(
+                f"  incomplete: budget '{exp.stopped_by}' reached, {exp.unexplored} option(s) unexplored\n"
+            )
+        sys.stdout.write(f"expectations: {sum(o.passed for o in outcomes)} of {len(outcomes)} hold\n")
+    for o in outcomes:
+        if not o.passed:
+            sys.stderr.write(f"{exp.scenario.path}: expectation failed: {o.where}: {o.message}\n")
+    if exp.stopped_by:
+        sys.stderr.write(f"{exp.scenario.path}: exploration stopped by budget '{exp.stopped_by}'\n")
+        return EXIT_STOPPED
+    return EXIT_EXPECT if any(not o.passed for o in outcomes) else EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    explorer = _explorer(args.scenario, "bfs", False)
+    exp = explorer.run()
+    try:
+        node = find_node(exp, args.state)
+    except KeyError as e:
+        raise ScenarioError(args.scenario, "", str(e.args[0])) from None
+    process = explorer.process
+    sys.stdout.write(render(exp, node, explain(exp, node, process.images, process.trace.symbolize)) + "\n")  # type: ignore[arg-type]
+    return EXIT_OK

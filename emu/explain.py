@@ -1,0 +1,107 @@
+"""``emu explain``: how did the thread get to a state? Transitions, code, registers, callback stack."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import capstone
+
+from emu.context import REGISTER_NAMES
+from emu.explore import Exploration
+from emu.image import Image, Symbolizer
+
+_md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One transition on the way to the state, with what a reader needs to follow it."""
+
+    src: str
+    dst: str
+    kind: str
+    service: str | None
+    status: str | None
+    code: list[str]  # disassembly around the user RIP after the transition, `=>` at RIP
+    changed: list[tuple[str, str, str]]  # (register, before, after)
+    callbacks: str
+
+
+def find_node(exp: Exploration, name: str) -> str:
+    """A node by id (``n4``), digest prefix, or ``pending`` (the first pending state)."""
+    g = exp.graph.nx
+    if name in g:
+        return name
+    if name == "pending":
+        pending = exp.pending
+        if not pending:
+            raise KeyError("no state is callback-return pending")
+        return pending[0]
+    hits = [n for n, a in g.nodes(data=True) if str(a.get("digest", "")).startswith(name)]
+    if len(hits) == 1:
+        return str(hits[0])
+    raise KeyError(f"no state {name!r} (use a node id n0..n{len(g) - 1}, a digest prefix, or 'pending')")
+
+
+def disassemble_around(
+    images: list[Image], symbolize: Symbolizer, rip: int, before: int = 3, after: int = 2
+) -> list[str]:
+    """Instructions around ``rip`` from the enclosing symbol, ``=>`` marking RIP."""
+    img = symbolize.image_at(rip)
+    if img is None:
+        return [f"   {rip:#x}: (not in a loaded image)"]
+    start = max(img.base, rip - 0x80)
+    sym = symbolize(rip)
+    name = sym.split("+")[0]
+    addr = symbolize.address(name) if "!" in name else None
+    if addr is not None and rip - 0x400 <= addr <= rip:
+        start = addr
+    code = img.read(start, rip - start + 32) or b""
+    insns = list(_md.disasm(code, start))
+    at = next((i for i, ins in enumerate(insns) if ins.address == rip), None)
+    if at is None:
+        return [f"   {symbolize(rip)}: (RIP is not on an instruction boundary from {name})"]
+    lines = []
+    for ins in insns[max(0, at - before) : at + after + 1]:
+        mark = "=>" if ins.address == rip else "  "
+        lines.append(f"{mark} {symbolize(ins.address):<40} {ins.mnemonic} {ins.op_str}".rstrip())
+    return lines
+
+
+def explain(exp: Exploration, node: str, images: list[Image], symbolize: Symbolizer) -> list[Step]:
+    """The shortest path from the start to ``node``, one Step per transition."""
+    g = exp.graph.nx
+    path = exp.graph.path_to(node, "n0")
+    steps = []
+    for u, v in itertools.pairwise(path):
+        data = min(g.get_edge_data(u, v).values(), key=lambda d: (str(d.get("kind")), str(d.get("service"))))
+        a, b = g.nodes[u], g.nodes[v]
+        changed = [
+            (r, str(a[f"reg_{r}"]), str(b[f"reg_{r}"])) for r in REGISTER_NAMES if a[f"reg_{r}"] != b[f"reg_{r}"]
+        ]
+        steps.append(
+            Step(
+                u, v, str(data["kind"]), data.get("service"), data.get("status"),
+                disassemble_around(images, symbolize, int(str(b["rip"]), 16)),
+                changed, str(b.get("callbacks", "")),
+            )
+        )  # fmt: skip
+    return steps
+
+
+def render(exp: Exploration, node: str, steps: list[Step]) -> str:
+    g = exp.graph.nx
+    out = [f"{node}: {g.nodes[node]['label']}", f"reached from n0 in {len(steps)} transition(s)", ""]
+    for i, s in enumerate(steps, 1):
+        what = s.kind + (f" {s.service}" if s.service else "") + (f" -> {s.status}" if s.status else "")
+        out.append(f"[{i}] {s.src} -> {s.dst}  {what}")
+        out.append(f"    now: {g.nodes[s.dst]['label']}")
+        out.append("    user code:")
+        out.extend(f"      {line}" for line in s.code)
+        if s.changed:
+            out.append("    registers changed:")
+            out.extend(f"      {r:<6} {old} -> {new}" for r, old, new in s.changed)
+        out.append(f"    callback stack: {s.callbacks or '(empty)'}")
+        out.append("")
+    return "\n".join(out)
