@@ -136,6 +136,8 @@ class Process:
         self.trace = Trace(symbolize=Symbolizer([]))
         for img in self.images:
             self.machine.map_image(img)
+        for mem in scenario.memory:
+            self.machine.map(mem.start, mem.size, mem.perms, f"memory {mem.name}")
         self._map_kuser()
         self.callback_table = self._map_peb()
         registry = builtin_services(ServiceRegistry())

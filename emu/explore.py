@@ -44,7 +44,6 @@ class Fork:
     cpu: Any  # unicorn UcContext
     memory: PageSnapshot
     kernel: KernelState
-    trace_len: tuple[int, int]
     depth: int  # choices taken on the way here
 
 
@@ -63,6 +62,7 @@ class Exploration:
     elapsed: float = 0.0
     forked_states: int = 0  # states recorded after a fork (each came from a restored copy)
     snapshot_bytes: int = 0  # memory held by page snapshots (dirty pages only)
+    node_states: dict[str, State] = field(default_factory=dict)  # node id -> its State (full context and stack)
 
     @property
     def states(self) -> int:
@@ -158,7 +158,7 @@ class Explorer:
             work: deque[tuple[Fork, str]] = deque()
             self._segment(result, 0, 0, run_cpu=True)
             self._after_segment(result, work, 0)
-            while work and result.stopped_by is None:
+            while work:
                 if len(self.nodes) >= b.states:
                     result.stopped_by = "states"
                     break
@@ -167,20 +167,18 @@ class Explorer:
                     break
                 fork, option = work.popleft() if self.strategy == "bfs" else work.pop()
                 self._restore(fork)
-                mark = len(self.trace.raw_states)
+                mark, mark_t = len(self.trace.raw_states), len(self.trace.raw_transitions)
                 self.kernel.resume(option)
-                self._segment(
-                    result, *fork.trace_len, run_cpu=self._merged_at is None and self.kernel.pending_choice is None
-                )
+                run_cpu = self._merged_at is None and self.kernel.pending_choice is None
+                self._segment(result, mark, mark_t, run_cpu)
                 result.forked_states += len(self.trace.raw_states) - mark
                 self._after_segment(result, work, fork.depth + 1)
-            if work and result.stopped_by is None:
-                result.stopped_by = "states"
-            result.unexplored = len(work) if result.stopped_by else 0
+            result.unexplored += len(work)
         finally:
             if gc_was_enabled:
                 gc.enable()
         result.graph = self._graph()
+        result.node_states = {str(n): self.nodes[str(a["digest"])] for n, a in result.graph.nx.nodes(data=True)}
         result.faults = [(self._name(result.graph, d), m) for d, m in result.faults]
         result.elapsed = time.perf_counter() - start
         return result
@@ -228,14 +226,15 @@ class Explorer:
             return
         self._segment_seen.clear()
         if depth >= self.scenario.budgets.choice_depth:
-            result.stopped_by = "choice_depth"
+            # Too deep: this path stops here; the others go on.
+            result.stopped_by = result.stopped_by or "choice_depth"
             result.unexplored += len(pending.choice.options)
+            self.kernel.pending_choice = None
             return
         fork = Fork(
             self.machine.uc.context_save(),
             self.cow.take(),
             self.kernel.save(),
-            (len(self.trace.raw_states), len(self.trace.raw_transitions)),
             depth,
         )
         result.forks += 1
@@ -248,8 +247,7 @@ class Explorer:
         self.machine.uc.context_restore(fork.cpu)
         self.cow.restore(fork.memory)
         self.kernel.load(fork.kernel)
-        self.trace.truncate(*fork.trace_len)
-        del self.digests[fork.trace_len[0] :]
+        # The trace only grows: the restored thread's state id still names the fork's state.
         self._merged_at = None
         self._segment_seen.clear()
 

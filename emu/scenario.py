@@ -87,6 +87,16 @@ class Expectation:
 
 
 @dataclass(frozen=True)
+class MemorySpec:
+    """Extra memory mapped at a fixed address (zero-filled)."""
+
+    name: str
+    start: int
+    size: int
+    perms: str
+
+
+@dataclass(frozen=True)
 class Scenario:
     path: str
     name: str
@@ -101,6 +111,7 @@ class Scenario:
     budgets: Budgets
     expectations: tuple[Expectation, ...]
     system_call: int = 0
+    memory: tuple[MemorySpec, ...] = ()
     source: str = field(default="", repr=False)
 
     def line_of(self, *path: str | int) -> int | None:
@@ -311,7 +322,12 @@ TOP_KEYS = {
     "kernel_callback_table": 'a table {size, <index> = "module!label"}',
     "services": "a table of [services.NtName] {ssn, steps}",
     "expect": "an array of tables [[expect]]",
+    "memory": "an array of tables [[memory]] {name, start, size, perms}",
 }
+
+# Where scenario memory may go: below the images, away from emu's own layout (stacks and
+# allocations start at 4 GiB, images near 0x7FFA_0000_0000).
+MEMORY_MIN, MEMORY_MAX = 0x10000, 0x1_0000_0000
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -403,11 +419,46 @@ def parse_scenario(text: str, file: str = "<scenario>") -> Scenario:
     table, size = _callback_table(r, doc.get("kernel_callback_table", {}), modules, labels)
     services = _services(r, doc.get("services", {}), profile, size)
     expectations = _expectations(r, doc.get("expect", []))
+    memory = _memory(r, doc.get("memory", []))
     return Scenario(
         path=file, name=name, description=description, profile=profile, modules=modules, entry=entry,
         argument=argument, callback_table=table, callback_table_size=size, services=services,
-        budgets=budgets, expectations=expectations, system_call=system_call, source=text,
+        budgets=budgets, expectations=expectations, system_call=system_call, memory=memory, source=text,
     )  # fmt: skip
+
+
+def _memory(r: _Reader, obj: Any) -> tuple[MemorySpec, ...]:
+    if not isinstance(obj, list):
+        raise r.fail(("memory",), "expected an array of tables [[memory]]")
+    out: list[MemorySpec] = []
+    for i, m in enumerate(obj):
+        path: tuple[str | int, ...] = ("memory", i)
+        r.table(
+            m,
+            path,
+            {
+                "name": "a label",
+                "start": "a page-aligned address",
+                "size": "bytes",
+                "perms": '"r", "rw", "rx" or "rwx"',
+            },
+            ("name", "start", "size"),
+        )
+        name = r.str_(m, "name", path)
+        start = r.int_(m, "start", path, None, MEMORY_MIN, MEMORY_MAX)
+        size = r.int_(m, "size", path, None, 1, 1 << 30)
+        perms = r.str_(m, "perms", path, "rw")
+        if start % 0x1000:
+            raise r.fail(path + ("start",), f"expected a page-aligned address (a multiple of 0x1000), got {start:#x}")
+        if start + size > MEMORY_MAX:
+            raise r.fail(path + ("size",), f"the region ends at {start + size:#x}, past {MEMORY_MAX:#x}")
+        if perms not in ("r", "rw", "rx", "rwx"):
+            raise r.fail(path + ("perms",), f'expected "r", "rw", "rx" or "rwx", got {perms!r}')
+        for other in out:
+            if start < other.start + other.size and other.start < start + size:
+                raise r.fail(path + ("start",), f"overlaps [[memory]] '{other.name}' at {other.start:#x}")
+        out.append(MemorySpec(name, start, size, perms))
+    return tuple(out)
 
 
 def _profile_overrides(r: _Reader, obj: Any, profile: Profile) -> Profile:

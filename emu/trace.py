@@ -130,11 +130,6 @@ class Trace:
             )
         return self._transitions
 
-    def truncate(self, n_states: int, n_transitions: int) -> None:
-        """Forget everything after the first ``n_states`` states and ``n_transitions`` transitions (a fork's restore)."""
-        del self.raw_states[n_states:], self._states[n_states:]
-        del self.raw_transitions[n_transitions:], self._transitions[n_transitions:]
-
     def __iter__(self) -> Iterator[Transition]:
         return iter(self.transitions)
 
