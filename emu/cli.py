@@ -129,7 +129,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
         sys.stderr.write(f"{args.output}: unknown graph format '{out.suffix}' (expected .graphml, .json or .dot)\n")
         return EXIT_INPUT
     write_atomic(out, writers[fmt]())
-    sys.stdout.write(f"wrote {out} ({len(r.graph)} states, {r.graph.nx.number_of_edges()} transitions)\n")
+    sys.stdout.write(f"wrote {out} ({len(r.graph)} states, {r.graph.lean.number_of_edges()} transitions)\n")
     return _finish(r, sys.stderr)
 
 

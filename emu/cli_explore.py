@@ -58,7 +58,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
             f"{exp.forks} forks, {exp.paths} paths)\n"
         )
         for n in exp.pending:
-            sys.stdout.write(f"  pending: {n}  {exp.graph.nx.nodes[n]['label']}\n")
+            sys.stdout.write(f"  pending: {n}  {exp.graph.attrs(n)['label']}\n")
         for node, message in exp.faults:
             sys.stdout.write(f"  stopped at {node}: {message}\n")
         if exp.stopped_by:

@@ -30,7 +30,7 @@ class Step:
 
 def find_node(exp: Exploration, name: str) -> str:
     """A node by id (``n4``), digest prefix, or ``pending`` (the first pending state)."""
-    g = exp.graph.nx
+    g = exp.graph.lean
     if name in g:
         return name
     if name == "pending":
@@ -38,7 +38,7 @@ def find_node(exp: Exploration, name: str) -> str:
         if not pending:
             raise KeyError("no state is callback-return pending")
         return pending[0]
-    hits = [n for n, a in g.nodes(data=True) if str(a.get("digest", "")).startswith(name)]
+    hits = [n for n, a in exp.graph.lean.nodes(data=True) if str(a.get("digest", "")).startswith(name)]
     if len(hits) == 1:
         return str(hits[0])
     raise KeyError(f"no state {name!r} (use a node id n0..n{len(g) - 1}, a digest prefix, or 'pending')")
@@ -75,7 +75,7 @@ def explain(exp: Exploration, node: str, images: list[Image], symbolize: Symboli
     path = exp.graph.path_to(node, "n0")
     steps = []
     for u, v in itertools.pairwise(path):
-        data = min(g.get_edge_data(u, v).values(), key=lambda d: (str(d.get("kind")), str(d.get("service"))))
+        data = g.get_edge_data(u, v)
         a, b = g.nodes[u], g.nodes[v]
         changed = [
             (r, str(a[f"reg_{r}"]), str(b[f"reg_{r}"])) for r in REGISTER_NAMES if a[f"reg_{r}"] != b[f"reg_{r}"]

@@ -27,12 +27,11 @@ import networkx as nx
 
 from emu.engine import Process
 from emu.errors import BudgetExceeded, KernelError, MachineFault
-from emu.graph import StateGraph, node_attrs
+from emu.graph import EdgeInfo, StateGraph
 from emu.kernel.core import KernelState, KThread
 from emu.scenario import Scenario, load_scenario
 from emu.snapshot import PageSnapshot
 from emu.trace import State
-from emu.winnt import status_name
 
 Strategy = Literal["bfs", "dfs"]
 
@@ -62,7 +61,6 @@ class Exploration:
     elapsed: float = 0.0
     forked_states: int = 0  # states recorded after a fork (each came from a restored copy)
     snapshot_bytes: int = 0  # memory held by page snapshots (dirty pages only)
-    node_states: dict[str, State] = field(default_factory=dict)  # node id -> its State (full context and stack)
 
     @property
     def states(self) -> int:
@@ -71,7 +69,7 @@ class Exploration:
     @property
     def merges(self) -> int:
         """States reached along more than one distinct edge."""
-        return sum(1 for n in self.graph.nx.nodes if self.graph.nx.in_degree(n) >= 2)
+        return len(self.graph.merges())
 
     @property
     def pending(self) -> list[str]:
@@ -86,7 +84,7 @@ class Exploration:
             "scenario": self.scenario.name,
             "strategy": self.strategy,
             "states": self.states,
-            "transitions": self.graph.nx.number_of_edges(),
+            "transitions": self.graph.lean.number_of_edges(),
             "merges": self.merges,
             "pending": len(self.pending),
             "forks": self.forks,
@@ -146,7 +144,7 @@ class Explorer:
         b = self.scenario.budgets
         start = time.perf_counter()
         self._deadline = start + b.wall_time
-        result = Exploration(self.scenario, self.strategy, StateGraph(nx.MultiDiGraph()))
+        result = Exploration(self.scenario, self.strategy, StateGraph(nx.DiGraph()))
         thread = self.process.thread
         gc_was_enabled = gc.isenabled()
         gc.disable()
@@ -178,7 +176,6 @@ class Explorer:
             if gc_was_enabled:
                 gc.enable()
         result.graph = self._graph()
-        result.node_states = {str(n): self.nodes[str(a["digest"])] for n, a in result.graph.nx.nodes(data=True)}
         result.faults = [(self._name(result.graph, d), m) for d, m in result.faults]
         result.elapsed = time.perf_counter() - start
         return result
@@ -276,25 +273,20 @@ class Explorer:
                 if dst not in order:
                     order[dst] = len(order)
                     queue.append(dst)
-        g = nx.MultiDiGraph()
+        g = nx.DiGraph()
         for d, i in sorted(order.items(), key=lambda kv: kv[1]):
-            g.add_node(f"n{i}", **node_attrs(self.nodes[d], sym), digest=d)
+            g.add_node(f"n{i}", state=self.nodes[d], digest=d)
         for key in sorted(self.edges, key=lambda k: (order[str(k[0])], order[str(k[1])], _edge_sort(k))):
             kind, service, ssn, status, api, detail = key[2:]
-            attrs: dict[str, object] = {"kind": kind}
-            src_id, dst_id = order[str(key[0])], order[str(key[1])]
-            if service:
-                attrs["service"] = service
-            if ssn is not None:
-                attrs["ssn"] = ssn
-            if status is not None:
-                attrs["status"] = status_name(int(status))  # type: ignore[call-overload]
-            if api is not None:
-                attrs["api"] = api
-            if detail:
-                attrs["detail"] = detail
-            g.add_edge(f"n{src_id}", f"n{dst_id}", **attrs)
-        return StateGraph(g)
+            info = EdgeInfo(str(kind), service, ssn, status, api, str(detail or ""))  # type: ignore[arg-type]
+            u, v = f"n{order[str(key[0])]}", f"n{order[str(key[1])]}"
+            if g.has_edge(u, v):
+                # Two different transitions between the same two states: keep the first
+                # (in canonical order) and say so.
+                g.edges[u, v]["also"] = g.edges[u, v].get("also", ()) + (info,)
+                continue
+            g.add_edge(u, v, edge=info)
+        return StateGraph(g, sym)
 
     def _label(self, d: str) -> str:
         s = self.nodes[d]
@@ -302,7 +294,7 @@ class Explorer:
 
     @staticmethod
     def _name(graph: StateGraph, digest: str) -> str:
-        for n, a in graph.nx.nodes(data=True):
+        for n, a in graph.lean.nodes(data=True):
             if a.get("digest") == digest:
                 return str(n)
         return digest

@@ -12,8 +12,11 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
+import networkx
 import networkx as nx
 
 from emu.context import REGISTER_NAMES
@@ -39,36 +42,104 @@ def state_label(state: State, symbolize: Callable[[int], str]) -> str:
     return " | ".join(parts)
 
 
-class StateGraph:
-    """A networkx MultiDiGraph of states and transitions, with queries and exports."""
+@dataclass(frozen=True, slots=True)
+class EdgeInfo:
+    """A transition as an explored graph keeps it: what happened, not when (no step)."""
 
-    def __init__(self, graph: nx.MultiDiGraph) -> None:
-        self.nx = graph
+    kind: str
+    service: str | None
+    ssn: int | None
+    status: int | None
+    api: int | None
+    detail: str
+
+
+class StateGraph:
+    """States and transitions in a networkx DiGraph, with queries and exports.
+
+    ``lean`` holds one ``state`` (a :class:`State`) per node and one ``edge`` (a
+    :class:`Transition` or :class:`EdgeInfo`) per edge, so building it costs little;
+    :attr:`nx` is the same graph with every attribute spelled out (labels, registers,
+    stack words, symbols), built on first use for exports and for people.
+    """
+
+    def __init__(self, lean: networkx.DiGraph, symbolize: Callable[[int], str] = lambda a: f"{a:#x}") -> None:
+        self.lean = lean
+        self.symbolize = symbolize
 
     @classmethod
     def from_trace(cls, trace: Trace) -> StateGraph:
-        g = nx.MultiDiGraph()
-        sym = trace.symbolize
-        for s in trace.states:
-            g.add_node(node_id(s.id), **node_attrs(s, sym))
-        for t in trace.transitions:
-            g.add_edge(node_id(t.src), node_id(t.dst), key=t.step, **_edge_attrs(t))
-        return cls(g)
+        # A run never connects the same two states twice (each transition makes a new
+        # state), so a DiGraph holds it; the node names are built once and shared by the
+        # adjacency dicts (about 0.85 KiB per state in all).
+        g = nx.DiGraph()
+        states = trace.states
+        names = [f"s{s.id}" for s in states]
+        g.add_nodes_from((names[s.id], {"state": s}) for s in states)
+        g.add_edges_from((names[t.src], names[t.dst], {"edge": t}) for t in trace.transitions)
+        return cls(g, trace.symbolize)
+
+    @cached_property
+    def nx(self) -> networkx.DiGraph:
+        """The graph with every attribute as a GraphML-friendly scalar."""
+        g = nx.DiGraph()
+        for n in self.lean.nodes:
+            g.add_node(n, **self.attrs(n))
+        for u, v, d in self.lean.edges(data=True):
+            attrs = edge_attrs(d["edge"])
+            if d.get("also"):
+                attrs["also"] = "; ".join(" ".join(str(x) for x in (e.kind, e.service) if x) for e in d["also"])
+            g.add_edge(u, v, **attrs)
+        return g
 
     # --- queries ----------------------------------------------------------------------
     def __len__(self) -> int:
-        return int(self.nx.number_of_nodes())
+        return int(self.lean.number_of_nodes())
 
-    def nodes(self) -> Iterator[tuple[str, dict[str, object]]]:
-        return iter(self.nx.nodes(data=True))
+    def state(self, node: str) -> State:
+        s: State = self.lean.nodes[node]["state"]
+        return s
+
+    def attrs(self, node: str) -> dict[str, object]:
+        """Everything known about a node, as scalars (label, registers, stack words, ...)."""
+        d = self.lean.nodes[node]
+        attrs = node_attrs(d["state"], self.symbolize)
+        if "digest" in d:
+            attrs["digest"] = d["digest"]
+        return attrs
+
+    def nodes(self) -> Iterator[str]:
+        return iter(self.lean.nodes)
 
     def pending(self) -> list[str]:
         """Nodes where the thread waits at ZwCallbackReturn (ground truth)."""
-        return [n for n, d in self.nx.nodes(data=True) if d.get("pending")]
+        return [n for n, d in self.lean.nodes(data=True) if d["state"].pending]
 
-    def path_to(self, node: str, start: str = "s0") -> list[str]:
-        """Shortest path of node ids from ``start`` to ``node``."""
-        return list(nx.shortest_path(self.nx, start, node))
+    def merges(self) -> list[str]:
+        """Nodes reached along more than one edge."""
+        return [n for n in self.lean.nodes if self.lean.in_degree(n) >= 2]
+
+    def path_to(self, node: str, start: str | None = None) -> list[str]:
+        """Shortest path of node ids from ``start`` (the first node) to ``node``."""
+        first = start if start is not None else next(iter(self.lean.nodes))
+        return list(nx.shortest_path(self.lean, first, node))
+
+    def mode_view(self) -> networkx.MultiDiGraph:
+        """The graph folded to mode and callback level (``user d0``, ``kernel d1``, ...) for teaching.
+
+        Edges between levels carry the transition kind and how many transitions they stand for.
+        """
+        folded = nx.MultiDiGraph()
+        counts: dict[tuple[str, str, str], int] = {}
+        for _, d in self.lean.nodes(data=True):
+            s = d["state"]
+            folded.add_node(_level(s), mode=s.mode, depth=s.depth)
+        for u, v, d in self.lean.edges(data=True):
+            key = (_level(self.state(u)), _level(self.state(v)), d["edge"].kind)
+            counts[key] = counts.get(key, 0) + 1
+        for (u, v, kind), n in sorted(counts.items()):
+            folded.add_edge(u, v, key=kind, kind=kind, count=n)
+        return folded
 
     # --- exports ----------------------------------------------------------------------
     def to_graphml(self) -> str:
@@ -135,14 +206,14 @@ def node_attrs(s: State, sym: Callable[[int], str]) -> dict[str, object]:
     return attrs
 
 
-def _edge_attrs(t: Transition) -> dict[str, object]:
-    attrs: dict[str, object] = {
-        "step": t.step,
-        "kind": t.kind,
-        "thread": t.thread,
-        "depth": t.depth,
-        "rip_symbol": t.rip_symbol,
-    }
+def _level(s: State) -> str:
+    return f"{s.mode} d{s.depth}"
+
+
+def edge_attrs(t: Transition | EdgeInfo) -> dict[str, object]:
+    attrs: dict[str, object] = {"kind": t.kind}
+    if isinstance(t, Transition):
+        attrs.update(step=t.step, thread=t.thread, depth=t.depth, rip_symbol=t.rip_symbol)
     if t.service:
         attrs["service"] = t.service
     if t.ssn is not None:

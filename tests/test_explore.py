@@ -64,11 +64,12 @@ def test_pending_ground_truth_is_on_the_nodes_and_matches_the_detector() -> None
     fake.images = images  # type: ignore[attr-defined]
     from emu.detect import view_of
 
-    for node, state in exp.node_states.items():
+    for node in exp.graph.nodes():
+        state = exp.graph.state(node)
         assert exp.graph.nx.nodes[node]["pending"] == state.pending
         found = detect_callback_return_pending(view_of(fake, state))  # type: ignore[arg-type]
         assert (found is not None) == state.pending, node
-    depths = sorted(exp.node_states[n].depth for n in exp.pending)
+    depths = sorted(exp.graph.state(n).depth for n in exp.pending)
     assert depths == [1, 2, 3]
 
 
