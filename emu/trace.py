@@ -9,8 +9,7 @@ pending). A :class:`Transition` is an edge between two states. Both are frozen.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from emu.context import KTrapFrame, UserContext
 from emu.winnt import status_name
@@ -21,8 +20,7 @@ Mode = Literal["user", "kernel", "exited"]
 KINDS: tuple[str, ...] = ("syscall", "sysret", "callback", "callback_return", "fault", "exit")
 
 
-@dataclass(frozen=True, slots=True)
-class State:
+class State(NamedTuple):
     """One state of one thread.
 
     ``context`` is the user-mode context (in kernel mode: the trap frame's view, RIP
@@ -65,8 +63,7 @@ class State:
         return None
 
 
-@dataclass(frozen=True, slots=True)
-class Transition:
+class Transition(NamedTuple):
     """An edge: ``src`` → ``dst`` (state ids) of kind ``kind`` for ``thread``.
 
     ``rip``/``rsp`` are the user-mode RIP and RSP at the transition point, with their
