@@ -29,6 +29,7 @@ from emu.engine import Process
 from emu.errors import BudgetExceeded, KernelError, MachineFault
 from emu.graph import EdgeInfo, StateGraph
 from emu.kernel.core import KernelState, KThread
+from emu.machine import Watchdog
 from emu.scenario import Scenario, load_scenario
 from emu.snapshot import PageSnapshot
 from emu.trace import State
@@ -148,7 +149,9 @@ class Explorer:
         thread = self.process.thread
         gc_was_enabled = gc.isenabled()
         gc.disable()
+        watchdog = Watchdog(self.machine, b.wall_time)
         try:
+            watchdog.__enter__()
             self._observe(0, thread)
             self.kernel.current = thread
             self.machine.set_gs_base(thread.teb)
@@ -160,7 +163,7 @@ class Explorer:
                 if len(self.nodes) >= b.states:
                     result.stopped_by = "states"
                     break
-                if time.perf_counter() > self._deadline:
+                if self.machine.watchdog_fired or time.perf_counter() > self._deadline:
                     result.stopped_by = "wall_time"
                     break
                 fork, option = work.popleft() if self.strategy == "bfs" else work.pop()
@@ -172,7 +175,10 @@ class Explorer:
                 result.forked_states += len(self.trace.raw_states) - mark
                 self._after_segment(result, work, fork.depth + 1)
             result.unexplored += len(work)
+            if self.machine.watchdog_fired and result.stopped_by is None:
+                result.stopped_by = "wall_time"
         finally:
+            watchdog.__exit__()
             if gc_was_enabled:
                 gc.enable()
         result.graph = self._graph()
@@ -189,7 +195,7 @@ class Explorer:
             b = self.scenario.budgets
             rip = self.machine.regs.read(("rip",))[0]
             try:
-                info = self.machine.run(rip, b.instructions, max(0.001, self._deadline - time.perf_counter()))
+                info = self.machine.run(rip, b.instructions, None)  # wall time: the run's Watchdog
                 if info.reason != "requested" and not thread.terminated:
                     where = self.trace.symbolize(self.machine.regs.read(("rip",))[0])
                     if info.reason == "timeout":
@@ -244,6 +250,10 @@ class Explorer:
         self.machine.uc.context_restore(fork.cpu)
         self.cow.restore(fork.memory)
         self.kernel.load(fork.kernel)
+        # The next segment will almost surely push onto the stack: open its page now
+        # rather than taking a copy-on-write fault and restarting the CPU for it.
+        rsp = self.machine.regs.read(("rsp",))[0]
+        self.cow.prefault(rsp - 0x100, 0x100)
         # The trace only grows: the restored thread's state id still names the fork's state.
         self._merged_at = None
         self._segment_seen.clear()

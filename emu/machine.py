@@ -8,6 +8,7 @@ user code become :class:`MachineFault` naming the access, the address and the RI
 from __future__ import annotations
 
 import ctypes
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -201,6 +202,7 @@ class Machine:
         self._fault: MachineFault | None = None
         self._cow_retry = False
         self.cow: CowMemory | None = None
+        self.watchdog_fired = False
         self.uc.hook_add(
             UC_HOOK_MEM_READ_UNMAPPED
             | UC_HOOK_MEM_WRITE_UNMAPPED
@@ -290,8 +292,12 @@ class Machine:
             self.cow = CowMemory(self)
         return self.cow
 
-    def run(self, begin: int, instructions: int, timeout: float) -> StopInfo:
+    def run(self, begin: int, instructions: int, timeout: float | None) -> StopInfo:
         """Run from ``begin`` until a handler stops it, or a budget runs out.
+
+        ``timeout=None`` leaves wall time to the caller (a :class:`Watchdog`): Unicorn's
+        own timeout starts a timer thread per call, about 0.1 ms, which dominates short
+        runs such as an explorer's segments.
 
         With copy-on-write tracking on, the first write to a tracked page stops the CPU
         before the instruction takes effect; the page is made writable and the run
@@ -302,9 +308,9 @@ class Machine:
         while True:
             self._fault = None
             self._cow_retry = False
-            left = timeout - (time.perf_counter() - start)
+            us = 0 if timeout is None else max(1, int((timeout - (time.perf_counter() - start)) * 1_000_000))
             try:
-                self.uc.emu_start(begin, 0, timeout=max(1, int(left * 1_000_000)), count=instructions)
+                self.uc.emu_start(begin, 0, timeout=us, count=instructions)
                 break
             except UcError as e:
                 if self._cow_retry:
@@ -320,7 +326,9 @@ class Machine:
         elapsed = time.perf_counter() - start
         if self._stop_requested:
             return StopInfo("requested", elapsed)
-        if self.uc.query(UC_QUERY_TIMEOUT):
+        if timeout is not None and self.uc.query(UC_QUERY_TIMEOUT):
+            return StopInfo("timeout", elapsed)
+        if self.watchdog_fired:
             return StopInfo("timeout", elapsed)
         return StopInfo("instructions", elapsed)
 
@@ -351,3 +359,26 @@ class Machine:
             f"memory fault: {what} of {size} byte(s) at {address:#x} ({why}) at {where}", rip, where
         )
         return False
+
+
+class Watchdog:
+    """Stops a machine once a deadline passes, across many short runs (one thread, not one per run)."""
+
+    def __init__(self, machine: Machine, seconds: float) -> None:
+        self.machine = machine
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(seconds,), daemon=True)
+
+    def _watch(self, seconds: float) -> None:
+        if not self._done.wait(seconds):
+            self.machine.watchdog_fired = True
+            self.machine.uc.emu_stop()
+
+    def __enter__(self) -> Watchdog:
+        self.machine.watchdog_fired = False
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()

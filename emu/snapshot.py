@@ -93,6 +93,12 @@ class CowMemory:
         self.faults += 1
         return True
 
+    def prefault(self, address: int, size: int) -> None:
+        """Make tracked pages writable ahead of the guest's first write (no fault, no restart)."""
+        if not self.on_write_fault(address, size):
+            return
+        self.faults -= 1  # not a fault taken
+
     def on_host_write(self, address: int, size: int) -> None:
         """The kernel model writes user memory directly (protections do not apply to it)."""
         for page in self._pages(address, size):

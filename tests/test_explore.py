@@ -173,3 +173,16 @@ steps = [{ kind = "choice", name = "bit", default = "zero", options = { zero = [
     assert "exploring:" in stream.getvalue()
     # Each fork keeps only the pages written since its parent: a stack page and one page of the region.
     assert exp.snapshot_bytes / exp.forks <= 3 * 0x1000
+
+
+def test_wall_time_budget_stops_a_runaway_exploration() -> None:
+    services = """
+[services.NtYieldExecution]
+steps = [{ kind = "choice", name = "bit", options = { zero = [{ kind = "return", status = 0 }], one = [{ kind = "return", status = 1 }] } }]
+"""
+    code = "main:\n sub rsp, 0x28\n call NtYieldExecution\nspin:\n jmp spin"
+    extra = "[budgets]\ninstructions = 1000000000000\nwall_time = 0.3\n"
+    exp = explore(parse_scenario(asm_scenario(code, services=services, extra=extra), "spin.toml"))
+    assert exp.stopped_by == "wall_time"
+    assert not exp.complete
+    assert exp.elapsed < 5
