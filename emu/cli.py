@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from emu import __version__, cli_explore
+from emu import __version__, cli_explore, cli_image, cli_plot
 from emu.engine import Run, run
 from emu.errors import EmuError
 from emu.scenario import load_scenario
@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", required=True)
     g.set_defaults(func=cmd_graph)
     cli_explore.add_parsers(sub)
+    cli_image.add_parser(sub)
+    cli_plot.add_parser(sub)
     return p
 
 

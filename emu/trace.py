@@ -52,6 +52,11 @@ class State(NamedTuple):
     def rsp(self) -> int:
         return self.context.rsp
 
+    def _repr_html_(self) -> str:
+        from emu.viz_text import state_html  # display only; viz sits above the trace
+
+        return state_html(self)
+
     def trap_frame(self) -> KTrapFrame | None:
         """In kernel mode: the trap frame saved on entry (the user context this state shows)."""
         return KTrapFrame(self.context) if self.mode == "kernel" else None
@@ -135,6 +140,11 @@ class Trace:
 
     def state(self, state_id: int) -> State:
         return self.states[state_id]
+
+    def _repr_html_(self) -> str:
+        from emu.viz_text import trace_html  # display only; viz sits above the trace
+
+        return trace_html(self)
 
     def kinds(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -40,6 +40,7 @@ _md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 # Going backwards from RIP means decoding forwards from an earlier label; labels further
 # away than this are not worth decoding through.
 _MAX_BACKTRACK = 0x400
+_MAX_INSN = 15  # bytes: the longest x86 instruction (Intel SDM vol. 2, 2.3.11)
 _CALL_LENGTHS = (2, 3, 5, 6, 7)  # call reg / call [reg+disp8] / call rel32 / call [rip+disp32] / call [sib+disp32]
 
 
@@ -111,17 +112,22 @@ def disassembly(run: Run, state: State, before: int = 6, after: int = 6) -> str:
     head = f"s{state.id} ({state.mode}, depth {state.depth}): {where} = {rip:#x} {sym(rip)}"
     image = _image_at(run, rip)
     if image is None:
-        return f"{head}\n   no image holds {rip:#x}\n"
-    insns = _lead_in(image, rip, before) + _decode(image, rip, _code_end(image, rip))[: after + 1]
-    width = max(len(sym(i.address)) for i in insns) if insns else 0
+        return f"{head}\n=> {rip:#x}  (no image holds this address)\n"
+    end = min(_code_end(image, rip), rip + _MAX_INSN * (after + 1))
+    lead, rest = _lead_in(image, rip, before), _decode(image, rip, end)[: after + 1]
+    insns = lead + rest
+    width = max(len(sym(a)) for a in [rip, *(i.address for i in insns)])
+    code_width = max((3 * i.size - 1 for i in insns), default=0)
     lines = [head]
     for insn in insns:
         mark = "=>" if insn.address == rip else "  "
         text = f"{insn.mnemonic} {insn.op_str}".strip()
         lines.append(
-            f"{mark} {insn.address:#x}  {sym(insn.address):<{width}}  {insn.bytes.hex(' '):<20} "
+            f"{mark} {insn.address:#x}  {sym(insn.address):<{width}}  {insn.bytes.hex(' '):<{code_width}}  "
             f"{text}{_operand_note(insn, sym)}".rstrip()
         )
+    if not rest:  # RIP past the code (a fault after `int3`) or on bytes that do not decode
+        lines.insert(1 + len(lead), f"=> {rip:#x}  {sym(rip):<{width}}  (no instruction decodes here)")
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,274 @@
+"""The pictures and panels show what happened: lanes, arrows, labels, pending states, frames."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+from pathlib import Path
+
+import pytest
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+import emu
+from conftest import SCENARIOS, asm_scenario
+from emu import viz
+from emu.cli_plot import add_parser, cmd_plot
+from emu.engine import Run
+from emu.winnt import STATUS_INVALID_HANDLE
+
+
+def gids(ax: Axes, prefix: str) -> list[str]:
+    """Ids of the artists drawn into ``ax`` whose id starts with ``prefix``."""
+    return sorted(g for a in ax.get_children() if (g := a.get_gid()) and g.startswith(prefix))
+
+
+def texts(ax: Axes, prefix: str) -> dict[str, str]:
+    return {t.get_gid(): t.get_text() for t in ax.texts if (t.get_gid() or "").startswith(prefix)}
+
+
+def expected_lanes(depth: int) -> list[str]:
+    return [f"{m} d{d}" for d in range(depth + 1) for m in ("user", "kernel")]
+
+
+# --- timeline ----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", [p.stem for p in SCENARIOS])
+def test_timeline_draws_one_arrow_per_transition_and_marks_pending_states(
+    shipped_runs: dict[str, Run], name: str
+) -> None:
+    r = shipped_runs[name]
+    fig = viz.timeline(r)
+    ax = fig.axes[0]
+    depth = max(s.depth for s in r.trace.states)
+    assert [t.get_text() for t in ax.get_yticklabels()] == expected_lanes(depth)
+    assert len(gids(ax, "transition-")) == len(r.trace)
+    labels = texts(ax, "label-")
+    assert len(labels) == len(r.trace)
+    for t in r.trace:
+        want = f"api {t.api}" if t.kind in ("callback", "callback_return") else t.service
+        assert labels[f"label-{t.step}"] == want
+    pending = [s for s in r.trace.states if s.pending]
+    assert gids(ax, "pending-s") == sorted(f"pending-s{s.id}" for s in pending)
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert ("callback-return pending" in legend) == bool(pending)
+
+
+def test_pending_states_sit_on_the_kernel_lane_of_their_depth(shipped_runs: dict[str, Run]) -> None:
+    r = shipped_runs["nested_callbacks"]
+    ax = viz.timeline(r).axes[0]
+    lanes = [t.get_text() for t in ax.get_yticklabels()]
+    bars = {a.get_gid(): a for a in ax.get_lines() if (a.get_gid() or "").startswith("pending-s")}
+    assert len(bars) == 3
+    for s in r.trace.states:
+        if s.pending:
+            ys = set(bars[f"pending-s{s.id}"].get_ydata())  # type: ignore[arg-type]
+            assert ys == {lanes.index(f"kernel d{s.depth}")}
+    # every pending state is named where it is drawn, so it can be matched with r.detections
+    assert set(texts(ax, "pending-label-").values()) == {f"s{d.state}" for d in r.detections}
+
+
+def test_nested_timeline_labels_name_every_service_and_api(shipped_runs: dict[str, Run]) -> None:
+    ax = viz.timeline(shipped_runs["nested_callbacks"]).axes[0]
+    assert set(texts(ax, "label-").values()) == {
+        "NtUserMessageCall", "NtUserCallOneParam", "NtUserCallNoParam", "NtCallbackReturn", "NtTerminateThread",
+        "api 2", "api 3", "api 4",
+    }  # fmt: skip
+
+
+def test_timeline_draws_into_given_axes(shipped_runs: dict[str, Run]) -> None:
+    fig = Figure()
+    ax = fig.add_subplot()
+    assert viz.timeline(shipped_runs["callback_roundtrip"], ax=ax) is fig
+    assert len(gids(ax, "transition-")) == 7
+
+
+def test_same_scenario_gives_byte_identical_svg_and_png(root: Path) -> None:
+    out = []
+    for _ in range(2):
+        r = emu.run(root / "scenarios" / "nested_callbacks.toml")  # two separate runs
+        svg, png = io.BytesIO(), io.BytesIO()
+        viz.save_figure(viz.timeline(r), svg, "svg")
+        viz.save_figure(viz.timeline(r), png, "png")
+        out.append((svg.getvalue(), png.getvalue()))
+    assert out[0] == out[1]
+    svg_text = out[0][0].decode()
+    assert "<dc:date>" not in svg_text and "Matplotlib v" not in svg_text
+    assert svg_text.count('id="transition-') == 17
+    assert svg_text.count('id="pending-s') == 3
+
+
+def test_a_fault_ends_the_thread_on_the_lane_it_was_in(tmp_path: Path) -> None:
+    path = tmp_path / "fault.toml"
+    path.write_text(
+        asm_scenario(
+            "main:\n sub rsp, 0x28\n call NtUserMessageCall\n add rsp, 0x28\n ret\non_message:\n int3",
+            table='[kernel_callback_table]\nsize = 4\n2 = "app!on_message"',
+            services='[services.NtUserMessageCall]\nsteps = [{ kind = "callback", api = 2 }, { kind = "return", status = 0 }]',
+        )
+    )
+    r = emu.run(path)
+    assert [t.kind for t in r.trace] == ["syscall", "callback", "fault"]
+    ax = viz.timeline(r).axes[0]
+    assert len(gids(ax, "transition-")) == 3 and texts(ax, "label-")["label-2"] == "fault"
+    (end,) = [a for a in ax.get_lines() if a.get_gid() == f"end-s{r.trace.transitions[2].dst}"]
+    lanes = [t.get_text() for t in ax.get_yticklabels()]
+    assert list(end.get_ydata()) == [lanes.index("user d1")]  # type: ignore[arg-type]
+    # RIP is past the int3, where nothing decodes: still exactly one line is marked
+    marked = [line for line in viz.disassembly(r, r.trace.states[-1]).splitlines() if line.startswith("=>")]
+    assert len(marked) == 1 and "app!on_message+0x1" in marked[0]
+
+
+# --- state graph -------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["nested_callbacks", "callback_depth_overflow", "syscall_basic"])
+def test_state_graph_draws_every_state_and_transition(shipped_runs: dict[str, Run], name: str) -> None:
+    r = shipped_runs[name]
+    ax = viz.state_graph(r).axes[0]
+    pending = [s for s in r.trace.states if s.pending]
+    nodes = gids(ax, "node-s") + gids(ax, "pending-s")
+    assert len(nodes) == len(r.trace.states)
+    assert gids(ax, "pending-s") == sorted(f"pending-s{s.id}" for s in pending)
+    assert len(gids(ax, "edge-")) == len(r.trace)
+    depth = max(s.depth for s in r.trace.states)
+    assert [t.get_text() for t in ax.get_yticklabels()] == expected_lanes(depth)
+
+
+def test_state_graph_takes_a_state_graph(shipped_runs: dict[str, Run]) -> None:
+    ax = viz.state_graph(shipped_runs["callback_roundtrip"].graph).axes[0]
+    assert gids(ax, "pending-s") == ["pending-s3"]
+
+
+# --- disassembly -------------------------------------------------------------------------
+def test_disassembly_marks_the_instruction_after_the_syscall(shipped_runs: dict[str, Run]) -> None:
+    r = shipped_runs["callback_roundtrip"]
+    state = next(s for s in r.trace.states if s.pending)
+    lines = viz.disassembly(r, state).splitlines()
+    marked = [i for i, line in enumerate(lines) if line.startswith("=>")]
+    assert len(marked) == 1
+    current = lines[marked[0]]
+    assert "ntdll!ZwCallbackReturn+0x14" in current and current.endswith("ret")
+    assert "0f 05" in lines[marked[0] - 1] and lines[marked[0] - 1].endswith("syscall")
+    assert marked[0] == 7  # the header, then 6 instructions before
+    assert len(lines) == 1 + 6 + 1 + 6
+    assert all("!" in line for line in lines[1:])  # every line names module!symbol
+
+
+def test_disassembly_figure_highlights_one_line(shipped_runs: dict[str, Run]) -> None:
+    r = shipped_runs["nested_callbacks"]
+    fig = viz.disassembly_figure(r, r.trace.state(2), before=2, after=3)
+    ax = fig.axes[0]
+    assert gids(ax, "current") == ["current"]
+    shown = [t.get_text() for t in ax.texts]
+    assert sum(line.startswith("=> ") for line in shown) == 1
+    assert any("ntdll!KiUserCallbackDispatcher " in line and line.startswith("=>") for line in shown)
+
+
+# --- registers ---------------------------------------------------------------------------
+def test_register_diff_across_a_sysret_is_rax_only(shipped_runs: dict[str, Run]) -> None:
+    r = shipped_runs["syscall_basic"]
+    entry, back = r.trace.transitions[0], r.trace.transitions[1]
+    kernel, user = r.trace.state(entry.dst), r.trace.state(back.dst)
+    assert viz.register_diff(kernel, user) == [("rax", entry.ssn, STATUS_INVALID_HANDLE)]
+    table = viz.register_table(viz.register_diff(kernel, user), r.symbolize)
+    assert "STATUS_INVALID_HANDLE" in table and table.splitlines()[1].startswith("rax")
+    assert "<td><code>rax</code></td>" in viz.register_table_html(viz.register_diff(kernel, user))
+
+
+def test_register_diff_into_the_kernel_shows_what_syscall_did(shipped_runs: dict[str, Run]) -> None:
+    r = shipped_runs["syscall_basic"]
+    start, kernel = r.trace.state(0), r.trace.state(1)
+    diff = {name: new for name, _, new in viz.register_diff(start, kernel)}
+    assert diff["rcx"] == kernel.rip  # SYSCALL: RCX <- the next RIP
+    assert diff["r11"] == kernel.context.rflags  # SYSCALL: R11 <- RFLAGS
+    assert diff["r10"] == 0x1234  # the stub's `mov r10, rcx`: the handle
+    assert "ntdll!ZwClose+0x14" in viz.register_table(viz.register_diff(start, kernel), r.symbolize)
+
+
+# --- stack -------------------------------------------------------------------------------
+def _line(panel: str, needle: str) -> str:
+    hits = [line for line in panel.splitlines() if needle in line]
+    assert len(hits) == 1, panel
+    return hits[0]
+
+
+def test_stack_panel_at_the_dispatcher_entry_shows_the_ucallout_frame(shipped_runs: dict[str, Run]) -> None:
+    r = shipped_runs["callback_roundtrip"]
+    state = r.trace.state(r.trace.transitions[1].dst)  # the callback transition's state
+    assert r.symbolize(state.rip) == "ntdll!KiUserCallbackDispatcher"
+    panel = viz.stack_panel(r, state)
+    assert _line(panel, "ApiNumber").split()[0] == "rsp+0x028"
+    assert "ApiNumber = 2" in _line(panel, "ApiNumber")
+    assert "MachineFrame.Rip -> win32u!NtUserMessageCall+0x14" in panel
+    assert 'input buffer "WM_PAINT"' in panel
+
+
+def test_stack_panel_at_the_pending_state_names_every_frame(shipped_runs: dict[str, Run]) -> None:
+    r = shipped_runs["nested_callbacks"]
+    state = r.trace.state(r.detections[0].state or 0)
+    panel = viz.stack_panel(r, state)
+    first = panel.splitlines()[1]
+    assert first.split()[0] == "rsp+0x000" and "ret -> ntdll!KiUserCallbackDispatcherReturn+0xc" in first
+    assert "ApiNumber = 4" in _line(panel, "UCALLOUT_FRAME 1/3 +0x28")
+    assert "ApiNumber = 3" in _line(panel, "UCALLOUT_FRAME 2/3 at")
+    assert "ApiNumber = 2" in _line(panel, "UCALLOUT_FRAME 3/3 at")
+
+
+def test_stack_panel_without_callbacks_has_no_frames(shipped_runs: dict[str, Run]) -> None:
+    r = shipped_runs["no_callback_active"]
+    panel = viz.stack_panel(r, r.trace.state(1), words=4)
+    assert "0 UCALLOUT_FRAME(s)" in panel and "ApiNumber" not in panel
+    assert len(panel.splitlines()) == 5
+
+
+# --- rich display ------------------------------------------------------------------------
+def test_html_of_states_and_traces(shipped_runs: dict[str, Run]) -> None:
+    r = shipped_runs["nested_callbacks"]
+    page = viz.trace_html(r.trace)
+    assert page.count("<tr") == 1 + len(r.trace)
+    assert page.count("callback-return pending") == 3
+    card = viz.state_html(r.trace.state(7), r.symbolize)
+    assert "callback-return pending" in card and "ntdll!ZwCallbackReturn+0x14" in card
+    assert "callback-return pending" not in viz.state_html(r.trace.state(6))
+
+
+# --- emu plot ----------------------------------------------------------------------------
+def plot_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="emu")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["plot", *argv])
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda p: p.stem)
+def test_plot_every_shipped_scenario(scenario: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    png, svg = tmp_path / "timeline.png", tmp_path / "graph.svg"
+    assert cmd_plot(plot_args(str(scenario), "-o", str(png))) == 0
+    assert cmd_plot(plot_args(str(scenario), "-o", str(svg), "--graph")) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert svg.read_text().count('id="edge-') == len(emu.run(scenario).trace)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["graph.svg", "timeline.png"]  # no temp files left
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_plot_refuses_an_unknown_extension(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "timeline.pdf"
+    assert cmd_plot(plot_args(str(root / "scenarios" / "syscall_basic.toml"), "-o", str(out))) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "timeline.pdf" in err and ".png or .svg" in err
+    assert not out.exists()
+
+
+# --- the README picture ------------------------------------------------------------------
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_readme_picture_is_generated_by_the_script(root: Path) -> None:
+    spec = importlib.util.spec_from_file_location("make_readme_picture", root / "scripts" / "make_readme_picture.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    png = script.render()
+    assert png == script.render()  # deterministic
+    # Same layout as the committed picture (pixels may differ across matplotlib releases).
+    assert _png_size(png) == _png_size((root / "docs" / "timeline.png").read_bytes())
