@@ -1,0 +1,127 @@
+"""The scenario as data: frozen dataclasses, no behaviour."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from emu.profile import Profile
+from emu.scenario.reader import _line_of
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """A module assembled from the scenario: ``code`` (rx) and optional ``data`` (rw)."""
+
+    name: str
+    code: str
+    data: str = ""
+
+
+@dataclass(frozen=True)
+class CallbackStep:
+    """Call back into user mode: KernelCallbackTable[api](data)."""
+
+    api: int
+    data: bytes = b""
+    kind: Literal["callback"] = "callback"
+
+
+@dataclass(frozen=True)
+class ReturnStep:
+    """Finish the service. ``status`` is an NTSTATUS, or None for the last callback's status."""
+
+    status: int | None
+    kind: Literal["return"] = "return"
+
+
+@dataclass(frozen=True)
+class ChoiceStep:
+    """The kernel chooses between named alternatives (each a tuple of steps); a run takes ``default``."""
+
+    name: str
+    default: str
+    options: tuple[tuple[str, tuple[Step, ...]], ...]
+    kind: Literal["choice"] = "choice"
+
+
+Step = CallbackStep | ReturnStep | ChoiceStep
+
+
+@dataclass(frozen=True)
+class ServiceScript:
+    name: str
+    steps: tuple[Step, ...]
+    ssn: int | None = None
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Limits on a run; hitting one stops it with BudgetExceeded (exit code 3)."""
+
+    instructions: int = 5_000_000  # per run, or per segment between two choices when exploring
+    wall_time: float = 20.0  # per run, or for a whole exploration
+    callback_depth: int = 1024
+    states: int = 100_000  # exploration: distinct states
+    choice_depth: int = 256  # exploration: choices along one path
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """One ``[[expect]]`` entry: a ``kind`` and its value, with where it was written."""
+
+    kind: str
+    value: Any
+    index: int
+    line: int | None = None
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    """Extra memory mapped at a fixed address (zero-filled)."""
+
+    name: str
+    start: int
+    size: int
+    perms: str
+
+
+@dataclass(frozen=True)
+class Scenario:
+    path: str
+    name: str
+    description: str
+    profile: Profile
+    modules: tuple[ModuleSpec, ...]
+    entry: str
+    argument: int
+    callback_table: dict[int, str]
+    callback_table_size: int
+    services: dict[str, ServiceScript]
+    budgets: Budgets
+    expectations: tuple[Expectation, ...]
+    system_call: int = 0
+    memory: tuple[MemorySpec, ...] = ()
+    source: str = field(default="", repr=False)
+
+    def line_of(self, *path: str | int) -> int | None:
+        return _line_of(self.source, path)
+
+
+EXPECT_KINDS: dict[str, str] = {
+    "detections": "an integer: how many states the detector reports",
+    "detection": "a table {index, rip, return_address, depth, api}",
+    "exit_status": "an NTSTATUS: the thread's exit status",
+    "max_depth": "an integer: the deepest callback nesting reached",
+    "sysret": "a table {service, status}: some return from that service carried that status",
+    "callback_output": "a table {api, data}: some callback for api returned exactly these bytes",
+    "transitions": "a table {kind = count}: how many transitions of each kind",
+    "explored_states": "an integer: distinct states `emu explore` finds",
+    "explored_merges": "an integer: states `emu explore` reaches along more than one edge",
+    "explored_pending": "an integer: callback-return pending states `emu explore` finds",
+}
+EXPLORE_KINDS = frozenset(k for k in EXPECT_KINDS if k.startswith("explored_"))
+
+# Where scenario memory may go: below the images, away from emu's own layout (stacks and
+# allocations start at 4 GiB, images near 0x7FFA_0000_0000).
+MEMORY_MIN, MEMORY_MAX = 0x10000, 0x1_0000_0000

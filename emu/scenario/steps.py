@@ -1,0 +1,144 @@
+"""Service scripts: callback, return and choice steps (choices nest, inline or as named blocks)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from emu.profile import Profile
+from emu.scenario.model import CallbackStep, ChoiceStep, ReturnStep, ServiceScript, Step
+from emu.scenario.reader import _NAME, _dotted, _kind, _Reader
+
+
+def _services(r: _Reader, obj: Any, profile: Profile, table_size: int) -> dict[str, ServiceScript]:
+    r.table(obj, ("services",), {k: "" for k in obj} if isinstance(obj, dict) else {})
+    out: dict[str, ServiceScript] = {}
+    for name, body in obj.items():
+        path: tuple[str | int, ...] = ("services", name)
+        if not name.startswith("Nt") or not _NAME.match(name):
+            raise r.fail(path, "expected a service name in the Nt spelling, e.g. NtUserMessageCall")
+        if name in ("NtCallbackReturn", "NtTerminateThread"):
+            raise r.fail(path, f"{name} is built into the kernel model and cannot be scripted")
+        allowed = {
+            "ssn": "a system service number",
+            "steps": "an array of steps",
+            "blocks": "a table of named step arrays",
+        }
+        r.table(body, path, allowed, ("steps",))
+        ssn = r.int_(body, "ssn", path, -1, -1, 0xFFFF)
+        if ssn < 0 and name not in profile.ssn:
+            raise r.fail(path, f"{name} has no number in profile {profile.name}: give 'ssn = 0x...'")
+        blocks = body.get("blocks", {})
+        if not isinstance(blocks, dict):
+            raise r.fail(path + ("blocks",), f"expected a table of named step arrays, got {_kind(blocks)}")
+        reader = _StepReader(r, table_size, path, blocks)
+        steps = reader.steps(body["steps"], path + ("steps",))
+        if not steps:
+            raise r.fail(path + ("steps",), "expected a non-empty array of steps")
+        if not _ends(steps):
+            last = steps[-1]
+            if isinstance(last, ChoiceStep):
+                loose = next(n for n, opt in last.options if not _ends(opt))
+                raise r.fail(
+                    path + ("steps",), f"option '{loose}' of choice '{last.name}' does not end with a \"return\" step"
+                )
+            raise r.fail(
+                path + ("steps",), 'the last step must be a "return" step (or a choice whose options all return)'
+            )
+        out[name] = ServiceScript(name, tuple(steps), None if ssn < 0 else ssn)
+    return out
+
+
+def _ends(steps: tuple[Step, ...] | list[Step]) -> bool:
+    """Does every way through these steps finish with a return?"""
+    if not steps:
+        return False
+    last = steps[-1]
+    if isinstance(last, ReturnStep):
+        return True
+    return isinstance(last, ChoiceStep) and all(_ends(opt) for _, opt in last.options)
+
+
+STEP_KINDS = '"callback", "return" or "choice"'
+
+
+class _StepReader:
+    """Reads step arrays; choices nest (inline arrays or names of ``blocks``), to a bounded depth."""
+
+    def __init__(self, r: _Reader, table_size: int, service: tuple[str | int, ...], blocks: dict[str, Any]) -> None:
+        self.r = r
+        self.table_size = table_size
+        self.service = service
+        self.blocks = blocks
+        self.depth = 0
+
+    def steps(self, raw: Any, path: tuple[str | int, ...]) -> tuple[Step, ...]:
+        r = self.r
+        if not isinstance(raw, list):
+            raise r.fail(path, f"expected an array of steps, got {_kind(raw)}")
+        out: list[Step] = []
+        for j, st in enumerate(raw):
+            sp = path + (j,)
+            if not isinstance(st, dict) or "kind" not in st:
+                raise r.fail(sp, f"expected a step table with 'kind' = {STEP_KINDS}")
+            kind = st["kind"]
+            if kind == "callback":
+                out.append(self._callback(st, sp))
+            elif kind == "return":
+                r.table(st, sp, {"kind": "", "status": 'an NTSTATUS or "callback"'}, ("status",))
+                v = st["status"]
+                out.append(ReturnStep(None if v == "callback" else r.status(v, sp + ("status",))))
+            elif kind == "choice":
+                out.append(self._choice(st, sp))
+            else:
+                raise r.fail(sp + ("kind",), f"expected {STEP_KINDS}, got {_kind(kind)}")
+        return tuple(out)
+
+    def _callback(self, st: dict[str, Any], sp: tuple[str | int, ...]) -> CallbackStep:
+        r = self.r
+        r.table(
+            st,
+            sp,
+            {"kind": "", "api": "an api number", "data": "hex bytes", "text": "a string sent as bytes"},
+            ("api",),
+        )
+        api = r.int_(st, "api", sp, None, 0, 0xFFFF_FFFF)
+        if api >= self.table_size:
+            raise r.fail(
+                sp + ("api",), f"callback index {api} is out of range (kernel_callback_table size {self.table_size})"
+            )
+        if "data" in st and "text" in st:
+            raise r.fail(sp, "give either 'data' or 'text', not both")
+        data = r.hexdata(st["data"], sp + ("data",)) if "data" in st else r.str_(st, "text", sp, "").encode()
+        return CallbackStep(api, data)
+
+    def _choice(self, st: dict[str, Any], sp: tuple[str | int, ...]) -> ChoiceStep:
+        r = self.r
+        allowed = {
+            "kind": "",
+            "name": "a name",
+            "default": "the option a single run takes",
+            "options": 'a table {option = [steps] or "block"}',
+        }
+        r.table(st, sp, allowed, ("name", "options"))
+        name = r.str_(st, "name", sp)
+        opts = st["options"]
+        if not isinstance(opts, dict) or not opts:
+            raise r.fail(sp + ("options",), f"expected a non-empty table of options, got {_kind(opts)}")
+        default = r.str_(st, "default", sp, next(iter(opts)))
+        if default not in opts:
+            raise r.fail(sp + ("default",), f"'{default}' is not one of the options ({', '.join(opts)})")
+        self.depth += 1
+        if self.depth > 16:
+            raise r.fail(sp, "choices nest more than 16 deep (a block that names itself?)")
+        options: list[tuple[str, tuple[Step, ...]]] = []
+        for opt, val in opts.items():
+            op = sp + ("options", opt)
+            if isinstance(val, str):
+                if val not in self.blocks:
+                    known = ", ".join(self.blocks) or "none"
+                    raise r.fail(op, f"no block named '{val}' in [{_dotted(self.service)}.blocks] (blocks: {known})")
+                options.append((opt, self.steps(self.blocks[val], self.service + ("blocks", val))))
+            else:
+                options.append((opt, self.steps(val, op)))
+        self.depth -= 1
+        return ChoiceStep(name, default, tuple(options))
