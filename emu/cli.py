@@ -89,17 +89,22 @@ def _print_table(r: Run, out: TextIO) -> None:
 
 
 def _finish(r: Run, err: TextIO) -> int:
+    for note in r.notes:
+        err.write(f"{r.scenario.path}: note: {note}\n")
     failed = [o for o in r.outcomes if not o.passed]
     for o in failed:
         err.write(f"{r.scenario.path}: expectation failed: {o.where}: {o.message}\n")
-    if r.error is not None:
+    expected_stop = any(o.expectation.kind == "fault" and o.passed for o in r.outcomes)
+    if r.error is not None and not expected_stop:
         err.write(f"{r.scenario.path}: stopped by {r.stop}: {r.error}\n")
         return EXIT_STOPPED
+    if r.error is not None:
+        err.write(f"{r.scenario.path}: stopped by {r.stop} (as expected): {r.error}\n")
     return EXIT_EXPECT if failed else EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    r = run(load_scenario(args.scenario))
+    r = run(load_scenario(args.scenario, args.allow_path))
     if args.json:
         sys.stdout.write(json.dumps(_report(r), indent=2) + "\n")
     else:
@@ -108,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    r = run(load_scenario(args.scenario))
+    r = run(load_scenario(args.scenario, args.allow_path))
     dets = [d.as_dict() for d in r.detections]
     if args.json:
         sys.stdout.write(json.dumps(dets, indent=2) + "\n")
@@ -121,7 +126,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    r = run(load_scenario(args.scenario))
+    r = run(load_scenario(args.scenario, args.allow_path))
     out = Path(args.output)
     fmt = out.suffix.lower().lstrip(".")
     writers = {"graphml": r.graph.to_graphml, "json": r.graph.to_json, "dot": r.graph.to_dot, "gv": r.graph.to_dot}
@@ -139,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Windows x64 user/kernel transitions on Unicorn: syscalls, kernel callbacks, ZwCallbackReturn.",
     )
     p.add_argument("--version", action="version", version=f"emu {__version__}")
+    p.add_argument(
+        "--allow-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="let scenarios read files under DIR too (by default only under the scenario's own folder)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a scenario: transitions, detections, expectations")
     r.add_argument("scenario")

@@ -31,13 +31,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     x.set_defaults(func=cmd_explain)
 
 
-def _explorer(path: str, strategy: str, progress: bool) -> Explorer:
+def _explorer(path: str, strategy: str, progress: bool, allow: list[str]) -> Explorer:
     stream = sys.stderr if progress and sys.stderr.isatty() else None
-    return Explorer(load_scenario(path), "dfs" if strategy == "dfs" else "bfs", stream)
+    return Explorer(load_scenario(path, allow), "dfs" if strategy == "dfs" else "bfs", stream)
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
-    exp = _explorer(args.scenario, args.strategy, not args.no_progress).run()
+    exp = _explorer(args.scenario, args.strategy, not args.no_progress, getattr(args, "allow_path", [])).run()
     outcomes = check_exploration(exp)
     if args.output:
         out = Path(args.output)
@@ -76,7 +76,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    explorer = _explorer(args.scenario, "bfs", False)
+    explorer = _explorer(args.scenario, "bfs", False, getattr(args, "allow_path", []))
     exp = explorer.run()
     try:
         node = find_node(exp, args.state)

@@ -60,7 +60,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from emu.engine import run
     from emu.scenario import load_scenario
 
-    r = run(load_scenario(args.scenario))
+    r = run(load_scenario(args.scenario, getattr(args, "allow_path", [])))
     fig = viz.state_graph(r) if args.graph else viz.timeline(r)
     _write_atomic(out, fig, fmt)
     what = "state graph" if args.graph else "timeline"

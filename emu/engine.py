@@ -14,15 +14,26 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from emu.binding import ImportTraps, bind_imports
 from emu.context import UserContext
-from emu.errors import BudgetExceeded, EmuError, ImageError, KernelError, MachineFault, ScenarioError
+from emu.errors import (
+    BudgetExceeded,
+    EmuError,
+    ImageError,
+    KernelError,
+    MachineFault,
+    ScenarioError,
+    UnimplementedImport,
+)
 from emu.image import PAGE, AssemblyError, Image, Symbolizer, image_from_assembly
 from emu.kernel import Kernel, KThread, ServiceRegistry, UserCallback, builtin_services
 from emu.kernel.services import ChoiceStep as KChoiceStep
 from emu.kernel.services import ScriptStep
 from emu.machine import Machine
+from emu.pe import load_pe
 from emu.runtime import NTDLL_BASE, build_ntdll, build_win32u
-from emu.scenario import CallbackStep, ChoiceStep, Scenario, Step, load_scenario
+from emu.scenario import CallbackStep, ChoiceStep, PeSpec, Scenario, Step, load_scenario
+from emu.stubs import compare_with_profile, guess_dispatcher_convention, service_table
 from emu.trace import Trace
 from emu.winnt import (
     KUSER_NT_BUILD_NUMBER,
@@ -65,7 +76,7 @@ def _script_steps(steps: tuple[Step, ...]) -> list[ScriptStep]:
     out: list[ScriptStep] = []
     for st in steps:
         if isinstance(st, CallbackStep):
-            out.append(UserCallback(st.api, st.data))
+            out.append(UserCallback(st.api, st.data, st.by_depth))
         elif isinstance(st, ChoiceStep):
             out.append(KChoiceStep(st.name, st.default, tuple((n, tuple(_script_steps(o))) for n, o in st.options)))
         else:
@@ -84,6 +95,7 @@ class Run:
     error: EmuError | None = None
     max_depth: int = 0
     stop: str = "exit"  # "exit", "fault", "budget"
+    notes: list[str] = field(default_factory=list)  # e.g. SSNs where the loaded ntdll and the profile disagree
     _views: dict[int, object] = field(default_factory=dict, repr=False)
 
     @property
@@ -126,16 +138,34 @@ class Process:
         profile = scenario.profile
         self.machine = Machine()
         self.images: list[Image] = []
-        self.ntdll = build_ntdll(profile, NTDLL_BASE)
-        self.images.append(self.ntdll)
-        if any(n.startswith(("NtUser", "NtGdi")) for n in profile.ssn):
-            self.images.append(build_win32u(profile, WIN32U_BASE))
+        self.notes: list[str] = []  # what a reader should know: SSN disagreements, convention guesses
+        self.traps = ImportTraps()
+        # Services a scenario numbers itself ("ssn = 0x...") get stubs in the built-in runtime.
+        explicit = {n: s.ssn for n, s in scenario.services.items() if s.ssn is not None}
+        if scenario.ntdll is not None:
+            self.ntdll = self._load_pe(scenario.ntdll, ("ntdll", "path"))
+            self.images.append(self.ntdll)
+        else:
+            runtime = profile.with_overrides(ssn=explicit)
+            self.ntdll = build_ntdll(runtime, NTDLL_BASE)
+            self.images.append(self.ntdll)
+            if any(n.startswith(("NtUser", "NtGdi")) for n in runtime.ssn):
+                self.images.append(build_win32u(runtime, WIN32U_BASE))
+        for i, pe in enumerate(scenario.pe):
+            self.images.append(self._load_pe(pe, ("pe", str(i), "path")))
+        self._bind_imports()
         for i, spec in enumerate(scenario.modules):
             self.images.append(self._assemble(i, spec.name, spec.code, spec.data))
+        self.ssn_table = self._service_table(explicit)
         self.stack_regions: list[tuple[int, int, str]] = []
         self.trace = Trace(symbolize=Symbolizer([]))
         for img in self.images:
             self.machine.map_image(img)
+        if self.traps.traps:
+            trap_image = self.traps.image()
+            self.images.append(trap_image)
+            self.machine.map_image(trap_image)
+            self.machine.add_code_hook(trap_image.base, trap_image.end, self._trap_hit)
         for mem in scenario.memory:
             self.machine.map(mem.start, mem.size, mem.perms, f"memory {mem.name}")
         self._map_kuser()
@@ -146,7 +176,9 @@ class Process:
         dispatcher = self.ntdll.export("KiUserCallbackDispatcher")
         if dispatcher is None:
             raise ImageError("ntdll exports no KiUserCallbackDispatcher")
-        self.kernel = Kernel(self.machine, profile, registry, self.trace, dispatcher, scenario.budgets.callback_depth)
+        self.kernel = Kernel(
+            self.machine, profile, registry, self.trace, dispatcher, scenario.budgets.callback_depth, self.ssn_table
+        )
         self.thread = self.create_thread(0, self.resolve(scenario.entry, ("thread", "entry")), scenario.argument)
         sym = Symbolizer(self.images, self.stack_regions)
         self.trace.symbolize = sym
@@ -154,6 +186,61 @@ class Process:
         self.kernel.add_thread(self.thread)
 
     # --- building -------------------------------------------------------------------
+    def _load_pe(self, spec: PeSpec, where: tuple[str, ...]) -> Image:
+        """Load a PE file at its base (or its preferred one; relocated if that is taken)."""
+        try:
+            image = load_pe(spec.path, spec.base, spec.name)
+            if spec.base is None and any(_overlaps(image, other) for other in self.images):
+                slot = MODULE_BASE + (len(self.scenario.modules) + len(self.images)) * MODULE_STRIDE
+                image = load_pe(spec.path, slot, spec.name)
+        except ImageError as e:
+            raise ScenarioError(self.scenario.path, ".".join(where), str(e), self.scenario.line_of(*where)) from None
+        clash = next((o for o in self.images if _overlaps(image, o)), None)
+        if clash is not None:
+            raise ScenarioError(
+                self.scenario.path, ".".join(where),
+                f"{image.name} at {image.base:#x}..{image.end:#x} overlaps {clash.name} at {clash.base:#x}..{clash.end:#x}",
+                self.scenario.line_of(*where),
+            )  # fmt: skip
+        return image
+
+    def _bind_imports(self) -> None:
+        mode = self.scenario.unbound_imports
+        for i, image in enumerate(self.images):
+            if image.imports:
+                self.images[i], _ = bind_imports(image, self.images, mode, self.traps)
+
+    def _service_table(self, explicit: dict[str, int]) -> dict[str, int]:
+        """Service numbers from the stubs in the loaded code; disagreements with the profile become notes."""
+        profile = self.scenario.profile
+        if self.scenario.ntdll is None:
+            return {**profile.ssn, **explicit}
+        table = service_table(self.ntdll)
+        for d in compare_with_profile(table, profile):
+            self.notes.append(
+                f"ntdll's code gives {d.service} SSN {d.in_code:#x}; profile {profile.name} says {d.in_profile:#x} (the code is used)"
+            )
+        guess = guess_dispatcher_convention(self.ntdll)
+        if guess.convention != "unknown" and guess.convention != profile.dispatcher:
+            self.notes.append(
+                f"ntdll's KiUserCallbackDispatcher looks like the '{guess.convention}' convention ({guess.evidence}); "
+                f"the profile says '{profile.dispatcher}': set [profile] dispatcher if the run misbehaves"
+            )
+        for name in self.scenario.services:
+            if name not in table and name not in explicit:
+                raise ScenarioError(
+                    self.scenario.path, f"services.{name}",
+                    f"{name} has no stub in {self.ntdll.path or 'ntdll'} and no 'ssn = 0x...'",
+                    self.scenario.line_of("services", name),
+                )  # fmt: skip
+        return {**table, **explicit}
+
+    def _trap_hit(self, uc: object, address: int, size: int, user_data: object) -> None:
+        trap = self.traps.trap_at(address)
+        if trap is None:
+            raise UnimplementedImport(f"{address:#x}", "", "an address on the trap page that no import uses")
+        raise UnimplementedImport(trap.label, trap.importer, trap.reason)
+
     def _assemble(self, i: int, name: str, code: str, data: str) -> Image:
         def resolve(sym: str) -> int | None:
             for img in self.images:
@@ -272,6 +359,9 @@ class Process:
             error, stop = e, "fault"
         except BudgetExceeded as e:
             error, stop = e, "budget"
+        except UnimplementedImport as e:
+            kernel.record_fault(thread, e)
+            error, stop = e, "fault"
         except KernelError as e:
             error, stop = e, "fault"
         finally:
@@ -279,8 +369,12 @@ class Process:
                 gc.enable()
         return Run(
             scenario=self.scenario, trace=self.trace, images=self.images, threads=dict(kernel.threads),
-            error=error, max_depth=kernel.max_depth, stop=stop,
+            error=error, max_depth=kernel.max_depth, stop=stop, notes=list(self.notes),
         )  # fmt: skip
+
+
+def _overlaps(a: Image, b: Image) -> bool:
+    return a.base < b.end and b.base < a.end
 
 
 def build(scenario: Scenario | str | Path) -> Process:

@@ -66,6 +66,10 @@ def _check(run: Run, e: Expectation) -> Outcome:
         status = run.exit_status
         shown = "none (the thread did not exit)" if status is None else status_name(status)
         return Outcome(e, status == v, f"exit status {shown}, expected {status_name(v)}")
+    if e.kind == "fault":
+        msg = "" if run.error is None else str(run.error)
+        shown = repr(msg) if msg else "no error (the run finished)"
+        return Outcome(e, bool(msg) and v in msg, f"stopped with {shown}; expected an error containing {v!r}")
     if e.kind == "max_depth":
         return Outcome(e, run.max_depth == v, f"max callback depth {run.max_depth}, expected {v}")
     if e.kind == "sysret":

@@ -17,6 +17,7 @@ from unicorn import (
     UC_ARCH_X86,
     UC_ERR_OK,
     UC_ERR_READ_UNMAPPED,
+    UC_HOOK_CODE,
     UC_HOOK_INSN,
     UC_HOOK_INTR,
     UC_HOOK_MEM_FETCH_PROT,
@@ -232,8 +233,8 @@ class Machine:
         return region
 
     def map_image(self, image: Image) -> None:
-        """Map an image's headers page (read-only) and each section with its protections."""
-        self.map(image.base, PAGE, "r", f"{image.name} headers")
+        """Map an image's headers (read-only; a PE file's real header bytes) and each section."""
+        self.map(image.base, max(PAGE, len(image.headers)), "r", f"{image.name} headers", image.headers)
         for s in image.sections:
             self.map(image.base + s.rva, s.size, s.perms, f"{image.name} {s.name}", s.data)
 
@@ -278,6 +279,10 @@ class Machine:
         return True
 
     # --- execution ------------------------------------------------------------------
+    def add_code_hook(self, begin: int, end: int, callback: Callable[[Uc, int, int, object], None]) -> None:
+        """A hook on instructions in [begin, end) only: free everywhere else."""
+        self.uc.hook_add(UC_HOOK_CODE, callback, None, begin, end - 1)
+
     def set_gs_base(self, value: int) -> None:
         self.uc.reg_write(_REG_IDS["gs_base"], value)
 

@@ -24,8 +24,8 @@ from emu.winnt import STATUS_BY_NAME
 BASE_PATH = Path(__file__).resolve().parent.parent / "scenarios" / "callback_roundtrip.toml"
 BASE = BASE_PATH.read_text(encoding="utf-8")
 
-TOP_KEYS = "scenario, profile, machine, budgets, module, thread, kernel_callback_table, services, expect, memory"
-EXPECT_KINDS = "detections, detection, exit_status, max_depth, sysret, callback_output, transitions, explored_states, explored_merges, explored_pending"
+TOP_KEYS = "scenario, profile, machine, budgets, module, thread, kernel_callback_table, services, expect, memory, ntdll, pe"
+EXPECT_KINDS = "detections, detection, exit_status, max_depth, sysret, callback_output, transitions, fault, explored_states, explored_merges, explored_pending"
 STEPS_MULTILINE = """steps = [
     { kind = "callback", api = 2, text = "WM_PAINT" },
     { kind = "return", status = "callback" },

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from unicorn import UcError
 
 from emu.context import KTrapFrame, UserContext
-from emu.errors import BudgetExceeded, KernelError, MachineFault, UnimplementedService
+from emu.errors import BudgetExceeded, EmuError, KernelError, MachineFault, UnimplementedService
 from emu.kernel.services import (
     Activation,
     CallbackResult,
@@ -131,6 +131,7 @@ class Kernel:
         trace: Trace,
         dispatcher: int,
         callback_depth_budget: int | None = None,
+        ssn_table: dict[str, int] | None = None,
     ) -> None:
         self.machine = machine
         self.profile = profile
@@ -138,7 +139,9 @@ class Kernel:
         self.trace = trace
         self.dispatcher = dispatcher
         self.callback_depth_budget = callback_depth_budget
-        self.names: dict[int, str] = {ssn: name for name, ssn in sorted(profile.ssn.items())}
+        # The service table: from the loaded ntdll's code when there is one, else the profile.
+        self.ssn_table: dict[str, int] = dict(ssn_table if ssn_table is not None else profile.ssn)
+        self.names: dict[int, str] = {ssn: name for name, ssn in sorted(self.ssn_table.items())}
         self.threads: dict[int, KThread] = {}
         self.current: KThread | None = None
         self.max_depth = 0
@@ -276,7 +279,7 @@ class Kernel:
         else:
             self._write_rax((status,))
         user = (status,) + regs[1:]
-        ssn = self.profile.ssn.get(service) if service else None
+        ssn = self.ssn_table.get(service) if service else None
         stack = self.trace.raw_states[thread.state_id][4] if reuse_stack else None
         self._record("sysret", thread, "user", user, service, ssn, status, None, None, False, note, b"", stack)
 
@@ -285,13 +288,15 @@ class Kernel:
         (ReactOS NtCallbackReturn restores Thread->TrapFrame), RAX = status."""
         ctx = trap.ctx._replace(rax=status)
         self.machine.regs.set_context(ctx._replace(rip=ctx.rip - self._entry_len))
-        ssn = self.profile.ssn.get(service)
+        ssn = self.ssn_table.get(service)
         self._record("sysret", thread, "user", tuple(ctx), service, ssn, status, None, None, False, note, b"", None)
 
     def _callback(
         self, thread: KThread, act: Activation | ScriptActivation, trap: KTrapFrame, req: UserCallback, note: str
     ) -> CallbackResult | None:
         """Enter KiUserCallbackDispatcher; returns a failure result instead if the frame cannot be built."""
+        if req.by_depth:
+            req = UserCallback(req.api_at(len(thread.callback_stack)), req.data)
         data = bytes(req.data)
         old = trap.ctx.rsp
         # ReactOS KeUserModeCallback (ntoskrnl/ke/amd64/usercall.c): the input goes to
@@ -393,7 +398,7 @@ class Kernel:
             "exited",
             regs,
             service,
-            self.profile.ssn.get(service),
+            self.ssn_table.get(service),
             status,
             None,
             None,
@@ -404,7 +409,7 @@ class Kernel:
         )
         self.machine.request_stop()
 
-    def record_fault(self, thread: KThread, error: MachineFault) -> None:
+    def record_fault(self, thread: KThread, error: EmuError) -> None:
         thread.terminated = True
         regs = tuple(self.machine.regs.context())
         self._record("fault", thread, "exited", regs, None, None, None, None, None, False, str(error), b"", None)

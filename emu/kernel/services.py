@@ -65,10 +65,19 @@ MAX_ARGS = 16
 # --- requests a service yields, and what it gets back -----------------------------------
 @dataclass(frozen=True)
 class UserCallback:
-    """KeUserModeCallback(api, data): run KernelCallbackTable[api](data) in user mode."""
+    """KeUserModeCallback(api, data): run KernelCallbackTable[api](data) in user mode.
+
+    ``by_depth``, when given, picks the api by the thread's current callback depth
+    (``by_depth[depth]``, the last entry for deeper levels): one service, different
+    callbacks as it re-enters itself.
+    """
 
     api: int
     data: bytes = b""
+    by_depth: tuple[int, ...] = ()
+
+    def api_at(self, depth: int) -> int:
+        return self.by_depth[min(depth, len(self.by_depth) - 1)] if self.by_depth else self.api
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from emu.scenario.model import (
     Expectation,
     MemorySpec,
     ModuleSpec,
+    PeSpec,
     ReturnStep,
     Scenario,
     ServiceScript,
@@ -26,5 +27,5 @@ from emu.scenario.parse import load_scenario, parse_scenario
 
 __all__ = [
     "EXPECT_KINDS", "EXPLORE_KINDS", "Budgets", "CallbackStep", "ChoiceStep", "Expectation", "MemorySpec",
-    "ModuleSpec", "ReturnStep", "Scenario", "ServiceScript", "Step", "load_scenario", "parse_scenario",
+    "ModuleSpec", "PeSpec", "ReturnStep", "Scenario", "ServiceScript", "Step", "load_scenario", "parse_scenario",
 ]  # fmt: skip

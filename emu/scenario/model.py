@@ -20,11 +20,12 @@ class ModuleSpec:
 
 @dataclass(frozen=True)
 class CallbackStep:
-    """Call back into user mode: KernelCallbackTable[api](data)."""
+    """Call back into user mode: KernelCallbackTable[api](data); ``by_depth`` picks api by callback depth."""
 
     api: int
     data: bytes = b""
     kind: Literal["callback"] = "callback"
+    by_depth: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,15 @@ class MemorySpec:
 
 
 @dataclass(frozen=True)
+class PeSpec:
+    """A PE file to load: its resolved path, module name and optional base address."""
+
+    path: str
+    name: str
+    base: int | None = None
+
+
+@dataclass(frozen=True)
 class Scenario:
     path: str
     name: str
@@ -102,6 +112,9 @@ class Scenario:
     expectations: tuple[Expectation, ...]
     system_call: int = 0
     memory: tuple[MemorySpec, ...] = ()
+    ntdll: PeSpec | None = None  # a PE ntdll instead of the built-in one
+    pe: tuple[PeSpec, ...] = ()  # more PE modules
+    unbound_imports: Literal["error", "trap"] = "error"
     source: str = field(default="", repr=False)
 
     def line_of(self, *path: str | int) -> int | None:
@@ -116,6 +129,7 @@ EXPECT_KINDS: dict[str, str] = {
     "sysret": "a table {service, status}: some return from that service carried that status",
     "callback_output": "a table {api, data}: some callback for api returned exactly these bytes",
     "transitions": "a table {kind = count}: how many transitions of each kind",
+    "fault": "a string: the run stops with an error whose message contains it",
     "explored_states": "an integer: distinct states `emu explore` finds",
     "explored_merges": "an integer: states `emu explore` reaches along more than one edge",
     "explored_pending": "an integer: callback-return pending states `emu explore` finds",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from emu.scenario.model import (
     Expectation,
     MemorySpec,
     ModuleSpec,
+    PeSpec,
     Scenario,
 )
 from emu.scenario.reader import _ID, _NAME, _kind, _line_of, _Reader
@@ -35,11 +37,16 @@ TOP_KEYS = {
     "services": "a table of [services.NtName] {ssn, steps}",
     "expect": "an array of tables [[expect]]",
     "memory": "an array of tables [[memory]] {name, start, size, perms}",
+    "ntdll": "a table {path, base}: a PE ntdll instead of the built-in one",
+    "pe": "an array of tables [[pe]] {path, name, base}: PE modules to load",
 }
 
 
-def load_scenario(path: str | Path) -> Scenario:
+def load_scenario(path: str | Path, allow: Sequence[str | Path] = ()) -> Scenario:
     """Read and validate a scenario file.
+
+    Files the scenario names (PE images) must lie in the scenario's folder or below it,
+    or under one of the ``allow`` folders (``--allow-path`` on the command line).
 
     Raises:
         ScenarioError: one line naming the file, the key path and what was expected.
@@ -54,11 +61,11 @@ def load_scenario(path: str | Path) -> Scenario:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ScenarioError(file, "", f"not UTF-8 text (byte {e.start})") from None
-    return parse_scenario(text, file)
+    return parse_scenario(text, file, allow)
 
 
-def parse_scenario(text: str, file: str = "<scenario>") -> Scenario:
-    """Validate scenario text (see :func:`load_scenario`)."""
+def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Path] = ()) -> Scenario:
+    """Validate scenario text (see :func:`load_scenario`); relative paths are from ``file``'s folder."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -67,7 +74,7 @@ def parse_scenario(text: str, file: str = "<scenario>") -> Scenario:
         line = int(m.group(1)) if m else None
         raise ScenarioError(file, "", f"not valid TOML: {msg}", line) from None
     r = _Reader(file, text)
-    r.table(doc, (), TOP_KEYS, ("scenario", "module", "thread"))
+    r.table(doc, (), TOP_KEYS, ("scenario", "thread"))
 
     head = r.table(
         doc["scenario"],
@@ -86,8 +93,18 @@ def parse_scenario(text: str, file: str = "<scenario>") -> Scenario:
         ) from None
     profile = _profile_overrides(r, doc.get("profile"), profile)
 
-    machine = r.table(doc.get("machine", {}), ("machine",), {"system_call": "0 or 1: KUSER_SHARED_DATA.SystemCall"})
+    machine = r.table(
+        doc.get("machine", {}),
+        ("machine",),
+        {"system_call": "0 or 1: KUSER_SHARED_DATA.SystemCall", "unbound_imports": '"error" or "trap"'},
+    )
     system_call = r.int_(machine, "system_call", ("machine",), 0, 0, 1)
+    unbound = r.str_(machine, "unbound_imports", ("machine",), "error")
+    if unbound not in ("error", "trap"):
+        raise r.fail(("machine", "unbound_imports"), f'expected "error" or "trap", got {unbound!r}')
+    files = _Files(r, file, allow)
+    ntdll = files.pe(doc["ntdll"], ("ntdll",), "ntdll") if "ntdll" in doc else None
+    pe = files.pe_list(doc.get("pe", []))
 
     b = r.table(
         doc.get("budgets", {}),
@@ -111,8 +128,18 @@ def parse_scenario(text: str, file: str = "<scenario>") -> Scenario:
         choice_depth=r.int_(b, "choice_depth", ("budgets",), Budgets.choice_depth, 1, 1 << 20),
     )
 
-    modules = _modules(r, doc["module"])
+    if "module" not in doc and not pe:
+        raise r.fail(
+            (), "missing required key 'module' (an array of tables [[module]] {name, code, data}, or [[pe]] files)"
+        )
+    modules = _modules(r, doc.get("module", []), allow_empty=bool(pe))
+    taken = {m.name.lower() for m in modules}
+    for i, spec in enumerate(pe):
+        if spec.name.lower() in taken | {"ntdll", "win32u"}:
+            raise r.fail(("pe", i, "name"), f"module name {spec.name!r} is already taken")
+        taken.add(spec.name.lower())
     labels = {(m.name, lab) for m in modules for lab in _labels(m)}
+    external = tuple(spec.name for spec in pe)
 
     th = r.table(
         doc["thread"],
@@ -121,18 +148,64 @@ def parse_scenario(text: str, file: str = "<scenario>") -> Scenario:
         ("entry",),
     )
     entry = r.str_(th, "entry", ("thread",))
-    _check_ref(r, entry, ("thread", "entry"), modules, labels)
+    _check_ref(r, entry, ("thread", "entry"), modules, labels, external)
     argument = r.int_(th, "argument", ("thread",), 0)
 
-    table, size = _callback_table(r, doc.get("kernel_callback_table", {}), modules, labels)
-    services = _services(r, doc.get("services", {}), profile, size)
+    table, size = _callback_table(r, doc.get("kernel_callback_table", {}), modules, labels, external)
+    # With a PE ntdll the service numbers come from its code, known only once it is loaded.
+    services = _services(r, doc.get("services", {}), profile, size, check_numbers=ntdll is None)
     expectations = _expectations(r, doc.get("expect", []))
     memory = _memory(r, doc.get("memory", []))
     return Scenario(
         path=file, name=name, description=description, profile=profile, modules=modules, entry=entry,
         argument=argument, callback_table=table, callback_table_size=size, services=services,
-        budgets=budgets, expectations=expectations, system_call=system_call, memory=memory, source=text,
+        budgets=budgets, expectations=expectations, system_call=system_call, memory=memory, ntdll=ntdll, pe=pe,
+        unbound_imports="trap" if unbound == "trap" else "error", source=text,
     )  # fmt: skip
+
+
+class _Files:
+    """PE paths: relative to the scenario's folder, confined to it (or to allowed folders), readable."""
+
+    def __init__(self, r: _Reader, file: str, allow: Sequence[str | Path]) -> None:
+        self.r = r
+        self.folder = (Path(file).parent if file != "<scenario>" else Path.cwd()).resolve()
+        self.allowed = [self.folder, *(Path(a).resolve() for a in allow)]
+
+    def pe_list(self, obj: Any) -> tuple[PeSpec, ...]:
+        if not isinstance(obj, list):
+            raise self.r.fail(("pe",), "expected an array of tables [[pe]] {path, name, base}")
+        return tuple(self.pe(m, ("pe", i), None) for i, m in enumerate(obj))
+
+    def pe(self, obj: Any, path: tuple[str | int, ...], fixed_name: str | None) -> PeSpec:
+        r = self.r
+        allowed = {
+            "path": "a PE file, relative to the scenario",
+            "base": "a load address (default: the file's ImageBase)",
+        }
+        if fixed_name is None:
+            allowed["name"] = "the module name (default: the file name without .dll)"
+        r.table(obj, path, allowed, ("path",))
+        target = (self.folder / r.str_(obj, "path", path)).resolve()
+        if not any(target == a or a in target.parents for a in self.allowed):
+            raise r.fail(
+                path + ("path",),
+                f"{target} is outside the scenario's folder {self.folder}: pass --allow-path to read it",
+            )
+        if not target.is_file():
+            raise r.fail(path + ("path",), f"{target} does not exist or is not a file")
+        try:
+            with target.open("rb"):
+                pass
+        except OSError as e:
+            raise r.fail(path + ("path",), f"cannot read {target} ({e.strerror or e})") from None
+        name = fixed_name or r.str_(obj, "name", path, target.stem)
+        if not _NAME.match(name):
+            raise r.fail(path + ("name",), f"expected a module name (letters, digits, _), got {name!r}")
+        base = r.int_(obj, "base", path, -1, -1, 0x7FFF_FFFF_0000) if "base" in obj else None
+        if base is not None and base % 0x1000:
+            raise r.fail(path + ("base",), f"expected a page-aligned address, got {base:#x}")
+        return PeSpec(str(target), name, base)
 
 
 def _memory(r: _Reader, obj: Any) -> tuple[MemorySpec, ...]:
@@ -200,8 +273,8 @@ def _profile_overrides(r: _Reader, obj: Any, profile: Profile) -> Profile:
     return profile.with_overrides(**fields)
 
 
-def _modules(r: _Reader, obj: Any) -> tuple[ModuleSpec, ...]:
-    if not isinstance(obj, list) or not obj:
+def _modules(r: _Reader, obj: Any, allow_empty: bool = False) -> tuple[ModuleSpec, ...]:
+    if not isinstance(obj, list) or (not obj and not allow_empty):
         raise r.fail(("module",), "expected one or more [[module]] tables")
     out: list[ModuleSpec] = []
     seen: set[str] = set()
@@ -230,20 +303,28 @@ def _labels(m: ModuleSpec) -> list[str]:
 
 
 def _check_ref(
-    r: _Reader, ref: str, path: tuple[str | int, ...], modules: tuple[ModuleSpec, ...], labels: set[tuple[str, str]]
+    r: _Reader,
+    ref: str,
+    path: tuple[str | int, ...],
+    modules: tuple[ModuleSpec, ...],
+    labels: set[tuple[str, str]],
+    external: tuple[str, ...] = (),
 ) -> None:
     if not _ID.match(ref):
         raise r.fail(path, f'expected "module!label" or "label", got {ref!r}')
     mod, bang, lab = ref.partition("!")
     if bang:
-        if mod.lower() in ("ntdll", "win32u"):
-            return  # checked against the built images when the run is built
+        if mod.lower() in ("ntdll", "win32u") or mod in external:
+            return  # checked against the loaded images when the run is built
         if not any(m.name == mod for m in modules):
-            raise r.fail(path, f"no module named {mod!r} (declared: {', '.join(m.name for m in modules)})")
+            declared = ", ".join([m.name for m in modules] + list(external))
+            raise r.fail(path, f"no module named {mod!r} (declared: {declared})")
         if (mod, lab) not in labels:
             raise r.fail(path, f"module {mod!r} has no label {lab!r}")
     else:
         owners = [mod for (mod, lab) in labels if lab == ref]
+        if not owners and external:
+            return  # may be an export of a PE module: checked when the run is built
         if not owners:
             raise r.fail(path, f"no module defines label {ref!r}")
         if len(owners) > 1:
@@ -253,7 +334,11 @@ def _check_ref(
 
 
 def _callback_table(
-    r: _Reader, obj: Any, modules: tuple[ModuleSpec, ...], labels: set[tuple[str, str]]
+    r: _Reader,
+    obj: Any,
+    modules: tuple[ModuleSpec, ...],
+    labels: set[tuple[str, str]],
+    external: tuple[str, ...] = (),
 ) -> tuple[dict[int, str], int]:
     path: tuple[str | int, ...] = ("kernel_callback_table",)
     if not isinstance(obj, dict):
@@ -266,7 +351,7 @@ def _callback_table(
             raise r.fail(path + (key,), f"unknown key '{key}' (expected 'size' or an api number such as 2)")
         if not isinstance(val, str):
             raise r.fail(path + (key,), f'expected "module!label", got {_kind(val)}')
-        _check_ref(r, val, path + (key,), modules, labels)
+        _check_ref(r, val, path + (key,), modules, labels, external)
         entries[int(key)] = val
     need = max(entries, default=-1) + 1
     size = r.int_(obj, "size", path, max(need, 1), 1, 4096)
@@ -291,6 +376,8 @@ def _expectations(r: _Reader, obj: Any) -> tuple[Expectation, ...]:
         kp = path + (kind,)
         if kind in ("detections", "max_depth") or kind in EXPLORE_KINDS:
             value: Any = r.int_(e, kind, path, None, 0, 1 << 32)
+        elif kind == "fault":
+            value = r.str_(e, kind, path)
         elif kind == "exit_status":
             value = r.status(v, kp)
         elif kind == "detection":

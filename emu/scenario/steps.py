@@ -9,7 +9,9 @@ from emu.scenario.model import CallbackStep, ChoiceStep, ReturnStep, ServiceScri
 from emu.scenario.reader import _NAME, _dotted, _kind, _Reader
 
 
-def _services(r: _Reader, obj: Any, profile: Profile, table_size: int) -> dict[str, ServiceScript]:
+def _services(
+    r: _Reader, obj: Any, profile: Profile, table_size: int, check_numbers: bool = True
+) -> dict[str, ServiceScript]:
     r.table(obj, ("services",), {k: "" for k in obj} if isinstance(obj, dict) else {})
     out: dict[str, ServiceScript] = {}
     for name, body in obj.items():
@@ -25,7 +27,7 @@ def _services(r: _Reader, obj: Any, profile: Profile, table_size: int) -> dict[s
         }
         r.table(body, path, allowed, ("steps",))
         ssn = r.int_(body, "ssn", path, -1, -1, 0xFFFF)
-        if ssn < 0 and name not in profile.ssn:
+        if check_numbers and ssn < 0 and name not in profile.ssn:
             raise r.fail(path, f"{name} has no number in profile {profile.name}: give 'ssn = 0x...'")
         blocks = body.get("blocks", {})
         if not isinstance(blocks, dict):
@@ -98,18 +100,28 @@ class _StepReader:
         r.table(
             st,
             sp,
-            {"kind": "", "api": "an api number", "data": "hex bytes", "text": "a string sent as bytes"},
+            {
+                "kind": "",
+                "api": "an api number, or an array of them by callback depth (the last repeats)",
+                "data": "hex bytes",
+                "text": "a string sent as bytes",
+            },
             ("api",),
         )
-        api = r.int_(st, "api", sp, None, 0, 0xFFFF_FFFF)
-        if api >= self.table_size:
-            raise r.fail(
-                sp + ("api",), f"callback index {api} is out of range (kernel_callback_table size {self.table_size})"
-            )
+        raw = st["api"]
+        apis = raw if isinstance(raw, list) and raw else [raw]
+        for api in apis:
+            where = sp + ("api",)
+            if not isinstance(api, int) or isinstance(api, bool) or not 0 <= api <= 0xFFFF_FFFF:
+                raise r.fail(where, f"expected an api number or a non-empty array of them, got {_kind(api)}")
+            if api >= self.table_size:
+                raise r.fail(
+                    where, f"callback index {api} is out of range (kernel_callback_table size {self.table_size})"
+                )
         if "data" in st and "text" in st:
             raise r.fail(sp, "give either 'data' or 'text', not both")
         data = r.hexdata(st["data"], sp + ("data",)) if "data" in st else r.str_(st, "text", sp, "").encode()
-        return CallbackStep(api, data)
+        return CallbackStep(apis[0], data, by_depth=tuple(apis) if isinstance(raw, list) else ())
 
     def _choice(self, st: dict[str, Any], sp: tuple[str | int, ...]) -> ChoiceStep:
         r = self.r
