@@ -15,9 +15,9 @@ from typing import TextIO
 
 from emu import __version__, cli_explore, cli_image, cli_plot
 from emu.engine import Run, run
-from emu.errors import EmuError
+from emu.errors import BudgetExceeded, EmuError
 from emu.scenario import load_scenario
-from emu.writing import write_atomic
+from emu.writing import refuse_overwrite, write_atomic
 
 EXIT_OK, EXIT_EXPECT, EXIT_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 
@@ -126,14 +126,10 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    r = run(load_scenario(args.scenario, args.allow_path))
     out = Path(args.output)
-    fmt = out.suffix.lower().lstrip(".")
-    writers = {"graphml": r.graph.to_graphml, "json": r.graph.to_json, "dot": r.graph.to_dot, "gv": r.graph.to_dot}
-    if fmt not in writers:
-        sys.stderr.write(f"{args.output}: unknown graph format '{out.suffix}' (expected .graphml, .json or .dot)\n")
-        return EXIT_INPUT
-    write_atomic(out, writers[fmt]())
+    refuse_overwrite(out, args.force)
+    r = run(load_scenario(args.scenario, args.allow_path))
+    write_atomic(out, r.graph.render(out))
     sys.stdout.write(f"wrote {out} ({len(r.graph)} states, {r.graph.lean.number_of_edges()} transitions)\n")
     return _finish(r, sys.stderr)
 
@@ -163,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("graph", help="export the state graph (.graphml, .json, .dot)")
     g.add_argument("scenario")
     g.add_argument("-o", "--output", required=True)
+    g.add_argument("--force", action="store_true", help="overwrite an existing output file")
     g.set_defaults(func=cmd_graph)
     cli_explore.add_parsers(sub)
     cli_image.add_parser(sub)
@@ -176,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = args.func(args)
         return code
+    except BudgetExceeded as e:
+        sys.stderr.write(f"{e}\n")
+        return EXIT_STOPPED
     except EmuError as e:
         sys.stderr.write(f"{e}\n")
         return EXIT_INPUT

@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from emu.errors import ScenarioError
 from emu.expect import check_exploration
 from emu.explain import explain, find_node, render
 from emu.explore import Explorer
 from emu.scenario import load_scenario
-from emu.writing import write_atomic
+from emu.writing import refuse_overwrite, write_atomic
 
 EXIT_OK, EXIT_EXPECT, EXIT_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 
@@ -23,6 +22,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     e.add_argument("--strategy", choices=("bfs", "dfs"), default="bfs")
     e.add_argument("-o", "--output", help="also write the graph (.graphml, .json or .dot)")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--force", action="store_true", help="overwrite an existing output file")
     e.add_argument("--no-progress", action="store_true", help="no progress line on a terminal")
     e.set_defaults(func=cmd_explore)
     x = sub.add_parser("explain", help="the transitions from the start to a state, with code and registers")
@@ -37,16 +37,12 @@ def _explorer(path: str, strategy: str, progress: bool, allow: list[str]) -> Exp
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
+    if args.output:
+        refuse_overwrite(args.output, args.force)
     exp = _explorer(args.scenario, args.strategy, not args.no_progress, getattr(args, "allow_path", [])).run()
     outcomes = check_exploration(exp)
     if args.output:
-        out = Path(args.output)
-        writers = {"graphml": exp.graph.to_graphml, "json": exp.graph.to_json, "dot": exp.graph.to_dot}
-        fmt = out.suffix.lower().lstrip(".")
-        if fmt not in writers:
-            sys.stderr.write(f"{args.output}: unknown graph format '{out.suffix}' (expected .graphml, .json or .dot)\n")
-            return EXIT_INPUT
-        write_atomic(out, writers[fmt]())
+        write_atomic(args.output, exp.graph.render(args.output))
     summary = exp.summary()
     summary["expectations"] = [{"where": o.where, "passed": o.passed, "message": o.message} for o in outcomes]
     if args.json:

@@ -25,6 +25,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("scenario")
     p.add_argument("-o", "--output", required=True, help="timeline.png or timeline.svg")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--graph", action="store_true", help="draw the state graph instead of the timeline")
     p.set_defaults(func=cmd_plot)
     return p
@@ -59,7 +60,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from emu.cli import _finish
     from emu.engine import run
     from emu.scenario import load_scenario
+    from emu.writing import refuse_overwrite
 
+    refuse_overwrite(out, getattr(args, "force", False))
     r = run(load_scenario(args.scenario, getattr(args, "allow_path", [])))
     fig = viz.state_graph(r) if args.graph else viz.timeline(r)
     _write_atomic(out, fig, fmt)

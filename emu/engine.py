@@ -176,10 +176,15 @@ class Process:
         dispatcher = self.ntdll.export("KiUserCallbackDispatcher")
         if dispatcher is None:
             raise ImageError("ntdll exports no KiUserCallbackDispatcher")
+        b = scenario.budgets
         self.kernel = Kernel(
-            self.machine, profile, registry, self.trace, dispatcher, scenario.budgets.callback_depth, self.ssn_table
-        )
+            self.machine, profile, registry, self.trace, dispatcher, b.callback_depth, self.ssn_table,
+            state_budget=b.states, output_budget=b.output_bytes,
+        )  # fmt: skip
         self.thread = self.create_thread(0, self.resolve(scenario.entry, ("thread", "entry")), scenario.argument)
+        mapped = sum(r.size for r in self.machine.regions)
+        if mapped > b.memory:
+            raise BudgetExceeded("memory", b.memory, f"{mapped:#x} bytes mapped by {scenario.path}")
         sym = Symbolizer(self.images, self.stack_regions)
         self.trace.symbolize = sym
         self.machine.symbolize = sym

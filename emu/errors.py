@@ -79,5 +79,9 @@ class BudgetExceeded(EmuError):
         super().__init__(f"budget '{budget}' exceeded (limit {limit}){at}")
 
 
+class OutputExists(EmuError):
+    """An output file is already there and --force was not given."""
+
+
 class DumpError(EmuError):
     """A minidump cannot be written or read."""

@@ -111,6 +111,7 @@ class Explorer:
         self.machine = self.process.machine
         self.trace = self.process.trace
         self.kernel.choose = lambda thread, choice: None  # always suspend: the explorer decides
+        self.kernel.state_budget = None  # the trace spans every path here; distinct states are budgeted below
         self.kernel.observer = self._observe
         self.cow = self.machine.enable_cow()
         self.digests: list[str] = []  # digest of each raw state currently in the trace

@@ -20,6 +20,7 @@ import networkx
 import networkx as nx
 
 from emu.context import REGISTER_NAMES
+from emu.errors import OutputExists
 from emu.trace import State, Trace, Transition
 from emu.winnt import status_name
 
@@ -170,15 +171,14 @@ class StateGraph:
         lines.append("}")
         return "\n".join(lines) + "\n"
 
-    def write(self, path: str | Path) -> str:
-        """Write by extension: .graphml, .json or .dot. Returns the format used."""
+    def render(self, path: str | Path) -> str:
+        """The export for ``path``'s extension: .graphml, .json or .dot (.gv)."""
         p = Path(path)
         fmt = p.suffix.lower().lstrip(".")
         text = {"graphml": self.to_graphml, "json": self.to_json, "dot": self.to_dot, "gv": self.to_dot}.get(fmt)
         if text is None:
-            raise ValueError(f"{path}: unknown graph format '{p.suffix}' (use .graphml, .json or .dot)")
-        p.write_text(text(), encoding="utf-8")
-        return fmt
+            raise OutputExists(f"{path}: unknown graph format '{p.suffix}' (expected .graphml, .json or .dot)")
+        return text()
 
 
 def node_attrs(s: State, sym: Callable[[int], str]) -> dict[str, object]:

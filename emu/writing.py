@@ -6,6 +6,14 @@ import os
 import tempfile
 from pathlib import Path
 
+from emu.errors import OutputExists
+
+
+def refuse_overwrite(path: str | Path, force: bool) -> None:
+    """An existing output is kept unless the user said --force."""
+    if Path(path).exists() and not force:
+        raise OutputExists(f"{path} exists: pass --force to overwrite it")
+
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""

@@ -132,6 +132,8 @@ class Kernel:
         dispatcher: int,
         callback_depth_budget: int | None = None,
         ssn_table: dict[str, int] | None = None,
+        state_budget: int | None = None,
+        output_budget: int | None = None,
     ) -> None:
         self.machine = machine
         self.profile = profile
@@ -145,6 +147,9 @@ class Kernel:
         self.threads: dict[int, KThread] = {}
         self.current: KThread | None = None
         self.max_depth = 0
+        self.state_budget = state_budget
+        self.output_budget = output_budget
+        self.output_bytes = 0
         self.user_writes = 0  # bumped by service writes: a sysret state may reuse the entry's stack bytes
         # How a Choice is answered: an option name, or None to suspend (exploration).
         self.choose: Callable[[KThread, Choice], str | None] = lambda thread, choice: choice.default
@@ -440,8 +445,13 @@ class Kernel:
         top_api = cbs[-1].api if cbs else None
         if service is None and cbs and mode == "user":
             service = cbs[-1].activation.spec.name
+        if self.state_budget is not None and sid >= self.state_budget:
+            raise BudgetExceeded("states", self.state_budget, trace.symbolize(regs[16]))
         if stack is None:
             stack = self._capture(thread, regs[4])
+            self.output_bytes += len(stack)
+            if self.output_budget is not None and self.output_bytes > self.output_budget:
+                raise BudgetExceeded("output_bytes", self.output_budget, trace.symbolize(regs[16]))
         frames = tuple((f.api, f.activation.spec.name) for f in cbs) if cbs else ()
         trace.raw_states.append(
             (sid, thread.tid, mode, regs, stack, thread.stack_base, depth, service, top_api, pending, frames)

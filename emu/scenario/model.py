@@ -63,8 +63,10 @@ class Budgets:
     instructions: int = 5_000_000  # per run, or per segment between two choices when exploring
     wall_time: float = 20.0  # per run, or for a whole exploration
     callback_depth: int = 1024
-    states: int = 100_000  # exploration: distinct states
+    states: int = 1_000_000  # states recorded by a run, or distinct states found by an exploration
     choice_depth: int = 256  # exploration: choices along one path
+    output_bytes: int = 256 << 20  # bytes of user stack kept with the recorded states
+    memory: int = 1 << 30  # bytes mapped into the address space (images, stacks, [[memory]])
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ TOP_KEYS = {
     "scenario": "a table {name, description, profile}",
     "profile": f"a table of overrides ({', '.join(OVERRIDABLE)}, ssn)",
     "machine": "a table {system_call}",
-    "budgets": "a table {instructions, wall_time, callback_depth, states, choice_depth}",
+    "budgets": "a table {instructions, wall_time, callback_depth, states, choice_depth, output_bytes, memory}",
     "module": "an array of tables [[module]] {name, code, data}",
     "thread": "a table {entry, argument}",
     "kernel_callback_table": 'a table {size, <index> = "module!label"}',
@@ -113,8 +113,10 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
             "instructions": "an integer",
             "wall_time": "seconds",
             "callback_depth": "an integer",
-            "states": "an integer (exploration)",
+            "states": "an integer: states a run records or an exploration finds",
             "choice_depth": "an integer (exploration)",
+            "output_bytes": "an integer: stack bytes kept with the recorded states",
+            "memory": "an integer: bytes mapped into the address space",
         },
     )
     wall = b.get("wall_time", Budgets.wall_time)
@@ -126,6 +128,8 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
         callback_depth=r.int_(b, "callback_depth", ("budgets",), Budgets.callback_depth, 1, 1 << 20),
         states=r.int_(b, "states", ("budgets",), Budgets.states, 1, 1 << 32),
         choice_depth=r.int_(b, "choice_depth", ("budgets",), Budgets.choice_depth, 1, 1 << 20),
+        output_bytes=r.int_(b, "output_bytes", ("budgets",), Budgets.output_bytes, 1, 1 << 40),
+        memory=r.int_(b, "memory", ("budgets",), Budgets.memory, 1 << 16, 1 << 40),
     )
 
     if "module" not in doc and not pe:
