@@ -60,16 +60,18 @@ def _report(r: Run) -> dict[str, object]:
 
 def _print_table(r: Run, out: TextIO) -> None:
     out.write(f"{r.scenario.name} ({r.scenario.profile.title})\n")
-    header = (
-        f"{'step':>4}  {'kind':<15} {'from':<6} -> {'to':<6}  {'service':<22} {'user rip':<42} {'depth':>5}  status"
-    )
+    names = {t.tid: t.name for t in r.threads.values()}
+    many = len(names) > 1
+    who = f"{'thread':<8} " if many else ""
+    header = f"{'step':>4}  {who}{'kind':<15} {'from':<6} -> {'to':<6}  {'service':<22} {'user rip':<42} {'depth':>5}  status"
     out.write(header + "\n" + "-" * len(header) + "\n")
     for row in _transition_rows(r):
+        who = f"{names.get(int(str(row['thread'])), '?'):<8} " if many else ""
         mark = "  <- callback-return pending" if row["pending"] else ""
         if row["detail"]:
             mark += f"  ({row['detail']})"
         line = (
-            f"{row['step']:>4}  {row['kind']:<15} {row['from']:<6} -> {row['to']:<6}  {row['service'] or '':<22} "
+            f"{row['step']:>4}  {who}{row['kind']:<15} {row['from']:<6} -> {row['to']:<6}  {row['service'] or '':<22} "
             f"{row['rip']:<42} {row['depth']:>5}  {row['status'] or ''}{mark}"
         )
         out.write(line.rstrip() + "\n")
@@ -80,6 +82,10 @@ def _print_table(r: Run, out: TextIO) -> None:
         out.write(
             f"  state s{d.state}: rip {d.rip}, [rsp] -> {d.return_address}, depth {d.depth}, api {d.api_number}\n"
         )
+    for chain in r.deadlock:
+        out.write(f"\ndeadlock: {chain}")
+    if r.deadlock:
+        out.write("\n")
     if r.exit_status is not None:
         from emu.winnt import status_name
 
@@ -95,6 +101,10 @@ def _finish(r: Run, err: TextIO) -> int:
     for o in failed:
         err.write(f"{r.scenario.path}: expectation failed: {o.where}: {o.message}\n")
     expected_stop = any(o.expectation.kind == "fault" and o.passed for o in r.outcomes)
+    if r.deadlock and not any(o.expectation.kind == "deadlock" and o.passed for o in r.outcomes):
+        for chain in r.deadlock:
+            err.write(f"{r.scenario.path}: deadlock: {chain}\n")
+        return EXIT_STOPPED
     if r.error is not None and not expected_stop:
         err.write(f"{r.scenario.path}: stopped by {r.stop}: {r.error}\n")
         return EXIT_STOPPED

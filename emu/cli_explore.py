@@ -55,6 +55,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
         )
         for n in exp.pending:
             sys.stdout.write(f"  pending: {n}  {exp.graph.attrs(n)['label']}\n")
+        for n in exp.deadlocks:
+            sys.stdout.write(f"  deadlock: {n}  {exp.graph.attrs(n)['deadlock']}\n")
         for node, message in exp.faults:
             sys.stdout.write(f"  stopped at {node}: {message}\n")
         if exp.stopped_by:
@@ -79,5 +81,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except KeyError as e:
         raise ScenarioError(args.scenario, "", str(e.args[0])) from None
     process = explorer.process
-    sys.stdout.write(render(exp, node, explain(exp, node, process.images, process.trace.symbolize)) + "\n")  # type: ignore[arg-type]
+    names = {t.tid: t.name for t in process.kernel.threads.values()}
+    steps = explain(exp, node, process.images, process.trace.symbolize, names)  # type: ignore[arg-type]
+    sys.stdout.write(render(exp, node, steps) + "\n")
     return EXIT_OK

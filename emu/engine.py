@@ -9,6 +9,7 @@ errors in the input (a bad scenario, assembly that does not assemble) are raised
 from __future__ import annotations
 
 import gc
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -27,12 +28,13 @@ from emu.errors import (
 )
 from emu.image import PAGE, AssemblyError, Image, Symbolizer, image_from_assembly
 from emu.kernel import Kernel, KThread, ServiceRegistry, UserCallback, builtin_services
+from emu.kernel.objects import Event, Mutant, ReleaseMutant, SendMessage, SetEvent, Wait
 from emu.kernel.services import ChoiceStep as KChoiceStep
-from emu.kernel.services import ScriptStep
+from emu.kernel.services import ScriptStep, get_message_service
 from emu.machine import Machine
 from emu.pe import load_pe
 from emu.runtime import NTDLL_BASE, build_ntdll, build_win32u
-from emu.scenario import CallbackStep, ChoiceStep, PeSpec, Scenario, Step, load_scenario
+from emu.scenario import CallbackStep, ChoiceStep, ObjectStep, PeSpec, Scenario, Step, ThreadSpec, load_scenario
 from emu.stubs import compare_with_profile, guess_dispatcher_convention, service_table
 from emu.trace import Trace
 from emu.winnt import (
@@ -71,17 +73,40 @@ PROCESS_ID = 0x1000
 THREAD_ID_BASE = 0x1004
 
 
-def _script_steps(steps: tuple[Step, ...]) -> list[ScriptStep]:
-    """A scenario's service steps as the kernel's script (callbacks, choices, a status; None: the last callback's)."""
+def _script_steps(steps: tuple[Step, ...], threads: dict[str, int], handles: dict[str, int]) -> list[ScriptStep]:
+    """A scenario's service steps as the kernel's script: callbacks, choices, object requests, a status."""
     out: list[ScriptStep] = []
     for st in steps:
         if isinstance(st, CallbackStep):
             out.append(UserCallback(st.api, st.data, st.by_depth))
         elif isinstance(st, ChoiceStep):
-            out.append(KChoiceStep(st.name, st.default, tuple((n, tuple(_script_steps(o))) for n, o in st.options)))
+            options = tuple((n, tuple(_script_steps(o, threads, handles))) for n, o in st.options)
+            out.append(KChoiceStep(st.name, st.default, options))
+        elif isinstance(st, ObjectStep):
+            if st.kind == "send":
+                out.append(SendMessage(threads[st.target], st.api, st.data))
+            elif st.kind == "wait":
+                out.append(Wait(handles[st.target], st.timeout))
+            elif st.kind == "set":
+                out.append(SetEvent(handles[st.target]))
+            else:
+                out.append(ReleaseMutant(handles[st.target]))
         else:
             out.append(st.status)
     return out
+
+
+# Services that touch what several threads share: where an explorer interleaves threads.
+SHARED_SERVICES = frozenset(
+    {
+        "NtWaitForSingleObject",
+        "NtSetEvent",
+        "NtReleaseMutant",
+        "NtUserGetMessage",
+        "NtCallbackReturn",
+        "NtTerminateThread",
+    }
+)
 
 
 @dataclass
@@ -94,13 +119,21 @@ class Run:
     threads: dict[int, KThread]
     error: EmuError | None = None
     max_depth: int = 0
-    stop: str = "exit"  # "exit", "fault", "budget"
+    stop: str = "exit"  # "exit", "fault", "budget", "deadlock"
+    deadlock: list[str] = field(default_factory=list)  # wait chains when the threads ended waiting on each other
     notes: list[str] = field(default_factory=list)  # e.g. SSNs where the loaded ntdll and the profile disagree
     _views: dict[int, object] = field(default_factory=dict, repr=False)
 
     @property
     def symbolize(self) -> Symbolizer:
         return self.trace.symbolize  # type: ignore[return-value]
+
+    def thread(self, name: str) -> KThread:
+        """A thread of the run by name."""
+        for t in self.threads.values():
+            if t.name == name:
+                return t
+        raise KeyError(name)
 
     @property
     def exit_status(self) -> int | None:
@@ -171,8 +204,17 @@ class Process:
         self._map_kuser()
         self.callback_table = self._map_peb()
         registry = builtin_services(ServiceRegistry())
+        if "NtUserGetMessage" not in scenario.services:
+            get_message_service(registry)
+        specs = scenario.threads or (ThreadSpec("thread0", scenario.entry, scenario.argument),)
+        tids = {t.name: i for i, t in enumerate(specs)}
+        handles = {o.name: o.handle for o in scenario.objects}
+        shared = set(SHARED_SERVICES)
         for name, script in scenario.services.items():
-            registry.add_script(name, _script_steps(script.steps))
+            steps = _script_steps(script.steps, tids, handles)
+            registry.add_script(name, steps)
+            if _touches_shared(steps):
+                shared.add(name)
         dispatcher = self.ntdll.export("KiUserCallbackDispatcher")
         if dispatcher is None:
             raise ImageError("ntdll exports no KiUserCallbackDispatcher")
@@ -181,14 +223,28 @@ class Process:
             self.machine, profile, registry, self.trace, dispatcher, b.callback_depth, self.ssn_table,
             state_budget=b.states, output_budget=b.output_bytes,
         )  # fmt: skip
-        self.thread = self.create_thread(0, self.resolve(scenario.entry, ("thread", "entry")), scenario.argument)
+        self.kernel.visible = lambda name: name in shared
+        many = len(specs) > 1
+        for i, th in enumerate(specs):
+            where = ("thread", str(i), "entry") if many else ("thread", "entry")
+            t = self.create_thread(i, self.resolve(th.entry, where), th.argument)
+            t.name = th.name
+            self.kernel.add_thread(t)
+        self.thread = self.kernel.threads[0]
+        for o in scenario.objects:
+            owner = tids[o.owner] if o.owner else None
+            obj: Event | Mutant = (
+                Event(o.name, o.manual_reset, o.signaled)
+                if o.kind == "event"
+                else Mutant(o.name, owner, 1 if owner is not None else 0)
+            )
+            self.kernel.objects.objects[o.handle] = obj
         mapped = sum(r.size for r in self.machine.regions)
         if mapped > b.memory:
             raise BudgetExceeded("memory", b.memory, f"{mapped:#x} bytes mapped by {scenario.path}")
         sym = Symbolizer(self.images, self.stack_regions)
         self.trace.symbolize = sym
         self.machine.symbolize = sym
-        self.kernel.add_thread(self.thread)
 
     # --- building -------------------------------------------------------------------
     def _load_pe(self, spec: PeSpec, where: tuple[str, ...]) -> Image:
@@ -312,10 +368,7 @@ class Process:
     def create_thread(self, index: int, entry: int, argument: int) -> KThread:
         """TEB, stack with a guard page, and a context at RtlUserThreadStart(entry, argument)."""
         m = self.machine
-        guard = m.allocate(PAGE, "", f"thread {index} stack guard")
-        limit = guard + PAGE
-        m.map(limit, STACK_SIZE, "rw", f"thread {index} stack")
-        base = limit + STACK_SIZE
+        limit, base = m.allocate_stack(STACK_SIZE, f"thread {index} stack")
         self.stack_regions.append((limit, base, f"stack{index}"))
         teb = TEB_ADDRESS - index * TEB_SIZE
         t = bytearray(TEB_SIZE)
@@ -339,12 +392,7 @@ class Process:
 
     # --- running --------------------------------------------------------------------
     def run(self) -> Run:
-        b = self.scenario.budgets
-        thread = self.thread
         kernel = self.kernel
-        kernel.current = thread
-        self.machine.set_gs_base(thread.teb)
-        self.machine.regs.set_context(thread.entry_context)
         error: EmuError | None = None
         stop = "exit"
         # The hot path allocates many small records and no cycles; the cyclic collector
@@ -352,20 +400,15 @@ class Process:
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            info = self.machine.run(thread.entry_context.rip, b.instructions, b.wall_time)
-            if not thread.terminated:
-                rip = self.machine.regs.read(("rip",))[0]
-                where = self.trace.symbolize(rip)
-                if info.reason == "timeout":
-                    raise BudgetExceeded("wall_time", f"{b.wall_time:g} s", where)
-                raise BudgetExceeded("instructions", b.instructions, where)
+            kernel.continue_thread(self.thread)
+            stop = self.drive(self.scenario.budgets.wall_time)
         except MachineFault as e:
-            kernel.record_fault(thread, e)
+            kernel.record_fault(kernel.current or self.thread, e)
             error, stop = e, "fault"
         except BudgetExceeded as e:
             error, stop = e, "budget"
         except UnimplementedImport as e:
-            kernel.record_fault(thread, e)
+            kernel.record_fault(kernel.current or self.thread, e)
             error, stop = e, "fault"
         except KernelError as e:
             error, stop = e, "fault"
@@ -375,7 +418,52 @@ class Process:
         return Run(
             scenario=self.scenario, trace=self.trace, images=self.images, threads=dict(kernel.threads),
             error=error, max_depth=kernel.max_depth, stop=stop, notes=list(self.notes),
+            deadlock=list(kernel.deadlock),
         )  # fmt: skip
+
+    def drive(self, wall_time: float | None) -> str:
+        """Run threads until none can: "exit", "deadlock", or "choice" (an explorer decides next).
+
+        ``wall_time=None`` leaves the clock to a Watchdog. Raises BudgetExceeded when a
+        thread runs out of instructions or time, MachineFault when it faults.
+        """
+        kernel, machine, b = self.kernel, self.machine, self.scenario.budgets
+        deadline = None if wall_time is None else time.perf_counter() + wall_time
+        while True:
+            if kernel.pending_choice is not None:
+                return "choice"
+            t = kernel.current
+            if t is not None and t.running:
+                rip = machine.regs.read(("rip",))[0]
+                left = None if deadline is None else max(0.001, deadline - time.perf_counter())
+                info = machine.run(rip, b.instructions, left)
+                if info.reason != "requested" and t.running and kernel.pending_choice is None:
+                    where = self.trace.symbolize(machine.regs.read(("rip",))[0])
+                    if info.reason == "timeout":
+                        raise BudgetExceeded("wall_time", f"{b.wall_time:g} s", where)
+                    raise BudgetExceeded("instructions", b.instructions, where)
+                if self.stop_requested():
+                    return "stopped"
+                continue
+            if kernel.deadlock:
+                return "deadlock"
+            nxt = kernel.next_thread
+            if nxt is None:
+                return "exit"
+            kernel.continue_thread(nxt)
+
+    def stop_requested(self) -> bool:
+        """Whether an observer (an explorer) asked the run to stop where it is."""
+        return False
+
+
+def _touches_shared(steps: list[ScriptStep]) -> bool:
+    for st in steps:
+        if isinstance(st, (Wait, SetEvent, ReleaseMutant, SendMessage)):
+            return True
+        if isinstance(st, KChoiceStep) and any(_touches_shared(list(o)) for _, o in st.options):
+            return True
+    return False
 
 
 def _overlaps(a: Image, b: Image) -> bool:

@@ -39,9 +39,17 @@ def check_exploration(exp: Exploration) -> list[Outcome]:
         "explored_states": exp.states,
         "explored_merges": exp.merges,
         "explored_pending": len(exp.pending),
+        "explored_deadlocks": len(exp.deadlocks),
     }
     out = []
     for e in exp.scenario.expectations:
+        if e.kind == "explored_wait_chain":
+            chains = [str(exp.graph.lean.nodes[n].get("wait_chains", "")) for n in exp.graph.nodes()]
+            hit = next((c for c in chains if e.value in c), None)
+            out.append(
+                Outcome(e, hit is not None, f"a wait chain containing {e.value!r}: {'found' if hit else 'none'}")
+            )
+            continue
         if e.kind in EXPLORE_KINDS:
             what = e.kind.removeprefix("explored_")
             out.append(Outcome(e, got[e.kind] == e.value, f"explored {what}: {got[e.kind]}, expected {e.value}"))
@@ -70,6 +78,13 @@ def _check(run: Run, e: Expectation) -> Outcome:
         msg = "" if run.error is None else str(run.error)
         shown = repr(msg) if msg else "no error (the run finished)"
         return Outcome(e, bool(msg) and v in msg, f"stopped with {shown}; expected an error containing {v!r}")
+    if e.kind == "deadlock":
+        got = bool(run.deadlock)
+        shown = "; ".join(run.deadlock) if run.deadlock else "no deadlock"
+        return Outcome(e, got == v, f"{shown}; expected {'a deadlock' if v else 'none'}")
+    if e.kind == "wait_chain":
+        ok = any(v in chain for chain in run.deadlock)
+        return Outcome(e, ok, f"wait chains: {'; '.join(run.deadlock) or 'none'}; expected one containing {v!r}")
     if e.kind == "max_depth":
         return Outcome(e, run.max_depth == v, f"max callback depth {run.max_depth}, expected {v}")
     if e.kind == "sysret":

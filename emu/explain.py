@@ -26,6 +26,7 @@ class Step:
     code: list[str]  # disassembly around the user RIP after the transition, `=>` at RIP
     changed: list[tuple[str, str, str]]  # (register, before, after)
     callbacks: str
+    thread: str = ""  # the thread that moved, when there are several
 
 
 def find_node(exp: Exploration, name: str) -> str:
@@ -38,6 +39,10 @@ def find_node(exp: Exploration, name: str) -> str:
         if not pending:
             raise KeyError("no state is callback-return pending")
         return pending[0]
+    if name == "deadlock":
+        if not exp.deadlocks:
+            raise KeyError("no state is deadlocked")
+        return exp.deadlocks[0]
     hits = [n for n, a in exp.graph.lean.nodes(data=True) if str(a.get("digest", "")).startswith(name)]
     if len(hits) == 1:
         return str(hits[0])
@@ -69,14 +74,22 @@ def disassemble_around(
     return lines
 
 
-def explain(exp: Exploration, node: str, images: list[Image], symbolize: Symbolizer) -> list[Step]:
-    """The shortest path from the start to ``node``, one Step per transition."""
+def explain(
+    exp: Exploration, node: str, images: list[Image], symbolize: Symbolizer, names: dict[int, str] | None = None
+) -> list[Step]:
+    """The shortest path from the start to ``node``, one Step per transition.
+
+    With several threads, registers are compared with the same thread's previous state.
+    """
     g = exp.graph.nx
     path = exp.graph.path_to(node, "n0")
     steps = []
+    last_of: dict[object, str] = {}
     for u, v in itertools.pairwise(path):
         data = g.get_edge_data(u, v)
-        a, b = g.nodes[u], g.nodes[v]
+        b = g.nodes[v]
+        a = g.nodes[last_of.get(b["thread"], u)]
+        last_of[b["thread"]] = v
         changed = [
             (r, str(a[f"reg_{r}"]), str(b[f"reg_{r}"])) for r in REGISTER_NAMES if a[f"reg_{r}"] != b[f"reg_{r}"]
         ]
@@ -85,6 +98,7 @@ def explain(exp: Exploration, node: str, images: list[Image], symbolize: Symboli
                 u, v, str(data["kind"]), data.get("service"), data.get("status"),
                 disassemble_around(images, symbolize, int(str(b["rip"]), 16)),
                 changed, str(b.get("callbacks", "")),
+                (names or {}).get(int(str(b["thread"])), f"thread {b['thread']}") if names and len(names) > 1 else "",
             )
         )  # fmt: skip
     return steps
@@ -95,7 +109,8 @@ def render(exp: Exploration, node: str, steps: list[Step]) -> str:
     out = [f"{node}: {g.nodes[node]['label']}", f"reached from n0 in {len(steps)} transition(s)", ""]
     for i, s in enumerate(steps, 1):
         what = s.kind + (f" {s.service}" if s.service else "") + (f" -> {s.status}" if s.status else "")
-        out.append(f"[{i}] {s.src} -> {s.dst}  {what}")
+        who = f" ({s.thread})" if s.thread else ""
+        out.append(f"[{i}] {s.src} -> {s.dst}{who}  {what}")
         out.append(f"    now: {g.nodes[s.dst]['label']}")
         out.append("    user code:")
         out.extend(f"      {line}" for line in s.code)
@@ -104,4 +119,8 @@ def render(exp: Exploration, node: str, steps: list[Step]) -> str:
             out.extend(f"      {r:<6} {old} -> {new}" for r, old, new in s.changed)
         out.append(f"    callback stack: {s.callbacks or '(empty)'}")
         out.append("")
+    attrs = g.nodes[node]
+    for key in ("deadlock", "wait_chains"):
+        if key in attrs:
+            out.append(f"{key.replace('_', ' ')}: {attrs[key]}")
     return "\n".join(out)

@@ -28,6 +28,7 @@ import networkx as nx
 from emu.engine import Process
 from emu.errors import BudgetExceeded, KernelError, MachineFault
 from emu.graph import EdgeInfo, StateGraph
+from emu.kernel import sched
 from emu.kernel.core import KernelState, KThread
 from emu.machine import Watchdog
 from emu.scenario import Scenario, load_scenario
@@ -45,6 +46,7 @@ class Fork:
     memory: PageSnapshot
     kernel: KernelState
     depth: int  # choices taken on the way here
+    node: str  # the digest of the state the choice is made in
 
 
 @dataclass
@@ -59,6 +61,7 @@ class Exploration:
     stopped_by: str | None = None  # a budget's name when exploration did not finish
     unexplored: int = 0  # options left on the work list when a budget stopped it
     faults: list[tuple[str, str]] = field(default_factory=list)  # (node, message)
+    deadlocks: list[str] = field(default_factory=list)  # nodes where no thread can run but some wait
     elapsed: float = 0.0
     forked_states: int = 0  # states recorded after a fork (each came from a restored copy)
     snapshot_bytes: int = 0  # memory held by page snapshots (dirty pages only)
@@ -93,6 +96,7 @@ class Exploration:
             "complete": self.complete,
             "stopped_by": self.stopped_by,
             "unexplored": self.unexplored,
+            "deadlocks": len(self.deadlocks),
             "faults": [{"node": n, "message": m} for n, m in self.faults],
         }
 
@@ -114,7 +118,12 @@ class Explorer:
         self.kernel.state_budget = None  # the trace spans every path here; distinct states are budgeted below
         self.kernel.observer = self._observe
         self.cow = self.machine.enable_cow()
-        self.digests: list[str] = []  # digest of each raw state currently in the trace
+        self.process.stop_requested = lambda: self._merged_at is not None  # type: ignore[method-assign]
+        self.digests: list[str] = []  # digest of each raw state in the trace (it only grows)
+        self._last: str | None = None  # the latest state of the path being run
+        self._known: set[str] = set()  # states some finished segment went through
+        self.deadlocks: dict[str, list[str]] = {}  # state -> wait chains, where no thread can run
+        self.chains: dict[str, list[str]] = {}  # state -> wait chains, wherever some thread waits
         self.nodes: dict[str, State] = {}
         self.edges: dict[tuple[object, ...], None] = {}
         self._segment_seen: set[str] = set()
@@ -130,16 +139,40 @@ class Explorer:
         # x64 ABI has no red zone); then depth, service, api, pending, callback frames.
         h.update(repr((raw[1], raw[2], raw[3], raw[6:])).encode())
         h.update(raw[4])
+        # Every thread's kernel side (waits, callback stacks), the objects, and the live
+        # stacks of the threads that are not moving: the whole process is the state.
         h.update(repr(self.kernel.digest_key(thread)).encode())
+        for other in self.kernel.threads.values():
+            if other is not thread:
+                h.update(self._stack_of(other))
         h.update(self.cow.digest(self._stacks))
         d = h.hexdigest()
         if len(self.digests) != sid:
             raise KernelError(f"explorer lost track of states ({len(self.digests)} digests for state {sid})")
         self.digests.append(d)
-        if self._merged_at is None and (d in self.nodes or d in self._segment_seen):
+        if self._merged_at is not None:
+            return  # past a merge: the rest of this path is explored elsewhere
+        if d not in self.nodes:
+            self.nodes[d] = self.trace.states[sid]
+            if len(self.kernel.threads) > 1:
+                chains = sched.wait_chains(self.kernel)
+                if chains:
+                    self.chains[d] = chains
+        if self._last is not None:
+            t = self.trace.raw_transitions[-1]
+            # (src, dst, kind, service, ssn, status, api, detail), between consecutive states of the process
+            self.edges[(self._last, d, t[1], t[5], t[6], t[10], t[11], t[12])] = None
+        self._last = d
+        if d in self._known or d in self._segment_seen:
             self._merged_at = sid  # a known state: its future is explored elsewhere
             self.machine.request_stop()
         self._segment_seen.add(d)
+
+    def _stack_of(self, t: KThread) -> bytes:
+        ctx = t.suspended.trap.ctx if t.suspended is not None else (None if t.started else t.entry_context)
+        if ctx is None or t.terminated or not t.stack_limit <= ctx.rsp < t.stack_base:
+            return b""
+        return self.machine.read(ctx.rsp, t.stack_base - ctx.rsp)
 
     # --- the walk ---------------------------------------------------------------------
     def run(self) -> Exploration:
@@ -147,18 +180,20 @@ class Explorer:
         start = time.perf_counter()
         self._deadline = start + b.wall_time
         result = Exploration(self.scenario, self.strategy, StateGraph(nx.DiGraph()))
-        thread = self.process.thread
         gc_was_enabled = gc.isenabled()
         gc.disable()
         watchdog = Watchdog(self.machine, b.wall_time)
         try:
             watchdog.__enter__()
-            self._observe(0, thread)
-            self.kernel.current = thread
-            self.machine.set_gs_base(thread.teb)
-            self.machine.regs.set_context(thread.entry_context)
+            # Each thread's initial state was recorded as it was added: together they are the start.
+            first = len(self.trace.raw_states) - 1
+            self.digests.extend([""] * first)
+            self._observe(first, self.process.thread)
+            self.digests[:first] = [self.digests[first]] * first
+            self._known.add(self.digests[first])
+            self.kernel.continue_thread(self.process.thread)
             work: deque[tuple[Fork, str]] = deque()
-            self._segment(result, 0, 0, run_cpu=True)
+            self._segment(result)
             self._after_segment(result, work, 0)
             while work:
                 if len(self.nodes) >= b.states:
@@ -169,10 +204,9 @@ class Explorer:
                     break
                 fork, option = work.popleft() if self.strategy == "bfs" else work.pop()
                 self._restore(fork)
-                mark, mark_t = len(self.trace.raw_states), len(self.trace.raw_transitions)
+                mark = len(self.trace.raw_states)
                 self.kernel.resume(option)
-                run_cpu = self._merged_at is None and self.kernel.pending_choice is None
-                self._segment(result, mark, mark_t, run_cpu)
+                self._segment(result)
                 result.forked_states += len(self.trace.raw_states) - mark
                 self._after_segment(result, work, fork.depth + 1)
             result.unexplored += len(work)
@@ -184,42 +218,24 @@ class Explorer:
                 gc.enable()
         result.graph = self._graph()
         result.faults = [(self._name(result.graph, d), m) for d, m in result.faults]
+        result.deadlocks = [self._name(result.graph, d) for d in sorted(self.deadlocks)]
         result.elapsed = time.perf_counter() - start
         return result
 
-    def _segment(self, result: Exploration, n_states: int, n_trans: int, run_cpu: bool) -> None:
-        """Run the CPU (unless the kernel already stopped), then add the new states and edges."""
-        thread = self.kernel.current
-        if thread is None:
-            raise KernelError("no current thread to explore")
-        if run_cpu and not thread.terminated:
-            b = self.scenario.budgets
-            rip = self.machine.regs.read(("rip",))[0]
-            try:
-                info = self.machine.run(rip, b.instructions, None)  # wall time: the run's Watchdog
-                if info.reason != "requested" and not thread.terminated:
-                    where = self.trace.symbolize(self.machine.regs.read(("rip",))[0])
-                    if info.reason == "timeout":
-                        raise BudgetExceeded("wall_time", f"{b.wall_time:g} s", where)
-                    raise BudgetExceeded("instructions", b.instructions, where)
-            except MachineFault as e:
-                self.kernel.record_fault(thread, e)
-                result.faults.append((self.digests[-1], str(e)))
-            except (BudgetExceeded, KernelError) as e:
-                result.faults.append((self.digests[-1], str(e)))
-        self._absorb(n_states, n_trans)
-
-    def _absorb(self, n_states: int, n_trans: int) -> None:
-        last = self._merged_at if self._merged_at is not None else len(self.trace.raw_states) - 1
-        states = self.trace.states
-        for sid in range(n_states, last + 1):
-            self.nodes.setdefault(self.digests[sid], states[sid])
-        for raw in self.trace.raw_transitions[n_trans:]:
-            src, dst = raw[3], raw[4]
-            if dst > last:
-                break
-            # (src, dst, kind, service, ssn, status, api, detail)
-            self.edges[(self.digests[src], self.digests[dst], raw[1], raw[5], raw[6], raw[10], raw[11], raw[12])] = None
+    def _segment(self, result: Exploration) -> None:
+        """Run the process (every thread, in turn) until a choice, the end of the path, a merge or a fault."""
+        thread = self.kernel.current or self.process.thread
+        try:
+            outcome = self.process.drive(None)  # wall time: the exploration's Watchdog
+            if outcome == "deadlock" and self._merged_at is None and self._last is not None:
+                self.deadlocks[self._last] = list(self.kernel.deadlock)
+        except MachineFault as e:
+            self.kernel.record_fault(self.kernel.current or thread, e)
+            result.faults.append((self._last or "", str(e)))
+        except (BudgetExceeded, KernelError) as e:
+            result.faults.append((self._last or "", str(e)))
+        for d in self._segment_seen:
+            self._known.add(d)
 
     def _after_segment(self, result: Exploration, work: deque[tuple[Fork, str]], depth: int) -> None:
         pending = self.kernel.pending_choice
@@ -235,12 +251,7 @@ class Explorer:
             result.unexplored += len(pending.choice.options)
             self.kernel.pending_choice = None
             return
-        fork = Fork(
-            self.machine.uc.context_save(),
-            self.cow.take(),
-            self.kernel.save(),
-            depth,
-        )
+        fork = Fork(self.machine.uc.context_save(), self.cow.take(), self.kernel.save(), depth, self._last or "")
         result.forks += 1
         result.snapshot_bytes += fork.memory.own_bytes
         options = list(pending.choice.options)
@@ -251,11 +262,15 @@ class Explorer:
         self.machine.uc.context_restore(fork.cpu)
         self.cow.restore(fork.memory)
         self.kernel.load(fork.kernel)
+        current = self.kernel.current
+        if current is not None:
+            self.machine.set_gs_base(current.teb)
         # The next segment will almost surely push onto the stack: open its page now
         # rather than taking a copy-on-write fault and restarting the CPU for it.
         rsp = self.machine.regs.read(("rsp",))[0]
         self.cow.prefault(rsp - 0x100, 0x100)
-        # The trace only grows: the restored thread's state id still names the fork's state.
+        # The trace only grows: the restored threads' state ids still name their states.
+        self._last = fork.node
         self._merged_at = None
         self._segment_seen.clear()
 
@@ -287,6 +302,10 @@ class Explorer:
         g = nx.DiGraph()
         for d, i in sorted(order.items(), key=lambda kv: kv[1]):
             g.add_node(f"n{i}", state=self.nodes[d], digest=d)
+            if d in self.deadlocks:
+                g.nodes[f"n{i}"]["deadlock"] = "; ".join(self.deadlocks[d])
+            if d in self.chains:
+                g.nodes[f"n{i}"]["wait_chains"] = "; ".join(self.chains[d])
         for key in sorted(self.edges, key=lambda k: (order[str(k[0])], order[str(k[1])], _edge_sort(k))):
             kind, service, ssn, status, api, detail = key[2:]
             info = EdgeInfo(str(kind), service, ssn, status, api, str(detail or ""))  # type: ignore[arg-type]

@@ -107,6 +107,9 @@ class StateGraph:
         attrs = node_attrs(d["state"], self.symbolize)
         if "digest" in d:
             attrs["digest"] = d["digest"]
+        for key in ("deadlock", "wait_chains"):
+            if key in d:
+                attrs[key] = d[key]
         return attrs
 
     def nodes(self) -> Iterator[str]:

@@ -244,6 +244,14 @@ class Machine:
         self._next_alloc = region.end + PAGE  # an unmapped page between allocations
         return start
 
+    def allocate_stack(self, size: int, label: str) -> tuple[int, int]:
+        """A stack with a no-access guard page below it; returns (limit, base)."""
+        start = self._next_alloc
+        self.map(start, PAGE, "", f"{label} guard")
+        region = self.map(start + PAGE, size, "rw", label)
+        self._next_alloc = region.end + PAGE
+        return region.start, region.end
+
     def region_at(self, address: int) -> Region | None:
         for r in self.regions:
             if r.start <= address < r.end:

@@ -14,10 +14,10 @@ from typing import Any, Literal, NamedTuple
 from emu.context import KTrapFrame, UserContext
 from emu.winnt import status_name
 
-TransitionKind = Literal["syscall", "sysret", "callback", "callback_return", "fault", "exit"]
+TransitionKind = Literal["syscall", "sysret", "callback", "callback_return", "fault", "exit", "block"]
 Mode = Literal["user", "kernel", "exited"]
 
-KINDS: tuple[str, ...] = ("syscall", "sysret", "callback", "callback_return", "fault", "exit")
+KINDS: tuple[str, ...] = ("syscall", "sysret", "callback", "callback_return", "fault", "exit", "block")
 
 
 class State(NamedTuple):

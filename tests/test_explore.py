@@ -38,7 +38,10 @@ def test_bfs_and_dfs_give_byte_identical_exports(path: Path) -> None:
     assert bfs.to_dot() == dfs.to_dot()
 
 
-@pytest.mark.parametrize("path", [p for p in SCENARIOS if p not in CHOICE_SCENARIOS], ids=lambda p: p.stem)
+SINGLE_PATH = [p for p in SCENARIOS if p not in CHOICE_SCENARIOS and "[[thread]]" not in p.read_text()]
+
+
+@pytest.mark.parametrize("path", SINGLE_PATH, ids=lambda p: p.stem)
 def test_without_choices_exploration_is_the_run(path: Path) -> None:
     r = run(path)
     exp = explore(path)

@@ -24,8 +24,8 @@ from emu.winnt import STATUS_BY_NAME
 BASE_PATH = Path(__file__).resolve().parent.parent / "scenarios" / "callback_roundtrip.toml"
 BASE = BASE_PATH.read_text(encoding="utf-8")
 
-TOP_KEYS = "scenario, profile, machine, budgets, module, thread, kernel_callback_table, services, expect, memory, ntdll, pe"
-EXPECT_KINDS = "detections, detection, exit_status, max_depth, sysret, callback_output, transitions, fault, explored_states, explored_merges, explored_pending"
+TOP_KEYS = "scenario, profile, machine, budgets, module, thread, object, kernel_callback_table, services, expect, memory, ntdll, pe"
+EXPECT_KINDS = "detections, detection, exit_status, max_depth, sysret, callback_output, transitions, fault, deadlock, wait_chain, explored_states, explored_merges, explored_pending, explored_deadlocks, explored_wait_chain"
 STEPS_MULTILINE = """steps = [
     { kind = "callback", api = 2, text = "WM_PAINT" },
     { kind = "return", status = "callback" },
@@ -154,7 +154,7 @@ def test_missing_thread_entry(tmp_path: Path) -> None:
 def test_missing_thread_table(tmp_path: Path) -> None:
     text = mutate('[thread]\nentry = "app!main"\n', "")
     path = write(tmp_path, text)
-    assert load_error(path) == f"{path}: missing required key 'thread' (a table {{entry, argument}})"
+    assert load_error(path) == f"{path}: missing required key 'thread' (a table {{entry, argument}}, or an array of tables [[thread]] {{name, entry, argument}})"
 
 
 def test_missing_scenario_name(tmp_path: Path) -> None:
@@ -245,7 +245,7 @@ def test_step_unknown_kind(tmp_path: Path) -> None:
     path = write(tmp_path, text)
     assert load_error(path) == (
         f"{path}:{line(text, 'sleep')} [services.NtUserMessageCall.steps[1].kind]: "
-        'expected "callback", "return" or "choice", got string \'sleep\''
+        'expected "callback", "return", "choice", "wait", "set", "release" or "send", got string \'sleep\''
     )
 
 

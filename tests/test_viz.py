@@ -40,8 +40,13 @@ def test_timeline_draws_one_arrow_per_transition_and_marks_pending_states(
     r = shipped_runs[name]
     fig = viz.timeline(r)
     ax = fig.axes[0]
-    depth = max(s.depth for s in r.trace.states)
-    assert [t.get_text() for t in ax.get_yticklabels()] == expected_lanes(depth)
+    tids = sorted({s.thread for s in r.trace.states})
+    want: list[str] = []
+    for tid in tids:
+        depth = max(s.depth for s in r.trace.states if s.thread == tid)
+        prefix = f"T{tid} " if len(tids) > 1 else ""
+        want += [prefix + lane for lane in expected_lanes(depth)]
+    assert [t.get_text() for t in ax.get_yticklabels()] == want
     assert len(gids(ax, "transition-")) == len(r.trace)
     labels = texts(ax, "label-")
     assert len(labels) == len(r.trace)
@@ -129,8 +134,13 @@ def test_state_graph_draws_every_state_and_transition(shipped_runs: dict[str, Ru
     assert len(nodes) == len(r.trace.states)
     assert gids(ax, "pending-s") == sorted(f"pending-s{s.id}" for s in pending)
     assert len(gids(ax, "edge-")) == len(r.trace)
-    depth = max(s.depth for s in r.trace.states)
-    assert [t.get_text() for t in ax.get_yticklabels()] == expected_lanes(depth)
+    tids = sorted({s.thread for s in r.trace.states})
+    want: list[str] = []
+    for tid in tids:
+        depth = max(s.depth for s in r.trace.states if s.thread == tid)
+        prefix = f"T{tid} " if len(tids) > 1 else ""
+        want += [prefix + lane for lane in expected_lanes(depth)]
+    assert [t.get_text() for t in ax.get_yticklabels()] == want
 
 
 def test_state_graph_takes_a_state_graph(shipped_runs: dict[str, Run]) -> None:

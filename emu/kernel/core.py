@@ -16,6 +16,17 @@ from unicorn import UcError
 
 from emu.context import KTrapFrame, UserContext
 from emu.errors import BudgetExceeded, EmuError, KernelError, MachineFault, UnimplementedService
+from emu.kernel import sched
+from emu.kernel.objects import (
+    Mutant,
+    ObjectTable,
+    ReceiveMessage,
+    ReleaseMutant,
+    ReplyMessage,
+    SendMessage,
+    SetEvent,
+    Wait,
+)
 from emu.kernel.services import (
     Activation,
     CallbackResult,
@@ -54,6 +65,7 @@ STACK_CAPTURE_LIMIT = 0x10000  # bytes of user stack kept per state
 _ALL = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11",
         "r12", "r13", "r14", "r15", "rip", "rflags")  # fmt: skip
 _SYSRET = ("rax", "rcx", "r11")
+OBJECT_REQUESTS = (Wait, SetEvent, ReleaseMutant, SendMessage, ReceiveMessage, ReplyMessage)
 _VIA = {"syscall": "", "int 2Eh": "entered via int 2Eh"}
 
 
@@ -65,6 +77,7 @@ class CallbackFrame:
     trap: KTrapFrame  # the user context of the syscall whose service called back
     api: int
     user_frame: int  # address of the UCALLOUT_FRAME on the user stack
+    message_id: int | None = None  # the sent message this callback handles, if any
 
 
 @dataclass(frozen=True)
@@ -72,11 +85,12 @@ class PendingChoice:
     """A service suspended at a Choice, waiting for the explorer to pick an option."""
 
     tid: int
-    activation: Activation | ScriptActivation
-    trap: KTrapFrame
+    activation: Activation | ScriptActivation | None  # None: a scheduling choice
+    trap: KTrapFrame | None
     resumed: bool
     note: str
     choice: Choice
+    at_entry: bool = False  # a scheduling choice at this thread's system call entry
 
 
 @dataclass
@@ -99,6 +113,14 @@ class KThread:
     # In kernel mode after a callback returned: what the resuming service is about to get
     # (its position, the status and output). Part of the state's identity when exploring.
     resuming: tuple[object, ...] | None = None
+    name: str = ""
+    started: bool = False
+    suspended: sched.Suspended | None = None  # kernel work off the CPU (see emu.kernel.sched)
+
+    @property
+    def running(self) -> bool:
+        """On the CPU (or about to be): started, not suspended, not finished."""
+        return self.started and self.suspended is None and not self.terminated
 
 
 class ThreadServiceContext:
@@ -154,6 +176,10 @@ class Kernel:
         # How a Choice is answered: an option name, or None to suspend (exploration).
         self.choose: Callable[[KThread, Choice], str | None] = lambda thread, choice: choice.default
         self.pending_choice: PendingChoice | None = None
+        self.objects = ObjectTable()
+        self.next_thread: KThread | None = None  # chosen to run after the current one stopped
+        self.deadlock: list[str] = []  # wait chains, when no thread can run but some wait
+        self.visible: Callable[[str | None], bool] = lambda name: True
         # Called with (state id, thread) after each recorded state (exploration computes digests).
         self.observer: Callable[[int, KThread], None] | None = None
         self._entry_len = 2  # bytes Unicorn adds to a RIP written in the current hook
@@ -164,6 +190,7 @@ class Kernel:
 
     # --- threads ------------------------------------------------------------------------
     def add_thread(self, thread: KThread) -> None:
+        thread.name = thread.name or f"thread{thread.tid}"
         self.threads[thread.tid] = thread
         thread.service_ctx = ThreadServiceContext(self, thread)
         thread.state_id = len(self.trace.raw_states)
@@ -206,6 +233,17 @@ class Kernel:
             self._callback_return(thread, regs, via, ssn)
             return
         self._record("syscall", thread, "kernel", regs, name, ssn, None, None, name, False, _VIA[via], b"", None)
+        if self._schedule_at_entry(thread, regs, via, name):
+            return
+        self._dispatch(thread, regs, via)
+
+    def _dispatch(self, thread: KThread, regs: tuple[int, ...], via: str) -> None:
+        """Run the service for a system call whose entry is already recorded."""
+        ssn = regs[0] & 0xFFFF_FFFF
+        name = self.names.get(ssn)
+        if name == NT_CALLBACK_RETURN:
+            self._complete_callback(thread, regs, via, ssn)
+            return
         if name is None:
             # KiSystemCall64: an SSN beyond the service table's limit fails the call.
             self._sysret_now(thread, regs, via, STATUS_INVALID_SYSTEM_SERVICE, None, "")
@@ -254,6 +292,15 @@ class Kernel:
             if isinstance(req, TerminateThread):
                 self._exit(thread, req.status, act.spec.name)
                 return
+            if isinstance(req, OBJECT_REQUESTS):
+                done, value = sched.handle_request(self, thread, req)
+                if not done:
+                    on = sched.waits_on(thread, req, self)
+                    timeout = isinstance(req, Wait) and req.timeout
+                    self._block(thread, act, trap, resumed, note, on, timeout)
+                    return
+                req = act.step(value)
+                continue
             depth = len(thread.callback_stack)
             failure: CallbackResult | None
             if depth >= self.profile.callback_depth_limit:
@@ -301,7 +348,7 @@ class Kernel:
     ) -> CallbackResult | None:
         """Enter KiUserCallbackDispatcher; returns a failure result instead if the frame cannot be built."""
         if req.by_depth:
-            req = UserCallback(req.api_at(len(thread.callback_stack)), req.data)
+            req = UserCallback(req.api_at(len(thread.callback_stack)), req.data, message=req.message)
         data = bytes(req.data)
         old = trap.ctx.rsp
         # ReactOS KeUserModeCallback (ntoskrnl/ke/amd64/usercall.c): the input goes to
@@ -327,7 +374,7 @@ class Kernel:
             # "registers" convention: entered like a call, ECX = api, RDX = buffer, R8D = length.
             self.machine.write_u64(frame - 8, 0)
             user = trap.ctx._replace(rsp=frame - 8, rip=self.dispatcher, rcx=req.api, rdx=buffer, r8=len(data))
-        thread.callback_stack.append(CallbackFrame(act, trap, req.api, frame))
+        thread.callback_stack.append(CallbackFrame(act, trap, req.api, frame, req.message))
         self.max_depth = max(self.max_depth, len(thread.callback_stack))
         self.machine.regs.set_context(user._replace(rip=self.dispatcher - self._entry_len))
         name = act.spec.name
@@ -360,6 +407,13 @@ class Kernel:
         self._record(
             "syscall", thread, "kernel", regs, NT_CALLBACK_RETURN, ssn, None, None, service, True, _VIA[via], b"", None
         )
+        if self._schedule_at_entry(thread, regs, via, NT_CALLBACK_RETURN):
+            return
+        self._complete_callback(thread, regs, via, ssn)
+
+    def _complete_callback(self, thread: KThread, regs: tuple[int, ...], via: str, ssn: int) -> None:
+        top = thread.callback_stack[-1]
+        service = top.activation.spec.name
         thread.callback_stack.pop()
         result_ptr, length, status = regs[10], regs[2] & 0xFFFF_FFFF, regs[8] & 0xFFFF_FFFF
         detail = ""
@@ -396,6 +450,12 @@ class Kernel:
     def _exit(self, thread: KThread, status: int, service: str) -> None:
         thread.terminated = True
         thread.exit_status = status
+        for handle, m in self.objects.objects.items():
+            if isinstance(m, Mutant) and m.owner == thread.tid:
+                # The owner ended: the mutant is abandoned and passes on (MS docs, "Mutex Objects";
+                # Windows reports STATUS_ABANDONED_WAIT_0 to the next owner, the model success).
+                m.owner, m.count = None, 0
+                sched.satisfy_waiters(self, handle)
         regs = self.trace.raw_states[thread.state_id][3]
         self._record(
             "exit",
@@ -412,7 +472,94 @@ class Kernel:
             b"",
             None,
         )
+        self._reschedule(thread)
+
+    # --- several threads --------------------------------------------------------------
+    def _block(
+        self, thread: KThread, act: Activation | ScriptActivation, trap: KTrapFrame, resumed: bool, note: str,
+        on: tuple[object, ...], timeout: bool,
+    ) -> None:  # fmt: skip
+        """The thread waits: off the CPU until an object, a message or a reply wakes it."""
+        thread.suspended = sched.Suspended("blocked", trap, act, resumed, note, on, timeout)
+        what = self._describe_wait(on)
+        service = act.spec.name
+        self._record(
+            "block", thread, "kernel", tuple(trap.ctx), service, None, None, None, service, False, what, b"", None
+        )
+        self._reschedule(thread)
+
+    def _describe_wait(self, on: tuple[object, ...]) -> str:
+        if on and on[0] == "object":
+            return f"waits on {self.objects.name(int(str(on[1])))}"
+        if on and on[0] == "reply":
+            return "waits for the reply to a sent message"
+        return "waits for a sent message"
+
+    def _reschedule(self, stopped: KThread) -> None:
+        """The running thread stopped (blocked or exited): choose who runs next, or note a deadlock."""
         self.machine.request_stop()
+        self.next_thread = None
+        choice = sched.schedule_choice(self, None, at_entry=False)
+        if choice is None:
+            waiting = [t for t in self.threads.values() if t.suspended is not None and not t.terminated]
+            if waiting:
+                self.deadlock = sched.wait_chains(self)
+            return
+        option = self.choose(stopped, choice)
+        if option is None:
+            self.pending_choice = PendingChoice(stopped.tid, None, None, False, "", choice)
+            return
+        self._take(option)
+
+    def _schedule_at_entry(self, thread: KThread, regs: tuple[int, ...], via: str, name: str | None) -> bool:
+        """At a visible entry, another thread may go first (exploration); True if this one yields."""
+        if len(self.threads) < 2 or not self.visible(name):
+            return False
+        choice = sched.schedule_choice(self, thread, at_entry=True)
+        if choice is None:
+            return False
+        trap = KTrapFrame(UserContext._make(regs), via)
+        option = self.choose(thread, choice)
+        if option is None:
+            self.pending_choice = PendingChoice(thread.tid, None, trap, False, "", choice, at_entry=True)
+            self.machine.request_stop()
+            return True
+        if option == thread.name:
+            return False
+        thread.suspended = sched.Suspended("entry", trap)
+        self.machine.request_stop()
+        self._take(option)
+        return True
+
+    def _take(self, option: str) -> None:
+        """Make the thread an option names the next to run (``name times out``: its wait expires first)."""
+        name = option.removesuffix(sched.TIMES_OUT)
+        target = next((t for t in self.threads.values() if t.name == name), None)
+        if target is None:
+            raise KernelError(f"no thread named {name!r} to schedule")
+        if option.endswith(sched.TIMES_OUT):
+            sched.time_out(self, target)
+        self.next_thread = target
+
+    def continue_thread(self, thread: KThread) -> None:
+        """Put a thread on the CPU (outside any hook) and carry on with its kernel work, if any."""
+        self.current = thread
+        self.next_thread = None
+        self._entry_len = 0
+        self.machine.set_gs_base(thread.teb)
+        if not thread.started:
+            thread.started = True
+            self.machine.regs.set_context(thread.entry_context)
+            return
+        s = thread.suspended
+        if s is None:
+            return
+        thread.suspended = None
+        self.machine.regs.set_context(s.trap.ctx)
+        if s.kind == "entry":
+            self._dispatch(thread, tuple(s.trap.ctx), s.trap.via)
+        elif s.activation is not None:
+            self._drive(thread, s.activation, s.trap, s.wake, s.resumed, None, s.note)
 
     def record_fault(self, thread: KThread, error: EmuError) -> None:
         thread.terminated = True
@@ -474,19 +621,35 @@ class Kernel:
             raise KernelError("no choice is pending")
         self.pending_choice = None
         thread = self.threads[pending.tid]
-        self.current = thread
         self._entry_len = 0
+        if pending.activation is None:  # a scheduling choice
+            if pending.at_entry and pending.trap is not None:
+                if option == thread.name:
+                    self.current = thread
+                    self._dispatch(thread, tuple(pending.trap.ctx), pending.trap.via)
+                    return
+                thread.suspended = sched.Suspended("entry", pending.trap)
+            self._take(option)
+            return
+        self.current = thread
+        if pending.trap is None:
+            raise KernelError("a suspended service lost its trap frame")
         self._drive(thread, pending.activation, pending.trap, option, pending.resumed, None, pending.note)
 
     def save(self) -> KernelState:
         """Everything the kernel model knows, copied so the original may go on changing."""
+        p = self.pending_choice
+        if p is not None and p.activation is not None:
+            p = dataclasses.replace(p, activation=p.activation.fork())
         return KernelState(
             {tid: _copy_thread(t) for tid, t in self.threads.items()},
             None if self.current is None else self.current.tid,
             self.max_depth,
-            None if self.pending_choice is None else dataclasses.replace(
-                self.pending_choice, activation=self.pending_choice.activation.fork()),
-        )  # fmt: skip
+            p,
+            self.objects.copy(),
+            None if self.next_thread is None else self.next_thread.tid,
+            list(self.deadlock),
+        )
 
     def load(self, state: KernelState) -> None:
         """Make ``state`` current (copied again, so one saved state can be loaded many times)."""
@@ -496,31 +659,49 @@ class Kernel:
         self.current = None if state.current is None else self.threads[state.current]
         self.max_depth = state.max_depth
         p = state.pending_choice
-        self.pending_choice = None if p is None else dataclasses.replace(p, activation=p.activation.fork())
+        if p is not None and p.activation is not None:
+            p = dataclasses.replace(p, activation=p.activation.fork())
+        self.pending_choice = p
+        self.objects = state.objects.copy()
+        self.next_thread = None if state.next_thread is None else self.threads[state.next_thread]
+        self.deadlock = list(state.deadlock)
 
     def digest_key(self, thread: KThread) -> tuple[object, ...]:
-        """The kernel-model part of a state's identity: the thread's callback stack and fate."""
-        frames = tuple((f.api, f.user_frame, tuple(f.trap.ctx), f.activation.position()) for f in thread.callback_stack)
-        pending = None
-        if self.pending_choice is not None and self.pending_choice.tid == thread.tid:
-            pending = (
-                self.pending_choice.choice,
-                self.pending_choice.activation.position(),
-                self.pending_choice.resumed,
+        """The kernel-model part of a state's identity: every thread's callback stack, wait and fate, and the objects."""
+        threads = []
+        for t in self.threads.values():
+            frames = tuple(
+                (f.api, f.user_frame, tuple(f.trap.ctx), f.activation.position(), f.message_id)
+                for f in t.callback_stack
             )
-        return (thread.tid, thread.mode, thread.terminated, thread.exit_status, frames, pending, thread.resuming)
+            waiting = None if t.suspended is None else t.suspended.key()
+            entry = None if t.started else tuple(t.entry_context)
+            threads.append((t.tid, t.mode, t.started, t.terminated, t.exit_status, frames, waiting, entry, t.resuming))
+        pending = None
+        if self.pending_choice is not None:
+            p = self.pending_choice
+            pos = p.activation.position() if p.activation is not None else None
+            pending = (p.tid, p.choice, pos, p.resumed, p.at_entry)
+        nxt = None if self.next_thread is None else self.next_thread.tid
+        return (thread.tid, tuple(threads), pending, self.objects.key(), nxt)
 
 
 @dataclass(frozen=True)
 class KernelState:
-    """A saved kernel model: threads (with their callback stacks), the current thread, a pending choice."""
+    """A saved kernel model: threads (callback stacks, waits), the current thread, a pending choice, objects."""
 
     threads: dict[int, KThread]
     current: int | None
     max_depth: int
     pending_choice: PendingChoice | None
+    objects: ObjectTable = field(default_factory=ObjectTable)
+    next_thread: int | None = None
+    deadlock: list[str] = field(default_factory=list)
 
 
 def _copy_thread(t: KThread) -> KThread:
     frames = [dataclasses.replace(f, activation=f.activation.fork()) for f in t.callback_stack]
-    return dataclasses.replace(t, callback_stack=frames, service_ctx=None)
+    s = t.suspended
+    if s is not None:
+        s = dataclasses.replace(s, activation=None if s.activation is None else s.activation.fork())
+    return dataclasses.replace(t, callback_stack=frames, service_ctx=None, suspended=s)

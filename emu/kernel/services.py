@@ -25,6 +25,18 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from emu.errors import KernelError
+from emu.kernel.objects import (
+    Message,
+    ObjectRequest,
+    ReceiveMessage,
+    ReleaseMutant,
+    ReplyMessage,
+    SendMessage,
+    SetEvent,
+    Wait,
+)
+
+OBJECT_REQUEST_TYPES = (Wait, SetEvent, ReleaseMutant, SendMessage, ReceiveMessage, ReplyMessage)
 
 
 # --- argument types (SAL-style: how the raw 64-bit register or stack slot is decoded) ---
@@ -75,6 +87,7 @@ class UserCallback:
     api: int
     data: bytes = b""
     by_depth: tuple[int, ...] = ()
+    message: int | None = None  # the sent message this callback delivers (win32k's SendMessage)
 
     def api_at(self, depth: int) -> int:
         return self.by_depth[min(depth, len(self.by_depth) - 1)] if self.by_depth else self.api
@@ -121,8 +134,8 @@ class Choice:
     default: str
 
 
-Request = UserCallback | TerminateThread | Choice
-Sent = CallbackResult | str | None  # what a service receives: a callback's result or a chosen option
+Request = UserCallback | TerminateThread | Choice | ObjectRequest
+Sent = CallbackResult | str | Message | None  # a callback's or wait's result, a chosen option, a received message
 
 
 @dataclass(frozen=True)
@@ -145,9 +158,9 @@ class ChoiceStep:
         )
 
 
-# A script step: a callback, a status to return, None (return the last callback's status),
-# or a choice between alternative step lists.
-ScriptStep = UserCallback | int | None | ChoiceStep
+# A script step: a callback, an object request (wait, set, release, send), a status to
+# return, None (return the last callback's status), or a choice between step lists.
+ScriptStep = UserCallback | int | None | ChoiceStep | ObjectRequest
 
 
 @dataclass(frozen=True)
@@ -185,7 +198,7 @@ class ScriptActivation:
                 raise KernelError(f"service {self.spec.name} got option {value!r} but asked for no choice")
             self.stack.append((self.pending.branch(value), 0))
             self.pending = None
-        elif value is not None:
+        elif isinstance(value, CallbackResult):
             self.last = value
         while True:
             steps, i = self.stack[-1]
@@ -196,7 +209,7 @@ class ScriptActivation:
                 continue
             self.stack[-1] = (steps, i + 1)
             st = steps[i]
-            if isinstance(st, UserCallback):
+            if isinstance(st, (UserCallback, *OBJECT_REQUEST_TYPES)):
                 return st
             if isinstance(st, ChoiceStep):
                 self.pending = st
@@ -272,7 +285,7 @@ class Activation:
         except StopIteration as stop:
             self._done = True
             return _status(self.spec.name, stop.value)
-        if not isinstance(req, (UserCallback, TerminateThread, Choice)):
+        if not isinstance(req, (UserCallback, TerminateThread, Choice, *OBJECT_REQUEST_TYPES)):
             raise KernelError(
                 f"service {self.spec.name} yielded {req!r}; expected UserCallback, Choice or TerminateThread"
             )
@@ -366,6 +379,25 @@ class ServiceRegistry:
 def builtin_services(registry: ServiceRegistry) -> ServiceRegistry:
     """Register the services every run has (NtCallbackReturn is the kernel's own)."""
 
+    @registry.service("NtWaitForSingleObject")
+    def wait_for_single_object(ctx: ServiceContext, Handle: HANDLE, Alertable: ULONG, Timeout: Ptr) -> ServiceGen:
+        """Wait until the object is signalled; with a Timeout, the wait may also expire (a choice)."""
+        # MS docs ZwWaitForSingleObject: a NULL Timeout waits forever.
+        result = yield Wait(Handle, timeout=Timeout != 0)
+        return result.status if isinstance(result, CallbackResult) else 0
+
+    @registry.service("NtSetEvent")
+    def set_event(ctx: ServiceContext, EventHandle: HANDLE, PreviousState: Ptr) -> ServiceGen:
+        """Signal an event (MS docs ZwSetEvent)."""
+        result = yield SetEvent(EventHandle)
+        return result.status if isinstance(result, CallbackResult) else 0
+
+    @registry.service("NtReleaseMutant")
+    def release_mutant(ctx: ServiceContext, MutantHandle: HANDLE, PreviousCount: Ptr) -> ServiceGen:
+        """Release a mutant the caller owns (ReactOS ntoskrnl/ex/mutant.c)."""
+        result = yield ReleaseMutant(MutantHandle)
+        return result.status if isinstance(result, CallbackResult) else 0
+
     @registry.service("NtTerminateThread")
     def terminate_thread(ctx: ServiceContext, ThreadHandle: HANDLE, ExitStatus: NTSTATUS) -> ServiceGen:
         """End the calling thread (only NtCurrentThread(), handle -2, is modelled)."""
@@ -374,5 +406,24 @@ def builtin_services(registry: ServiceRegistry) -> ServiceRegistry:
             return 0xC0000008  # STATUS_INVALID_HANDLE: other threads arrive with several threads
         yield TerminateThread(ExitStatus)
         return 0
+
+    return registry
+
+
+def get_message_service(registry: ServiceRegistry) -> ServiceRegistry:
+    """NtUserGetMessage as win32k handles sent messages: deliver one by a callback, then reply."""
+
+    @registry.service("NtUserGetMessage")
+    def get_message(ctx: ServiceContext, Msg: Ptr, Hwnd: HANDLE, MinFilter: ULONG, MaxFilter: ULONG) -> ServiceGen:
+        """Wait for a message sent by another thread, call it back (its api), reply with the status."""
+        # win32k delivers a sent message to the receiving thread through a user-mode callback
+        # and releases the sender when the callback returns (MS docs "About Messages": SendMessage).
+        msg = yield ReceiveMessage()
+        if not isinstance(msg, Message):
+            return 0
+        result = yield UserCallback(msg.api, msg.data, message=msg.id)
+        status = result.status if isinstance(result, CallbackResult) else 0
+        yield ReplyMessage(msg, status)
+        return 1
 
     return registry

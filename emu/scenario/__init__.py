@@ -17,15 +17,18 @@ from emu.scenario.model import (
     Expectation,
     MemorySpec,
     ModuleSpec,
+    ObjectSpec,
+    ObjectStep,
     PeSpec,
     ReturnStep,
     Scenario,
     ServiceScript,
     Step,
+    ThreadSpec,
 )
 from emu.scenario.parse import load_scenario, parse_scenario
 
 __all__ = [
     "EXPECT_KINDS", "EXPLORE_KINDS", "Budgets", "CallbackStep", "ChoiceStep", "Expectation", "MemorySpec",
-    "ModuleSpec", "PeSpec", "ReturnStep", "Scenario", "ServiceScript", "Step", "load_scenario", "parse_scenario",
+    "ModuleSpec", "ObjectSpec", "ObjectStep", "PeSpec", "ReturnStep", "Scenario", "ServiceScript", "Step", "ThreadSpec", "load_scenario", "parse_scenario",
 ]  # fmt: skip

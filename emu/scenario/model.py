@@ -46,7 +46,18 @@ class ChoiceStep:
     kind: Literal["choice"] = "choice"
 
 
-Step = CallbackStep | ReturnStep | ChoiceStep
+@dataclass(frozen=True)
+class ObjectStep:
+    """Use a kernel object or another thread: ``wait`` (object), ``set``/``release`` (object), ``send`` (thread)."""
+
+    kind: Literal["wait", "set", "release", "send"]
+    target: str  # an object's name, or for send the receiving thread's name
+    timeout: bool = False  # wait: the wait may expire (a choice when exploring)
+    api: int = 0  # send: the callback the receiver runs
+    data: bytes = b""
+
+
+Step = CallbackStep | ReturnStep | ChoiceStep | ObjectStep
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,27 @@ class PeSpec:
 
 
 @dataclass(frozen=True)
+class ThreadSpec:
+    """A thread: where it starts (RtlUserThreadStart(entry, argument)) and its name."""
+
+    name: str
+    entry: str
+    argument: int = 0
+
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    """A kernel object the threads share, reachable by a fixed handle."""
+
+    kind: Literal["event", "mutex"]
+    name: str
+    handle: int
+    signaled: bool = False
+    manual_reset: bool = False
+    owner: str | None = None  # mutex: the thread that owns it at the start
+
+
+@dataclass(frozen=True)
 class Scenario:
     path: str
     name: str
@@ -117,6 +149,8 @@ class Scenario:
     ntdll: PeSpec | None = None  # a PE ntdll instead of the built-in one
     pe: tuple[PeSpec, ...] = ()  # more PE modules
     unbound_imports: Literal["error", "trap"] = "error"
+    threads: tuple[ThreadSpec, ...] = ()  # every thread (the first is ``entry``/``argument``)
+    objects: tuple[ObjectSpec, ...] = ()
     source: str = field(default="", repr=False)
 
     def line_of(self, *path: str | int) -> int | None:
@@ -132,9 +166,13 @@ EXPECT_KINDS: dict[str, str] = {
     "callback_output": "a table {api, data}: some callback for api returned exactly these bytes",
     "transitions": "a table {kind = count}: how many transitions of each kind",
     "fault": "a string: the run stops with an error whose message contains it",
+    "deadlock": "true or false: the run ends with threads waiting on each other",
+    "wait_chain": "a string: some wait chain of the run's end contains it",
     "explored_states": "an integer: distinct states `emu explore` finds",
     "explored_merges": "an integer: states `emu explore` reaches along more than one edge",
     "explored_pending": "an integer: callback-return pending states `emu explore` finds",
+    "explored_deadlocks": "an integer: deadlocked states `emu explore` finds",
+    "explored_wait_chain": "a string: some explored state's wait chain contains it",
 }
 EXPLORE_KINDS = frozenset(k for k in EXPECT_KINDS if k.startswith("explored_"))
 

@@ -20,8 +20,10 @@ from emu.scenario.model import (
     Expectation,
     MemorySpec,
     ModuleSpec,
+    ObjectSpec,
     PeSpec,
     Scenario,
+    ThreadSpec,
 )
 from emu.scenario.reader import _ID, _NAME, _kind, _line_of, _Reader
 from emu.scenario.steps import _services
@@ -32,7 +34,8 @@ TOP_KEYS = {
     "machine": "a table {system_call}",
     "budgets": "a table {instructions, wall_time, callback_depth, states, choice_depth, output_bytes, memory}",
     "module": "an array of tables [[module]] {name, code, data}",
-    "thread": "a table {entry, argument}",
+    "thread": "a table {entry, argument}, or an array of tables [[thread]] {name, entry, argument}",
+    "object": "an array of tables [[object]] {kind, name, handle, signaled, manual_reset, owner}",
     "kernel_callback_table": 'a table {size, <index> = "module!label"}',
     "services": "a table of [services.NtName] {ssn, steps}",
     "expect": "an array of tables [[expect]]",
@@ -145,26 +148,23 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
     labels = {(m.name, lab) for m in modules for lab in _labels(m)}
     external = tuple(spec.name for spec in pe)
 
-    th = r.table(
-        doc["thread"],
-        ("thread",),
-        {"entry": '"module!label" or "label"', "argument": "an integer passed in RDX"},
-        ("entry",),
-    )
-    entry = r.str_(th, "entry", ("thread",))
-    _check_ref(r, entry, ("thread", "entry"), modules, labels, external)
-    argument = r.int_(th, "argument", ("thread",), 0)
+    threads = _threads(r, doc["thread"], modules, labels, external)
+    entry, argument = threads[0].entry, threads[0].argument
+    objects = _objects(r, doc.get("object", []), threads)
 
     table, size = _callback_table(r, doc.get("kernel_callback_table", {}), modules, labels, external)
     # With a PE ntdll the service numbers come from its code, known only once it is loaded.
-    services = _services(r, doc.get("services", {}), profile, size, check_numbers=ntdll is None)
+    services = _services(
+        r, doc.get("services", {}), profile, size, check_numbers=ntdll is None,
+        threads=tuple(t.name for t in threads), objects=tuple(o.name for o in objects),
+    )  # fmt: skip
     expectations = _expectations(r, doc.get("expect", []))
     memory = _memory(r, doc.get("memory", []))
     return Scenario(
         path=file, name=name, description=description, profile=profile, modules=modules, entry=entry,
         argument=argument, callback_table=table, callback_table_size=size, services=services,
         budgets=budgets, expectations=expectations, system_call=system_call, memory=memory, ntdll=ntdll, pe=pe,
-        unbound_imports="trap" if unbound == "trap" else "error", source=text,
+        unbound_imports="trap" if unbound == "trap" else "error", threads=threads, objects=objects, source=text,
     )  # fmt: skip
 
 
@@ -210,6 +210,78 @@ class _Files:
         if base is not None and base % 0x1000:
             raise r.fail(path + ("base",), f"expected a page-aligned address, got {base:#x}")
         return PeSpec(str(target), name, base)
+
+
+def _threads(
+    r: _Reader, obj: Any, modules: tuple[ModuleSpec, ...], labels: set[tuple[str, str]], external: tuple[str, ...]
+) -> tuple[ThreadSpec, ...]:
+    many = isinstance(obj, list)
+    items = obj if many else [obj]
+    if many and not items:
+        raise r.fail(("thread",), "expected one or more [[thread]] tables")
+    out: list[ThreadSpec] = []
+    for i, th in enumerate(items):
+        path: tuple[str | int, ...] = ("thread", i) if many else ("thread",)
+        allowed = {"entry": '"module!label" or "label"', "argument": "an integer passed in RDX"}
+        if many:
+            allowed["name"] = "the thread's name (default: thread<N>)"
+        r.table(th, path, allowed, ("entry",))
+        entry = r.str_(th, "entry", path)
+        _check_ref(r, entry, path + ("entry",), modules, labels, external)
+        name = r.str_(th, "name", path, f"thread{i}")
+        if not _NAME.match(name):
+            raise r.fail(path + ("name",), f"expected a name (letters, digits, _), got {name!r}")
+        if any(t.name == name for t in out):
+            raise r.fail(path + ("name",), f"thread {name!r} is declared twice")
+        out.append(ThreadSpec(name, entry, r.int_(th, "argument", path, 0)))
+    return tuple(out)
+
+
+def _objects(r: _Reader, obj: Any, threads: tuple[ThreadSpec, ...]) -> tuple[ObjectSpec, ...]:
+    if not isinstance(obj, list):
+        raise r.fail(("object",), "expected an array of tables [[object]]")
+    out: list[ObjectSpec] = []
+    for i, o in enumerate(obj):
+        path: tuple[str | int, ...] = ("object", i)
+        allowed = {
+            "kind": '"event" or "mutex"',
+            "name": "a name steps use",
+            "handle": "the handle value code uses (default 0x100 + 4 * index)",
+            "signaled": "event: set at the start",
+            "manual_reset": "event: a notification event (stays set)",
+            "owner": "mutex: the thread owning it at the start",
+        }
+        r.table(o, path, allowed, ("kind", "name"))
+        kind = r.str_(o, "kind", path)
+        if kind not in ("event", "mutex"):
+            raise r.fail(path + ("kind",), f'expected "event" or "mutex", got {kind!r}')
+        name = r.str_(o, "name", path)
+        if any(x.name == name for x in out):
+            raise r.fail(path + ("name",), f"object {name!r} is declared twice")
+        handle = r.int_(o, "handle", path, 0x100 + 4 * i, 4, 0xFFFF_FFFF)
+        if any(x.handle == handle for x in out):
+            raise r.fail(path + ("handle",), f"handle {handle:#x} is used twice")
+        flags = {}
+        for key in ("signaled", "manual_reset"):
+            v = o.get(key, False)
+            if not isinstance(v, bool):
+                raise r.fail(path + (key,), f"expected true or false, got {_kind(v)}")
+            if v and kind != "event":
+                raise r.fail(path + (key,), f"only an event has '{key}'")
+            flags[key] = v
+        owner = r.str_(o, "owner", path, "") or None
+        if owner is not None and kind != "mutex":
+            raise r.fail(path + ("owner",), "only a mutex has an owner")
+        if owner is not None and not any(t.name == owner for t in threads):
+            raise r.fail(
+                path + ("owner",), f"no thread named {owner!r} (threads: {', '.join(t.name for t in threads)})"
+            )
+        out.append(
+            ObjectSpec(
+                "event" if kind == "event" else "mutex", name, handle, flags["signaled"], flags["manual_reset"], owner
+            )
+        )
+    return tuple(out)
 
 
 def _memory(r: _Reader, obj: Any) -> tuple[MemorySpec, ...]:
@@ -378,8 +450,15 @@ def _expectations(r: _Reader, obj: Any) -> tuple[Expectation, ...]:
         kind = kinds[0]
         v = e[kind]
         kp = path + (kind,)
-        if kind in ("detections", "max_depth") or kind in EXPLORE_KINDS:
-            value: Any = r.int_(e, kind, path, None, 0, 1 << 32)
+        value: Any
+        if kind == "deadlock":
+            if not isinstance(v, bool):
+                raise r.fail(kp, f"expected true or false, got {_kind(v)}")
+            value = v
+        elif kind in ("wait_chain", "explored_wait_chain"):
+            value = r.str_(e, kind, path)
+        elif kind in ("detections", "max_depth") or kind in EXPLORE_KINDS:
+            value = r.int_(e, kind, path, None, 0, 1 << 32)
         elif kind == "fault":
             value = r.str_(e, kind, path)
         elif kind == "exit_status":

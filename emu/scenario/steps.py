@@ -5,12 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from emu.profile import Profile
-from emu.scenario.model import CallbackStep, ChoiceStep, ReturnStep, ServiceScript, Step
+from emu.scenario.model import CallbackStep, ChoiceStep, ObjectStep, ReturnStep, ServiceScript, Step
 from emu.scenario.reader import _NAME, _dotted, _kind, _Reader
 
 
 def _services(
-    r: _Reader, obj: Any, profile: Profile, table_size: int, check_numbers: bool = True
+    r: _Reader,
+    obj: Any,
+    profile: Profile,
+    table_size: int,
+    check_numbers: bool = True,
+    threads: tuple[str, ...] = (),
+    objects: tuple[str, ...] = (),
 ) -> dict[str, ServiceScript]:
     r.table(obj, ("services",), {k: "" for k in obj} if isinstance(obj, dict) else {})
     out: dict[str, ServiceScript] = {}
@@ -32,7 +38,7 @@ def _services(
         blocks = body.get("blocks", {})
         if not isinstance(blocks, dict):
             raise r.fail(path + ("blocks",), f"expected a table of named step arrays, got {_kind(blocks)}")
-        reader = _StepReader(r, table_size, path, blocks)
+        reader = _StepReader(r, table_size, path, blocks, threads, objects)
         steps = reader.steps(body["steps"], path + ("steps",))
         if not steps:
             raise r.fail(path + ("steps",), "expected a non-empty array of steps")
@@ -60,13 +66,23 @@ def _ends(steps: tuple[Step, ...] | list[Step]) -> bool:
     return isinstance(last, ChoiceStep) and all(_ends(opt) for _, opt in last.options)
 
 
-STEP_KINDS = '"callback", "return" or "choice"'
+STEP_KINDS = '"callback", "return", "choice", "wait", "set", "release" or "send"'
 
 
 class _StepReader:
     """Reads step arrays; choices nest (inline arrays or names of ``blocks``), to a bounded depth."""
 
-    def __init__(self, r: _Reader, table_size: int, service: tuple[str | int, ...], blocks: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        r: _Reader,
+        table_size: int,
+        service: tuple[str | int, ...],
+        blocks: dict[str, Any],
+        threads: tuple[str, ...] = (),
+        objects: tuple[str, ...] = (),
+    ) -> None:
+        self.threads = threads
+        self.objects = objects
         self.r = r
         self.table_size = table_size
         self.service = service
@@ -91,6 +107,8 @@ class _StepReader:
                 out.append(ReturnStep(None if v == "callback" else r.status(v, sp + ("status",))))
             elif kind == "choice":
                 out.append(self._choice(st, sp))
+            elif kind in ("wait", "set", "release", "send"):
+                out.append(self._object(kind, st, sp))
             else:
                 raise r.fail(sp + ("kind",), f"expected {STEP_KINDS}, got {_kind(kind)}")
         return tuple(out)
@@ -122,6 +140,40 @@ class _StepReader:
             raise r.fail(sp, "give either 'data' or 'text', not both")
         data = r.hexdata(st["data"], sp + ("data",)) if "data" in st else r.str_(st, "text", sp, "").encode()
         return CallbackStep(apis[0], data, by_depth=tuple(apis) if isinstance(raw, list) else ())
+
+    def _object(self, kind: str, st: dict[str, Any], sp: tuple[str | int, ...]) -> ObjectStep:
+        r = self.r
+        if kind == "send":
+            allowed = {
+                "kind": "",
+                "to": "the receiving thread",
+                "api": "its callback",
+                "data": "hex bytes",
+                "text": "a string",
+            }
+            r.table(st, sp, allowed, ("to", "api"))
+            to = r.str_(st, "to", sp)
+            if to not in self.threads:
+                raise r.fail(sp + ("to",), f"no thread named {to!r} (threads: {', '.join(self.threads) or 'none'})")
+            api = r.int_(st, "api", sp, None, 0, 0xFFFF_FFFF)
+            if api >= self.table_size:
+                raise r.fail(
+                    sp + ("api",),
+                    f"callback index {api} is out of range (kernel_callback_table size {self.table_size})",
+                )
+            data = r.hexdata(st["data"], sp + ("data",)) if "data" in st else r.str_(st, "text", sp, "").encode()
+            return ObjectStep("send", to, api=api, data=data)
+        allowed = {"kind": "", "object": "an [[object]] name"}
+        if kind == "wait":
+            allowed["timeout"] = "true: the wait may expire"
+        r.table(st, sp, allowed, ("object",))
+        name = r.str_(st, "object", sp)
+        if name not in self.objects:
+            raise r.fail(sp + ("object",), f"no object named {name!r} (objects: {', '.join(self.objects) or 'none'})")
+        timeout = st.get("timeout", False)
+        if not isinstance(timeout, bool):
+            raise r.fail(sp + ("timeout",), f"expected true or false, got {_kind(timeout)}")
+        return ObjectStep(kind, name, timeout=timeout)  # type: ignore[arg-type]
 
     def _choice(self, st: dict[str, Any], sp: tuple[str | int, ...]) -> ChoiceStep:
         r = self.r
