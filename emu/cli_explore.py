@@ -24,6 +24,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     e.add_argument("--json", action="store_true")
     e.add_argument("--force", action="store_true", help="overwrite an existing output file")
     e.add_argument("--no-progress", action="store_true", help="no progress line on a terminal")
+    e.add_argument("--workers", type=int, default=1, help="explore with this many worker processes (same graph)")
+    e.add_argument("--backend", choices=("processes", "ray"), default="processes", help="where workers run")
     e.set_defaults(func=cmd_explore)
     x = sub.add_parser("explain", help="the transitions from the start to a state, with code and registers")
     x.add_argument("scenario")
@@ -39,7 +41,13 @@ def _explorer(path: str, strategy: str, progress: bool, allow: list[str]) -> Exp
 def cmd_explore(args: argparse.Namespace) -> int:
     if args.output:
         refuse_overwrite(args.output, args.force)
-    exp = _explorer(args.scenario, args.strategy, not args.no_progress, getattr(args, "allow_path", [])).run()
+    if getattr(args, "workers", 1) > 1 or getattr(args, "backend", "processes") == "ray":
+        from emu.parallel import explore_parallel
+
+        scenario = load_scenario(args.scenario, getattr(args, "allow_path", []))
+        exp = explore_parallel(scenario, max(1, args.workers), args.backend, "dfs" if args.strategy == "dfs" else "bfs")
+    else:
+        exp = _explorer(args.scenario, args.strategy, not args.no_progress, getattr(args, "allow_path", [])).run()
     outcomes = check_exploration(exp)
     if args.output:
         write_atomic(args.output, exp.graph.render(args.output))

@@ -47,6 +47,7 @@ class Fork:
     kernel: KernelState
     depth: int  # choices taken on the way here
     node: str  # the digest of the state the choice is made in
+    path: tuple[str, ...] = ()  # the options taken from the start to here
 
 
 @dataclass
@@ -123,6 +124,8 @@ class Explorer:
         self._last: str | None = None  # the latest state of the path being run
         self._known: set[str] = set()  # states some finished segment went through
         self.deadlocks: dict[str, list[str]] = {}  # state -> wait chains, where no thread can run
+        self.frontier: list[tuple[str, ...]] = []  # option paths left for other workers (run(split=...))
+        self._replaying = False
         self.chains: dict[str, list[str]] = {}  # state -> wait chains, wherever some thread waits
         self.nodes: dict[str, State] = {}
         self.edges: dict[tuple[object, ...], None] = {}
@@ -163,7 +166,7 @@ class Explorer:
             # (src, dst, kind, service, ssn, status, api, detail), between consecutive states of the process
             self.edges[(self._last, d, t[1], t[5], t[6], t[10], t[11], t[12])] = None
         self._last = d
-        if d in self._known or d in self._segment_seen:
+        if not self._replaying and (d in self._known or d in self._segment_seen):
             self._merged_at = sid  # a known state: its future is explored elsewhere
             self.machine.request_stop()
         self._segment_seen.add(d)
@@ -175,7 +178,12 @@ class Explorer:
         return self.machine.read(ctx.rsp, t.stack_base - ctx.rsp)
 
     # --- the walk ---------------------------------------------------------------------
-    def run(self) -> Exploration:
+    def run(self, prefixes: list[tuple[str, ...]] | None = None, split: int | None = None) -> Exploration:
+        """Explore, from the start or (``prefixes``) below the states those option paths lead to.
+
+        ``split``: stop widening once that many options wait on the work list and leave
+        them, as option paths from the start, in ``self.frontier`` (for parallel workers).
+        """
         b = self.scenario.budgets
         start = time.perf_counter()
         self._deadline = start + b.wall_time
@@ -191,25 +199,18 @@ class Explorer:
             self._observe(first, self.process.thread)
             self.digests[:first] = [self.digests[first]] * first
             self._known.add(self.digests[first])
-            self.kernel.continue_thread(self.process.thread)
-            work: deque[tuple[Fork, str]] = deque()
-            self._segment(result)
-            self._after_segment(result, work, 0)
-            while work:
-                if len(self.nodes) >= b.states:
-                    result.stopped_by = "states"
-                    break
-                if self.machine.watchdog_fired or time.perf_counter() > self._deadline:
-                    result.stopped_by = "wall_time"
-                    break
-                fork, option = work.popleft() if self.strategy == "bfs" else work.pop()
-                self._restore(fork)
-                mark = len(self.trace.raw_states)
-                self.kernel.resume(option)
+            if prefixes is None:
+                self.kernel.continue_thread(self.process.thread)
+                work: deque[tuple[Fork, str]] = deque()
                 self._segment(result)
-                result.forked_states += len(self.trace.raw_states) - mark
-                self._after_segment(result, work, fork.depth + 1)
-            result.unexplored += len(work)
+                self._after_segment(result, work, 0, ())
+                self._walk(result, work, split)
+            else:
+                root = Fork(
+                    self.machine.uc.context_save(), self.cow.take(), self.kernel.save(), 0, self._last or "", ()
+                )
+                for prefix in prefixes:
+                    self._descend(result, root, prefix)
             if self.machine.watchdog_fired and result.stopped_by is None:
                 result.stopped_by = "wall_time"
         finally:
@@ -221,6 +222,50 @@ class Explorer:
         result.deadlocks = [self._name(result.graph, d) for d in sorted(self.deadlocks)]
         result.elapsed = time.perf_counter() - start
         return result
+
+    def _walk(self, result: Exploration, work: deque[tuple[Fork, str]], split: int | None = None) -> None:
+        b = self.scenario.budgets
+        while work:
+            if split is not None and len(work) >= split:
+                self.frontier = [fork.path + (option,) for fork, option in work]
+                return
+            if len(self.nodes) >= b.states:
+                result.stopped_by = "states"
+                break
+            if self.machine.watchdog_fired or time.perf_counter() > self._deadline:
+                result.stopped_by = "wall_time"
+                break
+            fork, option = work.popleft() if self.strategy == "bfs" else work.pop()
+            self._restore(fork)
+            mark = len(self.trace.raw_states)
+            self.kernel.resume(option)
+            self._segment(result)
+            result.forked_states += len(self.trace.raw_states) - mark
+            self._after_segment(result, work, fork.depth + 1, fork.path + (option,))
+        result.unexplored += len(work)
+
+    def _descend(self, result: Exploration, root: Fork, prefix: tuple[str, ...]) -> None:
+        """Replay ``prefix`` (one option per choice) from the start, then explore everything below."""
+        self._restore(root)
+        first = self.kernel.threads[0]  # the restored copy, not the process's original object
+        # States on the way down are neither merges nor "explored": only their one branch is taken here.
+        self._replaying = True
+        try:
+            if not first.started:
+                self.kernel.continue_thread(first)
+            self._segment(result)
+            for option in prefix:
+                if self.kernel.pending_choice is None:
+                    return  # the path ended before the prefix did: nothing below to explore here
+                self._segment_seen.clear()
+                self.kernel.resume(option)
+                self._segment(result)
+        finally:
+            self._replaying = False
+            self._segment_seen.clear()
+        work: deque[tuple[Fork, str]] = deque()
+        self._after_segment(result, work, len(prefix), prefix)
+        self._walk(result, work)
 
     def _segment(self, result: Exploration) -> None:
         """Run the process (every thread, in turn) until a choice, the end of the path, a merge or a fault."""
@@ -234,10 +279,12 @@ class Explorer:
             result.faults.append((self._last or "", str(e)))
         except (BudgetExceeded, KernelError) as e:
             result.faults.append((self._last or "", str(e)))
-        for d in self._segment_seen:
-            self._known.add(d)
+        if not self._replaying:
+            self._known.update(self._segment_seen)
 
-    def _after_segment(self, result: Exploration, work: deque[tuple[Fork, str]], depth: int) -> None:
+    def _after_segment(
+        self, result: Exploration, work: deque[tuple[Fork, str]], depth: int, path: tuple[str, ...]
+    ) -> None:
         pending = self.kernel.pending_choice
         if self._merged_at is not None or pending is None:
             result.paths += 1
@@ -251,7 +298,7 @@ class Explorer:
             result.unexplored += len(pending.choice.options)
             self.kernel.pending_choice = None
             return
-        fork = Fork(self.machine.uc.context_save(), self.cow.take(), self.kernel.save(), depth, self._last or "")
+        fork = Fork(self.machine.uc.context_save(), self.cow.take(), self.kernel.save(), depth, self._last or "", path)
         result.forks += 1
         result.snapshot_bytes += fork.memory.own_bytes
         options = list(pending.choice.options)
