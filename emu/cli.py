@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from emu import __version__, cli_explore, cli_image, cli_plot
+from emu import __version__, cli_dump, cli_explore, cli_image, cli_plot
 from emu.engine import Run, run
 from emu.errors import BudgetExceeded, EmuError
 from emu.scenario import load_scenario
@@ -123,6 +123,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
+    if args.dump:
+        return cli_dump.cmd_detect_dump(args)
+    if not args.scenario:
+        sys.stderr.write("emu detect: give a scenario file, or --dump FILE.dmp\n")
+        return EXIT_INPUT
     r = run(load_scenario(args.scenario, args.allow_path))
     dets = [d.as_dict() for d in r.detections]
     if args.json:
@@ -163,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="machine-readable report")
     r.set_defaults(func=cmd_run)
     d = sub.add_parser("detect", help="report states where the thread waits at ZwCallbackReturn")
-    d.add_argument("scenario")
+    d.add_argument("scenario", nargs="?")
     d.add_argument("--json", action="store_true")
+    d.add_argument("--dump", metavar="FILE.dmp", help="detect in a minidump instead of running a scenario")
     d.set_defaults(func=cmd_detect)
     g = sub.add_parser("graph", help="export the state graph (.graphml, .json, .dot)")
     g.add_argument("scenario")
@@ -174,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_explore.add_parsers(sub)
     cli_image.add_parser(sub)
     cli_plot.add_parser(sub)
+    cli_dump.add_parser(sub)
     return p
 
 

@@ -1,0 +1,94 @@
+"""``emu dump FILE --state ID -o OUT.dmp`` and ``emu detect --dump OUT.dmp``.
+
+Both print one line per problem and return exit code 2 for invalid input (a missing or
+malformed file, an unknown state, an output that exists without ``--force``), like the
+rest of the ``emu`` command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from emu.detect import Detection, detect_callback_return_pending
+from emu.dump import read_minidump, write_minidump
+from emu.engine import Run, run
+from emu.errors import DumpError, EmuError
+from emu.scenario import load_scenario
+from emu.trace import State
+from emu.writing import refuse_overwrite
+
+EXIT_OK, EXIT_INPUT = 0, 2
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``emu dump`` on the ``emu`` command's subparsers."""
+    d = sub.add_parser("dump", help="write a minidump of one state: thread CONTEXT, modules, stack and image memory")
+    d.add_argument("scenario")
+    d.add_argument("--state", required=True, help="a state id from `emu run` (s3 or 3), or 'pending' (the first one)")
+    d.add_argument("-o", "--output", required=True, help="the .dmp file to write")
+    d.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    d.set_defaults(func=cmd_dump)
+
+
+def find_state(r: Run, spec: str) -> State:
+    """The state ``spec`` names: ``s3`` or ``3``, or ``pending`` for the first pending state."""
+    states = r.trace.states
+    where = f"{r.scenario.path}: --state {spec!r}"
+    if spec == "pending":
+        for s in states:
+            if s.pending:
+                return s
+        raise DumpError(f"{where}: no state of this run is pending at ZwCallbackReturn")
+    digits = spec[1:] if spec[:1] in ("s", "S") else spec
+    if not digits.isdigit():
+        raise DumpError(f"{where}: expected a state id like s3 or 3, or 'pending'")
+    sid = int(digits)
+    if sid >= len(states):
+        raise DumpError(f"{where}: the run has {len(states)} states (s0 to s{len(states) - 1})")
+    return states[sid]
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    try:
+        out = Path(args.output)
+        refuse_overwrite(out, args.force)
+        r = run(load_scenario(args.scenario, getattr(args, "allow_path", [])))
+        state = find_state(r, args.state)
+        data = write_minidump(r, state, out)
+    except EmuError as e:
+        sys.stderr.write(f"{e}\n")
+        return EXIT_INPUT
+    sym = r.symbolize
+    sys.stdout.write(
+        f"wrote {out} ({len(data)} bytes): state s{state.id} ({state.mode} mode), rip {sym(state.rip)}, "
+        f"{len(r.images)} modules\n"
+    )
+    return EXIT_OK
+
+
+def detect_dump(path: str | Path) -> list[Detection]:
+    """Run the ZwCallbackReturn detector on every thread of a minidump (``state`` is None)."""
+    return [d for v in read_minidump(path).threads() if (d := detect_callback_return_pending(v)) is not None]
+
+
+def cmd_detect_dump(args: argparse.Namespace) -> int:
+    """``emu detect --dump FILE [--json]``: detections like ``emu detect``, one per waiting thread."""
+    try:
+        dets = detect_dump(args.dump)
+    except EmuError as e:
+        sys.stderr.write(f"{e}\n")
+        return EXIT_INPUT
+    if getattr(args, "json", False):
+        sys.stdout.write(json.dumps([d.as_dict() for d in dets], indent=2) + "\n")
+        return EXIT_OK
+    for d in dets:
+        sys.stdout.write(
+            f"thread {d.thread:#x}: {d.rip}  [rsp] -> {d.return_address}  depth {d.depth}  api {d.api_number}\n"
+        )
+    if not dets:
+        sys.stdout.write(f"no thread waits at ZwCallbackReturn in {args.dump}\n")
+    return EXIT_OK
