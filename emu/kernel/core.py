@@ -167,6 +167,7 @@ class Kernel:
         self.ssn_table: dict[str, int] = dict(ssn_table if ssn_table is not None else profile.ssn)
         self.names: dict[int, str] = {ssn: name for name, ssn in sorted(self.ssn_table.items())}
         self.threads: dict[int, KThread] = {}
+        self._multithreaded = False
         self.current: KThread | None = None
         self.max_depth = 0
         self.state_budget = state_budget
@@ -189,9 +190,28 @@ class Kernel:
         machine.install(self.on_syscall, self.on_interrupt)
 
     # --- threads ------------------------------------------------------------------------
+    @property
+    def state_budget(self) -> int | None:
+        return self._state_budget
+
+    @state_budget.setter
+    def state_budget(self, value: int | None) -> None:
+        self._state_budget = value
+        self._state_limit = value if value is not None else 1 << 62  # one int compare on the hot path
+
+    @property
+    def output_budget(self) -> int | None:
+        return self._output_budget
+
+    @output_budget.setter
+    def output_budget(self, value: int | None) -> None:
+        self._output_budget = value
+        self._output_limit = value if value is not None else 1 << 62
+
     def add_thread(self, thread: KThread) -> None:
         thread.name = thread.name or f"thread{thread.tid}"
         self.threads[thread.tid] = thread
+        self._multithreaded = len(self.threads) > 1
         thread.service_ctx = ThreadServiceContext(self, thread)
         thread.state_id = len(self.trace.raw_states)
         self.trace.raw_states.append((
@@ -233,14 +253,17 @@ class Kernel:
             self._callback_return(thread, regs, via, ssn)
             return
         self._record("syscall", thread, "kernel", regs, name, ssn, None, None, name, False, _VIA[via], b"", None)
-        if self._schedule_at_entry(thread, regs, via, name):
+        if self._multithreaded and self._schedule_at_entry(thread, regs, via, name):
             return
-        self._dispatch(thread, regs, via)
+        self._dispatch(thread, regs, via, ssn, name)
 
-    def _dispatch(self, thread: KThread, regs: tuple[int, ...], via: str) -> None:
+    def _dispatch(
+        self, thread: KThread, regs: tuple[int, ...], via: str, ssn: int | None = None, name: str | None = None
+    ) -> None:
         """Run the service for a system call whose entry is already recorded."""
-        ssn = regs[0] & 0xFFFF_FFFF
-        name = self.names.get(ssn)
+        if ssn is None:
+            ssn = regs[0] & 0xFFFF_FFFF
+            name = self.names.get(ssn)
         if name == NT_CALLBACK_RETURN:
             self._complete_callback(thread, regs, via, ssn)
             return
@@ -251,8 +274,12 @@ class Kernel:
         spec = self.registry.get(name)
         if spec is None:
             raise UnimplementedService(ssn, name)
+        if spec.constant is not None:
+            # A scripted service that only returns a status: no activation needed.
+            self._sysret_now(thread, regs, via, spec.constant, name, "", reuse_stack=True)
+            return
         args = [regs[10], regs[2], regs[8], regs[9]]
-        extra = len(spec.arg_types) - 4
+        extra = len(spec.arg_types) - 4 if spec.script is None else 0
         if extra > 0:
             # Arguments 5+ sit above the return address and the 0x20 shadow space.
             raw = self._read_user(regs[4] + 0x28, 8 * extra) or bytes(8 * extra)
@@ -592,14 +619,14 @@ class Kernel:
         top_api = cbs[-1].api if cbs else None
         if service is None and cbs and mode == "user":
             service = cbs[-1].activation.spec.name
-        if self.state_budget is not None and sid >= self.state_budget:
+        if sid >= self._state_limit and self.state_budget is not None:
             raise BudgetExceeded("states", self.state_budget, trace.symbolize(regs[16]))
         if stack is None:
             stack = self._capture(thread, regs[4])
             self.output_bytes += len(stack)
-            if self.output_budget is not None and self.output_bytes > self.output_budget:
+            if self.output_bytes > self._output_limit and self.output_budget is not None:
                 raise BudgetExceeded("output_bytes", self.output_budget, trace.symbolize(regs[16]))
-        frames = tuple((f.api, f.activation.spec.name) for f in cbs) if cbs else ()
+        frames = tuple([(f.api, f.activation.spec.name) for f in cbs]) if cbs else ()
         trace.raw_states.append(
             (sid, thread.tid, mode, regs, stack, thread.stack_base, depth, service, top_api, pending, frames)
         )
@@ -608,7 +635,7 @@ class Kernel:
         )  # fmt: skip
         thread.state_id = sid
         thread.mode = mode
-        if kind != "callback_return":
+        if thread.resuming is not None and kind != "callback_return":
             thread.resuming = None
         if self.observer is not None:
             self.observer(sid, thread)
@@ -654,6 +681,7 @@ class Kernel:
     def load(self, state: KernelState) -> None:
         """Make ``state`` current (copied again, so one saved state can be loaded many times)."""
         self.threads = {tid: _copy_thread(t) for tid, t in state.threads.items()}
+        self._multithreaded = len(self.threads) > 1
         for t in self.threads.values():
             t.service_ctx = ThreadServiceContext(self, t)
         self.current = None if state.current is None else self.threads[state.current]

@@ -174,6 +174,12 @@ class ServiceSpec:
     doc: str = ""
     script: tuple[ScriptStep, ...] | None = None
 
+    @property
+    def constant(self) -> int | None:
+        """The status of a script that does nothing but return it (a fast path for the kernel)."""
+        s = self.script
+        return s[0] if s is not None and len(s) == 1 and isinstance(s[0], int) else None
+
     def activate(self, ctx: ServiceContext, raw_args: list[int]) -> Activation | ScriptActivation:
         if self.script is not None:
             return ScriptActivation(self, [(self.script, 0)])
