@@ -1,6 +1,8 @@
 """``emu dump FILE --state ID -o OUT.dmp`` and ``emu detect --dump OUT.dmp``.
 
-Both print one line per problem and return exit code 2 for invalid input (a missing or
+A dump holds every thread of the process as it is at the state (the state's own thread
+first), and ``emu detect --dump`` reports each thread that waits at ZwCallbackReturn, with
+its thread id. Both print one line per problem and return exit code 2 for invalid input (a missing or
 malformed file, an unknown state, an output that exists without ``--force``), like the
 rest of the ``emu`` command.
 """
@@ -15,6 +17,7 @@ from typing import Any
 
 from emu.detect import Detection, detect_callback_return_pending
 from emu.dump import read_minidump, write_minidump
+from emu.dump_write import threads_at
 from emu.engine import Run, run
 from emu.errors import DumpError, EmuError
 from emu.scenario import load_scenario
@@ -26,7 +29,9 @@ EXIT_OK, EXIT_INPUT = 0, 2
 
 def add_parser(sub: Any) -> None:
     """Register ``emu dump`` on the ``emu`` command's subparsers."""
-    d = sub.add_parser("dump", help="write a minidump of one state: thread CONTEXT, modules, stack and image memory")
+    d = sub.add_parser(
+        "dump", help="write a minidump of one state: every thread's CONTEXT and stack, modules and image memory"
+    )
     d.add_argument("scenario")
     d.add_argument("--state", required=True, help="a state id from `emu run` (s3 or 3), or 'pending' (the first one)")
     d.add_argument("-o", "--output", required=True, help="the .dmp file to write")
@@ -59,13 +64,14 @@ def cmd_dump(args: argparse.Namespace) -> int:
         r = run(load_scenario(args.scenario, getattr(args, "allow_path", [])))
         state = find_state(r, args.state)
         data = write_minidump(r, state, out)
+        threads = len(threads_at(r, state))
     except EmuError as e:
         sys.stderr.write(f"{e}\n")
         return EXIT_INPUT
     sym = r.symbolize
     sys.stdout.write(
         f"wrote {out} ({len(data)} bytes): state s{state.id} ({state.mode} mode), rip {sym(state.rip)}, "
-        f"{len(r.images)} modules\n"
+        f"{threads} thread{'s' if threads != 1 else ''}, {len(r.images)} modules\n"
     )
     return EXIT_OK
 
@@ -76,7 +82,7 @@ def detect_dump(path: str | Path) -> list[Detection]:
 
 
 def cmd_detect_dump(args: argparse.Namespace) -> int:
-    """``emu detect --dump FILE [--json]``: detections like ``emu detect``, one per waiting thread."""
+    """``emu detect --dump FILE [--json]``: one line (or JSON object, with ``thread``: its id) per waiting thread."""
     try:
         dets = detect_dump(args.dump)
     except EmuError as e:

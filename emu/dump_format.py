@@ -142,7 +142,7 @@ class Layout:
             s.pack_into(buf, off, value)
         return bytes(buf)
 
-    def unpack(self, data: bytes, offset: int = 0) -> dict[str, int]:
+    def unpack(self, data: bytes | bytearray, offset: int = 0) -> dict[str, int]:
         """Field values from ``data[offset:]``; the caller has checked that ``size`` bytes are there."""
         out: dict[str, int] = {}
         for fname, (off, s) in self._at.items():

@@ -128,7 +128,8 @@ class DumpView:
         return _memory_reader(self.memory)(address, size)
 
     def threads(self) -> list[ThreadView]:
-        """One ThreadView per thread: its context, the memory outside modules, the modules."""
+        """One ThreadView per thread, in ThreadList order (emu writes the dumped state's thread first):
+        its context, the memory outside modules (every thread's stack), the modules."""
         outside = tuple((s, d) for s, d in self.memory if not any(m.contains(s) for m in self.modules))
         views = []
         for t in self.thread_records:

@@ -1,16 +1,18 @@
-"""Write a minidump of one recorded state: what a debugger would save of that thread.
+"""Write a minidump of one recorded state: what a debugger would save of the process then.
 
-The file has the streams a user-mode dump of the thread would have (MS
-``minidumpapiset.h``): SystemInfo (AMD64, the profile's Windows version), ThreadList with
-the thread's user-mode x64 CONTEXT, ModuleList, Memory64List (or MemoryList) with the
-stack from RSP up and each image's headers and sections, MemoryInfoList and MiscInfo —
-plus emu's own ``EmuModulesStream`` with the export names, section names and unwind data
-of each module, because images emu assembles have no PE export directory to read them from.
+The file has the streams a user-mode dump would have (MS ``minidumpapiset.h``):
+SystemInfo (AMD64, the profile's Windows version), ThreadList with every live thread's
+user-mode x64 CONTEXT (the state's own thread first), ModuleList, Memory64List (or
+MemoryList) with each thread's stack from RSP up and each image's headers and sections,
+MemoryInfoList and MiscInfo — plus emu's own ``EmuModulesStream`` with the export names,
+section names and unwind data of each module, because images emu assembles have no PE
+export directory to read them from.
 
-Only the user-mode context goes in: a dump cannot tell that the thread is in kernel
-mode, and nothing else from the kernel model is written. Image memory is the images as
-loaded (writes to their data sections during the run are not recorded per state). The
-same state always gives the same bytes: no clock, no host paths.
+Each thread is written as it is at the state: the context and stack of its latest state
+up to that one (see :func:`threads_at`). Only user-mode contexts go in: a dump cannot tell
+that a thread is in kernel mode, and nothing else from the kernel model is written. Image
+memory is the images as loaded (writes to their data sections during the run are not
+recorded per state). The same state always gives the same bytes: no clock, no host paths.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ from emu.writing import write_atomic
 
 if TYPE_CHECKING:
     from emu.engine import Run
+    from emu.kernel import KThread
     from emu.trace import State
 
 BUILTIN_MODULES = ("ntdll", "win32u")  # emu's own runtime, named as System32 DLLs
@@ -95,6 +98,47 @@ class Region:
 def thread_id(index: int) -> int:
     """The Windows thread id emu gives thread ``index`` (its TEB's ClientId.UniqueThread)."""
     return THREAD_ID_BASE + 4 * index
+
+
+def threads_at(run: Run, state: State) -> list[tuple[KThread, State]]:
+    """The threads a dump of ``state`` holds, each with the state that shows it: the state's own thread first.
+
+    Every other thread is shown by its latest state with an id up to ``state.id``, or by its
+    first state if it has not run yet (emu records each thread's initial state as it is
+    created); a thread that has exited or faulted by then is left out, as Windows leaves
+    ended threads out of a dump. The state's own thread is always there, even at its exit
+    or fault: that is the thread the dump is of.
+
+    Raises:
+        DumpError: ``state`` is not a state of ``run``, or its thread is not part of the run.
+    """
+    states = run.trace.states
+    if not 0 <= state.id < len(states) or states[state.id] != state:
+        raise DumpError(f"state s{state.id}: not a state of this run of {run.scenario.name}")
+    own = run.threads.get(state.thread)
+    if own is None:
+        raise DumpError(f"state s{state.id}: thread {state.thread} is not part of the run")
+    # Exact, not a guess: a thread's registers and stack do not change while it is off the
+    # CPU, so its latest recorded state is its state now. The kernel model takes a thread off
+    # the CPU only at a recorded state: a system call or callback-return entry (recorded before
+    # any scheduling choice, so a thread that yields there has its entry state as its latest),
+    # a wait (a "block" state holding the trap frame it will resume from), its exit or a fault.
+    # It puts the thread back only from that state's context (the trap frame, or the entry
+    # context of a thread not started yet), and only the thread's own code and its own kernel
+    # work touch its stack. States are numbered in the order they happened (one run's trace).
+    latest: dict[int, State] = {}
+    for s in states[: state.id + 1]:
+        latest[s.thread] = s
+    for s in states[state.id + 1 :]:
+        if len(latest) == len(run.threads):
+            break
+        latest.setdefault(s.thread, s)  # not run yet: its first state
+    out = [(own, state)]
+    for index in sorted(run.threads):
+        shown = latest.get(index)
+        if index != state.thread and shown is not None and shown.mode != "exited":
+            out.append((run.threads[index], shown))
+    return out
 
 
 def module_path(image: Image) -> str:
@@ -208,20 +252,21 @@ def write_minidump(run: Run, state: State, path: str | Path | None = None, *, me
     udmp-parser reads) or MemoryListStream (what MiniDumpNormal uses).
 
     Raises:
-        DumpError: the state's thread is not part of the run.
+        DumpError: the state is not one of ``run``'s, or its thread is not part of the run.
     """
-    thread = run.threads.get(state.thread)
-    if thread is None:
-        raise DumpError(f"state s{state.id}: thread {state.thread} is not part of the run")
+    dumped = threads_at(run, state)
     images = sorted(run.images, key=lambda i: i.base)
     regions = [r for img in images for r in image_regions(img)]
-    regions += stack_regions(state.context.rsp, state.stack, thread.stack_limit, thread.stack_base)
+    for t, shown in dumped:
+        regions += stack_regions(shown.context.rsp, shown.stack, t.stack_limit, t.stack_base)
     regions.sort(key=lambda r: r.start)
     ranges = [r for r in regions if r.data]
-    stack_index = next((i for i, r in enumerate(ranges) if r.kind == MEM_PRIVATE), None)
-    first = _layout(run, state, thread.teb, images, regions, ranges, stack_index, 0, memory64)
+    threads = [
+        _Thread(thread_id(shown.thread), t.teb, shown, _stack_range(ranges, t.stack_limit)) for t, shown in dumped
+    ]
+    first = _layout(run, state, threads, images, regions, ranges, 0, memory64)
     data_base = len(first.buf) + (-len(first.buf) % 16)
-    f = _layout(run, state, thread.teb, images, regions, ranges, stack_index, data_base, memory64)
+    f = _layout(run, state, threads, images, regions, ranges, data_base, memory64)
     f.add(b"".join(r.data or b"" for r in ranges), 16)
     out = bytes(f.buf)
     if path is not None:
@@ -229,9 +274,24 @@ def write_minidump(run: Run, state: State, path: str | Path | None = None, *, me
     return out
 
 
+@dataclass(frozen=True)
+class _Thread:
+    """One MINIDUMP_THREAD to write: its id, TEB, the state that shows it, and its stack's memory range."""
+
+    tid: int
+    teb: int
+    state: State
+    stack: int | None  # index into the memory ranges; None when the dump holds none of its stack
+
+
+def _stack_range(ranges: list[Region], allocation: int) -> int | None:
+    """The memory range holding a thread's stack bytes (the one with data in its allocation)."""
+    return next((i for i, r in enumerate(ranges) if r.kind == MEM_PRIVATE and r.allocation_base == allocation), None)
+
+
 def _layout(
-    run: Run, state: State, teb: int, images: list[Image], regions: list[Region], ranges: list[Region],
-    stack_index: int | None, data_base: int, memory64: bool,
+    run: Run, state: State, threads: list[_Thread], images: list[Image], regions: list[Region],
+    ranges: list[Region], data_base: int, memory64: bool,
 ) -> _File:  # fmt: skip
     """Everything but the memory bytes, which go at ``data_base`` (known after a first pass)."""
     f = _File()
@@ -252,16 +312,19 @@ def _layout(
         offsets.append(pos)
         pos += len(r.data or b"")
 
-    ctx = f.add(context_bytes(state), 16)
-    stack_start, stack_size, stack_rva = state.context.rsp, 0, 0
-    if stack_index is not None:
-        stack_start, stack_size, stack_rva = ranges[stack_index].start, ranges[stack_index].size, offsets[stack_index]
-    stream(ThreadListStream, (1).to_bytes(4, "little") + MINIDUMP_THREAD.pack({
-        "ThreadId": thread_id(state.thread), "SuspendCount": 1,  # MiniDumpWriteDump suspends the threads it dumps
-        "PriorityClass": NORMAL_PRIORITY_CLASS, "Teb": teb,
-        "Stack.StartOfMemoryRange": stack_start, "Stack.Memory.DataSize": stack_size, "Stack.Memory.Rva": stack_rva,
-        "ThreadContext.DataSize": CONTEXT_SIZE, "ThreadContext.Rva": ctx,
-    }))  # fmt: skip
+    entries = []
+    for t in threads:
+        ctx = f.add(context_bytes(t.state), 16)
+        stack_start, stack_size, stack_rva = t.state.context.rsp, 0, 0
+        if t.stack is not None:
+            stack_start, stack_size, stack_rva = ranges[t.stack].start, ranges[t.stack].size, offsets[t.stack]
+        entries.append(MINIDUMP_THREAD.pack({
+            "ThreadId": t.tid, "SuspendCount": 1,  # MiniDumpWriteDump suspends the threads it dumps
+            "PriorityClass": NORMAL_PRIORITY_CLASS, "Teb": t.teb,
+            "Stack.StartOfMemoryRange": stack_start, "Stack.Memory.DataSize": stack_size,
+            "Stack.Memory.Rva": stack_rva, "ThreadContext.DataSize": CONTEXT_SIZE, "ThreadContext.Rva": ctx,
+        }))  # fmt: skip
+    stream(ThreadListStream, len(threads).to_bytes(4, "little") + b"".join(entries))
 
     names = [f.add(minidump_string(module_path(img)), 4) for img in images]
     entries = []
