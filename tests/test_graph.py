@@ -64,3 +64,12 @@ def test_exports_are_byte_identical_across_runs_and_hash_seeds(root: Path, tmp_p
     assert outputs[0] == outputs[1]
     again = run(scenario).graph
     assert again.to_graphml().encode() == outputs[0][0]
+
+
+def test_mode_view_folds_states_to_mode_and_depth(shipped_runs) -> None:
+    g = shipped_runs["nested_callbacks"].graph
+    folded = g.mode_view()
+    assert set(folded.nodes) == {f"{m} d{d}" for m in ("user", "kernel") for d in range(4)} | {"exited d0"}
+    calls = {(u, v): d["count"] for u, v, d in folded.edges(data=True) if d["kind"] == "callback"}
+    assert calls == {("kernel d0", "user d1"): 1, ("kernel d1", "user d2"): 1, ("kernel d2", "user d3"): 1}
+    assert sum(d["count"] for _, _, d in folded.edges(data=True)) == g.lean.number_of_edges()
