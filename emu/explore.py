@@ -219,7 +219,7 @@ class Explorer:
                 gc.enable()
         result.graph = self._graph()
         result.faults = [(self._name(result.graph, d), m) for d, m in result.faults]
-        result.deadlocks = [self._name(result.graph, d) for d in sorted(self.deadlocks)]
+        result.deadlocks = sorted((self._name(result.graph, d) for d in self.deadlocks), key=_node_order)
         result.elapsed = time.perf_counter() - start
         return result
 
@@ -375,6 +375,10 @@ class Explorer:
             if a.get("digest") == digest:
                 return str(n)
         return digest
+
+
+def _node_order(name: str) -> tuple[int, str]:
+    return (int(name[1:]), name) if name[1:].isdigit() else (1 << 62, name)
 
 
 def _edge_sort(key: tuple[object, ...]) -> tuple[str, ...]:

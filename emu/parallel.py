@@ -21,7 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from emu.explore import Exploration, Explorer, Strategy
+from emu.explore import Exploration, Explorer, Strategy, _node_order
 from emu.scenario import Scenario, load_scenario
 from emu.trace import State
 
@@ -86,7 +86,7 @@ def explore_parallel(
     result.forked_states = head.forked_states + sum(p.forked_states for p in parts)
     result.unexplored = head.unexplored + sum(p.unexplored for p in parts)
     result.stopped_by = head.stopped_by or next((p.stopped_by for p in parts if p.stopped_by), None)
-    result.deadlocks = [Explorer._name(graph, d) for d in sorted(coordinator.deadlocks)]
+    result.deadlocks = sorted((Explorer._name(graph, d) for d in coordinator.deadlocks), key=_node_order)
     result.faults = head.faults + [(Explorer._name(graph, d), m) for p in parts for d, m in p.faults]
     result.elapsed = time.perf_counter() - start
     return result

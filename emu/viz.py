@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
 import matplotlib
+import networkx as nx
 from matplotlib.backends.backend_agg import RendererAgg
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
@@ -365,13 +366,26 @@ def state_graph(graph_or_run: StateGraph | Run, ax: Axes | None = None) -> Figur
     g = graph_or_run if isinstance(graph_or_run, StateGraph) else graph_or_run.graph
     nxg = g.nx
     nodes = dict(nxg.nodes(data=True))
-    edges = sorted(nxg.edges(data=True), key=lambda e: (int(e[2]["step"]), str(e[0]), str(e[1])))
     x_of: dict[str, float] = {}
     pred: dict[str, str] = {}
-    for u, v, d in edges:
-        if v not in x_of:
-            x_of[v] = int(d["step"]) + 1
-            pred[v] = u
+    if all("step" in d for _, _, d in nxg.edges(data=True)):
+        edges = sorted(nxg.edges(data=True), key=lambda e: (int(e[2]["step"]), str(e[0]), str(e[1])))
+        for u, v, d in edges:
+            if v not in x_of:
+                x_of[v] = int(d["step"]) + 1
+                pred[v] = u
+    else:
+        # An explored graph has no steps (a state is reached after different numbers of
+        # steps on different paths): place each state at its distance from the start.
+        first = next(iter(nxg.nodes), None)
+        dist = nx.single_source_shortest_path_length(nxg, first) if first is not None else {}
+        ordered = sorted(
+            nxg.edges(data=True), key=lambda e: (dist.get(e[1], 0), dist.get(e[0], 0), str(e[0]), str(e[1]))
+        )
+        edges = [(u, v, {**d, "step": i}) for i, (u, v, d) in enumerate(ordered)]
+        for u, v, _ in edges:
+            pred.setdefault(v, u)
+        x_of = {n: float(k) for n, k in dist.items()}
     depths: dict[int, int] = {}
     for d in nodes.values():
         depths[int(d["thread"])] = max(depths.get(int(d["thread"]), 0), int(d["depth"]))

@@ -20,6 +20,7 @@ LESSONS = [
     "02_kernel_callback_round_trip",
     "03_nested_callbacks",
     "04_the_seed_rule",
+    "05_exploring_kernel_choices",
 ]
 
 

@@ -282,3 +282,12 @@ def test_readme_picture_is_generated_by_the_script(root: Path) -> None:
     assert png == script.render()  # deterministic
     # Same layout as the committed picture (pixels may differ across matplotlib releases).
     assert _png_size(png) == _png_size((root / "docs" / "timeline.png").read_bytes())
+
+
+def test_state_graph_draws_an_explored_graph(root) -> None:  # type: ignore[no-untyped-def]
+    from emu.explore import explore
+
+    exp = explore(root / "scenarios/choice_nested_depth.toml")
+    ax = viz.state_graph(exp.graph).axes[0]
+    assert len(gids(ax, "edge-")) == exp.graph.lean.number_of_edges()
+    assert len(gids(ax, "pending-")) == len(exp.pending) == 3
