@@ -8,6 +8,7 @@ The public API is small::
     r = emu.run("scenarios/callback_roundtrip.toml")
     r.detections          # states where the thread waits at ZwCallbackReturn
     r.graph.to_graphml()  # the state graph
+    emu.score(my_detector, "scenarios/")  # a detector's confusion matrix vs the ground truth
 """
 
 from emu.detect import Detection, ThreadView, detect
@@ -24,11 +25,12 @@ from emu.errors import (
 )
 from emu.graph import StateGraph
 from emu.scenario import Scenario, load_scenario
+from emu.score import score  # the function; the module stays importable as emu.score via sys.modules
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BudgetExceeded", "Detection", "DumpError", "EmuError", "ImageError", "KernelError", "MachineFault",
     "Run", "Scenario", "ScenarioError", "StateGraph", "ThreadView", "UnimplementedService",
-    "__version__", "detect", "load_scenario", "run",
+    "__version__", "detect", "load_scenario", "run", "score",
 ]  # fmt: skip

@@ -92,6 +92,7 @@ def assemble(source: str, base: int, resolve: Resolver | None = None) -> tuple[b
     ('ba40000000c3', {'start': 4096, 'end': 4101})
     """
     source = strip_comments(source)
+    _refuse_hangs(source)
     names = labels_in(source)
     external = _externals(source, set(names), resolve)
     prefix = "".join(f".set {n}, {a:#x}\n" for n, a in external.items())
@@ -105,6 +106,13 @@ def assemble(source: str, base: int, resolve: Resolver | None = None) -> tuple[b
     code = blob[: len(blob) - 8 * n] if n else blob
     tail = blob[len(code) :]
     return code, {name: int.from_bytes(tail[8 * i : 8 * i + 8], "little") for i, name in enumerate(names)}
+
+
+def _refuse_hangs(source: str) -> None:
+    """Reject what keystone 0.9.2 never returns from: a statement that starts with ``[``."""
+    for i, line in enumerate(source.splitlines(), 1):
+        if _LEADING_LABELS.sub("", line).lstrip().startswith("["):
+            raise AssemblyError("a statement cannot start with '[' (expected a mnemonic or a directive)", i, line)
 
 
 def _externals(source: str, local: set[str], resolve: Resolver | None) -> dict[str, int]:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from emu import __version__, cli_dump, cli_explore, cli_image, cli_plot
+from emu import __version__, cli_dump, cli_explore, cli_image, cli_plot, cli_score
 from emu.engine import Run, run
 from emu.errors import BudgetExceeded, EmuError
 from emu.scenario import load_scenario
@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_image.add_parser(sub)
     cli_plot.add_parser(sub)
     cli_dump.add_parser(sub)
+    cli_score.add_parser(sub)
     return p
 
 

@@ -5,15 +5,20 @@ of the thread will delay at a call to the ZwCallbackReturn function." (MS DevNot
 *Detecting Kernel-Mode Callbacks*.)
 
 A detector gets a :class:`ThreadView` — the thread's user-mode context, readable
-memory ranges and the module list with exports — and nothing from the kernel
-model. Ground truth (``State.pending``) comes from the kernel model; the two are
+memory ranges and the module list with exports and unwind data — and nothing from the
+kernel model. Ground truth (``State.pending``) comes from the kernel model; the two are
 compared in the tests on every state of every shipped scenario.
+
+The built-in detector, :func:`detect_callback_return_pending`, is the combination of three
+signals (symbol, code, stack) in :mod:`emu.signals`; :func:`dispatcher_frames` is the plain
+stack scan a debugger without unwind data would do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import capstone
@@ -25,6 +30,7 @@ from emu.winnt import UCALLOUT_API_NUMBER, UCALLOUT_BUFFER, UCALLOUT_FRAME_SIZE,
 if TYPE_CHECKING:
     from emu.engine import Run
     from emu.trace import State
+    from emu.unwind import RuntimeFunction
 
 CALLBACK_RETURN_NAMES = ("ZwCallbackReturn", "NtCallbackReturn")
 
@@ -38,6 +44,8 @@ class ModuleInfo:
     size: int
     exports: dict[str, int]
     image: Image = field(repr=False, compare=False)
+    # What the signals have read from this module's code (stubs, syscall sites): it never changes.
+    memo: dict[object, object] = field(default_factory=dict, repr=False, compare=False)
 
     def contains(self, address: int) -> bool:
         return self.base <= address < self.base + self.size
@@ -52,6 +60,13 @@ class ModuleInfo:
         """End of the export starting at ``address``: the next export's address (or the image end)."""
         later = [a for a in self.exports.values() if a > address]
         return min(later, default=self.base + self.size)
+
+    @cached_property
+    def function_table(self) -> tuple[RuntimeFunction, ...]:
+        """The module's .pdata (RUNTIME_FUNCTION entries, absolute addresses), read once; empty if none."""
+        from emu.unwind import function_table  # the unwinder imports this module
+
+        return function_table(self.image)
 
 
 @dataclass(frozen=True)
@@ -225,47 +240,50 @@ def _callout_frame(view: ThreadView, slot: int, frame: int, end: int) -> Dispatc
 
 
 def detect_callback_return_pending(view: ThreadView) -> Detection | None:
-    """The seed's rule, from a debugger's view of one thread.
+    """The seed's rule, from a debugger's view of one thread (the built-in combined detector).
 
-    Reports when (1) RIP is just after the `syscall` (or `int 2Eh`) of ntdll's
-    ZwCallbackReturn/NtCallbackReturn export, (2) the thread is not known to be in
-    user mode, and (3) at least one KiUserCallbackDispatcher frame is on the stack —
-    without (3) the call would fail with STATUS_NO_CALLBACK_ACTIVE instead of waiting.
+    Reports when (1) RIP is just after the `syscall` (or `int 2Eh`) of NtCallbackReturn —
+    by ntdll's export (symbol signal) or by the stub's SSN read from code (code signal),
+    (2) the thread is not known to be in user mode, and (3) unwinding the user stack finds
+    at least one KiUserCallbackDispatcher frame (stack signal) — without (3) the call
+    fails with STATUS_NO_CALLBACK_ACTIVE instead of waiting. :func:`emu.signals.combined`
+    gives all three verdicts with their evidence.
     """
-    if view.kernel_mode is False:
+    from emu.signals import code_signal, combined, symbol_signal  # the signals build on this module
+
+    if view.kernel_mode is False or not (symbol_signal(view) or code_signal(view)):
         return None
-    ntdll = view.module("ntdll")
-    if ntdll is None:
-        return None
-    stub = ntdll.export(*CALLBACK_RETURN_NAMES)
-    if stub is None:
-        return None
-    rip = view.context.rip
-    if rip not in syscall_sites(view, stub, min(ntdll.export_end(stub), stub + 0x40)):
-        return None
-    frames = dispatcher_frames(view)
-    if not frames:
-        return None
-    ret = view.u64(view.context.rsp)
-    return Detection(
-        state=None,
-        thread=view.thread,
-        rip=view.symbol(rip),
-        return_address=view.symbol(ret) if ret is not None else "?",
-        depth=len(frames),
-        api_number=frames[0].api,
-    )
+    return combined(view).detection
 
 
-Detector = Callable[[ThreadView], "Detection | bool | None"]
+Detector = Callable[[ThreadView], object]  # any truthy answer (a Detection, a verdict, True) means "pending"
+
+_MODULES: dict[int, tuple[Sequence[Image], int, tuple[ModuleInfo, ...]]] = {}
+_MODULES_KEPT = 32
+
+
+def modules_of(images: Sequence[Image]) -> tuple[ModuleInfo, ...]:
+    """The module list for a set of loaded images, built once per list (unwind tables are parsed once)."""
+    hit = _MODULES.get(id(images))
+    if hit is not None and hit[0] is images and hit[1] == len(images):
+        return hit[2]
+    mods = tuple(ModuleInfo(i.name, i.base, i.size, dict(i.exports), i) for i in images)
+    if len(_MODULES) >= _MODULES_KEPT:
+        del _MODULES[next(iter(_MODULES))]
+    _MODULES[id(images)] = (images, len(images), mods)  # the list is kept, so its id is not reused
+    return mods
+
+
+def view_from(images: Sequence[Image], state: State) -> ThreadView:
+    """The debugger-style view of a recorded state (from a run or an explored graph)."""
+    memory = ((state.context.rsp, state.stack),) if state.stack else ()
+    kernel = None if state.mode == "exited" else state.mode == "kernel"
+    return ThreadView(state.thread, state.context, memory, modules_of(images), kernel)
 
 
 def view_of(run: Run, state: State) -> ThreadView:
     """The debugger-style view of a recorded state: context, stack bytes, modules."""
-    modules = tuple(ModuleInfo(i.name, i.base, i.size, dict(i.exports), i) for i in run.images)
-    memory = ((state.context.rsp, state.stack),) if state.stack else ()
-    kernel = None if state.mode == "exited" else state.mode == "kernel"
-    return ThreadView(state.thread, state.context, memory, modules, kernel)
+    return view_from(run.images, state)
 
 
 def detect_run(

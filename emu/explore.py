@@ -26,7 +26,7 @@ from typing import Any, Literal, TextIO
 import networkx as nx
 
 from emu.engine import Process
-from emu.errors import BudgetExceeded, KernelError, MachineFault
+from emu.errors import BudgetExceeded, KernelError, MachineFault, UnimplementedImport
 from emu.graph import EdgeInfo, StateGraph
 from emu.kernel import sched
 from emu.kernel.core import KernelState, KThread
@@ -275,6 +275,9 @@ class Explorer:
             if outcome == "deadlock" and self._merged_at is None and self._last is not None:
                 self.deadlocks[self._last] = list(self.kernel.deadlock)
         except MachineFault as e:
+            self.kernel.record_fault(self.kernel.current or thread, e)
+            result.faults.append((self._last or "", str(e)))
+        except UnimplementedImport as e:
             self.kernel.record_fault(self.kernel.current or thread, e)
             result.faults.append((self._last or "", str(e)))
         except (BudgetExceeded, KernelError) as e:

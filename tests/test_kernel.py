@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from conftest import asm_scenario
 from emu.engine import build, run
 from emu.errors import BudgetExceeded, MachineFault, UnimplementedService
@@ -218,3 +220,11 @@ def test_refused_callback_is_named_on_the_next_transition(shipped_runs) -> None:
         ("sysret", "callback api 2 refused: STATUS_STACK_OVERFLOW (depth limit 4)")
     ]
     assert refused[0].depth == r.max_depth == 4
+
+
+def test_assembly_that_would_hang_keystone_is_refused() -> None:
+    from emu.errors import ScenarioError
+
+    with pytest.raises(ScenarioError) as e:
+        build(scenario("main:\n nop\n [rax]\n ret"))
+    assert "line 3 of the code: a statement cannot start with '['" in str(e.value)

@@ -154,7 +154,10 @@ def test_missing_thread_entry(tmp_path: Path) -> None:
 def test_missing_thread_table(tmp_path: Path) -> None:
     text = mutate('[thread]\nentry = "app!main"\n', "")
     path = write(tmp_path, text)
-    assert load_error(path) == f"{path}: missing required key 'thread' (a table {{entry, argument}}, or an array of tables [[thread]] {{name, entry, argument}})"
+    assert (
+        load_error(path)
+        == f"{path}: missing required key 'thread' (a table {{entry, argument}}, or an array of tables [[thread]] {{name, entry, argument}})"
+    )
 
 
 def test_missing_scenario_name(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from importlib import resources
 
 from emu.image import Image, image_from_assembly
 from emu.profile import Profile
+from emu.runtime.unwind import with_unwind_data
 
 NTDLL_BASE = 0x7FFB_0000_0000
 
@@ -85,8 +86,9 @@ def win32u_source(profile: Profile) -> str:
 
 
 def build_ntdll(profile: Profile, base: int = NTDLL_BASE) -> Image:
-    """Assemble the reference ntdll for ``profile`` at ``base``."""
-    return image_from_assembly("ntdll", base, ntdll_source(profile))
+    """Assemble the reference ntdll for ``profile`` at ``base``, with its x64 unwind data
+    (.pdata/.xdata, see :mod:`emu.runtime.unwind`) so stack walks work as on Windows."""
+    return with_unwind_data(image_from_assembly("ntdll", base, ntdll_source(profile)), profile.dispatcher)
 
 
 def build_win32u(profile: Profile, base: int) -> Image:

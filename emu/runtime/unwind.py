@@ -1,0 +1,98 @@
+"""x64 unwind data for the built-in ntdll: .pdata and .xdata sections, as a PE ntdll has them.
+
+"Table-based exception handling requires a table entry for all functions that allocate stack
+space or call another function" (MS docs "x64 exception handling"), so Windows' ntdll has a
+RUNTIME_FUNCTION for each such function and a debugger unwinds through it. The runtime's
+assembly is hand-written, so its table is written here, next to it: one :class:`FunctionUnwind`
+per non-leaf function, its UNWIND_CODEs in the documented order (reverse prologue order,
+CodeOffset = the end of the prologue instruction). The syscall stubs and RtlRaiseStatus are
+leaves and have none. ``tests/test_detect_unwind.py`` checks every entry against the
+disassembled prologue and the kernel's UCALLOUT_FRAME layout.
+
+KiUserCallbackDispatcher is entered by the kernel, not called: its frame ends in a machine
+frame (UWOP_PUSH_MACHFRAME) over the UCALLOUT_FRAME's MachineFrame, as Wine writes it
+(dlls/ntdll/signal_x86_64.c: ``.seh_pushframe; .seh_stackalloc 0x30``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from dataclasses import dataclass
+
+from emu.image import PAGE, Image, Section, page_align
+
+# UNWIND_CODE.UnwindOp values used here (MS docs "struct UNWIND_CODE").
+UWOP_PUSH_NONVOL, UWOP_ALLOC_SMALL, UWOP_PUSH_MACHFRAME = 0, 2, 10
+UNWIND_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FunctionUnwind:
+    """One RUNTIME_FUNCTION: the function from label ``name`` to label ``end``, its prologue
+    size and its UNWIND_CODEs as (CodeOffset, UnwindOp, OpInfo), in UNWIND_INFO order."""
+
+    name: str
+    end: str
+    prolog: int
+    codes: tuple[tuple[int, int, int], ...]
+
+
+def alloc_small(offset: int, size: int) -> tuple[int, int, int]:
+    """UWOP_ALLOC_SMALL: 8 to 128 bytes, OpInfo = size / 8 - 1 (MS docs)."""
+    if not (8 <= size <= 128 and size % 8 == 0):
+        raise ValueError(f"UWOP_ALLOC_SMALL cannot describe {size:#x} bytes")
+    return (offset, UWOP_ALLOC_SMALL, size // 8 - 1)
+
+
+# dispatcher_stack.asm: entered with RSP at the UCALLOUT_FRAME, which it never moves; the 0x30
+# bytes below the MachineFrame (home area, Buffer, Length, ApiNumber) and the machine frame
+# were pushed by the kernel (ReactOS ntoskrnl/ke/amd64/usercall.c builds the frame).
+_DISPATCHER_STACK = FunctionUnwind(
+    "KiUserCallbackDispatcher", "RtlUserThreadStart", 0,
+    (alloc_small(0, 0x30), (0, UWOP_PUSH_MACHFRAME, 0)),
+)  # fmt: skip
+# dispatcher_registers.asm: entered like a call, a zero return address below the UCALLOUT_FRAME
+# (emu's kernel writes it), then `sub rsp, 0x28` (4 bytes).
+_DISPATCHER_REGISTERS = FunctionUnwind(
+    "KiUserCallbackDispatcher", "RtlUserThreadStart", 4,
+    (alloc_small(4, 0x28), alloc_small(0, 8 + 0x30), (0, UWOP_PUSH_MACHFRAME, 0)),
+)  # fmt: skip
+# ntdll.asm: RtlUserThreadStart's `sub rsp, 0x28` (4 bytes) is its whole prologue.
+_COMMON = (FunctionUnwind("RtlUserThreadStart", "RtlRaiseStatus", 4, (alloc_small(4, 0x28),)),)
+
+TABLES: dict[str, tuple[FunctionUnwind, ...]] = {
+    "stack": (_DISPATCHER_STACK, *_COMMON),
+    "registers": (_DISPATCHER_REGISTERS, *_COMMON),
+}
+
+
+def unwind_info_bytes(f: FunctionUnwind) -> bytes:
+    """UNWIND_INFO: Version|Flags, SizeOfProlog, CountOfCodes, FrameRegister|FrameOffset, codes (even count)."""
+    out = bytearray([UNWIND_VERSION, f.prolog, len(f.codes), 0])
+    for offset, op, info in f.codes:
+        out += bytes([offset, op | info << 4])
+    if len(f.codes) % 2:
+        out += b"\0\0"
+    return bytes(out)
+
+
+def with_unwind_data(image: Image, convention: str) -> Image:
+    """The image with .xdata (UNWIND_INFO) and .pdata (RUNTIME_FUNCTION) sections after its last one."""
+    table = TABLES[convention]
+    xdata_rva = image.size
+    xdata = bytearray()
+    entries = []
+    for f in table:
+        begin, end = image.symbols[f.name], image.symbols[f.end]
+        entries.append((begin - image.base, end - image.base, xdata_rva + len(xdata)))
+        xdata += unwind_info_bytes(f)
+        xdata += bytes(-len(xdata) % 4)  # UNWIND_INFO is DWORD-aligned
+    pdata = b"".join(struct.pack("<III", *e) for e in sorted(entries))
+    pdata_rva = xdata_rva + page_align(max(len(xdata), 1))
+    sections = [
+        *image.sections,
+        Section(".xdata", xdata_rva, bytes(xdata), "r", PAGE),
+        Section(".pdata", pdata_rva, pdata, "r", page_align(max(len(pdata), 1))),
+    ]
+    return dataclasses.replace(image, sections=sections, pdata=pdata)
