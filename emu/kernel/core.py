@@ -168,6 +168,10 @@ class Kernel:
         self.names: dict[int, str] = {ssn: name for name, ssn in sorted(self.ssn_table.items())}
         self.threads: dict[int, KThread] = {}
         self._multithreaded = False
+        # Services that do nothing but return a status (scripted), by name: the fast path.
+        self._constants: dict[str, int] = {
+            n: c for n in registry.names() if (spec := registry.get(n)) is not None and (c := spec.constant) is not None
+        }
         self.current: KThread | None = None
         self.max_depth = 0
         self.state_budget = state_budget
@@ -253,8 +257,21 @@ class Kernel:
             self._callback_return(thread, regs, via, ssn)
             return
         self._record("syscall", thread, "kernel", regs, name, ssn, None, None, name, False, _VIA[via], b"", None)
-        if self._multithreaded and self._schedule_at_entry(thread, regs, via, name):
-            return
+        if self._multithreaded:
+            if self._schedule_at_entry(thread, regs, via, name):
+                return
+        elif via == "syscall" and name is not None:
+            status = self._constants.get(name)
+            if status is not None:
+                # The hot path: a service that only returns a status, one thread. SYSRET
+                # puts RAX = status and the SYSCALL clobbers back (RCX, R11); the user
+                # state after it has the stack bytes the entry state has.
+                self._write_sysret((status, regs[1], regs[11]))
+                stack = self.trace.raw_states[thread.state_id][4]
+                self._record(
+                    "sysret", thread, "user", (status, *regs[1:]), name, ssn, status, None, None, False, "", b"", stack
+                )
+                return
         self._dispatch(thread, regs, via, ssn, name)
 
     def _dispatch(
