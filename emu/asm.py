@@ -12,7 +12,12 @@ Two keystone pitfalls shape this module (keystone-engine 0.9.2):
 
 from __future__ import annotations
 
+import os
+import pickle
 import re
+import select
+import signal
+import time
 from collections.abc import Callable
 
 from keystone import KS_ARCH_X86, KS_ERR_ASM_SYMBOL_MISSING, KS_MODE_64, Ks, KsError
@@ -98,7 +103,7 @@ def assemble(source: str, base: int, resolve: Resolver | None = None) -> tuple[b
     prefix = "".join(f".set {n}, {a:#x}\n" for n, a in external.items())
     table = "\n__emu_label_table__:\n" + "".join(f".quad {n}\n" for n in names)
     try:
-        encoding, _ = Ks(KS_ARCH_X86, KS_MODE_64).asm(prefix + source + table, base)
+        encoding = _ks_asm(prefix + source + table, base)
     except KsError as e:
         raise _explain(source, e, set(names) | set(external)) from None
     blob = bytes(encoding or b"")
@@ -109,10 +114,74 @@ def assemble(source: str, base: int, resolve: Resolver | None = None) -> tuple[b
 
 
 def _refuse_hangs(source: str) -> None:
-    """Reject what keystone 0.9.2 never returns from: a statement that starts with ``[``."""
+    """Refuse, before keystone sees them, inputs it cannot handle: non-ASCII text (its binding
+    encodes ASCII), statements starting with ``[`` (it never returns), and ``.skip``-style
+    directives bigger than a module may be (it builds them in memory, byte by byte)."""
     for i, line in enumerate(source.splitlines(), 1):
-        if _LEADING_LABELS.sub("", line).lstrip().startswith("["):
+        bad = next((c for c in line if ord(c) > 0x7E or (ord(c) < 0x20 and c != "\t")), None)
+        if bad is not None:
+            raise AssemblyError(f"character {bad!r} is not printable ASCII (keystone reads ASCII only)", i, line)
+        body = _LEADING_LABELS.sub("", line).lstrip()
+        if body.startswith("["):
             raise AssemblyError("a statement cannot start with '[' (expected a mnemonic or a directive)", i, line)
+        m = _FILL.match(body)
+        if m:
+            size = int(m.group(2), 0) * (int(m.group(3), 0) if m.group(3) else 1)
+            if size > MAX_FILL:
+                raise AssemblyError(
+                    f"{m.group(1)} of {size:#x} bytes is more than a module may hold ({MAX_FILL:#x}); map big areas with [[memory]]",
+                    i, line,
+                )  # fmt: skip
+
+
+# Keystone can loop forever on some malformed statements (keystone issues #494, #537, #551),
+# and no guess at them is complete: it runs in a forked child with a deadline.
+KS_DEADLINE = 5.0
+MAX_FILL = 16 << 20
+_FILL = re.compile(
+    r"^(\.(?:skip|space|zero|fill))\s+((?:0x[0-9a-fA-F]+)|\d+)(?:\s*,\s*((?:0x[0-9a-fA-F]+)|\d+))?", re.I
+)
+
+
+def _ks_asm(text: str, base: int) -> list[int]:
+    """keystone's asm, in a forked child with a deadline; KsError comes back as KsError."""
+    if not hasattr(os, "fork"):  # pragma: no cover - non-POSIX hosts: no guard
+        return list(Ks(KS_ARCH_X86, KS_MODE_64).asm(text, base)[0] or [])
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: assemble, send the outcome, leave without cleanup handlers
+        os.close(read_fd)
+        try:
+            out: object = ("ok", bytes(Ks(KS_ARCH_X86, KS_MODE_64).asm(text, base)[0] or b""))
+        except KsError as e:
+            out = ("ks", e.errno)
+        except BaseException as e:
+            out = ("error", f"{type(e).__name__}: {e}")
+        with os.fdopen(write_fd, "wb") as f:
+            f.write(pickle.dumps(out))
+        os._exit(0)
+    os.close(write_fd)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + KS_DEADLINE
+    with os.fdopen(read_fd, "rb") as f:
+        while True:
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([f], [], [], max(0.0, left))
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise AssemblyError(f"keystone did not finish within {KS_DEADLINE:g} s (a statement it cannot parse?)")
+            chunk = os.read(f.fileno(), 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    os.waitpid(pid, 0)
+    kind, value = pickle.loads(b"".join(chunks)) if chunks else ("error", "keystone's process died")
+    if kind == "ks":
+        raise KsError(int(value))
+    if kind == "error":
+        raise AssemblyError(f"keystone failed: {value}")
+    return list(value)
 
 
 def _externals(source: str, local: set[str], resolve: Resolver | None) -> dict[str, int]:
@@ -135,7 +204,7 @@ def _explain(source: str, error: KsError, known: set[str]) -> AssemblyError:
         own = set(labels_in(text))
         prefix = "".join(f".set {n}, 0\n" for n in sorted(known - own))
         try:
-            Ks(KS_ARCH_X86, KS_MODE_64).asm(prefix + text, 0)
+            _ks_asm(prefix + text, 0)
         except KsError as e:
             if e.errno == KS_ERR_ASM_SYMBOL_MISSING:
                 body = _LEADING_LABELS.sub("", text)

@@ -323,7 +323,7 @@ class Machine:
             self._cow_retry = False
             us = 0 if timeout is None else max(1, int((timeout - (time.perf_counter() - start)) * 1_000_000))
             try:
-                self.uc.emu_start(begin, 0, timeout=us, count=instructions)
+                self.uc.emu_start(begin, NEVER, timeout=us, count=instructions)
                 break
             except UcError as e:
                 if self._cow_retry:
@@ -337,6 +337,13 @@ class Machine:
                 where = self.symbolize(rip)
                 raise MachineFault(f"CPU error: {e} at {where}", rip, where) from None
         elapsed = time.perf_counter() - start
+        if not self._stop_requested and not self.watchdog_fired:
+            rip = self.regs.read(("rip",))[0]
+            if self.readable(rip - 1, 1) and self.read(rip - 1, 1) == b"\xf4":
+                # HLT is privileged (Intel SDM): user mode gets #GP, Windows
+                # STATUS_PRIVILEGED_INSTRUCTION; Unicorn just stops.
+                where = self.symbolize(rip - 1)
+                raise MachineFault(f"privileged instruction hlt at {where}", rip - 1, where)
         if self._stop_requested:
             return StopInfo("requested", elapsed)
         if timeout is not None and self.uc.query(UC_QUERY_TIMEOUT):
@@ -372,6 +379,9 @@ class Machine:
             f"memory fault: {what} of {size} byte(s) at {address:#x} ({why}) at {where}", rip, where
         )
         return False
+
+
+NEVER = 0xFFFF_FFFF_FFFF_F000  # an `until` no user code reaches (kernel space): 0 would stop a NULL call quietly
 
 
 class Watchdog:

@@ -115,7 +115,8 @@ def code_signal(view: ThreadView) -> Verdict:
     stub = stub_containing(module, rip) if module is not None else None
     if stub is None:
         return Verdict("code", "no", (f"{insn} before RIP {view.symbol(rip)}, but no syscall stub ends there", why))
-    found = f"{insn} before RIP, in a {stub.shape} stub at {view.symbol(stub.address)} loading SSN {stub.ssn:#x}"
+    loads = "no SSN" if stub.ssn is None else f"SSN {stub.ssn:#x}"
+    found = f"{insn} before RIP, in a {stub.shape} stub at {view.symbol(stub.address)} loading {loads}"
     return Verdict("code", "yes" if stub.ssn == want else "no", (found, why))
 
 

@@ -222,39 +222,27 @@ def test_program_grammar_assembles() -> None:
     assert isinstance(build(parse_scenario(text)), object)
 
 
-# --- bugs the fuzzer found (reported; each xfail turns into a failure once emu is fixed) -----------
+# --- bugs the fuzzer found, fixed: each test pins the fix -------------------------------------------
 def _run_code(code: str) -> Run:
     return run_bounded(parse_scenario(asm_scenario(code, extra="[budgets]\ninstructions = 10000\n")))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="emu bug: Machine.run starts Unicorn with until=0 (emu_start(begin, 0, ...)), so a jump or return to "
-    "address 0 (a NULL function pointer) stops the CPU silently and is reported as BudgetExceeded('instructions') "
-    "after a handful of instructions instead of a fault executing at 0x0",
-)
 def test_jump_to_null_is_a_fault() -> None:
     r = _run_code("main:\n    xor eax, eax\n    call rax\n    ret")
     assert isinstance(r.error, MachineFault), r.error
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="emu bug: `hlt` makes Unicorn return from emu_start without an error, and the engine reports "
-    "BudgetExceeded('instructions', 10000) after one instruction; in user mode hlt is privileged (#GP, "
-    "STATUS_PRIVILEGED_INSTRUCTION)",
-)
 def test_hlt_is_not_an_instruction_budget() -> None:
     r = _run_code("main:\n    hlt\n    ret")
     assert not (isinstance(r.error, BudgetExceeded) and r.error.budget == "instructions"), r.error
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="emu bug: a raw `syscall` in user code followed by a label makes emu.signals.code_signal format a "
-    "stub's ssn of None ({stub.ssn:#x}): Run.detections raises TypeError",
-)
 def test_detections_after_a_raw_syscall_before_a_label() -> None:
-    r = run(parse_scenario(asm_scenario("main:\n    mov eax, 0xF\n    mov r10, rcx\n    syscall\nafter:\n    ret")))
+    service = '[services.NtClose]\nsteps = [{ kind = "return", status = 0 }]'
+    r = run(
+        parse_scenario(
+            asm_scenario("main:\n    mov eax, 0xF\n    mov r10, rcx\n    syscall\nafter:\n    ret", services=service)
+        )
+    )
     assert r.error is None
     assert r.detections == []

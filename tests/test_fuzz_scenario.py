@@ -279,8 +279,8 @@ def test_mutated_shipped_scenarios_slow(
     _mutants(pytestconfig, which, ops, "scenario: mutants")
 
 
-# --- bugs the fuzzers found (reported; each xfail turns into a failure once emu is fixed) -------
-def _build_in_subprocess(code: str, budgets: str = "", timeout: float = 3.0) -> str:
+# --- bugs the fuzzers found, fixed: each test pins the fix ----------------------------------------
+def _build_in_subprocess(code: str, budgets: str = "", timeout: float = 30.0) -> str:
     """Build a one-module scenario in a fresh interpreter: the one-line outcome, or "timeout"."""
     script = (
         "import sys\n"
@@ -307,30 +307,15 @@ def _build_in_subprocess(code: str, budgets: str = "", timeout: float = 3.0) -> 
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="emu bug: keystone 0.9.2 loops forever on a statement such as '~' (keystone #551); "
-    "emu.asm.assemble calls it in-process with no time bound, so `emu run` hangs (no wall_time budget covers the build)",
-)
 def test_assembly_that_hangs_keystone_is_a_scenario_error() -> None:
     assert _build_in_subprocess("main:\n    ~\n    ret") == "ScenarioError"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="emu bug: keystone's binding encodes the source as ASCII, so non-ASCII module text raises "
-    "UnicodeEncodeError out of emu.engine.build (emu/asm.py catches only KsError)",
-)
 def test_non_ascii_assembly_is_a_scenario_error() -> None:
     with pytest.raises(ScenarioError):
         build(parse_scenario(asm_scenario('main:\n    ret\nmsg: .ascii "café"')))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="emu bug: the memory budget is checked only after assembling and mapping; '.skip N' costs ~40 ns and "
-    "~10 bytes of host memory per byte in keystone, so '.skip 0x10000000' under a 1 MiB budget takes ~11 s and ~2.7 GB",
-)
 def test_huge_skip_hits_the_memory_budget_quickly() -> None:
     outcome = _build_in_subprocess("main:\n    ret\n    .skip 0x10000000", "[budgets]\nmemory = 0x100000")
     assert outcome in ("BudgetExceeded", "ScenarioError")

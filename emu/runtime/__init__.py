@@ -7,6 +7,8 @@ are two names for one address, as in the real ntdll.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from importlib import resources
 
 from emu.image import Image, image_from_assembly
@@ -88,9 +90,20 @@ def win32u_source(profile: Profile) -> str:
 def build_ntdll(profile: Profile, base: int = NTDLL_BASE) -> Image:
     """Assemble the reference ntdll for ``profile`` at ``base``, with its x64 unwind data
     (.pdata/.xdata, see :mod:`emu.runtime.unwind`) so stack walks work as on Windows."""
-    return with_unwind_data(image_from_assembly("ntdll", base, ntdll_source(profile)), profile.dispatcher)
+    return dataclasses.replace(_ntdll(ntdll_source(profile), profile.dispatcher, base))
 
 
 def build_win32u(profile: Profile, base: int) -> Image:
     """Assemble win32u (the win32k syscall stubs) for ``profile`` at ``base``."""
-    return image_from_assembly("win32u", base, win32u_source(profile))
+    return dataclasses.replace(_win32u(win32u_source(profile), base))
+
+
+# The runtime is the same for every run of a profile: assemble it once per process.
+@functools.lru_cache(maxsize=32)
+def _ntdll(source: str, dispatcher: str, base: int) -> Image:
+    return with_unwind_data(image_from_assembly("ntdll", base, source), dispatcher)
+
+
+@functools.lru_cache(maxsize=32)
+def _win32u(source: str, base: int) -> Image:
+    return image_from_assembly("win32u", base, source)
