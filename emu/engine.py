@@ -436,12 +436,12 @@ class Process:
             if t is not None and t.running:
                 rip = machine.regs.read(("rip",))[0]
                 left = None if deadline is None else max(0.001, deadline - time.perf_counter())
-                info = machine.run(rip, b.instructions, left)
+                info = machine.run(rip, b.instructions or 0, left)
                 if info.reason != "requested" and t.running and kernel.pending_choice is None:
                     where = self.trace.symbolize(machine.regs.read(("rip",))[0])
                     if info.reason == "timeout":
                         raise BudgetExceeded("wall_time", f"{b.wall_time:g} s", where)
-                    raise BudgetExceeded("instructions", b.instructions, where)
+                    raise BudgetExceeded("instructions", b.instructions or 0, where)
                 if self.stop_requested():
                     return "stopped"
                 continue

@@ -312,7 +312,7 @@ def run_bounded(s: Scenario) -> Run:
     s = dataclasses.replace(
         s,
         budgets=Budgets(
-            instructions=min(b.instructions, 20_000),
+            instructions=min(b.instructions or 20_000, 20_000),
             wall_time=min(b.wall_time, RUN_SECONDS),
             callback_depth=min(b.callback_depth, 64),
             states=min(b.states, 10_000),

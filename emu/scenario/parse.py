@@ -126,7 +126,7 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
     if not isinstance(wall, (int, float)) or isinstance(wall, bool) or not 0 < wall <= 3600:
         raise r.fail(("budgets", "wall_time"), f"expected seconds in (0, 3600], got {_kind(wall)}")
     budgets = Budgets(
-        instructions=r.int_(b, "instructions", ("budgets",), Budgets.instructions, 1, 10**12),
+        instructions=r.int_(b, "instructions", ("budgets",), 0, 1, 10**12) or None,
         wall_time=float(wall),
         callback_depth=r.int_(b, "callback_depth", ("budgets",), Budgets.callback_depth, 1, 1 << 20),
         states=r.int_(b, "states", ("budgets",), Budgets.states, 1, 1 << 32),
