@@ -23,6 +23,7 @@ from emu.errors import (
     ScenarioError,
     UnimplementedService,
 )
+from emu.explore import Exploration, explore
 from emu.graph import StateGraph
 from emu.scenario import Scenario, load_scenario
 from emu.score import score  # the function; the module stays importable as emu.score via sys.modules
@@ -30,7 +31,24 @@ from emu.score import score  # the function; the module stays importable as emu.
 __version__ = "0.1.0"
 
 __all__ = [
-    "BudgetExceeded", "Detection", "DumpError", "EmuError", "ImageError", "KernelError", "MachineFault",
-    "Run", "Scenario", "ScenarioError", "StateGraph", "ThreadView", "UnimplementedService",
-    "__version__", "detect", "load_scenario", "run", "score",
+    "BudgetExceeded",
+    "Detection",
+    "DumpError",
+    "EmuError",
+    "Exploration",
+    "ImageError",
+    "KernelError",
+    "MachineFault",
+    "Run",
+    "Scenario",
+    "ScenarioError",
+    "StateGraph",
+    "ThreadView",
+    "UnimplementedService",
+    "__version__",
+    "detect",
+    "explore",
+    "load_scenario",
+    "run",
+    "score",
 ]  # fmt: skip
