@@ -21,6 +21,7 @@ LESSONS = [
     "03_nested_callbacks",
     "04_the_seed_rule",
     "05_exploring_kernel_choices",
+    "06_write_and_score_a_detector",
 ]
 
 
