@@ -27,10 +27,6 @@ from emu.winnt import status_name
 STACK_WORDS = 8
 
 
-def node_id(state_id: int) -> str:
-    return f"s{state_id}"
-
-
 def state_label(state: State, symbolize: Callable[[int], str]) -> str:
     """The human name of a state."""
     parts: list[str] = [state.mode]

@@ -15,6 +15,7 @@ import capstone
 
 from emu.context import REGISTER_NAMES, UserContext
 from emu.detect import DispatcherFrame, ThreadView, dispatcher_frames, view_of
+from emu.prologue import is_return_address
 from emu.winnt import (
     UCALLOUT_API_NUMBER,
     UCALLOUT_BUFFER,
@@ -41,7 +42,6 @@ _md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 # away than this are not worth decoding through.
 _MAX_BACKTRACK = 0x400
 _MAX_INSN = 15  # bytes: the longest x86 instruction (Intel SDM vol. 2, 2.3.11)
-_CALL_LENGTHS = (2, 3, 5, 6, 7)  # call reg / call [reg+disp8] / call rel32 / call [rip+disp32] / call [sib+disp32]
 
 
 # --- disassembly -------------------------------------------------------------------------
@@ -214,18 +214,6 @@ def callout_frames(view: ThreadView) -> list[DispatcherFrame]:
     return ([first] if first is not None else []) + dispatcher_frames(view)
 
 
-def _is_return_address(view: ThreadView, value: int) -> bool:
-    """True when the bytes just before ``value`` decode as a call that ends at ``value``."""
-    for n in _CALL_LENGTHS:
-        code = view.read(value - n, n)
-        if code is None:
-            continue
-        insns = list(_md.disasm(code, value - n))
-        if len(insns) == 1 and insns[0].size == n and insns[0].mnemonic == "call":
-            return True
-    return False
-
-
 def _ascii(data: bytes | None) -> str:
     """`` "WM_PAINT"`` when a stack word is printable text (callback input often is)."""
     if data and all(0x20 <= b < 0x7F or b == 0 for b in data) and data.strip(b"\0"):
@@ -282,7 +270,7 @@ def stack_panel(run: Run, state: State, words: int = 16) -> str:
             break
         note = notes.get(address, "")
         if not note and sym.image_at(value) is not None:
-            note = ("ret -> " if _is_return_address(view, value) else "-> ") + sym(value)
+            note = ("ret -> " if is_return_address(view, value) else "-> ") + sym(value)
         lines.append(f"   rsp+{8 * i:#05x}  {address:#x}  {value:#018x}  {note}".rstrip())
     shown_end = rsp + 8 * words
     for k, f in enumerate(frames):
