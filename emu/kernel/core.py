@@ -291,9 +291,10 @@ class Kernel:
         spec = self.registry.get(name)
         if spec is None:
             raise UnimplementedService(ssn, name)
-        if spec.constant is not None:
+        constant = self._constants.get(name)
+        if constant is not None:
             # A scripted service that only returns a status: no activation needed.
-            self._sysret_now(thread, regs, via, spec.constant, name, "", reuse_stack=True)
+            self._sysret_now(thread, regs, via, constant, name, "", reuse_stack=True)
             return
         args = [regs[10], regs[2], regs[8], regs[9]]
         extra = len(spec.arg_types) - 4 if spec.script is None else 0
