@@ -190,11 +190,11 @@ def syscall_sites(view: ThreadView, start: int, end: int) -> list[int]:
 def dispatcher_frames(view: ThreadView) -> list[DispatcherFrame]:
     """Scan the stack from RSP up for return addresses into KiUserCallbackDispatcher.
 
-    A candidate is kept only if a plausible UCALLOUT_FRAME sits above it (Buffer
-    inside the frame's argument area, MachineFrame.Rsp above the frame), first for
-    the stack convention (frame right above the slot), then for the registers
-    convention (frame above the dispatcher's 0x28-byte home area and a return slot).
-    Innermost first. Stack scanning, like a debugger without unwind data.
+    A candidate is kept only if a plausible UCALLOUT_FRAME (:func:`callout_frame`) sits above
+    it, first for the stack convention (frame right above the slot), then for the registers
+    convention (frame above the dispatcher's 0x28-byte home area and a return slot). Innermost
+    first. Stack scanning, like a debugger without unwind data: a dispatcher with a larger
+    frame (a C function, as Wine 8's) is found by the unwind in :mod:`emu.unwind` only.
     """
     ntdll = view.module("ntdll")
     if ntdll is None:
@@ -211,7 +211,7 @@ def dispatcher_frames(view: ThreadView) -> list[DispatcherFrame]:
         value = view.u64(slot)
         if value is not None and disp < value < disp_end:
             for frame in (slot + 8, slot + 8 + 0x28 + 8):
-                f = _callout_frame(view, slot, frame, end)
+                f = callout_frame(view, frame, slot)
                 if f is not None:
                     frames.append(f)
                     break
@@ -225,18 +225,28 @@ def _dispatcher_end(ntdll: ModuleInfo, disp: int) -> int:
     return later[0] if later else ntdll.base + ntdll.size
 
 
-def _callout_frame(view: ThreadView, slot: int, frame: int, end: int) -> DispatcherFrame | None:
-    if frame + UCALLOUT_FRAME_SIZE > end:
-        return None
-    buffer = view.u64(frame + UCALLOUT_BUFFER)
-    length = view.u32(frame + UCALLOUT_LENGTH)
-    api = view.u32(frame + UCALLOUT_API_NUMBER)
-    old_rsp = view.u64(frame + UCALLOUT_MF_RSP)
-    if buffer is None or length is None or api is None or old_rsp is None:
-        return None
-    if not (frame + UCALLOUT_FRAME_SIZE <= buffer and buffer + length <= old_rsp <= end and old_rsp > frame):
-        return None
-    return DispatcherFrame(slot, frame, api, buffer, length)
+def callout_frame(view: ThreadView, frame: int, slot: int) -> DispatcherFrame | None:
+    """The UCALLOUT_FRAME at ``frame`` if it is plausible, else None; ``slot`` is the return slot
+    the found :class:`DispatcherFrame` names.
+
+    The one plausibility check every reader of these frames uses (unwind, stack scan, stack
+    panel). KeUserModeCallback (ReactOS ntoskrnl/ke/amd64/usercall.c; WRK callback.c) copies
+    the input right above the frame and below the RSP it saves in MachineFrame.Rsp, so: the
+    whole frame is in one readable stack range of the view, Buffer is at or above the frame's
+    end, Buffer + Length is at or below MachineFrame.Rsp, and that RSP is in the same range
+    (at most its end).
+    """
+    for start, data in view.memory:
+        if start <= frame and frame + UCALLOUT_FRAME_SIZE <= start + len(data):
+            off = frame - start
+            buffer = int.from_bytes(data[off + UCALLOUT_BUFFER : off + UCALLOUT_BUFFER + 8], "little")
+            length = int.from_bytes(data[off + UCALLOUT_LENGTH : off + UCALLOUT_LENGTH + 4], "little")
+            api = int.from_bytes(data[off + UCALLOUT_API_NUMBER : off + UCALLOUT_API_NUMBER + 4], "little")
+            old_rsp = int.from_bytes(data[off + UCALLOUT_MF_RSP : off + UCALLOUT_MF_RSP + 8], "little")
+            if frame + UCALLOUT_FRAME_SIZE <= buffer and buffer + length <= old_rsp <= start + len(data):
+                return DispatcherFrame(slot, frame, api, buffer, length)
+            return None
+    return None
 
 
 def detect_callback_return_pending(view: ThreadView) -> Detection | None:

@@ -4,9 +4,10 @@ The x64 ABI requires unwind data for every function that is not a leaf (MS docs 
 handling"), but assembly authors (and emu's scenario modules) often leave it out. A debugger
 then falls back on the code itself, and so does :mod:`emu.unwind`:
 
-* :func:`sweep` follows the instructions from a function's start (the nearest export) to RIP and
-  adds up what moves RSP: ``push``/``pop``, ``sub``/``add rsp``, a frame pointer (``mov rbp, rsp``
-  ... ``mov rsp, rbp``/``leave``). It gives up on anything it cannot model.
+* :func:`sweep` follows the instructions from a function's start (the nearest export) to RIP,
+  along its branches, and adds up what moves RSP: ``push``/``pop``, ``sub``/``add rsp``, a frame
+  pointer (``mov rbp, rsp`` ... ``mov rsp, rbp``/``leave``). It gives up on anything it cannot
+  model.
 * :func:`stub_containing` reads a syscall stub back with :func:`emu.stubs.stub_at`: from the
   export at or below RIP, or from a ``mov r10, rcx`` found by scanning back (no symbols needed).
 * :func:`is_return_address`: a value in executable code with a ``call`` ending right at it.
@@ -15,6 +16,7 @@ then falls back on the code itself, and so does :mod:`emu.unwind`:
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,58 +44,107 @@ class Sweep:
 
 
 def sweep(image: Image, start: int, rip: int) -> Sweep | None:
-    """Follow the RSP changes from a function's start to ``rip`` in a straight line, or None."""
+    """Follow the RSP changes from a function's start to ``rip``, or None.
+
+    The code is followed along its branches (conditional jumps both ways, direct jumps inside
+    [start, rip]), breadth first: compiled functions branch before the call a return address
+    belongs to (Wine 8's KiUserCallbackDispatcher tests a setjmp result first). A path ends at
+    ``ret``, a jump out of the range or an RSP change this sweep cannot model; the first path
+    to reach ``rip`` gives the answer.
+    """
     if not start <= rip < start + SWEEP_LIMIT:
         return None
     code = image.read(start, rip - start) if rip > start else b""
     if code is None:
         return None
-    delta = 0
-    copies: dict[int, int] = {}  # register -> the delta RSP had when the register got RSP's value
-    saved: dict[int, int] = {}
-    pc = start
-    for insn in _cs.disasm(code, start):
-        m, ops = insn.mnemonic, insn.operands
-        if m == "push":
-            delta += 8
-            if ops[0].type == x86.X86_OP_REG and ops[0].reg in CS_GPR:
-                saved.setdefault(CS_GPR[ops[0].reg], delta)
-        elif m == "pop":
-            delta -= 8
-            if ops[0].type == x86.X86_OP_REG:
-                copies.pop(CS_GPR.get(ops[0].reg, -1), None)
-        elif m in ("pushfq", "popfq"):
-            delta += 8 if m == "pushfq" else -8
-        elif m in ("sub", "add") and is_reg(ops, 0, RSP) and ops[1].type == x86.X86_OP_IMM:
-            delta += ops[1].imm if m == "sub" else -ops[1].imm
-        elif m in ("mov", "lea") and len(ops) == 2 and ops[0].type == x86.X86_OP_REG and ops[0].reg in CS_GPR:
-            dst = CS_GPR[ops[0].reg]
-            # The source as (register, displacement): `mov dst, reg` or `lea dst, [reg + disp]`.
-            src: tuple[int, int] | None = None
-            if m == "mov" and ops[1].type == x86.X86_OP_REG and ops[1].reg in CS_GPR:
-                src = (CS_GPR[ops[1].reg], 0)
-            elif m == "lea" and ops[1].mem.index == x86.X86_REG_INVALID and ops[1].mem.base in CS_GPR:
-                src = (CS_GPR[ops[1].mem.base], ops[1].mem.disp)
-            if dst == RSP:
-                if src is None or (src[0] != RSP and src[0] not in copies):
-                    return None  # RSP from somewhere this sweep cannot follow
-                delta = (delta if src[0] == RSP else copies[src[0]]) - src[1]
-            elif src is not None and (src[0] == RSP or src[0] in copies):
-                copies[dst] = (delta if src[0] == RSP else copies[src[0]]) - src[1]
-            else:
-                copies.pop(dst, None)
-        elif m == "leave":  # mov rsp, rbp; pop rbp
-            if RBP not in copies:
-                return None
-            delta = copies.pop(RBP) - 8
-        elif m in ("ret", "jmp", "int3", "ud2", "hlt", "iretq"):
-            return None  # the code after it is reached from somewhere this sweep did not see
-        elif x86.X86_REG_RSP in insn.regs_access()[1] and m not in ("call", "syscall", "int"):
-            return None  # RSP changed in a way this sweep does not model
-        pc = insn.address + insn.size
-    if pc != rip or delta < 0:
-        return None
-    return Sweep(delta, saved)
+    queue: deque[_Path] = deque([_Path(start, 0, {}, {})])
+    seen: set[int] = set()
+    budget = SWEEP_STEPS
+    while queue and budget > 0:
+        path = queue.popleft()
+        while budget > 0:
+            if path.pc == rip:
+                return Sweep(path.delta, path.saved) if path.delta >= 0 else None
+            if path.pc in seen or not start <= path.pc < rip:
+                break
+            seen.add(path.pc)
+            budget -= 1
+            insn = next(_cs.disasm(code[path.pc - start :], path.pc, 1), None)
+            if insn is None or not _apply(insn, path):
+                break
+            target = _branch_target(insn)
+            m = insn.mnemonic
+            if m == "jmp":
+                if target is None:
+                    break  # an indirect jump: a tail call or a table this sweep does not read
+                path.pc = target
+                continue
+            if m.startswith("j") or m.startswith("loop"):
+                if target is not None:
+                    queue.append(_Path(target, path.delta, dict(path.copies), dict(path.saved)))
+            elif m in ("ret", "int3", "ud2", "hlt", "iretq"):
+                break  # the code after it is reached from somewhere else, if at all
+            path.pc = insn.address + insn.size
+    return None
+
+
+SWEEP_STEPS = 4096  # instructions a sweep decodes at most, over all paths
+
+
+@dataclass
+class _Path:
+    pc: int
+    delta: int  # bytes pushed or allocated since the function's start
+    copies: dict[int, int]  # register -> the delta RSP had when the register got RSP's value
+    saved: dict[int, int]  # register -> its push slot (the delta after the push)
+
+
+def _branch_target(insn: capstone.CsInsn) -> int | None:
+    ops = insn.operands
+    if len(ops) == 1 and ops[0].type == x86.X86_OP_IMM:
+        return int(ops[0].imm)
+    return None
+
+
+def _apply(insn: capstone.CsInsn, path: _Path) -> bool:
+    """Apply one instruction's RSP change to ``path``; False when this sweep cannot follow it."""
+    m, ops = insn.mnemonic, insn.operands
+    copies, saved = path.copies, path.saved
+    if m == "push":
+        path.delta += 8
+        if ops[0].type == x86.X86_OP_REG and ops[0].reg in CS_GPR:
+            saved.setdefault(CS_GPR[ops[0].reg], path.delta)
+    elif m == "pop":
+        path.delta -= 8
+        if ops[0].type == x86.X86_OP_REG:
+            copies.pop(CS_GPR.get(ops[0].reg, -1), None)
+    elif m in ("pushfq", "popfq"):
+        path.delta += 8 if m == "pushfq" else -8
+    elif m in ("sub", "add") and is_reg(ops, 0, RSP) and ops[1].type == x86.X86_OP_IMM:
+        path.delta += ops[1].imm if m == "sub" else -ops[1].imm
+    elif m in ("mov", "lea") and len(ops) == 2 and ops[0].type == x86.X86_OP_REG and ops[0].reg in CS_GPR:
+        dst = CS_GPR[ops[0].reg]
+        # The source as (register, displacement): `mov dst, reg` or `lea dst, [reg + disp]`.
+        src: tuple[int, int] | None = None
+        if m == "mov" and ops[1].type == x86.X86_OP_REG and ops[1].reg in CS_GPR:
+            src = (CS_GPR[ops[1].reg], 0)
+        elif m == "lea" and ops[1].mem.index == x86.X86_REG_INVALID and ops[1].mem.base in CS_GPR:
+            src = (CS_GPR[ops[1].mem.base], ops[1].mem.disp)
+        if dst == RSP:
+            if src is None or (src[0] != RSP and src[0] not in copies):
+                return False  # RSP from somewhere this sweep cannot follow
+            path.delta = (path.delta if src[0] == RSP else copies[src[0]]) - src[1]
+        elif src is not None and (src[0] == RSP or src[0] in copies):
+            copies[dst] = (path.delta if src[0] == RSP else copies[src[0]]) - src[1]
+        else:
+            copies.pop(dst, None)
+    elif m == "leave":  # mov rsp, rbp; pop rbp
+        if RBP not in copies:
+            return False
+        path.delta = copies.pop(RBP) - 8
+    elif x86.X86_REG_RSP in insn.regs_access()[1] and m not in ("call", "syscall", "int", "ret", "iretq"):
+        return False  # RSP changed in a way this sweep does not model
+    return True
 
 
 def is_reg(ops: Any, i: int, reg: int) -> bool:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import capstone
 from capstone import x86
 
-from emu.detect import DispatcherFrame, ModuleInfo, ThreadView
+from emu.detect import DispatcherFrame, ModuleInfo, ThreadView, callout_frame
 from emu.image import Image
 from emu.prologue import (
     CS_GPR,
@@ -47,7 +47,8 @@ from emu.prologue import (
     stub_containing,
     sweep,
 )
-from emu.winnt import UCALLOUT_BUFFER, UCALLOUT_FRAME_SIZE, UCALLOUT_LENGTH, UCALLOUT_MF_RIP, UCALLOUT_MF_RSP
+from emu.stubs import guess_dispatcher_convention
+from emu.winnt import UCALLOUT_BUFFER, UCALLOUT_LENGTH, UCALLOUT_MF_RIP, UCALLOUT_MF_RSP
 
 # UNWIND_CODE.UnwindOp values (MS docs "struct UNWIND_CODE"; 6 and 7 are version-2 epilog codes).
 UWOP_PUSH_NONVOL, UWOP_ALLOC_LARGE, UWOP_ALLOC_SMALL, UWOP_SET_FPREG = 0, 1, 2, 3
@@ -299,7 +300,7 @@ class _Walker:
         if entry is not None:
             return self.unwind_data(module, entry, rip)
         if self.disp is not None and self.disp <= rip < self.disp_end and module is self.ntdll:
-            return self.dispatcher_layout(module, rip), "dispatcher layout", True
+            return self.dispatcher_layout(module, rip)
         if trap and stub_containing(module, rip) is not None:
             return self.pop_return(), "leaf stub", False
         start = function_start(module, rip)
@@ -318,7 +319,10 @@ class _Walker:
         read, regs = self.view.read, self.regs
         info = read_unwind_info(read, entry.unwind, module.base)
         offset = rip - entry.begin
+        dispatcher = module is self.ntdll and self.disp is not None and self._root(entry, info) == self.disp
         if offset > info.prolog_size and info.codes and self.epilogue(entry, info, rip):
+            if dispatcher:
+                return self.callout_at_entry("unwind data (epilogue)")
             return self.pop_return(), "unwind data (epilogue)", False
         machine: int | None = None
         codes = [c for c in info.codes if c.offset <= offset or offset >= info.prolog_size]
@@ -347,11 +351,24 @@ class _Walker:
             info = read_unwind_info(read, info.chained.unwind, module.base)
             codes = list(info.codes)  # chained codes apply in full
         if machine is None:
+            if dispatcher:
+                return self.callout_at_entry("unwind data")
             return self.pop_return(), "unwind data", False
         new_rip, regs[RSP] = self.word(machine + MACHFRAME_RIP), self.word(machine + MACHFRAME_RSP)
-        if module is self.ntdll and entry.begin == self.disp:
+        if dispatcher:
             self.record(machine - UCALLOUT_MF_RIP)
         return new_rip, "machine frame", True
+
+    def _root(self, entry: RuntimeFunction, info: UnwindInfo) -> int:
+        """The start of the function ``entry`` belongs to: the end of its chain of RUNTIME_FUNCTIONs
+        (MS docs "Chained unwind info structures": the chained entry is the primary one)."""
+        begin = entry.begin
+        for _ in range(32):
+            if info.chained is None:
+                break
+            begin = info.chained.begin
+            info = read_unwind_info(self.view.read, info.chained.unwind, self.ntdll.base if self.ntdll else 0)
+        return begin
 
     def epilogue(self, entry: RuntimeFunction, info: UnwindInfo, rip: int) -> bool:
         """MS "Unwind procedure": if RIP is in an epilog (add rsp / lea rsp, pops, ret or jmp), finish it."""
@@ -413,32 +430,56 @@ class _Walker:
                 return value
         raise _Stop(f"no return address found on the stack above {rsp:#x}")
 
-    def dispatcher_layout(self, module: ModuleInfo, rip: int) -> int:
-        """KiUserCallbackDispatcher without unwind data: the UCALLOUT_FRAME sits where its entry RSP
-        was ("stack" convention) or one return slot above ("registers" convention, a zero return
-        address below it: Wine's PE ntdll)."""
+    def dispatcher_layout(self, module: ModuleInfo, rip: int) -> tuple[int, str, bool]:
+        """KiUserCallbackDispatcher without unwind data: its code, read from its export to RIP
+        (:func:`emu.prologue.sweep`), gives its entry RSP; the frame sits there or above it."""
         found = sweep(module.image, self.disp or rip, rip)
         if found is None:
             raise _Stop(f"cannot follow KiUserCallbackDispatcher's code to {self.view.symbol(rip)}")
         entry = self.regs[RSP] + found.delta
-        first_zero = self.in_stack(entry) and self.word(entry) == 0
-        for frame in (entry + 8, entry) if first_zero else (entry, entry + 8):
-            if self.plausible_callout(frame):
-                self.record(frame)
-                self.regs[RSP] = self.word(frame + UCALLOUT_MF_RSP)
-                return self.word(frame + UCALLOUT_MF_RIP)
-        raise _Stop(f"no plausible UCALLOUT_FRAME above KiUserCallbackDispatcher's frame at {entry:#x}")
+        for reg, off in found.saved.items():
+            with contextlib.suppress(_Stop):  # a push slot out of the captured stack: keep the register
+                self.regs[reg] = self.word(entry - off)
+        self.regs[RSP] = entry
+        return self.callout_at_entry("dispatcher layout")
 
-    def plausible_callout(self, frame: int) -> bool:
-        # KeUserModeCallback (ReactOS ntoskrnl/ke/amd64/usercall.c) puts the input right above
-        # the frame and below the old RSP saved in MachineFrame.Rsp.
-        try:
-            buffer = self.word(frame + UCALLOUT_BUFFER)
-            length = self.word(frame + UCALLOUT_LENGTH) & 0xFFFF_FFFF
-            old_rsp = self.word(frame + UCALLOUT_MF_RSP)
-        except _Stop:
-            return False
-        return frame + UCALLOUT_FRAME_SIZE <= buffer and buffer + length <= old_rsp and self.in_stack(old_rsp)
+    def callout_at_entry(self, how: str) -> tuple[int, str, bool]:
+        """KiUserCallbackDispatcher unwound to the RSP it was entered with (``self.regs``), with no
+        machine frame in its unwind data (a C function, as Wine 8's: PUSH_NONVOL rbx; ALLOC_LARGE
+        0x150) or no unwind data at all. The kernel entered it either with RSP at the
+        UCALLOUT_FRAME ("stack" convention: WRK KiCallUserMode, ReactOS usercall.c) or like a
+        called function, with a slot right below the frame that holds no return address
+        (emu's kernel writes 0 there: the "registers" convention of Wine 8's
+        dlls/ntdll/signal_x86_64.c). The dispatcher's first instructions say which to try first
+        (:func:`emu.stubs.guess_dispatcher_convention`); a frame is taken only if it is
+        plausible (:func:`emu.detect.callout_frame`). The walk goes on from its MachineFrame,
+        at the RIP after the system call the callback interrupted."""
+        entry = self.regs[RSP]
+        slot = self.word(entry)
+        called = is_return_address(self.view, slot)  # a real return address: not the kernel's entry
+        order = (entry + 8, entry) if self.convention() == "registers" else (entry, entry + 8)
+        for frame in order:
+            if frame == entry + 8 and called:
+                continue
+            found = callout_frame(self.view, frame, self.frame_rsp - 8)
+            if found is not None:
+                self.dispatchers.append(found)
+                self.regs[RSP] = self.word(frame + UCALLOUT_MF_RSP)
+                convention = "registers" if frame == entry + 8 else "stack"
+                return self.word(frame + UCALLOUT_MF_RIP), f"{how} to a UCALLOUT_FRAME ({convention} convention)", True
+        if called:
+            self.regs[RSP] = entry + 8
+            return slot, how, False
+        raise _Stop(f"no plausible UCALLOUT_FRAME at or right above KiUserCallbackDispatcher's entry RSP {entry:#x}")
+
+    def convention(self) -> str:
+        """How ntdll's KiUserCallbackDispatcher reads its arguments, from its code (read once)."""
+        ntdll = self.ntdll
+        if ntdll is None:
+            return "unknown"
+        if "convention" not in ntdll.memo:
+            ntdll.memo["convention"] = guess_dispatcher_convention(ntdll.image).convention
+        return str(ntdll.memo["convention"])
 
     def record(self, frame: int) -> None:
         """A KiUserCallbackDispatcher frame; its return slot is where the callback's return address

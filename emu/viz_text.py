@@ -14,12 +14,10 @@ from typing import TYPE_CHECKING
 import capstone
 
 from emu.context import REGISTER_NAMES, UserContext
-from emu.detect import DispatcherFrame, ThreadView, dispatcher_frames, view_of
+from emu.detect import DispatcherFrame, ThreadView, callout_frame, dispatcher_frames, view_of
 from emu.prologue import is_return_address
 from emu.winnt import (
-    UCALLOUT_API_NUMBER,
     UCALLOUT_BUFFER,
-    UCALLOUT_FRAME_SIZE,
     UCALLOUT_LENGTH,
     UCALLOUT_MF_EFLAGS,
     UCALLOUT_MF_RIP,
@@ -196,15 +194,9 @@ def entry_frame(view: ThreadView) -> DispatcherFrame | None:
         return None
     rsp = view.context.rsp
     for frame in (rsp, rsp + 8):
-        buffer = view.u64(frame + UCALLOUT_BUFFER)
-        length = view.u32(frame + UCALLOUT_LENGTH)
-        api = view.u32(frame + UCALLOUT_API_NUMBER)
-        old_rsp = view.u64(frame + UCALLOUT_MF_RSP)
-        if buffer is None or length is None or api is None or old_rsp is None:
-            continue
-        # KeUserModeCallback puts the input right above the frame and below the old RSP.
-        if frame + UCALLOUT_FRAME_SIZE <= buffer and buffer + length <= old_rsp:
-            return DispatcherFrame(frame - 8, frame, api, buffer, length)
+        found = callout_frame(view, frame, frame - 8)
+        if found is not None:
+            return found
     return None
 
 

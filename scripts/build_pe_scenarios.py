@@ -23,7 +23,7 @@ BIN = ROOT / "scenarios" / "pe" / "bin"
 def main() -> int:
     built = build_pe_fixtures()
     BIN.mkdir(parents=True, exist_ok=True)
-    for dll in (built.ntdll, built.callbacks, built.program):
+    for dll in built.dlls:
         shutil.copyfile(dll, BIN / Path(dll).name)
         print(f"{BIN / Path(dll).name}")
     return 0

@@ -54,9 +54,19 @@ COMMON = [
     "-Wl,-e,DllEntry",
     "-Wl,--no-insert-timestamp",
 ]
-# (output, preferred base, sources, link against the fixture ntdll's import library)
+# (output, preferred base, sources and extra compiler flags, link against the fixture ntdll's
+# import library). The two ntdll variants differ only in KiUserCallbackDispatcher: a C function
+# (registers convention) and a "stack"-convention one, both with unwind data that has no machine
+# frame (see ntdll_like.S).
 RECIPE = [
     ("ntdll.dll", 0x7FFB_0000_0000, ["ntdll_like.S", "ntdll_like.def"], False),
+    (
+        "ntdll_c_dispatcher.dll",
+        0x7FFB_0000_0000,
+        ["-DC_DISPATCHER", "ntdll_like.S", "c_dispatcher.c", "ntdll_like.def"],
+        False,
+    ),
+    ("ntdll_seh_stack.dll", 0x7FFB_0000_0000, ["-DSEH_STACK_DISPATCHER", "ntdll_like.S", "ntdll_like.def"], False),
     ("callbacks.dll", 0x7FFA_0000_0000, ["callbacks.c", "callbacks.def"], True),
     ("program.dll", 0x1_4000_0000, ["program.c", "program.def"], True),
 ]
@@ -73,6 +83,13 @@ class PeFixtures:
     callbacks: Path  # callbacks.dll: imports from ntdll.dll by name and by ordinal
     program: Path  # program.dll: ProgramMain makes the first syscall (NtUserMessageCall)
     import_lib: Path  # libntdll.a, made from ntdll_like.def by dlltool
+    ntdll_c_dispatcher: Path  # ntdll_like with a C KiUserCallbackDispatcher (registers convention)
+    ntdll_seh_stack: Path  # ntdll_like with a stack-convention dispatcher whose unwind has no machine frame
+
+    @property
+    def dlls(self) -> tuple[Path, ...]:
+        """Every DLL of the build (what the scenarios in scenarios/pe/ load from their bin/)."""
+        return (self.ntdll, self.ntdll_c_dispatcher, self.ntdll_seh_stack, self.callbacks, self.program)
 
 
 def _tool_version(tool: str) -> str:
@@ -103,7 +120,8 @@ def _run(args: list[str], cwd: Path) -> None:
 def _build(into: Path) -> None:
     _run([DLLTOOL, "-d", str(SOURCES / "ntdll_like.def"), "-l", "libntdll.a", "-D", "ntdll.dll"], into)
     for output, base, sources, links in RECIPE:
-        args = [CC, *COMMON, f"-Wl,--image-base,{base:#x}", "-o", output, *(str(SOURCES / s) for s in sources)]
+        files = [s if s.startswith("-") else str(SOURCES / s) for s in sources]
+        args = [CC, *COMMON, f"-Wl,--image-base,{base:#x}", "-o", output, *files]
         _run([*args, "libntdll.a"] if links else args, into)
 
 
@@ -124,7 +142,13 @@ def build_pe_fixtures(cache_dir: Path = CACHE) -> PeFixtures:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return PeFixtures(
-        target, target / "ntdll.dll", target / "callbacks.dll", target / "program.dll", target / "libntdll.a"
+        target,
+        target / "ntdll.dll",
+        target / "callbacks.dll",
+        target / "program.dll",
+        target / "libntdll.a",
+        target / "ntdll_c_dispatcher.dll",
+        target / "ntdll_seh_stack.dll",
     )
 
 

@@ -32,7 +32,7 @@ def pe_bin() -> Path:
     built = pe_fixtures_or_fail()
     out = ROOT / "scenarios" / "pe" / "bin"
     out.mkdir(exist_ok=True)
-    for dll in (built.ntdll, built.callbacks, built.program):
+    for dll in built.dlls:
         shutil.copyfile(dll, out / Path(dll).name)
     return out
 

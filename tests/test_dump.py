@@ -50,7 +50,7 @@ def runs() -> dict[str, Run]:
     """Every shipped scenario, the PE ones with their DLLs built by mingw-w64 (copied into scenarios/pe/bin/)."""
     built = pe_fixtures_or_fail()
     (PE_DIR / "bin").mkdir(exist_ok=True)
-    for dll in (built.ntdll, built.callbacks, built.program):
+    for dll in built.dlls:
         shutil.copyfile(dll, PE_DIR / "bin" / dll.name)
     return {str(p.relative_to(ROOT / "scenarios")): run(p) for p in SCENARIOS}
 

@@ -26,7 +26,7 @@ def pe_bin() -> Path:
     built: PeFixtures = pe_fixtures_or_fail()
     out = PE_DIR / "bin"
     out.mkdir(exist_ok=True)
-    for dll in (built.ntdll, built.callbacks, built.program):
+    for dll in built.dlls:
         shutil.copyfile(dll, out / Path(dll).name)
     return out
 
