@@ -12,8 +12,26 @@ procedure"), checked against ReactOS ``sdk/lib/rtl/amd64/unwind.c`` (RtlVirtualU
   prologue instruction) is at or before the offset of RIP in the function.
 * A function without an entry is a leaf: the return address is at [RSP].
 * UWOP_PUSH_MACHFRAME pops a machine frame (Rip at +0, Rsp at +0x18) instead of a return
-  address: that is how KiUserCallbackDispatcher's frame ends (Wine dlls/ntdll/signal_x86_64.c:
-  ``.seh_pushframe; .seh_stackalloc 0x30``), over the UCALLOUT_FRAME's MachineFrame at +0x30.
+  address.
+
+KiUserCallbackDispatcher is entered by the kernel, not called, with the UCALLOUT_FRAME that
+KeUserModeCallback built on the user stack (WRK callback.c, ReactOS usercall.c; emu's kernel
+model does the same). How its frame is unwound depends on what its unwind data says, and the
+walk reads that, never a build name:
+
+* codes ending in UWOP_PUSH_MACHFRAME (a dispatcher written in assembly with
+  ``.seh_pushframe``, as emu's built-in one, after Wine's assembly version in
+  dlls/ntdll/signal_x86_64.c): the machine frame is the UCALLOUT_FRAME's MachineFrame at
+  +0x30, and the walk goes on from its Rip and Rsp.
+* codes without one (a plain C function, as Wine 8's PE ntdll: ``PUSH_NONVOL rbx;
+  ALLOC_LARGE 0x150``), or no unwind data at all (then the dispatcher's code, followed from
+  its export, gives the same RSP change): the codes bring RSP back to the value the
+  dispatcher was entered with. The UCALLOUT_FRAME sits there ("stack" convention) or right
+  above a slot that holds no return address ("registers" convention: emu's kernel writes 0
+  there). The one that passes :func:`emu.detect.callout_frame` is taken, in the order the
+  dispatcher's first instructions suggest (:func:`emu.stubs.guess_dispatcher_convention`),
+  and the walk goes on from its MachineFrame. A real return address in the slot means an
+  ordinary call: it is popped.
 
 Scenario assembly and hand-written PE code often have no unwind data although they are not
 leaves (the x64 ABI requires it, assembly authors skip it). For those frames the walk reads the
