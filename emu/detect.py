@@ -152,7 +152,12 @@ class DispatcherFrame:
 
 @dataclass(frozen=True)
 class Detection:
-    """A thread found waiting at ZwCallbackReturn for the kernel to complete a callback."""
+    """A thread found waiting at ZwCallbackReturn for the kernel to complete a callback.
+
+    ``rip`` and ``return_address`` are symbols (``module!export+0xoff``); ``rip_address`` and
+    ``return_address_value`` are the raw values behind them (RIP, and the qword at [RSP]; None
+    when a detector does not give them or [RSP] is not readable).
+    """
 
     state: int | None
     thread: int
@@ -160,16 +165,26 @@ class Detection:
     return_address: str
     depth: int
     api_number: int | None
+    rip_address: int | None = None
+    return_address_value: int | None = None
 
     def as_dict(self) -> dict[str, object]:
+        """For JSON: raw addresses as ``"0x..."`` strings (lowercase hex), as everywhere in emu's
+        JSON output (``emu image --json``, ``emu graph`` nodes), or None."""
         return {
             "state": self.state,
             "thread": self.thread,
             "rip": self.rip,
+            "rip_address": _hex(self.rip_address),
             "return_address": self.return_address,
+            "return_address_value": _hex(self.return_address_value),
             "depth": self.depth,
             "api_number": self.api_number,
         }
+
+
+def _hex(value: int | None) -> str | None:
+    return None if value is None else f"{value:#x}"
 
 
 _md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
@@ -304,7 +319,12 @@ def detect_run(
     for state in run.trace.states:
         d = detector(view_of(run, state))
         if d is not None:
-            out.append(Detection(state.id, d.thread, d.rip, d.return_address, d.depth, d.api_number))
+            out.append(
+                Detection(
+                    state.id, d.thread, d.rip, d.return_address, d.depth, d.api_number,
+                    d.rip_address, d.return_address_value,
+                )
+            )  # fmt: skip
     return out
 
 

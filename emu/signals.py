@@ -205,9 +205,10 @@ def combined(view: ThreadView) -> CombinedVerdict:
     detection = None
     if pending:
         ret = view.u64(view.context.rsp)
+        rip = view.context.rip
         detection = Detection(
-            None, view.thread, view.symbol(view.context.rip), view.symbol(ret) if ret is not None else "?",
-            stack.depth, stack.frames[0].api,
+            None, view.thread, view.symbol(rip), view.symbol(ret) if ret is not None else "?",
+            stack.depth, stack.frames[0].api, rip, ret,
         )  # fmt: skip
     return CombinedVerdict(pending, sym, code, stack, mode, reason, _disagreements(sym, code, stack), detection)
 

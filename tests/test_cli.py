@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from emu.cli import main
+from emu.engine import run
 
 
 def test_version(capsys) -> None:
@@ -41,8 +43,37 @@ def test_detect_json_keys(root: Path, capsys) -> None:
     assert main(["detect", "--json", str(root / "scenarios/callback_early_return.toml")]) == 0
     dets = json.loads(capsys.readouterr().out)
     assert len(dets) == 1
-    assert {"state", "rip", "return_address", "depth", "api_number"} <= set(dets[0])
+    assert list(dets[0]) == [
+        "state", "thread", "rip", "rip_address", "return_address", "return_address_value", "depth", "api_number",
+    ]  # fmt: skip
     assert dets[0]["return_address"].startswith("app!")
+
+
+HEX = re.compile(r"0x[0-9a-f]+")
+
+
+@pytest.mark.parametrize("command", ["run", "detect"])
+def test_json_raw_addresses_are_the_values_behind_the_symbols(root: Path, capsys, command: str) -> None:
+    """``rip_address``/``return_address_value`` (and a transition's ``rip_address``/``rsp_address``)
+    are lowercase "0x..." strings: RIP and the qword at [RSP] of the detected state."""
+    path = root / "scenarios/nested_callbacks.toml"
+    assert main([command, "--json", str(path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    dets = out["detections"] if command == "run" else out
+    r = run(path)
+    assert len(dets) == 3
+    for d in dets:
+        s = r.trace.state(d["state"])
+        assert HEX.fullmatch(d["rip_address"]) and HEX.fullmatch(d["return_address_value"])
+        assert int(d["rip_address"], 16) == s.context.rip
+        assert r.symbolize(s.context.rip) == d["rip"]
+        ret = int.from_bytes(s.stack[:8], "little")
+        assert int(d["return_address_value"], 16) == ret
+        assert r.symbolize(ret) == d["return_address"]
+    if command == "run":
+        for row, t in zip(out["transitions"], r.trace, strict=True):
+            assert (row["rip_address"], row["rsp_address"]) == (f"{t.rip:#x}", f"{t.rsp:#x}")
+            assert HEX.fullmatch(row["rip_address"]) and row["rip"] == t.rip_symbol
 
 
 def test_failed_expectation_exits_1_and_names_it(root: Path, tmp_path: Path, capsys) -> None:

@@ -67,7 +67,7 @@ def pending_dump(runs: dict[str, Run]) -> bytes:
 
 def _fields(d: Detection) -> tuple[object, ...]:
     """What a detection says, apart from where it came from (a state id live, None from a dump)."""
-    return d.rip, d.return_address, d.depth, d.api_number
+    return d.rip, d.rip_address, d.return_address, d.return_address_value, d.depth, d.api_number
 
 
 # --- round trip -------------------------------------------------------------------------------
@@ -388,8 +388,9 @@ def test_emu_detect_dump_text_json_and_bad_file(tmp_path: Path, capsys: pytest.C
     assert _cli(["detect", "--dump", str(out), "--json"]) == 0
     [d] = json.loads(capsys.readouterr().out)
     assert d == {
-        "state": None, "thread": 0x1004, "rip": "ntdll!ZwCallbackReturn+0x14",
-        "return_address": "ntdll!KiUserCallbackDispatcherReturn+0xc", "depth": 1, "api_number": 2,
+        "state": None, "thread": 0x1004, "rip": "ntdll!ZwCallbackReturn+0x14", "rip_address": "0x7ffb00001086",
+        "return_address": "ntdll!KiUserCallbackDispatcherReturn+0xc", "return_address_value": "0x7ffb0000102d",
+        "depth": 1, "api_number": 2,
     }  # fmt: skip
     assert cli_dump.detect_dump(out)[0].as_dict() == d
     assert _cli(["dump", str(ROUNDTRIP), "--state", "s0", "-o", str(tmp_path / "s0.dmp")]) == 0
