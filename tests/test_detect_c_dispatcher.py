@@ -10,12 +10,14 @@ data taken away, from the dispatcher's code.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 from pe_fixtures import pe_fixtures_or_fail
 
+from emu.cli import main
 from emu.detect import ThreadView, callout_frame, view_of
 from emu.engine import Run, run
 from emu.image import image_from_assembly
@@ -150,3 +152,21 @@ after:
     )  # fmt: skip
     found = sweep(image, image.symbols["f"], image.symbols["after"])
     assert found is not None and found.delta == 0x158 and found.saved == {3: 8}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_each_pending_state_dumped_gives_the_live_verdict(
+    runs: dict[str, Run], name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`emu detect --json` live, then `emu dump` of each pending state and `emu detect --dump --json`."""
+    path = str(PE_DIR / f"{name}.toml")
+    assert main(["detect", "--json", path]) == 0
+    live = json.loads(capsys.readouterr().out)
+    assert [d["depth"] for d in live] == [3, 2, 1]
+    for d in live:
+        out = tmp_path / f"s{d['state']}.dmp"
+        assert main(["dump", path, "--state", f"s{d['state']}", "-o", str(out)]) == 0
+        capsys.readouterr()
+        assert main(["detect", "--dump", str(out), "--json"]) == 0
+        [got] = json.loads(capsys.readouterr().out)
+        assert {**got, "state": d["state"], "thread": d["thread"]} == d
