@@ -159,11 +159,18 @@ def is_return_address(view: ThreadView, value: int) -> bool:
     module = view.module_at(value)
     if module is None:
         return False
+    key = ("return address", value)  # a module's code does not change: read each value once
+    if key not in module.memo:
+        module.memo[key] = _follows_call(module, value)
+    return bool(module.memo[key])
+
+
+def _follows_call(module: ModuleInfo, value: int) -> bool:
     section = module.image.section_at(value)
     if section is None or "x" not in section.perms:
         return False
     for n in _CALL_LENGTHS:
-        code = view.read(value - n, n)
+        code = module.image.read(value - n, n)
         if code is None:
             continue
         insns = list(_cs.disasm(code, value - n))
