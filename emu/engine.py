@@ -303,14 +303,15 @@ class Process:
         raise UnimplementedImport(trap.label, trap.importer, trap.reason)
 
     def _assemble(self, i: int, name: str, code: str, data: str) -> Image:
-        def resolve(sym: str) -> int | None:
+        def exporter(sym: str) -> tuple[str, int] | None:
             for img in self.images:
                 if sym in img.exports:
-                    return img.exports[sym]
+                    return img.name, img.exports[sym]
             return None
 
         try:
-            return image_from_assembly(name, MODULE_BASE + i * MODULE_STRIDE, code, data, resolve)
+            # Names other modules export are linked through import slots, as a linker does (emu.link).
+            return image_from_assembly(name, MODULE_BASE + i * MODULE_STRIDE, code, data, imports=exporter)
         except AssemblyError as e:
             key = e.section
             where = self.scenario.line_of("module", i, key)
