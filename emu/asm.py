@@ -226,19 +226,6 @@ def _ks_message(e: KsError) -> str:
     return re.sub(r"\s*\(KS_ERR_\w+\)", "", str(e)).strip() or "does not assemble"
 
 
-def assemble_sections(
-    code: str, data: str, base: int, page: int, resolve: Resolver | None = None
-) -> tuple[bytes, bytes, int, dict[str, int]]:
-    """Assemble code and data in one keystone run, data starting at the page after the code.
-
-    One run keeps data labels ordinary labels, so ``lea rcx, [rip + label]`` works for
-    them as it does for code labels. Returns (code bytes, data bytes, data offset, labels).
-    """
-    parts, labels = assemble_parts([("code", code), ("data", data)], base, page, resolve)
-    (_, text), (data_off, blob) = parts
-    return text, blob, data_off, labels
-
-
 def assemble_parts(
     parts: list[tuple[str, str]], base: int, page: int, resolve: Resolver | None = None
 ) -> tuple[list[tuple[int, bytes]], dict[str, int]]:
@@ -248,34 +235,27 @@ def assemble_parts(
     part (``AssemblyError.section``) and the line within it.
     """
     texts = [(name, strip_comments(text)) for name, text in parts]
-    pads = [0] * len(texts)
-    for _ in range(4):  # the padding settles after one pass: RIP-relative operands are 32-bit
-        lines: list[str] = []
-        starts: list[int] = []  # first line of each part's own text, 1-based
-        for k, (_, text) in enumerate(texts):
-            if k:
-                lines.append(f".skip {pads[k]}" if pads[k] else "")  # keystone rejects `.skip 0` alone
-                lines.append(f"__emu_part{k}__:")
-            starts.append(len(lines) + 1)
-            lines.extend(text.splitlines() or [""])
-        try:
-            blob, labels = assemble("\n".join(lines), base, resolve)
-        except AssemblyError as e:
-            raise _in_part(e, texts, starts) from None
-        offsets = [0] + [labels.pop(f"__emu_part{k}__") - base for k in range(1, len(texts))]
-        ends = [*offsets[1:], len(blob)]
-        settled = True
-        for k in range(1, len(texts)):
-            used = offsets[k] - pads[k]  # where the previous part's bytes end
-            want = (used + page - 1) // page * page if texts[k][1].strip() else used
-            if offsets[k] != want:
-                pads[k] = want - used
-                settled = False
-        if settled:
-            out = [(offsets[k], blob[offsets[k] : ends[k] - (pads[k + 1] if k + 1 < len(texts) else 0)])
-                   for k in range(len(texts))]  # fmt: skip
-            return out, labels
-    raise AssemblyError("code and data layout did not settle")
+    lines: list[str] = []
+    starts: list[int] = []  # first line of each part's own text, 1-based
+    for k, (_, text) in enumerate(texts):
+        if k:
+            lines.append(f"__emu_end{k - 1}__:")
+            lines.append(f".balign {page}" if text.strip() else "")
+        lines.append(f"__emu_part{k}__:")
+        starts.append(len(lines) + 1)
+        lines.extend(text.splitlines() or [""])
+    lines.append(f"__emu_end{len(texts) - 1}__:")
+    try:
+        blob, labels = assemble("\n".join(lines), base, resolve)
+    except AssemblyError as e:
+        raise _in_part(e, texts, starts) from None
+    out: list[tuple[int, bytes]] = []
+    for k, (_, text) in enumerate(texts):
+        begin, end = labels.pop(f"__emu_part{k}__") - base, labels.pop(f"__emu_end{k}__") - base
+        if k and text.strip() and begin % page:  # the parts' offsets are the sections' layout
+            raise AssemblyError(f"the {texts[k][0]} does not start on a page boundary ({begin:#x})")
+        out.append((begin, blob[begin:end]))
+    return out, labels
 
 
 def _in_part(e: AssemblyError, texts: list[tuple[str, str]], starts: list[int]) -> AssemblyError:

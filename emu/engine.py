@@ -66,7 +66,7 @@ if TYPE_CHECKING:
 PEB_ADDRESS = 0x7FF_FFFD_F000
 TEB_ADDRESS = 0x7FF_FFFD_D000  # thread i at TEB_ADDRESS - i * TEB_SIZE
 WIN32U_BASE = NTDLL_BASE + 0x0100_0000
-MODULE_BASE = 0x7FFA_C000_0000  # scenario modules, 16 MiB apart (within rel32 reach of ntdll)
+MODULE_BASE = 0x7FFA_C000_0000  # scenario modules, 16 MiB apart; they call other modules through import slots
 MODULE_STRIDE = 0x0100_0000
 STACK_SIZE = 0x40000
 PROCESS_ID = 0x1000

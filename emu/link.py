@@ -77,7 +77,10 @@ def link(source: str, local: set[str], lookup: Lookup, base: int) -> Linked:
         head = _LEADING_LABELS.match(line)
         cut = head.end() if head else 0
         body = line[cut:].strip()
-        if not body or body.startswith("."):
+        if not body:
+            continue
+        if body.startswith("."):  # a directive: `.quad __imp_NtClose` still needs the slot
+            _note_slots(body, local, lookup, out.imports)
             continue
         new = _link_statement(body, i, line, local, lookup, base, out.imports)
         if new != body:
@@ -103,11 +106,7 @@ def _link_statement(
             imports.append(name)
         return f"{m.group(1)} qword ptr [rip + {IMPORT_PREFIX}{name}]"
     body = _BARE_IMPORT.sub(r"[rip + \1]", body)
-    for token in _TOKEN.findall(body):
-        if token.startswith(IMPORT_PREFIX) and token not in local:
-            target = token[len(IMPORT_PREFIX) :]
-            if target not in local and lookup(target) is not None and target not in imports:
-                imports.append(target)
+    _note_slots(body, local, lookup, imports)
     body = _MEMORY.sub(lambda mm: f"[{_memory(mm.group(1), i, line, local, lookup, base)}]", body)
     mnemonic = body.split(None, 1)[0]
     if _JUMPS.match(mnemonic):
@@ -122,6 +121,15 @@ def _link_statement(
                     i, line,
                 )  # fmt: skip
     return body
+
+
+def _note_slots(body: str, local: set[str], lookup: Lookup, imports: list[str]) -> None:
+    """Add the imports whose slots (``__imp_NAME``) a statement names."""
+    for token in _TOKEN.findall(body):
+        if token.startswith(IMPORT_PREFIX) and token not in local:
+            target = token[len(IMPORT_PREFIX) :]
+            if target not in local and lookup(target) is not None and target not in imports:
+                imports.append(target)
 
 
 def _reaches(address: int, base: int) -> bool:

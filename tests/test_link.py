@@ -78,6 +78,7 @@ def test_a_cross_module_call_is_an_indirect_call_through_a_slot_holding_the_targ
 def test_jmp_goes_through_the_slot_and_local_calls_stay_direct() -> None:
     image = link("main:\n    call helper\ntail:\n    jmp NtClose\nhelper:\n    ret")
     assert at(image, "main", 1) == b"\xe8"  # call rel32 to a label of the module itself
+    assert at(image, "main", 5)[1:] == (image.symbols["helper"] - image.symbols["main"] - 5).to_bytes(4, "little")
     assert at(image, "tail", 2) == b"\xff\x25"  # jmp qword ptr [rip + rel32]
     assert quad(image, slot_of(image, image.symbols["tail"])) == 0x1_7000_1250
 
@@ -96,6 +97,17 @@ def test_every_spelling_of_the_call_gives_the_same_bytes(spelling: str) -> None:
     assert at(image, "main", 7)[:6] == link("main:\n    call NtClose\n    ret").read(BASE + 0x1000, 6)
     assert quad(image, slot_of(image, image.symbols["main"])) == 0x1_7000_1250
     assert [i.name for i in image.imports] == ["NtClose"]
+
+
+def test_a_label_of_the_module_shadows_another_module_s_export() -> None:
+    image = link("main:\n    call NtClose\n    ret\nNtClose:\n    ret")
+    assert at(image, "main", 1) == b"\xe8" and image.imports == []
+
+
+def test_a_slot_named_only_in_data_is_still_made() -> None:
+    image = link("main:\n    ret", "pointer: .quad __imp_NtClose")
+    assert quad(image, image.symbols["pointer"]) == image.symbols["__imp_NtClose"]
+    assert quad(image, image.symbols["__imp_NtClose"]) == 0x1_7000_1250
 
 
 def test_one_slot_per_name_grouped_by_module_each_group_ending_with_zero() -> None:
