@@ -68,7 +68,7 @@ PEB_ADDRESS = 0x7FF_FFFD_F000
 TEB_ADDRESS = 0x7FF_FFFD_D000  # thread i at TEB_ADDRESS - i * TEB_SIZE
 WIN32U_BASE = NTDLL_BASE + 0x0100_0000
 KERNEL32_BASE = NTDLL_BASE + 0x0200_0000  # emu's kernel32, loaded with a foreign ntdll
-MODULE_BASE = 0x7FFA_C000_0000  # scenario modules, 16 MiB apart (within rel32 reach of ntdll)
+MODULE_BASE = 0x7FFA_C000_0000  # scenario modules, 16 MiB apart; they call other modules through import slots
 MODULE_STRIDE = 0x0100_0000
 STACK_SIZE = 0x40000
 PROCESS_ID = 0x1000
@@ -431,14 +431,15 @@ class Process:
         raise UnimplementedImport(trap.label, trap.importer, trap.reason)
 
     def _assemble(self, i: int, name: str, code: str, data: str) -> Image:
-        def resolve(sym: str) -> int | None:
+        def exporter(sym: str) -> tuple[str, int] | None:
             for img in self.images:
                 if sym in img.exports:
-                    return img.exports[sym]
+                    return img.name, img.exports[sym]
             return None
 
         try:
-            return image_from_assembly(name, MODULE_BASE + i * MODULE_STRIDE, code, data, resolve)
+            # Names other modules export are linked through import slots, as a linker does (emu.link).
+            return image_from_assembly(name, MODULE_BASE + i * MODULE_STRIDE, code, data, imports=exporter)
         except AssemblyError as e:
             key = e.section
             where = self.scenario.line_of("module", i, key)
