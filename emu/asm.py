@@ -25,6 +25,10 @@ from keystone import KS_ARCH_X86, KS_ERR_ASM_SYMBOL_MISSING, KS_MODE_64, Ks, KsE
 from emu.errors import ImageError
 
 Resolver = Callable[[str], int | None]
+# A label at the address the text is assembled at: ``[rip + ORIGIN + 0x...]`` is an exact
+# RIP-relative operand to any address in reach (keystone encodes ``[rip + constant]`` as a
+# plain displacement, and ``[constant]`` sometimes as a truncated absolute one).
+ORIGIN = "__emu_origin__"
 
 _TOKEN = re.compile(r"[A-Za-z_.$?][\w.$?@]*")
 _LABEL = re.compile(r"^\s*([A-Za-z_.$?][\w.$?@]*)\s*:")
@@ -100,12 +104,12 @@ def assemble(source: str, base: int, resolve: Resolver | None = None) -> tuple[b
     _refuse_hangs(source)
     names = labels_in(source)
     external = _externals(source, set(names), resolve)
-    prefix = "".join(f".set {n}, {a:#x}\n" for n, a in external.items())
+    prefix = f"{ORIGIN}:\n" + "".join(f".set {n}, {a:#x}\n" for n, a in external.items())
     table = "\n__emu_label_table__:\n" + "".join(f".quad {n}\n" for n in names)
     try:
         encoding = _ks_asm(prefix + source + table, base)
     except KsError as e:
-        raise _explain(source, e, set(names) | set(external)) from None
+        raise _explain(source, e, set(names) | set(external) | {ORIGIN}) from None
     blob = bytes(encoding or b"")
     n = len(names)
     code = blob[: len(blob) - 8 * n] if n else blob
@@ -222,33 +226,46 @@ def _ks_message(e: KsError) -> str:
     return re.sub(r"\s*\(KS_ERR_\w+\)", "", str(e)).strip() or "does not assemble"
 
 
-def assemble_sections(
-    code: str, data: str, base: int, page: int, resolve: Resolver | None = None
-) -> tuple[bytes, bytes, int, dict[str, int]]:
-    """Assemble code and data in one keystone run, data starting at the page after the code.
+def assemble_parts(
+    parts: list[tuple[str, str]], base: int, page: int, resolve: Resolver | None = None
+) -> tuple[list[tuple[int, bytes]], dict[str, int]]:
+    """Assemble named texts in one keystone run, each non-empty one after the first on a new page.
 
-    One run keeps data labels ordinary labels, so ``lea rcx, [rip + label]`` works for
-    them as it does for code labels. Returns (code bytes, data bytes, data offset, labels).
+    Returns each part's (offset from ``base``, bytes) and every label. An error names the
+    part (``AssemblyError.section``) and the line within it.
     """
-    code = strip_comments(code)
-    data = strip_comments(data)
-    n_code = len(code.splitlines())
-    pad = 0
-    for _ in range(4):  # the padding settles after one pass: RIP-relative operands are 32-bit
-        skip = f".skip {pad}" if pad else ""  # keystone rejects `.skip 0` on a line of its own
-        text = f"{code}\n{skip}\n__emu_data__:\n{data}"
-        try:
-            blob, labels = assemble(text, base, resolve)
-        except AssemblyError as e:
-            if e.line is not None and e.line > n_code + 2:
-                e.line -= n_code + 2
-                e.section = "data"
-                e.args = (f"line {e.line}: {e.detail}" + (f" in {e.text!r}" if e.text else ""),)
-            raise
-        start = labels.pop("__emu_data__") - base
-        code_len = start - pad
-        want = (code_len + page - 1) // page * page if data.strip() else code_len
-        if start == want:
-            return blob[:code_len], blob[start:], start, labels
-        pad = want - code_len
-    raise AssemblyError("code and data layout did not settle")
+    texts = [(name, strip_comments(text)) for name, text in parts]
+    lines: list[str] = []
+    starts: list[int] = []  # first line of each part's own text, 1-based
+    for k, (_, text) in enumerate(texts):
+        if k:
+            lines.append(f"__emu_end{k - 1}__:")
+            lines.append(f".balign {page}" if text.strip() else "")
+        lines.append(f"__emu_part{k}__:")
+        starts.append(len(lines) + 1)
+        lines.extend(text.splitlines() or [""])
+    lines.append(f"__emu_end{len(texts) - 1}__:")
+    try:
+        blob, labels = assemble("\n".join(lines), base, resolve)
+    except AssemblyError as e:
+        raise _in_part(e, texts, starts) from None
+    out: list[tuple[int, bytes]] = []
+    for k, (_, text) in enumerate(texts):
+        begin, end = labels.pop(f"__emu_part{k}__") - base, labels.pop(f"__emu_end{k}__") - base
+        if k and text.strip() and begin % page:  # the parts' offsets are the sections' layout
+            raise AssemblyError(f"the {texts[k][0]} does not start on a page boundary ({begin:#x})")
+        out.append((begin, blob[begin:end]))
+    return out, labels
+
+
+def _in_part(e: AssemblyError, texts: list[tuple[str, str]], starts: list[int]) -> AssemblyError:
+    """The error with its line counted within the part it is in."""
+    if e.line is None:
+        return e
+    k = max(j for j, s in enumerate(starts) if s <= e.line or j == 0)
+    if e.line < starts[k]:
+        return e
+    e.line -= starts[k] - 1
+    e.section = texts[k][0]
+    e.args = (f"line {e.line}: {e.detail}" + (f" in {e.text!r}" if e.text else ""),)
+    return e

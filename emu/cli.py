@@ -52,6 +52,8 @@ def _report(r: Run) -> dict[str, object]:
     return {
         "scenario": r.scenario.name,
         "profile": r.scenario.profile.name,
+        "system": r.system,
+        "thread_starts": list(r.trace.thread_starts),
         "transitions": _transition_rows(r),
         "detections": [d.as_dict() for d in r.detections],
         "expectations": [{"where": o.where, "passed": o.passed, "message": o.message} for o in r.outcomes],
@@ -60,8 +62,11 @@ def _report(r: Run) -> dict[str, object]:
     }
 
 
-def _print_table(r: Run, out: TextIO) -> None:
-    out.write(f"{r.scenario.name} ({r.scenario.profile.title})\n")
+def _print_table(r: Run, out: TextIO, verbose: bool = False) -> None:
+    out.write(f"{r.scenario.name} ({r.system or r.scenario.profile.title})\n")
+    if verbose or r.scenario.ntdll is not None:
+        for line in r.trace.thread_starts:
+            out.write(f"start {line}\n")
     names = {t.tid: t.name for t in r.threads.values()}
     many = len(names) > 1
     who = f"{'thread':<8} " if many else ""
@@ -96,9 +101,11 @@ def _print_table(r: Run, out: TextIO) -> None:
     out.write(f"expectations: {passed} of {len(r.outcomes)} hold\n")
 
 
-def _finish(r: Run, err: TextIO) -> int:
+def _finish(r: Run, err: TextIO, verbose: bool = False) -> int:
     for note in r.notes:
         err.write(f"{r.scenario.path}: note: {note}\n")
+    for line in r.details if verbose else ():
+        err.write(f"{r.scenario.path}: detail: {line}\n")
     failed = [o for o in r.outcomes if not o.passed]
     for o in failed:
         err.write(f"{r.scenario.path}: expectation failed: {o.where}: {o.message}\n")
@@ -120,8 +127,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(json.dumps(_report(r), indent=2) + "\n")
     else:
-        _print_table(r, sys.stdout)
-    return _finish(r, sys.stderr)
+        _print_table(r, sys.stdout, args.verbose)
+    return _finish(r, sys.stderr, args.verbose)
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
@@ -168,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a scenario: transitions, detections, expectations")
     r.add_argument("scenario")
     r.add_argument("--json", action="store_true", help="machine-readable report")
+    r.add_argument(
+        "-v", "--verbose", action="store_true", help="also list what was read from the images (SSNs, conventions)"
+    )
     r.set_defaults(func=cmd_run)
     d = sub.add_parser("detect", help="report states where the thread waits at ZwCallbackReturn")
     d.add_argument("scenario", nargs="?")

@@ -91,5 +91,5 @@ def cmd_explain(args: argparse.Namespace) -> int:
     process = explorer.process
     names = {t.tid: t.name for t in process.kernel.threads.values()}
     steps = explain(exp, node, process.images, process.trace.symbolize, names)  # type: ignore[arg-type]
-    sys.stdout.write(render(exp, node, steps) + "\n")
+    sys.stdout.write(render(exp, node, steps, process.trace.thread_starts) + "\n")
     return EXIT_OK

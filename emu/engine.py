@@ -33,8 +33,9 @@ from emu.kernel.services import ChoiceStep as KChoiceStep
 from emu.kernel.services import ScriptStep, get_message_service
 from emu.machine import Machine
 from emu.pe import load_pe
-from emu.runtime import NTDLL_BASE, build_ntdll, build_win32u
+from emu.runtime import NTDLL_BASE, build_kernel32, build_ntdll, build_win32u
 from emu.scenario import CallbackStep, ChoiceStep, ObjectStep, PeSpec, Scenario, Step, ThreadSpec, load_scenario
+from emu.startup import InitThunk, find_init_thunk
 from emu.stubs import compare_with_profile, guess_dispatcher_convention, service_table
 from emu.trace import Trace
 from emu.winnt import (
@@ -66,7 +67,8 @@ if TYPE_CHECKING:
 PEB_ADDRESS = 0x7FF_FFFD_F000
 TEB_ADDRESS = 0x7FF_FFFD_D000  # thread i at TEB_ADDRESS - i * TEB_SIZE
 WIN32U_BASE = NTDLL_BASE + 0x0100_0000
-MODULE_BASE = 0x7FFA_C000_0000  # scenario modules, 16 MiB apart (within rel32 reach of ntdll)
+KERNEL32_BASE = NTDLL_BASE + 0x0200_0000  # emu's kernel32, loaded with a foreign ntdll
+MODULE_BASE = 0x7FFA_C000_0000  # scenario modules, 16 MiB apart; they call other modules through import slots
 MODULE_STRIDE = 0x0100_0000
 STACK_SIZE = 0x40000
 PROCESS_ID = 0x1000
@@ -122,6 +124,8 @@ class Run:
     stop: str = "exit"  # "exit", "fault", "budget", "deadlock"
     deadlock: list[str] = field(default_factory=list)  # wait chains when the threads ended waiting on each other
     notes: list[str] = field(default_factory=list)  # e.g. SSNs where the loaded ntdll and the profile disagree
+    details: list[str] = field(default_factory=list)  # the long form of some notes (``emu run --verbose``)
+    system: str = ""  # what the run models: the profile's Windows build, or the foreign ntdll and the profile
     _views: dict[int, object] = field(default_factory=dict, repr=False)
 
     @property
@@ -166,34 +170,41 @@ class Run:
 class Process:
     """A scenario built into a machine, a kernel and threads, ready to run."""
 
-    def __init__(self, scenario: Scenario) -> None:
+    def __init__(self, scenario: Scenario, start: str | None = None) -> None:
+        """Build the process; ``start`` forces every thread's start mode (the start probe uses it)."""
         self.scenario = scenario
-        profile = scenario.profile
+        self.profile = scenario.profile  # with what the loaded images decide (dispatcher), see _read_images
         self.machine = Machine()
         self.images: list[Image] = []
         self.notes: list[str] = []  # what a reader should know: SSN disagreements, convention guesses
+        self.details: list[str] = []  # the long form of some notes (``emu run --verbose``)
         self.traps = ImportTraps()
+        self.foreign = scenario.ntdll is not None
         # Services a scenario numbers itself ("ssn = 0x...") get stubs in the built-in runtime.
         explicit = {n: s.ssn for n, s in scenario.services.items() if s.ssn is not None}
+        own_win32u = any(pe.name.lower() == "win32u" for pe in scenario.pe)
         if scenario.ntdll is not None:
             self.ntdll = self._load_pe(scenario.ntdll, ("ntdll", "path"))
             self.images.append(self.ntdll)
         else:
-            runtime = profile.with_overrides(ssn=explicit)
+            runtime = self.profile.with_overrides(ssn=explicit)
             self.ntdll = build_ntdll(runtime, NTDLL_BASE)
             self.images.append(self.ntdll)
-            if any(n.startswith(("NtUser", "NtGdi")) for n in runtime.ssn):
+            if not own_win32u and any(n.startswith(("NtUser", "NtGdi")) for n in runtime.ssn):
                 self.images.append(build_win32u(runtime, WIN32U_BASE))
         for i, pe in enumerate(scenario.pe):
             self.images.append(self._load_pe(pe, ("pe", str(i), "path")))
+        if self.foreign and not any(img.name.lower() == "kernel32" for img in self.images):
+            self.images.append(self._builtin_kernel32())
         self._bind_imports()
         for i, spec in enumerate(scenario.modules):
             self.images.append(self._assemble(i, spec.name, spec.code, spec.data))
-        self.ssn_table = self._service_table(explicit)
+        self.ssn_table = self._read_images(explicit)
         self.stack_regions: list[tuple[int, int, str]] = []
         self.trace = Trace(symbolize=Symbolizer([]))
         for img in self.images:
             self.machine.map_image(img)
+        self.init_thunk = self._fill_init_thunk()
         if self.traps.traps:
             trap_image = self.traps.image()
             self.images.append(trap_image)
@@ -203,6 +214,12 @@ class Process:
             self.machine.map(mem.start, mem.size, mem.perms, f"memory {mem.name}")
         self._map_kuser()
         self.callback_table = self._map_peb()
+        if self.foreign:
+            # Wine's PE ntdll reads its debug-channel options from the pages after the PEB
+            # (dlls/ntdll/debug.c init_options: PEB + 2 pages on 64-bit, an array of
+            # {flags, name[15]} ending at an empty name, written by its Unix side). Zeroed
+            # pages there mean "no channel enabled"; on Windows the pages are simply free.
+            self.machine.map(PEB_ADDRESS + PAGE, 2 * PAGE, "rw", "PEB neighbourhood")
         registry = builtin_services(ServiceRegistry())
         if "NtUserGetMessage" not in scenario.services:
             get_message_service(registry)
@@ -217,19 +234,26 @@ class Process:
                 shared.add(name)
         dispatcher = self.ntdll.export("KiUserCallbackDispatcher")
         if dispatcher is None:
-            raise ImageError("ntdll exports no KiUserCallbackDispatcher")
+            raise self._missing("KiUserCallbackDispatcher", "every kernel-to-user callback enters it")
         b = scenario.budgets
         self.kernel = Kernel(
-            self.machine, profile, registry, self.trace, dispatcher, b.callback_depth, self.ssn_table,
+            self.machine, self.profile, registry, self.trace, dispatcher, b.callback_depth, self.ssn_table,
             state_budget=b.states, output_budget=b.output_bytes,
         )  # fmt: skip
         self.kernel.visible = lambda name: name in shared
         many = len(specs) > 1
+        self.entries: list[int] = []
+        self.starts: list[str] = []  # per thread: how it starts, in words (the trace and explain show it)
         for i, th in enumerate(specs):
             where = ("thread", str(i), "entry") if many else ("thread", "entry")
-            t = self.create_thread(i, self.resolve(th.entry, where), th.argument)
+            entry = self.resolve(th.entry, where)
+            mode = start or self._start_mode(th)
+            t = self.create_thread(i, entry, th.argument, mode)
             t.name = th.name
             self.kernel.add_thread(t)
+            self.entries.append(entry)
+            self.starts.append(f"{th.name}: {self._describe_start(mode, entry)}")
+        self.trace.thread_starts = list(self.starts)
         self.thread = self.kernel.threads[0]
         for o in scenario.objects:
             owner = tids[o.owner] if o.owner else None
@@ -271,30 +295,134 @@ class Process:
             if image.imports:
                 self.images[i], _ = bind_imports(image, self.images, mode, self.traps)
 
-    def _service_table(self, explicit: dict[str, int]) -> dict[str, int]:
-        """Service numbers from the stubs in the loaded code; disagreements with the profile become notes."""
-        profile = self.scenario.profile
-        if self.scenario.ntdll is None:
-            return {**profile.ssn, **explicit}
-        table = service_table(self.ntdll)
-        for d in compare_with_profile(table, profile):
-            self.notes.append(
-                f"ntdll's code gives {d.service} SSN {d.in_code:#x}; profile {profile.name} says {d.in_profile:#x} (the code is used)"
+    def _read_images(self, explicit: dict[str, int]) -> dict[str, int]:
+        """Service numbers and the dispatcher convention from the loaded code.
+
+        The images decide: SSNs come from the stubs of a foreign ntdll and of a loaded
+        win32u PE, the dispatcher convention from a foreign KiUserCallbackDispatcher's
+        code. The profile gives defaults, and a ``[profile]`` key the file sets wins.
+        """
+        s = self.scenario
+        profile = s.profile
+        table: dict[str, int] = {} if self.foreign else dict(profile.ssn)
+        coded: list[Image] = [self.ntdll] if self.foreign else []
+        coded += [img for img in self.images if img.name.lower() == "win32u" and img.path is not None]
+        for img in coded:
+            found = service_table(img)
+            table.update(found)
+            diffs = compare_with_profile(found, profile)
+            if diffs:
+                self.notes.append(
+                    f"{_file_name(img)} numbers {len(diffs)} service(s) differently from profile {profile.name}; "
+                    f"its code is used (emu run --verbose lists them)"
+                )
+            self.details.extend(
+                f"{_file_name(img)}: {d.service} SSN {d.in_code:#x} in its code, {d.in_profile:#x} in profile {profile.name}"
+                for d in diffs
             )
-        guess = guess_dispatcher_convention(self.ntdll)
-        if guess.convention != "unknown" and guess.convention != profile.dispatcher:
-            self.notes.append(
-                f"ntdll's KiUserCallbackDispatcher looks like the '{guess.convention}' convention ({guess.evidence}); "
-                f"the profile says '{profile.dispatcher}': set [profile] dispatcher if the run misbehaves"
-            )
-        for name in self.scenario.services:
-            if name not in table and name not in explicit:
-                raise ScenarioError(
-                    self.scenario.path, f"services.{name}",
-                    f"{name} has no stub in {self.ntdll.path or 'ntdll'} and no 'ssn = 0x...'",
-                    self.scenario.line_of("services", name),
-                )  # fmt: skip
+        if self.foreign:
+            guess = guess_dispatcher_convention(self.ntdll)
+            if "dispatcher" in s.profile_overrides:
+                if guess.convention not in ("unknown", profile.dispatcher):
+                    self.notes.append(
+                        f"{_file_name(self.ntdll)}'s KiUserCallbackDispatcher looks like the '{guess.convention}' "
+                        f"convention ({guess.evidence}); [profile] dispatcher = '{profile.dispatcher}' is used"
+                    )
+            elif guess.convention == "unknown":
+                self.notes.append(
+                    f"the entry convention of {_file_name(self.ntdll)}'s KiUserCallbackDispatcher cannot be read from "
+                    f"its code; the profile's '{profile.dispatcher}' is used (set [profile] dispatcher to choose)"
+                )
+            else:
+                self.profile = profile.with_overrides(dispatcher=guess.convention)
+                self.details.append(f"dispatcher convention '{guess.convention}' from the code: {guess.evidence}")
+        if self.foreign or coded:
+            for name in s.services:
+                if name not in table and name not in explicit:
+                    where = ", ".join(_file_name(i) for i in coded)
+                    raise ScenarioError(
+                        s.path, f"services.{name}",
+                        f"{name} has no stub in {where} and no 'ssn = 0x...' (add one to script it)",
+                        s.line_of("services", name),
+                    )  # fmt: skip
+            if _uses_callbacks(s) and "NtCallbackReturn" not in table and "NtCallbackReturn" not in explicit:
+                raise self._missing(
+                    "NtCallbackReturn",
+                    "callbacks return through it; a stub with a readable SSN is needed, or "
+                    "[profile] ssn = { NtCallbackReturn = 0x... }",
+                    also="ZwCallbackReturn",
+                )
         return {**table, **explicit}
+
+    def _missing(self, export: str, why: str, also: str = "") -> ScenarioError:
+        """The one-line error for a foreign ntdll without something the run needs."""
+        spec = self.scenario.ntdll
+        name = _file_name(self.ntdll)
+        alt = f" or {also}" if also else ""
+        return ScenarioError(
+            self.scenario.path, "ntdll.path" if spec else "ntdll",
+            f"{name} exports no usable {export}{alt}: {why}",
+            self.scenario.line_of("ntdll", "path") if spec else None,
+        )  # fmt: skip
+
+    def _builtin_kernel32(self) -> Image:
+        """emu's kernel32 (BaseThreadInitThunk only), in the first free 16 MiB slot from KERNEL32_BASE."""
+        terminate = self.ntdll.export("NtTerminateThread", "ZwTerminateThread")
+        if terminate is None:
+            raise self._missing("NtTerminateThread", "emu's built-in kernel32 ends threads through it")
+        base = KERNEL32_BASE
+        while any(img.base < base + MODULE_STRIDE and base < img.end for img in self.images):
+            base += MODULE_STRIDE
+        return build_kernel32(base, terminate)
+
+    def _fill_init_thunk(self) -> InitThunk | None:
+        """Store kernel32!BaseThreadInitThunk where a foreign RtlUserThreadStart calls through it,
+        as the Windows loader does (see :mod:`emu.startup`)."""
+        if not self.foreign:
+            return None
+        found = find_init_thunk(self.ntdll)
+        k32 = next((img for img in self.images if img.name.lower() == "kernel32"), None)
+        thunk = k32.export("BaseThreadInitThunk") if k32 is not None else None
+        if found is None or thunk is None:
+            return None
+        self.machine.write_u64(found.slot, thunk)
+        self.details.append(
+            f"RtlUserThreadStart calls BaseThreadInitThunk through {found.slot:#x} ({found.how}); emu stored "
+            f"{k32.name if k32 else 'kernel32'}!BaseThreadInitThunk there"
+        )
+        return found
+
+    def _start_mode(self, spec: ThreadSpec) -> str:
+        """A thread's start mode: "auto" is "rtl", unless a foreign RtlUserThreadStart cannot
+        reach the entry here (a probe run finds out, once per scenario text and ntdll file)."""
+        if spec.start != "auto" or not self.foreign:
+            return "rtl" if spec.start == "auto" else spec.start
+        if not any(img.name.lower() == "kernel32" and img.path is None for img in self.images):
+            return "rtl"  # the scenario's own kernel32: its BaseThreadInitThunk, nothing to fall back on
+        why = _probe_start(self.scenario)
+        if why is None:
+            return "rtl"
+        self.notes.append(
+            f"{_file_name(self.ntdll)}!RtlUserThreadStart did not reach the thread's entry here ({why}); "
+            f'threads start at their entry instead (set [thread] start = "rtl" to run it anyway)'
+        )
+        return "entry"
+
+    def _describe_start(self, mode: str, entry: int) -> str:
+        sym = Symbolizer(self.images)
+        if mode == "entry":
+            return f"at its entry {sym(entry)}, as if called by {sym(self._exit_thunk())}"
+        via = " -> kernel32!BaseThreadInitThunk" if self.init_thunk is not None else ""
+        return f"ntdll!RtlUserThreadStart{via} -> {sym(entry)}"
+
+    def describe(self) -> str:
+        """What the run models, for report headers: the profile, or the foreign images and the profile."""
+        if not self.foreign:
+            return self.scenario.profile.title
+        return (
+            f"{_file_name(self.ntdll)}: its own stubs, SSNs and '{self.profile.dispatcher}' dispatcher; "
+            f"defaults from {self.scenario.profile.title}"
+        )
 
     def _trap_hit(self, uc: object, address: int, size: int, user_data: object) -> None:
         trap = self.traps.trap_at(address)
@@ -303,14 +431,15 @@ class Process:
         raise UnimplementedImport(trap.label, trap.importer, trap.reason)
 
     def _assemble(self, i: int, name: str, code: str, data: str) -> Image:
-        def resolve(sym: str) -> int | None:
+        def exporter(sym: str) -> tuple[str, int] | None:
             for img in self.images:
                 if sym in img.exports:
-                    return img.exports[sym]
+                    return img.name, img.exports[sym]
             return None
 
         try:
-            return image_from_assembly(name, MODULE_BASE + i * MODULE_STRIDE, code, data, resolve)
+            # Names other modules export are linked through import slots, as a linker does (emu.link).
+            return image_from_assembly(name, MODULE_BASE + i * MODULE_STRIDE, code, data, imports=exporter)
         except AssemblyError as e:
             key = e.section
             where = self.scenario.line_of("module", i, key)
@@ -365,8 +494,15 @@ class Process:
         self.machine.map(PEB_ADDRESS, PEB_SIZE, "rw", "PEB", bytes(peb))
         return table_addr
 
-    def create_thread(self, index: int, entry: int, argument: int) -> KThread:
-        """TEB, stack with a guard page, and a context at RtlUserThreadStart(entry, argument)."""
+    def create_thread(self, index: int, entry: int, argument: int, mode: str = "rtl") -> KThread:
+        """TEB, stack with a guard page, and a context at the thread's start.
+
+        ``mode`` "rtl": RtlUserThreadStart(entry, argument), entered as if called (RSP = 8
+        mod 16, a zero return address). "entry": the entry itself with RCX = argument, as
+        if called by the function that RtlUserThreadStart calls (kernel32!BaseThreadInitThunk
+        with a foreign ntdll, the built-in RtlUserThreadStart otherwise): its 0x28-byte frame
+        and a return address into it sit on the stack, so returning ends the thread.
+        """
         m = self.machine
         limit, base = m.allocate_stack(STACK_SIZE, f"thread {index} stack")
         self.stack_regions.append((limit, base, f"stack{index}"))
@@ -379,16 +515,57 @@ class Process:
         ):  # fmt: skip
             t[off : off + 8] = val.to_bytes(8, "little")
         m.map(teb, TEB_SIZE, "rw", f"thread {index} TEB", bytes(t))
-        start = self.ntdll.export("RtlUserThreadStart")
-        if start is None:
-            raise ImageError("ntdll exports no RtlUserThreadStart")
-        # Threads begin at RtlUserThreadStart as if called: RSP = 8 mod 16, a zero return address.
         rsp = base - 0x30 - 8
+        regs = {"rcx": entry, "rdx": argument}
+        if mode == "entry":
+            rip = entry
+            rsp -= 0x30  # the caller's `sub rsp, 0x28` and its `call`
+            m.write_u64(rsp, self._exit_thunk())
+            regs = {"rax": entry, "rcx": argument, "rdx": entry if self.foreign else argument, "r8": argument}
+        else:
+            start = self.ntdll.export("RtlUserThreadStart")
+            if start is None:
+                raise self._missing("RtlUserThreadStart", 'threads start there; [thread] start = "entry" skips it')
+            rip = start
         ctx = UserContext(
-            rax=0, rcx=entry, rdx=argument, rbx=0, rsp=rsp, rbp=0, rsi=0, rdi=0, r8=0, r9=0, r10=0,
-            r11=0, r12=0, r13=0, r14=0, r15=0, rip=start, rflags=RFLAGS_IF | RFLAGS_RESERVED,
-        )  # fmt: skip
+            rax=0, rcx=0, rdx=0, rbx=0, rsp=rsp, rbp=0, rsi=0, rdi=0, r8=0, r9=0, r10=0,
+            r11=0, r12=0, r13=0, r14=0, r15=0, rip=rip, rflags=RFLAGS_IF | RFLAGS_RESERVED,
+        )._replace(**regs)  # fmt: skip
         return KThread(tid=index, teb=teb, stack_base=base, stack_limit=limit, entry_context=ctx)
+
+    def _exit_thunk(self) -> int:
+        """Where a thread started at its entry returns to: the point after the call to the
+        entry in emu's BaseThreadInitThunk (foreign ntdll) or RtlUserThreadStart (built-in)."""
+        img = next((i for i in self.images if i.name.lower() == "kernel32"), None) if self.foreign else self.ntdll
+        addr = None
+        if img is not None and img.path is None:
+            addr = img.symbols.get("BaseThreadInitThunk__return" if self.foreign else "RtlUserThreadStartReturn")
+        if addr is None:
+            raise ScenarioError(
+                self.scenario.path, "thread.start",
+                'start = "entry" needs emu\'s built-in kernel32 to end the thread; this scenario loads its own '
+                'kernel32: use start = "rtl"',
+                self.scenario.line_of("thread"),
+            )  # fmt: skip
+        return addr
+
+    def reaches_entry(self, seconds: float) -> str | None:
+        """Run thread 0 until it reaches its entry: None if it does, else why it did not."""
+        reached: list[int] = []
+
+        def hit(uc: object, address: int, size: int, user_data: object) -> None:
+            reached.append(address)
+            self.machine.request_stop()
+
+        entry = self.entries[0]
+        self.machine.add_code_hook(entry, entry + 1, hit)
+        self.stop_requested = lambda: bool(reached)  # type: ignore[method-assign]
+        try:
+            self.kernel.continue_thread(self.thread)
+            stop = self.drive(seconds)
+        except EmuError as e:
+            return str(e)
+        return None if reached else f"the thread ended ({stop}) first"
 
     # --- running --------------------------------------------------------------------
     def run(self) -> Run:
@@ -418,7 +595,7 @@ class Process:
         return Run(
             scenario=self.scenario, trace=self.trace, images=self.images, threads=dict(kernel.threads),
             error=error, max_depth=kernel.max_depth, stop=stop, notes=list(self.notes),
-            deadlock=list(kernel.deadlock),
+            deadlock=list(kernel.deadlock), details=list(self.details), system=self.describe(),
         )  # fmt: skip
 
     def drive(self, wall_time: float | None) -> str:
@@ -464,6 +641,40 @@ def _touches_shared(steps: list[ScriptStep]) -> bool:
         if isinstance(st, KChoiceStep) and any(_touches_shared(list(o)) for _, o in st.options):
             return True
     return False
+
+
+def _file_name(image: Image) -> str:
+    return Path(image.path).name if image.path else image.name
+
+
+def _uses_callbacks(s: Scenario) -> bool:
+    def any_callback(steps: tuple[Step, ...]) -> bool:
+        for st in steps:
+            if isinstance(st, CallbackStep) or (isinstance(st, ObjectStep) and st.kind == "send"):
+                return True
+            if isinstance(st, ChoiceStep) and any(any_callback(o) for _, o in st.options):
+                return True
+        return False
+
+    return any(any_callback(script.steps) for script in s.services.values()) or bool(s.callback_table)
+
+
+# Start probes: scenario (path, text) and ntdll file -> why RtlUserThreadStart does not reach the entry.
+_PROBES: dict[tuple[str, str, int, int], str | None] = {}
+
+
+def _probe_start(scenario: Scenario) -> str | None:
+    """Build the scenario with every thread started through RtlUserThreadStart and run
+    thread 0 to its entry (2 s at most): None when it gets there, else why not."""
+    spec = scenario.ntdll
+    st = Path(spec.path).stat() if spec is not None else None
+    key = (scenario.path, scenario.source, st.st_mtime_ns if st else 0, st.st_size if st else 0)
+    if key not in _PROBES:
+        if len(_PROBES) > 64:
+            _PROBES.clear()
+        probe = Process(scenario, start="rtl")
+        _PROBES[key] = probe.reaches_entry(min(2.0, scenario.budgets.wall_time))
+    return _PROBES[key]
 
 
 def _overlaps(a: Image, b: Image) -> bool:

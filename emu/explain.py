@@ -104,9 +104,12 @@ def explain(
     return steps
 
 
-def render(exp: Exploration, node: str, steps: list[Step]) -> str:
+def render(exp: Exploration, node: str, steps: list[Step], starts: list[str] | None = None) -> str:
+    """The path as text; ``starts`` (the trace's ``thread_starts``) says how each thread began."""
     g = exp.graph.nx
-    out = [f"{node}: {g.nodes[node]['label']}", f"reached from n0 in {len(steps)} transition(s)", ""]
+    out = [f"{node}: {g.nodes[node]['label']}", f"reached from n0 in {len(steps)} transition(s)"]
+    out += [f"thread start: {line}" for line in starts or ()]
+    out.append("")
     for i, s in enumerate(steps, 1):
         what = s.kind + (f" {s.service}" if s.service else "") + (f" -> {s.status}" if s.status else "")
         who = f" ({s.thread})" if s.thread else ""

@@ -13,7 +13,8 @@ import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from emu.asm import AssemblyError, Resolver, assemble, assemble_sections, labels_in
+from emu.asm import AssemblyError, Resolver, assemble, assemble_parts, labels_in, strip_comments
+from emu.link import IMPORT_PREFIX, Linked, Lookup, link
 
 __all__ = [
     "AssemblyError",
@@ -150,20 +151,89 @@ def image_from_assembly(
     data: str = "",
     resolve: Resolver | None = None,
     exports: Iterable[str] | None = None,
+    imports: Lookup | None = None,
 ) -> Image:
     """Build an image from assembly: ``.text`` (rx) at base+0x1000, ``.data`` (rw) after it.
 
     Every label is a symbol; all but internal ones (containing ``__``) are exported
     unless ``exports`` narrows them. Errors are :class:`AssemblyError` naming the
     section (``code`` or ``data``) and the line within it.
+
+    With ``imports`` (a name → (module, address) lookup over the loaded modules), names
+    other modules export are linked as a linker links a DLL's imports (see :mod:`emu.link`):
+    ``call NtClose`` becomes ``call qword ptr [rip + __imp_NtClose]`` and an ``.idata``
+    section (read-only) after the others holds one slot per import, each module's slots
+    ending with a zero one. The slots hold the targets' addresses already (the modules
+    are loaded when this one is linked, as with a bound import), and ``Image.imports``
+    lists them.
     """
-    text, blob, data_off, symbols = assemble_sections(code, data, base + PAGE, PAGE, resolve)
+    code, data = strip_comments(code), strip_comments(data)
+    if imports is not None and resolve is None:
+        resolve = _addresses(imports)
+    linked_code = linked_data = None
+    table: list[tuple[str, str, int]] = []  # (import name, module, address)
+    if imports is not None:
+        local = set(labels_in(code)) | set(labels_in(data))
+        try:
+            linked_code = link(code, local, imports, base + PAGE)
+        except AssemblyError as e:
+            e.section = "code"
+            raise
+        try:
+            linked_data = link(data, local, imports, base + PAGE)
+        except AssemblyError as e:
+            e.section = "data"
+            raise
+        for n in dict.fromkeys(linked_code.imports + linked_data.imports):
+            module, address = imports(n)  # type: ignore[misc]  # link() only lists names it found
+            table.append((n, module, address))
+        code, data = linked_code.source, linked_data.source
+    idata = _import_table(table)
+    try:
+        parts, symbols = assemble_parts([("code", code), ("data", data), ("idata", idata)], base + PAGE, PAGE, resolve)
+    except AssemblyError as e:
+        raise _as_written(e, {"code": linked_code, "data": linked_data}) from None
+    (_, text), (data_off, blob), (idata_off, slots) = parts
     sections = [Section(".text", PAGE, text, "rx", page_align(max(len(text), 1)))]
     if data.strip():
         sections.append(Section(".data", PAGE + data_off, blob, "rw", page_align(max(len(blob), 1))))
+    if table:
+        # Import slots are read-only once bound, as in a linked PE's .idata/.rdata (MS docs, "PE Format").
+        sections.append(Section(".idata", PAGE + idata_off, slots, "r", page_align(len(slots))))
+    bound = [ImageImport(_dll_name(module), n, None, symbols[IMPORT_PREFIX + n]) for n, module, _ in table]
     public = {n: a for n, a in symbols.items() if "__" not in n}
     exported = public if exports is None else {n: public[n] for n in exports if n in public}
-    return Image(name=name, base=base, sections=sections, exports=dict(exported), symbols=symbols)
+    return Image(name=name, base=base, sections=sections, exports=dict(exported), symbols=symbols, imports=bound)
+
+
+def _addresses(lookup: Lookup) -> Resolver:
+    def resolve(sym: str) -> int | None:
+        hit = lookup(sym)
+        return hit[1] if hit is not None else None
+
+    return resolve
+
+
+def _import_table(table: list[tuple[str, str, int]]) -> str:
+    """An import address table as assembly: each module's slots together, then a zero slot."""
+    lines: list[str] = []
+    for module in dict.fromkeys(m for _, m, _ in table):
+        lines += [f"{IMPORT_PREFIX}{n}: .quad {a:#x}" for n, m, a in table if m == module]
+        lines.append(".quad 0")
+    return "\n".join(lines)
+
+
+def _dll_name(module: str) -> str:
+    return module if "." in module else f"{module}.dll"
+
+
+def _as_written(e: AssemblyError, linked: dict[str, Linked | None]) -> AssemblyError:
+    """Show the line of an error as the user wrote it, not as :func:`link` rewrote it."""
+    done = linked.get(e.section)
+    if done is not None and e.line is not None and e.line in done.original:
+        e.text = done.original[e.line].strip()
+        e.args = (f"line {e.line}: {e.detail} in {e.text!r}",)
+    return e
 
 
 class Symbolizer:

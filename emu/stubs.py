@@ -27,6 +27,7 @@ else, so the shape is named by what the code does, not by its bytes:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -213,6 +214,34 @@ def service_table(image: Image) -> dict[str, int]:
     >>> service_table(build_ntdll(get_profile("win7-sp1")))["NtCallbackReturn"]
     2
     """
+    key = _content_key(image)
+    hit = _TABLES.get(key)
+    if hit is None:
+        if len(_TABLES) > 32:
+            _TABLES.clear()
+        hit = _TABLES[key] = _service_table(image)
+    return dict(hit)
+
+
+# service_table results by image content: reading every stub of a large ntdll takes ~0.5 s,
+# and a scenario builds its process more than once (thread-start probe, explorer, tests).
+_TABLES: dict[bytes, dict[str, int]] = {}
+
+
+def _content_key(image: Image) -> bytes:
+    """A digest of what the SSNs depend on: the stub exports (as RVAs) and the executable bytes."""
+    h = hashlib.blake2b(digest_size=20)
+    for name, addr in sorted(image.exports.items()):
+        if name[:2] in ("Nt", "Zw"):
+            h.update(f"{name}={addr - image.base:x};".encode())
+    for sec in image.sections:
+        if "x" in sec.perms:
+            h.update(sec.rva.to_bytes(8, "little"))
+            h.update(sec.data)
+    return h.digest()
+
+
+def _service_table(image: Image) -> dict[str, int]:
     table: dict[str, tuple[int, str]] = {}
     for stub in recover_stubs(image):
         if stub.ssn is None:

@@ -109,6 +109,9 @@ class Trace:
         self.symbolize = symbolize
         self.raw_states: list[tuple[Any, ...]] = []
         self.raw_transitions: list[tuple[Any, ...]] = []
+        self.thread_starts: list[
+            str
+        ] = []  # per thread, how it started ("thread0: ntdll!RtlUserThreadStart -> app!main")
         self._states: list[State] = []
         self._transitions: list[Transition] = []
 

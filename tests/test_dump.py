@@ -134,7 +134,8 @@ def test_pe_exports_are_read_from_memory_when_emu_stream_is_absent(runs: dict[st
     struct.pack_into("<I", raw, at[EmuModulesStream][0], 0)  # StreamType → UnusedStream
     dv = read_minidump(bytes(raw))
     assert dv.source == {}
-    assert {m.name: m.exports for m in dv.modules} == {i.name: i.exports for i in r.images}
+    # PE images carry their export directory in memory; emu's assembled kernel32 has no headers yet.
+    assert {m.name: m.exports for m in dv.modules} == {i.name: i.exports if i.headers else {} for i in r.images}
     d = detect_callback_return_pending(dv.threads()[0])
     assert d is not None and d.rip == "ntdll!NtCallbackReturn+0x17" and d.depth == 2
 

@@ -23,8 +23,6 @@ run must end within its wall-time budget.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from fuzz_support import (
     RUN_SECONDS,
@@ -181,15 +179,15 @@ def check_program(text: str, t: Tally) -> Run | None:
     """Parse, build and run: a Run within the budgets, its error (if any) an EmuError."""
     with no_hang(case=text):
         s = parse_scenario(text, "<fuzz>")
-        t0 = time.perf_counter()
         try:
             r = run_bounded(s)  # build + run + detections + expectations; asserts the run's shape
         except KnownBug as e:
             t.known(e.label, e.example)
             return None
-        elapsed = time.perf_counter() - t0
         t.record(r.error)
-    assert elapsed < RUN_SECONDS + 3.0, f"build and run took {elapsed:.2f} s"
+    # No wall-clock assertion: a loaded machine makes any such bound flaky. The run's own
+    # wall_time budget (RUN_SECONDS) stops runaway guest code, and no_hang() fails the test
+    # loudly if building or running ever hangs.
     assert r.trace.transitions or r.error is not None
     return r
 

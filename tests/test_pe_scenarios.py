@@ -56,13 +56,26 @@ def test_disagreement_with_the_profile_is_reported_not_guessed(pe_bin: Path) -> 
     )
     p = build(parse_scenario(text, str(PE_DIR / "disagree.toml")))
     assert p.ssn_table["NtClose"] == 0x0F
-    assert "ntdll's code gives NtClose SSN 0xf; profile win10-22h2 says 0xc (the code is used)" in p.notes
+    # One summary line per image; the list is in the details (`emu run --verbose`).
+    assert "ntdll.dll numbers 1 service(s) differently from profile win10-22h2; its code is used" in p.notes[0]
+    assert "ntdll.dll: NtClose SSN 0xf in its code, 0xc in profile win10-22h2" in p.details
 
 
-def test_wrong_dispatcher_convention_is_noted(pe_bin: Path) -> None:
+def test_the_image_decides_the_dispatcher_convention(pe_bin: Path) -> None:
+    # Without [profile] dispatcher, the convention comes from the dispatcher's code and the run works.
     text = (PE_DIR / "third_party_ntdll.toml").read_text().replace('[profile]\ndispatcher = "registers"\n', "")
     p = build(parse_scenario(text, str(PE_DIR / "conv.toml")))
-    assert any("looks like the 'registers' convention" in n for n in p.notes)
+    assert p.profile.dispatcher == "registers" and p.kernel.profile.dispatcher == "registers"
+    assert any("dispatcher convention 'registers' from the code" in d for d in p.details)
+    r = p.run()
+    assert r.error is None and r.ok, [o.message for o in r.outcomes if not o.passed]
+
+
+def test_a_profile_dispatcher_the_file_sets_wins_and_is_noted(pe_bin: Path) -> None:
+    text = (PE_DIR / "third_party_ntdll.toml").read_text().replace('dispatcher = "registers"', 'dispatcher = "stack"')
+    p = build(parse_scenario(text, str(PE_DIR / "conv.toml")))
+    assert p.kernel.profile.dispatcher == "stack"
+    assert any("looks like the 'registers' convention" in n and "'stack' is used" in n for n in p.notes)
 
 
 def test_unbound_import_is_a_load_error_by_default(pe_bin: Path) -> None:

@@ -125,7 +125,7 @@ def test_unknown_key_in_thread(tmp_path: Path) -> None:
     text = mutate('entry = "app!main"\n', 'entry = "app!main"\nstack = 4096\n')
     path = write(tmp_path, text)
     assert load_error(path) == (
-        f"{path}:{line(text, 'stack = 4096')} [thread.stack]: unknown key 'stack' (allowed: entry, argument)"
+        f"{path}:{line(text, 'stack = 4096')} [thread.stack]: unknown key 'stack' (allowed: entry, argument, start)"
     )
 
 
@@ -156,7 +156,7 @@ def test_missing_thread_table(tmp_path: Path) -> None:
     path = write(tmp_path, text)
     assert (
         load_error(path)
-        == f"{path}: missing required key 'thread' (a table {{entry, argument}}, or an array of tables [[thread]] {{name, entry, argument}})"
+        == f"{path}: missing required key 'thread' (a table {{entry, argument, start}}, or an array of tables [[thread]] {{name, entry, argument, start}})"
     )
 
 

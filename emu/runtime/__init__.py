@@ -1,4 +1,5 @@
-"""The built-in reference ntdll: syscall stubs, KiUserCallbackDispatcher, RtlUserThreadStart.
+"""The built-in reference ntdll (syscall stubs, KiUserCallbackDispatcher, RtlUserThreadStart),
+win32u (win32k stubs) and a kernel32 holding only BaseThreadInitThunk.
 
 Assembled with keystone from the source in ``ntdll.asm`` plus one stub per
 service in the profile's table, so it runs without any Windows file. NtX and ZwX
@@ -96,6 +97,20 @@ def build_ntdll(profile: Profile, base: int = NTDLL_BASE) -> Image:
 def build_win32u(profile: Profile, base: int) -> Image:
     """Assemble win32u (the win32k syscall stubs) for ``profile`` at ``base``."""
     return dataclasses.replace(_win32u(win32u_source(profile), base))
+
+
+def build_kernel32(base: int, terminate_thread: int) -> Image:
+    """Assemble emu's kernel32 at ``base``: only BaseThreadInitThunk (see ``kernel32.asm``),
+    which ends threads through ``terminate_thread`` (the loaded ntdll's NtTerminateThread)."""
+    return dataclasses.replace(_kernel32(base, terminate_thread))
+
+
+@functools.lru_cache(maxsize=32)
+def _kernel32(base: int, terminate_thread: int) -> Image:
+    source = resources.files("emu.runtime").joinpath("kernel32.asm").read_text()
+    return image_from_assembly(
+        "kernel32", base, source, resolve=lambda name: terminate_thread if name == "NtTerminateThread" else None
+    )
 
 
 # The runtime is the same for every run of a profile: assemble it once per process.

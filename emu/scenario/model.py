@@ -113,11 +113,18 @@ class PeSpec:
 
 @dataclass(frozen=True)
 class ThreadSpec:
-    """A thread: where it starts (RtlUserThreadStart(entry, argument)) and its name."""
+    """A thread: where it starts, its argument and name, and how it starts (``start``).
+
+    ``start``: "rtl" runs ntdll's RtlUserThreadStart(entry, argument) first, as Windows
+    does; "entry" starts at the entry itself, as if called by kernel32!BaseThreadInitThunk;
+    "auto" (the default) is "rtl" unless a foreign ntdll's RtlUserThreadStart cannot reach
+    the entry in emu (see :mod:`emu.startup`), then "entry".
+    """
 
     name: str
     entry: str
     argument: int = 0
+    start: Literal["auto", "rtl", "entry"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,7 @@ class Scenario:
     threads: tuple[ThreadSpec, ...] = ()  # every thread (the first is ``entry``/``argument``)
     objects: tuple[ObjectSpec, ...] = ()
     source: str = field(default="", repr=False)
+    profile_overrides: frozenset[str] = frozenset()  # [profile] keys the file sets (these beat the images)
 
     def line_of(self, *path: str | int) -> int | None:
         return _line_of(self.source, path)

@@ -28,13 +28,15 @@ from emu.scenario.model import (
 from emu.scenario.reader import _ID, _NAME, _kind, _line_of, _Reader
 from emu.scenario.steps import _services
 
+THREAD_STARTS = ("auto", "rtl", "entry")
+
 TOP_KEYS = {
     "scenario": "a table {name, description, profile}",
     "profile": f"a table of overrides ({', '.join(OVERRIDABLE)}, ssn)",
     "machine": "a table {system_call}",
     "budgets": "a table {instructions, wall_time, callback_depth, states, choice_depth, output_bytes, memory}",
     "module": "an array of tables [[module]] {name, code, data}",
-    "thread": "a table {entry, argument}, or an array of tables [[thread]] {name, entry, argument}",
+    "thread": "a table {entry, argument, start}, or an array of tables [[thread]] {name, entry, argument, start}",
     "object": "an array of tables [[object]] {kind, name, handle, signaled, manual_reset, owner}",
     "kernel_callback_table": 'a table {size, <index> = "module!label"}',
     "services": "a table of [services.NtName] {ssn, steps}",
@@ -142,7 +144,8 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
     modules = _modules(r, doc.get("module", []), allow_empty=bool(pe))
     taken = {m.name.lower() for m in modules}
     for i, spec in enumerate(pe):
-        if spec.name.lower() in taken | {"ntdll", "win32u"}:
+        # A [[pe]] named win32u replaces the built-in win32u (its stubs give the win32k SSNs).
+        if spec.name.lower() in taken | {"ntdll"}:
             raise r.fail(("pe", i, "name"), f"module name {spec.name!r} is already taken")
         taken.add(spec.name.lower())
     labels = {(m.name, lab) for m in modules for lab in _labels(m)}
@@ -155,7 +158,8 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
     table, size = _callback_table(r, doc.get("kernel_callback_table", {}), modules, labels, external)
     # With a PE ntdll the service numbers come from its code, known only once it is loaded.
     services = _services(
-        r, doc.get("services", {}), profile, size, check_numbers=ntdll is None,
+        r, doc.get("services", {}), profile, size,
+        check_numbers=ntdll is None and not any(p.name.lower() == "win32u" for p in pe),
         threads=tuple(t.name for t in threads), objects=tuple(o.name for o in objects),
     )  # fmt: skip
     expectations = _expectations(r, doc.get("expect", []))
@@ -165,6 +169,7 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
         argument=argument, callback_table=table, callback_table_size=size, services=services,
         budgets=budgets, expectations=expectations, system_call=system_call, memory=memory, ntdll=ntdll, pe=pe,
         unbound_imports="trap" if unbound == "trap" else "error", threads=threads, objects=objects, source=text,
+        profile_overrides=frozenset(doc.get("profile") or ()) if isinstance(doc.get("profile"), dict) else frozenset(),
     )  # fmt: skip
 
 
@@ -222,7 +227,11 @@ def _threads(
     out: list[ThreadSpec] = []
     for i, th in enumerate(items):
         path: tuple[str | int, ...] = ("thread", i) if many else ("thread",)
-        allowed = {"entry": '"module!label" or "label"', "argument": "an integer passed in RDX"}
+        allowed = {
+            "entry": '"module!label" or "label"',
+            "argument": "an integer passed in RDX",
+            "start": '"auto", "rtl" (through ntdll!RtlUserThreadStart) or "entry"',
+        }
         if many:
             allowed["name"] = "the thread's name (default: thread<N>)"
         r.table(th, path, allowed, ("entry",))
@@ -233,7 +242,10 @@ def _threads(
             raise r.fail(path + ("name",), f"expected a name (letters, digits, _), got {name!r}")
         if any(t.name == name for t in out):
             raise r.fail(path + ("name",), f"thread {name!r} is declared twice")
-        out.append(ThreadSpec(name, entry, r.int_(th, "argument", path, 0)))
+        start = r.str_(th, "start", path, "auto")
+        if start not in THREAD_STARTS:
+            raise r.fail(path + ("start",), f'expected "auto", "rtl" or "entry", got {start!r}')
+        out.append(ThreadSpec(name, entry, r.int_(th, "argument", path, 0), start))  # type: ignore[arg-type]
     return tuple(out)
 
 
