@@ -4,7 +4,8 @@ Two ntdll_like variants built by mingw-w64 (tests/fixtures/pe/): a C-function di
 "registers" convention (PUSH_NONVOL rbx; ALLOC_LARGE 0x150, the shape of Wine 8's) and a
 "stack"-convention one (PUSH_NONVOL rbx; ALLOC_SMALL 0x28). The walk must reach every
 UCALLOUT_FRAME the kernel model built, at every depth, from unwind data and, with the unwind
-data taken away, from the dispatcher's code.
+data taken away, from the dispatcher's code; and on Wine 8's real ntdll (tests/real_ntdll.py
+fetches it), whose dispatcher is such a C function.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from pathlib import Path
 
 import pytest
 from pe_fixtures import pe_fixtures_or_fail
+from real_ntdll import RealNtdllError, install_real_scenarios
 
 from emu.cli import main
 from emu.detect import ThreadView, callout_frame, view_of
+from emu.dump import read_minidump, write_minidump
 from emu.engine import Run, run
 from emu.image import image_from_assembly
 from emu.prologue import sweep
@@ -170,3 +173,41 @@ def test_each_pending_state_dumped_gives_the_live_verdict(
         assert main(["detect", "--dump", str(out), "--json"]) == 0
         [got] = json.loads(capsys.readouterr().out)
         assert {**got, "state": d["state"], "thread": d["thread"]} == d
+
+
+# --- the real thing: Wine 8's PE ntdll, whose dispatcher is a C function -----------------------
+REAL_SCENARIOS = sorted((ROOT / "scenarios" / "real").glob("*.toml"))
+
+
+@pytest.fixture(scope="module")
+def real_runs() -> dict[str, Run]:
+    try:
+        install_real_scenarios()
+    except (RealNtdllError, RuntimeError) as e:
+        pytest.fail(f"cannot fetch the real ntdll: {e}", pytrace=False)
+    return {p.stem: run(p) for p in REAL_SCENARIOS}
+
+
+def test_real_ntdll_every_state_live_and_from_its_dump(real_runs: dict[str, Run]) -> None:
+    """On Wine's ntdll, with default settings: the combined detector equals the kernel model's
+    truth at every state, each pending state's walk reaches the thread's first frame through
+    the dispatcher's own unwind data, and a minidump of every state gives the live verdict."""
+    depths = set()
+    for name, r in real_runs.items():
+        for s in r.trace.states:
+            view = view_of(r, s)
+            v = combined(view)
+            assert v.pending == s.pending, f"{name} s{s.id}: {v}"
+            [dumped, *_] = read_minidump(write_minidump(r, s), f"{name}.dmp").threads()
+            got = combined(dumped)
+            assert got.pending == v.pending, f"{name} s{s.id}: {got}"
+            if v.detection is not None and got.detection is not None:
+                live_fields = dataclasses.replace(v.detection, thread=0)
+                assert dataclasses.replace(got.detection, thread=0) == live_fields, f"{name} s{s.id}"
+            if s.pending:
+                w = v.stack.walk
+                assert w is not None and w.complete, f"{name} s{s.id}: {w and w.problem}"
+                how = "unwind data to a UCALLOUT_FRAME (registers convention)"
+                assert sum(f.how == how for f in w.frames) == v.stack.depth == len(s.callbacks)
+                depths.add(v.stack.depth)
+    assert depths == {1, 2, 3}
