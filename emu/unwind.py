@@ -462,16 +462,10 @@ class _Walker:
         return self.callout_at_entry("dispatcher layout")
 
     def callout_at_entry(self, how: str) -> tuple[int, str, bool]:
-        """KiUserCallbackDispatcher unwound to the RSP it was entered with (``self.regs``), with no
-        machine frame in its unwind data (a C function, as Wine 8's: PUSH_NONVOL rbx; ALLOC_LARGE
-        0x150) or no unwind data at all. The kernel entered it either with RSP at the
-        UCALLOUT_FRAME ("stack" convention: WRK KiCallUserMode, ReactOS usercall.c) or like a
-        called function, with a slot right below the frame that holds no return address
-        (emu's kernel writes 0 there: the "registers" convention of Wine 8's
-        dlls/ntdll/signal_x86_64.c). The dispatcher's first instructions say which to try first
-        (:func:`emu.stubs.guess_dispatcher_convention`); a frame is taken only if it is
-        plausible (:func:`emu.detect.callout_frame`). The walk goes on from its MachineFrame,
-        at the RIP after the system call the callback interrupted."""
+        """KiUserCallbackDispatcher unwound to the RSP it was entered with (``self.regs``) with no
+        machine frame on the way: the UCALLOUT_FRAME is there ("stack" convention) or right above a
+        slot holding no return address ("registers"); see the module notes. The walk goes on
+        from its MachineFrame, at the RIP after the system call the callback interrupted."""
         entry = self.regs[RSP]
         slot = self.word(entry)
         called = is_return_address(self.view, slot)  # a real return address: not the kernel's entry
