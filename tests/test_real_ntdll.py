@@ -39,7 +39,7 @@ def real_runs(real_bin: Path) -> dict[str, Run]:
     return {p.stem: run(load_scenario(p)) for p in REAL_SCENARIOS}
 
 
-def test_the_real_scenarios_ship() -> None:
+def test_the_real_scenarios_ship(real_bin: Path) -> None:
     assert {p.stem for p in REAL_SCENARIOS} >= {
         "roundtrip", "nested_depth3", "no_callback_active", "early_return", "compiled_callbacks",
     }  # fmt: skip
@@ -176,3 +176,29 @@ def test_win32u_services_are_read_from_the_loaded_win32u(real_runs: dict[str, Ru
     win32u = next(i for i in r.images if i.name == "win32u")
     stub = win32u.read(win32u.exports["NtUserMessageCall"] + 4, 4)
     assert stub is not None and syscall.ssn == struct.unpack("<I", stub)[0]  # mov eax, imm32 at +3
+
+
+# The same program on the built-in ntdll (profile win10-22h2): the real runs must give the same
+# verdicts, state for state (ids, depth, api), with each ntdll's own symbols.
+SAME_AS_BUILTIN = {
+    "roundtrip": "callback_roundtrip",
+    "nested_depth3": "nested_callbacks",
+    "early_return": "callback_early_return",
+    "no_callback_active": "no_callback_active",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAME_AS_BUILTIN))
+def test_detection_verdicts_equal_the_builtin_ntdlls(real_runs: dict[str, Run], name: str) -> None:
+    real = real_runs[name]
+    builtin = run(load_scenario(ROOT / "scenarios" / f"{SAME_AS_BUILTIN[name]}.toml"))
+    assert [(d.state, d.depth, d.api_number) for d in real.detections] == [
+        (d.state, d.depth, d.api_number) for d in builtin.detections
+    ]
+    assert [s.pending for s in real.trace.states] == [s.pending for s in builtin.trace.states]
+    for r, b in zip(real.detections, builtin.detections):
+        # Each in its own ntdll's names: Wine has no ZwCallbackReturn; the return address is in
+        # the dispatcher in both or in the callback in both.
+        assert r.rip == "ntdll!NtCallbackReturn+0x14" and b.rip == "ntdll!ZwCallbackReturn+0x14"
+        assert r.return_address.split("!")[0] == b.return_address.split("!")[0]
+        assert ("KiUserCallbackDispatcher" in r.return_address) == ("KiUserCallbackDispatcher" in b.return_address)
