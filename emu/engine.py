@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from emu.binding import ImportTraps, bind_imports
+from emu.callback_table import peb_callback_table
 from emu.context import UserContext
 from emu.errors import (
     BudgetExceeded,
@@ -357,12 +358,16 @@ class Process:
 
     def _map_peb(self) -> int:
         s = self.scenario
-        table = bytearray(8 * s.callback_table_size)
-        for idx, ref in s.callback_table.items():
-            table[8 * idx : 8 * idx + 8] = self.resolve(ref, ("kernel_callback_table", str(idx))).to_bytes(8, "little")
-        table_addr = self.machine.allocate(len(table), "r", "KernelCallbackTable", bytes(table))
         # Every loaded image is a module on PEB.Ldr's lists; the import-trap page is not.
         modules = [img for img in self.images if not (self.traps.traps and img.base == self.traps.base)]
+        overrides = {i: self.resolve(ref, ("kernel_callback_table", str(i))) for i, ref in s.callback_table.items()}
+        try:
+            table_addr, table = peb_callback_table(modules, s.callback_table_from, s.callback_table_size, overrides)
+        except ImageError as e:
+            where = ("kernel_callback_table", "from")
+            raise ScenarioError(s.path, ".".join(where), str(e), s.line_of(*where)) from None
+        if table_addr is None:
+            table_addr = self.machine.allocate(len(table), "r", "KernelCallbackTable", table)
         main = main_image(modules, s.entry)
         size = len(build_loader_data(modules, 0, main).data)
         self.loader = build_loader_data(modules, self.machine.allocate(size, "rw", "loader data"), main)

@@ -59,6 +59,7 @@ RECIPE = [
     ("ntdll.dll", 0x7FFB_0000_0000, ["ntdll_like.S", "ntdll_like.def"], False),
     ("callbacks.dll", 0x7FFA_0000_0000, ["callbacks.c", "callbacks.def"], True),
     ("program.dll", 0x1_4000_0000, ["program.c", "program.def"], True),
+    ("tables.dll", 0x7FFA_1000_0000, ["tables.c", "tables.def"], False),
 ]
 
 
@@ -73,6 +74,7 @@ class PeFixtures:
     callbacks: Path  # callbacks.dll: imports from ntdll.dll by name and by ordinal
     program: Path  # program.dll: ProgramMain makes the first syscall (NtUserMessageCall)
     import_lib: Path  # libntdll.a, made from ntdll_like.def by dlltool
+    tables: Path  # tables.dll: exports a KernelCallbackTable as data (CallbackTable), and non-tables
 
 
 def _tool_version(tool: str) -> str:
@@ -111,7 +113,7 @@ def _build(into: Path) -> None:
 def build_pe_fixtures(cache_dir: Path = CACHE) -> PeFixtures:
     """Build (or reuse) the fixtures; raises FixtureBuildError with a one-line reason."""
     target = cache_dir / f"pe-{_key()}"
-    if not (target / "program.dll").exists():
+    if not (target / "tables.dll").exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".build-"))
         try:
@@ -119,12 +121,17 @@ def build_pe_fixtures(cache_dir: Path = CACHE) -> PeFixtures:
             try:
                 os.replace(tmp, target)
             except OSError:  # another session built it first
-                if not (target / "program.dll").exists():
+                if not (target / "tables.dll").exists():
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return PeFixtures(
-        target, target / "ntdll.dll", target / "callbacks.dll", target / "program.dll", target / "libntdll.a"
+        target,
+        target / "ntdll.dll",
+        target / "callbacks.dll",
+        target / "program.dll",
+        target / "libntdll.a",
+        target / "tables.dll",
     )
 
 
