@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from emu.binding import ImportTraps, bind_imports
+from emu.callback_table import peb_callback_table
 from emu.context import UserContext
 from emu.errors import (
     BudgetExceeded,
@@ -31,6 +32,7 @@ from emu.kernel import Kernel, KThread, ServiceRegistry, UserCallback, builtin_s
 from emu.kernel.objects import Event, Mutant, ReleaseMutant, SendMessage, SetEvent, Wait
 from emu.kernel.services import ChoiceStep as KChoiceStep
 from emu.kernel.services import ScriptStep, get_message_service
+from emu.loader_data import build_loader_data, main_image
 from emu.machine import Machine
 from emu.pe import load_pe
 from emu.runtime import NTDLL_BASE, build_kernel32, build_ntdll, build_win32u
@@ -46,6 +48,8 @@ from emu.winnt import (
     KUSER_SYSTEM_CALL,
     PEB_IMAGE_BASE,
     PEB_KERNEL_CALLBACK_TABLE,
+    PEB_LDR,
+    PEB_PROCESS_PARAMETERS,
     PEB_SIZE,
     RFLAGS_IF,
     RFLAGS_RESERVED,
@@ -195,7 +199,8 @@ class Process:
         for i, pe in enumerate(scenario.pe):
             self.images.append(self._load_pe(pe, ("pe", str(i), "path")))
         if self.foreign and not any(img.name.lower() == "kernel32" for img in self.images):
-            self.images.append(self._builtin_kernel32())
+            # Right after ntdll, where the Windows loader puts kernel32 in the load order.
+            self.images.insert(1, self._builtin_kernel32())
         self._bind_imports()
         for i, spec in enumerate(scenario.modules):
             self.images.append(self._assemble(i, spec.name, spec.code, spec.data))
@@ -483,14 +488,26 @@ class Process:
 
     def _map_peb(self) -> int:
         s = self.scenario
-        table = bytearray(8 * s.callback_table_size)
-        for idx, ref in s.callback_table.items():
-            table[8 * idx : 8 * idx + 8] = self.resolve(ref, ("kernel_callback_table", str(idx))).to_bytes(8, "little")
-        table_addr = self.machine.allocate(len(table), "r", "KernelCallbackTable", bytes(table))
+        # Every loaded image is a module on PEB.Ldr's lists; the import-trap page is not.
+        modules = [img for img in self.images if not (self.traps.traps and img.base == self.traps.base)]
+        overrides = {i: self.resolve(ref, ("kernel_callback_table", str(i))) for i, ref in s.callback_table.items()}
+        try:
+            table_addr, table = peb_callback_table(modules, s.callback_table_from, s.callback_table_size, overrides)
+        except ImageError as e:
+            where = ("kernel_callback_table", "from")
+            raise ScenarioError(s.path, ".".join(where), str(e), s.line_of(*where)) from None
+        if table_addr is None:
+            table_addr = self.machine.allocate(len(table), "r", "KernelCallbackTable", table)
+        main = main_image(modules, s.entry)
+        size = len(build_loader_data(modules, 0, main).data)
+        self.loader = build_loader_data(modules, self.machine.allocate(size, "rw", "loader data"), main)
+        self.machine.write(self.loader.address, self.loader.data)
         peb = bytearray(PEB_SIZE)
-        first = self.images[-1].base if s.modules else 0
-        peb[PEB_IMAGE_BASE : PEB_IMAGE_BASE + 8] = first.to_bytes(8, "little")
-        peb[PEB_KERNEL_CALLBACK_TABLE : PEB_KERNEL_CALLBACK_TABLE + 8] = table_addr.to_bytes(8, "little")
+        for off, value in (
+            (PEB_IMAGE_BASE, self.loader.image_base), (PEB_LDR, self.loader.ldr),
+            (PEB_PROCESS_PARAMETERS, self.loader.process_parameters), (PEB_KERNEL_CALLBACK_TABLE, table_addr),
+        ):  # fmt: skip
+            peb[off : off + 8] = value.to_bytes(8, "little")
         self.machine.map(PEB_ADDRESS, PEB_SIZE, "rw", "PEB", bytes(peb))
         return table_addr
 

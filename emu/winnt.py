@@ -54,8 +54,54 @@ TEB_SIZE = 0x2000  # 0x1838 bytes on Windows 10, rounded to two pages
 PEB_BEING_DEBUGGED = 0x02
 PEB_IMAGE_BASE = 0x10
 PEB_LDR = 0x18
+PEB_PROCESS_PARAMETERS = 0x20  # also in MS docs "PEB structure" (winternl.h): after Reserved3[2] and Ldr
+PEB_PROCESS_HEAP = 0x30
 PEB_KERNEL_CALLBACK_TABLE = 0x58
 PEB_SIZE = 0x1000
+
+# --- Loader data (x64): ReactOS sdk/include/ndk/ldrtypes.h for the layouts, offsets checked
+# against the public Windows 7 SP1 and Windows 10 PDB dumps of _PEB_LDR_DATA and
+# _LDR_DATA_TABLE_ENTRY. LIST_ENTRY is {Flink +0, Blink +8}; UNICODE_STRING is
+# {Length +0 (bytes, no terminator), MaximumLength +2, Buffer +8}, 0x10 bytes.
+LIST_ENTRY_SIZE = 0x10
+UNICODE_STRING_SIZE = 0x10
+LDR_DATA_LENGTH = 0x00  # PEB_LDR_DATA.Length: sizeof(PEB_LDR_DATA)
+LDR_DATA_INITIALIZED = 0x04
+LDR_DATA_IN_LOAD_ORDER = 0x10  # InLoadOrderModuleList
+LDR_DATA_IN_MEMORY_ORDER = 0x20  # InMemoryOrderModuleList
+LDR_DATA_IN_INIT_ORDER = 0x30  # InInitializationOrderModuleList
+LDR_DATA_SIZE = 0x58  # Windows 7 and later (ShutdownInProgress, ShutdownThreadId)
+LDR_ENTRY_IN_LOAD_ORDER = 0x00  # LDR_DATA_TABLE_ENTRY.InLoadOrderLinks
+LDR_ENTRY_IN_MEMORY_ORDER = 0x10
+LDR_ENTRY_IN_INIT_ORDER = 0x20
+LDR_ENTRY_DLL_BASE = 0x30
+LDR_ENTRY_ENTRY_POINT = 0x38
+LDR_ENTRY_SIZE_OF_IMAGE = 0x40
+LDR_ENTRY_FULL_DLL_NAME = 0x48
+LDR_ENTRY_BASE_DLL_NAME = 0x58
+LDR_ENTRY_FLAGS = 0x68
+LDR_ENTRY_LOAD_COUNT = 0x6C  # LoadCount; ObsoleteLoadCount from Windows 8
+LDR_ENTRY_TLS_INDEX = 0x6E
+LDR_ENTRY_HASH_LINKS = 0x70
+LDR_ENTRY_TIME_DATE_STAMP = 0x80
+LDR_ENTRY_SIZE = 0x120  # Windows 10's size (0xE0 on Windows 7); the rest stays zero
+LDRP_IMAGE_DLL = 0x0004  # ldrtypes.h; the ImageDll bit of Windows 8+'s Flags bit field
+LDRP_ENTRY_PROCESSED = 0x4000  # the EntryProcessed bit
+
+# --- RTL_USER_PROCESS_PARAMETERS (x64): MS docs "RTL_USER_PROCESS_PARAMETERS structure"
+# (winternl.h: Reserved1[16], Reserved2[10], ImagePathName, CommandLine) for +0x60/+0x70;
+# the rest from ReactOS sdk/include/ndk/rtltypes.h and the public Windows 10 PDB layout.
+PARAMS_MAXIMUM_LENGTH = 0x00
+PARAMS_LENGTH = 0x04
+PARAMS_FLAGS = 0x08
+PARAMS_CURRENT_DIRECTORY = 0x38  # CURDIR { UNICODE_STRING DosPath; HANDLE Handle } (0x18 bytes)
+PARAMS_DLL_PATH = 0x50
+PARAMS_IMAGE_PATH_NAME = 0x60
+PARAMS_COMMAND_LINE = 0x70
+PARAMS_ENVIRONMENT = 0x80
+PARAMS_ENVIRONMENT_SIZE = 0x3F0  # Vista and later
+PARAMS_SIZE = 0x440  # Windows 10
+RTL_USER_PROC_PARAMS_NORMALIZED = 0x01  # Buffers are pointers, not offsets (rtltypes.h)
 
 # --- KUSER_SHARED_DATA (MS docs "KUSER_SHARED_DATA structure", ntddk.h) -------------------
 KUSER_SHARED_DATA = 0x7FFE0000

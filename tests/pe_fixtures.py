@@ -69,6 +69,7 @@ RECIPE = [
     ("ntdll_seh_stack.dll", 0x7FFB_0000_0000, ["-DSEH_STACK_DISPATCHER", "ntdll_like.S", "ntdll_like.def"], False),
     ("callbacks.dll", 0x7FFA_0000_0000, ["callbacks.c", "callbacks.def"], True),
     ("program.dll", 0x1_4000_0000, ["program.c", "program.def"], True),
+    ("tables.dll", 0x7FFA_1000_0000, ["tables.c", "tables.def"], False),
 ]
 
 
@@ -85,6 +86,7 @@ class PeFixtures:
     import_lib: Path  # libntdll.a, made from ntdll_like.def by dlltool
     ntdll_c_dispatcher: Path  # ntdll_like with a C KiUserCallbackDispatcher (registers convention)
     ntdll_seh_stack: Path  # ntdll_like with a stack-convention dispatcher whose unwind has no machine frame
+    tables: Path  # tables.dll: exports a KernelCallbackTable as data (CallbackTable), and non-tables
 
     @property
     def dlls(self) -> tuple[Path, ...]:
@@ -129,7 +131,7 @@ def _build(into: Path) -> None:
 def build_pe_fixtures(cache_dir: Path = CACHE) -> PeFixtures:
     """Build (or reuse) the fixtures; raises FixtureBuildError with a one-line reason."""
     target = cache_dir / f"pe-{_key()}"
-    if not (target / "program.dll").exists():
+    if not (target / "tables.dll").exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".build-"))
         try:
@@ -137,7 +139,7 @@ def build_pe_fixtures(cache_dir: Path = CACHE) -> PeFixtures:
             try:
                 os.replace(tmp, target)
             except OSError:  # another session built it first
-                if not (target / "program.dll").exists():
+                if not (target / "tables.dll").exists():
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -149,6 +151,7 @@ def build_pe_fixtures(cache_dir: Path = CACHE) -> PeFixtures:
         target / "libntdll.a",
         target / "ntdll_c_dispatcher.dll",
         target / "ntdll_seh_stack.dll",
+        target / "tables.dll",
     )
 
 

@@ -5,7 +5,8 @@ A scenario is data only: it never executes host Python. Every error is a
 found, and what was expected.
 
 The package: ``model`` (the dataclasses), ``reader`` (typed access and line finding),
-``steps`` (service scripts and choices), ``parse`` (the file as a whole).
+``steps`` (service scripts and choices), ``refs`` (label references and the callback
+table), ``parse`` (the file as a whole).
 """
 
 from emu.scenario.model import (

@@ -149,7 +149,7 @@ class Scenario:
     entry: str
     argument: int
     callback_table: dict[int, str]
-    callback_table_size: int
+    callback_table_size: int  # 0 with callback_table_from: as many entries as the exported table holds
     services: dict[str, ServiceScript]
     budgets: Budgets
     expectations: tuple[Expectation, ...]
@@ -160,6 +160,7 @@ class Scenario:
     unbound_imports: Literal["error", "trap"] = "error"
     threads: tuple[ThreadSpec, ...] = ()  # every thread (the first is ``entry``/``argument``)
     objects: tuple[ObjectSpec, ...] = ()
+    callback_table_from: str | None = None  # "module!export": the table is that exported array
     source: str = field(default="", repr=False)
     profile_overrides: frozenset[str] = frozenset()  # [profile] keys the file sets (these beat the images)
 

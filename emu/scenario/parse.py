@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from emu.asm import labels_in
 from emu.errors import ScenarioError
 from emu.profile import DEFAULT_PROFILE, DISPATCHERS, OVERRIDABLE, STUB_SHAPES, Profile, get_profile, profile_names
 from emu.scenario.model import (
@@ -25,7 +24,8 @@ from emu.scenario.model import (
     Scenario,
     ThreadSpec,
 )
-from emu.scenario.reader import _ID, _NAME, _kind, _line_of, _Reader
+from emu.scenario.reader import _NAME, _kind, _line_of, _Reader
+from emu.scenario.refs import MAX_TABLE, _callback_table, _check_ref, _labels
 from emu.scenario.steps import _services
 
 THREAD_STARTS = ("auto", "rtl", "entry")
@@ -38,7 +38,7 @@ TOP_KEYS = {
     "module": "an array of tables [[module]] {name, code, data}",
     "thread": "a table {entry, argument, start}, or an array of tables [[thread]] {name, entry, argument, start}",
     "object": "an array of tables [[object]] {kind, name, handle, signaled, manual_reset, owner}",
-    "kernel_callback_table": 'a table {size, <index> = "module!label"}',
+    "kernel_callback_table": 'a table {from = "module!export", size, <index> = "module!label"}',
     "services": "a table of [services.NtName] {ssn, steps}",
     "expect": "an array of tables [[expect]]",
     "memory": "an array of tables [[memory]] {name, start, size, perms}",
@@ -155,10 +155,10 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
     entry, argument = threads[0].entry, threads[0].argument
     objects = _objects(r, doc.get("object", []), threads)
 
-    table, size = _callback_table(r, doc.get("kernel_callback_table", {}), modules, labels, external)
+    table, size, table_from = _callback_table(r, doc.get("kernel_callback_table", {}), modules, labels, external)
     # With a PE ntdll the service numbers come from its code, known only once it is loaded.
     services = _services(
-        r, doc.get("services", {}), profile, size,
+        r, doc.get("services", {}), profile, size or MAX_TABLE,
         check_numbers=ntdll is None and not any(p.name.lower() == "win32u" for p in pe),
         threads=tuple(t.name for t in threads), objects=tuple(o.name for o in objects),
     )  # fmt: skip
@@ -166,7 +166,8 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
     memory = _memory(r, doc.get("memory", []))
     return Scenario(
         path=file, name=name, description=description, profile=profile, modules=modules, entry=entry,
-        argument=argument, callback_table=table, callback_table_size=size, services=services,
+        argument=argument, callback_table=table, callback_table_size=size, callback_table_from=table_from,
+        services=services,
         budgets=budgets, expectations=expectations, system_call=system_call, memory=memory, ntdll=ntdll, pe=pe,
         unbound_imports="trap" if unbound == "trap" else "error", threads=threads, objects=objects, source=text,
         profile_overrides=frozenset(doc.get("profile") or ()) if isinstance(doc.get("profile"), dict) else frozenset(),
@@ -384,69 +385,6 @@ def _modules(r: _Reader, obj: Any, allow_empty: bool = False) -> tuple[ModuleSpe
         seen.add(name.lower())
         out.append(ModuleSpec(name, r.str_(m, "code", path), r.str_(m, "data", path, "")))
     return tuple(out)
-
-
-def _labels(m: ModuleSpec) -> list[str]:
-    return labels_in(m.data) + labels_in(m.code)
-
-
-def _check_ref(
-    r: _Reader,
-    ref: str,
-    path: tuple[str | int, ...],
-    modules: tuple[ModuleSpec, ...],
-    labels: set[tuple[str, str]],
-    external: tuple[str, ...] = (),
-) -> None:
-    if not _ID.match(ref):
-        raise r.fail(path, f'expected "module!label" or "label", got {ref!r}')
-    mod, bang, lab = ref.partition("!")
-    if bang:
-        if mod.lower() in ("ntdll", "win32u") or mod in external:
-            return  # checked against the loaded images when the run is built
-        if not any(m.name == mod for m in modules):
-            declared = ", ".join([m.name for m in modules] + list(external))
-            raise r.fail(path, f"no module named {mod!r} (declared: {declared})")
-        if (mod, lab) not in labels:
-            raise r.fail(path, f"module {mod!r} has no label {lab!r}")
-    else:
-        owners = [mod for (mod, lab) in labels if lab == ref]
-        if not owners and external:
-            return  # may be an export of a PE module: checked when the run is built
-        if not owners:
-            raise r.fail(path, f"no module defines label {ref!r}")
-        if len(owners) > 1:
-            raise r.fail(
-                path, f'label {ref!r} is defined in several modules ({", ".join(sorted(owners))}); write "module!{ref}"'
-            )
-
-
-def _callback_table(
-    r: _Reader,
-    obj: Any,
-    modules: tuple[ModuleSpec, ...],
-    labels: set[tuple[str, str]],
-    external: tuple[str, ...] = (),
-) -> tuple[dict[int, str], int]:
-    path: tuple[str | int, ...] = ("kernel_callback_table",)
-    if not isinstance(obj, dict):
-        raise r.fail(path, f"expected a table, got {_kind(obj)}")
-    entries: dict[int, str] = {}
-    for key, val in obj.items():
-        if key == "size":
-            continue
-        if not key.isdigit():
-            raise r.fail(path + (key,), f"unknown key '{key}' (expected 'size' or an api number such as 2)")
-        if not isinstance(val, str):
-            raise r.fail(path + (key,), f'expected "module!label", got {_kind(val)}')
-        _check_ref(r, val, path + (key,), modules, labels, external)
-        entries[int(key)] = val
-    need = max(entries, default=-1) + 1
-    size = r.int_(obj, "size", path, max(need, 1), 1, 4096)
-    for idx in entries:
-        if idx >= size:
-            raise r.fail(path + (str(idx),), f"callback index {idx} is out of range (table size {size})")
-    return dict(sorted(entries.items())), size
 
 
 def _expectations(r: _Reader, obj: Any) -> tuple[Expectation, ...]:
