@@ -404,6 +404,9 @@ class Process:
             return "rtl" if spec.start == "auto" else spec.start
         if not any(img.name.lower() == "kernel32" and img.path is None for img in self.images):
             return "rtl"  # the scenario's own kernel32: its BaseThreadInitThunk, nothing to fall back on
+        if self.ntdll.export("RtlUserThreadStart") is None:
+            self.notes.append(f"{_file_name(self.ntdll)} exports no RtlUserThreadStart; threads start at their entry")
+            return "entry"
         why = _probe_start(self.scenario)
         if why is None:
             return "rtl"

@@ -202,3 +202,16 @@ def test_detection_verdicts_equal_the_builtin_ntdlls(real_runs: dict[str, Run], 
         assert r.rip == "ntdll!NtCallbackReturn+0x14" and b.rip == "ntdll!ZwCallbackReturn+0x14"
         assert r.return_address.split("!")[0] == b.return_address.split("!")[0]
         assert ("KiUserCallbackDispatcher" in r.return_address) == ("KiUserCallbackDispatcher" in b.return_address)
+
+
+def test_an_ntdll_without_rtluserthreadstart_starts_threads_at_their_entry(real_bin: Path, tmp_path: Path) -> None:
+    _rename_export(real_bin, tmp_path, b"RtlUserThreadStart", b"RtlUserThreadStarX")
+    scenario = _scenario_beside(tmp_path, "roundtrip.toml")
+    r = run(load_scenario(scenario))
+    assert r.error is None and r.ok
+    assert "ntdll.dll exports no RtlUserThreadStart; threads start at their entry" in r.notes
+    forced = tmp_path / "forced.toml"
+    forced.write_text(scenario.read_text().replace('entry = "app!main"', 'entry = "app!main"\nstart = "rtl"'))
+    with pytest.raises(ScenarioError) as e:
+        build(load_scenario(forced))
+    assert "exports no usable RtlUserThreadStart" in str(e.value) and 'start = "entry"' in str(e.value)
