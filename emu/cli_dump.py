@@ -20,11 +20,10 @@ from emu.dump import read_minidump, write_minidump
 from emu.dump_write import threads_at
 from emu.engine import Run, run
 from emu.errors import DumpError, EmuError
+from emu.exit_codes import EXIT_INPUT, EXIT_OK
 from emu.scenario import load_scenario
 from emu.trace import State
 from emu.writing import refuse_overwrite
-
-EXIT_OK, EXIT_INPUT = 0, 2
 
 
 def add_parser(sub: Any) -> None:

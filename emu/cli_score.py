@@ -18,9 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from emu.errors import EmuError
+from emu.exit_codes import EXIT_EXPECT as EXIT_MISMATCH
+from emu.exit_codes import EXIT_INPUT, EXIT_OK
 from emu.score import score
 
-EXIT_OK, EXIT_MISMATCH, EXIT_INPUT = 0, 1, 2
 DEFAULT_DETECTOR = "emu.signals:combined_detector"
 
 

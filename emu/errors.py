@@ -83,5 +83,9 @@ class OutputExists(EmuError):
     """An output file is already there and --force was not given."""
 
 
+class OutputError(EmuError):
+    """An output file cannot be written: names the path and the reason."""
+
+
 class DumpError(EmuError):
     """A minidump cannot be written or read."""

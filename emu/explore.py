@@ -213,6 +213,9 @@ class Explorer:
                     self._descend(result, root, prefix)
             if self.machine.watchdog_fired and result.stopped_by is None:
                 result.stopped_by = "wall_time"
+        except KeyboardInterrupt:
+            # Ctrl-C: keep what was found; the graph below holds every state recorded so far.
+            result.stopped_by = "interrupted"
         finally:
             watchdog.__exit__()
             if gc_was_enabled:
@@ -236,12 +239,16 @@ class Explorer:
                 result.stopped_by = "wall_time"
                 break
             fork, option = work.popleft() if self.strategy == "bfs" else work.pop()
-            self._restore(fork)
-            mark = len(self.trace.raw_states)
-            self.kernel.resume(option)
-            self._segment(result)
-            result.forked_states += len(self.trace.raw_states) - mark
-            self._after_segment(result, work, fork.depth + 1, fork.path + (option,))
+            try:
+                self._restore(fork)
+                mark = len(self.trace.raw_states)
+                self.kernel.resume(option)
+                self._segment(result)
+                result.forked_states += len(self.trace.raw_states) - mark
+                self._after_segment(result, work, fork.depth + 1, fork.path + (option,))
+            except KeyboardInterrupt:
+                result.unexplored += len(work) + 1  # the option being followed is not finished either
+                raise
         result.unexplored += len(work)
 
     def _descend(self, result: Exploration, root: Fork, prefix: tuple[str, ...]) -> None:

@@ -15,17 +15,23 @@ done by the caller) or starts a local one.
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from emu.errors import EmuError
 from emu.explore import Exploration, Explorer, Strategy, _node_order
 from emu.scenario import Scenario, load_scenario
 from emu.trace import State
 
 Backend = Literal["processes", "ray"]
+
+
+class BackendUnavailable(EmuError):
+    """The chosen backend cannot run here (Ray is not installed)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,10 @@ def explore_parallel(
     split_factor: int = 4,
 ) -> Exploration:
     """Explore with ``workers`` processes (or Ray tasks); the graph equals :func:`emu.explore.explore`'s."""
+    if workers < 1:
+        raise ValueError(f"workers must be 1 or more, not {workers}")
+    if backend == "ray":
+        _require_ray()
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario)
     start = time.perf_counter()
@@ -100,11 +110,16 @@ def _run_processes(scenario: Scenario, strategy: Strategy, chunks: list[list[tup
         return [f.result() for f in futures]
 
 
+def _require_ray() -> None:
+    if importlib.util.find_spec("ray") is None:
+        raise BackendUnavailable("backend 'ray' needs Ray installed: pip install 'emu[ray]'")
+
+
 def _run_ray(scenario: Scenario, strategy: Strategy, chunks: list[list[tuple[str, ...]]]) -> list[Part]:
     try:
         import ray
     except ImportError as e:  # an optional extra
-        raise RuntimeError(f"backend 'ray' needs Ray installed (pip install 'emu[ray]'): {e}") from None
+        raise BackendUnavailable(f"backend 'ray' needs Ray installed (pip install 'emu[ray]'): {e}") from None
     if not ray.is_initialized():
         ray.init(num_cpus=max(1, len(chunks)), include_dashboard=False, log_to_driver=False)
     task: Any = ray.remote(explore_prefixes)

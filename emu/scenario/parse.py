@@ -76,6 +76,8 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
         msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
         line = int(m.group(1)) if m else None
         raise ScenarioError(file, "", f"not valid TOML: {msg}", line) from None
+    except RecursionError:  # tomllib recurses once per nesting level
+        raise ScenarioError(file, "", "not readable: arrays or tables nested too deeply") from None
     r = _Reader(file, text)
     r.table(doc, (), TOP_KEYS, ("scenario", "thread"))
 
