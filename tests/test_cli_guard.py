@@ -7,6 +7,7 @@ documented exit code.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import sys
 from pathlib import Path
@@ -135,3 +136,58 @@ def test_allow_path_is_accepted_after_the_subcommand(tmp_path: Path, capsys) -> 
                  ["--allow-path", str(tmp_path / "b"), "run", str(scenario)]):  # fmt: skip
         assert main(argv) == 2
         assert _one_line(capsys.readouterr().err).endswith("n.dll does not exist or is not a file")
+
+
+APP = '[[module]]\nname = "app"\ncode = "main: ret"\n[thread]\nentry = "app!main"\n'
+
+
+def _run_text(tmp_path: Path, capsys, text: str) -> tuple[int, str, Path]:
+    p = tmp_path / "s.toml"
+    p.write_text('[scenario]\nname = "x"\n' + text)
+    code = main(["run", str(p)])
+    return code, _one_line(capsys.readouterr().err), p
+
+
+def test_a_bad_return_status_lists_callback_among_the_choices(tmp_path: Path, capsys) -> None:
+    code, line, p = _run_text(
+        tmp_path, capsys, APP + "[services.NtClose]\nsteps = [{ kind = 'return', status = 'bogus' }]\n"
+    )
+    assert code == 2
+    assert line.startswith(
+        f'{p}:9 [services.NtClose.steps[0].status]: expected an NTSTATUS (0..0xffffffff or one of "callback", STATUS_'
+    )
+
+
+def test_the_memory_budget_message_reads_in_bytes(tmp_path: Path, capsys) -> None:
+    code, line, p = _run_text(tmp_path, capsys, "[budgets]\nmemory = 65536\n" + APP)
+    assert code == 3
+    assert re.fullmatch(
+        rf"budget 'memory' exceeded \(limit 65536 bytes\) at {re.escape(str(p))}: \d+ bytes mapped", line
+    )
+
+
+def test_memory_over_kuser_shared_data_names_the_key(tmp_path: Path, capsys) -> None:
+    code, line, p = _run_text(
+        tmp_path, capsys, "[[memory]]\nname = 'k'\nstart = 0x7FFE0000\nsize = 0x1000\nperms = 'rw'\n" + APP
+    )
+    assert code == 2
+    assert line == f"{p}:3 [memory[0]]: k overlaps KUSER_SHARED_DATA at 0x7ffe0000..0x7ffe1000"
+
+
+@pytest.mark.parametrize(
+    ("written", "echo"),
+    [("0", "expected an integer in 1..1048576, got 0"), ("0x0", "expected an integer in 0x1..0x100000, got 0x0")],
+)
+def test_numbers_are_echoed_in_the_base_they_were_written_in(tmp_path: Path, capsys, written: str, echo: str) -> None:
+    code, line, p = _run_text(tmp_path, capsys, f"[budgets]\ncallback_depth = {written}\n" + APP)
+    assert code == 2
+    assert line == f"{p}:4 [budgets.callback_depth]: {echo}"
+
+
+def test_a_bad_base_says_what_an_address_looks_like(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["image", "--base", "zzz", "x.dll"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid <lambda> value" not in err
+    assert err.strip().endswith("argument --base: expected an address such as 0x180000000, got 'zzz'")
