@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
@@ -217,6 +218,11 @@ def guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namespace,
     KeyboardInterrupt: "interrupted" (130). What was recorded before is printed by the
     subcommand itself where it can (``explore`` prints its partial summary).
     """
+    note = None
+    if command != "explore" and sys.stderr.isatty():  # explore has its own progress line
+        note = threading.Timer(STILL_RUNNING, _still_running, (command,))
+        note.daemon = True
+        note.start()
     try:
         code: int = func(args)
         return code
@@ -241,6 +247,20 @@ def guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namespace,
     except KeyboardInterrupt:
         sys.stderr.write(f"emu {command}: interrupted\n")
         return EXIT_INTERRUPTED
+    finally:
+        if note is not None:
+            note.cancel()
+
+
+STILL_RUNNING = 2.0  # seconds before a terminal user hears that the command is still busy
+
+
+def _still_running(command: str) -> None:
+    sys.stderr.write(
+        f"emu {command}: still running after {STILL_RUNNING:g} s (the scenario's wall_time budget, "
+        "20 s by default, stops it; Ctrl-C stops it now)\n"
+    )
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":  # pragma: no cover

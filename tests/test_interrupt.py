@@ -58,3 +58,28 @@ def test_ctrl_c_stops_guest_code_and_exits_130(tmp_path: Path, command: list[str
         assert not (tmp_path / "g.json").exists()
     else:
         assert err.strip() == f"emu {command[0]}: interrupted"
+
+
+def test_a_long_run_on_a_terminal_says_it_is_still_running(tmp_path: Path) -> None:
+    import pty
+
+    scenario = tmp_path / "spin.toml"
+    scenario.write_text(LOOP.replace("wall_time = 60", "wall_time = 4"))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emu.cli", "run", str(scenario)], stdout=subprocess.PIPE, stderr=slave, env=env
+    )
+    os.close(slave)
+    proc.communicate(timeout=60)
+    err = b""
+    try:
+        while chunk := os.read(master, 4096):
+            err += chunk
+    except OSError:  # the terminal closed with the process
+        pass
+    os.close(master)
+    text = err.decode().replace("\r\n", "\n")
+    assert proc.returncode == 3
+    assert "emu run: still running after 2 s (the scenario's wall_time budget, 20 s by default, stops it;" in text
+    assert text.rstrip().endswith("stopped by budget: budget 'wall_time' exceeded (limit 4 s) at app!main")
