@@ -151,6 +151,7 @@ class Explorer:
         self._stacks = [(t.stack_limit, t.stack_base) for t in self.kernel.threads.values()]
         self._deadline = 0.0
         self._next_check = 0.0  # when to look at memory and write progress next
+        self.fault_digests: list[tuple[str, str]] = []  # (state digest, message), after run()
 
     # --- state identity -------------------------------------------------------------
     def _observe(self, sid: int, thread: KThread) -> None:
@@ -245,7 +246,8 @@ class Explorer:
         finally:
             if gc_was_enabled:
                 gc.enable()
-        result.faults = [(self._name(result.graph, d), m) for d, m in result.faults]
+        self.fault_digests = list(result.faults)  # by digest: parallel workers are merged by digest
+        result.faults = name_faults(result.graph, self.fault_digests)
         result.deadlocks = sorted((self._name(result.graph, d) for d in self.deadlocks), key=_node_order)
         result.elapsed = time.perf_counter() - start
         return result
@@ -423,6 +425,12 @@ class Explorer:
             if a.get("digest") == digest:
                 return str(n)
         return digest
+
+
+def name_faults(graph: StateGraph, faults: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Faults found at state digests, named by ``graph``'s node ids, in node order (deduplicated)."""
+    named = {(Explorer._name(graph, d), m) for d, m in faults}
+    return sorted(named, key=lambda f: (_node_order(f[0]), f[1]))
 
 
 def _node_order(name: str) -> tuple[int, str]:

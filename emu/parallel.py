@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from emu.errors import EmuError
-from emu.explore import Exploration, Explorer, Strategy, _node_order
+from emu.explore import Exploration, Explorer, Strategy, _node_order, name_faults
 from emu.scenario import Scenario, load_scenario
 from emu.trace import State
 
@@ -42,7 +42,7 @@ class Part:
     edges: list[tuple[object, ...]]
     deadlocks: dict[str, list[str]]
     chains: dict[str, list[str]]
-    faults: list[tuple[str, str]]
+    faults: list[tuple[str, str]]  # (state digest, message)
     forks: int
     paths: int
     forked_states: int
@@ -55,7 +55,7 @@ def explore_prefixes(scenario: Scenario, strategy: Strategy, prefixes: list[tupl
     ex = Explorer(scenario, strategy)
     res = ex.run(prefixes=prefixes)
     return Part(
-        dict(ex.nodes), list(ex.edges), dict(ex.deadlocks), dict(ex.chains), list(res.faults),
+        dict(ex.nodes), list(ex.edges), dict(ex.deadlocks), dict(ex.chains), list(ex.fault_digests),
         res.forks, res.paths, res.forked_states, res.unexplored, res.stopped_by,
     )  # fmt: skip
 
@@ -97,7 +97,8 @@ def explore_parallel(
     result.unexplored = head.unexplored + sum(p.unexplored for p in parts)
     result.stopped_by = head.stopped_by or next((p.stopped_by for p in parts if p.stopped_by), None)
     result.deadlocks = sorted((Explorer._name(graph, d) for d in coordinator.deadlocks), key=_node_order)
-    result.faults = head.faults + [(Explorer._name(graph, d), m) for p in parts for d, m in p.faults]
+    # Faults are kept by state digest until here: node ids exist only in the merged graph.
+    result.faults = name_faults(graph, coordinator.fault_digests + [f for p in parts for f in p.faults])
     result.elapsed = time.perf_counter() - start
     return result
 
