@@ -94,6 +94,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     except EmuError as e:
         sys.stderr.write(f"{e}\n")
         return EXIT_INPUT
+    except Exception as e:  # the user's detector raised: one line, with the state it raised on
+        notes = [n.removeprefix("emu.score: ") for n in getattr(e, "__notes__", [])]
+        where = f" ({notes[-1]})" if notes else ""
+        sys.stderr.write(f"--detector {args.detector!r} raised {type(e).__name__}: {e}{where}\n")
+        return EXIT_INPUT
     report.detector = args.detector
     if args.json:
         sys.stdout.write(json.dumps(report.as_dict(), indent=2) + "\n")
