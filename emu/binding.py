@@ -129,7 +129,10 @@ def bind_imports(
         patches[imp.slot] = addr
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ImageError(f"{image.name}: cannot bind import {missing[0]}{more}")
+        raise ImageError(
+            f"{image.name}: cannot bind import {missing[0]}{more}; "
+            '[machine] unbound_imports = "trap" loads it anyway and stops the run only if it is called'
+        )
     sections = []
     pending = dict(patches)
     for s in image.sections:

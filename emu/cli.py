@@ -1,8 +1,9 @@
 """The ``emu`` command.
 
-Exit codes: 0 every expectation holds; 1 an expectation failed (named);
-2 invalid input (scenario, assembly, arguments); 3 the run stopped on a budget or a
-fault (named, with the RIP as a symbol).
+Exit codes (:mod:`emu.exit_codes`): 0 every expectation holds; 1 an expectation failed
+(named); 2 invalid input (scenario, assembly, arguments, a file that cannot be read or
+written); 3 the run stopped on a budget or a fault (named, with the RIP as a symbol), or
+memory ran out; 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -10,16 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from emu import __version__, cli_dump, cli_explore, cli_image, cli_plot, cli_score
+from emu import __version__, cli_dump, cli_explore, cli_image, cli_plot, cli_score, interrupts
 from emu.engine import Run, run
 from emu.errors import BudgetExceeded, EmuError
+from emu.exit_codes import EXIT_EXPECT, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED
 from emu.scenario import load_scenario
 from emu.writing import refuse_overwrite, write_atomic
-
-EXIT_OK, EXIT_EXPECT, EXIT_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 
 
 def _transition_rows(r: Run) -> list[dict[str, object]]:
@@ -132,6 +134,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
+    if args.dump and args.scenario:
+        sys.stderr.write(
+            f"emu detect: give a scenario file or --dump FILE.dmp, not both ({args.scenario} and {args.dump})\n"
+        )
+        return EXIT_INPUT
     if args.dump:
         return cli_dump.cmd_detect_dump(args)
     if not args.scenario:
@@ -158,6 +165,9 @@ def cmd_graph(args: argparse.Namespace) -> int:
     return _finish(r, sys.stderr)
 
 
+ALLOW_HELP = "let scenarios read files under DIR too (by default only under the scenario's own folder)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="emu",
@@ -169,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="DIR",
-        help="let scenarios read files under DIR too (by default only under the scenario's own folder)",
+        help=ALLOW_HELP,
     )
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a scenario: transitions, detections, expectations")
@@ -194,14 +204,39 @@ def build_parser() -> argparse.ArgumentParser:
     cli_plot.add_parser(sub)
     cli_dump.add_parser(sub)
     cli_score.add_parser(sub)
+    for (
+        command
+    ) in sub.choices.values():  # `emu run --allow-path DIR FILE` works as well as `emu --allow-path DIR run FILE`
+        command.add_argument(
+            "--allow-path", action="append", default=[], metavar="DIR", dest="allow_path_after", help=ALLOW_HELP
+        )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``emu`` command; every subcommand runs inside :func:`guarded`."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.allow_path = [*args.allow_path, *getattr(args, "allow_path_after", [])]
+    interrupts.install()
+    return guarded(args.func, args, args.command)
+
+
+def guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namespace, command: str) -> int:
+    """Run one subcommand; whatever escapes it becomes one line on stderr and an exit code.
+
+    EmuError: its own line (2, or 3 for a budget); OSError: the file and the reason (2);
+    RecursionError: input nested too deeply (2); MemoryError: out of memory (3);
+    KeyboardInterrupt: "interrupted" (130). What was recorded before is printed by the
+    subcommand itself where it can (``explore`` prints its partial summary).
+    """
+    note = None
+    if command != "explore" and sys.stderr.isatty():  # explore has its own progress line
+        note = threading.Timer(STILL_RUNNING, _still_running, (command,))
+        note.daemon = True
+        note.start()
     try:
-        code: int = args.func(args)
+        code: int = func(args)
         return code
     except BudgetExceeded as e:
         sys.stderr.write(f"{e}\n")
@@ -211,6 +246,33 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INPUT
     except BrokenPipeError:  # pragma: no cover - `emu run ... | head`
         return EXIT_OK
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        sys.stderr.write(f"emu {command}: {where}{e.strerror or e}\n")
+        return EXIT_INPUT
+    except RecursionError:
+        sys.stderr.write(f"emu {command}: the input is nested too deeply to read\n")
+        return EXIT_INPUT
+    except MemoryError:
+        sys.stderr.write(f"emu {command}: out of memory (lower the scenario's budgets)\n")
+        return EXIT_STOPPED
+    except KeyboardInterrupt:
+        sys.stderr.write(f"emu {command}: interrupted\n")
+        return EXIT_INTERRUPTED
+    finally:
+        if note is not None:
+            note.cancel()
+
+
+STILL_RUNNING = 2.0  # seconds before a terminal user hears that the command is still busy
+
+
+def _still_running(command: str) -> None:
+    sys.stderr.write(
+        f"emu {command}: still running after {STILL_RUNNING:g} s (the scenario's wall_time budget, "
+        "20 s by default, stops it; Ctrl-C stops it now)\n"
+    )
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,11 +20,12 @@ from emu.dump import read_minidump, write_minidump
 from emu.dump_write import threads_at
 from emu.engine import Run, run
 from emu.errors import DumpError, EmuError
+from emu.exit_codes import EXIT_INPUT, EXIT_OK
+from emu.explain import find_node, state_number
+from emu.explore import Explorer
 from emu.scenario import load_scenario
 from emu.trace import State
 from emu.writing import refuse_overwrite
-
-EXIT_OK, EXIT_INPUT = 0, 2
 
 
 def add_parser(sub: Any) -> None:
@@ -33,14 +34,19 @@ def add_parser(sub: Any) -> None:
         "dump", help="write a minidump of one state: every thread's CONTEXT and stack, modules and image memory"
     )
     d.add_argument("scenario")
-    d.add_argument("--state", required=True, help="a state id from `emu run` (s3 or 3), or 'pending' (the first one)")
+    d.add_argument(
+        "--state",
+        required=True,
+        help="a state id from `emu run` (s3 or 3) or `emu explore` (n3), or 'pending' (the first one)",
+    )
     d.add_argument("-o", "--output", required=True, help="the .dmp file to write")
     d.add_argument("--force", action="store_true", help="overwrite an existing output file")
     d.set_defaults(func=cmd_dump)
 
 
 def find_state(r: Run, spec: str) -> State:
-    """The state ``spec`` names: ``s3`` or ``3``, or ``pending`` for the first pending state."""
+    """The state ``spec`` names: ``s3`` or ``3`` (a state of the run), ``n3`` (a node of
+    ``emu explore``'s graph, when the run passes through it), or ``pending`` (the first)."""
     states = r.trace.states
     where = f"{r.scenario.path}: --state {spec!r}"
     if spec == "pending":
@@ -48,13 +54,31 @@ def find_state(r: Run, spec: str) -> State:
             if s.pending:
                 return s
         raise DumpError(f"{where}: no state of this run is pending at ZwCallbackReturn")
-    digits = spec[1:] if spec[:1] in ("s", "S") else spec
-    if not digits.isdigit():
-        raise DumpError(f"{where}: expected a state id like s3 or 3, or 'pending'")
-    sid = int(digits)
+    sid = state_number(spec)
+    if sid is None:
+        raise DumpError(f"{where}: expected a state id like s3 or 3 (emu run), n3 (emu explore), or 'pending'")
+    if spec[:1] in ("n", "N"):
+        return _run_state_of_node(r, sid, where)
     if sid >= len(states):
         raise DumpError(f"{where}: the run has {len(states)} states (s0 to s{len(states) - 1})")
     return states[sid]
+
+
+def _run_state_of_node(r: Run, number: int, where: str) -> State:
+    """The run's state equal to node ``n<number>`` of the explored graph (everything but the id)."""
+    exp = Explorer(r.scenario).run()
+    try:
+        node = find_node(exp, f"n{number}")
+    except KeyError as e:
+        raise DumpError(f"{where}: {e.args[0]}") from None
+    target = exp.graph.state(node)
+    for s in r.trace.states:
+        if s.thread == target.thread and s[2:] == target[2:]:
+            return s
+    raise DumpError(
+        f"{where}: the default run does not pass through n{number} (emu dump writes states of `emu run`; "
+        "`emu explain` shows how to reach it)"
+    )
 
 
 def cmd_dump(args: argparse.Namespace) -> int:

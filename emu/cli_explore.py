@@ -7,13 +7,23 @@ import json
 import sys
 
 from emu.errors import ScenarioError
+from emu.exit_codes import EXIT_EXPECT, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED
 from emu.expect import check_exploration
 from emu.explain import explain, find_node, render
 from emu.explore import Explorer
 from emu.scenario import load_scenario
 from emu.writing import refuse_overwrite, write_atomic
 
-EXIT_OK, EXIT_EXPECT, EXIT_INPUT, EXIT_STOPPED = 0, 1, 2, 3
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of 1 or more (``--workers``)."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {value}")
+    return value
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -24,7 +34,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     e.add_argument("--json", action="store_true")
     e.add_argument("--force", action="store_true", help="overwrite an existing output file")
     e.add_argument("--no-progress", action="store_true", help="no progress line on a terminal")
-    e.add_argument("--workers", type=int, default=1, help="explore with this many worker processes (same graph)")
+    e.add_argument(
+        "--workers", type=positive_int, default=1, help="explore with this many worker processes (same graph)"
+    )
     e.add_argument("--backend", choices=("processes", "ray"), default="processes", help="where workers run")
     e.set_defaults(func=cmd_explore)
     x = sub.add_parser("explain", help="the transitions from the start to a state, with code and registers")
@@ -49,7 +61,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
     else:
         exp = _explorer(args.scenario, args.strategy, not args.no_progress, getattr(args, "allow_path", [])).run()
     outcomes = check_exploration(exp)
-    if args.output:
+    interrupted = exp.stopped_by == "interrupted"
+    if args.output and not interrupted:  # a partial graph is not written over the user's file
         write_atomic(args.output, exp.graph.render(args.output))
     summary = exp.summary()
     summary["expectations"] = [{"where": o.where, "passed": o.passed, "message": o.message} for o in outcomes]
@@ -68,13 +81,16 @@ def cmd_explore(args: argparse.Namespace) -> int:
         for node, message in exp.faults:
             sys.stdout.write(f"  stopped at {node}: {message}\n")
         if exp.stopped_by:
-            sys.stdout.write(
-                f"  incomplete: budget '{exp.stopped_by}' reached, {exp.unexplored} option(s) unexplored\n"
-            )
+            why = "interrupted by Ctrl-C" if interrupted else f"budget '{exp.stopped_by}' reached"
+            sys.stdout.write(f"  incomplete: {why}, {exp.unexplored} option(s) unexplored\n")
         sys.stdout.write(f"expectations: {sum(o.passed for o in outcomes)} of {len(outcomes)} hold\n")
     for o in outcomes:
         if not o.passed:
             sys.stderr.write(f"{exp.scenario.path}: expectation failed: {o.where}: {o.message}\n")
+    if interrupted:
+        wrote = f" ({args.output} not written)" if args.output else ""
+        sys.stderr.write(f"emu explore: interrupted{wrote}\n")
+        return EXIT_INTERRUPTED
     if exp.stopped_by:
         sys.stderr.write(f"{exp.scenario.path}: exploration stopped by budget '{exp.stopped_by}'\n")
         return EXIT_STOPPED

@@ -20,13 +20,24 @@ from emu.profile import get_profile, profile_names
 from emu.stubs import compare_with_profile, guess_dispatcher_convention, recover_stubs, service_table
 
 
+def address(text: str) -> int:
+    """An argparse type: an address such as 0x180000000 (or decimal)."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an address such as 0x180000000, got {text!r}") from None
+    if not 0 <= value < 1 << 64:
+        raise argparse.ArgumentTypeError(f"expected an address in 0..0xffffffffffffffff, got {text}")
+    return value
+
+
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Add the ``image`` command to ``emu``'s subparsers (``argparse._SubParsersAction``)."""
     p: argparse.ArgumentParser = sub.add_parser(
         "image", help="sections, exports with recovered SSNs, imports and the dispatcher convention of a PE file"
     )
     p.add_argument("file", help="a PE32+ x64 file (.dll, .exe)")
-    p.add_argument("--base", type=lambda s: int(s, 0), default=None, help="load at this base (relocations applied)")
+    p.add_argument("--base", type=address, default=None, help="load at this base (relocations applied)")
     p.add_argument("--profile", choices=profile_names(), default=None, help="compare recovered SSNs with a profile")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_image)

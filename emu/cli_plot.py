@@ -8,14 +8,13 @@ same scenario gives a byte-identical file.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from emu.exit_codes import EXIT_INPUT
+
 FORMATS = ("png", "svg")
-EXIT_INPUT = 2
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -33,16 +32,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 def _write_atomic(path: Path, fig: Any, fmt: str) -> None:
     from emu.viz import save_figure
+    from emu.writing import write_atomic_with
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            save_figure(fig, f, fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic_with(path, lambda f: save_figure(fig, f, fmt))
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

@@ -18,9 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from emu.errors import EmuError
+from emu.exit_codes import EXIT_EXPECT as EXIT_MISMATCH
+from emu.exit_codes import EXIT_INPUT, EXIT_OK
 from emu.score import score
 
-EXIT_OK, EXIT_MISMATCH, EXIT_INPUT = 0, 1, 2
 DEFAULT_DETECTOR = "emu.signals:combined_detector"
 
 
@@ -92,6 +93,11 @@ def cmd_score(args: argparse.Namespace) -> int:
         report = score(detector, args.scenarios, explore=args.explore, allow=getattr(args, "allow_path", []))
     except EmuError as e:
         sys.stderr.write(f"{e}\n")
+        return EXIT_INPUT
+    except Exception as e:  # the user's detector raised: one line, with the state it raised on
+        notes = [n.removeprefix("emu.score: ") for n in getattr(e, "__notes__", [])]
+        where = f" ({notes[-1]})" if notes else ""
+        sys.stderr.write(f"--detector {args.detector!r} raised {type(e).__name__}: {e}{where}\n")
         return EXIT_INPUT
     report.detector = args.detector
     if args.json:

@@ -215,7 +215,11 @@ class Process:
             self.images.append(trap_image)
             self.machine.map_image(trap_image)
             self.machine.add_code_hook(trap_image.base, trap_image.end, self._trap_hit)
-        for mem in scenario.memory:
+        for i, mem in enumerate(scenario.memory):
+            if mem.start < KUSER_SHARED_DATA + PAGE and mem.start + mem.size > KUSER_SHARED_DATA:
+                at = f"{KUSER_SHARED_DATA:#x}..{KUSER_SHARED_DATA + PAGE:#x}"
+                key, line = f"memory[{i}]", scenario.line_of("memory", i)
+                raise ScenarioError(scenario.path, key, f"{mem.name} overlaps KUSER_SHARED_DATA at {at}", line)
             self.machine.map(mem.start, mem.size, mem.perms, f"memory {mem.name}")
         self._map_kuser()
         self.callback_table = self._map_peb()
@@ -270,7 +274,7 @@ class Process:
             self.kernel.objects.objects[o.handle] = obj
         mapped = sum(r.size for r in self.machine.regions)
         if mapped > b.memory:
-            raise BudgetExceeded("memory", b.memory, f"{mapped:#x} bytes mapped by {scenario.path}")
+            raise BudgetExceeded("memory", b.memory, f"{scenario.path}: {mapped} bytes mapped", "bytes")
         sym = Symbolizer(self.images, self.stack_regions)
         self.trace.symbolize = sym
         self.machine.symbolize = sym
@@ -298,7 +302,10 @@ class Process:
         mode = self.scenario.unbound_imports
         for i, image in enumerate(self.images):
             if image.imports:
-                self.images[i], _ = bind_imports(image, self.images, mode, self.traps)
+                try:
+                    self.images[i], _ = bind_imports(image, self.images, mode, self.traps)
+                except ImageError as e:
+                    raise ScenarioError(self.scenario.path, "", str(e)) from None
 
     def _read_images(self, explicit: dict[str, int]) -> dict[str, int]:
         """Service numbers and the dispatcher convention from the loaded code.

@@ -71,16 +71,21 @@ class UnimplementedService(KernelError):
 class BudgetExceeded(EmuError):
     """A run hit one of its budgets: names the budget, the limit and where it stopped."""
 
-    def __init__(self, budget: str, limit: float | int | str, where: str = "") -> None:
+    def __init__(self, budget: str, limit: float | int | str, where: str = "", unit: str = "") -> None:
         self.budget = budget
         self.limit = limit
         self.where = where
         at = f" at {where}" if where else ""
-        super().__init__(f"budget '{budget}' exceeded (limit {limit}){at}")
+        units = f" {unit}" if unit else ""
+        super().__init__(f"budget '{budget}' exceeded (limit {limit}{units}){at}")
 
 
 class OutputExists(EmuError):
     """An output file is already there and --force was not given."""
+
+
+class OutputError(EmuError):
+    """An output file cannot be written: names the path and the reason."""
 
 
 class DumpError(EmuError):

@@ -29,11 +29,23 @@ class Step:
     thread: str = ""  # the thread that moved, when there are several
 
 
+def state_number(spec: str) -> int | None:
+    """The number in a state id: ``n4``, ``s4`` and ``4`` all give 4; anything else None.
+
+    ``sN`` is how ``emu run`` and ``emu dump`` print a state of one run, ``nN`` how
+    ``emu explore`` prints a node of the explored graph; every command accepts both spellings.
+    """
+    digits = spec[1:] if spec[:1] in ("s", "S", "n", "N") else spec
+    return int(digits) if digits.isdigit() and digits.isascii() else None
+
+
 def find_node(exp: Exploration, name: str) -> str:
-    """A node by id (``n4``), digest prefix, or ``pending`` (the first pending state)."""
+    """A node by id (``n4``, ``s4`` or ``4``), digest prefix, ``pending`` or ``deadlock``.
+
+    Raises KeyError with a one-line reason: an id out of range, no match, or a digest
+    prefix that matches several nodes (they are listed).
+    """
     g = exp.graph.lean
-    if name in g:
-        return name
     if name == "pending":
         pending = exp.pending
         if not pending:
@@ -43,9 +55,21 @@ def find_node(exp: Exploration, name: str) -> str:
         if not exp.deadlocks:
             raise KeyError("no state is deadlocked")
         return exp.deadlocks[0]
-    hits = [n for n, a in exp.graph.lean.nodes(data=True) if str(a.get("digest", "")).startswith(name)]
+    number = state_number(name)
+    if number is not None:
+        if f"n{number}" in g:
+            return f"n{number}"
+        raise KeyError(f"no state {name!r}: the explored graph has {len(g)} states (n0..n{len(g) - 1})")
+    hits = sorted(
+        (str(n) for n, a in g.nodes(data=True) if name and str(a.get("digest", "")).startswith(name.lower())),
+        key=lambda n: int(n[1:]),
+    )
     if len(hits) == 1:
-        return str(hits[0])
+        return hits[0]
+    if hits:
+        shown = ", ".join(f"{n} ({g.nodes[n]['digest'][:12]})" for n in hits[:8])
+        more = f" and {len(hits) - 8} more" if len(hits) > 8 else ""
+        raise KeyError(f"digest prefix {name!r} matches {len(hits)} states: {shown}{more}; give more digits")
     raise KeyError(f"no state {name!r} (use a node id n0..n{len(g) - 1}, a digest prefix, or 'pending')")
 
 

@@ -43,6 +43,7 @@ from unicorn import (
 )
 from unicorn import x86_const as x86
 
+from emu import interrupts
 from emu.context import REGISTER_NAMES, UserContext
 from emu.errors import ImageError, MachineFault
 from emu.image import PAGE, Image, page_align
@@ -318,6 +319,17 @@ class Machine:
         """
         self._stop_requested = False
         start = time.perf_counter()
+        interrupts.running.add(self)
+        try:
+            return self._run(begin, instructions, timeout, start)
+        finally:
+            interrupts.running.discard(self)
+
+    def stop_for_interrupt(self) -> None:
+        """Ctrl-C (from :mod:`emu.interrupts`' thread): stop the CPU; Python then raises KeyboardInterrupt."""
+        self.uc.emu_stop()
+
+    def _run(self, begin: int, instructions: int, timeout: float | None, start: float) -> StopInfo:
         while True:
             self._fault = None
             self._cow_retry = False

@@ -15,17 +15,23 @@ done by the caller) or starts a local one.
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from emu.explore import Exploration, Explorer, Strategy, _node_order
+from emu.errors import EmuError
+from emu.explore import Exploration, Explorer, Strategy, _node_order, name_faults
 from emu.scenario import Scenario, load_scenario
 from emu.trace import State
 
 Backend = Literal["processes", "ray"]
+
+
+class BackendUnavailable(EmuError):
+    """The chosen backend cannot run here (Ray is not installed)."""
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,7 @@ class Part:
     edges: list[tuple[object, ...]]
     deadlocks: dict[str, list[str]]
     chains: dict[str, list[str]]
-    faults: list[tuple[str, str]]
+    faults: list[tuple[str, str]]  # (state digest, message)
     forks: int
     paths: int
     forked_states: int
@@ -49,7 +55,7 @@ def explore_prefixes(scenario: Scenario, strategy: Strategy, prefixes: list[tupl
     ex = Explorer(scenario, strategy)
     res = ex.run(prefixes=prefixes)
     return Part(
-        dict(ex.nodes), list(ex.edges), dict(ex.deadlocks), dict(ex.chains), list(res.faults),
+        dict(ex.nodes), list(ex.edges), dict(ex.deadlocks), dict(ex.chains), list(ex.fault_digests),
         res.forks, res.paths, res.forked_states, res.unexplored, res.stopped_by,
     )  # fmt: skip
 
@@ -62,6 +68,10 @@ def explore_parallel(
     split_factor: int = 4,
 ) -> Exploration:
     """Explore with ``workers`` processes (or Ray tasks); the graph equals :func:`emu.explore.explore`'s."""
+    if workers < 1:
+        raise ValueError(f"workers must be 1 or more, not {workers}")
+    if backend == "ray":
+        _require_ray()
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario)
     start = time.perf_counter()
@@ -87,7 +97,8 @@ def explore_parallel(
     result.unexplored = head.unexplored + sum(p.unexplored for p in parts)
     result.stopped_by = head.stopped_by or next((p.stopped_by for p in parts if p.stopped_by), None)
     result.deadlocks = sorted((Explorer._name(graph, d) for d in coordinator.deadlocks), key=_node_order)
-    result.faults = head.faults + [(Explorer._name(graph, d), m) for p in parts for d, m in p.faults]
+    # Faults are kept by state digest until here: node ids exist only in the merged graph.
+    result.faults = name_faults(graph, coordinator.fault_digests + [f for p in parts for f in p.faults])
     result.elapsed = time.perf_counter() - start
     return result
 
@@ -100,11 +111,16 @@ def _run_processes(scenario: Scenario, strategy: Strategy, chunks: list[list[tup
         return [f.result() for f in futures]
 
 
+def _require_ray() -> None:
+    if importlib.util.find_spec("ray") is None:
+        raise BackendUnavailable("backend 'ray' needs Ray installed: pip install 'emu[ray]'")
+
+
 def _run_ray(scenario: Scenario, strategy: Strategy, chunks: list[list[tuple[str, ...]]]) -> list[Part]:
     try:
         import ray
     except ImportError as e:  # an optional extra
-        raise RuntimeError(f"backend 'ray' needs Ray installed (pip install 'emu[ray]'): {e}") from None
+        raise BackendUnavailable(f"backend 'ray' needs Ray installed (pip install 'emu[ray]'): {e}") from None
     if not ray.is_initialized():
         ray.init(num_cpus=max(1, len(chunks)), include_dashboard=False, log_to_driver=False)
     task: Any = ray.remote(explore_prefixes)

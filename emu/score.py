@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from emu.detect import ThreadView, view_from
-from emu.errors import EmuError
+from emu.errors import EmuError, ScenarioError
 from emu.graph import state_label
 from emu.image import Image
 from emu.scenario import Scenario, load_scenario
@@ -305,11 +305,17 @@ def score(
         A :class:`ScoreReport`: confusion matrices per scenario and in total, misses named.
 
     Raises:
-        ScenarioError: a scenario file is invalid (the detector's own exceptions propagate,
-            with a note naming the state).
+        ScenarioError: a scenario file is invalid, or there is no scenario to score (a
+            folder without ``*.toml`` files); the detector's own exceptions propagate, with
+            a note naming the state.
     """
+    items = scenario_paths(scenarios)
+    if not items:
+        given = [scenarios] if isinstance(scenarios, (str, Path, Scenario)) else list(scenarios)
+        names = ", ".join(str(getattr(g, "path", g)) for g in given) or "(nothing given)"
+        raise ScenarioError(names, "", "no scenario files to score (a folder is searched for *.toml)")
     scores = []
-    for item in scenario_paths(scenarios):
+    for item in items:
         sc = item if isinstance(item, Scenario) else load_scenario(item, allow)
         scores.append((score_exploration if explore else score_run)(detector, sc, history))
     return ScoreReport(detector_name(detector), explore, scores)

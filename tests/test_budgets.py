@@ -48,7 +48,7 @@ def test_memory_budget_at_build(tmp_path: Path, capsys: pytest.CaptureFixture[st
     p = tmp_path / "m.toml"
     p.write_text(text)
     assert main(["run", str(p)]) == 3
-    assert capsys.readouterr().err.startswith("budget 'memory' exceeded (limit 16777216)")
+    assert capsys.readouterr().err.startswith(f"budget 'memory' exceeded (limit 16777216 bytes) at {p}: ")
 
 
 def test_outputs_are_not_overwritten_without_force(

@@ -358,7 +358,7 @@ def test_emu_dump_writes_refuses_to_overwrite_and_forces(tmp_path: Path, capsys:
     ("state", "message"),
     [
         ("s99", "--state 's99': the run has {n} states (s0 to s{last})"),
-        ("x3", "--state 'x3': expected a state id like s3 or 3, or 'pending'"),
+        ("x3", "--state 'x3': expected a state id like s3 or 3 (emu run), n3 (emu explore), or 'pending'"),
     ],
 )
 def test_emu_dump_bad_state_is_exit_2(

@@ -40,3 +40,59 @@ def test_explore_cli_with_workers(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["explore", str(SCENARIO), "--workers", "2", "-o", str(out)]) == 0
     assert out.read_text() == single
     assert "2 deadlock" not in capsys.readouterr().err
+
+
+FAULT_ON_ONE_PATH = """
+[scenario]
+name = "fault_on_one_path"
+
+[[module]]
+name = "app"
+code = '''
+main:
+    push rbx
+    push rsi
+    sub rsp, 0x28
+    xor ebx, ebx
+    mov esi, 4
+again:
+    mov rcx, 0x44
+    call NtClose
+    test eax, eax
+    setnz al
+    movzx eax, al
+    lea rbx, [rbx*2 + rax]
+    dec esi
+    jnz again
+    cmp ebx, 5                 ; one of the 16 answer sequences reads address 0
+    jne fine
+    mov rax, qword ptr [0]
+fine:
+    mov eax, ebx
+    add rsp, 0x28
+    pop rsi
+    pop rbx
+    ret
+'''
+
+[thread]
+entry = "app!main"
+
+[services.NtClose]
+steps = [
+    { kind = "choice", name = "result", default = "success", options = { success = [{ kind = "return", status = "STATUS_SUCCESS" }], failure = [{ kind = "return", status = "STATUS_INVALID_HANDLE" }] } },
+]
+"""
+
+
+def test_parallel_faults_are_named_like_the_single_process_ones(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from emu.explore import explore
+    from emu.scenario import parse_scenario
+
+    scenario = parse_scenario(FAULT_ON_ONE_PATH, str(tmp_path / "f.toml"))
+    single = explore(scenario)
+    assert len(single.faults) == 1 and "read of 8 byte(s) at 0x0" in single.faults[0][1]
+    parallel = explore_parallel(scenario, workers=2, split_factor=1)
+    assert parallel.faults == single.faults
+    node = single.faults[0][0]
+    assert single.graph.lean.nodes[node]["digest"] == parallel.graph.lean.nodes[node]["digest"]

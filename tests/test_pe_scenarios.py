@@ -80,9 +80,12 @@ def test_a_profile_dispatcher_the_file_sets_wins_and_is_noted(pe_bin: Path) -> N
 
 def test_unbound_import_is_a_load_error_by_default(pe_bin: Path) -> None:
     text = (PE_DIR / "unbound_import_trap.toml").read_text().replace('unbound_imports = "trap"', "")
-    with pytest.raises(Exception) as e:
+    with pytest.raises(ScenarioError) as e:
         build(parse_scenario(text, str(PE_DIR / "strict.toml")))
-    assert "cannot bind import ntdll.dll!" in str(e.value)
+    assert str(e.value).startswith(f"{PE_DIR / 'strict.toml'}: callbacks: cannot bind import ntdll.dll!")
+    assert str(e.value).endswith(
+        '[machine] unbound_imports = "trap" loads it anyway and stops the run only if it is called'
+    )
     assert "\n" not in str(e.value)
 
 

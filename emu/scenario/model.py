@@ -80,6 +80,13 @@ class Budgets:
     choice_depth: int = 256  # exploration: choices along one path
     output_bytes: int = 256 << 20  # bytes of user stack kept with the recorded states
     memory: int = 1 << 30  # bytes mapped into the address space (images, stacks, [[memory]])
+    # Exploration: the process's resident memory (RSS), checked as it goes; saved forks hold
+    # copies of dirty pages, so a wide exploration grows until this stops it.
+    process_memory: int = 768 << 20
+    # Exploration: options waiting on the work list. Past it, breadth-first exploration goes on
+    # depth-first (newest first), which adds about choice_depth x (options - 1) more; at twice
+    # the budget plus choice_depth it stops.
+    frontier: int = 1 << 16
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ TOP_KEYS = {
     "scenario": "a table {name, description, profile}",
     "profile": f"a table of overrides ({', '.join(OVERRIDABLE)}, ssn)",
     "machine": "a table {system_call}",
-    "budgets": "a table {instructions, wall_time, callback_depth, states, choice_depth, output_bytes, memory}",
+    "budgets": "a table {instructions, wall_time, callback_depth, states, choice_depth, output_bytes, memory, process_memory, frontier}",
     "module": "an array of tables [[module]] {name, code, data}",
     "thread": "a table {entry, argument, start}, or an array of tables [[thread]] {name, entry, argument, start}",
     "object": "an array of tables [[object]] {kind, name, handle, signaled, manual_reset, owner}",
@@ -78,6 +78,8 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
         msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
         line = int(m.group(1)) if m else None
         raise ScenarioError(file, "", f"not valid TOML: {msg}", line) from None
+    except RecursionError:  # tomllib recurses once per nesting level
+        raise ScenarioError(file, "", "not readable: arrays or tables nested too deeply") from None
     r = _Reader(file, text)
     r.table(doc, (), TOP_KEYS, ("scenario", "thread"))
 
@@ -122,6 +124,8 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
             "choice_depth": "an integer (exploration)",
             "output_bytes": "an integer: stack bytes kept with the recorded states",
             "memory": "an integer: bytes mapped into the address space",
+            "process_memory": "an integer: bytes of the emu process's resident memory (exploration)",
+            "frontier": "an integer: options waiting on an exploration's work list",
         },
     )
     wall = b.get("wall_time", Budgets.wall_time)
@@ -135,6 +139,8 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
         choice_depth=r.int_(b, "choice_depth", ("budgets",), Budgets.choice_depth, 1, 1 << 20),
         output_bytes=r.int_(b, "output_bytes", ("budgets",), Budgets.output_bytes, 1, 1 << 40),
         memory=r.int_(b, "memory", ("budgets",), Budgets.memory, 1 << 16, 1 << 40),
+        process_memory=r.int_(b, "process_memory", ("budgets",), Budgets.process_memory, 1 << 24, 1 << 44),
+        frontier=r.int_(b, "frontier", ("budgets",), Budgets.frontier, 16, 1 << 32),
     )
 
     if "module" not in doc and not pe:

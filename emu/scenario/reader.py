@@ -52,7 +52,12 @@ class _Reader:
         if not isinstance(v, int) or isinstance(v, bool):
             raise self.fail(path + (key,), f"expected an integer, got {_kind(v)}")
         if not lo <= v <= hi:
-            raise self.fail(path + (key,), f"expected an integer in {lo:#x}..{hi:#x}, got {v:#x}")
+            # Echo in the base the value was written in (TOML keeps no base: look at the text).
+            line = _line_of(self.text, path + (key,))
+            src = self.text.splitlines()[line - 1] if line else ""
+            hexa = re.search(rf"\b{re.escape(key)}\s*=\s*[+-]?0x", src) is not None
+            fmt = "#x" if hexa else "d"
+            raise self.fail(path + (key,), f"expected an integer in {lo:{fmt}}..{hi:{fmt}}, got {v:{fmt}}")
         return v
 
     def str_(self, obj: dict[str, Any], key: str, path: tuple[str | int, ...], default: str | None = None) -> str:
@@ -65,14 +70,14 @@ class _Reader:
             raise self.fail(path + (key,), f"expected a string, got {_kind(v)}")
         return v
 
-    def status(self, v: Any, path: tuple[str | int, ...]) -> int:
+    def status(self, v: Any, path: tuple[str | int, ...], also: tuple[str, ...] = ()) -> int:
+        """An NTSTATUS by number or name; ``also`` names the other words the caller accepts (shown in the error)."""
         if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 0xFFFF_FFFF:
             return v
         if isinstance(v, str) and v in STATUS_BY_NAME:
             return STATUS_BY_NAME[v]
-        raise self.fail(
-            path, f"expected an NTSTATUS (0..0xffffffff or one of {', '.join(sorted(STATUS_BY_NAME))}), got {_kind(v)}"
-        )
+        names = ", ".join([*also, *sorted(STATUS_BY_NAME)])
+        raise self.fail(path, f"expected an NTSTATUS (0..0xffffffff or one of {names}), got {_kind(v)}")
 
     def hexdata(self, v: Any, path: tuple[str | int, ...]) -> bytes:
         if not isinstance(v, str):

@@ -104,7 +104,7 @@ class _StepReader:
             elif kind == "return":
                 r.table(st, sp, {"kind": "", "status": 'an NTSTATUS or "callback"'}, ("status",))
                 v = st["status"]
-                out.append(ReturnStep(None if v == "callback" else r.status(v, sp + ("status",))))
+                out.append(ReturnStep(None if v == "callback" else r.status(v, sp + ("status",), ('"callback"',))))
             elif kind == "choice":
                 out.append(self._choice(st, sp))
             elif kind in ("wait", "set", "release", "send"):
