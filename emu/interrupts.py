@@ -15,10 +15,12 @@ its own signal setup.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from typing import Protocol
 
 
@@ -67,3 +69,27 @@ def install() -> bool:
     threading.Thread(target=_watch, args=(r,), name="emu-interrupt", daemon=True).start()
     _installed = True
     return True
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold a Ctrl-C back until the block is done, then raise it (main thread only).
+
+    For imports of native extensions (LIEF): a KeyboardInterrupt raised in Python code that
+    their initialisation calls back into crosses C++ frames and aborts the process.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hit: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: hit.append(signum))
+    except ValueError:  # not the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if hit:
+        raise KeyboardInterrupt

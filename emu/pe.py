@@ -22,13 +22,17 @@ import itertools
 import struct
 import warnings
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-
-import lief
+from typing import TYPE_CHECKING, Any
 
 from emu.binding import TRAP_BASE, TRAP_STRIDE, ImportTrap, ImportTraps, bind_imports
 from emu.errors import ImageError
 from emu.image import PAGE, Forwarder, Image, ImageImport, Section, page_align
+from emu.interrupts import deferred_interrupt
+
+if TYPE_CHECKING:
+    import lief
 
 __all__ = ["MAX_IMAGE_SIZE", "TRAP_BASE", "TRAP_STRIDE", "ImportTrap", "ImportTraps", "bind_imports", "load_pe"]
 
@@ -52,10 +56,23 @@ EXPORT_DIRECTORY_SIZE = 40  # IMAGE_EXPORT_DIRECTORY
 REL_ABSOLUTE, REL_HIGH, REL_LOW, REL_HIGHLOW, REL_HIGHADJ, REL_DIR64 = 0, 1, 2, 3, 4, 10
 REL_NAMES = {REL_HIGH: "HIGH", REL_LOW: "LOW", REL_HIGHLOW: "HIGHLOW", REL_HIGHADJ: "HIGHADJ", REL_DIR64: "DIR64"}
 REL_WIDTH = {REL_HIGH: 2, REL_LOW: 2, REL_HIGHLOW: 4, REL_HIGHADJ: 2, REL_DIR64: 8}
-# COFF storage classes worth a symbol (IMAGE_SYM_CLASS_EXTERNAL, IMAGE_SYM_CLASS_STATIC).
-_SYMBOL_CLASSES = {lief.COFF.Symbol.STORAGE_CLASS.EXTERNAL, lief.COFF.Symbol.STORAGE_CLASS.STATIC}
 
-lief.logging.disable()  # LIEF logs to stderr on malformed input; emu reports one line instead
+
+@cache
+def _lief() -> Any:
+    """LIEF, imported on first use: runs with only assembled images never load it (a third of
+    emu's start-up time). A Ctrl-C during its import is held back until the import is done:
+    raised inside LIEF's native module initialisation it would abort the process."""
+    with deferred_interrupt():
+        import lief as module
+    module.logging.disable()  # LIEF logs to stderr on malformed input; emu reports one line instead
+    return module
+
+
+def _symbol_classes() -> set[Any]:
+    """COFF storage classes worth a symbol (IMAGE_SYM_CLASS_EXTERNAL, IMAGE_SYM_CLASS_STATIC)."""
+    cls = _lief().COFF.Symbol.STORAGE_CLASS
+    return {cls.EXTERNAL, cls.STATIC}
 
 
 @dataclass(frozen=True)
@@ -305,6 +322,7 @@ class _Parsed:
 
 
 def _parse_tables(raw: bytes, h: _Headers, base: int, label: str) -> _Parsed:
+    lief = _lief()
     config = lief.PE.ParserConfig()
     config.parse_signature = False
     config.parse_rsrc = False
@@ -357,12 +375,13 @@ def _collect(binary: lief.PE.Binary, h: _Headers, base: int, label: str) -> _Par
                 )
             out.imports.append(item)
     if h.symbols_ok:
+        classes = _symbol_classes()
         for sym in binary.symbols:
             idx = sym.section_idx  # 1-based section number; 0, -1, -2 are undefined/absolute/debug
             sym_name = sym.name
             if not isinstance(sym_name, str) or sym_name.startswith(".") or not 1 <= idx <= len(h.sections):
                 continue  # undecodable names, section and file records, undefined/absolute/debug symbols
-            if sym.storage_class not in _SYMBOL_CLASSES:
+            if sym.storage_class not in classes:
                 continue
             rva = h.sections[idx - 1].rva + sym.value
             if rva < h.size_of_image:

@@ -29,7 +29,14 @@ def _interrupt(tmp_path: Path, *args: str) -> tuple[int, str, str, float]:
         text=True,
         env=env,
     )
-    time.sleep(3.0)  # imports take about a second; then the guest spins
+    # Wait until the guest spins: the Ctrl-C watcher and the wall-time watchdog are threads of
+    # their own, so three threads mean the run has started (imports alone may take seconds on a
+    # loaded machine, and a Ctrl-C during imports is a different case).
+    deadline = time.monotonic() + 60
+    while len(os.listdir(f"/proc/{proc.pid}/task")) < 3 and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.3)
     assert proc.poll() is None, proc.communicate()
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
