@@ -329,7 +329,8 @@ def run_bounded(s: Scenario) -> Run:
     assert r.error is None or isinstance(r.error, EmuError), repr(r.error)
     assert r.stop in ("exit", "fault", "budget"), r.stop
     assert (r.error is None) == (r.stop == "exit"), (r.stop, r.error)
-    assert elapsed < RUN_SECONDS + 2.0, f"the run took {elapsed:.2f} s with a {RUN_SECONDS} s budget"
+    # A runaway bound (the budget plus ample slack for a loaded machine), not a speed check.
+    assert elapsed < RUN_SECONDS + 20.0, f"the run took {elapsed:.2f} s with a {RUN_SECONDS} s budget"
     try:
         r.detections  # noqa: B018 - the detector runs on every state; it must not raise either
     except TypeError as e:

@@ -436,7 +436,7 @@ def _check(base: tuple[bytes, int], ops: list[tuple[int, int, bool]], cut: int |
         except DumpError as e:
             t.record(e)
             assert "\n" not in str(e) and str(e).startswith("fuzz.dmp: ") and "malformed (" not in str(e), str(e)
-    assert time.perf_counter() - start < CASE_SECONDS
+    assert time.perf_counter() - start < 10 * CASE_SECONDS  # a runaway bound, not a speed check
 
 
 @fast_settings(300)

@@ -45,6 +45,12 @@ def test_readme_says_how_to_build_the_pe_scenarios(root: Path) -> None:
     assert "python scripts/build_pe_scenarios.py" in row
     for p in (root / "scenarios/pe").glob("*.toml"):
         assert p.read_text().startswith("# Build the DLLs first"), p
+    row = next(line for line in text.splitlines() if "`real/roundtrip`" in line)
+    assert "python scripts/fetch_real_ntdll.py" in row
+    for p in (root / "scenarios/real").glob("*.toml"):
+        assert p.read_text().startswith(
+            "# Fetch the DLLs first (a fresh clone has none): python scripts/fetch_real_ntdll.py"
+        ), p
 
 
 def test_readme_introduces_the_notebooks_and_their_extra_installs_jupyter(root: Path) -> None:
