@@ -312,12 +312,29 @@ def view_of(run: Run, state: State) -> ThreadView:
 
 
 def detect_run(
-    run: Run, detector: Callable[[ThreadView], Detection | None] = detect_callback_return_pending
+    run: Run,
+    detector: Callable[[ThreadView], Detection | None] = detect_callback_return_pending,
+    observer: str = "kernel-debugger",
 ) -> list[Detection]:
-    """Run a detector over every state of a run, in state order."""
+    """Run a detector over every state of a run that ``observer`` can see, in state order.
+
+    ``kernel-debugger`` sees every state; ``user-context`` only the states where
+    GetThreadContext, a suspend or a minidump writer can stop the thread, with the base
+    trap frame's context and no word on the thread's mode (see :mod:`emu.observers`).
+    """
+    from emu.observers import check_observer, statuses, view_for
+
+    check_observer(observer)
+    known = statuses(run.trace) if observer != "kernel-debugger" else None
     out = []
     for state in run.trace.states:
-        d = detector(view_of(run, state))
+        if known is None:
+            view: ThreadView | None = view_of(run, state)
+        else:
+            view = view_for(observer, run.images, state, known[state.id])
+        if view is None:
+            continue
+        d = detector(view)
         if d is not None:
             out.append(
                 Detection(
@@ -328,8 +345,8 @@ def detect_run(
     return out
 
 
-def detect(target: Run | ThreadView) -> list[Detection] | Detection | None:
-    """Detect the seed's state: over every state of a Run, or on one ThreadView."""
+def detect(target: Run | ThreadView, observer: str = "kernel-debugger") -> list[Detection] | Detection | None:
+    """Detect the seed's state: over every state of a Run ``observer`` can see, or on one ThreadView."""
     if isinstance(target, ThreadView):
         return detect_callback_return_pending(target)
-    return detect_run(target)
+    return detect_run(target, observer=observer)
