@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--detector",
         default=DEFAULT_DETECTOR,
         metavar="MODULE:FUNCTION",
-        help=f"a callable taking a ThreadView, truthy for 'waiting at ZwCallbackReturn' (default {DEFAULT_DETECTOR}); "
+        help=f"a callable taking a ThreadView, truthy when the --truth holds (default {DEFAULT_DETECTOR}); "
         "MODULE may be a dotted name (importable from the current folder) or a .py file",
     )
     s.add_argument("--explore", action="store_true", help="score every node of the explored state graphs")

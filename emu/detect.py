@@ -7,7 +7,8 @@ of the thread will delay at a call to the ZwCallbackReturn function." (MS DevNot
 A detector gets a :class:`ThreadView` — the thread's user-mode context, readable
 memory ranges and the module list with exports and unwind data — and nothing from the
 kernel model. Ground truth (``State.pending``) comes from the kernel model; the two are
-compared in the tests on every state of every shipped scenario.
+compared in the tests on every state of every shipped scenario. Which states a tool can see
+at all, and with which context, depends on the observer (:mod:`emu.observers`).
 
 The built-in detector, :func:`detect_callback_return_pending`, is the combination of three
 signals (symbol, code, stack) in :mod:`emu.signals`; :func:`dispatcher_frames` is the plain
@@ -152,7 +153,7 @@ class DispatcherFrame:
 
 @dataclass(frozen=True)
 class Detection:
-    """A thread found waiting at ZwCallbackReturn for the kernel to complete a callback.
+    """A thread found at ZwCallbackReturn while the kernel completes a callback (the seed's state).
 
     ``rip`` and ``return_address`` are symbols (``module!export+0xoff``); ``rip_address`` and
     ``return_address_value`` are the raw values behind them (RIP, and the qword at [RSP]; None
@@ -271,7 +272,7 @@ def detect_callback_return_pending(view: ThreadView) -> Detection | None:
     by ntdll's export (symbol signal) or by the stub's SSN read from code (code signal),
     (2) the thread is not known to be in user mode, and (3) unwinding the user stack finds
     at least one KiUserCallbackDispatcher frame (stack signal) — without (3) the call
-    fails with STATUS_NO_CALLBACK_ACTIVE instead of waiting. :func:`emu.signals.combined`
+    fails with STATUS_NO_CALLBACK_ACTIVE at once. :func:`emu.signals.combined`
     gives all three verdicts with their evidence.
     """
     from emu.signals import code_signal, combined, symbol_signal  # the signals build on this module

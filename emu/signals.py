@@ -14,7 +14,7 @@ Kernel-Mode Callbacks*.) What a tool sees of such a thread, and the signal that 
 
 :func:`combined` decides: pending iff (code or symbol) and the stack shows at least one
 dispatcher frame and the view is not known to be in user mode. Without a dispatcher frame
-NtCallbackReturn fails at once with STATUS_NO_CALLBACK_ACTIVE (ReactOS, Wine) instead of waiting.
+NtCallbackReturn fails at once with STATUS_NO_CALLBACK_ACTIVE (ReactOS, Wine).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ any test suite (or load it explicitly: ``pytest -p emu.testing``)::
     from emu.testing import assert_detector_matches
 
     def my_detector(view):                      # a ThreadView: context, memory, modules
-        ...                                     # truthy: "waiting at ZwCallbackReturn"
+        ...                                     # truthy: "at ZwCallbackReturn"
 
     def test_my_detector_on_every_state():
         assert_detector_matches(my_detector, "scenarios/", explore=True)
