@@ -6,7 +6,7 @@ The public API is small::
 
     import emu
     r = emu.run("scenarios/callback_roundtrip.toml")
-    r.detections          # states where the thread waits at ZwCallbackReturn
+    r.detections          # states where the thread is at ZwCallbackReturn (the seed's state)
     r.graph.to_graphml()  # the state graph
     emu.score(my_detector, "scenarios/")  # a detector's confusion matrix vs the ground truth
 """

@@ -25,10 +25,14 @@ from emu.writing import refuse_overwrite, write_atomic
 
 
 def _transition_rows(r: Run) -> list[dict[str, object]]:
+    from emu.observers import WAITING_IN_CALLBACK, is_true, statuses
+
+    known = statuses(r.trace)
     rows: list[dict[str, object]] = []
     for t in r.trace:
         src = r.trace.state(t.src)
         dst = r.trace.state(t.dst)
+        status = known[t.dst]
         rows.append({
             "step": t.step,
             "kind": t.kind,
@@ -45,6 +49,9 @@ def _transition_rows(r: Run) -> list[dict[str, object]]:
             "api": t.api,
             "status": t.status_name or None,
             "pending": dst.pending,
+            "waiting_in_callback": is_true(WAITING_IN_CALLBACK, dst, status),
+            "thread_state": status.state,
+            "wait_reason": status.wait_reason,
             "detail": t.detail or None,
         })  # fmt: skip
     return rows
@@ -58,9 +65,21 @@ def _report(r: Run) -> dict[str, object]:
         "thread_starts": list(r.trace.thread_starts),
         "transitions": _transition_rows(r),
         "detections": [d.as_dict() for d in r.detections],
+        "truths": _truths(r),
         "expectations": [{"where": o.where, "passed": o.passed, "message": o.message} for o in r.outcomes],
         "exit_status": None if r.exit_status is None else f"{r.exit_status:#010x}",
         "stopped": None if r.error is None else {"by": r.stop, "message": str(r.error)},
+    }
+
+
+def _truths(r: Run) -> dict[str, dict[str, int]]:
+    """Per ground truth, how many states it holds in, and in how many of those each observer sees the thread."""
+    from emu.observers import OBSERVERS, TRUTHS, is_true, statuses, visible
+
+    known = statuses(r.trace)
+    pairs = list(zip(r.trace.states, known, strict=True))
+    return {
+        t: {o: sum(1 for s, st in pairs if is_true(t, s, st) and visible(o, s, st)) for o in OBSERVERS} for t in TRUTHS
     }
 
 
@@ -76,7 +95,9 @@ def _print_table(r: Run, out: TextIO, verbose: bool = False) -> None:
     out.write(header + "\n" + "-" * len(header) + "\n")
     for row in _transition_rows(r):
         who = f"{names.get(int(str(row['thread'])), '?'):<8} " if many else ""
-        mark = "  <- callback-return pending" if row["pending"] else ""
+        mark = "  <- callback-return pending (seed)" if row["pending"] else ""
+        if row["waiting_in_callback"]:
+            mark += f"  <- waiting in callback: {row['thread_state']} ({row['wait_reason']})"
         if row["detail"]:
             mark += f"  ({row['detail']})"
         line = (
@@ -84,8 +105,14 @@ def _print_table(r: Run, out: TextIO, verbose: bool = False) -> None:
             f"{row['rip']:<42} {row['depth']:>5}  {row['status'] or ''}{mark}"
         )
         out.write(line.rstrip() + "\n")
+    out.write("\nground truths:\n")
+    for name, counts in _truths(r).items():
+        out.write(
+            f"  {name:<20} {counts['kernel-debugger']:>3} state(s); a user-context observer "
+            f"(GetThreadContext, a suspend, a minidump) can see {counts['user-context']}\n"
+        )
     out.write(
-        f"\ndetections ({len(r.detections)}): user side suspended at ZwCallbackReturn while the kernel completes the callback\n"
+        f"\ndetections ({len(r.detections)}): the thread at ZwCallbackReturn while the kernel completes the callback\n"
     )
     for d in r.detections:
         out.write(
@@ -144,15 +171,21 @@ def cmd_detect(args: argparse.Namespace) -> int:
     if not args.scenario:
         sys.stderr.write("emu detect: give a scenario file, or --dump FILE.dmp\n")
         return EXIT_INPUT
+    from emu.detect import detect_run
+    from emu.observers import check_observer
+
+    check_observer(args.observer)
     r = run(load_scenario(args.scenario, args.allow_path))
-    dets = [d.as_dict() for d in r.detections]
+    found = r.detections if args.observer == "kernel-debugger" else detect_run(r, observer=args.observer)
+    dets = [d.as_dict() for d in found]
     if args.json:
         sys.stdout.write(json.dumps(dets, indent=2) + "\n")
     else:
-        for d in r.detections:
+        for d in found:
             sys.stdout.write(f"s{d.state}: {d.rip}  [rsp] -> {d.return_address}  depth {d.depth}  api {d.api_number}\n")
         if not dets:
-            sys.stdout.write("no thread waits at ZwCallbackReturn in any state\n")
+            seen = "" if args.observer == "kernel-debugger" else f" a {args.observer} observer can see"
+            sys.stdout.write(f"no thread is at ZwCallbackReturn in any state{seen}\n")
     return _finish(r, sys.stderr)
 
 
@@ -189,10 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="also list what was read from the images (SSNs, conventions)"
     )
     r.set_defaults(func=cmd_run)
-    d = sub.add_parser("detect", help="report states where the thread waits at ZwCallbackReturn")
+    d = sub.add_parser("detect", help="report states where the thread is at ZwCallbackReturn (the seed's state)")
     d.add_argument("scenario", nargs="?")
     d.add_argument("--json", action="store_true")
     d.add_argument("--dump", metavar="FILE.dmp", help="detect in a minidump instead of running a scenario")
+    d.add_argument(
+        "--observer",
+        default="kernel-debugger",
+        metavar="NAME",
+        help="kernel-debugger (every state, the default) or user-context (only the states GetThreadContext, "
+        "a suspend or a minidump writer can catch, with the base trap frame's context)",
+    )
     d.set_defaults(func=cmd_detect)
     g = sub.add_parser("graph", help="export the state graph (.graphml, .json, .dot)")
     g.add_argument("scenario")

@@ -2,7 +2,8 @@
 
 The detector is host Python the user names on the command line (``mydetectors:rip_only``,
 ``path/to/file.py:rule``); it is imported, never read from a scenario, so scenario files
-still never run code. Exit codes: 0 the detector matches the ground truth on every state,
+still never run code. ``--observer`` and ``--truth`` choose whose view is scored against which
+ground truth (:mod:`emu.observers`); an unknown name is exit 2 with the valid ones. Exit codes: 0 the detector matches the ground truth on every state,
 1 it does not (each miss is named), 2 invalid input (a scenario, or a detector that cannot be
 imported or called).
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 from emu.errors import EmuError
 from emu.exit_codes import EXIT_EXPECT as EXIT_MISMATCH
 from emu.exit_codes import EXIT_INPUT, EXIT_OK
+from emu.observers import KERNEL_DEBUGGER, OBSERVERS, SEED, TRUTHS, check_observer, check_truth
 from emu.score import score
 
 DEFAULT_DETECTOR = "emu.signals:combined_detector"
@@ -38,10 +40,23 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--detector",
         default=DEFAULT_DETECTOR,
         metavar="MODULE:FUNCTION",
-        help=f"a callable taking a ThreadView, truthy for 'waiting at ZwCallbackReturn' (default {DEFAULT_DETECTOR}); "
+        help=f"a callable taking a ThreadView, truthy when the --truth holds (default {DEFAULT_DETECTOR}); "
         "MODULE may be a dotted name (importable from the current folder) or a .py file",
     )
     s.add_argument("--explore", action="store_true", help="score every node of the explored state graphs")
+    s.add_argument(
+        "--observer",
+        default=KERNEL_DEBUGGER,
+        metavar="NAME",
+        help=f"whose view the detector gets: {' or '.join(OBSERVERS)} (default {KERNEL_DEBUGGER}); "
+        "states that observer cannot see are not scored",
+    )
+    s.add_argument(
+        "--truth",
+        default=SEED,
+        metavar="NAME",
+        help=f"the ground truth to compare with: {' or '.join(TRUTHS)} (default {SEED})",
+    )
     s.add_argument("--json", action="store_true", help="machine-readable report")
     s.set_defaults(func=cmd_score)
 
@@ -90,7 +105,12 @@ def load_detector(spec: str) -> Callable[..., object]:
 def cmd_score(args: argparse.Namespace) -> int:
     try:
         detector = load_detector(args.detector)
-        report = score(detector, args.scenarios, explore=args.explore, allow=getattr(args, "allow_path", []))
+        check_observer(args.observer)
+        check_truth(args.truth)
+        report = score(
+            detector, args.scenarios, explore=args.explore, allow=getattr(args, "allow_path", []),
+            observer=args.observer, truth=args.truth,
+        )  # fmt: skip
     except EmuError as e:
         sys.stderr.write(f"{e}\n")
         return EXIT_INPUT

@@ -7,7 +7,8 @@ of the thread will delay at a call to the ZwCallbackReturn function." (MS DevNot
 A detector gets a :class:`ThreadView` — the thread's user-mode context, readable
 memory ranges and the module list with exports and unwind data — and nothing from the
 kernel model. Ground truth (``State.pending``) comes from the kernel model; the two are
-compared in the tests on every state of every shipped scenario.
+compared in the tests on every state of every shipped scenario. Which states a tool can see
+at all, and with which context, depends on the observer (:mod:`emu.observers`).
 
 The built-in detector, :func:`detect_callback_return_pending`, is the combination of three
 signals (symbol, code, stack) in :mod:`emu.signals`; :func:`dispatcher_frames` is the plain
@@ -152,7 +153,7 @@ class DispatcherFrame:
 
 @dataclass(frozen=True)
 class Detection:
-    """A thread found waiting at ZwCallbackReturn for the kernel to complete a callback.
+    """A thread found at ZwCallbackReturn while the kernel completes a callback (the seed's state).
 
     ``rip`` and ``return_address`` are symbols (``module!export+0xoff``); ``rip_address`` and
     ``return_address_value`` are the raw values behind them (RIP, and the qword at [RSP]; None
@@ -271,7 +272,7 @@ def detect_callback_return_pending(view: ThreadView) -> Detection | None:
     by ntdll's export (symbol signal) or by the stub's SSN read from code (code signal),
     (2) the thread is not known to be in user mode, and (3) unwinding the user stack finds
     at least one KiUserCallbackDispatcher frame (stack signal) — without (3) the call
-    fails with STATUS_NO_CALLBACK_ACTIVE instead of waiting. :func:`emu.signals.combined`
+    fails with STATUS_NO_CALLBACK_ACTIVE at once. :func:`emu.signals.combined`
     gives all three verdicts with their evidence.
     """
     from emu.signals import code_signal, combined, symbol_signal  # the signals build on this module
@@ -312,12 +313,29 @@ def view_of(run: Run, state: State) -> ThreadView:
 
 
 def detect_run(
-    run: Run, detector: Callable[[ThreadView], Detection | None] = detect_callback_return_pending
+    run: Run,
+    detector: Callable[[ThreadView], Detection | None] = detect_callback_return_pending,
+    observer: str = "kernel-debugger",
 ) -> list[Detection]:
-    """Run a detector over every state of a run, in state order."""
+    """Run a detector over every state of a run that ``observer`` can see, in state order.
+
+    ``kernel-debugger`` sees every state; ``user-context`` only the states where
+    GetThreadContext, a suspend or a minidump writer can stop the thread, with the base
+    trap frame's context and no word on the thread's mode (see :mod:`emu.observers`).
+    """
+    from emu.observers import check_observer, statuses, view_for
+
+    check_observer(observer)
+    known = statuses(run.trace) if observer != "kernel-debugger" else None
     out = []
     for state in run.trace.states:
-        d = detector(view_of(run, state))
+        if known is None:
+            view: ThreadView | None = view_of(run, state)
+        else:
+            view = view_for(observer, run.images, state, known[state.id])
+        if view is None:
+            continue
+        d = detector(view)
         if d is not None:
             out.append(
                 Detection(
@@ -328,8 +346,8 @@ def detect_run(
     return out
 
 
-def detect(target: Run | ThreadView) -> list[Detection] | Detection | None:
-    """Detect the seed's state: over every state of a Run, or on one ThreadView."""
+def detect(target: Run | ThreadView, observer: str = "kernel-debugger") -> list[Detection] | Detection | None:
+    """Detect the seed's state: over every state of a Run ``observer`` can see, or on one ThreadView."""
     if isinstance(target, ThreadView):
         return detect_callback_return_pending(target)
-    return detect_run(target)
+    return detect_run(target, observer=observer)

@@ -103,16 +103,21 @@ def _script_steps(steps: tuple[Step, ...], threads: dict[str, int], handles: dic
 
 
 # Services that touch what several threads share: where an explorer interleaves threads.
+# NtCallbackReturn is not one: it never waits (WRK ke/amd64/callout.asm NtCallbackReturn:
+# `cli`, restore the trap frame, callback stack and InitialStack, return into
+# KeUserModeCallback). A thread can only be preempted between KiSystemCall64's `sti` and
+# that `cli`, and it is then Ready; a scenario asks for that with
+# [machine] preempt_at_callback_return = true (PREEMPTIBLE_AT_ENTRY).
 SHARED_SERVICES = frozenset(
     {
         "NtWaitForSingleObject",
         "NtSetEvent",
         "NtReleaseMutant",
         "NtUserGetMessage",
-        "NtCallbackReturn",
         "NtTerminateThread",
     }
 )
+PREEMPTIBLE_AT_ENTRY = frozenset({"NtCallbackReturn"})
 
 
 @dataclass
@@ -236,6 +241,8 @@ class Process:
         tids = {t.name: i for i, t in enumerate(specs)}
         handles = {o.name: o.handle for o in scenario.objects}
         shared = set(SHARED_SERVICES)
+        if scenario.preempt_at_callback_return:
+            shared |= PREEMPTIBLE_AT_ENTRY
         for name, script in scenario.services.items():
             steps = _script_steps(script.steps, tids, handles)
             registry.add_script(name, steps)

@@ -11,6 +11,8 @@ from emu.winnt import status_name
 if TYPE_CHECKING:
     from emu.engine import Run
     from emu.explore import Exploration
+    from emu.observers import ThreadStatus
+    from emu.trace import State
 
 
 @dataclass(frozen=True)
@@ -50,10 +52,32 @@ def check_exploration(exp: Exploration) -> list[Outcome]:
                 Outcome(e, hit is not None, f"a wait chain containing {e.value!r}: {'found' if hit else 'none'}")
             )
             continue
+        if e.kind == "explored_truths":
+            from emu.observers import node_status
+
+            g = exp.graph
+            pairs = [(g.state(n), node_status(g, n)) for n in g.nodes()]
+            out.append(_truth_outcome(e, pairs, "explored nodes"))
+            continue
         if e.kind in EXPLORE_KINDS:
             what = e.kind.removeprefix("explored_")
             out.append(Outcome(e, got[e.kind] == e.value, f"explored {what}: {got[e.kind]}, expected {e.value}"))
     return out
+
+
+def _truth_outcome(e: Expectation, pairs: list[tuple[State, ThreadStatus]], unit: str) -> Outcome:
+    """Count the states where each ground truth holds and the expectation's observer can see them."""
+    from emu.observers import is_true, visible
+
+    observer = e.value["observer"]
+    seen = [(s, st) for s, st in pairs if visible(observer, s, st)]
+    wrong = []
+    for key, want in e.value["counts"].items():
+        got = sum(is_true(key.replace("_", "-"), s, st) for s, st in seen)
+        if got != want:
+            wrong.append(f"{key}: {got}, expected {want}")
+    what = f"{unit} a {observer} observer sees"
+    return Outcome(e, not wrong, f"{what}: " + ("; ".join(wrong) if wrong else "truth counts match"))
 
 
 def _check(run: Run, e: Expectation) -> Outcome:
@@ -85,6 +109,10 @@ def _check(run: Run, e: Expectation) -> Outcome:
     if e.kind == "wait_chain":
         ok = any(v in chain for chain in run.deadlock)
         return Outcome(e, ok, f"wait chains: {'; '.join(run.deadlock) or 'none'}; expected one containing {v!r}")
+    if e.kind == "truths":
+        from emu.observers import statuses
+
+        return _truth_outcome(e, list(zip(run.trace.states, statuses(run.trace), strict=True)), "states")
     if e.kind == "max_depth":
         return Outcome(e, run.max_depth == v, f"max callback depth {run.max_depth}, expected {v}")
     if e.kind == "sysret":

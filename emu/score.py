@@ -1,10 +1,12 @@
 """Scoring a detector against the kernel model's ground truth, state by state.
 
 A detector is any callable taking a :class:`~emu.detect.ThreadView` (what a debugger sees)
-and answering truthy for "this thread waits at ZwCallbackReturn while the kernel completes a
-callback": a :class:`~emu.detect.Detection`, a verdict with ``__bool__``, ``True``, or
+and answering truthy for "this thread is at ZwCallbackReturn while the kernel completes a
+callback" (against the ``waiting-in-callback`` truth: "this thread waits inside a
+callback"): a :class:`~emu.detect.Detection`, a verdict with ``__bool__``, ``True``, or
 ``None``/``False``. :func:`score` runs it on every state of every scenario (or every node of
-every explored graph) and compares the answers with ``State.pending``::
+every explored graph) that an observer sees and compares the answers with a ground truth
+(:mod:`emu.observers`: ``seed``, today's ``State.pending``, or ``waiting-in-callback``)::
 
     >>> import emu
     >>> from emu.signals import naive_detector
@@ -13,7 +15,7 @@ every explored graph) and compares the answers with ``State.pending``::
     >>> (report.total.tp, report.total.fp, report.total.fn)
     (0, 2, 0)
     >>> report.misses[0].label
-    'kernel | NtCallbackReturn | depth 0 | user at ntdll!ZwCallbackReturn+0x14'
+    'kernel | NtCallbackReturn | depth 0 | user at ntdll!ZwCallbackReturn+0x14 | Running'
 
 Each false positive and false negative is named: scenario, state (``s3``) or node (``n4``),
 the state's symbolic label and the last transitions that led there.
@@ -27,10 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from emu.detect import ThreadView, view_from
+from emu.detect import ThreadView
 from emu.errors import EmuError, ScenarioError
 from emu.graph import state_label
 from emu.image import Image
+from emu.observers import KERNEL_DEBUGGER, SEED, ThreadStatus, check_observer, check_truth, is_true, view_for
 from emu.scenario import Scenario, load_scenario
 from emu.trace import State
 from emu.winnt import status_name
@@ -41,7 +44,7 @@ ScenarioLike = str | Path | Scenario
 
 @dataclass
 class Confusion:
-    """True/false positives and negatives (positive: the detector says the thread is waiting)."""
+    """True/false positives and negatives (positive: the detector says the truth holds)."""
 
     tp: int = 0
     fp: int = 0
@@ -91,7 +94,7 @@ class Miss:
     kind: Literal["FP", "FN"]
     scenario: str
     state: str  # "s3" in a run, "n4" in an explored graph
-    label: str  # emu.graph.state_label: mode | service | depth | user at ... [| callback-return pending]
+    label: str  # state_label(...) | thread state, e.g. "kernel | ... | depth 1 | user at ... | Running"
     path: tuple[str, ...]  # the last transitions that led there, oldest first
     evidence: tuple[str, ...] = ()  # what the detector said, when its answer carries evidence
 
@@ -132,6 +135,8 @@ class ScoreReport:
     detector: str
     explore: bool
     scenarios: list[ScenarioScore]
+    observer: str = KERNEL_DEBUGGER  # whose view the detector got (emu.observers.OBSERVERS)
+    truth: str = SEED  # the ground truth it was compared with (emu.observers.TRUTHS)
 
     @property
     def total(self) -> Confusion:
@@ -156,7 +161,8 @@ class ScoreReport:
 
     def as_dict(self) -> dict[str, object]:
         return {
-            "detector": self.detector, "explore": self.explore, "total": self.total.as_dict(),
+            "detector": self.detector, "explore": self.explore, "observer": self.observer, "truth": self.truth,
+            "total": self.total.as_dict(),
             "perfect": self.perfect, "scenarios": [s.as_dict() for s in self.scenarios],
         }  # fmt: skip
 
@@ -176,7 +182,11 @@ class ScoreReport:
 
     def __str__(self) -> str:
         t = self.total
-        out = [f"detector {self.detector} on {len(self.scenarios)} scenario(s)", self.table()]
+        out = [
+            f"detector {self.detector} on {len(self.scenarios)} scenario(s)",
+            f"the {self.truth} truth, on the states a {self.observer} observer sees",
+            self.table(),
+        ]
         out.append(f"accuracy {t.accuracy:.1%}, precision {t.precision:.1%}, recall {t.recall:.1%}")
         for title, misses in (("false positives", self.false_positives), ("false negatives", self.false_negatives)):
             if misses:
@@ -218,16 +228,36 @@ def _transition_text(kind: str, service: str | None, status: str, where: str) ->
     return " ".join(p for p in parts if p)
 
 
-def score_run(detector: Callable[[ThreadView], object], scenario: Scenario, history: int = HISTORY) -> ScenarioScore:
-    """Score a detector on every state of one run of ``scenario``."""
+def _seen(
+    detector: Callable[[ThreadView], object], images: Sequence[Image], state: State, status: ThreadStatus,
+    observer: str, truth: str, where: str,
+) -> tuple[bool, bool, tuple[str, ...]] | None:  # fmt: skip
+    """(truth, the detector's answer, its evidence) for a state the observer sees, else None."""
+    view = view_for(observer, images, state, status)
+    if view is None:
+        return None
+    said, evidence = _judge(detector, view, state, where)
+    return is_true(truth, state, status), said, evidence
+
+
+def score_run(
+    detector: Callable[[ThreadView], object], scenario: Scenario, history: int = HISTORY,
+    observer: str = KERNEL_DEBUGGER, truth: str = SEED,
+) -> ScenarioScore:  # fmt: skip
+    """Score a detector on every state of one run of ``scenario`` that ``observer`` sees."""
     from emu.engine import run
+    from emu.observers import statuses
 
     r = run(scenario)
     result = ScenarioScore(scenario.name, scenario.path, stopped=None if r.error is None else f"{r.stop}: {r.error}")
     into = {t.dst: t for t in r.trace.transitions}
+    known = statuses(r.trace)
     for state in r.trace.states:
-        said, evidence = _judge(detector, view_from(r.images, state), state, f"{scenario.name} s{state.id}")
-        kind = result.confusion.add(state.pending, said)
+        got = _seen(detector, r.images, state, known[state.id], observer, truth, f"{scenario.name} s{state.id}")
+        if got is None:
+            continue
+        true, said, evidence = got
+        kind = result.confusion.add(true, said)
         if kind in ("FP", "FN"):
             chain: list[str] = []
             sid = state.id
@@ -237,16 +267,18 @@ def score_run(detector: Callable[[ThreadView], object], scenario: Scenario, hist
                     f"step {t.step}: " + _transition_text(t.kind, t.service, t.status_name, f"at {t.rip_symbol}")
                 )
                 sid = t.src
-            label = state_label(state, r.symbolize)
+            label = f"{state_label(state, r.symbolize)} | {known[state.id]}"
             result.misses.append(Miss(kind, scenario.name, f"s{state.id}", label, tuple(reversed(chain)), evidence))
     return result
 
 
 def score_exploration(
-    detector: Callable[[ThreadView], object], scenario: Scenario, history: int = HISTORY
-) -> ScenarioScore:
-    """Score a detector on every node of the graph that exploring ``scenario`` finds."""
+    detector: Callable[[ThreadView], object], scenario: Scenario, history: int = HISTORY,
+    observer: str = KERNEL_DEBUGGER, truth: str = SEED,
+) -> ScenarioScore:  # fmt: skip
+    """Score a detector on every node of the graph that exploring ``scenario`` finds that ``observer`` sees."""
     from emu.explore import Explorer
+    from emu.observers import node_status
 
     explorer = Explorer(scenario)
     try:
@@ -259,16 +291,20 @@ def score_exploration(
     result = ScenarioScore(scenario.name, scenario.path, stopped=stopped)
     for node in graph.nodes():
         state = graph.state(node)
-        said, evidence = _judge(detector, view_from(images, state), state, f"{scenario.name} {node}")
-        kind = result.confusion.add(state.pending, said)
+        status = node_status(graph, node)
+        got = _seen(detector, images, state, status, observer, truth, f"{scenario.name} {node}")
+        if got is None:
+            continue
+        true, said, evidence = got
+        kind = result.confusion.add(true, said)
         if kind in ("FP", "FN"):
             path = graph.path_to(node)
             steps = []
             for u, v in list(itertools.pairwise(path))[-history:]:
                 edge = graph.lean.edges[u, v]["edge"]
-                status = "" if edge.status is None else status_name(edge.status)
-                steps.append(f"{u} -> {v}: " + _transition_text(edge.kind, edge.service, status, ""))
-            label = state_label(state, graph.symbolize)
+                status_text = "" if edge.status is None else status_name(edge.status)
+                steps.append(f"{u} -> {v}: " + _transition_text(edge.kind, edge.service, status_text, ""))
+            label = f"{state_label(state, graph.symbolize)} | {status}"
             result.misses.append(Miss(kind, scenario.name, node, label, tuple(steps), evidence))
     return result
 
@@ -291,24 +327,34 @@ def score(
     explore: bool = False,
     allow: Sequence[str | Path] = (),
     history: int = HISTORY,
+    observer: str = KERNEL_DEBUGGER,
+    truth: str = SEED,
 ) -> ScoreReport:
     """Run ``detector`` over every state of every scenario and compare with the ground truth.
 
     Args:
-        detector: a callable taking a ThreadView; a truthy answer means "waiting at ZwCallbackReturn".
+        detector: a callable taking a ThreadView; a truthy answer means "the truth holds here".
         scenarios: a scenario file, a Scenario, a folder of scenarios, or several of them.
         explore: score every node of the explored state graph instead of one run's states.
         allow: folders PE files named by the scenarios may come from (``--allow-path``).
         history: how many transitions to show before each mismatching state.
+        observer: whose view the detector gets, ``kernel-debugger`` (every state) or
+            ``user-context`` (only states GetThreadContext, a suspend or a minidump can
+            catch, see :mod:`emu.observers`); the states it cannot see are not scored.
+        truth: ``seed`` (the seed's instant, ``State.pending``) or ``waiting-in-callback``
+            (blocked in the kernel at a nested system call inside a callback).
 
     Returns:
         A :class:`ScoreReport`: confusion matrices per scenario and in total, misses named.
 
     Raises:
+        ObserverError: an unknown observer or truth (the message lists the valid ones).
         ScenarioError: a scenario file is invalid, or there is no scenario to score (a
             folder without ``*.toml`` files); the detector's own exceptions propagate, with
             a note naming the state.
     """
+    check_observer(observer)
+    check_truth(truth)
     items = scenario_paths(scenarios)
     if not items:
         given = [scenarios] if isinstance(scenarios, (str, Path, Scenario)) else list(scenarios)
@@ -317,5 +363,5 @@ def score(
     scores = []
     for item in items:
         sc = item if isinstance(item, Scenario) else load_scenario(item, allow)
-        scores.append((score_exploration if explore else score_run)(detector, sc, history))
-    return ScoreReport(detector_name(detector), explore, scores)
+        scores.append((score_exploration if explore else score_run)(detector, sc, history, observer, truth))
+    return ScoreReport(detector_name(detector), explore, scores, observer, truth)

@@ -14,7 +14,7 @@ Kernel-Mode Callbacks*.) What a tool sees of such a thread, and the signal that 
 
 :func:`combined` decides: pending iff (code or symbol) and the stack shows at least one
 dispatcher frame and the view is not known to be in user mode. Without a dispatcher frame
-NtCallbackReturn fails at once with STATUS_NO_CALLBACK_ACTIVE (ReactOS, Wine) instead of waiting.
+NtCallbackReturn fails at once with STATUS_NO_CALLBACK_ACTIVE (ReactOS, Wine).
 """
 
 from __future__ import annotations
@@ -235,3 +235,27 @@ def naive_detector(view: ThreadView) -> Verdict:
 def combined_detector(view: ThreadView) -> CombinedVerdict:
     """The built-in detector as a scoring callable (``emu score --detector emu.signals:combined_detector``)."""
     return combined(view)
+
+
+def nested_call_detector(view: ThreadView) -> Verdict:
+    """For the ``waiting-in-callback`` truth: a system call's site that is not NtCallbackReturn's, inside a callback.
+
+    Yes when the two bytes before RIP are ``0F 05``/``CD 2E`` (a system call was entered
+    there), neither the symbol nor the code signal places RIP at NtCallbackReturn, the stack
+    shows at least one KiUserCallbackDispatcher frame, and the view is not known to be in
+    user mode. A view that cannot tell the mode (``user-context``) also says yes right after
+    such a nested call has returned: the context is the same.
+    """
+    rip = view.context.rip
+    site = _SITES.get(view.read(rip - 2, 2) or b"")
+    if site is None:
+        return Verdict("nested call", "no", (f"no syscall or int 2Eh right before RIP {view.symbol(rip)}",))
+    if view.kernel_mode is False:
+        return Verdict("nested call", "no", ("the thread is in user mode: the system call has returned",))
+    if symbol_signal(view) or code_signal(view):
+        return Verdict("nested call", "no", ("RIP is at NtCallbackReturn's system call: the callback is returning",))
+    stack = stack_signal(view)
+    if not stack:
+        return Verdict("nested call", "no", (f"{site} before RIP but no callback on the stack ({stack.value})",))
+    where = f"{site} before RIP {view.symbol(rip)}, {stack.depth} callback(s) on the stack"
+    return Verdict("nested call", "yes", (where, *stack.evidence[:1]))

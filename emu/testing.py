@@ -6,7 +6,7 @@ any test suite (or load it explicitly: ``pytest -p emu.testing``)::
     from emu.testing import assert_detector_matches
 
     def my_detector(view):                      # a ThreadView: context, memory, modules
-        ...                                     # truthy: "waiting at ZwCallbackReturn"
+        ...                                     # truthy: "at ZwCallbackReturn"
 
     def test_my_detector_on_every_state():
         assert_detector_matches(my_detector, "scenarios/", explore=True)
@@ -15,9 +15,13 @@ any test suite (or load it explicitly: ``pytest -p emu.testing``)::
         for state, view in emu_states("scenarios/nested_callbacks.toml"):
             assert bool(my_detector(view)) == state.pending
 
+    def test_what_getthreadcontext_sees(assert_detector_matches):
+        assert_detector_matches(my_nested_detector, "scenarios/", observer="user-context",
+                                truth="waiting-in-callback")
+
 Fixtures: ``emu_run(path)`` runs a scenario once per session and returns the
-:class:`~emu.engine.Run`; ``emu_states(path, explore=False)`` gives (State, ThreadView)
-pairs for every state of the run (or every node of the explored graph);
+:class:`~emu.engine.Run`; ``emu_states(path, explore=False, observer=...)`` gives (State, ThreadView)
+pairs for every state of the run (or every node of the explored graph) the observer sees;
 ``assert_detector_matches`` is the function below. Relative paths are tried from the
 current folder, then from pytest's rootdir.
 
@@ -36,6 +40,8 @@ import pytest
 if TYPE_CHECKING:
     from emu.detect import ThreadView
     from emu.engine import Run
+    from emu.graph import StateGraph
+    from emu.image import Image
     from emu.score import ScenarioLike, ScoreReport
     from emu.trace import State
 
@@ -47,11 +53,15 @@ def assert_detector_matches(
     scenario: ScenarioLike | Iterable[ScenarioLike],
     explore: bool = False,
     allow: Sequence[str | Path] = (),
+    observer: str = "kernel-debugger",
+    truth: str = "seed",
 ) -> ScoreReport:
     """Fail unless ``detector`` agrees with the ground truth on every state of ``scenario``.
 
     ``scenario`` is a file, a folder of scenarios, a Scenario, or several. With ``explore``
-    every node of the explored state graph is checked. Returns the report when it passes.
+    every node of the explored state graph is checked. ``observer`` (``kernel-debugger`` or
+    ``user-context``) and ``truth`` (``seed`` or ``waiting-in-callback``) are as in
+    :func:`emu.score.score`. Returns the report when it passes.
 
     Raises:
         AssertionError: naming each false positive and false negative (scenario, state,
@@ -60,7 +70,7 @@ def assert_detector_matches(
     __tracebackhide__ = True
     from emu.score import score
 
-    report = score(detector, scenario, explore=explore, allow=allow)
+    report = score(detector, scenario, explore=explore, allow=allow, observer=observer, truth=truth)
     if not report.perfect:
         raise AssertionError(mismatch_message(report))
     return report
@@ -70,7 +80,10 @@ def mismatch_message(report: ScoreReport) -> str:
     """Every miss of a report, then its table: what a failing test prints."""
     n = len(report.misses)
     what = "nodes of the explored graphs" if report.explore else "states"
-    lines = [f"detector {report.detector} disagrees with emu's ground truth on {n} of {report.total.total} {what}:"]
+    lines = [
+        f"detector {report.detector} disagrees with emu's ground truth on {n} of {report.total.total} {what}:",
+        f"(the {report.truth} truth, on what a {report.observer} observer sees)",
+    ]
     lines += [str(m) for m in report.misses]
     lines += ["", report.table()]
     return "\n".join(lines)
@@ -102,26 +115,34 @@ def emu_run(request: pytest.FixtureRequest) -> Callable[[str | Path], Run]:
 
 @pytest.fixture(scope="session")
 def emu_states(request: pytest.FixtureRequest, emu_run: Callable[[str | Path], Run]) -> Callable[..., StatePairs]:
-    """A factory: ``emu_states(path, explore=False)`` gives (State, ThreadView) for every state of the run
-    (or, with ``explore=True``, every node of the explored graph)."""
-    from emu.detect import view_from
+    """A factory: ``emu_states(path, explore=False, observer="kernel-debugger")`` gives (State, ThreadView)
+    for every state of the run (or, with ``explore=True``, every node of the explored graph) that the
+    observer can see, each with that observer's view (see :mod:`emu.observers`)."""
     from emu.explore import Explorer
+    from emu.observers import check_observer, node_status, statuses, view_for
     from emu.scenario import load_scenario
 
     root = Path(request.config.rootpath)
-    explored: dict[Path, StatePairs] = {}
+    explored: dict[Path, tuple[Sequence[Image], StateGraph]] = {}
 
-    def get(path: str | Path, explore: bool = False) -> StatePairs:
+    def get(path: str | Path, explore: bool = False, observer: str = "kernel-debugger") -> StatePairs:
+        check_observer(observer)
         if not explore:
             r = emu_run(path)
-            return [(s, view_from(r.images, s)) for s in r.trace.states]
+            known = statuses(r.trace)
+            pairs = [(s, view_for(observer, r.images, s, known[s.id])) for s in r.trace.states]
+            return [(s, v) for s, v in pairs if v is not None]
         p = _resolve(path, root).resolve()
         if p not in explored:
             explorer = Explorer(load_scenario(p))
-            graph = explorer.run().graph
-            images = explorer.process.images
-            explored[p] = [(graph.state(n), view_from(images, graph.state(n))) for n in graph.nodes()]
-        return explored[p]
+            explored[p] = (explorer.process.images, explorer.run().graph)
+        images, graph = explored[p]
+        out = []
+        for n in graph.nodes():
+            view = view_for(observer, images, graph.state(n), node_status(graph, n))
+            if view is not None:
+                out.append((graph.state(n), view))
+        return out
 
     return get
 
@@ -136,12 +157,14 @@ def _assert_detector_matches_fixture(request: pytest.FixtureRequest) -> Callable
         scenario: ScenarioLike | Iterable[ScenarioLike],
         explore: bool = False,
         allow: Sequence[str | Path] = (),
+        observer: str = "kernel-debugger",
+        truth: str = "seed",
     ) -> ScoreReport:
         __tracebackhide__ = True
         from emu.scenario import Scenario
 
         items = [scenario] if isinstance(scenario, (str, Path, Scenario)) else list(scenario)
         resolved = [s if isinstance(s, Scenario) else _resolve(s, root) for s in items]
-        return assert_detector_matches(detector, resolved, explore, allow)
+        return assert_detector_matches(detector, resolved, explore, allow, observer, truth)
 
     return check

@@ -4,6 +4,10 @@ A :class:`State` is one moment of one thread as both sides know it: the user-mod
 context a debugger would show (plus the stack bytes above RSP) and the kernel
 model's truth (mode, active service, callback depth, whether a callback return is
 pending). A :class:`Transition` is an edge between two states. Both are frozen.
+
+The records say what the thread did, not how Windows would name its scheduling state:
+:mod:`emu.observers` derives that (KTHREAD_STATE, the wait reason) and what each observer
+can see from the transitions, so recording stays cheap.
 """
 
 from __future__ import annotations
@@ -29,7 +33,11 @@ class State(NamedTuple):
     api number of the innermost one (None at depth 0); ``service`` is the service in
     the kernel (kernel mode) or the one whose callback is running (user mode).
     ``pending`` is the ground truth for the seed's state: the thread is in kernel mode
-    inside NtCallbackReturn with a callback frame to complete.
+    inside NtCallbackReturn with a callback frame to complete. That is not a wait: on
+    Windows NtCallbackReturn switches back at once (WRK ke/amd64/callout.asm), so the
+    state lasts a few dozen instructions with the thread Running, or Ready if preempted
+    (``emu.observers``; a thread that waits inside a callback is blocked at a nested
+    system call instead).
     """
 
     id: int

@@ -7,13 +7,14 @@ machine's memory. The dump must hold exactly those threads (the state's own firs
 threads left out), with those contexts and stacks — which are also the contexts of each
 thread's latest recorded state — and the detector on each dumped thread must agree with the
 ground truth of that latest state. Runs: the single run of each multi-thread scenario and
-runs with seeded random schedules (some of them deadlock, some have one thread pending at
-ZwCallbackReturn while another moves).
+runs with seeded random schedules (some of them deadlock, some have one thread preempted at
+ZwCallbackReturn while another moves: [machine] preempt_at_callback_return is set for them).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import random
@@ -34,6 +35,7 @@ from emu.errors import DumpError
 from emu.kernel import KThread
 from emu.kernel.core import STACK_CAPTURE_LIMIT
 from emu.kernel.services import Choice
+from emu.scenario import load_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ("threads_deadlock_sometimes.toml", "threads_no_deadlock.toml")
@@ -60,7 +62,8 @@ def _stack(read: Callable[[int, int], bytes], t: KThread, ctx: UserContext) -> b
 
 def _observed_run(path: Path, seed: int | None) -> tuple[Run, dict[int, list[Live]]]:
     """Run a scenario (with a seeded random schedule unless ``seed`` is None), noting every thread at every state."""
-    p = build(path)
+    # Preemption at NtCallbackReturn's entry, so a thread can be Ready at ZwCallbackReturn while another moves.
+    p = build(dataclasses.replace(load_scenario(path), preempt_at_callback_return=True))
     kernel, machine = p.kernel, p.machine
     if seed is not None:
         rng = random.Random(seed)
@@ -205,7 +208,10 @@ def test_state_of_another_run_is_one_dump_error_line() -> None:
 TWO_CALLBACKS = '''
 [scenario]
 name = "two_callbacks"
-description = "two threads, each in a callback: both wait at ZwCallbackReturn at once"
+description = "two threads, each in a callback: both at ZwCallbackReturn at once (one preempted there, Ready)"
+
+[machine]
+preempt_at_callback_return = true
 
 [[module]]
 name = "app"

@@ -25,6 +25,7 @@ LESSONS = [
     "04_the_seed_rule",
     "05_exploring_kernel_choices",
     "06_write_and_score_a_detector",
+    "07_what_a_debugger_sees",
 ]
 
 # The answer cells as a learner who solved the exercise would write them.
@@ -35,6 +36,7 @@ SOLUTIONS = {
     "04_the_seed_rule": 'def rule(view):\n    ntdll = view.module("ntdll")\n    stub = ntdll.export("ZwCallbackReturn")\n    rip = view.context.rip\n    registers = view.kernel_mode is not False and stub < rip < ntdll.export_end(stub)\n    code = view.read(rip - 2, 2) in (b"\\x0f\\x05", b"\\xcd\\x2e")\n    stack = len(dispatcher_frames(view)) > 0\n    return registers and code and stack\n\n\nanswer = rule  # your answer here',
     "05_exploring_kernel_choices": "answer = (18, 3)  # your answer here: (distinct states, callback-return pending)",
     "06_write_and_score_a_detector": "answer = 3  # your answer here: false positives of `naive` on hard_after_callback_return",
+    "07_what_a_debugger_sees": 'answer = "s13"  # your answer here',
 }
 
 

@@ -64,10 +64,10 @@ def test_assert_detector_matches_passes_and_fails_with_named_states(pytester: py
     result.stdout.fnmatch_lines(
         [
             "*AssertionError: detector emu.signals:naive_detector disagrees with emu's ground truth on 2 of 5 states:",
-            "*FP hard_no_callback_forged_frame s1: kernel | NtCallbackReturn | depth 0 | user at ntdll!ZwCallbackReturn+0x14",
+            "*FP hard_no_callback_forged_frame s1: kernel | NtCallbackReturn | depth 0 | user at ntdll!ZwCallbackReturn+0x14 | Running",
             "*    after step 0: syscall NtCallbackReturn at ntdll!ZwCallbackReturn+0x14",
             "*    detector: RIP ntdll!ZwCallbackReturn+0x14 is just after the system call instruction of ntdll!ZwCallbackReturn",
-            "*FP hard_no_callback_forged_frame s2: user | depth 0 | user at ntdll!ZwCallbackReturn+0x14",
+            "*FP hard_no_callback_forged_frame s2: user | depth 0 | user at ntdll!ZwCallbackReturn+0x14 | Running",
             "*    after step 0: syscall NtCallbackReturn at ntdll!ZwCallbackReturn+0x14",
             "*    after step 1: sysret NtCallbackReturn -> STATUS_NO_CALLBACK_ACTIVE at ntdll!ZwCallbackReturn+0x14",
         ]
@@ -75,7 +75,7 @@ def test_assert_detector_matches_passes_and_fails_with_named_states(pytester: py
     result.stdout.fnmatch_lines(
         [
             "*disagrees with emu's ground truth on 2 of 5 nodes of the explored graphs:",
-            "*FP hard_no_callback_forged_frame n1: kernel | NtCallbackReturn | depth 0 | user at ntdll!ZwCallbackReturn+0x14",
+            "*FP hard_no_callback_forged_frame n1: kernel | NtCallbackReturn | depth 0 | user at ntdll!ZwCallbackReturn+0x14 | Running",
             "*    after n0 -> n1: syscall NtCallbackReturn",
         ]
     )

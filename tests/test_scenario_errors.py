@@ -25,7 +25,7 @@ BASE_PATH = Path(__file__).resolve().parent.parent / "scenarios" / "callback_rou
 BASE = BASE_PATH.read_text(encoding="utf-8")
 
 TOP_KEYS = "scenario, profile, machine, budgets, module, thread, object, kernel_callback_table, services, expect, memory, ntdll, pe"
-EXPECT_KINDS = "detections, detection, exit_status, max_depth, sysret, callback_output, transitions, fault, deadlock, wait_chain, explored_states, explored_merges, explored_pending, explored_deadlocks, explored_wait_chain"
+EXPECT_KINDS = "detections, detection, exit_status, max_depth, sysret, callback_output, transitions, fault, deadlock, wait_chain, truths, explored_truths, explored_states, explored_merges, explored_pending, explored_deadlocks, explored_wait_chain"
 STEPS_MULTILINE = """steps = [
     { kind = "callback", api = 2, text = "WM_PAINT" },
     { kind = "return", status = "callback" },

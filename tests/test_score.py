@@ -38,7 +38,7 @@ def test_each_miss_names_state_label_and_the_transitions_before_it() -> None:
     report = score(naive_detector, AFTER)
     sysret = report.misses[-1]
     assert (sysret.kind, sysret.scenario, sysret.state) == ("FP", "hard_after_callback_return", "s5")
-    assert sysret.label == "user | depth 0 | user at ntdll!ZwCallbackReturn+0x14"
+    assert sysret.label == "user | depth 0 | user at ntdll!ZwCallbackReturn+0x14 | Running"
     assert sysret.path == (
         "step 2: syscall NtCallbackReturn at ntdll!ZwCallbackReturn+0x14",
         "step 3: callback_return NtUserMessageCall -> 0x00001234 at ntdll!ZwCallbackReturn+0x14",

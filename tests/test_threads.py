@@ -6,8 +6,9 @@ from pathlib import Path
 
 from conftest import asm_scenario
 from emu.engine import run
-from emu.explore import explore
+from emu.explore import Exploration, explore
 from emu.kernel.objects import STATUS_TIMEOUT
+from emu.observers import node_status
 from emu.scenario import parse_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,11 +46,22 @@ def test_interleavings_export_the_same_graph_in_bfs_and_dfs(root: Path) -> None:
     assert explore(path, "bfs").graph.to_graphml() == explore(path, "dfs").graph.to_graphml()
 
 
-def test_seed_state_in_a_wait_chain(root: Path) -> None:
+def test_a_thread_is_never_parked_at_zwcallbackreturn_unless_the_scenario_asks(root: Path) -> None:
+    # NtCallbackReturn never waits (WRK ke/amd64/callout.asm): without
+    # [machine] preempt_at_callback_return no other thread runs between its entry and its switch back,
+    # so ui is at ZwCallbackReturn only in its own states (Running), never while worker runs.
+    def at_callback_return(exp: Exploration) -> tuple[set[int], set[str]]:
+        """Threads whose nodes have a wait chain through ui at ZwCallbackReturn; ui's states at the seed's instant."""
+        g = exp.graph
+        chains = {g.state(n).thread for n in g.nodes() if "at ZwCallbackReturn" in str(g.attrs(n).get("wait_chains"))}
+        return chains, {node_status(g, n).state for n in g.pending()}
+
     exp = explore(root / "scenarios/threads_no_deadlock.toml")
-    chains = [str(exp.graph.attrs(n).get("wait_chains", "")) for n in exp.graph.nodes()]
-    hit = [c for c in chains if "suspended at ZwCallbackReturn in a callback for api 2" in c]
-    assert hit and hit[0].startswith("thread worker waits on mutant 'A' owned by thread ui")
+    assert at_callback_return(exp) == ({0}, {"Running"})
+    text = (root / "scenarios/threads_no_deadlock.toml").read_text()
+    preempt = explore(parse_scenario("[machine]\npreempt_at_callback_return = true\n" + text, "p.toml"))
+    assert at_callback_return(preempt) == ({0, 1}, {"Running", "Ready"})  # worker runs while ui is Ready there
+    assert preempt.states > exp.states
 
 
 SEND_UI = """

@@ -170,6 +170,10 @@ class Scenario:
     callback_table_from: str | None = None  # "module!export": the table is that exported array
     source: str = field(default="", repr=False)
     profile_overrides: frozenset[str] = frozenset()  # [profile] keys the file sets (these beat the images)
+    # [machine] preempt_at_callback_return: exploration may let another thread run at
+    # NtCallbackReturn's entry (the thread is then Ready, between KiSystemCall64's sti and
+    # NtCallbackReturn's cli); off, NtCallbackReturn runs through, as it never waits.
+    preempt_at_callback_return: bool = False
 
     def line_of(self, *path: str | int) -> int | None:
         return _line_of(self.source, path)
@@ -186,6 +190,9 @@ EXPECT_KINDS: dict[str, str] = {
     "fault": "a string: the run stops with an error whose message contains it",
     "deadlock": "true or false: the run ends with threads waiting on each other",
     "wait_chain": "a string: some wait chain of the run's end contains it",
+    "truths": "a table {observer, seed, waiting_in_callback}: states where each ground truth holds that the "
+    "observer (kernel-debugger, the default, or user-context) can see",
+    "explored_truths": "a table {observer, seed, waiting_in_callback}: the same over the explored graph's nodes",
     "explored_states": "an integer: distinct states `emu explore` finds",
     "explored_merges": "an integer: states `emu explore` reaches along more than one edge",
     "explored_pending": "an integer: callback-return pending states `emu explore` finds",

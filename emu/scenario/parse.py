@@ -33,7 +33,7 @@ THREAD_STARTS = ("auto", "rtl", "entry")
 TOP_KEYS = {
     "scenario": "a table {name, description, profile}",
     "profile": f"a table of overrides ({', '.join(OVERRIDABLE)}, ssn)",
-    "machine": "a table {system_call}",
+    "machine": "a table {system_call, unbound_imports, preempt_at_callback_return}",
     "budgets": "a table {instructions, wall_time, callback_depth, states, choice_depth, output_bytes, memory, process_memory, frontier}",
     "module": "an array of tables [[module]] {name, code, data}",
     "thread": "a table {entry, argument, start}, or an array of tables [[thread]] {name, entry, argument, start}",
@@ -103,12 +103,19 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
     machine = r.table(
         doc.get("machine", {}),
         ("machine",),
-        {"system_call": "0 or 1: KUSER_SHARED_DATA.SystemCall", "unbound_imports": '"error" or "trap"'},
+        {
+            "system_call": "0 or 1: KUSER_SHARED_DATA.SystemCall",
+            "unbound_imports": '"error" or "trap"',
+            "preempt_at_callback_return": "true or false: exploration may preempt a thread at NtCallbackReturn's entry",
+        },
     )
     system_call = r.int_(machine, "system_call", ("machine",), 0, 0, 1)
     unbound = r.str_(machine, "unbound_imports", ("machine",), "error")
     if unbound not in ("error", "trap"):
         raise r.fail(("machine", "unbound_imports"), f'expected "error" or "trap", got {unbound!r}')
+    preempt = machine.get("preempt_at_callback_return", False)
+    if not isinstance(preempt, bool):
+        raise r.fail(("machine", "preempt_at_callback_return"), f"expected true or false, got {_kind(preempt)}")
     files = _Files(r, file, allow)
     ntdll = files.pe(doc["ntdll"], ("ntdll",), "ntdll") if "ntdll" in doc else None
     pe = files.pe_list(doc.get("pe", []))
@@ -176,6 +183,7 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
         services=services,
         budgets=budgets, expectations=expectations, system_call=system_call, memory=memory, ntdll=ntdll, pe=pe,
         unbound_imports="trap" if unbound == "trap" else "error", threads=threads, objects=objects, source=text,
+        preempt_at_callback_return=preempt,
         profile_overrides=frozenset(doc.get("profile") or ()) if isinstance(doc.get("profile"), dict) else frozenset(),
     )  # fmt: skip
 
@@ -411,6 +419,8 @@ def _expectations(r: _Reader, obj: Any) -> tuple[Expectation, ...]:
             if not isinstance(v, bool):
                 raise r.fail(kp, f"expected true or false, got {_kind(v)}")
             value = v
+        elif kind in ("truths", "explored_truths"):
+            value = _truths(r, v, kp)
         elif kind in ("wait_chain", "explored_wait_chain"):
             value = r.str_(e, kind, path)
         elif kind in ("detections", "max_depth") or kind in EXPLORE_KINDS:
@@ -451,3 +461,18 @@ def _expectations(r: _Reader, obj: Any) -> tuple[Expectation, ...]:
             value = {k: r.int_(v, k, kp, None, 0, 1 << 32) for k in v}
         out.append(Expectation(kind, value, i, _line_of(r.text, path)))
     return tuple(out)
+
+
+def _truths(r: _Reader, v: Any, kp: tuple[str | int, ...]) -> dict[str, Any]:
+    """``{observer = "user-context", seed = 1, waiting_in_callback = 2}``: counts per ground truth."""
+    from emu.observers import OBSERVERS, TRUTHS
+
+    keys = {t.replace("-", "_"): f"an integer: states where the {t} truth holds" for t in TRUTHS}
+    r.table(v, kp, {"observer": f"one of {', '.join(OBSERVERS)}", **keys})
+    observer = r.str_(v, "observer", kp, "kernel-debugger")
+    if observer not in OBSERVERS:
+        raise r.fail(kp + ("observer",), f"unknown observer {observer!r} (valid: {', '.join(OBSERVERS)})")
+    counts = {k: r.int_(v, k, kp, None, 0, 1 << 32) for k in keys if k in v}
+    if not counts:
+        raise r.fail(kp, f"expected at least one of: {', '.join(keys)}")
+    return {"observer": observer, "counts": counts}
