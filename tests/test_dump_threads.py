@@ -257,8 +257,8 @@ def test_emu_detect_dump_reports_each_waiting_thread(tmp_path: Path, capsys: pyt
     args = argparse.Namespace(dump=str(out), json=False)
     assert cli_dump.cmd_detect_dump(args) == 0
     assert capsys.readouterr().out == (
-        "thread 0x1008: ntdll!ZwCallbackReturn+0x14  [rsp] -> ntdll!KiUserCallbackDispatcherReturn+0xc  depth 1  api 2\n"
-        "thread 0x1004: ntdll!ZwCallbackReturn+0x14  [rsp] -> ntdll!KiUserCallbackDispatcherReturn+0xc  depth 1  api 2\n"
+        "thread 0x1008: ntdll!ZwCallbackReturn+0x14  [rsp] -> ntdll!KiUserCallbackDispatcherContinue+0xc  depth 1  api 2\n"
+        "thread 0x1004: ntdll!ZwCallbackReturn+0x14  [rsp] -> ntdll!KiUserCallbackDispatcherContinue+0xc  depth 1  api 2\n"
     )
     args.json = True
     assert cli_dump.cmd_detect_dump(args) == 0
