@@ -1,4 +1,5 @@
-; KiUserCallbackDispatcher, "registers" convention (Wine's PE ntdll, dlls/ntdll/signal_x86_64.c):
+; KiUserCallbackDispatcher, "registers" convention (Wine <= 8's PE ntdll, dlls/ntdll/signal_x86_64.c;
+; Wine 9 and later use the Windows "stack" layout):
 ; entered like a call, ECX = ApiNumber, RDX = InputBuffer, R8D = InputLength, RSP = 8 mod 16.
 KiUserCallbackDispatcher:
     sub rsp, 0x28
