@@ -20,6 +20,7 @@ from emu.errors import (
     ImageError,
     KernelError,
     MachineFault,
+    ModelBug,
     ScenarioError,
     UnimplementedService,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "ImageError",
     "KernelError",
     "MachineFault",
+    "ModelBug",
     "Run",
     "Scenario",
     "ScenarioError",

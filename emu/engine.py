@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -28,7 +29,7 @@ from emu.errors import (
     UnimplementedImport,
 )
 from emu.image import PAGE, AssemblyError, Image, Symbolizer, image_from_assembly
-from emu.kernel import Kernel, KThread, ServiceRegistry, UserCallback, builtin_services
+from emu.kernel import Kernel, KernelHooks, KThread, Recorder, ServiceRegistry, UserCallback, builtin_services
 from emu.kernel.objects import Event, Mutant, ReleaseMutant, SendMessage, SetEvent, Wait
 from emu.kernel.services import ChoiceStep as KChoiceStep
 from emu.kernel.services import ScriptStep, get_message_service
@@ -179,9 +180,11 @@ class Run:
 class Process:
     """A scenario built into a machine, a kernel and threads, ready to run."""
 
-    def __init__(self, scenario: Scenario, start: str | None = None) -> None:
-        """Build the process; ``start`` forces every thread's start mode (the start probe uses it)."""
+    def __init__(self, scenario: Scenario, start: str | None = None, hooks: KernelHooks | None = None) -> None:
+        """Build the process; ``start`` forces every thread's start mode (the start probe uses it);
+        ``hooks`` steer the run (who answers choices, who watches states, when to stop)."""
         self.scenario = scenario
+        self.hooks = hooks or KernelHooks()
         self.profile = scenario.profile  # with what the loaded images decide (dispatcher), see _read_images
         self.machine = Machine()
         self.images: list[Image] = []
@@ -252,10 +255,12 @@ class Process:
         if dispatcher is None:
             raise self._missing("KiUserCallbackDispatcher", "every kernel-to-user callback enters it")
         b = scenario.budgets
+        hooks = self.hooks
+        recorder = Recorder(self.trace, self.machine, b.states if hooks.budget_states else None, b.output_bytes,
+                            hooks.observe)  # fmt: skip
         self.kernel = Kernel(
-            self.machine, self.profile, registry, self.trace, dispatcher, b.callback_depth, self.ssn_table,
-            state_budget=b.states, output_budget=b.output_bytes,
-        )  # fmt: skip
+            self.machine, self.profile, registry, recorder, dispatcher, b.callback_depth, self.ssn_table, hooks
+        )
         self.kernel.visible = lambda name: name in shared
         many = len(specs) > 1
         self.entries: list[int] = []
@@ -593,10 +598,9 @@ class Process:
 
         entry = self.entries[0]
         self.machine.add_code_hook(entry, entry + 1, hit)
-        self.stop_requested = lambda: bool(reached)  # type: ignore[method-assign]
         try:
             self.kernel.continue_thread(self.thread)
-            stop = self.drive(seconds)
+            stop = self.drive(seconds, stop=lambda: bool(reached))
         except EmuError as e:
             return str(e)
         return None if reached else f"the thread ended ({stop}) first"
@@ -632,13 +636,15 @@ class Process:
             deadlock=list(kernel.deadlock), details=list(self.details), system=self.describe(),
         )  # fmt: skip
 
-    def drive(self, wall_time: float | None) -> str:
-        """Run threads until none can: "exit", "deadlock", or "choice" (an explorer decides next).
+    def drive(self, wall_time: float | None, stop: Callable[[], bool] | None = None) -> str:
+        """Run threads until none can: "exit", "deadlock", "choice" (an explorer decides next),
+        or "stopped" (``stop``, by default the hooks', said so after some user code ran).
 
         ``wall_time=None`` leaves the clock to a Watchdog. Raises BudgetExceeded when a
         thread runs out of instructions or time, MachineFault when it faults.
         """
         kernel, machine, b = self.kernel, self.machine, self.scenario.budgets
+        stop_requested = stop or self.hooks.stop
         deadline = None if wall_time is None else time.perf_counter() + wall_time
         while True:
             if kernel.pending_choice is not None:
@@ -653,7 +659,7 @@ class Process:
                     if info.reason == "timeout":
                         raise BudgetExceeded("wall_time", f"{b.wall_time:g} s", where)
                     raise BudgetExceeded("instructions", b.instructions or 0, where)
-                if self.stop_requested():
+                if stop_requested():
                     return "stopped"
                 continue
             if kernel.deadlock:
@@ -662,10 +668,6 @@ class Process:
             if nxt is None:
                 return "exit"
             kernel.continue_thread(nxt)
-
-    def stop_requested(self) -> bool:
-        """Whether an observer (an explorer) asked the run to stop where it is."""
-        return False
 
 
 def _touches_shared(steps: list[ScriptStep]) -> bool:
@@ -715,11 +717,11 @@ def _overlaps(a: Image, b: Image) -> bool:
     return a.base < b.end and b.base < a.end
 
 
-def build(scenario: Scenario | str | Path) -> Process:
+def build(scenario: Scenario | str | Path, hooks: KernelHooks | None = None) -> Process:
     """Build the process for a scenario (a Scenario or a path) without running it."""
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario)
-    return Process(scenario)
+    return Process(scenario, hooks=hooks)
 
 
 def run(scenario: Scenario | str | Path) -> Run:

@@ -13,6 +13,15 @@ class EmuError(Exception):
     """Base class of every error emu raises on purpose."""
 
 
+class ModelBug(Exception):
+    """The model broke one of its own invariants: a bug in emu, never the guest's doing.
+
+    Deliberately not an :class:`EmuError`: nothing that reports guest faults or budgets
+    catches it, so it surfaces as the bug it is (with a traceback) instead of as a fault
+    recorded in the trace.
+    """
+
+
 class ScenarioError(EmuError):
     """A scenario file is malformed: names the file, the key path and what was expected."""
 
@@ -52,7 +61,9 @@ class MachineFault(EmuError):
 
 
 class KernelError(EmuError):
-    """The kernel model was asked for something it cannot do."""
+    """The kernel model was asked for something it cannot do (an unimplemented service, a
+    Python service that yields or returns the wrong thing, a choice option that does not
+    exist). Its own broken invariants raise :class:`ModelBug` instead."""
 
 
 class UnimplementedService(KernelError):

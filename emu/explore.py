@@ -27,10 +27,11 @@ from typing import Any, Literal, TextIO
 import networkx as nx
 
 from emu.engine import Process
-from emu.errors import BudgetExceeded, KernelError, MachineFault, UnimplementedImport
+from emu.errors import BudgetExceeded, KernelError, MachineFault, ModelBug, UnimplementedImport
 from emu.graph import EdgeInfo, StateGraph
-from emu.kernel import sched
-from emu.kernel.core import KernelState, KThread
+from emu.kernel import KernelHooks, KThread, sched
+from emu.kernel.fork import KernelState, digest_key, load_kernel, save_kernel
+from emu.kernel.hooks import suspend
 from emu.machine import Watchdog
 from emu.scenario import Scenario, load_scenario
 from emu.snapshot import PageSnapshot
@@ -128,15 +129,14 @@ class Explorer:
         self.scenario = scenario
         self.strategy: Strategy = strategy
         self.progress = progress
-        self.process = Process(scenario)
+        # Every choice suspends (the explorer decides); each state is digested as it is recorded;
+        # a path stops at a merge; the trace spans every path, so distinct states are budgeted here.
+        hooks = KernelHooks(choose=suspend, observe=self._observe, stop=self._at_merge, budget_states=False)
+        self.process = Process(scenario, hooks=hooks)
         self.kernel = self.process.kernel
         self.machine = self.process.machine
         self.trace = self.process.trace
-        self.kernel.choose = lambda thread, choice: None  # always suspend: the explorer decides
-        self.kernel.state_budget = None  # the trace spans every path here; distinct states are budgeted below
-        self.kernel.observer = self._observe
         self.cow = self.machine.enable_cow()
-        self.process.stop_requested = lambda: self._merged_at is not None  # type: ignore[method-assign]
         self.digests: list[str] = []  # digest of each raw state in the trace (it only grows)
         self._last: str | None = None  # the latest state of the path being run
         self._known: set[str] = set()  # states some finished segment went through
@@ -154,23 +154,26 @@ class Explorer:
         self.fault_digests: list[tuple[str, str]] = []  # (state digest, message), after run()
 
     # --- state identity -------------------------------------------------------------
+    def _at_merge(self) -> bool:
+        return self._merged_at is not None
+
     def _observe(self, sid: int, thread: KThread) -> None:
         raw = self.trace.raw_states[sid]
         h = hashlib.blake2b(digest_size=12)
-        # tid, mode, registers; then the stack from RSP up (bytes below RSP are dead: the
-        # x64 ABI has no red zone); then depth, service, api, pending, callback frames.
-        h.update(repr((raw[1], raw[2], raw[3], raw[6:])).encode())
-        h.update(raw[4])
+        # tid, mode, registers; then depth, service, api, pending, callback frames; then the
+        # stack from RSP up (bytes below RSP are dead: the x64 ABI has no red zone).
+        h.update(repr((raw.thread, raw.mode, raw.context, raw.kernel_view())).encode())
+        h.update(raw.stack)
         # Every thread's kernel side (waits, callback stacks), the objects, and the live
         # stacks of the threads that are not moving: the whole process is the state.
-        h.update(repr(self.kernel.digest_key(thread)).encode())
+        h.update(repr(digest_key(self.kernel, thread)).encode())
         for other in self.kernel.threads.values():
             if other is not thread:
                 h.update(self._stack_of(other))
         h.update(self.cow.digest(self._stacks))
         d = h.hexdigest()
         if len(self.digests) != sid:
-            raise KernelError(f"explorer lost track of states ({len(self.digests)} digests for state {sid})")
+            raise ModelBug(f"explorer lost track of states ({len(self.digests)} digests for state {sid})")
         self.digests.append(d)
         if self._merged_at is not None:
             return  # past a merge: the rest of this path is explored elsewhere
@@ -183,7 +186,7 @@ class Explorer:
         if self._last is not None:
             t = self.trace.raw_transitions[-1]
             # (src, dst, kind, service, ssn, status, api, detail), between consecutive states of the process
-            self.edges[(self._last, d, t[1], t[5], t[6], t[10], t[11], t[12])] = None
+            self.edges[(self._last, d, t.kind, t.service, t.ssn, t.status, t.api, t.detail)] = None
         self._last = d
         if not self._replaying and (d in self._known or d in self._segment_seen):
             self._merged_at = sid  # a known state: its future is explored elsewhere
@@ -230,7 +233,7 @@ class Explorer:
                 self._walk(result, work, split)
             else:
                 root = Fork(
-                    self.machine.uc.context_save(), self.cow.take(), self.kernel.save(), 0, self._last or "", ()
+                    self.machine.uc.context_save(), self.cow.take(), save_kernel(self.kernel), 0, self._last or "", ()
                 )
                 for prefix in prefixes:
                     self._descend(result, root, prefix)
@@ -346,7 +349,9 @@ class Explorer:
             result.unexplored += len(pending.choice.options)
             self.kernel.pending_choice = None
             return
-        fork = Fork(self.machine.uc.context_save(), self.cow.take(), self.kernel.save(), depth, self._last or "", path)
+        fork = Fork(
+            self.machine.uc.context_save(), self.cow.take(), save_kernel(self.kernel), depth, self._last or "", path
+        )
         result.forks += 1
         result.snapshot_bytes += fork.memory.own_bytes
         options = list(pending.choice.options)
@@ -355,7 +360,7 @@ class Explorer:
     def _restore(self, fork: Fork) -> None:
         self.machine.uc.context_restore(fork.cpu)
         self.cow.restore(fork.memory)
-        self.kernel.load(fork.kernel)
+        load_kernel(self.kernel, fork.kernel)
         current = self.kernel.current
         if current is not None:
             self.machine.set_gs_base(current.teb)

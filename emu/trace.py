@@ -13,7 +13,7 @@ can see from the transitions, so recording stays cheap.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 from emu.context import KTrapFrame, UserContext
 from emu.winnt import status_name
@@ -105,18 +105,79 @@ class Transition(NamedTuple):
         return "" if self.status is None else status_name(self.status)
 
 
+class RawState(NamedTuple):
+    """What the kernel appends for a state on the hot path: :class:`State`'s fields, in its
+    order, with the context as plain register values (``UserContext`` order)."""
+
+    id: int
+    thread: int
+    mode: Mode
+    context: tuple[int, ...]
+    stack: bytes
+    stack_base: int
+    depth: int
+    service: str | None
+    api: int | None
+    pending: bool
+    callbacks: tuple[tuple[int, str], ...]
+
+    def kernel_view(self) -> tuple[object, ...]:
+        """The kernel model's part of the record: depth, service, api, pending, callbacks."""
+        return (self.depth, self.service, self.api, self.pending, self.callbacks)
+
+    def typed(self) -> State:
+        return State(
+            self.id, self.thread, self.mode, UserContext._make(self.context), self.stack, self.stack_base,
+            self.depth, self.service, self.api, self.pending, self.callbacks,
+        )  # fmt: skip
+
+
+class RawTransition(NamedTuple):
+    """What the kernel appends for a transition: :class:`Transition`'s fields without the
+    two symbols (resolved when the typed record is first built)."""
+
+    step: int
+    kind: TransitionKind
+    thread: int
+    src: int
+    dst: int
+    service: str | None
+    ssn: int | None
+    rip: int
+    rsp: int
+    depth: int
+    status: int | None
+    api: int | None
+    detail: str
+    data: bytes
+
+    def typed(self, symbolize: Callable[[int], str]) -> Transition:
+        return Transition(
+            self.step, self.kind, self.thread, self.src, self.dst, self.service, self.ssn, self.rip, self.rsp,
+            symbolize(self.rip), symbolize(self.rsp), self.depth, self.status, self.api, self.detail, self.data,
+        )  # fmt: skip
+
+
+# The raw records carry the typed ones' fields, in their order (a layout edit must touch both).
+if RawState._fields != State._fields or RawTransition._fields != tuple(
+    f for f in Transition._fields if f not in ("rip_symbol", "rsp_symbol")
+):  # pragma: no cover
+    raise ImportError("emu.trace: RawState/RawTransition no longer match State/Transition")
+
+
 class Trace:
     """The states and transitions of one run, in the order they happened.
 
-    The kernel appends plain tuples to ``raw_states`` and ``raw_transitions`` (the hot
-    path); :attr:`states` and :attr:`transitions` build the typed records on first
-    access, with symbols resolved then.
+    The kernel's recorder (``emu.kernel.record``) appends :class:`RawState` and
+    :class:`RawTransition` records (the hot path); :attr:`states` and
+    :attr:`transitions` build the typed records on first access, with symbols
+    resolved then.
     """
 
     def __init__(self, symbolize: Callable[[int], str]) -> None:
         self.symbolize = symbolize
-        self.raw_states: list[tuple[Any, ...]] = []
-        self.raw_transitions: list[tuple[Any, ...]] = []
+        self.raw_states: list[RawState] = []
+        self.raw_transitions: list[RawTransition] = []
         self.thread_starts: list[
             str
         ] = []  # per thread, how it started ("thread0: ntdll!RtlUserThreadStart -> app!main")
@@ -127,9 +188,7 @@ class Trace:
     def states(self) -> list[State]:
         done = len(self._states)
         if done < len(self.raw_states):
-            self._states.extend(
-                State(r[0], r[1], r[2], UserContext._make(r[3]), *r[4:]) for r in self.raw_states[done:]
-            )
+            self._states.extend(r.typed() for r in self.raw_states[done:])
         return self._states
 
     @property
@@ -137,10 +196,7 @@ class Trace:
         done = len(self._transitions)
         if done < len(self.raw_transitions):
             sym = self.symbolize
-            self._transitions.extend(
-                Transition(*r[:9], sym(r[7]), sym(r[8]), *r[9:])  # type: ignore[call-arg]
-                for r in self.raw_transitions[done:]
-            )
+            self._transitions.extend(r.typed(sym) for r in self.raw_transitions[done:])
         return self._transitions
 
     def __iter__(self) -> Iterator[Transition]:
@@ -160,5 +216,5 @@ class Trace:
     def kinds(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for r in self.raw_transitions:
-            counts[r[1]] = counts.get(r[1], 0) + 1
+            counts[r.kind] = counts.get(r.kind, 0) + 1
         return counts

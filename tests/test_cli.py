@@ -26,7 +26,7 @@ def test_run_prints_transitions_and_detection(root: Path, capsys) -> None:
     assert "syscall         user   -> kernel  NtCallbackReturn" in out
     assert "<- callback-return pending" in out
     assert (
-        "state s3: rip ntdll!ZwCallbackReturn+0x14, [rsp] -> ntdll!KiUserCallbackDispatcherReturn+0xc, depth 1, api 2"
+        "state s3: rip ntdll!ZwCallbackReturn+0x14, [rsp] -> ntdll!KiUserCallbackDispatcherContinue+0xc, depth 1, api 2"
         in out
     )
 

@@ -356,6 +356,27 @@ def test_builtin_ntdll_unwind_table_matches_its_code(convention: str) -> None:
     assert pushed == UCALLOUT_MF_RIP + (8 if convention == "registers" else 0)
 
 
+@pytest.mark.parametrize("convention", sorted(TABLES))
+def test_builtin_dispatcher_registers_its_exception_handler(convention: str) -> None:
+    # MS docs "struct UNWIND_INFO": with UNW_FLAG_EHANDLER (1) in Flags, the ULONG after the
+    # (even-count) unwind codes is the handler's RVA. Windows' ntdll names the dispatcher's
+    # handler KiUserCallbackDispatcherHandler.
+    image = build_ntdll(get_profile().with_overrides(dispatcher=convention))
+    entry = next(f for f in function_table(image) if f.begin == image.exports["KiUserCallbackDispatcher"])
+    head = image.read(entry.unwind, 4) or b""
+    assert head[0] & 7 == 1 and head[0] >> 3 == 1  # Version 1, Flags = UNW_FLAG_EHANDLER
+    codes = head[2] + head[2] % 2
+    rva = struct.unpack("<I", image.read(entry.unwind + 4 + 2 * codes, 4) or b"")[0]
+    handler = image.base + rva
+    assert image.symbols["KiUserCallbackDispatcherHandler"] == handler
+    # It is a leaf that answers ExceptionContinueSearch (1): mov eax, 1; ret.
+    insns = [(i.mnemonic, i.op_str) for i in _md.disasm(image.read(handler, 6) or b"", handler)]
+    assert insns == [("mov", "eax, 1"), ("ret", "")]
+    # The unwinder still reads the codes in front of the handler RVA.
+    info = read_unwind_info(image.read, entry.unwind, image.base)
+    assert info.codes[-1].op == UWOP_PUSH_MACHFRAME
+
+
 def test_every_walk_of_a_shipped_run_ends_at_the_threads_first_frame(shipped_runs) -> None:
     for name, r in shipped_runs.items():
         for s in r.trace.states:

@@ -384,13 +384,13 @@ def test_emu_detect_dump_text_json_and_bad_file(tmp_path: Path, capsys: pytest.C
     capsys.readouterr()
     assert _cli(["detect", "--dump", str(out)]) == 0
     assert capsys.readouterr().out == (
-        "thread 0x1004: ntdll!ZwCallbackReturn+0x14  [rsp] -> ntdll!KiUserCallbackDispatcherReturn+0xc  depth 1  api 2\n"
+        "thread 0x1004: ntdll!ZwCallbackReturn+0x14  [rsp] -> ntdll!KiUserCallbackDispatcherContinue+0xc  depth 1  api 2\n"
     )
     assert _cli(["detect", "--dump", str(out), "--json"]) == 0
     [d] = json.loads(capsys.readouterr().out)
     assert d == {
         "state": None, "thread": 0x1004, "rip": "ntdll!ZwCallbackReturn+0x14", "rip_address": "0x7ffb00001086",
-        "return_address": "ntdll!KiUserCallbackDispatcherReturn+0xc", "return_address_value": "0x7ffb0000102d",
+        "return_address": "ntdll!KiUserCallbackDispatcherContinue+0xc", "return_address_value": "0x7ffb0000102d",
         "depth": 1, "api_number": 2,
     }  # fmt: skip
     assert cli_dump.detect_dump(out)[0].as_dict() == d

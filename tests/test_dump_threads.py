@@ -32,8 +32,9 @@ from emu.dump import read_minidump, thread_id, write_minidump
 from emu.dump_write import threads_at
 from emu.engine import Run, build, run
 from emu.errors import DumpError
-from emu.kernel import KThread
-from emu.kernel.core import STACK_CAPTURE_LIMIT
+from emu.kernel import KernelHooks, KThread
+from emu.kernel.hooks import take_default
+from emu.kernel.record import STACK_CAPTURE_LIMIT
 from emu.kernel.services import Choice
 from emu.scenario import load_scenario
 
@@ -62,24 +63,16 @@ def _stack(read: Callable[[int, int], bytes], t: KThread, ctx: UserContext) -> b
 
 def _observed_run(path: Path, seed: int | None) -> tuple[Run, dict[int, list[Live]]]:
     """Run a scenario (with a seeded random schedule unless ``seed`` is None), noting every thread at every state."""
-    # Preemption at NtCallbackReturn's entry, so a thread can be Ready at ZwCallbackReturn while another moves.
-    p = build(dataclasses.replace(load_scenario(path), preempt_at_callback_return=True))
-    kernel, machine = p.kernel, p.machine
-    if seed is not None:
-        rng = random.Random(seed)
-        kernel.choose = lambda thread, choice: rng.choice(choice.options)
-    seen: dict[int, list[Live]] = {}
-    # The threads' initial states were recorded as they were created: all of them, unstarted, are the process then.
-    created = [Live(t.tid, t.teb, t.state_id, t.entry_context, _stack(machine.read, t, t.entry_context))
-               for t in kernel.threads.values()]  # fmt: skip
-    for live in created:
-        seen[live.latest] = sorted(created, key=lambda x: (x.index != live.index, x.index))
+    rng = random.Random(seed)
+
+    def choose(thread: KThread, choice: Choice) -> str | None:
+        return take_default(thread, choice) if seed is None else rng.choice(choice.options)
 
     def observe(sid: int, moving: KThread) -> None:
         out = []
         for t in kernel.threads.values():
             if t is moving:
-                ctx = UserContext._make(kernel.trace.raw_states[sid][3])
+                ctx = UserContext._make(kernel.trace.raw_states[sid].context)
             elif t.terminated:
                 continue  # ended: not in a dump
             elif not t.started:
@@ -90,7 +83,16 @@ def _observed_run(path: Path, seed: int | None) -> tuple[Run, dict[int, list[Liv
             out.append(Live(t.tid, t.teb, t.state_id, ctx, _stack(machine.read, t, ctx)))
         seen[sid] = sorted(out, key=lambda x: (x.index != moving.tid, x.index))
 
-    kernel.observer = observe
+    # Preemption at NtCallbackReturn's entry, so a thread can be Ready at ZwCallbackReturn while another moves.
+    scenario = dataclasses.replace(load_scenario(path), preempt_at_callback_return=True)
+    p = build(scenario, KernelHooks(choose=choose, observe=observe))
+    kernel, machine = p.kernel, p.machine
+    seen: dict[int, list[Live]] = {}
+    # The threads' initial states were recorded as they were created: all of them, unstarted, are the process then.
+    created = [Live(t.tid, t.teb, t.state_id, t.entry_context, _stack(machine.read, t, t.entry_context))
+               for t in kernel.threads.values()]  # fmt: skip
+    for live in created:
+        seen[live.latest] = sorted(created, key=lambda x: (x.index != live.index, x.index))
     r = p.run()
     assert sorted(seen) == [s.id for s in r.trace.states]
     return r, seen
@@ -251,8 +253,7 @@ def _other_first(thread: KThread, choice: Choice) -> str:
 
 def test_emu_detect_dump_reports_each_waiting_thread(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "two.toml").write_text(TWO_CALLBACKS)
-    p = build(tmp_path / "two.toml")
-    p.kernel.choose = _other_first
+    p = build(tmp_path / "two.toml", KernelHooks(choose=_other_first))
     r = p.run()
     assert r.stop == "exit" and r.exit_status == 0
     states = r.trace.states
@@ -263,8 +264,8 @@ def test_emu_detect_dump_reports_each_waiting_thread(tmp_path: Path, capsys: pyt
     args = argparse.Namespace(dump=str(out), json=False)
     assert cli_dump.cmd_detect_dump(args) == 0
     assert capsys.readouterr().out == (
-        "thread 0x1008: ntdll!ZwCallbackReturn+0x14  [rsp] -> ntdll!KiUserCallbackDispatcherReturn+0xc  depth 1  api 2\n"
-        "thread 0x1004: ntdll!ZwCallbackReturn+0x14  [rsp] -> ntdll!KiUserCallbackDispatcherReturn+0xc  depth 1  api 2\n"
+        "thread 0x1008: ntdll!ZwCallbackReturn+0x14  [rsp] -> ntdll!KiUserCallbackDispatcherContinue+0xc  depth 1  api 2\n"
+        "thread 0x1004: ntdll!ZwCallbackReturn+0x14  [rsp] -> ntdll!KiUserCallbackDispatcherContinue+0xc  depth 1  api 2\n"
     )
     args.json = True
     assert cli_dump.cmd_detect_dump(args) == 0

@@ -217,7 +217,7 @@ def test_stack_panel_at_the_pending_state_names_every_frame(shipped_runs: dict[s
     state = r.trace.state(r.detections[0].state or 0)
     panel = viz.stack_panel(r, state)
     first = panel.splitlines()[1]
-    assert first.split()[0] == "rsp+0x000" and "ret -> ntdll!KiUserCallbackDispatcherReturn+0xc" in first
+    assert first.split()[0] == "rsp+0x000" and "ret -> ntdll!KiUserCallbackDispatcherContinue+0xc" in first
     assert "ApiNumber = 4" in _line(panel, "UCALLOUT_FRAME 1/3 +0x28")
     assert "ApiNumber = 3" in _line(panel, "UCALLOUT_FRAME 2/3 at")
     assert "ApiNumber = 2" in _line(panel, "UCALLOUT_FRAME 3/3 at")

@@ -1,7 +1,9 @@
 """The kernel model: service registry, system call dispatch and callback stacks."""
 
 from emu.context import KTrapFrame
-from emu.kernel.core import CallbackFrame, Kernel, KThread
+from emu.kernel.core import Kernel
+from emu.kernel.hooks import KernelHooks
+from emu.kernel.record import Recorder
 from emu.kernel.services import (
     HANDLE,
     NTSTATUS,
@@ -15,9 +17,10 @@ from emu.kernel.services import (
     UserCallback,
     builtin_services,
 )
+from emu.kernel.thread import CallbackFrame, KThread
 
 __all__ = [
     "HANDLE", "NTSTATUS", "ULONG", "ULONG_PTR", "Activation", "CallbackFrame", "CallbackResult",
-    "KThread", "KTrapFrame", "Kernel", "Ptr", "ServiceRegistry", "TerminateThread", "UserCallback",
+    "KThread", "KTrapFrame", "Kernel", "KernelHooks", "Ptr", "Recorder", "ServiceRegistry", "TerminateThread", "UserCallback",
     "builtin_services",
 ]  # fmt: skip

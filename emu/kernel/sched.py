@@ -10,16 +10,16 @@ it blocks or exits, then the first runnable thread (in declaration order) takes 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
-from emu.context import KTrapFrame
-from emu.errors import KernelError
+from emu.context import KTrapFrame, UserContext
+from emu.errors import KernelError, ModelBug
 from emu.kernel.objects import (
     STATUS_MUTANT_NOT_OWNED,
     STATUS_TIMEOUT,
     Event,
     Message,
+    Mutant,
     ObjectRequest,
     ReceiveMessage,
     ReleaseMutant,
@@ -29,33 +29,16 @@ from emu.kernel.objects import (
     Wait,
 )
 from emu.kernel.services import Activation, CallbackResult, Choice, ScriptActivation, Sent
+from emu.kernel.thread import KThread, PendingChoice, Suspended
 from emu.winnt import STATUS_INVALID_HANDLE, STATUS_SUCCESS
 
 if TYPE_CHECKING:
-    from emu.kernel.core import Kernel, KThread
+    from emu.kernel.core import Kernel
+
+__all__ = ["SCHEDULE", "TIMES_OUT", "Suspended", "block", "reschedule", "wait_chains", "yield_at_entry"]
 
 SCHEDULE = "schedule"  # the name of a scheduling Choice
 TIMES_OUT = " times out"  # suffix of the option that lets a waiting thread's timeout expire
-
-
-@dataclass
-class Suspended:
-    """A thread's kernel work that is off the CPU: a system call not yet dispatched, or a wait."""
-
-    kind: Literal["entry", "blocked"]
-    trap: KTrapFrame  # the user context to put back on the CPU when it continues
-    activation: Activation | ScriptActivation | None = None
-    resumed: bool = False
-    note: str = ""
-    on: tuple[object, ...] = ()  # ("object", handle), ("reply", message id) or ("message",)
-    timeout: bool = False
-    wake: Sent | Message | None = None
-    woken: bool = False
-
-    def key(self) -> tuple[object, ...]:
-        pos = self.activation.position() if self.activation is not None else None
-        wake = (self.wake.status, self.wake.output) if isinstance(self.wake, CallbackResult) else self.wake
-        return (self.kind, tuple(self.trap.ctx), pos, self.resumed, self.on, self.timeout, self.woken, repr(wake))
 
 
 def runnable(kernel: Kernel) -> list[KThread]:
@@ -79,7 +62,7 @@ def can_time_out(kernel: Kernel) -> list[KThread]:
 def wake(thread: KThread, value: Sent | Message) -> None:
     s = thread.suspended
     if s is None or s.kind != "blocked":
-        raise KernelError(f"thread {thread.name} is not waiting")
+        raise ModelBug(f"thread {thread.name} is not waiting")
     s.wake, s.woken = value, True
 
 
@@ -133,7 +116,7 @@ def handle_request(kernel: Kernel, thread: KThread, req: ObjectRequest) -> tuple
         if sender is not None and sender.suspended is not None and sender.suspended.on == ("reply", req.message.id):
             wake(sender, CallbackResult(req.status))
         return True, CallbackResult(STATUS_SUCCESS)
-    raise KernelError(f"unknown object request {req!r}")
+    raise ModelBug(f"unknown object request {req!r}")
 
 
 def waits_on(thread: KThread, req: ObjectRequest, kernel: Kernel) -> tuple[object, ...]:
@@ -142,6 +125,15 @@ def waits_on(thread: KThread, req: ObjectRequest, kernel: Kernel) -> tuple[objec
     if isinstance(req, SendMessage):
         return ("reply", kernel.objects.next_message - 1)
     return ("message",)
+
+
+def abandon(kernel: Kernel, thread: KThread) -> None:
+    """A thread ended: mutants it owned are abandoned and pass on (MS docs, "Mutex Objects";
+    Windows reports STATUS_ABANDONED_WAIT_0 to the next owner, the model success)."""
+    for handle, m in kernel.objects.objects.items():
+        if isinstance(m, Mutant) and m.owner == thread.tid:
+            m.owner, m.count = None, 0
+            satisfy_waiters(kernel, handle)
 
 
 def satisfy_waiters(kernel: Kernel, handle: int) -> None:
@@ -160,7 +152,7 @@ def time_out(kernel: Kernel, thread: KThread) -> None:
     """Let a timed wait expire: the waiter leaves the object's queue and gets STATUS_TIMEOUT."""
     s = thread.suspended
     if s is None or not s.timeout:
-        raise KernelError(f"thread {thread.name} has no wait that can time out")
+        raise ModelBug(f"thread {thread.name} has no wait that can time out")
     if s.on and s.on[0] == "object":
         queue = kernel.objects.waiters.get(int(str(s.on[1])), [])
         if thread.tid in queue:
@@ -176,6 +168,74 @@ def schedule_choice(kernel: Kernel, current: KThread | None, at_entry: bool) -> 
         return None
     default = current.name if current is not None and current.name in names else names[0]
     return Choice(SCHEDULE, tuple(names), default)
+
+
+def block(
+    kernel: Kernel, thread: KThread, act: Activation | ScriptActivation, trap: KTrapFrame, resumed: bool,
+    note: str, req: ObjectRequest,
+) -> None:  # fmt: skip
+    """The thread waits for ``req``: off the CPU until an object, a message or a reply wakes it."""
+    on = waits_on(thread, req, kernel)
+    timeout = isinstance(req, Wait) and req.timeout
+    thread.suspended = Suspended("blocked", trap, act, resumed, note, on, timeout)
+    kernel.recorder.block(thread, tuple(trap.ctx), act.spec.name, _describe_wait(kernel, on))
+    reschedule(kernel, thread)
+
+
+def reschedule(kernel: Kernel, stopped: KThread) -> None:
+    """The running thread stopped (blocked or exited): choose who runs next, or note a deadlock."""
+    kernel.machine.request_stop()
+    kernel.next_thread = None
+    choice = schedule_choice(kernel, None, at_entry=False)
+    if choice is None:
+        if any(t.suspended is not None and not t.terminated for t in kernel.threads.values()):
+            kernel.deadlock = wait_chains(kernel)
+        return
+    option = kernel.hooks.choose(stopped, choice)
+    if option is None:
+        kernel.pending_choice = PendingChoice(stopped.tid, None, None, False, "", choice)
+        return
+    take(kernel, option)
+
+
+def yield_at_entry(kernel: Kernel, thread: KThread, regs: tuple[int, ...], via: str, name: str | None) -> bool:
+    """At a visible system call entry another thread may go first (exploration); True if this one yields."""
+    if len(kernel.threads) < 2 or not kernel.visible(name):
+        return False
+    choice = schedule_choice(kernel, thread, at_entry=True)
+    if choice is None:
+        return False
+    trap = KTrapFrame(UserContext._make(regs), via)
+    option = kernel.hooks.choose(thread, choice)
+    if option is None:
+        kernel.pending_choice = PendingChoice(thread.tid, None, trap, False, "", choice, at_entry=True)
+        kernel.machine.request_stop()
+        return True
+    if option == thread.name:
+        return False
+    thread.suspended = Suspended("entry", trap)
+    kernel.machine.request_stop()
+    take(kernel, option)
+    return True
+
+
+def take(kernel: Kernel, option: str) -> None:
+    """Make the thread an option names the next to run (``name times out``: its wait expires first)."""
+    name = option.removesuffix(TIMES_OUT)
+    target = next((t for t in kernel.threads.values() if t.name == name), None)
+    if target is None:
+        raise KernelError(f"no thread named {name!r} to schedule")
+    if option.endswith(TIMES_OUT):
+        time_out(kernel, target)
+    kernel.next_thread = target
+
+
+def _describe_wait(kernel: Kernel, on: tuple[object, ...]) -> str:
+    if on and on[0] == "object":
+        return f"waits on {kernel.objects.name(int(str(on[1])))}"
+    if on and on[0] == "reply":
+        return "waits for the reply to a sent message"
+    return "waits for a sent message"
 
 
 def wait_chains(kernel: Kernel) -> list[str]:
@@ -243,8 +303,7 @@ def _blocker(kernel: Kernel, t: KThread) -> tuple[str, KThread | None]:
 def _where(kernel: Kernel, t: KThread) -> str:
     if t.callback_stack:
         top = t.callback_stack[-1]
-        state = kernel.trace.raw_states[t.state_id]
-        if state[9]:  # pending: at ZwCallbackReturn, the kernel completing the callback
+        if kernel.recorder.pending_at(t.state_id):  # at ZwCallbackReturn, the kernel completing the callback
             return f", suspended at ZwCallbackReturn in a callback for api {top.api}"
         return f", in a callback for api {top.api}"
     return ""

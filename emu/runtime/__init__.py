@@ -74,7 +74,8 @@ def ntdll_source(profile: Profile) -> str:
         if name.startswith("NtUser") or name.startswith("NtGdi"):
             continue  # win32k services live in win32u.dll, not ntdll
         stubs.append(template.format(nt=name, zw=zw_name(name), ssn=ssn))
-    return "\n".join([dispatcher, common, *stubs])
+    handler = pkg.joinpath("dispatcher_handler.asm").read_text()
+    return "\n".join([dispatcher, common, *stubs, handler])
 
 
 def win32u_source(profile: Profile) -> str:

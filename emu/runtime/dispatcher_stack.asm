@@ -9,7 +9,10 @@ KiUserCallbackDispatcher:
     mov rax, qword ptr gs:[0x60]
     mov rax, qword ptr [rax + 0x58]
     call qword ptr [rax + r8 * 8]
-KiUserCallbackDispatcherReturn:
+; The table call returns here. Microsoft's public ntdll symbols name this point
+; KiUserCallbackDispatcherContinue: WinDbg stacks show a user32 callback (e.g. USER32!_fnDWORD)
+; returning to "ntdll!KiUserCallbackDispatcherContinue", itself above win32u!NtUserMessageCall+0x14.
+KiUserCallbackDispatcherContinue:
     xor ecx, ecx
     xor edx, edx
     mov r8d, eax

@@ -25,6 +25,7 @@ from emu.image import PAGE, Image, Section, page_align
 # UNWIND_CODE.UnwindOp values used here (MS docs "struct UNWIND_CODE").
 UWOP_PUSH_NONVOL, UWOP_ALLOC_SMALL, UWOP_PUSH_MACHFRAME = 0, 2, 10
 UNWIND_VERSION = 1
+UNW_FLAG_EHANDLER = 1  # MS docs "struct UNWIND_INFO": an exception handler RVA follows the codes
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class FunctionUnwind:
     end: str
     prolog: int
     codes: tuple[tuple[int, int, int], ...]
+    handler: str = ""  # label of the exception handler (UNW_FLAG_EHANDLER), if any
 
 
 def alloc_small(offset: int, size: int) -> tuple[int, int, int]:
@@ -48,15 +50,17 @@ def alloc_small(offset: int, size: int) -> tuple[int, int, int]:
 # dispatcher_stack.asm: entered with RSP at the UCALLOUT_FRAME, which it never moves; the 0x30
 # bytes below the MachineFrame (home area, Buffer, Length, ApiNumber) and the machine frame
 # were pushed by the kernel (ReactOS ntoskrnl/ke/amd64/usercall.c builds the frame).
+# Windows' ntdll registers KiUserCallbackDispatcherHandler as the dispatcher's exception handler
+# (Microsoft's public ntdll symbols); see dispatcher_handler.asm for what emu's does.
 _DISPATCHER_STACK = FunctionUnwind(
     "KiUserCallbackDispatcher", "RtlUserThreadStart", 0,
-    (alloc_small(0, 0x30), (0, UWOP_PUSH_MACHFRAME, 0)),
+    (alloc_small(0, 0x30), (0, UWOP_PUSH_MACHFRAME, 0)), "KiUserCallbackDispatcherHandler",
 )  # fmt: skip
 # dispatcher_registers.asm: entered like a call, a zero return address below the UCALLOUT_FRAME
 # (emu's kernel writes it), then `sub rsp, 0x28` (4 bytes).
 _DISPATCHER_REGISTERS = FunctionUnwind(
     "KiUserCallbackDispatcher", "RtlUserThreadStart", 4,
-    (alloc_small(4, 0x28), alloc_small(0, 8 + 0x30), (0, UWOP_PUSH_MACHFRAME, 0)),
+    (alloc_small(4, 0x28), alloc_small(0, 8 + 0x30), (0, UWOP_PUSH_MACHFRAME, 0)), "KiUserCallbackDispatcherHandler",
 )  # fmt: skip
 # ntdll.asm: RtlUserThreadStart's `sub rsp, 0x28` (4 bytes) is its whole prologue.
 _COMMON = (FunctionUnwind("RtlUserThreadStart", "RtlRaiseStatus", 4, (alloc_small(4, 0x28),)),)
@@ -67,13 +71,17 @@ TABLES: dict[str, tuple[FunctionUnwind, ...]] = {
 }
 
 
-def unwind_info_bytes(f: FunctionUnwind) -> bytes:
-    """UNWIND_INFO: Version|Flags, SizeOfProlog, CountOfCodes, FrameRegister|FrameOffset, codes (even count)."""
-    out = bytearray([UNWIND_VERSION, f.prolog, len(f.codes), 0])
+def unwind_info_bytes(f: FunctionUnwind, handler_rva: int | None = None) -> bytes:
+    """UNWIND_INFO: Version|Flags, SizeOfProlog, CountOfCodes, FrameRegister|FrameOffset, codes (even
+    count), then the exception handler's RVA when ``handler_rva`` is given (UNW_FLAG_EHANDLER)."""
+    flags = UNW_FLAG_EHANDLER if handler_rva is not None else 0
+    out = bytearray([UNWIND_VERSION | flags << 3, f.prolog, len(f.codes), 0])
     for offset, op, info in f.codes:
         out += bytes([offset, op | info << 4])
     if len(f.codes) % 2:
         out += b"\0\0"
+    if handler_rva is not None:
+        out += struct.pack("<I", handler_rva)
     return bytes(out)
 
 
@@ -86,7 +94,8 @@ def with_unwind_data(image: Image, convention: str) -> Image:
     for f in table:
         begin, end = image.symbols[f.name], image.symbols[f.end]
         entries.append((begin - image.base, end - image.base, xdata_rva + len(xdata)))
-        xdata += unwind_info_bytes(f)
+        handler = image.symbols[f.handler] - image.base if f.handler else None
+        xdata += unwind_info_bytes(f, handler)
         xdata += bytes(-len(xdata) % 4)  # UNWIND_INFO is DWORD-aligned
     pdata = b"".join(struct.pack("<III", *e) for e in sorted(entries))
     pdata_rva = xdata_rva + page_align(max(len(xdata), 1))

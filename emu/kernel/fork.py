@@ -1,0 +1,92 @@
+"""Forking the kernel model: save it, load a saved copy, and say what identifies its state.
+
+The explorer forks the whole machine at each choice; this is the kernel model's part.
+Services are copied by forking their activations (a script copies its position, a
+Python generator is rebuilt by replaying its journal), so one saved state can be
+loaded any number of times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from emu.kernel.objects import ObjectTable
+from emu.kernel.thread import KThread, PendingChoice, ThreadServiceContext
+
+if TYPE_CHECKING:
+    from emu.kernel.core import Kernel
+
+
+@dataclass(frozen=True)
+class KernelState:
+    """A saved kernel model: threads (callback stacks, waits), the current thread, a pending choice, objects."""
+
+    threads: dict[int, KThread]
+    current: int | None
+    max_depth: int
+    pending_choice: PendingChoice | None
+    objects: ObjectTable = field(default_factory=ObjectTable)
+    next_thread: int | None = None
+    deadlock: list[str] = field(default_factory=list)
+
+
+def save_kernel(kernel: Kernel) -> KernelState:
+    """Everything the kernel model knows, copied so the original may go on changing."""
+    return KernelState(
+        {tid: _copy_thread(t) for tid, t in kernel.threads.items()},
+        None if kernel.current is None else kernel.current.tid,
+        kernel.max_depth,
+        _copy_pending(kernel.pending_choice),
+        kernel.objects.copy(),
+        None if kernel.next_thread is None else kernel.next_thread.tid,
+        list(kernel.deadlock),
+    )
+
+
+def load_kernel(kernel: Kernel, state: KernelState) -> None:
+    """Make ``state`` current in ``kernel`` (copied again, so one saved state can be loaded many times)."""
+    threads = {tid: _copy_thread(t) for tid, t in state.threads.items()}
+    for t in threads.values():
+        t.service_ctx = ThreadServiceContext(kernel, t)
+    kernel.set_threads(threads)
+    kernel.current = None if state.current is None else threads[state.current]
+    kernel.max_depth = state.max_depth
+    kernel.pending_choice = _copy_pending(state.pending_choice)
+    kernel.objects = state.objects.copy()
+    kernel.next_thread = None if state.next_thread is None else threads[state.next_thread]
+    kernel.deadlock = list(state.deadlock)
+
+
+def digest_key(kernel: Kernel, thread: KThread) -> tuple[object, ...]:
+    """The kernel-model part of a state's identity: every thread's callback stack, wait and fate, and the objects."""
+    threads = []
+    for t in kernel.threads.values():
+        frames = tuple(
+            (f.api, f.user_frame, tuple(f.trap.ctx), f.activation.position(), f.message_id) for f in t.callback_stack
+        )
+        waiting = None if t.suspended is None else t.suspended.key()
+        entry = None if t.started else tuple(t.entry_context)
+        threads.append((t.tid, t.mode, t.started, t.terminated, t.exit_status, frames, waiting, entry, t.resuming))
+    pending = None
+    if kernel.pending_choice is not None:
+        p = kernel.pending_choice
+        pos = p.activation.position() if p.activation is not None else None
+        pending = (p.tid, p.choice, pos, p.resumed, p.at_entry)
+    nxt = None if kernel.next_thread is None else kernel.next_thread.tid
+    return (thread.tid, tuple(threads), pending, kernel.objects.key(), nxt)
+
+
+def _copy_pending(p: PendingChoice | None) -> PendingChoice | None:
+    if p is not None and p.activation is not None:
+        p = dataclasses.replace(p, activation=p.activation.fork())
+    return p
+
+
+def _copy_thread(t: KThread) -> KThread:
+    frames = [dataclasses.replace(f, activation=f.activation.fork()) for f in t.callback_stack]
+    s = t.suspended
+    if s is not None:
+        s = dataclasses.replace(s, activation=None if s.activation is None else s.activation.fork())
+    return dataclasses.replace(t, callback_stack=frames, service_ctx=None, suspended=s)

@@ -1,0 +1,143 @@
+"""The kernel's recorder: one state and one transition into it per crossing.
+
+The record layout is :class:`emu.trace.RawState` / :class:`emu.trace.RawTransition`;
+each kind of crossing has its own method here, so the kernel never spells a record out
+field by field. Budgets on what a run records (states, captured stack bytes) are kept
+here too, since recording is what they limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from unicorn import UcError
+
+from emu.context import UserContext
+from emu.errors import BudgetExceeded
+from emu.kernel.thread import KThread
+from emu.machine import Machine
+from emu.trace import Mode, RawState, RawTransition, Trace, TransitionKind
+
+STACK_CAPTURE_LIMIT = 0x10000  # bytes of user stack kept per state
+_UNLIMITED = 1 << 62  # one int compare on the hot path when a budget is off
+_RIP, _RSP = UserContext._fields.index("rip"), UserContext._fields.index("rsp")
+
+
+def read_or_none(machine: Machine, address: int, size: int) -> bytes | None:
+    """User memory as the kernel's probe sees it: None where a read would fault."""
+    try:
+        return machine.read(address, size)
+    except UcError:
+        return None
+
+
+class Recorder:
+    """Appends a run's states and transitions to its :class:`Trace`, within budgets."""
+
+    def __init__(
+        self, trace: Trace, machine: Machine, state_budget: int | None = None, output_budget: int | None = None,
+        observe: Callable[[int, KThread], None] | None = None,
+    ) -> None:  # fmt: skip
+        self.trace = trace
+        self.machine = machine
+        self.state_budget = state_budget
+        self.output_budget = output_budget
+        self._state_limit = _UNLIMITED if state_budget is None else state_budget
+        self._output_limit = _UNLIMITED if output_budget is None else output_budget
+        self.output_bytes = 0
+        self.observe = observe
+
+    def stack_of(self, state_id: int) -> bytes:
+        """The stack bytes a recorded state captured (a state with the same RSP may reuse them)."""
+        return self.trace.raw_states[state_id].stack
+
+    def context_of(self, state_id: int) -> tuple[int, ...]:
+        return self.trace.raw_states[state_id].context
+
+    def pending_at(self, state_id: int) -> bool:
+        return self.trace.raw_states[state_id].pending
+
+    def capture(self, thread: KThread, rsp: int) -> bytes:
+        """The user stack from RSP to its base (capped), as a debugger could read it."""
+        if not thread.stack_limit <= rsp < thread.stack_base:
+            return b""
+        return read_or_none(self.machine, rsp, min(thread.stack_base - rsp, STACK_CAPTURE_LIMIT)) or b""
+
+    # --- one method per kind of crossing ----------------------------------------------------
+    def initial(self, thread: KThread) -> None:
+        """A new thread's first state: not started, its entry context (no transition into it)."""
+        ctx = thread.entry_context
+        thread.state_id = len(self.trace.raw_states)
+        self.trace.raw_states.append(
+            RawState(thread.state_id, thread.tid, "user", tuple(ctx), self.capture(thread, ctx.rsp),
+                     thread.stack_base, 0, None, None, False, ())
+        )  # fmt: skip
+
+    def syscall(
+        self, thread: KThread, regs: tuple[int, ...], name: str | None, ssn: int, service: str | None,
+        pending: bool, detail: str,
+    ) -> None:  # fmt: skip
+        """User → kernel at a system call; ``pending``: the seed's state (NtCallbackReturn with a frame)."""
+        self._add("syscall", thread, "kernel", regs, name, ssn, None, None, service, pending, detail, b"", None)
+
+    def sysret(
+        self, thread: KThread, regs: tuple[int, ...], service: str | None, ssn: int | None, status: int,
+        note: str, stack: bytes | None = None,
+    ) -> None:  # fmt: skip
+        """Kernel → user with the service's status (``stack``: bytes known to be unchanged)."""
+        self._add("sysret", thread, "user", regs, service, ssn, status, None, None, False, note, b"", stack)
+
+    def callback(self, thread: KThread, regs: tuple[int, ...], service: str, api: int, note: str) -> None:
+        """Kernel → user at KiUserCallbackDispatcher."""
+        self._add("callback", thread, "user", regs, service, None, None, api, service, False, note, b"", None)
+
+    def callback_return(
+        self, thread: KThread, regs: tuple[int, ...], service: str, status: int, api: int, detail: str, output: bytes
+    ) -> None:
+        """NtCallbackReturn completed a frame: back in the kernel at the service that called back."""
+        self._add("callback_return", thread, "kernel", regs, service, None, status, api, service, False, detail,
+                  output, None)  # fmt: skip
+
+    def block(self, thread: KThread, regs: tuple[int, ...], service: str, what: str) -> None:
+        """The thread waits in the kernel."""
+        self._add("block", thread, "kernel", regs, service, None, None, None, service, False, what, b"", None)
+
+    def exit(self, thread: KThread, regs: tuple[int, ...], service: str, ssn: int | None, status: int) -> None:
+        self._add("exit", thread, "exited", regs, service, ssn, status, None, None, False, "", b"", None)
+
+    def fault(self, thread: KThread, regs: tuple[int, ...], message: str) -> None:
+        self._add("fault", thread, "exited", regs, None, None, None, None, None, False, message, b"", None)
+
+    def _add(
+        self, kind: TransitionKind, thread: KThread, mode: Mode, regs: tuple[int, ...], name: str | None,
+        ssn: int | None, status: int | None, api: int | None, service: str | None, pending: bool,
+        detail: str, data: bytes, stack: bytes | None,
+    ) -> None:  # fmt: skip
+        trace = self.trace
+        sid = len(trace.raw_states)
+        cbs = thread.callback_stack
+        depth = len(cbs)
+        if service is None and cbs and mode == "user":
+            service = cbs[-1].activation.spec.name
+        if sid >= self._state_limit and self.state_budget is not None:
+            raise BudgetExceeded("states", self.state_budget, trace.symbolize(regs[_RIP]))
+        if stack is None:
+            stack = self.capture(thread, regs[_RSP])
+            self.output_bytes += len(stack)
+            if self.output_bytes > self._output_limit and self.output_budget is not None:
+                raise BudgetExceeded("output_bytes", self.output_budget, trace.symbolize(regs[_RIP]))
+        frames = tuple([(f.api, f.activation.spec.name) for f in cbs]) if cbs else ()
+        trace.raw_states.append(RawState(
+            sid, thread.tid, mode, regs, stack, thread.stack_base, depth, service, cbs[-1].api if cbs else None,
+            pending, frames,
+        ))  # fmt: skip
+        trace.raw_transitions.append(RawTransition(
+            len(trace.raw_transitions), kind, thread.tid, thread.state_id, sid, name, ssn, regs[_RIP], regs[_RSP],
+            depth, status, api, detail, data,
+        ))  # fmt: skip
+        thread.state_id = sid
+        thread.mode = mode
+        if thread.resuming is not None and kind != "callback_return":
+            thread.resuming = None
+        if self.observe is not None:
+            self.observe(sid, thread)
