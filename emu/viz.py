@@ -392,20 +392,27 @@ def _max_depths(trace: Trace) -> dict[int, int]:
 
 
 # --- state graph -------------------------------------------------------------------------
-def state_graph(graph_or_run: StateGraph | Run, ax: Axes | None = None) -> Figure:
+def state_graph(graph_or_run: StateGraph | Run, ax: Axes | None = None, name: str | None = None) -> Figure:
     """The state graph drawn in layers: x = step order, y = lane (mode and callback depth).
+
+    The title names the scenario: ``name``, or the run's scenario. An explored graph
+    (edges without steps, from :func:`emu.explore.explore`) is titled as every option's.
 
     A node is a state (``sN``; pending states orange), an edge a transition coloured by
     kind. Built from the graph's node and edge attributes only, so an explored graph
     with branches draws too: nodes that land on one spot are spread along their lane.
     Artists carry ids ``node-s<id>``, ``pending-s<id>`` and ``edge-<step>``.
     """
-    g = graph_or_run if isinstance(graph_or_run, StateGraph) else graph_or_run.graph
+    if isinstance(graph_or_run, StateGraph):
+        g = graph_or_run
+    else:
+        g, name = graph_or_run.graph, name or graph_or_run.scenario.name
     nxg = g.nx
     nodes = dict(nxg.nodes(data=True))
     x_of: dict[str, float] = {}
     pred: dict[str, str] = {}
-    if all("step" in d for _, _, d in nxg.edges(data=True)):
+    explored = not all("step" in d for _, _, d in nxg.edges(data=True))
+    if not explored:
         edges = sorted(nxg.edges(data=True), key=lambda e: (int(e[2]["step"]), str(e[0]), str(e[1])))
         for u, v, d in edges:
             if v not in x_of:
@@ -480,9 +487,9 @@ def state_graph(graph_or_run: StateGraph | Run, ax: Axes | None = None) -> Figur
         ax.tick_params(axis="x", labelsize=7)
         kinds = [k for k in KIND_COLORS if any(e[2]["kind"] == k for e in edges)]
         _legend(ax, kinds, any(d.get("pending") for d in nodes.values()), "state", marker="o")
-        ax.set_title(
-            f"state graph: {len(nodes)} states, {len(edges)} transitions", loc="left", fontsize=TITLE_SIZE, pad=34
-        )
+        what = "explored state graph (every option)" if explored else "state graph"
+        title = f"{f'{name}: ' if name else ''}{what}: {len(nodes)} states, {len(edges)} transitions"
+        ax.set_title(title, loc="left", fontsize=TITLE_SIZE, pad=34)
     return fig
 
 
