@@ -1,4 +1,7 @@
-"""``emu plot FILE -o timeline.png|.svg [--graph]``: a scenario's timeline (or state graph) as a picture.
+"""``emu plot FILE -o timeline.png|.svg [--graph [--default-run]]``: a scenario's timeline (or state graph).
+
+With ``--graph``, a scenario with choices is explored and every option is drawn
+(``--default-run``: only the run that takes each choice's default).
 
 For people without Jupyter. Needs matplotlib (the ``[notebooks]`` extra); the file is
 written atomically (a temporary file in the same directory, then a rename), and the
@@ -25,7 +28,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("scenario")
     p.add_argument("-o", "--output", required=True, help="timeline.png or timeline.svg")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    p.add_argument("--graph", action="store_true", help="draw the state graph instead of the timeline")
+    p.add_argument(
+        "--graph",
+        action="store_true",
+        help="draw the state graph instead of the timeline: every option's (explored) when the scenario has choices",
+    )
+    p.add_argument(
+        "--default-run", action="store_true", help="with --graph: draw only the default run's graph, not every option"
+    )
     p.set_defaults(func=cmd_plot)
     return p
 
@@ -56,6 +66,18 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     refuse_overwrite(out, getattr(args, "force", False))
     r = run(load_scenario(args.scenario, getattr(args, "allow_path", [])))
+    if args.graph and not getattr(args, "default_run", False):
+        from emu.explore import explore
+
+        exp = explore(r.scenario)
+        if exp.forks:  # the scenario has choices: one run shows only the default of each
+            _write_atomic(out, viz.state_graph(exp.graph, name=r.scenario.name), fmt)
+            incomplete = "" if exp.complete else f", stopped by the {exp.stopped_by} budget"
+            sys.stdout.write(
+                f"wrote {out} (explored state graph: {exp.states} states, {exp.graph.lean.number_of_edges()} "
+                f"transitions, {exp.paths} paths{incomplete})\n"
+            )
+            return _finish(r, sys.stderr)
     fig = viz.state_graph(r) if args.graph else viz.timeline(r)
     _write_atomic(out, fig, fmt)
     what = "state graph" if args.graph else "timeline"

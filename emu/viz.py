@@ -188,13 +188,14 @@ def _root_figure(ax: Axes) -> Figure:
     return root
 
 
-def _draw_lanes(ax: Axes, lane_set: Lanes, x0: float, x1: float) -> None:
+def _draw_lanes(ax: Axes, lane_set: Lanes, x0: float, x1: float, ys: list[float] | None = None) -> None:
     labels = lane_set.labels()
-    for i, (_, mode, _) in enumerate(lane_set.keys):
+    at = ys if ys is not None else [float(i) for i in range(len(labels))]
+    for y, (_, mode, _) in zip(at, lane_set.keys, strict=True):
         if mode == "kernel":
-            ax.axhspan(i - 0.5, i + 0.5, color=KERNEL_BAND, lw=0, zorder=0)
-        ax.axhline(i, color="#D0D0D0", lw=0.6, ls=(0, (2, 3)), zorder=0.5)
-    ax.set_yticks(range(len(labels)), labels)
+            ax.axhspan(y - 0.5, y + 0.5, color=KERNEL_BAND, lw=0, zorder=0)
+        ax.axhline(y, color="#D0D0D0", lw=0.6, ls=(0, (2, 3)), zorder=0.5)
+    ax.set_yticks(at, labels)
     ax.tick_params(axis="y", length=0)
     ax.set_ylabel("mode, callback depth dN", fontsize=7.5, color="#555555")
     ax.set_xlim(x0, x1)
@@ -257,7 +258,15 @@ def timeline(run: Run | Trace, ax: Axes | None = None) -> Figure:
     n = len(lane_set.keys)
     last = max((t.step for t in transitions), default=0)
     x0, x1 = -0.8, last + 1.1
-    sides, pad_bottom = _label_sides(transitions, lane_of, n)
+    refused = {t.step: _refusal(t) for t in transitions if _refusal(t)}
+    sides, pads = _label_sides(transitions, lane_of, lane_set, refused)
+    offset: dict[int, float] = {}
+    below = 0.0
+    for tid in sorted(pads):
+        offset[tid] = below
+        below += pads[tid]
+    ys = [i + offset[k[0]] for i, k in enumerate(lane_set.keys)]
+    lane_y = {sid: ys[i] for sid, i in lane_of.items()}
     pending = [s for s in states if s.pending]
     waiting = {0: "no state", 1: "1 state"}.get(len(pending), f"{len(pending)} states")
     depth = max((s.depth for s in states), default=0)
@@ -268,20 +277,20 @@ def timeline(run: Run | Trace, ax: Axes | None = None) -> Figure:
     with _style():
         if ax is None:
             plot_w = max(STEP_W * (x1 - x0), MIN_PLOT_W, _text_length(title, TITLE_SIZE) + 0.1)
-            plot_h = LANE_H * (n + pad_bottom)
+            plot_h = LANE_H * (n + below)
             width = MARGIN_LEFT + plot_w + MARGIN_RIGHT
             fig, ax = _new_axes(width, MARGIN_TOP + plot_h + MARGIN_BOTTOM, plot_w, plot_h)
         else:
             fig = _root_figure(ax)
-        _draw_lanes(ax, lane_set, x0, x1)
-        ax.set_ylim(n - 0.5 + pad_bottom, -0.5)  # lane 0 at the top
+        _draw_lanes(ax, lane_set, x0, x1, ys)
+        ax.set_ylim(n - 0.5 + below, -0.5)  # lane 0 at the top
 
         for s in states:
             if s.mode == "exited":
                 continue
             xa = entered.get(s.id, x0 + 0.2)
             xb = left.get(s.id, xa + 0.6)
-            y = lane_of[s.id]
+            y = lane_y[s.id]
             if s.pending:
                 ax.plot([xa, xb], [y, y], color=PENDING_COLOR, lw=7, solid_capstyle="butt", zorder=2,
                         gid=f"pending-s{s.id}")  # fmt: skip
@@ -293,7 +302,7 @@ def timeline(run: Run | Trace, ax: Axes | None = None) -> Figure:
 
         for t in transitions:
             color = KIND_COLORS.get(t.kind, "#000000")
-            ya, yb = lane_of[t.src], lane_of[t.dst]
+            ya, yb = lane_y[t.src], lane_y[t.dst]
             x = float(t.step)
             if ya == yb:  # the thread's end (exit, fault): along its last lane to an end marker
                 head = (x + 0.6, ya)
@@ -307,9 +316,16 @@ def timeline(run: Run | Trace, ax: Axes | None = None) -> Figure:
                                         shrinkA=2, shrinkB=2, zorder=3, gid=f"transition-{t.step}")  # fmt: skip
             ax.add_patch(arrow)
             side, label_y = sides[t.step]
+            label_y += offset[t.thread]
             ax.text(x, label_y, transition_label(t.kind, t.service, t.api, t.ssn), rotation=90, ha="center",
                     va="bottom" if side == "above" else "top", fontsize=LABEL_SIZE, color=color,
                     gid=f"label-{t.step}")  # fmt: skip
+
+            if t.step in refused:  # drawn where the thread waited in the kernel for the refused callback
+                side, label_y = sides[-1 - t.step]
+                ax.text(float(t.step) - 0.5, label_y + offset[t.thread], refused[t.step], rotation=90, ha="center",
+                        va="bottom" if side == "above" else "top", fontsize=LABEL_SIZE, color=KIND_COLORS["fault"],
+                        fontweight="bold", gid=f"refused-{t.step}")  # fmt: skip
 
         if last <= 80:
             ax.set_xticks(range(last + 1))
@@ -321,30 +337,51 @@ def timeline(run: Run | Trace, ax: Axes | None = None) -> Figure:
     return fig
 
 
-def _label_sides(
-    transitions: list[Transition], lane_of: dict[int, int], n: int
-) -> tuple[dict[int, tuple[str, float]], float]:
-    """Where each arrow's label starts, and how much room to add below the lanes.
+def _refusal(t: Transition) -> str:
+    """``api N refused: STATUS_…`` for a service's return after the kernel refused its callback, else ''."""
+    # emu/kernel/core.py words the refusal "callback api N refused: STATUS_… (why)" in the detail
+    if t.kind != "sysret" or "refused:" not in t.detail:
+        return ""
+    what = t.detail[t.detail.index("callback api ") :] if "callback api " in t.detail else t.detail
+    return what.removeprefix("callback ").split(" (")[0]
 
-    A label runs vertically from its arrow's end into the lanes the thread is not in at
-    that step (it is in one lane at a time, so that column is free): to the side with
-    the more room when it fits there, else to the other, else below with extra room.
-    The label of a thread's end starts past the end marker.
+
+def _label_sides(
+    transitions: list[Transition], lane_of: dict[int, int], lane_set: Lanes, refused: dict[int, str]
+) -> tuple[dict[int, tuple[str, float]], dict[int, float]]:
+    """Where each arrow's label starts (in lane units), and how much room to add below each thread's lanes.
+
+    A label runs vertically from its arrow's end into the lanes of its own thread that the
+    thread is not in at that step (a thread is in one lane at a time, so that column is
+    free; other threads' lanes hold their own bars and labels): to the side with the more
+    room when it fits there, else to the other, else below with extra room under that
+    thread's lanes. The label of a thread's end starts past the end marker. A refused
+    callback's status (key ``-1 - step``) runs from the kernel lane the thread waited in.
     """
+    first: dict[int, int] = {}
+    end: dict[int, int] = {}
+    for i, (tid, _, _) in enumerate(lane_set.keys):
+        first.setdefault(tid, i)
+        end[tid] = i
     sides: dict[int, tuple[str, float]] = {}
-    pad_bottom = 0.0
+    pads = dict.fromkeys(first, 0.0)
+
+    def place(key: int, tid: int, ya: int, yb: int, gap: float, text: str) -> None:
+        top, bottom = min(ya, yb), max(ya, yb)
+        room_above, room_below = top - first[tid] + 0.5 - gap, end[tid] + 0.5 - bottom - gap
+        need = _text_length(text) / LANE_H
+        if need <= room_above and (need > room_below or room_above >= room_below):
+            sides[key] = ("above", top - gap)
+        else:
+            sides[key] = ("below", bottom + gap)
+            pads[tid] = max(pads[tid], need - room_below)
+
     for t in transitions:
         ya, yb = lane_of[t.src], lane_of[t.dst]
-        gap = 0.34 if ya == yb else 0.16
-        top, bottom = min(ya, yb), max(ya, yb)
-        room_above, room_below = top + 0.5 - gap, n - 0.5 - bottom - gap
-        need = _text_length(transition_label(t.kind, t.service, t.api, t.ssn)) / LANE_H
-        if need <= room_above and (need > room_below or room_above >= room_below):
-            sides[t.step] = ("above", top - gap)
-        else:
-            sides[t.step] = ("below", bottom + gap)
-            pad_bottom = max(pad_bottom, need - room_below)
-    return sides, pad_bottom
+        place(t.step, t.thread, ya, yb, 0.34 if ya == yb else 0.16, transition_label(t.kind, t.service, t.api, t.ssn))
+        if t.step in refused:
+            place(-1 - t.step, t.thread, ya, ya, 0.16, refused[t.step])
+    return sides, pads
 
 
 def _max_depths(trace: Trace) -> dict[int, int]:
@@ -355,20 +392,27 @@ def _max_depths(trace: Trace) -> dict[int, int]:
 
 
 # --- state graph -------------------------------------------------------------------------
-def state_graph(graph_or_run: StateGraph | Run, ax: Axes | None = None) -> Figure:
+def state_graph(graph_or_run: StateGraph | Run, ax: Axes | None = None, name: str | None = None) -> Figure:
     """The state graph drawn in layers: x = step order, y = lane (mode and callback depth).
+
+    The title names the scenario: ``name``, or the run's scenario. An explored graph
+    (edges without steps, from :func:`emu.explore.explore`) is titled as every option's.
 
     A node is a state (``sN``; pending states orange), an edge a transition coloured by
     kind. Built from the graph's node and edge attributes only, so an explored graph
     with branches draws too: nodes that land on one spot are spread along their lane.
     Artists carry ids ``node-s<id>``, ``pending-s<id>`` and ``edge-<step>``.
     """
-    g = graph_or_run if isinstance(graph_or_run, StateGraph) else graph_or_run.graph
+    if isinstance(graph_or_run, StateGraph):
+        g = graph_or_run
+    else:
+        g, name = graph_or_run.graph, name or graph_or_run.scenario.name
     nxg = g.nx
     nodes = dict(nxg.nodes(data=True))
     x_of: dict[str, float] = {}
     pred: dict[str, str] = {}
-    if all("step" in d for _, _, d in nxg.edges(data=True)):
+    explored = not all("step" in d for _, _, d in nxg.edges(data=True))
+    if not explored:
         edges = sorted(nxg.edges(data=True), key=lambda e: (int(e[2]["step"]), str(e[0]), str(e[1])))
         for u, v, d in edges:
             if v not in x_of:
@@ -443,9 +487,9 @@ def state_graph(graph_or_run: StateGraph | Run, ax: Axes | None = None) -> Figur
         ax.tick_params(axis="x", labelsize=7)
         kinds = [k for k in KIND_COLORS if any(e[2]["kind"] == k for e in edges)]
         _legend(ax, kinds, any(d.get("pending") for d in nodes.values()), "state", marker="o")
-        ax.set_title(
-            f"state graph: {len(nodes)} states, {len(edges)} transitions", loc="left", fontsize=TITLE_SIZE, pad=34
-        )
+        what = "explored state graph (every option)" if explored else "state graph"
+        title = f"{f'{name}: ' if name else ''}{what}: {len(nodes)} states, {len(edges)} transitions"
+        ax.set_title(title, loc="left", fontsize=TITLE_SIZE, pad=34)
     return fig
 
 

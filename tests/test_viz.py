@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import io
 from pathlib import Path
+from typing import Any
 
 import pytest
 from matplotlib.axes import Axes
@@ -16,6 +17,7 @@ from conftest import SCENARIOS, asm_scenario
 from emu import viz
 from emu.cli_plot import add_parser, cmd_plot
 from emu.engine import Run
+from emu.explore import explore
 from emu.winnt import STATUS_INVALID_HANDLE
 
 
@@ -254,7 +256,9 @@ def test_plot_every_shipped_scenario(scenario: Path, tmp_path: Path, capsys: pyt
     assert cmd_plot(plot_args(str(scenario), "-o", str(png))) == 0
     assert cmd_plot(plot_args(str(scenario), "-o", str(svg), "--graph")) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert svg.read_text().count('id="edge-') == len(emu.run(scenario).trace)
+    exp = explore(scenario)
+    want = exp.graph.lean.number_of_edges() if exp.forks else len(emu.run(scenario).trace)
+    assert svg.read_text().count('id="edge-') == want
     assert sorted(p.name for p in tmp_path.iterdir()) == ["graph.svg", "timeline.png"]  # no temp files left
     assert "wrote" in capsys.readouterr().out
 
@@ -285,9 +289,79 @@ def test_readme_picture_is_generated_by_the_script(root: Path) -> None:
 
 
 def test_state_graph_draws_an_explored_graph(root) -> None:  # type: ignore[no-untyped-def]
-    from emu.explore import explore
-
     exp = explore(root / "scenarios/choice_nested_depth.toml")
     ax = viz.state_graph(exp.graph).axes[0]
     assert len(gids(ax, "edge-")) == exp.graph.lean.number_of_edges()
     assert len(gids(ax, "pending-")) == len(exp.pending) == 3
+
+
+# --- pictures name what they show, and nothing overlaps ----------------------------------
+@pytest.mark.parametrize("name", ["choice_nested_depth", "choice_status"])
+def test_plot_graph_of_a_choice_scenario_draws_every_option(
+    root: Path, tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scenario = str(root / "scenarios" / f"{name}.toml")
+    exp, r = explore(scenario), emu.run(scenario)
+    assert exp.forks and exp.graph.lean.number_of_edges() > len(r.trace)
+    every, default = tmp_path / "every.svg", tmp_path / "default.svg"
+    assert cmd_plot(plot_args(scenario, "-o", str(every), "--graph")) == 0
+    assert "explored state graph" in capsys.readouterr().out
+    svg = every.read_text()
+    assert svg.count('id="edge-') == exp.graph.lean.number_of_edges()
+    assert svg.count('id="pending-n') == len(exp.pending)
+    assert cmd_plot(plot_args(scenario, "-o", str(default), "--graph", "--default-run")) == 0
+    assert default.read_text().count('id="edge-') == len(r.trace)
+    # the picture is not the nested_callbacks one, and it is the same every time
+    pngs = []
+    for i, which in enumerate([scenario, scenario, str(root / "scenarios" / "nested_callbacks.toml")]):
+        png = tmp_path / f"{i}.png"
+        assert cmd_plot(plot_args(which, "-o", str(png), "--graph")) == 0
+        pngs.append(png.read_bytes())
+    assert pngs[0] == pngs[1] != pngs[2]
+
+
+def test_graph_and_timeline_titles_name_the_scenario(root: Path, shipped_runs: dict[str, Run]) -> None:
+    r = shipped_runs["nested_callbacks"]
+    assert viz.state_graph(r).axes[0].get_title(loc="left").startswith("nested_callbacks: state graph: 18 states")
+    assert viz.timeline(r).axes[0].get_title(loc="left").startswith("nested_callbacks: 17 transitions")
+    exp = explore(root / "scenarios" / "choice_nested_depth.toml")
+    title = viz.state_graph(exp.graph, name=exp.scenario.name).axes[0].get_title(loc="left")
+    assert title == "choice_nested_depth: explored state graph (every option): 18 states, 20 transitions"
+
+
+def _extents(fig: Figure) -> tuple[Axes, Any]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return fig.axes[0], canvas.get_renderer()
+
+
+@pytest.mark.parametrize("name", ["threads_no_deadlock", "threads_deadlock_sometimes", "callback_depth_overflow"])
+def test_timeline_labels_overlap_neither_each_other_nor_a_state(shipped_runs: dict[str, Run], name: str) -> None:
+    ax, renderer = _extents(viz.timeline(shipped_runs[name]))
+    labels = [t for t in ax.texts if (t.get_gid() or "").startswith(("label-", "refused-"))]
+    boxes = [(t.get_gid(), t.get_window_extent(renderer)) for t in labels]
+    for i, (a, box_a) in enumerate(boxes):
+        for b, box_b in boxes[i + 1 :]:
+            assert not box_a.overlaps(box_b), (a, b)
+    bars = [line for line in ax.get_lines() if (line.get_gid() or "").startswith(("state-s", "pending-s"))]
+    for line in bars:
+        (xa, xb), (y, _) = line.get_xdata(), line.get_ydata()  # type: ignore[misc]
+        (pa, pb) = ax.transData.transform([(xa, y), (xb, y)])
+        for gid, box in boxes:
+            crosses = box.x0 < pb[0] and pa[0] < box.x1 and box.y0 < pa[1] < box.y1
+            assert not crosses, (gid, line.get_gid())
+
+
+def test_depth_overflow_timeline_shows_the_refused_callback(shipped_runs: dict[str, Run]) -> None:
+    r = shipped_runs["callback_depth_overflow"]
+    ax = viz.timeline(r).axes[0]
+    (sysret,) = [t for t in r.trace if t.kind == "sysret" and t.depth == 4]
+    (note,) = [t for t in ax.texts if (t.get_gid() or "").startswith("refused-")]
+    assert note.get_gid() == f"refused-{sysret.step}"
+    assert note.get_text() == "api 2 refused: STATUS_STACK_OVERFLOW"
+    lanes = [t.get_text() for t in ax.get_yticklabels()]
+    x, y = note.get_position()
+    assert x == sysret.step - 0.5  # while the thread waited in the kernel for the callback it did not get
+    assert abs(y - lanes.index("kernel d4")) < 0.5
