@@ -79,7 +79,8 @@ def ntdll_source(profile: Profile) -> str:
         if name.startswith("NtUser") or name.startswith("NtGdi"):
             continue  # win32k services live in win32u.dll, not ntdll
         stubs.append(template.format(nt=name, zw=zw_name(name), ssn=ssn))
-    return "\n".join([dispatcher, common, *stubs])
+    tail = pkg.joinpath("ntdll_tail.asm").read_text()  # after the stubs: no address before it moves
+    return "\n".join([dispatcher, common, *stubs, tail])
 
 
 def win32u_source(profile: Profile) -> str:
