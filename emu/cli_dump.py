@@ -41,6 +41,9 @@ def add_parser(sub: Any) -> None:
     )
     d.add_argument("-o", "--output", required=True, help="the .dmp file to write")
     d.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    d.add_argument(
+        "--full", action="store_true", help="full memory: whole stacks and the scenario's memory regions too"
+    )
     d.set_defaults(func=cmd_dump)
 
 
@@ -87,7 +90,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
         refuse_overwrite(out, args.force)
         r = run(load_scenario(args.scenario, getattr(args, "allow_path", [])))
         state = find_state(r, args.state)
-        data = write_minidump(r, state, out)
+        data = write_minidump(r, state, out, full=getattr(args, "full", False))
         threads = len(threads_at(r, state))
     except EmuError as e:
         sys.stderr.write(f"{e}\n")

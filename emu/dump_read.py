@@ -129,8 +129,12 @@ class DumpView:
 
     def threads(self) -> list[ThreadView]:
         """One ThreadView per thread, in ThreadList order (emu writes the dumped state's thread first):
-        its context, the memory outside modules (every thread's stack), the modules."""
+        its context, the stack memory (every thread's stack: the allocations holding the threads'
+        Stack ranges, or all memory outside modules when the dump has no MemoryInfoList), the modules."""
         outside = tuple((s, d) for s, d in self.memory if not any(m.contains(s) for m in self.modules))
+        stacks = {a for t in self.thread_records if t.stack[1] and (a := self.allocation_of(t.stack[0])) is not None}
+        if self.regions:  # stack memory only (a dump also holds TEBs, the PEB, KUSER_SHARED_DATA...)
+            outside = tuple((s, d) for s, d in outside if self.allocation_of(s) in stacks)
         views = []
         for t in self.thread_records:
             memory = outside
@@ -139,6 +143,13 @@ class DumpView:
                 memory = tuple(sorted((*outside, t.stack)))  # a stack the memory list does not hold
             views.append(ThreadView(t.thread_id, t.context, memory, self.modules, None))
         return views
+
+    def allocation_of(self, address: int) -> int | None:
+        """The AllocationBase of the MemoryInfoList region holding ``address``, if the dump describes it."""
+        for r in self.regions:
+            if r.base <= address < r.base + r.size:
+                return r.allocation_base
+        return None
 
     def thread(self, thread_id: int) -> ThreadView:
         for v in self.threads():

@@ -23,13 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from emu.dump_format import (
-    CONTEXT,
-    CONTEXT_CONTROL,
-    CONTEXT_INTEGER,
-    CONTEXT_REGISTERS,
-    CONTEXT_SEGMENTS,
     CONTEXT_SIZE,
-    INITIAL_MXCSR,
     MEM_COMMIT,
     MEM_IMAGE,
     MEM_PRIVATE,
@@ -51,9 +45,6 @@ from emu.dump_format import (
     PAGE_READWRITE,
     PROCESSOR_ARCHITECTURE_AMD64,
     PROTECT_BY_PERMS,
-    SEG_CS,
-    SEG_DATA,
-    SEG_FS,
     VER_NT_WORKSTATION,
     VER_PLATFORM_WIN32_NT,
     VS_FFI_SIGNATURE,
@@ -68,10 +59,12 @@ from emu.dump_format import (
     SystemInfoStream,
     ThreadListStream,
 )
+from emu.dump_memory import Region, image_regions, process_regions, stack_regions
 from emu.dump_modules import emu_stream
+from emu.dump_streams import HandleDataStream, ThreadInfoListStream, context_bytes, handle_data, thread_info_list
 from emu.engine import PROCESS_ID, THREAD_ID_BASE  # the engine owns the numbering
 from emu.errors import DumpError
-from emu.image import PAGE, Image, page_align
+from emu.image import Image
 from emu.writing import write_atomic
 
 if TYPE_CHECKING:
@@ -81,18 +74,6 @@ if TYPE_CHECKING:
 
 BUILTIN_MODULES = ("ntdll", "win32u")  # emu's own runtime, named as System32 DLLs
 NORMAL_PRIORITY_CLASS = 0x20  # winbase.h; Priority 0 is THREAD_PRIORITY_NORMAL
-
-
-@dataclass(frozen=True)
-class Region:
-    """One MINIDUMP_MEMORY_INFO entry, and its bytes when the dump holds them."""
-
-    start: int
-    size: int
-    perms: str
-    allocation_base: int
-    kind: int  # MEM_IMAGE or MEM_PRIVATE
-    data: bytes | None = None
 
 
 def thread_id(index: int) -> int:
@@ -155,45 +136,6 @@ def csd_version(title: str) -> str:
     return f"Service Pack {m.group(1)}" if m else ""
 
 
-def image_regions(image: Image) -> list[Region]:
-    """The header page and the sections as mapped (page-aligned, zero-filled, never overlapping)."""
-    head = max(PAGE, len(image.headers))  # the machine maps a header page for every image
-    spans = [(image.base, head, "r", image.headers)]
-    spans += [(image.base + s.rva, s.size, s.perms, s.data) for s in image.sections]
-    spans.sort(key=lambda t: t[0])
-    out: list[Region] = []
-    for i, (start, size, perms, data) in enumerate(spans):
-        end = start + page_align(max(size, 1))
-        if i + 1 < len(spans):
-            end = min(end, spans[i + 1][0])
-        if out and start < out[-1].start + out[-1].size:
-            continue  # a section inside the one before it (never in images emu builds)
-        if end > start:
-            body = data[: end - start]
-            out.append(Region(start, end - start, perms, image.base, MEM_IMAGE, body + bytes(end - start - len(body))))
-    return out
-
-
-def stack_regions(rsp: int, stack: bytes, limit: int, base: int) -> list[Region]:
-    """The stack allocation, split at RSP: emu records the bytes from RSP up, so that part holds data.
-
-    A Memory64List range must start where a MemoryInfoList region starts (udmp-parser, for
-    one, looks ranges up by region base), hence a region boundary at RSP, unaligned.
-    """
-
-    def private(start: int, end: int, data: bytes | None = None) -> Region:
-        return Region(start, end - start, "rw", limit, MEM_PRIVATE, data)
-
-    if not (stack and limit <= rsp < base):
-        return [private(limit, base)] if base > limit else []
-    top = rsp + len(stack)
-    out = [private(limit, rsp)] if rsp > limit else []
-    out.append(private(rsp, top, stack))
-    if top < base:
-        out.append(private(top, base))
-    return out
-
-
 def _pe_stamps(headers: bytes) -> tuple[int, int]:
     """(CheckSum, TimeDateStamp) from PE headers (IMAGE_NT_HEADERS64), or zeros for an assembled image."""
     if len(headers) < 0x40:
@@ -210,18 +152,6 @@ def minidump_string(text: str) -> bytes:
     """MINIDUMP_STRING: Length in bytes (without the terminator), then UTF-16LE and a null WCHAR."""
     raw = text.encode("utf-16-le")
     return len(raw).to_bytes(4, "little") + raw + b"\0\0"
-
-
-def context_bytes(state: State) -> bytes:
-    """The thread's user-mode x64 CONTEXT (0x4D0 bytes): control, integer and segment registers."""
-    values: dict[str, int | bytes] = {
-        "ContextFlags": CONTEXT_CONTROL | CONTEXT_INTEGER | CONTEXT_SEGMENTS,
-        "MxCsr": INITIAL_MXCSR, "FltSave.MxCsr": INITIAL_MXCSR,
-        "SegCs": SEG_CS, "SegDs": SEG_DATA, "SegEs": SEG_DATA, "SegFs": SEG_FS, "SegGs": SEG_DATA, "SegSs": SEG_DATA,
-    }  # fmt: skip
-    for reg, fname in CONTEXT_REGISTERS.items():
-        values[fname] = getattr(state.context, reg) & (0xFFFF_FFFF if fname == "EFlags" else 0xFFFF_FFFF_FFFF_FFFF)
-    return CONTEXT.pack(values)
 
 
 def _memory_info(r: Region) -> bytes:
@@ -245,11 +175,17 @@ class _File:
         return rva
 
 
-def write_minidump(run: Run, state: State, path: str | Path | None = None, *, memory64: bool = True) -> bytes:
+def write_minidump(
+    run: Run, state: State, path: str | Path | None = None, *, memory64: bool = True, full: bool = False,
+    process: list[Region] | None = None,
+) -> bytes:  # fmt: skip
     """A minidump of ``state`` (a state of ``run``); written atomically to ``path`` when given.
 
     ``memory64`` picks Memory64ListStream (what full-memory dumps use, and what
-    udmp-parser reads) or MemoryListStream (what MiniDumpNormal uses).
+    udmp-parser reads) or MemoryListStream (what MiniDumpNormal uses). ``full`` writes
+    every committed byte emu knows (see :mod:`emu.dump_memory`). ``process`` is
+    :func:`~emu.dump_memory.process_regions` of the run, when the caller has it already
+    (it builds the process again).
 
     Raises:
         DumpError: the state is not one of ``run``'s, or its thread is not part of the run.
@@ -257,12 +193,14 @@ def write_minidump(run: Run, state: State, path: str | Path | None = None, *, me
     dumped = threads_at(run, state)
     images = sorted(run.images, key=lambda i: i.base)
     regions = [r for img in images for r in image_regions(img)]
+    regions += process if process is not None else process_regions(run, full)
     for t, shown in dumped:
-        regions += stack_regions(shown.context.rsp, shown.stack, t.stack_limit, t.stack_base)
+        regions += stack_regions(shown.context.rsp, shown.stack, t.stack_limit, t.stack_base, full)
     regions.sort(key=lambda r: r.start)
     ranges = [r for r in regions if r.data]
     threads = [
-        _Thread(thread_id(shown.thread), t.teb, shown, _stack_range(ranges, t.stack_limit)) for t, shown in dumped
+        _Thread(thread_id(shown.thread), t.teb, shown, _stack_range(ranges, t.stack_limit), _start_address(t))
+        for t, shown in dumped
     ]
     first = _layout(run, state, threads, images, regions, ranges, 0, memory64)
     data_base = len(first.buf) + (-len(first.buf) % 16)
@@ -282,6 +220,14 @@ class _Thread:
     teb: int
     state: State
     stack: int | None  # index into the memory ranges; None when the dump holds none of its stack
+    start: int  # where the thread started (its entry context's RIP)
+
+
+def _start_address(t: KThread) -> int:
+    """The thread's entry (MINIDUMP_THREAD_INFO.StartAddress, the Win32 start address): RCX when it starts
+    in RtlUserThreadStart(entry, argument), RAX when it starts at its entry (see Process.create_thread)."""
+    ctx = t.entry_context
+    return ctx.rax or ctx.rcx
 
 
 def _stack_range(ranges: list[Region], allocation: int) -> int | None:
@@ -300,7 +246,8 @@ def _layout(
     def stream(kind: int, data: bytes) -> None:
         streams.append((kind, len(data), f.add(data)))
 
-    count = 7
+    objects = run.scenario.objects
+    count = 9 if objects else 8
     f.add(MINIDUMP_HEADER.pack({
         "Signature": MINIDUMP_SIGNATURE, "Version": MINIDUMP_VERSION, "NumberOfStreams": count,
         "StreamDirectoryRva": MINIDUMP_HEADER.size, "Flags": MiniDumpWithFullMemoryInfo,
@@ -365,6 +312,9 @@ def _layout(
     stream(MiscInfoStream, MINIDUMP_MISC_INFO.pack({
         "SizeOfInfo": MINIDUMP_MISC_INFO.size, "Flags1": MINIDUMP_MISC1_PROCESS_ID, "ProcessId": PROCESS_ID,
     }))  # fmt: skip
+    stream(ThreadInfoListStream, thread_info_list([(t.tid, t.start) for t in threads]))
+    if objects:
+        stream(HandleDataStream, handle_data(objects, lambda text: f.add(minidump_string(text), 4)))
     source = {"scenario": run.scenario.name, "profile": profile.name, "state": state.id}
     stream(EmuModulesStream, emu_stream(images, source))
 

@@ -37,6 +37,7 @@ from emu.loader_data import build_loader_data, main_image
 from emu.machine import Machine
 from emu.pe import load_pe
 from emu.runtime import NTDLL_BASE, build_kernel32, build_ntdll, build_win32u
+from emu.runtime.pe_image import with_pe_headers
 from emu.scenario import CallbackStep, ChoiceStep, ObjectStep, PeSpec, Scenario, Step, ThreadSpec, load_scenario
 from emu.startup import InitThunk, find_init_thunk
 from emu.stubs import compare_with_profile, guess_dispatcher_convention, service_table
@@ -219,7 +220,7 @@ class Process:
             self.machine.map_image(img)
         self.init_thunk = self._fill_init_thunk()
         if self.traps.traps:
-            trap_image = self.traps.image()
+            trap_image = with_pe_headers(self.traps.image(), "unbound.dll")
             self.images.append(trap_image)
             self.machine.map_image(trap_image)
             self.machine.add_code_hook(trap_image.base, trap_image.end, self._trap_hit)
@@ -466,7 +467,8 @@ class Process:
 
         try:
             # Names other modules export are linked through import slots, as a linker does (emu.link).
-            return image_from_assembly(name, MODULE_BASE + i * MODULE_STRIDE, code, data, imports=exporter)
+            image = image_from_assembly(name, MODULE_BASE + i * MODULE_STRIDE, code, data, imports=exporter)
+            return with_pe_headers(image, f"{name}.dll")  # a PE image in memory, as a loaded DLL is
         except AssemblyError as e:
             key = e.section
             where = self.scenario.line_of("module", i, key)

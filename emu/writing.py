@@ -26,7 +26,7 @@ def refuse_overwrite(path: str | Path, force: bool) -> None:
 
 
 def _umask() -> int:
-    # The umask can only be read by setting it; set it straight back.
+    """The process's umask (POSIX has no call that only reads it: set it and put it back)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -47,7 +47,7 @@ def write_atomic_with(path: str | Path, fill: Callable[[BinaryIO], object]) -> N
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; a new file gets the umask's mode
         with os.fdopen(fd, "wb") as f:
             fill(f)
         os.replace(tmp, p)

@@ -149,16 +149,19 @@ def test_same_state_same_bytes(pending_dump: bytes, tmp_path: Path) -> None:
 # --- independent readers ------------------------------------------------------------------------
 
 
-def test_skelsec_minidump_reads_thread_modules_and_stack(runs: dict[str, Run], pending_dump: bytes) -> None:
+def test_skelsec_minidump_reads_thread_modules_and_stack(
+    runs: dict[str, Run], pending_dump: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
     from minidump.minidumpfile import MinidumpFile
 
     r = runs["callback_roundtrip.toml"]
     s = _pending(r)
-    logging.disable(logging.CRITICAL)  # it logs a traceback for the PEB, which emu does not dump
-    try:
-        mf = MinidumpFile.parse_bytes(pending_dump)
-    finally:
-        logging.disable(logging.NOTSET)
+    with caplog.at_level(logging.DEBUG):
+        mf = MinidumpFile.parse_bytes(pending_dump)  # it parses the PEB too: TEB and PEB are in the dump
+    assert not [x.getMessage() for x in caplog.records if x.levelno >= logging.WARNING]
+    assert mf.peb is not None and mf.peb.address == int.from_bytes(
+        mf.get_reader().read(mf.threads.threads[0].Teb + 0x60, 8), "little"
+    )
     [t] = mf.threads.threads
     assert (t.ThreadId, t.ContextObject.Rip, t.ContextObject.Rsp) == (thread_id(s.thread), s.rip, s.rsp)
     assert {m.name: m.baseaddress for m in mf.modules.modules} == {module_path(i): i.base for i in r.images}
@@ -229,13 +232,13 @@ CTX = THREAD + 0x28  # MINIDUMP_THREAD.ThreadContext
 MALFORMED: list[tuple[str, Mutation, str]] = [
     ("empty", lambda raw, at: b"", "MINIDUMP_HEADER: the file is 0 bytes, shorter than the 32-byte header"),
     ("cut in header", lambda raw, at: bytes(raw[:20]), "MINIDUMP_HEADER: the file is 20 bytes, shorter than the 32-byte header"),
-    ("cut in directory", lambda raw, at: bytes(raw[:0x30]), "stream directory: 7 MINIDUMP_DIRECTORY entries at 0x20+0x54 runs past the end of the file (0x30 bytes)"),
+    ("cut in directory", lambda raw, at: bytes(raw[:0x30]), "stream directory: 8 MINIDUMP_DIRECTORY entries at 0x20+0x60 runs past the end of the file (0x30 bytes)"),
     ("cut in streams", lambda raw, at: bytes(raw[:0x200]), "ThreadListStream: Location at {thread_rva:#x}+0x34 runs past the end of the file (0x200 bytes)"),
     ("cut in memory", lambda raw, at: bytes(raw[:-100]), "Memory64ListStream: the memory of {ranges} ranges (BaseRva) at {base_rva:#x}+{data_size:#x} runs past the end of the file ({cut:#x} bytes)"),
     ("bad signature", _put("<I", None, 0, 0x4D444D50), "MINIDUMP_HEADER: Signature 0x4d444d50 is not 'MDMP' (0x504d444d): not a minidump"),
     ("bad version", _put("<I", None, 4, 0xA792), "MINIDUMP_HEADER: Version 0xa792 is not MINIDUMP_VERSION (0xa793)"),
     ("no streams", _put("<I", None, 8, 0), "stream directory: NumberOfStreams is 0"),
-    ("directory past EOF", _put("<I", None, 12, 0x7FFFFF00), "stream directory: 7 MINIDUMP_DIRECTORY entries at 0x7fffff00+0x54 runs past the end of the file ({size:#x} bytes)"),
+    ("directory past EOF", _put("<I", None, 12, 0x7FFFFF00), "stream directory: 8 MINIDUMP_DIRECTORY entries at 0x7fffff00+0x60 runs past the end of the file ({size:#x} bytes)"),
     ("directory in header", _put("<I", None, 12, 8), "stream directory: StreamDirectoryRva 0x8 overlaps the header"),
     ("stream past EOF", _entry(ThreadListStream, 2, lambda at: 0xFFFFFF00), "ThreadListStream: Location at 0xffffff00+0x34 runs past the end of the file ({size:#x} bytes)"),
     ("streams overlap", _entry(ModuleListStream, 2, lambda at: at[ThreadListStream][1]), "ModuleListStream: Location at {thread_rva:#x}+{module_size:#x} points into the ThreadListStream"),
@@ -245,7 +248,7 @@ MALFORMED: list[tuple[str, Mutation, str]] = [
     ("x86", _put("<H", SystemInfoStream, 0, 0), "SystemInfoStream: ProcessorArchitecture 0 is not AMD64 (9): emu reads x64 dumps only"),
     ("thread count 2^31", _put("<I", ThreadListStream, 0, 1 << 31), "ThreadListStream: NumberOfThreads 2147483648 needs 0x1800000004 bytes but the stream has 0x34"),
     ("memory64 count 2^63", _put("<Q", Memory64ListStream, 0, 1 << 63), "Memory64ListStream: NumberOfMemoryRanges 9223372036854775808 needs 0x80000000000000010 bytes but the stream has {mem64_size:#x}"),
-    ("memory ranges overlap", lambda raw, at: _copy_range_start(raw, at, 1, 2), "Memory64ListStream: memory ranges at 0x7ffac0000000 and 0x7ffac0000000 overlap"),
+    ("memory ranges overlap", lambda raw, at: _copy_range_start(raw, at, 1, 2), "Memory64ListStream: memory ranges at 0x100000000 and 0x100000000 overlap"),
     ("context too small", _put("<I", ThreadListStream, CTX, 0x100), "ThreadListStream: thread 0x1004: ThreadContext is 0x100 bytes, smaller than an x64 CONTEXT (0x4d0)"),
     ("context past EOF", _put("<I", ThreadListStream, CTX + 4, 0xFFFFF000), "ThreadListStream: thread 0x1004: ThreadContext at 0xfffff000+0x4d0 runs past the end of the file ({size:#x} bytes)"),
     ("context points into itself", _put("<I", ThreadListStream, CTX + 4, 0), "ThreadListStream: thread 0x1004: ThreadContext at 0x0+0x4d0 points into the header"),
@@ -260,7 +263,7 @@ MALFORMED: list[tuple[str, Mutation, str]] = [
 
 
 def _copy_range_start(raw: bytearray, at: dict[int, tuple[int, int, int]], src: int, dst: int) -> bytes:
-    """Memory64List: range ``dst`` starts where range ``src`` does (range 0 is the stack, 1 the first image page)."""
+    """Memory64List: range ``dst`` starts where range ``src`` does (by address: 0 is KUSER_SHARED_DATA, 1 the first allocation)."""
     descs = at[Memory64ListStream][1] + 16
     struct.pack_into("<Q", raw, descs + 16 * dst, struct.unpack_from("<Q", raw, descs + 16 * src)[0])
     return bytes(raw)
@@ -454,3 +457,72 @@ def test_fuzzed_dumps_slow(
     pytestconfig: pytest.Config, fuzz_base: tuple[bytes, int], ops: list[tuple[int, int, bool]], cut: int | None
 ) -> None:
     _check(fuzz_base, ops, cut, pytestconfig)
+
+
+# --- what real tools expect of a user-mode dump (issue: dumps that real tools accept) ----------
+
+
+def test_regions_are_whole_pages_and_hold_teb_peb_kuser_and_the_thread_info(
+    runs: dict[str, Run], caplog: pytest.LogCaptureFixture
+) -> None:
+    from minidump.minidumpfile import MinidumpFile
+
+    from emu.dump_streams import CONTEXT_ALL
+    from emu.winnt import KUSER_SHARED_DATA, TEB_PEB
+
+    r = runs["callback_roundtrip.toml"]
+    s = _pending(r)
+    view = read_minidump(write_minidump(r, s), "pending.dmp")
+    assert all(g.base % 0x1000 == 0 and g.size % 0x1000 == 0 for g in view.regions)
+    assert all(start % 0x1000 == 0 and len(d) % 0x1000 == 0 for start, d in view.memory)
+    teb = r.threads[s.thread].teb
+    peb = int.from_bytes(view.read(teb + TEB_PEB, 8) or b"", "little")
+    assert peb and view.read(peb, 0x10) is not None
+    assert view.read(KUSER_SHARED_DATA + 0x308, 1) is not None  # KUSER_SHARED_DATA.SystemCall
+    assert view.read(r.images[0].base, 2) == b"MZ"  # every module's headers
+    data = write_minidump(r, s, full=True)
+    with caplog.at_level(logging.DEBUG):
+        mf = MinidumpFile.parse_bytes(data)
+    assert not [x.getMessage() for x in caplog.records if x.levelno >= logging.WARNING]
+    assert mf.threads.threads[0].ContextObject.ContextFlags == CONTEXT_ALL
+    assert mf.threads.threads[0].ContextObject.SegCs == 0x33 and mf.threads.threads[0].ContextObject.SegSs == 0x2B
+    assert [t.ThreadId for t in mf.thread_info.infos] == [thread_id(s.thread)]
+    assert mf.sysinfo.BuildNumber == r.scenario.profile.build
+
+
+def test_handle_data_lists_the_scenarios_events_and_mutants(runs: dict[str, Run]) -> None:
+    from minidump.minidumpfile import MinidumpFile
+
+    r = run(ROOT / "scenarios" / "threads_no_deadlock.toml")
+    mf = MinidumpFile.parse_bytes(write_minidump(r, r.trace.states[-1]))
+    got = sorted((h.Handle, h.TypeName) for h in mf.handles.handles)
+    assert got == sorted((o.handle, "Event" if o.kind == "event" else "Mutant") for o in r.scenario.objects) and got
+
+
+def test_dump_cli_refuses_to_overwrite_and_writes_with_the_umask(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "x.dmp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "emu.cli",
+        "dump",
+        str(ROOT / "scenarios" / "callback_roundtrip.toml"),
+        "--state",
+        "pending",
+        "-o",
+        str(out),
+        "--full",
+    ]
+    old = os.umask(0o027)
+    try:
+        first = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    finally:
+        os.umask(old)
+    assert first.returncode == 0, first.stderr
+    assert out.stat().st_mode & 0o777 == 0o640
+    again = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "--force" in again.stderr

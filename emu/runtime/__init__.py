@@ -1,6 +1,10 @@
 """The built-in reference ntdll (syscall stubs, KiUserCallbackDispatcher, RtlUserThreadStart),
 win32u (win32k stubs) and a kernel32 holding only BaseThreadInitThunk.
 
+Each is a PE image in memory (:mod:`emu.runtime.pe_image`): headers at its base, an export
+directory, and for ntdll the exception directory over its ``.pdata``. The code sits at
+base+0x1000 as before.
+
 Assembled with keystone from the source in ``ntdll.asm`` plus one stub per
 service in the profile's table, so it runs without any Windows file. NtX and ZwX
 are two names for one address, as in the real ntdll.
@@ -14,6 +18,7 @@ from importlib import resources
 
 from emu.image import Image, image_from_assembly
 from emu.profile import Profile
+from emu.runtime.pe_image import with_pe_headers
 from emu.runtime.unwind import with_unwind_data
 
 NTDLL_BASE = 0x7FFB_0000_0000
@@ -75,7 +80,8 @@ def ntdll_source(profile: Profile) -> str:
             continue  # win32k services live in win32u.dll, not ntdll
         stubs.append(template.format(nt=name, zw=zw_name(name), ssn=ssn))
     handler = pkg.joinpath("dispatcher_handler.asm").read_text()
-    return "\n".join([dispatcher, common, *stubs, handler])
+    tail = pkg.joinpath("ntdll_tail.asm").read_text()  # after the stubs: no address before it moves
+    return "\n".join([dispatcher, common, *stubs, handler, tail])
 
 
 def win32u_source(profile: Profile) -> str:
@@ -109,17 +115,18 @@ def build_kernel32(base: int, terminate_thread: int) -> Image:
 @functools.lru_cache(maxsize=32)
 def _kernel32(base: int, terminate_thread: int) -> Image:
     source = resources.files("emu.runtime").joinpath("kernel32.asm").read_text()
-    return image_from_assembly(
+    image = image_from_assembly(
         "kernel32", base, source, resolve=lambda name: terminate_thread if name == "NtTerminateThread" else None
     )
+    return with_pe_headers(image, "kernel32.dll")
 
 
 # The runtime is the same for every run of a profile: assemble it once per process.
 @functools.lru_cache(maxsize=32)
 def _ntdll(source: str, dispatcher: str, base: int) -> Image:
-    return with_unwind_data(image_from_assembly("ntdll", base, source), dispatcher)
+    return with_pe_headers(with_unwind_data(image_from_assembly("ntdll", base, source), dispatcher), "ntdll.dll")
 
 
 @functools.lru_cache(maxsize=32)
 def _win32u(source: str, base: int) -> Image:
-    return image_from_assembly("win32u", base, source)
+    return with_pe_headers(image_from_assembly("win32u", base, source), "win32u.dll")
