@@ -83,7 +83,7 @@ RUNTIME_FUNCTION_SIZE = 12
 # MACHINE_FRAME as UWOP_PUSH_MACHFRAME pops it: Rip +0, SegCs +8, EFlags +0x10, Rsp +0x18, SegSs +0x20
 # (MS docs "struct UNWIND_CODE"; the same layout as the UCALLOUT_FRAME's MachineFrame in emu.winnt).
 MACHFRAME_RIP, MACHFRAME_RSP = 0x0, 0x18
-MAX_FRAMES = 128
+MAX_FRAMES = 4096  # a 256 KiB stack holds a few thousand frames at most; the walk reports a stop here
 # Every thread starts in ntdll!RtlUserThreadStart as if called with a zero return address
 # (ReactOS dll/ntdll/dispatch/amd64/dispatch.S, emu.engine.create_thread): the walk ends there,
 # and a zero return address anywhere else is a broken stack.

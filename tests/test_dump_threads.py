@@ -34,7 +34,6 @@ from emu.engine import Run, build, run
 from emu.errors import DumpError
 from emu.kernel import KernelHooks, KThread
 from emu.kernel.hooks import take_default
-from emu.kernel.record import STACK_CAPTURE_LIMIT
 from emu.kernel.services import Choice
 from emu.scenario import load_scenario
 
@@ -58,7 +57,7 @@ def _stack(read: Callable[[int, int], bytes], t: KThread, ctx: UserContext) -> b
     """The thread's stack from RSP up, as the kernel captures it for a state."""
     if not t.stack_limit <= ctx.rsp < t.stack_base:
         return b""
-    return read(ctx.rsp, min(t.stack_base - ctx.rsp, STACK_CAPTURE_LIMIT))
+    return read(ctx.rsp, t.stack_base - ctx.rsp)
 
 
 def _observed_run(path: Path, seed: int | None) -> tuple[Run, dict[int, list[Live]]]:

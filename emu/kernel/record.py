@@ -18,7 +18,9 @@ from emu.kernel.thread import KThread
 from emu.machine import Machine
 from emu.trace import Mode, RawState, RawTransition, Trace, TransitionKind
 
-STACK_CAPTURE_LIMIT = 0x10000  # bytes of user stack kept per state
+# No cap on the user stack kept per state: the whole live stack, RSP to the stack base (a
+# thread's stack region is 256 KiB at most), so deep callback nesting is never cut short
+# silently; the output_bytes budget bounds the total.
 _UNLIMITED = 1 << 62  # one int compare on the hot path when a budget is off
 _RIP, _RSP = UserContext._fields.index("rip"), UserContext._fields.index("rsp")
 
@@ -58,10 +60,10 @@ class Recorder:
         return self.trace.raw_states[state_id].pending
 
     def capture(self, thread: KThread, rsp: int) -> bytes:
-        """The user stack from RSP to its base (capped), as a debugger could read it."""
+        """The user stack from RSP to its base, as a debugger could read it."""
         if not thread.stack_limit <= rsp < thread.stack_base:
             return b""
-        return read_or_none(self.machine, rsp, min(thread.stack_base - rsp, STACK_CAPTURE_LIMIT)) or b""
+        return read_or_none(self.machine, rsp, thread.stack_base - rsp) or b""
 
     # --- one method per kind of crossing ----------------------------------------------------
     def initial(self, thread: KThread) -> None:
