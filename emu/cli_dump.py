@@ -1,7 +1,7 @@
 """``emu dump FILE --state ID -o OUT.dmp`` and ``emu detect --dump OUT.dmp``.
 
 A dump holds every thread of the process as it is at the state (the state's own thread
-first), and ``emu detect --dump`` reports each thread that waits at ZwCallbackReturn, with
+first), and ``emu detect --dump`` reports each thread that sits at ZwCallbackReturn, with
 its thread id. Both print one line per problem and return exit code 2 for invalid input (a missing or
 malformed file, an unknown state, an output that exists without ``--force``), like the
 rest of the ``emu`` command.
@@ -123,5 +123,5 @@ def cmd_detect_dump(args: argparse.Namespace) -> int:
             f"thread {d.thread:#x}: {d.rip}  [rsp] -> {d.return_address}  depth {d.depth}  api {d.api_number}\n"
         )
     if not dets:
-        sys.stdout.write(f"no thread waits at ZwCallbackReturn in {args.dump}\n")
+        sys.stdout.write(f"no thread is at ZwCallbackReturn in {args.dump}\n")
     return EXIT_OK

@@ -112,7 +112,7 @@ class StateGraph:
         return iter(self.lean.nodes)
 
     def pending(self) -> list[str]:
-        """Nodes where the thread waits at ZwCallbackReturn (ground truth)."""
+        """Nodes where the thread is at ZwCallbackReturn: callback-return pending (ground truth)."""
         return [n for n, d in self.lean.nodes(data=True) if d["state"].pending]
 
     def merges(self) -> list[str]:

@@ -225,7 +225,7 @@ def timeline(run: Run | Trace, ax: Axes | None = None) -> Figure:
     """A swimlane timeline: one lane per (mode, callback depth), one arrow per transition.
 
     x is the transition step. Each state is a bar on its lane between the transitions
-    that enter and leave it; the states where the thread waits at ZwCallbackReturn
+    that enter and leave it; the states where the thread is at ZwCallbackReturn
     (``pending``) are orange and named ``sN``. Each arrow is labelled with its service,
     or ``api N`` for a callback and its return, and coloured by kind.
 
@@ -270,9 +270,7 @@ def timeline(run: Run | Trace, ax: Axes | None = None) -> Figure:
     pending = [s for s in states if s.pending]
     waiting = {0: "no state", 1: "1 state"}.get(len(pending), f"{len(pending)} states")
     depth = max((s.depth for s in states), default=0)
-    title = (
-        f"{name}: {len(transitions)} transitions, callback depth up to {depth}, {waiting} waiting at ZwCallbackReturn"
-    )
+    title = f"{name}: {len(transitions)} transitions, callback depth up to {depth}, {waiting} at ZwCallbackReturn (callback-return pending)"
 
     with _style():
         if ax is None:

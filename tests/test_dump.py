@@ -400,7 +400,7 @@ def test_emu_detect_dump_text_json_and_bad_file(tmp_path: Path, capsys: pytest.C
     assert _cli(["dump", str(ROUNDTRIP), "--state", "s0", "-o", str(tmp_path / "s0.dmp")]) == 0
     capsys.readouterr()
     assert _cli(["detect", "--dump", str(tmp_path / "s0.dmp")]) == 0
-    assert capsys.readouterr().out == f"no thread waits at ZwCallbackReturn in {tmp_path / 's0.dmp'}\n"
+    assert capsys.readouterr().out == f"no thread is at ZwCallbackReturn in {tmp_path / 's0.dmp'}\n"
     (tmp_path / "bad.dmp").write_bytes(out.read_bytes()[:16])
     assert _cli(["detect", "--dump", str(tmp_path / "bad.dmp")]) == 2
     err = capsys.readouterr().err

@@ -107,7 +107,7 @@ def observed() -> Observed:
 
 
 def test_the_runs_cover_what_matters(observed: Observed) -> None:
-    """The schedules reach deadlocks, and states where one thread waits at ZwCallbackReturn while another moves."""
+    """The schedules reach deadlocks, and states where one thread is at ZwCallbackReturn (preempted) while another moves."""
     stops = {r.stop for r, _ in observed.values()}
     assert stops == {"exit", "deadlock"}
     cross = 0

@@ -286,7 +286,7 @@ class Kernel:
             self._sysret_now(thread, regs, via, STATUS_NO_CALLBACK_ACTIVE, NT_CALLBACK_RETURN, "", reuse_stack=True)
             return
         service = thread.callback_stack[-1].activation.spec.name
-        # The seed's state: the user side waits at ZwCallbackReturn while the kernel completes the callback.
+        # The seed's state: the user side sits at ZwCallbackReturn while the kernel completes the callback.
         self.recorder.syscall(thread, regs, NT_CALLBACK_RETURN, ssn, service, True, _VIA[via])
         if sched.yield_at_entry(self, thread, regs, via, NT_CALLBACK_RETURN):
             return

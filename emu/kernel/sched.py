@@ -304,6 +304,6 @@ def _where(kernel: Kernel, t: KThread) -> str:
     if t.callback_stack:
         top = t.callback_stack[-1]
         if kernel.recorder.pending_at(t.state_id):  # at ZwCallbackReturn, the kernel completing the callback
-            return f", suspended at ZwCallbackReturn in a callback for api {top.api}"
+            return f", at ZwCallbackReturn (preempted, Ready) in a callback for api {top.api}"
         return f", in a callback for api {top.api}"
     return ""
