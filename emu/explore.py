@@ -158,7 +158,7 @@ class Explorer:
         return self._merged_at is not None
 
     def _observe(self, sid: int, thread: KThread) -> None:
-        raw = self.trace.raw_states[sid]
+        raw = self.trace.raw_state(sid)
         h = hashlib.blake2b(digest_size=12)
         # tid, mode, registers; then depth, service, api, pending, callback frames; then the
         # stack from RSP up (bytes below RSP are dead: the x64 ABI has no red zone).
@@ -184,7 +184,7 @@ class Explorer:
                 if chains:
                     self.chains[d] = chains
         if self._last is not None:
-            t = self.trace.raw_transitions[-1]
+            t = self.trace.raw_transition(-1)
             # (src, dst, kind, service, ssn, status, api, detail), between consecutive states of the process
             self.edges[(self._last, d, t.kind, t.service, t.ssn, t.status, t.api, t.detail)] = None
         self._last = d

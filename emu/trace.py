@@ -13,7 +13,7 @@ can see from the transitions, so recording stays cheap.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from emu.context import KTrapFrame, UserContext
 from emu.winnt import status_name
@@ -158,6 +158,10 @@ class RawTransition(NamedTuple):
         )  # fmt: skip
 
 
+# Index of the fields read straight from raw tuples on the hot path (named once, above).
+S_CONTEXT, S_STACK, S_PENDING = (RawState._fields.index(f) for f in ("context", "stack", "pending"))
+T_KIND = RawTransition._fields.index("kind")
+
 # The raw records carry the typed ones' fields, in their order (a layout edit must touch both).
 if RawState._fields != State._fields or RawTransition._fields != tuple(
     f for f in Transition._fields if f not in ("rip_symbol", "rsp_symbol")
@@ -168,16 +172,16 @@ if RawState._fields != State._fields or RawTransition._fields != tuple(
 class Trace:
     """The states and transitions of one run, in the order they happened.
 
-    The kernel's recorder (``emu.kernel.record``) appends :class:`RawState` and
-    :class:`RawTransition` records (the hot path); :attr:`states` and
-    :attr:`transitions` build the typed records on first access, with symbols
-    resolved then.
+    The kernel's recorder (``emu.kernel.record``) appends plain tuples laid out as
+    :class:`RawState` and :class:`RawTransition` (the hot path; read one with
+    :meth:`raw_state` or ``RawState._make``); :attr:`states` and :attr:`transitions`
+    build the typed records on first access, with symbols resolved then.
     """
 
     def __init__(self, symbolize: Callable[[int], str]) -> None:
         self.symbolize = symbolize
-        self.raw_states: list[RawState] = []
-        self.raw_transitions: list[RawTransition] = []
+        self.raw_states: list[tuple[Any, ...]] = []  # RawState layout
+        self.raw_transitions: list[tuple[Any, ...]] = []  # RawTransition layout
         self.thread_starts: list[
             str
         ] = []  # per thread, how it started ("thread0: ntdll!RtlUserThreadStart -> app!main")
@@ -188,7 +192,7 @@ class Trace:
     def states(self) -> list[State]:
         done = len(self._states)
         if done < len(self.raw_states):
-            self._states.extend(r.typed() for r in self.raw_states[done:])
+            self._states.extend(RawState._make(r).typed() for r in self.raw_states[done:])
         return self._states
 
     @property
@@ -196,8 +200,14 @@ class Trace:
         done = len(self._transitions)
         if done < len(self.raw_transitions):
             sym = self.symbolize
-            self._transitions.extend(r.typed(sym) for r in self.raw_transitions[done:])
+            self._transitions.extend(RawTransition._make(r).typed(sym) for r in self.raw_transitions[done:])
         return self._transitions
+
+    def raw_state(self, state_id: int) -> RawState:
+        return RawState._make(self.raw_states[state_id])
+
+    def raw_transition(self, step: int) -> RawTransition:
+        return RawTransition._make(self.raw_transitions[step])
 
     def __iter__(self) -> Iterator[Transition]:
         return iter(self.transitions)
@@ -216,5 +226,5 @@ class Trace:
     def kinds(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for r in self.raw_transitions:
-            counts[r.kind] = counts.get(r.kind, 0) + 1
+            counts[r[T_KIND]] = counts.get(r[T_KIND], 0) + 1
         return counts

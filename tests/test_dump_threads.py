@@ -71,7 +71,7 @@ def _observed_run(path: Path, seed: int | None) -> tuple[Run, dict[int, list[Liv
         out = []
         for t in kernel.threads.values():
             if t is moving:
-                ctx = UserContext._make(kernel.trace.raw_states[sid].context)
+                ctx = UserContext._make(kernel.trace.raw_state(sid).context)
             elif t.terminated:
                 continue  # ended: not in a dump
             elif not t.started:

@@ -28,7 +28,7 @@ def test_broken_invariant_in_a_run_raises_instead_of_ending_as_a_fault() -> None
     def lose_the_thread(sid: int, thread: KThread) -> None:
         # Break the kernel's bookkeeping after the first system call returns: the next
         # system call finds no current thread, which only a bug in the model can cause.
-        if p is not None and p.trace.raw_states[sid].mode == "user" and sid > 0:
+        if p is not None and p.trace.raw_state(sid).mode == "user" and sid > 0:
             p.kernel.current = None
 
     p = build(scenario, KernelHooks(observe=lose_the_thread))

@@ -1,6 +1,7 @@
 """The kernel's recorder: one state and one transition into it per crossing.
 
-The record layout is :class:`emu.trace.RawState` / :class:`emu.trace.RawTransition`;
+The record layout is :class:`emu.trace.RawState` / :class:`emu.trace.RawTransition`
+(appended as plain tuples in that field order: the hot path);
 each kind of crossing has its own method here, so the kernel never spells a record out
 field by field. Budgets on what a run records (states, captured stack bytes) are kept
 here too, since recording is what they limit.
@@ -16,7 +17,7 @@ from emu.context import UserContext
 from emu.errors import BudgetExceeded
 from emu.kernel.thread import KThread
 from emu.machine import Machine
-from emu.trace import Mode, RawState, RawTransition, Trace, TransitionKind
+from emu.trace import S_CONTEXT, S_PENDING, S_STACK, Mode, Trace, TransitionKind
 
 # No cap on the user stack kept per state: the whole live stack, RSP to the stack base (a
 # thread's stack region is 256 KiB at most), so deep callback nesting is never cut short
@@ -51,13 +52,15 @@ class Recorder:
 
     def stack_of(self, state_id: int) -> bytes:
         """The stack bytes a recorded state captured (a state with the same RSP may reuse them)."""
-        return self.trace.raw_states[state_id].stack
+        stack: bytes = self.trace.raw_states[state_id][S_STACK]
+        return stack
 
     def context_of(self, state_id: int) -> tuple[int, ...]:
-        return self.trace.raw_states[state_id].context
+        regs: tuple[int, ...] = self.trace.raw_states[state_id][S_CONTEXT]
+        return regs
 
     def pending_at(self, state_id: int) -> bool:
-        return self.trace.raw_states[state_id].pending
+        return bool(self.trace.raw_states[state_id][S_PENDING])
 
     def capture(self, thread: KThread, rsp: int) -> bytes:
         """The user stack from RSP to its base, as a debugger could read it."""
@@ -71,8 +74,8 @@ class Recorder:
         ctx = thread.entry_context
         thread.state_id = len(self.trace.raw_states)
         self.trace.raw_states.append(
-            RawState(thread.state_id, thread.tid, "user", tuple(ctx), self.capture(thread, ctx.rsp),
-                     thread.stack_base, 0, None, None, False, ())
+            (thread.state_id, thread.tid, "user", tuple(ctx), self.capture(thread, ctx.rsp), thread.stack_base, 0,
+             None, None, False, ())
         )  # fmt: skip
 
     def syscall(
@@ -129,11 +132,12 @@ class Recorder:
             if self.output_bytes > self._output_limit and self.output_budget is not None:
                 raise BudgetExceeded("output_bytes", self.output_budget, trace.symbolize(regs[_RIP]))
         frames = tuple([(f.api, f.activation.spec.name) for f in cbs]) if cbs else ()
-        trace.raw_states.append(RawState(
+        # Plain tuples in the RawState / RawTransition field order (emu.trace names the fields).
+        trace.raw_states.append((
             sid, thread.tid, mode, regs, stack, thread.stack_base, depth, service, cbs[-1].api if cbs else None,
             pending, frames,
         ))  # fmt: skip
-        trace.raw_transitions.append(RawTransition(
+        trace.raw_transitions.append((
             len(trace.raw_transitions), kind, thread.tid, thread.state_id, sid, name, ssn, regs[_RIP], regs[_RSP],
             depth, status, api, detail, data,
         ))  # fmt: skip
