@@ -151,6 +151,7 @@ class Explorer:
         self._stacks = [(t.stack_limit, t.stack_base) for t in self.kernel.threads.values()]
         self._deadline = 0.0
         self._next_check = 0.0  # when to look at memory and write progress next
+        self._rss_base = 0  # the process's resident memory when the exploration began
         self.fault_digests: list[tuple[str, str]] = []  # (state digest, message), after run()
 
     # --- state identity -------------------------------------------------------------
@@ -214,6 +215,9 @@ class Explorer:
         gc.disable()
         watchdog = Watchdog(self.machine, b.wall_time)
         self._next_check = start
+        # The budget is on what the exploration adds: a test runner or a notebook kernel that
+        # already holds hundreds of MiB must not stop an exploration before it starts.
+        self._rss_base = resident_bytes()
         if self.progress is not None:
             self.progress.write(f"\rexploring {self.scenario.name}: starting ")
             self.progress.flush()
@@ -271,7 +275,7 @@ class Explorer:
                 break
             if now >= self._next_check:
                 self._next_check = now + CHECK_EVERY
-                if resident_bytes() > b.process_memory:
+                if resident_bytes() - self._rss_base > b.process_memory:
                     result.stopped_by = "process_memory"
                     break
                 self._report(result, work)

@@ -82,7 +82,7 @@ class Budgets:
     memory: int = 1 << 30  # bytes mapped into the address space (images, stacks, [[memory]])
     # Exploration: the process's resident memory (RSS), checked as it goes; saved forks hold
     # copies of dirty pages, so a wide exploration grows until this stops it.
-    process_memory: int = 768 << 20
+    process_memory: int = 640 << 20  # resident memory an exploration may add to the process
     # Exploration: options waiting on the work list. Past it, breadth-first exploration goes on
     # depth-first (newest first), which adds about choice_depth x (options - 1) more; at twice
     # the budget plus choice_depth it stops.

@@ -131,7 +131,7 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
             "choice_depth": "an integer (exploration)",
             "output_bytes": "an integer: stack bytes kept with the recorded states",
             "memory": "an integer: bytes mapped into the address space",
-            "process_memory": "an integer: bytes of the emu process's resident memory (exploration)",
+            "process_memory": "an integer: bytes of resident memory an exploration may add to the process",
             "frontier": "an integer: options waiting on an exploration's work list",
         },
     )
