@@ -51,7 +51,7 @@ ADDRESSES = [
     0, 8, 0x1000, 0xFFFF, 0x10000,  # NULL page and below the first mapping
     0x7FFE0000, 0x7FFE0308, 0x7FFE0FF8,  # KUSER_SHARED_DATA (read-only)
     0x7FF_FFFD_F000, 0x7FF_FFFD_F060, 0x7FF_FFFD_D000, 0x7FF_FFFD_D030,  # PEB, TEB
-    0x1_0000_0000, 0x1_0000_1000, 0x1_0000_2000,  # emu's allocations: table, stack guard, stack
+    0x1_0000_0000, 0x1_0000_2000, 0x1_0000_4000, 0x1_0000_5000,  # emu's allocations: table, loader data, stack guard, stack
     0x7FFB_0000_0000, 0x7FFB_0000_1000, 0x7FFA_C000_1000,  # ntdll and app headers / code
     0x7FFF_FFFF_FFF8, 0x8000_0000_0000, 0xFFFF_8000_0000_0000, 0xFFFF_FFFF_FFFF_FFF8,  # top, non-canonical, kernel
 ]  # fmt: skip
