@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.allow_path = [*args.allow_path, *getattr(args, "allow_path_after", [])]
-    interrupts.install()
+    if argv is None:  # the process's own command line: emu owns the process and its signals
+        interrupts.install()
     return guarded(args.func, args, args.command)
 
 

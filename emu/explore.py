@@ -41,8 +41,8 @@ Strategy = Literal["bfs", "dfs"]
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 CHECK_EVERY = 0.1  # seconds between looks at resident memory (and progress lines)
 # Building the canonical graph after the walk costs about 65 µs per state (measured on a
-# 2-core VM); the walk stops early enough to leave about half again as much.
-GRAPH_SECONDS_PER_STATE = 100e-6
+# 2-core VM); the walk stops early enough to leave twice that.
+GRAPH_SECONDS_PER_STATE = 130e-6
 
 
 def resident_bytes() -> int:
