@@ -207,7 +207,7 @@ class Process:
                 self.images.append(build_win32u(runtime, WIN32U_BASE))
         for i, pe in enumerate(scenario.pe):
             self.images.append(self._load_pe(pe, ("pe", str(i), "path")))
-        if self.foreign and not any(img.name.lower() == "kernel32" for img in self.images):
+        if self.foreign and self._kernel32() is None:
             # Right after ntdll, where the Windows loader puts kernel32 in the load order.
             self.images.insert(1, self._builtin_kernel32())
         self._bind_imports()
@@ -265,7 +265,7 @@ class Process:
         self.kernel.visible = lambda name: name in shared
         many = len(specs) > 1
         self.entries: list[int] = []
-        self.starts: list[str] = []  # per thread: how it starts, in words (the trace and explain show it)
+        modes: list[str] = []
         for i, th in enumerate(specs):
             where = ("thread", str(i), "entry") if many else ("thread", "entry")
             entry = self.resolve(th.entry, where)
@@ -274,8 +274,7 @@ class Process:
             t.name = th.name
             self.kernel.add_thread(t)
             self.entries.append(entry)
-            self.starts.append(f"{th.name}: {self._describe_start(mode, entry)}")
-        self.trace.thread_starts = list(self.starts)
+            modes.append(mode)
         self.thread = self.kernel.threads[0]
         for o in scenario.objects:
             owner = tids[o.owner] if o.owner else None
@@ -291,6 +290,11 @@ class Process:
         sym = Symbolizer(self.images, self.stack_regions)
         self.trace.symbolize = sym
         self.machine.symbolize = sym
+        # How each thread starts, in words: `emu run` and `emu explain` show it.
+        self.trace.thread_starts = [
+            f"{th.name}: {self._describe_start(mode, entry, sym)}"
+            for th, mode, entry in zip(specs, modes, self.entries)
+        ]
 
     # --- building -------------------------------------------------------------------
     def _load_pe(self, spec: PeSpec, where: tuple[str, ...]) -> Image:
@@ -406,7 +410,7 @@ class Process:
         if not self.foreign:
             return None
         found = find_init_thunk(self.ntdll)
-        k32 = next((img for img in self.images if img.name.lower() == "kernel32"), None)
+        k32 = self._kernel32()
         thunk = k32.export("BaseThreadInitThunk") if k32 is not None else None
         if found is None or thunk is None:
             return None
@@ -422,7 +426,8 @@ class Process:
         reach the entry here (a probe run finds out, once per scenario text and ntdll file)."""
         if spec.start != "auto" or not self.foreign:
             return "rtl" if spec.start == "auto" else spec.start
-        if not any(img.name.lower() == "kernel32" and img.path is None for img in self.images):
+        k32 = self._kernel32()
+        if k32 is None or k32.path is not None:
             return "rtl"  # the scenario's own kernel32: its BaseThreadInitThunk, nothing to fall back on
         if self.ntdll.export("RtlUserThreadStart") is None:
             self.notes.append(f"{_file_name(self.ntdll)} exports no RtlUserThreadStart; threads start at their entry")
@@ -436,8 +441,11 @@ class Process:
         )
         return "entry"
 
-    def _describe_start(self, mode: str, entry: int) -> str:
-        sym = Symbolizer(self.images)
+    def _kernel32(self) -> Image | None:
+        """The loaded kernel32: emu's built-in one (no path) or the scenario's own."""
+        return next((img for img in self.images if img.name.lower() == "kernel32"), None)
+
+    def _describe_start(self, mode: str, entry: int, sym: Symbolizer) -> str:
         if mode == "entry":
             return f"at its entry {sym(entry)}, as if called by {sym(self._exit_thunk())}"
         via = " -> kernel32!BaseThreadInitThunk" if self.init_thunk is not None else ""
@@ -577,7 +585,7 @@ class Process:
     def _exit_thunk(self) -> int:
         """Where a thread started at its entry returns to: the point after the call to the
         entry in emu's BaseThreadInitThunk (foreign ntdll) or RtlUserThreadStart (built-in)."""
-        img = next((i for i in self.images if i.name.lower() == "kernel32"), None) if self.foreign else self.ntdll
+        img = self._kernel32() if self.foreign else self.ntdll
         addr = None
         if img is not None and img.path is None:
             addr = img.symbols.get("BaseThreadInitThunk__return" if self.foreign else "RtlUserThreadStartReturn")
