@@ -11,9 +11,9 @@ The public API is small::
     emu.score(my_detector, "scenarios/")  # a detector's confusion matrix vs the ground truth
 """
 
+from emu.api import Run, run
 from emu.detection.score import score  # the function; the module stays importable as emu.score via sys.modules
 from emu.detection.view import Detection, ThreadView, detect
-from emu.engine import Run, run
 from emu.errors import (
     BudgetExceeded,
     DumpError,

@@ -1,9 +1,10 @@
-"""Build a process from a scenario and run its thread: images, TEB/PEB, kernel, trace.
+"""Build a process from a scenario and run its threads: images, TEB/PEB, kernel, trace.
 
-``run(scenario)`` is the one entry point; it returns a :class:`Run` holding the trace,
-the images, the thread's outcome and any error that stopped it. Errors that stop
-a run (a fault, a budget) are kept on the Run with everything recorded so far;
-errors in the input (a bad scenario, assembly that does not assemble) are raised.
+``build(scenario).run()`` returns a :class:`RunResult`: the trace, the images, the
+threads' outcome and any error that stopped the run, as data. Errors that stop a run
+(a fault, a budget) are kept on it with everything recorded so far; errors in the input
+(a bad scenario, assembly that does not assemble) are raised. :func:`emu.api.run` adds
+the state graph, the detections and the scenario's expectations on top.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from emu.context import UserContext
 from emu.errors import (
@@ -62,11 +61,6 @@ from emu.winnt import (
     TEB_STACK_BASE,
     TEB_STACK_LIMIT,
 )
-
-if TYPE_CHECKING:
-    from emu.detection.view import Detection
-    from emu.expect import Outcome
-    from emu.graph import StateGraph
 
 # Address-space layout. Classic x64 user layout (Windows 7): PEB just below
 # KUSER_SHARED_DATA's neighbourhood at the top of the 8 TB user range, TEBs below it.
@@ -123,8 +117,10 @@ PREEMPTIBLE_AT_ENTRY = frozenset({"NtCallbackReturn"})
 
 
 @dataclass
-class Run:
-    """The outcome of running one scenario."""
+class RunResult:
+    """What running a process produced, as plain data: the trace, the images, the threads'
+    final state and why it stopped. Views of it (the state graph, detections, a scenario's
+    expectations) are composed one layer up, in :class:`emu.api.Run`."""
 
     scenario: Scenario
     trace: Trace
@@ -137,7 +133,6 @@ class Run:
     notes: list[str] = field(default_factory=list)  # e.g. SSNs where the loaded ntdll and the profile disagree
     details: list[str] = field(default_factory=list)  # the long form of some notes (``emu run --verbose``)
     system: str = ""  # what the run models: the profile's Windows build, or the foreign ntdll and the profile
-    _views: dict[int, object] = field(default_factory=dict, repr=False)
 
     @property
     def symbolize(self) -> Symbolizer:
@@ -154,28 +149,6 @@ class Run:
     def exit_status(self) -> int | None:
         t = self.threads.get(0)
         return t.exit_status if t else None
-
-    @cached_property
-    def graph(self) -> StateGraph:
-        from emu.graph import StateGraph
-
-        return StateGraph.from_trace(self.trace)
-
-    @cached_property
-    def detections(self) -> list[Detection]:
-        from emu.detection.view import detect_run
-
-        return detect_run(self)
-
-    @cached_property
-    def outcomes(self) -> list[Outcome]:
-        from emu.expect import check
-
-        return check(self)
-
-    @property
-    def ok(self) -> bool:
-        return all(o.passed for o in self.outcomes)
 
 
 class Process:
@@ -616,7 +589,7 @@ class Process:
         return None if reached else f"the thread ended ({stop}) first"
 
     # --- running --------------------------------------------------------------------
-    def run(self) -> Run:
+    def run(self) -> RunResult:
         kernel = self.kernel
         error: EmuError | None = None
         stop = "exit"
@@ -640,7 +613,7 @@ class Process:
         finally:
             if gc_was_enabled:
                 gc.enable()
-        return Run(
+        return RunResult(
             scenario=self.scenario, trace=self.trace, images=self.images, threads=dict(kernel.threads),
             error=error, max_depth=kernel.max_depth, stop=stop, notes=list(self.notes),
             deadlock=list(kernel.deadlock), details=list(self.details), system=self.describe(),
@@ -732,14 +705,3 @@ def build(scenario: Scenario | str | Path, hooks: KernelHooks | None = None) -> 
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario)
     return Process(scenario, hooks=hooks)
-
-
-def run(scenario: Scenario | str | Path) -> Run:
-    """Load (if given a path), build and run a scenario.
-
-    Example (from the repository root)::
-
-        r = run("scenarios/callback_roundtrip.toml")
-        [d.rip for d in r.detections]   # ['ntdll!ZwCallbackReturn+0x14']
-    """
-    return build(scenario).run()

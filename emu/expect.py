@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -10,7 +11,8 @@ from emu.winnt import status_name
 
 if TYPE_CHECKING:
     from emu.detection.observers import ThreadStatus
-    from emu.engine import Run
+    from emu.detection.view import Detection
+    from emu.engine import RunResult
     from emu.exploration.explorer import Exploration
     from emu.trace import State
 
@@ -30,9 +32,10 @@ class Outcome:
         return f"expect[{e.index}].{e.kind}{line}"
 
 
-def check(run: Run) -> list[Outcome]:
-    """Evaluate the expectations of the run's scenario about one run (not the ``explored_*`` ones)."""
-    return [_check(run, e) for e in run.scenario.expectations if e.kind not in EXPLORE_KINDS]
+def check(run: RunResult, detections: Sequence[Detection]) -> list[Outcome]:
+    """Evaluate the expectations of the run's scenario about one run (not the ``explored_*`` ones),
+    given the built-in detector's findings over it."""
+    return [_check(run, e, detections) for e in run.scenario.expectations if e.kind not in EXPLORE_KINDS]
 
 
 def check_exploration(exp: Exploration) -> list[Outcome]:
@@ -80,13 +83,12 @@ def _truth_outcome(e: Expectation, pairs: list[tuple[State, ThreadStatus]], unit
     return Outcome(e, not wrong, f"{what}: " + ("; ".join(wrong) if wrong else "truth counts match"))
 
 
-def _check(run: Run, e: Expectation) -> Outcome:
+def _check(run: RunResult, e: Expectation, dets: Sequence[Detection]) -> Outcome:
     v = e.value
     if e.kind == "detections":
-        count = len(run.detections)
+        count = len(dets)
         return Outcome(e, count == v, f"{count} detection(s), expected {v}")
     if e.kind == "detection":
-        dets = run.detections
         i = v["index"]
         if i >= len(dets):
             return Outcome(e, False, f"no detection #{i} (only {len(dets)})")

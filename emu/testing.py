@@ -20,7 +20,7 @@ any test suite (or load it explicitly: ``pytest -p emu.testing``)::
                                 truth="waiting-in-callback")
 
 Fixtures: ``emu_run(path)`` runs a scenario once per session and returns the
-:class:`~emu.engine.Run`; ``emu_states(path, explore=False, observer=...)`` gives (State, ThreadView)
+:class:`~emu.api.Run`; ``emu_states(path, explore=False, observer=...)`` gives (State, ThreadView)
 pairs for every state of the run (or every node of the explored graph) the observer sees;
 ``assert_detector_matches`` is the function below. Relative paths are tried from the
 current folder, then from pytest's rootdir.
@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from emu.api import Run
     from emu.detection.score import ScenarioLike, ScoreReport
     from emu.detection.view import ThreadView
-    from emu.engine import Run
     from emu.graph import StateGraph
     from emu.loader.image import Image
     from emu.trace import State
@@ -99,7 +99,7 @@ def _resolve(path: str | Path, root: Path) -> Path:
 @pytest.fixture(scope="session")
 def emu_run(request: pytest.FixtureRequest) -> Callable[[str | Path], Run]:
     """A factory: ``emu_run("scenarios/x.toml")`` runs the scenario (once per session) and returns the Run."""
-    from emu.engine import run
+    from emu.api import run
 
     root = Path(request.config.rootpath)
     runs: dict[Path, Run] = {}

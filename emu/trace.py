@@ -12,16 +12,16 @@ can see from the transitions, so recording stays cheap.
 
 from __future__ import annotations
 
+import html
 from collections.abc import Callable, Iterator
 from typing import Any, Literal, NamedTuple
 
-from emu.context import KTrapFrame, UserContext
+from emu.context import REGISTER_NAMES, KTrapFrame, UserContext
+from emu.vocabulary import KINDS as KINDS
+from emu.vocabulary import TransitionKind as TransitionKind
 from emu.winnt import status_name
 
-TransitionKind = Literal["syscall", "sysret", "callback", "callback_return", "fault", "exit", "block"]
 Mode = Literal["user", "kernel", "exited"]
-
-KINDS: tuple[str, ...] = ("syscall", "sysret", "callback", "callback_return", "fault", "exit", "block")
 
 
 class State(NamedTuple):
@@ -61,8 +61,6 @@ class State(NamedTuple):
         return self.context.rsp
 
     def _repr_html_(self) -> str:
-        from emu.views.text import state_html  # display only; viz sits above the trace
-
         return state_html(self)
 
     def trap_frame(self) -> KTrapFrame | None:
@@ -219,8 +217,6 @@ class Trace:
         return self.states[state_id]
 
     def _repr_html_(self) -> str:
-        from emu.views.text import trace_html  # display only; viz sits above the trace
-
         return trace_html(self)
 
     def kinds(self) -> dict[str, int]:
@@ -228,3 +224,45 @@ class Trace:
         for r in self.raw_transitions:
             counts[r[T_KIND]] = counts.get(r[T_KIND], 0) + 1
         return counts
+
+
+# --- rich display (Jupyter's _repr_html_) -------------------------------------------------
+_PENDING_STYLE = ' style="background:#ffe0a8"'
+
+
+def state_html(state: State, symbolize: Callable[[int], str] | None = None) -> str:
+    """An HTML card for one state (for ``State._repr_html_``): mode, depth, service, registers."""
+    sym = symbolize if symbolize is not None else (lambda a: f"{a:#x}")
+    pending = " · <b>callback-return pending</b>" if state.pending else ""
+    api = "" if state.api is None else f" · api {state.api}"
+    title = (
+        f"<b>s{state.id}</b> · thread {state.thread} · {state.mode} · depth {state.depth}"
+        f"{' · ' + html.escape(state.service) if state.service else ''}{api}{pending}"
+    )
+    cells = []
+    for name, value in zip(REGISTER_NAMES, state.context):
+        note = sym(value) if name in ("rip", "rsp") else ""
+        extra = f" <small>{html.escape(note)}</small>" if note and note != f"{value:#x}" else ""
+        cells.append(f"<td><code>{name}</code></td><td><code>{value:#018x}</code>{extra}</td>")
+    rows = "".join(f"<tr>{''.join(cells[i : i + 3])}</tr>" for i in range(0, len(cells), 3))
+    style = _PENDING_STYLE if state.pending else ""
+    return f'<div class="emu-state"{style}><div>{title}</div><table>{rows}</table></div>'
+
+
+def trace_html(trace: Trace) -> str:
+    """An HTML table of a trace's transitions (for ``Trace._repr_html_``), pending states highlighted."""
+    head = (
+        "<tr><th>step</th><th>kind</th><th>from → to</th><th>service</th><th>api</th>"
+        "<th>user rip</th><th>depth</th><th>status</th><th></th></tr>"
+    )
+    rows = []
+    for t in trace.transitions:
+        src, dst = trace.state(t.src), trace.state(t.dst)
+        mark = "callback-return pending" if dst.pending else ""
+        style = _PENDING_STYLE if dst.pending else ""
+        cells = (
+            t.step, t.kind, f"{src.mode} → {dst.mode}", t.service or "", "" if t.api is None else t.api,
+            t.rip_symbol, t.depth, t.status_name, mark,
+        )  # fmt: skip
+        rows.append(f"<tr{style}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    return f'<table class="emu-trace">{head}{"".join(rows)}</table>'

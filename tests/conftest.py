@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from emu.engine import Run, run
+from emu.api import Run, run
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = sorted((ROOT / "scenarios").glob("*.toml"))

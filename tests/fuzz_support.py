@@ -51,7 +51,8 @@ from typing import TextIO, TypeVar
 import pytest
 from hypothesis import HealthCheck, settings
 
-from emu.engine import Run, build
+from emu.api import Run
+from emu.engine import build
 from emu.errors import EmuError, ImageError, ScenarioError
 from emu.scenario import Budgets, Scenario
 
@@ -323,7 +324,7 @@ def run_bounded(s: Scenario) -> Run:
     )
     process = build(s)
     t0 = time.perf_counter()
-    r = process.run()
+    r = Run.of(process.run())
     elapsed = time.perf_counter() - t0
     assert isinstance(r, Run)
     assert r.error is None or isinstance(r.error, EmuError), repr(r.error)

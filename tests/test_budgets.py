@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from conftest import asm_scenario
+from emu.api import run
 from emu.cli.main import main
-from emu.engine import build, run
+from emu.engine import build
 from emu.errors import BudgetExceeded
 from emu.scenario import parse_scenario
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from pe_fixtures import PeFixtures, pe_fixtures_or_fail
 
-from emu.engine import PEB_ADDRESS, Process, build, run
+from emu.api import run
+from emu.engine import PEB_ADDRESS, Process, build
 from emu.errors import ScenarioError
 from emu.scenario import load_scenario
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from emu.api import run
 from emu.cli.main import main
-from emu.engine import run
 
 
 def test_version(capsys) -> None:

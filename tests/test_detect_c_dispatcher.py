@@ -19,13 +19,13 @@ import pytest
 from pe_fixtures import pe_fixtures_or_fail
 from real_ntdll import RealNtdllError, install_real_scenarios
 
+from emu.api import Run, run
 from emu.cli.main import main
 from emu.detection.prologue import sweep
 from emu.detection.signals import combined
 from emu.detection.unwind import walk
 from emu.detection.view import ThreadView, callout_frame, view_of
 from emu.dump import read_minidump, write_minidump
-from emu.engine import Run, run
 from emu.loader.image import image_from_assembly
 from emu.winnt import UCALLOUT_FRAME_SIZE
 

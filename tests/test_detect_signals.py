@@ -15,6 +15,7 @@ import pytest
 from pe_fixtures import pe_fixtures_or_fail
 
 from conftest import ROOT, SCENARIOS, asm_scenario
+from emu.api import Run, run
 from emu.detection.score import score
 from emu.detection.signals import code_signal, combined, naive_detector, stack_signal, symbol_signal
 from emu.detection.view import (
@@ -25,7 +26,6 @@ from emu.detection.view import (
     view_from,
     view_of,
 )
-from emu.engine import Run, run
 from emu.exploration.explorer import Explorer
 from emu.scenario import load_scenario, parse_scenario
 

@@ -17,6 +17,7 @@ import lief
 import pytest
 from pe_fixtures import CC, COMMON, DLLTOOL, PeFixtures, pe_fixtures_or_fail
 
+from emu.api import run
 from emu.context import UserContext
 from emu.detection.signals import combined
 from emu.detection.unwind import (
@@ -31,7 +32,6 @@ from emu.detection.unwind import (
     walk,
 )
 from emu.detection.view import ModuleInfo, ThreadView, view_of
-from emu.engine import run
 from emu.loader.image import PAGE, Image, Section
 from emu.loader.pe import load_pe
 from emu.profile import get_profile

@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pe_fixtures import pe_fixtures_or_fail
 
+from emu.api import Run, run
 from emu.cli import dump as cli_dump
 from emu.detection.signals import code_signal, combined, stack_signal, symbol_signal
 from emu.detection.view import Detection, detect_callback_return_pending, view_of
@@ -35,7 +36,6 @@ from emu.dump.format import (
     ThreadListStream,
 )
 from emu.dump.write import module_path
-from emu.engine import Run, run
 from emu.errors import DumpError
 from emu.trace import State
 

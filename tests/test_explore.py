@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import SCENARIOS, asm_scenario
+from emu.api import run
 from emu.cli.main import main
-from emu.engine import run
 from emu.expect import check_exploration
 from emu.exploration.explorer import Explorer, explore
 from emu.scenario import parse_scenario

@@ -39,7 +39,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import asm_scenario
-from emu.engine import Run, build, run
+from emu.api import Run, run
+from emu.engine import build
 from emu.errors import BudgetExceeded, MachineFault
 from emu.profile import profile_names
 from emu.scenario import parse_scenario

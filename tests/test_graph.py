@@ -9,7 +9,7 @@ from pathlib import Path
 
 import networkx as nx
 
-from emu.engine import run
+from emu.api import run
 
 
 def test_graph_nodes_and_edges_follow_the_trace(shipped_runs) -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from conftest import asm_scenario
-from emu.engine import build, run
+from emu.api import run
+from emu.engine import build
 from emu.errors import BudgetExceeded, MachineFault, UnimplementedService
 from emu.scenario import parse_scenario
 from emu.winnt import (

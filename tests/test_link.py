@@ -12,7 +12,8 @@ from capstone import x86
 from pe_fixtures import PeFixtures, pe_fixtures_or_fail
 
 from conftest import asm_scenario
-from emu.engine import MODULE_BASE, build, run
+from emu.api import run
+from emu.engine import MODULE_BASE, build
 from emu.errors import ScenarioError
 from emu.loader.image import AssemblyError, Image, image_from_assembly
 from emu.scenario import parse_scenario

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import asm_scenario
-from emu.engine import build, run
+from emu.api import run
+from emu.engine import build
 from emu.errors import EmuError, ModelBug, UnimplementedService
 from emu.exploration.explorer import Explorer
 from emu.kernel import HANDLE, CallbackResult, KernelHooks, KThread, sched

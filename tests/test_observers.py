@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from emu.api import run
 from emu.cli.main import main
 from emu.detection.observers import ObserverError, is_true, node_status, statuses, threads_at, view_for, visible
 from emu.detection.score import score
 from emu.detection.signals import nested_call_detector, stack_signal
 from emu.detection.view import detect_run
-from emu.engine import run
 from emu.errors import ScenarioError
 from emu.exploration.explorer import explore
 from emu.scenario import parse_scenario

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from pe_fixtures import PeFixtures, pe_fixtures_or_fail
 
+from emu.api import Run, run
 from emu.cli.main import main
 from emu.detection.view import detect_callback_return_pending, view_of
-from emu.engine import build, run
+from emu.engine import build
 from emu.errors import ScenarioError
 from emu.exploration.explorer import explore
 from emu.scenario import load_scenario, parse_scenario
@@ -67,7 +68,7 @@ def test_the_image_decides_the_dispatcher_convention(pe_bin: Path) -> None:
     p = build(parse_scenario(text, str(PE_DIR / "conv.toml")))
     assert p.profile.dispatcher == "registers" and p.kernel.profile.dispatcher == "registers"
     assert any("dispatcher convention 'registers' from the code" in d for d in p.details)
-    r = p.run()
+    r = Run.of(p.run())
     assert r.error is None and r.ok, [o.message for o in r.outcomes if not o.passed]
 
 

@@ -15,7 +15,8 @@ import lief
 import pytest
 from real_ntdll import RealNtdllError, install_real_scenarios
 
-from emu.engine import Run, build, run
+from emu.api import Run, run
+from emu.engine import build
 from emu.errors import ScenarioError
 from emu.loader.pe import load_pe
 from emu.loader.startup import find_init_thunk

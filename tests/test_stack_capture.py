@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from emu.api import run
 from emu.detection.unwind import walk
 from emu.detection.view import view_of
-from emu.engine import run
 from emu.scenario import parse_scenario
 
 ROOT = Path(__file__).resolve().parent.parent

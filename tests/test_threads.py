@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import asm_scenario
+from emu.api import run
 from emu.detection.observers import node_status
-from emu.engine import run
 from emu.exploration.explorer import Exploration, explore
 from emu.kernel.objects import STATUS_TIMEOUT
 from emu.scenario import parse_scenario

@@ -14,8 +14,8 @@ from matplotlib.figure import Figure
 
 import emu
 from conftest import SCENARIOS, asm_scenario
+from emu.api import Run
 from emu.cli.plot import add_parser, cmd_plot
-from emu.engine import Run
 from emu.exploration.explorer import explore
 from emu.views import viz
 from emu.winnt import STATUS_INVALID_HANDLE

@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from emu.api import Run, run
 from emu.cli.exit_codes import EXIT_INPUT, EXIT_OK
 from emu.detection.view import Detection, detect_callback_return_pending
 from emu.dump import read_minidump, write_minidump
 from emu.dump.write import threads_at
-from emu.engine import Run, run
 from emu.errors import DumpError, EmuError
 from emu.exploration.explorer import Explorer
 from emu.scenario import load_scenario

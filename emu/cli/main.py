@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import TextIO
 
 from emu import __version__, interrupts
+from emu.api import Run, run
 from emu.cli import dump as cli_dump
 from emu.cli import explore as cli_explore
 from emu.cli import image as cli_image
 from emu.cli import plot as cli_plot
 from emu.cli import score as cli_score
 from emu.cli.exit_codes import EXIT_EXPECT, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED
-from emu.engine import Run, run
 from emu.errors import BudgetExceeded, EmuError
 from emu.scenario import load_scenario
 from emu.writing import refuse_overwrite, write_atomic

@@ -59,8 +59,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     except ImportError as e:  # matplotlib is an optional extra
         sys.stderr.write(f"emu plot needs matplotlib ({e}); install it with: pip install 'emu[notebooks]'\n")
         return EXIT_INPUT
+    from emu.api import run
     from emu.cli.main import _finish
-    from emu.engine import run
     from emu.scenario import load_scenario
     from emu.writing import refuse_overwrite
 

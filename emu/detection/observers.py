@@ -39,27 +39,19 @@ from typing import TYPE_CHECKING
 
 from emu.context import UserContext
 from emu.errors import EmuError
+from emu.vocabulary import KERNEL_DEBUGGER as KERNEL_DEBUGGER
+from emu.vocabulary import OBSERVERS as OBSERVERS
+from emu.vocabulary import SEED as SEED
+from emu.vocabulary import TRUTHS as TRUTHS
+from emu.vocabulary import USER_CONTEXT as USER_CONTEXT
+from emu.vocabulary import WAITING_IN_CALLBACK as WAITING_IN_CALLBACK
 
 if TYPE_CHECKING:
     from emu.detection.view import ThreadView
-    from emu.engine import Run
+    from emu.engine import RunResult
     from emu.graph import StateGraph
     from emu.loader.image import Image
     from emu.trace import State, Trace
-
-KERNEL_DEBUGGER = "kernel-debugger"
-USER_CONTEXT = "user-context"
-OBSERVERS: dict[str, str] = {
-    KERNEL_DEBUGGER: "stops the machine anywhere: every state, the trap frame's user context",
-    USER_CONTEXT: "GetThreadContext, a suspend or a minidump: threads in user mode or off the CPU, "
-    "the base trap frame's context",
-}
-SEED = "seed"
-WAITING_IN_CALLBACK = "waiting-in-callback"
-TRUTHS: dict[str, str] = {
-    SEED: "the seed's instant: in NtCallbackReturn, user RIP after ZwCallbackReturn's syscall, depth >= 1",
-    WAITING_IN_CALLBACK: "blocked in the kernel at a nested system call inside a callback (depth >= 1)",
-}
 
 # KTHREAD_STATE values (public enum, e.g. as the Windows symbols give it; .NET's
 # System.Diagnostics.ThreadState mirrors the first ones).
@@ -220,7 +212,7 @@ class ThreadAt:
         return f"{self.name}: {self.status}, {self.mode}, depth {self.depth}, record s{self.record}"
 
 
-def threads_at(run: Run, state_id: int) -> tuple[ThreadAt, ...]:
+def threads_at(run: RunResult, state_id: int) -> tuple[ThreadAt, ...]:
     """Every thread of a run as it is at state ``state_id``, in thread order."""
     trace = run.trace
     st = statuses(trace)

@@ -246,9 +246,9 @@ def score_run(
 ) -> ScenarioScore:  # fmt: skip
     """Score a detector on every state of one run of ``scenario`` that ``observer`` sees."""
     from emu.detection.observers import statuses
-    from emu.engine import run
+    from emu.engine import build
 
-    r = run(scenario)
+    r = build(scenario).run()
     result = ScenarioScore(scenario.name, scenario.path, stopped=None if r.error is None else f"{r.stop}: {r.error}")
     into = {t.dst: t for t in r.trace.transitions}
     known = statuses(r.trace)

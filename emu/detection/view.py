@@ -30,7 +30,7 @@ from emu.winnt import UCALLOUT_API_NUMBER, UCALLOUT_BUFFER, UCALLOUT_FRAME_SIZE,
 
 if TYPE_CHECKING:
     from emu.detection.unwind import RuntimeFunction
-    from emu.engine import Run
+    from emu.engine import RunResult
     from emu.trace import State
 
 CALLBACK_RETURN_NAMES = ("ZwCallbackReturn", "NtCallbackReturn")
@@ -307,13 +307,13 @@ def view_from(images: Sequence[Image], state: State) -> ThreadView:
     return ThreadView(state.thread, state.context, memory, modules_of(images), kernel)
 
 
-def view_of(run: Run, state: State) -> ThreadView:
+def view_of(run: RunResult, state: State) -> ThreadView:
     """The debugger-style view of a recorded state: context, stack bytes, modules."""
     return view_from(run.images, state)
 
 
 def detect_run(
-    run: Run,
+    run: RunResult,
     detector: Callable[[ThreadView], Detection | None] = detect_callback_return_pending,
     observer: str = "kernel-debugger",
 ) -> list[Detection]:
@@ -346,7 +346,7 @@ def detect_run(
     return out
 
 
-def detect(target: Run | ThreadView, observer: str = "kernel-debugger") -> list[Detection] | Detection | None:
+def detect(target: RunResult | ThreadView, observer: str = "kernel-debugger") -> list[Detection] | Detection | None:
     """Detect the seed's state: over every state of a Run ``observer`` can see, or on one ThreadView."""
     if isinstance(target, ThreadView):
         return detect_callback_return_pending(target)

@@ -22,13 +22,10 @@ What is written, per kind of region:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from emu.dump.format import MEM_IMAGE, MEM_PRIVATE
+from emu.engine import Process, RunResult
 from emu.loader.image import PAGE, Image, page_align
-
-if TYPE_CHECKING:
-    from emu.engine import Run
 
 
 @dataclass(frozen=True)
@@ -85,14 +82,12 @@ def stack_regions(rsp: int, stack: bytes, limit: int, base: int, full: bool = Fa
     return out
 
 
-def process_regions(run: Run, full: bool = False) -> list[Region]:
+def process_regions(run: RunResult, full: bool = False) -> list[Region]:
     """TEBs, PEB, KUSER_SHARED_DATA, loader data, KernelCallbackTable, scenario memory: from the process as built.
 
     Builds the scenario's process again (deterministic: same addresses, same bytes) and
     takes every region that is neither an image nor a stack.
     """
-    from emu.engine import Process  # the engine sits above the dump writer's data; built on demand
-
     process = Process(run.scenario)
     machine = process.machine
     images = [(img.base, img.end) for img in run.images]

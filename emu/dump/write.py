@@ -68,7 +68,7 @@ from emu.loader.image import Image
 from emu.writing import write_atomic
 
 if TYPE_CHECKING:
-    from emu.engine import Run
+    from emu.engine import RunResult
     from emu.kernel import KThread
     from emu.trace import State
 
@@ -81,7 +81,7 @@ def thread_id(index: int) -> int:
     return THREAD_ID_BASE + 4 * index
 
 
-def threads_at(run: Run, state: State) -> list[tuple[KThread, State]]:
+def threads_at(run: RunResult, state: State) -> list[tuple[KThread, State]]:
     """The threads a dump of ``state`` holds, each with the state that shows it: the state's own thread first.
 
     Every other thread is shown by its latest state with an id up to ``state.id``, or by its
@@ -176,7 +176,7 @@ class _File:
 
 
 def write_minidump(
-    run: Run, state: State, path: str | Path | None = None, *, memory64: bool = True, full: bool = False,
+    run: RunResult, state: State, path: str | Path | None = None, *, memory64: bool = True, full: bool = False,
     process: list[Region] | None = None,
 ) -> bytes:  # fmt: skip
     """A minidump of ``state`` (a state of ``run``); written atomically to ``path`` when given.
@@ -236,7 +236,7 @@ def _stack_range(ranges: list[Region], allocation: int) -> int | None:
 
 
 def _layout(
-    run: Run, state: State, threads: list[_Thread], images: list[Image], regions: list[Region],
+    run: RunResult, state: State, threads: list[_Thread], images: list[Image], regions: list[Region],
     ranges: list[Region], data_base: int, memory64: bool,
 ) -> _File:  # fmt: skip
     """Everything but the memory bytes, which go at ``data_base`` (known after a first pass)."""

@@ -455,7 +455,7 @@ def _expectations(r: _Reader, obj: Any) -> tuple[Expectation, ...]:
             r.table(v, kp, {"api": "an integer", "data": "hex bytes"}, ("api", "data"))
             value = {"api": r.int_(v, "api", kp), "data": r.hexdata(v["data"], kp + ("data",))}
         else:  # transitions
-            from emu.trace import KINDS
+            from emu.vocabulary import KINDS
 
             r.table(v, kp, {k: "a count" for k in KINDS})
             value = {k: r.int_(v, k, kp, None, 0, 1 << 32) for k in v}
@@ -465,7 +465,7 @@ def _expectations(r: _Reader, obj: Any) -> tuple[Expectation, ...]:
 
 def _truths(r: _Reader, v: Any, kp: tuple[str | int, ...]) -> dict[str, Any]:
     """``{observer = "user-context", seed = 1, waiting_in_callback = 2}``: counts per ground truth."""
-    from emu.detection.observers import OBSERVERS, TRUTHS
+    from emu.vocabulary import OBSERVERS, TRUTHS
 
     keys = {t.replace("-", "_"): f"an integer: states where the {t} truth holds" for t in TRUTHS}
     r.table(v, kp, {"observer": f"one of {', '.join(OBSERVERS)}", **keys})

@@ -1,8 +1,9 @@
 """Text and HTML panels of a run: disassembly around RIP, register diffs, the stack, states and traces.
 
-These need no matplotlib (capstone only), so notebooks, the terminal and rich HTML
-display (``_repr_html_``) can use them without the ``[notebooks]`` extra;
-:mod:`emu.views.viz` re-exports them next to the figures.
+These need no matplotlib (capstone only), so notebooks and the terminal can use them
+without the ``[notebooks]`` extra; :mod:`emu.views.viz` re-exports them next to the
+figures. The HTML cards of states and traces (``_repr_html_``) belong to the records
+themselves (:func:`emu.trace.state_html`, :func:`emu.trace.trace_html`).
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from emu.winnt import (
 )
 
 if TYPE_CHECKING:
-    from emu.engine import Run
+    from emu.engine import RunResult
     from emu.loader.image import Image
-    from emu.trace import State, Trace
+    from emu.trace import State
 
 Symbolize = Callable[[int], str]
 RegisterChange = tuple[str, int, int]
@@ -43,7 +44,7 @@ _MAX_INSN = 15  # bytes: the longest x86 instruction (Intel SDM vol. 2, 2.3.11)
 
 
 # --- disassembly -------------------------------------------------------------------------
-def _image_at(run: Run, address: int) -> Image | None:
+def _image_at(run: RunResult, address: int) -> Image | None:
     for image in run.images:
         if image.contains(address):
             return image
@@ -91,7 +92,7 @@ def _operand_note(insn: capstone.CsInsn, symbolize: Symbolize) -> str:
     return ""
 
 
-def disassembly(run: Run, state: State, before: int = 6, after: int = 6) -> str:
+def disassembly(run: RunResult, state: State, before: int = 6, after: int = 6) -> str:
     """The code around a state's RIP, one instruction a line, the current one marked ``=>``.
 
     Each line shows the address, ``module!symbol+0xoff``, the bytes and the instruction.
@@ -238,7 +239,7 @@ def _frame_notes(view: ThreadView, frames: Sequence[DispatcherFrame], symbolize:
     return notes
 
 
-def stack_panel(run: Run, state: State, words: int = 16) -> str:
+def stack_panel(run: RunResult, state: State, words: int = 16) -> str:
     """The stack from RSP up, one qword a line, with return addresses and UCALLOUT_FRAME fields named.
 
     Frames come from :func:`callout_frames` (the debugger's stack scan, plus the frame at
@@ -272,45 +273,3 @@ def stack_panel(run: Run, state: State, words: int = 16) -> str:
                 f"Buffer = {f.buffer:#x}, Length = {f.length:#x} (beyond the {words} words shown)"
             )
     return "\n".join(lines) + "\n"
-
-
-# --- rich display ------------------------------------------------------------------------
-_PENDING_STYLE = ' style="background:#ffe0a8"'
-
-
-def state_html(state: State, symbolize: Symbolize | None = None) -> str:
-    """An HTML card for one state (for ``State._repr_html_``): mode, depth, service, registers."""
-    sym = symbolize if symbolize is not None else (lambda a: f"{a:#x}")
-    pending = " · <b>callback-return pending</b>" if state.pending else ""
-    api = "" if state.api is None else f" · api {state.api}"
-    title = (
-        f"<b>s{state.id}</b> · thread {state.thread} · {state.mode} · depth {state.depth}"
-        f"{' · ' + html.escape(state.service) if state.service else ''}{api}{pending}"
-    )
-    cells = []
-    for name, value in zip(REGISTER_NAMES, state.context):
-        note = sym(value) if name in ("rip", "rsp") else ""
-        extra = f" <small>{html.escape(note)}</small>" if note and note != f"{value:#x}" else ""
-        cells.append(f"<td><code>{name}</code></td><td><code>{value:#018x}</code>{extra}</td>")
-    rows = "".join(f"<tr>{''.join(cells[i : i + 3])}</tr>" for i in range(0, len(cells), 3))
-    style = _PENDING_STYLE if state.pending else ""
-    return f'<div class="emu-state"{style}><div>{title}</div><table>{rows}</table></div>'
-
-
-def trace_html(trace: Trace) -> str:
-    """An HTML table of a trace's transitions (for ``Trace._repr_html_``), pending states highlighted."""
-    head = (
-        "<tr><th>step</th><th>kind</th><th>from → to</th><th>service</th><th>api</th>"
-        "<th>user rip</th><th>depth</th><th>status</th><th></th></tr>"
-    )
-    rows = []
-    for t in trace.transitions:
-        src, dst = trace.state(t.src), trace.state(t.dst)
-        mark = "callback-return pending" if dst.pending else ""
-        style = _PENDING_STYLE if dst.pending else ""
-        cells = (
-            t.step, t.kind, f"{src.mode} → {dst.mode}", t.service or "", "" if t.api is None else t.api,
-            t.rip_symbol, t.depth, t.status_name, mark,
-        )  # fmt: skip
-        rows.append(f"<tr{style}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
-    return f'<table class="emu-trace">{head}{"".join(rows)}</table>'

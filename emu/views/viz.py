@@ -33,21 +33,19 @@ from matplotlib.patches import FancyArrowPatch
 from matplotlib.ticker import MaxNLocator
 
 from emu.graph import StateGraph
-from emu.trace import Trace, Transition
+from emu.trace import Trace, Transition, state_html, trace_html
 from emu.views.text import (
     disassembly,
     register_diff,
     register_table,
     register_table_html,
     stack_panel,
-    state_html,
-    trace_html,
 )
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-    from emu.engine import Run
+    from emu.engine import RunResult
     from emu.trace import State
 
 __all__ = [
@@ -168,7 +166,7 @@ def _measurer() -> Any:
     return agg(1, 1, DPI)
 
 
-def _trace_of(run: Run | Trace) -> tuple[Trace, str]:
+def _trace_of(run: RunResult | Trace) -> tuple[Trace, str]:
     if isinstance(run, Trace):
         return run, "trace"
     return run.trace, run.scenario.name
@@ -221,7 +219,7 @@ def _legend(ax: Axes, kinds: list[str], pending: bool, state_label: str, marker:
 
 
 # --- timeline ----------------------------------------------------------------------------
-def timeline(run: Run | Trace, ax: Axes | None = None) -> Figure:
+def timeline(run: RunResult | Trace, ax: Axes | None = None) -> Figure:
     """A swimlane timeline: one lane per (mode, callback depth), one arrow per transition.
 
     x is the transition step. Each state is a bar on its lane between the transitions
@@ -390,7 +388,7 @@ def _max_depths(trace: Trace) -> dict[int, int]:
 
 
 # --- state graph -------------------------------------------------------------------------
-def state_graph(graph_or_run: StateGraph | Run, ax: Axes | None = None, name: str | None = None) -> Figure:
+def state_graph(graph_or_run: StateGraph | RunResult, ax: Axes | None = None, name: str | None = None) -> Figure:
     """The state graph drawn in layers: x = step order, y = lane (mode and callback depth).
 
     The title names the scenario: ``name``, or the run's scenario. An explored graph
@@ -404,7 +402,7 @@ def state_graph(graph_or_run: StateGraph | Run, ax: Axes | None = None, name: st
     if isinstance(graph_or_run, StateGraph):
         g = graph_or_run
     else:
-        g, name = graph_or_run.graph, name or graph_or_run.scenario.name
+        g, name = StateGraph.from_trace(graph_or_run.trace), name or graph_or_run.scenario.name
     nxg = g.nx
     nodes = dict(nxg.nodes(data=True))
     x_of: dict[str, float] = {}
@@ -492,7 +490,7 @@ def state_graph(graph_or_run: StateGraph | Run, ax: Axes | None = None, name: st
 
 
 # --- disassembly panel -------------------------------------------------------------------
-def disassembly_figure(run: Run, state: State, before: int = 6, after: int = 6) -> Figure:
+def disassembly_figure(run: RunResult, state: State, before: int = 6, after: int = 6) -> Figure:
     """:func:`emu.views.text.disassembly` as a figure: a monospace panel, the ``=>`` line highlighted."""
     lines = disassembly(run, state, before, after).rstrip("\n").splitlines()
     line_h = 0.17

@@ -1,0 +1,59 @@
+"""The public run: what the engine recorded, with the views of it composed on top.
+
+The engine (:mod:`emu.engine`) produces a :class:`~emu.engine.RunResult` — the trace and
+the final state of the threads — and knows nothing of graphs, detectors or
+expectations. :class:`Run` adds them here, one layer above all three, each computed on
+first use: ``emu.run`` and the ``emu`` command both go through :func:`run`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from functools import cached_property
+from pathlib import Path
+
+from emu.detection.view import Detection, detect_run
+from emu.engine import RunResult, build
+from emu.expect import Outcome, check
+from emu.graph import StateGraph
+from emu.scenario import Scenario
+
+__all__ = ["Run", "run"]
+
+
+@dataclass
+class Run(RunResult):
+    """The outcome of running one scenario: the recorded run, its state graph, the
+    built-in detector's findings and the verdicts of the scenario's ``[[expect]]``."""
+
+    @classmethod
+    def of(cls, result: RunResult) -> Run:
+        """The public run over a result the engine produced (``build(...).run()``)."""
+        return cls(**{f.name: getattr(result, f.name) for f in fields(result)})
+
+    @cached_property
+    def graph(self) -> StateGraph:
+        return StateGraph.from_trace(self.trace)
+
+    @cached_property
+    def detections(self) -> list[Detection]:
+        return detect_run(self)
+
+    @cached_property
+    def outcomes(self) -> list[Outcome]:
+        return check(self, self.detections)
+
+    @property
+    def ok(self) -> bool:
+        return all(o.passed for o in self.outcomes)
+
+
+def run(scenario: Scenario | str | Path) -> Run:
+    """Load (if given a path), build and run a scenario.
+
+    Example (from the repository root)::
+
+        r = run("scenarios/callback_roundtrip.toml")
+        [d.rip for d in r.detections]   # ['ntdll!ZwCallbackReturn+0x14']
+    """
+    return Run.of(build(scenario).run())
