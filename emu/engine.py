@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from emu.context import UserContext
 from emu.errors import (
     BudgetExceeded,
     EmuError,
@@ -25,21 +24,20 @@ from emu.errors import (
     ScenarioError,
     UnimplementedImport,
 )
-from emu.kernel import Kernel, KernelHooks, KThread, Recorder, ServiceRegistry, UserCallback, builtin_services
-from emu.kernel.objects import Event, Mutant, ReleaseMutant, SendMessage, SetEvent, Wait
-from emu.kernel.services import ChoiceStep as KChoiceStep
-from emu.kernel.services import ScriptStep, get_message_service
+from emu.kernel import Kernel, KernelHooks, KThread, Recorder
+from emu.kernel.objects import Event, Mutant
+from emu.layout import MODULE_BASE, MODULE_STRIDE, PEB_ADDRESS, WIN32U_BASE
 from emu.loader.binding import ImportTraps, bind_imports
 from emu.loader.callback_table import peb_callback_table
 from emu.loader.image import PAGE, AssemblyError, Image, Symbolizer, image_from_assembly
 from emu.loader.loader_data import build_loader_data, main_image
 from emu.loader.pe import load_pe
-from emu.loader.startup import InitThunk, find_init_thunk
-from emu.loader.stubs import compare_with_profile, guess_dispatcher_convention, service_table
 from emu.machine import Machine
-from emu.runtime import NTDLL_BASE, build_kernel32, build_ntdll, build_win32u
+from emu.process_services import registry_for, service_numbers
+from emu.process_start import ThreadStart, file_name, probe_start
+from emu.runtime import NTDLL_BASE, build_ntdll, build_win32u
 from emu.runtime.pe_image import with_pe_headers
-from emu.scenario import CallbackStep, ChoiceStep, ObjectStep, PeSpec, Scenario, Step, ThreadSpec, load_scenario
+from emu.scenario import PeSpec, Scenario, ThreadSpec, load_scenario
 from emu.trace import Trace
 from emu.winnt import (
     KUSER_NT_BUILD_NUMBER,
@@ -52,68 +50,7 @@ from emu.winnt import (
     PEB_LDR,
     PEB_PROCESS_PARAMETERS,
     PEB_SIZE,
-    RFLAGS_IF,
-    RFLAGS_RESERVED,
-    TEB_CLIENT_ID,
-    TEB_PEB,
-    TEB_SELF,
-    TEB_SIZE,
-    TEB_STACK_BASE,
-    TEB_STACK_LIMIT,
 )
-
-# Address-space layout. Classic x64 user layout (Windows 7): PEB just below
-# KUSER_SHARED_DATA's neighbourhood at the top of the 8 TB user range, TEBs below it.
-PEB_ADDRESS = 0x7FF_FFFD_F000
-TEB_ADDRESS = 0x7FF_FFFD_D000  # thread i at TEB_ADDRESS - i * TEB_SIZE
-WIN32U_BASE = NTDLL_BASE + 0x0100_0000
-KERNEL32_BASE = NTDLL_BASE + 0x0200_0000  # emu's kernel32, loaded with a foreign ntdll
-MODULE_BASE = 0x7FFA_C000_0000  # scenario modules, 16 MiB apart; they call other modules through import slots
-MODULE_STRIDE = 0x0100_0000
-STACK_SIZE = 0x40000
-PROCESS_ID = 0x1000
-THREAD_ID_BASE = 0x1004
-
-
-def _script_steps(steps: tuple[Step, ...], threads: dict[str, int], handles: dict[str, int]) -> list[ScriptStep]:
-    """A scenario's service steps as the kernel's script: callbacks, choices, object requests, a status."""
-    out: list[ScriptStep] = []
-    for st in steps:
-        if isinstance(st, CallbackStep):
-            out.append(UserCallback(st.api, st.data, st.by_depth))
-        elif isinstance(st, ChoiceStep):
-            options = tuple((n, tuple(_script_steps(o, threads, handles))) for n, o in st.options)
-            out.append(KChoiceStep(st.name, st.default, options))
-        elif isinstance(st, ObjectStep):
-            if st.kind == "send":
-                out.append(SendMessage(threads[st.target], st.api, st.data))
-            elif st.kind == "wait":
-                out.append(Wait(handles[st.target], st.timeout))
-            elif st.kind == "set":
-                out.append(SetEvent(handles[st.target]))
-            else:
-                out.append(ReleaseMutant(handles[st.target]))
-        else:
-            out.append(st.status)
-    return out
-
-
-# Services that touch what several threads share: where an explorer interleaves threads.
-# NtCallbackReturn is not one: it never waits (WRK ke/amd64/callout.asm NtCallbackReturn:
-# `cli`, restore the trap frame, callback stack and InitialStack, return into
-# KeUserModeCallback). A thread can only be preempted between KiSystemCall64's `sti` and
-# that `cli`, and it is then Ready; a scenario asks for that with
-# [machine] preempt_at_callback_return = true (PREEMPTIBLE_AT_ENTRY).
-SHARED_SERVICES = frozenset(
-    {
-        "NtWaitForSingleObject",
-        "NtSetEvent",
-        "NtReleaseMutant",
-        "NtUserGetMessage",
-        "NtTerminateThread",
-    }
-)
-PREEMPTIBLE_AT_ENTRY = frozenset({"NtCallbackReturn"})
 
 
 @dataclass
@@ -159,7 +96,7 @@ class Process:
         ``hooks`` steer the run (who answers choices, who watches states, when to stop)."""
         self.scenario = scenario
         self.hooks = hooks or KernelHooks()
-        self.profile = scenario.profile  # with what the loaded images decide (dispatcher), see _read_images
+        self.profile = scenario.profile  # with what the loaded images decide (dispatcher): service_numbers
         self.machine = Machine()
         self.images: list[Image] = []
         self.notes: list[str] = []  # what a reader should know: SSN disagreements, convention guesses
@@ -178,20 +115,23 @@ class Process:
             self.images.append(self.ntdll)
             if not own_win32u and any(n.startswith(("NtUser", "NtGdi")) for n in runtime.ssn):
                 self.images.append(build_win32u(runtime, WIN32U_BASE))
+        # Thread starts: kernel32, the init-thunk pointer, TEBs and first contexts (emu.process_start).
+        self.thread_start = ThreadStart(scenario, self.machine, self.images, self.ntdll, self.notes, self.details)
         for i, pe in enumerate(scenario.pe):
             self.images.append(self._load_pe(pe, ("pe", str(i), "path")))
-        if self.foreign and self._kernel32() is None:
+        if self.foreign and self.thread_start.kernel32() is None:
             # Right after ntdll, where the Windows loader puts kernel32 in the load order.
-            self.images.insert(1, self._builtin_kernel32())
+            self.images.insert(1, self.thread_start.builtin_kernel32())
         self._bind_imports()
         for i, spec in enumerate(scenario.modules):
             self.images.append(self._assemble(i, spec.name, spec.code, spec.data))
-        self.ssn_table = self._read_images(explicit)
-        self.stack_regions: list[tuple[int, int, str]] = []
+        self.ssn_table, self.profile = service_numbers(
+            scenario, self.ntdll, self.images, explicit, self.notes, self.details
+        )
         self.trace = Trace(symbolize=Symbolizer([]))
         for img in self.images:
             self.machine.map_image(img)
-        self.init_thunk = self._fill_init_thunk()
+        self.init_thunk = self.thread_start.fill_init_thunk()
         if self.traps.traps:
             trap_image = with_pe_headers(self.traps.image(), "unbound.dll")
             self.images.append(trap_image)
@@ -211,23 +151,12 @@ class Process:
             # {flags, name[15]} ending at an empty name, written by its Unix side). Zeroed
             # pages there mean "no channel enabled"; on Windows the pages are simply free.
             self.machine.map(PEB_ADDRESS + PAGE, 2 * PAGE, "rw", "PEB neighbourhood")
-        registry = builtin_services(ServiceRegistry())
-        if "NtUserGetMessage" not in scenario.services:
-            get_message_service(registry)
         specs = scenario.threads or (ThreadSpec("thread0", scenario.entry, scenario.argument),)
         tids = {t.name: i for i, t in enumerate(specs)}
-        handles = {o.name: o.handle for o in scenario.objects}
-        shared = set(SHARED_SERVICES)
-        if scenario.preempt_at_callback_return:
-            shared |= PREEMPTIBLE_AT_ENTRY
-        for name, script in scenario.services.items():
-            steps = _script_steps(script.steps, tids, handles)
-            registry.add_script(name, steps)
-            if _touches_shared(steps):
-                shared.add(name)
+        registry, shared = registry_for(scenario, tids)
         dispatcher = self.ntdll.export("KiUserCallbackDispatcher")
         if dispatcher is None:
-            raise self._missing("KiUserCallbackDispatcher", "every kernel-to-user callback enters it")
+            raise self.thread_start.missing("KiUserCallbackDispatcher", "every kernel-to-user callback enters it")
         b = scenario.budgets
         hooks = self.hooks
         recorder = Recorder(self.trace, self.machine, b.states if hooks.budget_states else None, b.output_bytes,
@@ -242,8 +171,8 @@ class Process:
         for i, th in enumerate(specs):
             where = ("thread", str(i), "entry") if many else ("thread", "entry")
             entry = self.resolve(th.entry, where)
-            mode = start or self._start_mode(th)
-            t = self.create_thread(i, entry, th.argument, mode)
+            mode = start or self.thread_start.mode(th, lambda: probe_start(scenario, _reaches_entry))
+            t = self.thread_start.create_thread(i, entry, th.argument, mode)
             t.name = th.name
             self.kernel.add_thread(t)
             self.entries.append(entry)
@@ -260,12 +189,12 @@ class Process:
         mapped = sum(r.size for r in self.machine.regions)
         if mapped > b.memory:
             raise BudgetExceeded("memory", b.memory, f"{scenario.path}: {mapped} bytes mapped", "bytes")
-        sym = Symbolizer(self.images, self.stack_regions)
+        sym = Symbolizer(self.images, self.thread_start.stack_regions)
         self.trace.symbolize = sym
         self.machine.symbolize = sym
         # How each thread starts, in words: `emu run` and `emu explain` show it.
         self.trace.thread_starts = [
-            f"{th.name}: {self._describe_start(mode, entry, sym)}"
+            f"{th.name}: {self.thread_start.describe(mode, entry, sym)}"
             for th, mode, entry in zip(specs, modes, self.entries)
         ]
 
@@ -297,139 +226,12 @@ class Process:
                 except ImageError as e:
                     raise ScenarioError(self.scenario.path, "", str(e)) from None
 
-    def _read_images(self, explicit: dict[str, int]) -> dict[str, int]:
-        """Service numbers and the dispatcher convention from the loaded code.
-
-        The images decide: SSNs come from the stubs of a foreign ntdll and of a loaded
-        win32u PE, the dispatcher convention from a foreign KiUserCallbackDispatcher's
-        code. The profile gives defaults, and a ``[profile]`` key the file sets wins.
-        """
-        s = self.scenario
-        profile = s.profile
-        table: dict[str, int] = {} if self.foreign else dict(profile.ssn)
-        coded: list[Image] = [self.ntdll] if self.foreign else []
-        coded += [img for img in self.images if img.name.lower() == "win32u" and img.path is not None]
-        for img in coded:
-            found = service_table(img)
-            table.update(found)
-            diffs = compare_with_profile(found, profile)
-            if diffs:
-                self.notes.append(
-                    f"{_file_name(img)} numbers {len(diffs)} service(s) differently from profile {profile.name}; "
-                    f"its code is used (emu run --verbose lists them)"
-                )
-            self.details.extend(
-                f"{_file_name(img)}: {d.service} SSN {d.in_code:#x} in its code, {d.in_profile:#x} in profile {profile.name}"
-                for d in diffs
-            )
-        if self.foreign:
-            guess = guess_dispatcher_convention(self.ntdll)
-            if "dispatcher" in s.profile_overrides:
-                if guess.convention not in ("unknown", profile.dispatcher):
-                    self.notes.append(
-                        f"{_file_name(self.ntdll)}'s KiUserCallbackDispatcher looks like the '{guess.convention}' "
-                        f"convention ({guess.evidence}); [profile] dispatcher = '{profile.dispatcher}' is used"
-                    )
-            elif guess.convention == "unknown":
-                self.notes.append(
-                    f"the entry convention of {_file_name(self.ntdll)}'s KiUserCallbackDispatcher cannot be read from "
-                    f"its code; the profile's '{profile.dispatcher}' is used (set [profile] dispatcher to choose)"
-                )
-            else:
-                self.profile = profile.with_overrides(dispatcher=guess.convention)
-                self.details.append(f"dispatcher convention '{guess.convention}' from the code: {guess.evidence}")
-        if self.foreign or coded:
-            for name in s.services:
-                if name not in table and name not in explicit:
-                    where = ", ".join(_file_name(i) for i in coded)
-                    raise ScenarioError(
-                        s.path, f"services.{name}",
-                        f"{name} has no stub in {where} and no 'ssn = 0x...' (add one to script it)",
-                        s.line_of("services", name),
-                    )  # fmt: skip
-            if _uses_callbacks(s) and "NtCallbackReturn" not in table and "NtCallbackReturn" not in explicit:
-                raise self._missing(
-                    "NtCallbackReturn",
-                    "callbacks return through it; a stub with a readable SSN is needed, or "
-                    "[profile] ssn = { NtCallbackReturn = 0x... }",
-                    also="ZwCallbackReturn",
-                )
-        return {**table, **explicit}
-
-    def _missing(self, export: str, why: str, also: str = "") -> ScenarioError:
-        """The one-line error for a foreign ntdll without something the run needs."""
-        spec = self.scenario.ntdll
-        name = _file_name(self.ntdll)
-        alt = f" or {also}" if also else ""
-        return ScenarioError(
-            self.scenario.path, "ntdll.path" if spec else "ntdll",
-            f"{name} exports no usable {export}{alt}: {why}",
-            self.scenario.line_of("ntdll", "path") if spec else None,
-        )  # fmt: skip
-
-    def _builtin_kernel32(self) -> Image:
-        """emu's kernel32 (BaseThreadInitThunk only), in the first free 16 MiB slot from KERNEL32_BASE."""
-        terminate = self.ntdll.export("NtTerminateThread", "ZwTerminateThread")
-        if terminate is None:
-            raise self._missing("NtTerminateThread", "emu's built-in kernel32 ends threads through it")
-        base = KERNEL32_BASE
-        while any(img.base < base + MODULE_STRIDE and base < img.end for img in self.images):
-            base += MODULE_STRIDE
-        return build_kernel32(base, terminate)
-
-    def _fill_init_thunk(self) -> InitThunk | None:
-        """Store kernel32!BaseThreadInitThunk where a foreign RtlUserThreadStart calls through it,
-        as the Windows loader does (see :mod:`emu.loader.startup`)."""
-        if not self.foreign:
-            return None
-        found = find_init_thunk(self.ntdll)
-        k32 = self._kernel32()
-        thunk = k32.export("BaseThreadInitThunk") if k32 is not None else None
-        if found is None or thunk is None:
-            return None
-        self.machine.write_u64(found.slot, thunk)
-        self.details.append(
-            f"RtlUserThreadStart calls BaseThreadInitThunk through {found.slot:#x} ({found.how}); emu stored "
-            f"{k32.name if k32 else 'kernel32'}!BaseThreadInitThunk there"
-        )
-        return found
-
-    def _start_mode(self, spec: ThreadSpec) -> str:
-        """A thread's start mode: "auto" is "rtl", unless a foreign RtlUserThreadStart cannot
-        reach the entry here (a probe run finds out, once per scenario text and ntdll file)."""
-        if spec.start != "auto" or not self.foreign:
-            return "rtl" if spec.start == "auto" else spec.start
-        k32 = self._kernel32()
-        if k32 is None or k32.path is not None:
-            return "rtl"  # the scenario's own kernel32: its BaseThreadInitThunk, nothing to fall back on
-        if self.ntdll.export("RtlUserThreadStart") is None:
-            self.notes.append(f"{_file_name(self.ntdll)} exports no RtlUserThreadStart; threads start at their entry")
-            return "entry"
-        why = _probe_start(self.scenario)
-        if why is None:
-            return "rtl"
-        self.notes.append(
-            f"{_file_name(self.ntdll)}!RtlUserThreadStart did not reach the thread's entry here ({why}); "
-            f'threads start at their entry instead (set [thread] start = "rtl" to run it anyway)'
-        )
-        return "entry"
-
-    def _kernel32(self) -> Image | None:
-        """The loaded kernel32: emu's built-in one (no path) or the scenario's own."""
-        return next((img for img in self.images if img.name.lower() == "kernel32"), None)
-
-    def _describe_start(self, mode: str, entry: int, sym: Symbolizer) -> str:
-        if mode == "entry":
-            return f"at its entry {sym(entry)}, as if called by {sym(self._exit_thunk())}"
-        via = " -> kernel32!BaseThreadInitThunk" if self.init_thunk is not None else ""
-        return f"ntdll!RtlUserThreadStart{via} -> {sym(entry)}"
-
     def describe(self) -> str:
         """What the run models, for report headers: the profile, or the foreign images and the profile."""
         if not self.foreign:
             return self.scenario.profile.title
         return (
-            f"{_file_name(self.ntdll)}: its own stubs, SSNs and '{self.profile.dispatcher}' dispatcher; "
+            f"{file_name(self.ntdll)}: its own stubs, SSNs and '{self.profile.dispatcher}' dispatcher; "
             f"defaults from {self.scenario.profile.title}"
         )
 
@@ -516,61 +318,6 @@ class Process:
         self.machine.map(PEB_ADDRESS, PEB_SIZE, "rw", "PEB", bytes(peb))
         return table_addr
 
-    def create_thread(self, index: int, entry: int, argument: int, mode: str = "rtl") -> KThread:
-        """TEB, stack with a guard page, and a context at the thread's start.
-
-        ``mode`` "rtl": RtlUserThreadStart(entry, argument), entered as if called (RSP = 8
-        mod 16, a zero return address). "entry": the entry itself with RCX = argument, as
-        if called by the function that RtlUserThreadStart calls (kernel32!BaseThreadInitThunk
-        with a foreign ntdll, the built-in RtlUserThreadStart otherwise): its 0x28-byte frame
-        and a return address into it sit on the stack, so returning ends the thread.
-        """
-        m = self.machine
-        limit, base = m.allocate_stack(STACK_SIZE, f"thread {index} stack")
-        self.stack_regions.append((limit, base, f"stack{index}"))
-        teb = TEB_ADDRESS - index * TEB_SIZE
-        t = bytearray(TEB_SIZE)
-        tid = THREAD_ID_BASE + 4 * index
-        for off, val in (
-            (TEB_STACK_BASE, base), (TEB_STACK_LIMIT, limit), (TEB_SELF, teb),
-            (TEB_CLIENT_ID, PROCESS_ID), (TEB_CLIENT_ID + 8, tid), (TEB_PEB, PEB_ADDRESS),
-        ):  # fmt: skip
-            t[off : off + 8] = val.to_bytes(8, "little")
-        m.map(teb, TEB_SIZE, "rw", f"thread {index} TEB", bytes(t))
-        rsp = base - 0x30 - 8
-        regs = {"rcx": entry, "rdx": argument}
-        if mode == "entry":
-            rip = entry
-            rsp -= 0x30  # the caller's `sub rsp, 0x28` and its `call`
-            m.write_u64(rsp, self._exit_thunk())
-            regs = {"rax": entry, "rcx": argument, "rdx": entry if self.foreign else argument, "r8": argument}
-        else:
-            start = self.ntdll.export("RtlUserThreadStart")
-            if start is None:
-                raise self._missing("RtlUserThreadStart", 'threads start there; [thread] start = "entry" skips it')
-            rip = start
-        ctx = UserContext(
-            rax=0, rcx=0, rdx=0, rbx=0, rsp=rsp, rbp=0, rsi=0, rdi=0, r8=0, r9=0, r10=0,
-            r11=0, r12=0, r13=0, r14=0, r15=0, rip=rip, rflags=RFLAGS_IF | RFLAGS_RESERVED,
-        )._replace(**regs)  # fmt: skip
-        return KThread(tid=index, teb=teb, stack_base=base, stack_limit=limit, entry_context=ctx)
-
-    def _exit_thunk(self) -> int:
-        """Where a thread started at its entry returns to: the point after the call to the
-        entry in emu's BaseThreadInitThunk (foreign ntdll) or RtlUserThreadStart (built-in)."""
-        img = self._kernel32() if self.foreign else self.ntdll
-        addr = None
-        if img is not None and img.path is None:
-            addr = img.symbols.get("BaseThreadInitThunk__return" if self.foreign else "RtlUserThreadStartReturn")
-        if addr is None:
-            raise ScenarioError(
-                self.scenario.path, "thread.start",
-                'start = "entry" needs emu\'s built-in kernel32 to end the thread; this scenario loads its own '
-                'kernel32: use start = "rtl"',
-                self.scenario.line_of("thread"),
-            )  # fmt: skip
-        return addr
-
     def reaches_entry(self, seconds: float) -> str | None:
         """Run thread 0 until it reaches its entry: None if it does, else why it did not."""
         reached: list[int] = []
@@ -653,47 +400,10 @@ class Process:
             kernel.continue_thread(nxt)
 
 
-def _touches_shared(steps: list[ScriptStep]) -> bool:
-    for st in steps:
-        if isinstance(st, (Wait, SetEvent, ReleaseMutant, SendMessage)):
-            return True
-        if isinstance(st, KChoiceStep) and any(_touches_shared(list(o)) for _, o in st.options):
-            return True
-    return False
-
-
-def _file_name(image: Image) -> str:
-    return Path(image.path).name if image.path else image.name
-
-
-def _uses_callbacks(s: Scenario) -> bool:
-    def any_callback(steps: tuple[Step, ...]) -> bool:
-        for st in steps:
-            if isinstance(st, CallbackStep) or (isinstance(st, ObjectStep) and st.kind == "send"):
-                return True
-            if isinstance(st, ChoiceStep) and any(any_callback(o) for _, o in st.options):
-                return True
-        return False
-
-    return any(any_callback(script.steps) for script in s.services.values()) or bool(s.callback_table)
-
-
-# Start probes: scenario (path, text) and ntdll file -> why RtlUserThreadStart does not reach the entry.
-_PROBES: dict[tuple[str, str, int, int], str | None] = {}
-
-
-def _probe_start(scenario: Scenario) -> str | None:
+def _reaches_entry(scenario: Scenario) -> str | None:
     """Build the scenario with every thread started through RtlUserThreadStart and run
     thread 0 to its entry (2 s at most): None when it gets there, else why not."""
-    spec = scenario.ntdll
-    st = Path(spec.path).stat() if spec is not None else None
-    key = (scenario.path, scenario.source, st.st_mtime_ns if st else 0, st.st_size if st else 0)
-    if key not in _PROBES:
-        if len(_PROBES) > 64:
-            _PROBES.clear()
-        probe = Process(scenario, start="rtl")
-        _PROBES[key] = probe.reaches_entry(min(2.0, scenario.budgets.wall_time))
-    return _PROBES[key]
+    return Process(scenario, start="rtl").reaches_entry(min(2.0, scenario.budgets.wall_time))
 
 
 def _overlaps(a: Image, b: Image) -> bool:

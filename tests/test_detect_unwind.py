@@ -20,17 +20,8 @@ from pe_fixtures import CC, COMMON, DLLTOOL, PeFixtures, pe_fixtures_or_fail
 from emu.api import run
 from emu.context import UserContext
 from emu.detection.signals import combined
-from emu.detection.unwind import (
-    UNW_FLAG_CHAININFO,
-    UWOP_ALLOC_LARGE,
-    UWOP_PUSH_NONVOL,
-    UWOP_SAVE_NONVOL_FAR,
-    UWOP_SET_FPREG,
-    function_table,
-    lookup,
-    read_unwind_info,
-    walk,
-)
+from emu.detection.unwind import walk
+from emu.detection.unwind_data import function_table, lookup, read_unwind_info
 from emu.detection.view import ModuleInfo, ThreadView, view_of
 from emu.loader.image import PAGE, Image, Section
 from emu.loader.pe import load_pe
@@ -38,7 +29,14 @@ from emu.profile import get_profile
 from emu.runtime import build_ntdll
 from emu.runtime.unwind import TABLES, UWOP_ALLOC_SMALL, UWOP_PUSH_MACHFRAME
 from emu.scenario import parse_scenario
-from emu.winnt import UCALLOUT_MF_RIP
+from emu.winnt import (
+    UCALLOUT_MF_RIP,
+    UNW_FLAG_CHAININFO,
+    UWOP_ALLOC_LARGE,
+    UWOP_PUSH_NONVOL,
+    UWOP_SAVE_NONVOL_FAR,
+    UWOP_SET_FPREG,
+)
 
 # --- a PE ntdll and a module with real unwind data, from GNU as .seh directives -------------
 NTDLL_SEH = r"""

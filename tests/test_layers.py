@@ -23,9 +23,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("emu.views", "emu.dump", "emu.expect"),
     ("emu.detection",),
     ("emu.exploration", "emu.graph"),
-    ("emu.engine", "emu.process_start"),
+    ("emu.engine", "emu.process_start", "emu.process_services"),
     ("emu.kernel", "emu.machine", "emu.snapshot", "emu.trace"),
-    ("emu.loader", "emu.runtime", "emu.scenario"),
+    ("emu.loader", "emu.runtime", "emu.scenario", "emu.layout"),
     ("emu.winnt", "emu.profile", "emu.data", "emu.context", "emu.errors", "emu.writing", "emu.interrupts",
      "emu.vocabulary"),
 )  # fmt: skip

@@ -13,8 +13,9 @@ from pe_fixtures import PeFixtures, pe_fixtures_or_fail
 
 from conftest import asm_scenario
 from emu.api import run
-from emu.engine import MODULE_BASE, build
+from emu.engine import build
 from emu.errors import ScenarioError
+from emu.layout import MODULE_BASE
 from emu.loader.image import AssemblyError, Image, image_from_assembly
 from emu.scenario import parse_scenario
 

@@ -9,7 +9,7 @@ import pefile
 import pytest
 
 from emu.dump.modules import pe_exports
-from emu.engine import KERNEL32_BASE, WIN32U_BASE
+from emu.layout import KERNEL32_BASE, WIN32U_BASE
 from emu.loader.image import Image
 from emu.machine import Machine
 from emu.profile import get_profile

@@ -44,8 +44,6 @@ it with a ``problem``.
 from __future__ import annotations
 
 import contextlib
-import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import capstone
@@ -53,7 +51,6 @@ from capstone import x86
 
 from emu.detection.prologue import (
     CS_GPR,
-    GPR,
     RSP,
     Sweep,
     export_end,
@@ -63,168 +60,36 @@ from emu.detection.prologue import (
     stub_containing,
     sweep,
 )
+from emu.detection.unwind_data import RuntimeFunction, UnwindInfo, lookup, read_unwind_info
+from emu.detection.unwind_data import WalkStop as _Stop
 from emu.detection.view import DispatcherFrame, ModuleInfo, ThreadView, callout_frame
-from emu.loader.image import Image
 from emu.loader.stubs import guess_dispatcher_convention
-from emu.winnt import UCALLOUT_BUFFER, UCALLOUT_LENGTH, UCALLOUT_MF_RIP, UCALLOUT_MF_RSP
+from emu.winnt import (
+    UCALLOUT_BUFFER,
+    UCALLOUT_LENGTH,
+    UCALLOUT_MF_RIP,
+    UCALLOUT_MF_RSP,
+    UWOP_ALLOC_LARGE,
+    UWOP_ALLOC_SMALL,
+    UWOP_PUSH_MACHFRAME,
+    UWOP_PUSH_NONVOL,
+    UWOP_SAVE_NONVOL,
+    UWOP_SAVE_NONVOL_FAR,
+    UWOP_SET_FPREG,
+)
 
-# UNWIND_CODE.UnwindOp values (MS docs "struct UNWIND_CODE"; 6 and 7 are version-2 epilog codes).
-UWOP_PUSH_NONVOL, UWOP_ALLOC_LARGE, UWOP_ALLOC_SMALL, UWOP_SET_FPREG = 0, 1, 2, 3
-UWOP_SAVE_NONVOL, UWOP_SAVE_NONVOL_FAR, UWOP_EPILOG, UWOP_SPARE_CODE = 4, 5, 6, 7
-UWOP_SAVE_XMM128, UWOP_SAVE_XMM128_FAR, UWOP_PUSH_MACHFRAME = 8, 9, 10
-UNW_FLAG_EHANDLER, UNW_FLAG_UHANDLER, UNW_FLAG_CHAININFO = 1, 2, 4
-OP_NAMES = ("PUSH_NONVOL", "ALLOC_LARGE", "ALLOC_SMALL", "SET_FPREG", "SAVE_NONVOL", "SAVE_NONVOL_FAR",
-            "EPILOG", "SPARE_CODE", "SAVE_XMM128", "SAVE_XMM128_FAR", "PUSH_MACHFRAME")  # fmt: skip
-# Slots each code takes (ReactOS UnwindOpSlots); ALLOC_LARGE with OpInfo 1 takes 3.
-_SLOTS = (1, 2, 1, 1, 2, 3, 2, 3, 2, 3, 1)
-# Operation-info register numbers are RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI, R8..R15 (MS docs):
-# emu.detection.prologue.GPR, which is also UserContext's field order.
-RUNTIME_FUNCTION_SIZE = 12
 # MACHINE_FRAME as UWOP_PUSH_MACHFRAME pops it: Rip +0, SegCs +8, EFlags +0x10, Rsp +0x18, SegSs +0x20
 # (MS docs "struct UNWIND_CODE"; the same layout as the UCALLOUT_FRAME's MachineFrame in emu.winnt).
 MACHFRAME_RIP, MACHFRAME_RSP = 0x0, 0x18
 MAX_FRAMES = 4096  # a 256 KiB stack holds a few thousand frames at most; the walk reports a stop here
 # Every thread starts in ntdll!RtlUserThreadStart as if called with a zero return address
-# (ReactOS dll/ntdll/dispatch/amd64/dispatch.S, emu.engine.create_thread): the walk ends there,
+# (ReactOS dll/ntdll/dispatch/amd64/dispatch.S, emu.process_start.ThreadStart.create_thread): the walk ends there,
 # and a zero return address anywhere else is a broken stack.
 THREAD_START = "RtlUserThreadStart"
 SCAN_LIMIT = 0x2000  # bytes of stack a scan looks through for a return address
 
 _cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 _cs.detail = True
-
-Reader = Callable[[int, int], "bytes | None"]
-
-
-@dataclass(frozen=True, order=True)
-class RuntimeFunction:
-    """One .pdata entry, as absolute addresses."""
-
-    begin: int
-    end: int
-    unwind: int  # address of the UNWIND_INFO
-
-
-@dataclass(frozen=True)
-class UnwindCode:
-    """One decoded unwind operation; ``value`` is the size (ALLOC) or stack offset (SAVE) in bytes."""
-
-    offset: int
-    op: int
-    info: int
-    value: int = 0
-
-    def __str__(self) -> str:
-        name = OP_NAMES[self.op] if self.op < len(OP_NAMES) else f"op{self.op}"
-        reg = f" {GPR[self.info]}" if self.op in (UWOP_PUSH_NONVOL, UWOP_SAVE_NONVOL, UWOP_SAVE_NONVOL_FAR) else ""
-        val = f" {self.value:#x}" if self.value else ""
-        return f"+{self.offset:#x} {name}{reg}{val}"
-
-
-@dataclass(frozen=True)
-class UnwindInfo:
-    version: int
-    flags: int
-    prolog_size: int
-    frame_register: int
-    frame_offset: int  # scaled: bytes = 16 * frame_offset
-    codes: tuple[UnwindCode, ...]
-    chained: RuntimeFunction | None
-
-
-class _Stop(Exception):
-    """Ends a walk (never leaves this module): the message says why, in one line."""
-
-
-def parse_function_table(raw: bytes, base: int, limit: int) -> tuple[RuntimeFunction, ...]:
-    """RUNTIME_FUNCTION entries (RVAs) as absolute addresses, sorted; entries outside the image dropped."""
-    out = []
-    for off in range(0, len(raw) - RUNTIME_FUNCTION_SIZE + 1, RUNTIME_FUNCTION_SIZE):
-        begin, end, unwind = struct.unpack_from("<III", raw, off)
-        if begin < end <= limit and 0 < unwind < limit:
-            out.append(RuntimeFunction(base + begin, base + end, base + unwind))
-    return tuple(sorted(out))
-
-
-def function_table(image: Image) -> tuple[RuntimeFunction, ...]:
-    """The image's .pdata: ``Image.pdata`` when the loader kept it, else the exception directory
-    read from the PE headers mapped at its base (as in a dump); empty when there is none."""
-    raw = image.pdata or _pdata_from_headers(image)
-    return parse_function_table(raw, image.base, image.size) if raw else ()
-
-
-def _pdata_from_headers(image: Image) -> bytes:
-    # MS "PE Format": e_lfanew at 0x3C, "PE\0\0", the COFF header (20 bytes), then the PE32+
-    # optional header (magic 0x20B) whose data directory 3 (exception) is at +112 + 3 * 8.
-    head = image.read(image.base, 0x40)
-    if head is None or head[:2] != b"MZ":
-        return b""
-    pe = int.from_bytes(head[0x3C:0x40], "little")
-    opt = image.read(image.base + pe, 24 + 112 + 4 * 8)
-    if opt is None or opt[:4] != b"PE\0\0" or int.from_bytes(opt[24:26], "little") != 0x20B:
-        return b""
-    rva, size = struct.unpack_from("<II", opt, 24 + 112 + 3 * 8)
-    if not rva or not size or size > 0x100000:
-        return b""
-    return image.read(image.base + rva, size) or b""
-
-
-def read_unwind_info(read: Reader, address: int, base: int) -> UnwindInfo:
-    """Decode the UNWIND_INFO at ``address`` (``base``: the image base its RVAs are relative to)."""
-    head = read(address, 4)
-    if head is None:
-        raise _Stop(f"UNWIND_INFO at {address:#x} is not readable")
-    version, flags = head[0] & 7, head[0] >> 3
-    if version not in (1, 2):
-        raise _Stop(f"UNWIND_INFO at {address:#x} has version {version}")
-    count = head[2]
-    raw = read(address + 4, 2 * count) if count else b""
-    if raw is None:
-        raise _Stop(f"unwind codes at {address + 4:#x} are not readable")
-    codes, i = [], 0
-    while i < count:
-        offset, op, info = raw[2 * i], raw[2 * i + 1] & 0xF, raw[2 * i + 1] >> 4
-        if op > UWOP_PUSH_MACHFRAME:
-            raise _Stop(f"UNWIND_INFO at {address:#x} has an unknown unwind op {op}")
-        n = 3 if op == UWOP_ALLOC_LARGE and info else _SLOTS[op]
-        if i + n > count:
-            raise _Stop(f"UNWIND_INFO at {address:#x}: code {i} runs past CountOfCodes")
-        slot16 = int.from_bytes(raw[2 * i + 2 : 2 * i + 4], "little") if n >= 2 else 0
-        slot32 = int.from_bytes(raw[2 * i + 2 : 2 * i + 6], "little") if n == 3 else 0
-        value = {
-            UWOP_ALLOC_LARGE: slot32 if info else slot16 * 8,  # unscaled, or divided by 8
-            UWOP_ALLOC_SMALL: info * 8 + 8,
-            UWOP_SAVE_NONVOL: slot16 * 8,
-            UWOP_SAVE_NONVOL_FAR: slot32,
-            UWOP_SAVE_XMM128: slot16 * 16,
-            UWOP_SAVE_XMM128_FAR: slot32,
-        }.get(op, 0)
-        codes.append(UnwindCode(offset, op, info, value))
-        i += n
-    chained = None
-    if flags & UNW_FLAG_CHAININFO:
-        tail = read(address + 4 + 2 * ((count + 1) & ~1), RUNTIME_FUNCTION_SIZE)
-        if tail is None:
-            raise _Stop(f"chained RUNTIME_FUNCTION after {address:#x} is not readable")
-        b, e, u = struct.unpack("<III", tail)
-        chained = RuntimeFunction(base + b, base + e, base + u)
-    return UnwindInfo(version, flags, head[1], head[3] & 0xF, head[3] >> 4, tuple(codes), chained)
-
-
-def lookup(module: ModuleInfo, address: int) -> RuntimeFunction | None:
-    """The .pdata entry covering ``address`` (binary search, like RtlLookupFunctionEntry)."""
-    table = module.function_table
-    lo, hi = 0, len(table)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        f = table[mid]
-        if address < f.begin:
-            hi = mid
-        elif address >= f.end:
-            lo = mid + 1
-        else:
-            return f
-    return None
 
 
 # --- the walk ---------------------------------------------------------------------------------

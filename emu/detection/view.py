@@ -29,7 +29,7 @@ from emu.loader.image import Image
 from emu.winnt import UCALLOUT_API_NUMBER, UCALLOUT_BUFFER, UCALLOUT_FRAME_SIZE, UCALLOUT_LENGTH, UCALLOUT_MF_RSP
 
 if TYPE_CHECKING:
-    from emu.detection.unwind import RuntimeFunction
+    from emu.detection.unwind_data import RuntimeFunction
     from emu.engine import RunResult
     from emu.trace import State
 
@@ -65,7 +65,7 @@ class ModuleInfo:
     @cached_property
     def function_table(self) -> tuple[RuntimeFunction, ...]:
         """The module's .pdata (RUNTIME_FUNCTION entries, absolute addresses), read once; empty if none."""
-        from emu.detection.unwind import function_table  # the unwinder imports this module
+        from emu.detection.unwind_data import function_table  # it imports this module (ModuleInfo)
 
         return function_table(self.image)
 

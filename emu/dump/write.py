@@ -62,8 +62,9 @@ from emu.dump.format import (
 from emu.dump.memory import Region, image_regions, process_regions, stack_regions
 from emu.dump.modules import emu_stream
 from emu.dump.streams import HandleDataStream, ThreadInfoListStream, context_bytes, handle_data, thread_info_list
-from emu.engine import PROCESS_ID, THREAD_ID_BASE  # the engine owns the numbering
 from emu.errors import DumpError
+from emu.layout import PROCESS_ID
+from emu.layout import thread_id as thread_id
 from emu.loader.image import Image
 from emu.writing import write_atomic
 
@@ -74,11 +75,6 @@ if TYPE_CHECKING:
 
 BUILTIN_MODULES = ("ntdll", "win32u")  # emu's own runtime, named as System32 DLLs
 NORMAL_PRIORITY_CLASS = 0x20  # winbase.h; Priority 0 is THREAD_PRIORITY_NORMAL
-
-
-def thread_id(index: int) -> int:
-    """The Windows thread id emu gives thread ``index`` (its TEB's ClientId.UniqueThread)."""
-    return THREAD_ID_BASE + 4 * index
 
 
 def threads_at(run: RunResult, state: State) -> list[tuple[KThread, State]]:
@@ -225,7 +221,7 @@ class _Thread:
 
 def _start_address(t: KThread) -> int:
     """The thread's entry (MINIDUMP_THREAD_INFO.StartAddress, the Win32 start address): RCX when it starts
-    in RtlUserThreadStart(entry, argument), RAX when it starts at its entry (see Process.create_thread)."""
+    in RtlUserThreadStart(entry, argument), RAX when it starts at its entry (see emu.process_start.ThreadStart.create_thread)."""
     ctx = t.entry_context
     return ctx.rax or ctx.rcx
 

@@ -21,11 +21,13 @@ import struct
 from dataclasses import dataclass
 
 from emu.loader.image import PAGE, Image, Section, page_align
+from emu.winnt import UNW_FLAG_EHANDLER
+from emu.winnt import UWOP_ALLOC_SMALL as UWOP_ALLOC_SMALL
+from emu.winnt import UWOP_PUSH_MACHFRAME as UWOP_PUSH_MACHFRAME
+from emu.winnt import UWOP_PUSH_NONVOL as UWOP_PUSH_NONVOL
 
 # UNWIND_CODE.UnwindOp values used here (MS docs "struct UNWIND_CODE").
-UWOP_PUSH_NONVOL, UWOP_ALLOC_SMALL, UWOP_PUSH_MACHFRAME = 0, 2, 10
 UNWIND_VERSION = 1
-UNW_FLAG_EHANDLER = 1  # MS docs "struct UNWIND_INFO": an exception handler RVA follows the codes
 
 
 @dataclass(frozen=True)

@@ -1,2 +1,3 @@
-"""Views for people: text and HTML panels (``text``), matplotlib pictures (``viz``), and the
-path to a state explained (``explain``)."""
+"""Views for people: text panels (``text``), matplotlib pictures (``viz``, drawing the
+timeline in ``timeline`` and sharing fonts, lanes and saving in ``figure``), and the path to
+a state explained (``explain``)."""
