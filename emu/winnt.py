@@ -15,6 +15,11 @@ STATUS_STACK_OVERFLOW = 0xC00000FD
 STATUS_NO_CALLBACK_ACTIVE = 0xC0000258
 STATUS_CALLBACK_POP_STACK = 0xC0000423
 STATUS_BUFFER_TOO_SMALL = 0xC0000023
+# Returned by the kernel model's waits but not (yet) named in reports or scenario files:
+# STATUS_NAMES below is what status_name and the scenario reader know.
+STATUS_TIMEOUT = 0x00000102  # the wait timed out
+STATUS_PENDING = 0x00000103  # also winbase.h STILL_ACTIVE: the exit status of a live thread
+STATUS_MUTANT_NOT_OWNED = 0xC0000046  # release of a mutant the caller does not own
 
 STATUS_NAMES: dict[int, str] = {
     STATUS_SUCCESS: "STATUS_SUCCESS",
@@ -39,7 +44,8 @@ def status_name(status: int) -> str:
 KGDT64_R0_CODE = 0x10
 KGDT64_R0_DATA = 0x18
 KGDT64_R3_CODE = 0x33  # 0x30 | RPL 3
-KGDT64_R3_DATA = 0x2B  # 0x28 | RPL 3
+KGDT64_R3_DATA = 0x2B  # 0x28 | RPL 3: user DS, ES, SS and GS
+KGDT64_R3_CMTEB = 0x53  # 0x50 | RPL 3: user FS (the 32-bit TEB's selector)
 
 # --- TEB / PEB (x64; ReactOS sdk/include/ndk/peb_teb.h, checked against public PDB dumps) --
 TEB_EXCEPTION_LIST = 0x00  # NT_TIB.ExceptionList
@@ -144,6 +150,17 @@ UWOP_SAVE_NONVOL, UWOP_SAVE_NONVOL_FAR, UWOP_EPILOG, UWOP_SPARE_CODE = 4, 5, 6, 
 UWOP_SAVE_XMM128, UWOP_SAVE_XMM128_FAR, UWOP_PUSH_MACHFRAME = 8, 9, 10
 UNW_FLAG_EHANDLER, UNW_FLAG_UHANDLER, UNW_FLAG_CHAININFO = 1, 2, 4  # UNWIND_INFO.Flags
 RUNTIME_FUNCTION_SIZE = 12  # {BeginAddress, EndAddress, UnwindData}: three RVAs
+
+# --- PE32+ images (MS docs "PE Format") ----------------------------------------------------
+IMAGE_DOS_E_LFANEW = 0x3C  # IMAGE_DOS_HEADER.e_lfanew: file offset of "PE\0\0" and the NT headers
+IMAGE_NT_TIME_DATE_STAMP = 0x08  # IMAGE_NT_HEADERS64: Signature (4), then IMAGE_FILE_HEADER.TimeDateStamp
+IMAGE_NT_CHECKSUM = 0x58  # IMAGE_NT_HEADERS64.OptionalHeader.CheckSum
+IMAGE_FILE_HEADER_SIZE = 20  # the COFF file header
+IMAGE_SECTION_HEADER_SIZE = 40
+IMAGE_EXPORT_DIRECTORY_SIZE = 40
+IMAGE_DIRECTORY_ENTRY_EXPORT, IMAGE_DIRECTORY_ENTRY_EXCEPTION, IMAGE_DIRECTORY_ENTRY_BASERELOC = 0, 3, 5
+IMAGE_SCN_CNT_CODE, IMAGE_SCN_CNT_INITIALIZED_DATA = 0x20, 0x40
+IMAGE_SCN_MEM_EXECUTE, IMAGE_SCN_MEM_READ, IMAGE_SCN_MEM_WRITE = 0x20000000, 0x40000000, 0x80000000
 
 # --- RFLAGS (Intel SDM vol. 1, 3.4.3) ------------------------------------------------------
 RFLAGS_IF = 0x200

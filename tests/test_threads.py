@@ -8,8 +8,8 @@ from conftest import asm_scenario
 from emu.api import run
 from emu.detection.observers import node_status
 from emu.exploration.explorer import Exploration, explore
-from emu.kernel.objects import STATUS_TIMEOUT
 from emu.scenario import parse_scenario
+from emu.winnt import STATUS_TIMEOUT
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,6 +14,7 @@ import json
 import sys
 from typing import Any, TextIO
 
+from emu.cli.exit_codes import EXIT_OK
 from emu.loader.image import Image
 from emu.loader.pe import load_pe
 from emu.loader.stubs import compare_with_profile, guess_dispatcher_convention, recover_stubs, service_table
@@ -130,4 +131,4 @@ def cmd_image(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
         _print(report, sys.stdout)
-    return 0
+    return EXIT_OK

@@ -23,13 +23,13 @@ from typing import Any
 import capstone
 from capstone import x86
 
+from emu.context import REGISTER_NAMES
 from emu.detection.view import ModuleInfo, ThreadView
 from emu.loader.image import Image
-from emu.loader.stubs import Stub, stub_at
+from emu.loader.stubs import STUB_WINDOW, Stub, stub_at
 
-GPR = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
-       "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")  # fmt: skip
-RSP, RBP = 4, 5
+GPR = REGISTER_NAMES[:16]  # the general registers, in UserContext's (and the unwind codes') order
+RSP, RBP = GPR.index("rsp"), GPR.index("rbp")
 SWEEP_LIMIT = 0x1000  # bytes of code read from a function start
 _cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 _cs.detail = True
@@ -185,16 +185,9 @@ def function_start(module: ModuleInfo, rip: int) -> int | None:
     return best
 
 
-def export_end(module: ModuleInfo, start: int) -> int:
-    names = {n for n, a in module.exports.items() if a == start}
-    later = [a for n, a in module.exports.items() if a > start and not any(n.startswith(s) for s in names)]
-    return min(later, default=module.base + module.size)
-
-
 # `mov r10, rcx` as Windows' ntdll writes it (4C 8B D1) and as assemblers do (49 89 CA): every
 # stub shape emu.loader.stubs knows starts with it.
 _STUB_OPENERS = (b"\x4c\x8b\xd1", b"\x49\x89\xca")
-STUB_WINDOW = 0x40  # a stub's syscall/int 2Eh is within this many bytes of its start (emu.loader.stubs.WINDOW)
 
 
 def stub_containing(module: ModuleInfo, rip: int) -> Stub | None:

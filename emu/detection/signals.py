@@ -32,7 +32,7 @@ from emu.detection.view import (
     dispatcher_frames,
     syscall_sites,
 )
-from emu.loader.stubs import Stub, stub_at
+from emu.loader.stubs import STUB_WINDOW, Stub, stub_at
 
 Value = Literal["yes", "no", "unknown"]
 _SITES = {b"\x0f\x05": "syscall", b"\xcd\x2e": "int 2Eh"}  # the two encodings that enter the kernel here
@@ -81,7 +81,7 @@ def symbol_signal(view: ThreadView) -> Verdict:
     rip = view.context.rip
     key = ("sites", stub)
     if key not in ntdll.memo:
-        ntdll.memo[key] = syscall_sites(view, stub, min(ntdll.export_end(stub), stub + 0x40))
+        ntdll.memo[key] = syscall_sites(view, stub, min(ntdll.function_end(stub), stub + STUB_WINDOW))
     sites: list[int] = ntdll.memo[key]  # type: ignore[assignment]
     where = view.symbol(rip)
     if rip in sites:

@@ -53,7 +53,6 @@ from emu.detection.prologue import (
     CS_GPR,
     RSP,
     Sweep,
-    export_end,
     function_start,
     is_reg,
     is_return_address,
@@ -127,10 +126,10 @@ class _Walker:
         self.disp = disp
         self.disp_end = 0
         if ntdll is not None and disp is not None:
-            self.disp_end = _function_end(ntdll, disp)
+            self.disp_end = ntdll.function_end(disp)
         self.rip = view.context.rip
         start = ntdll.export(THREAD_START) if ntdll else None
-        self.thread_start = (start, _function_end(ntdll, start)) if ntdll and start is not None else (0, 0)
+        self.thread_start = (start, ntdll.function_end(start)) if ntdll and start is not None else (0, 0)
 
     # stack memory only: a pointer into an image's bytes is not a stack
     def word(self, address: int) -> int:
@@ -368,12 +367,6 @@ class _Walker:
         except _Stop:
             buffer = both = 0
         self.dispatchers.append(DispatcherFrame(slot, frame, both >> 32, buffer, both & 0xFFFF_FFFF))
-
-
-def _function_end(module: ModuleInfo, start: int) -> int:
-    """Where the function at ``start`` ends: its .pdata entry's end, else the next other export."""
-    entry = lookup(module, start)
-    return entry.end if entry is not None and entry.begin == start else export_end(module, start)
 
 
 def _jumps_inside(insn: capstone.CsInsn, entry: RuntimeFunction) -> bool:

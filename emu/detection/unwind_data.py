@@ -20,7 +20,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from emu.detection.prologue import GPR
-from emu.loader.image import Image
+from emu.loader.pdata import RuntimeFunction as RuntimeFunction
+from emu.loader.pdata import entry_at
+from emu.loader.pdata import function_table as function_table
+from emu.loader.pdata import parse_function_table as parse_function_table
 from emu.winnt import (
     RUNTIME_FUNCTION_SIZE,
     UNW_FLAG_CHAININFO,
@@ -58,15 +61,6 @@ class WalkStop(Exception):
     message says why, in one line (:func:`emu.detection.unwind.walk` turns it into a ``problem``)."""
 
 
-@dataclass(frozen=True, order=True)
-class RuntimeFunction:
-    """One .pdata entry, as absolute addresses."""
-
-    begin: int
-    end: int
-    unwind: int  # address of the UNWIND_INFO
-
-
 @dataclass(frozen=True)
 class UnwindCode:
     """One decoded unwind operation; ``value`` is the size (ALLOC) or stack offset (SAVE) in bytes."""
@@ -92,39 +86,6 @@ class UnwindInfo:
     frame_offset: int  # scaled: bytes = 16 * frame_offset
     codes: tuple[UnwindCode, ...]
     chained: RuntimeFunction | None
-
-
-def parse_function_table(raw: bytes, base: int, limit: int) -> tuple[RuntimeFunction, ...]:
-    """RUNTIME_FUNCTION entries (RVAs) as absolute addresses, sorted; entries outside the image dropped."""
-    out = []
-    for off in range(0, len(raw) - RUNTIME_FUNCTION_SIZE + 1, RUNTIME_FUNCTION_SIZE):
-        begin, end, unwind = struct.unpack_from("<III", raw, off)
-        if begin < end <= limit and 0 < unwind < limit:
-            out.append(RuntimeFunction(base + begin, base + end, base + unwind))
-    return tuple(sorted(out))
-
-
-def function_table(image: Image) -> tuple[RuntimeFunction, ...]:
-    """The image's .pdata: ``Image.pdata`` when the loader kept it, else the exception directory
-    read from the PE headers mapped at its base (as in a dump); empty when there is none."""
-    raw = image.pdata or _pdata_from_headers(image)
-    return parse_function_table(raw, image.base, image.size) if raw else ()
-
-
-def _pdata_from_headers(image: Image) -> bytes:
-    # MS "PE Format": e_lfanew at 0x3C, "PE\0\0", the COFF header (20 bytes), then the PE32+
-    # optional header (magic 0x20B) whose data directory 3 (exception) is at +112 + 3 * 8.
-    head = image.read(image.base, 0x40)
-    if head is None or head[:2] != b"MZ":
-        return b""
-    pe = int.from_bytes(head[0x3C:0x40], "little")
-    opt = image.read(image.base + pe, 24 + 112 + 4 * 8)
-    if opt is None or opt[:4] != b"PE\0\0" or int.from_bytes(opt[24:26], "little") != 0x20B:
-        return b""
-    rva, size = struct.unpack_from("<II", opt, 24 + 112 + 3 * 8)
-    if not rva or not size or size > 0x100000:
-        return b""
-    return image.read(image.base + rva, size) or b""
 
 
 def read_unwind_info(read: Reader, address: int, base: int) -> UnwindInfo:
@@ -171,15 +132,4 @@ def read_unwind_info(read: Reader, address: int, base: int) -> UnwindInfo:
 
 def lookup(module: ModuleInfo, address: int) -> RuntimeFunction | None:
     """The .pdata entry covering ``address`` (binary search, like RtlLookupFunctionEntry)."""
-    table = module.function_table
-    lo, hi = 0, len(table)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        f = table[mid]
-        if address < f.begin:
-            hi = mid
-        elif address >= f.end:
-            lo = mid + 1
-        else:
-            return f
-    return None
+    return entry_at(module.function_table, address)

@@ -26,10 +26,10 @@ import capstone
 
 from emu.context import UserContext
 from emu.loader.image import Image
+from emu.loader.pdata import RuntimeFunction, function_end, function_table
 from emu.winnt import UCALLOUT_API_NUMBER, UCALLOUT_BUFFER, UCALLOUT_FRAME_SIZE, UCALLOUT_LENGTH, UCALLOUT_MF_RSP
 
 if TYPE_CHECKING:
-    from emu.detection.unwind_data import RuntimeFunction
     from emu.engine import RunResult
     from emu.trace import State
 
@@ -57,16 +57,18 @@ class ModuleInfo:
                 return self.exports[n]
         return None
 
+    def function_end(self, address: int) -> int:
+        """Where the function at ``address`` ends: its .pdata entry's end, else the next export's
+        address, else the module's end (:func:`emu.loader.pdata.function_end`)."""
+        return function_end(self.function_table, self.exports.values(), address, self.base + self.size)
+
     def export_end(self, address: int) -> int:
-        """End of the export starting at ``address``: the next export's address (or the image end)."""
-        later = [a for a in self.exports.values() if a > address]
-        return min(later, default=self.base + self.size)
+        """The same as :meth:`function_end` (the name detectors written for emu already use)."""
+        return self.function_end(address)
 
     @cached_property
     def function_table(self) -> tuple[RuntimeFunction, ...]:
         """The module's .pdata (RUNTIME_FUNCTION entries, absolute addresses), read once; empty if none."""
-        from emu.detection.unwind_data import function_table  # it imports this module (ModuleInfo)
-
         return function_table(self.image)
 
 

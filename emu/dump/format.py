@@ -63,9 +63,6 @@ CONTEXT_INTEGER = CONTEXT_AMD64 | 0x2  # Rax, Rcx, Rdx, Rbx, Rbp, Rsi, Rdi, R8-R
 CONTEXT_SEGMENTS = CONTEXT_AMD64 | 0x4  # SegDs, SegEs, SegFs, SegGs
 CONTEXT_SIZE = 0x4D0
 INITIAL_MXCSR = 0x1F80  # what Windows starts threads with (winnt.h); emu does not model SSE state
-# User-mode selectors on Windows x64 (ReactOS sdk/include/ndk/amd64/ketypes.h): KGDT64_R3_CODE,
-# KGDT64_R3_DATA for DS/ES/SS/GS, KGDT64_R3_CMTEB for FS.
-SEG_CS, SEG_DATA, SEG_FS = 0x33, 0x2B, 0x53
 
 # --- MINIDUMP_MEMORY_INFO (winnt.h MEMORY_BASIC_INFORMATION values) ------------------------
 MEM_COMMIT = 0x1000

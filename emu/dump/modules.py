@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import NoReturn, TypeGuard
 
 from emu.loader.image import Image, page_align
+from emu.winnt import IMAGE_DOS_E_LFANEW
 
 EMU_STREAM_FORMAT = "emu-modules"
 EMU_STREAM_VERSION = 1
@@ -135,7 +136,7 @@ def pe_exports(read: Callable[[int, int], bytes | None], base: int, size: int) -
 
     if read(base, 2) != b"MZ":
         return {}
-    nt = u32(base + 0x3C)  # IMAGE_DOS_HEADER.e_lfanew
+    nt = u32(base + IMAGE_DOS_E_LFANEW)
     if nt is None or nt > size or read(base + nt, 4) != b"PE\0\0":
         return {}
     # IMAGE_OPTIONAL_HEADER64 starts 0x18 into the NT headers; DataDirectory[0] (exports) at +0x70.

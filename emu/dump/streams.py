@@ -18,11 +18,9 @@ from emu.dump.format import (
     CONTEXT_REGISTERS,
     CONTEXT_SEGMENTS,
     INITIAL_MXCSR,
-    SEG_CS,
-    SEG_DATA,
-    SEG_FS,
     Layout,
 )
+from emu.winnt import KGDT64_R3_CMTEB, KGDT64_R3_CODE, KGDT64_R3_DATA, STATUS_PENDING
 
 if TYPE_CHECKING:
     from emu.scenario.model import ObjectSpec
@@ -39,7 +37,7 @@ CONTEXT_ALL = CONTEXT_CONTROL | CONTEXT_INTEGER | CONTEXT_SEGMENTS | CONTEXT_FLO
 # own, so the XMM registers are written as zero.
 INITIAL_FPU_CONTROL_WORD = 0x27F
 MXCSR_MASK = 0xFFFF  # XMM_SAVE_AREA32.MxCsr_Mask: the bits the CPU supports (SSE2+ with DAZ)
-STILL_ACTIVE = 0x103  # MINIDUMP_THREAD_INFO.ExitStatus of a live thread (STATUS_PENDING, winbase.h)
+STILL_ACTIVE = STATUS_PENDING  # MINIDUMP_THREAD_INFO.ExitStatus of a live thread (winbase.h)
 EVENT_ALL_ACCESS = 0x1F0003  # winnt.h
 MUTANT_ALL_ACCESS = 0x1F0001  # winnt.h
 
@@ -67,7 +65,8 @@ def context_bytes(state: State) -> bytes:
     values: dict[str, int | bytes] = {
         "ContextFlags": CONTEXT_ALL,
         "MxCsr": INITIAL_MXCSR, "FltSave.MxCsr": INITIAL_MXCSR,
-        "SegCs": SEG_CS, "SegDs": SEG_DATA, "SegEs": SEG_DATA, "SegFs": SEG_FS, "SegGs": SEG_DATA, "SegSs": SEG_DATA,
+        "SegCs": KGDT64_R3_CODE, "SegDs": KGDT64_R3_DATA, "SegEs": KGDT64_R3_DATA, "SegFs": KGDT64_R3_CMTEB,
+        "SegGs": KGDT64_R3_DATA, "SegSs": KGDT64_R3_DATA,
     }  # fmt: skip
     for reg, fname in CONTEXT_REGISTERS.items():
         values[fname] = getattr(state.context, reg) & (0xFFFF_FFFF if fname == "EFlags" else 0xFFFF_FFFF_FFFF_FFFF)

@@ -66,6 +66,8 @@ from emu.errors import DumpError
 from emu.layout import PROCESS_ID
 from emu.layout import thread_id as thread_id
 from emu.loader.image import Image
+from emu.loader.pe import nt_header_u32
+from emu.winnt import IMAGE_NT_CHECKSUM, IMAGE_NT_TIME_DATE_STAMP
 from emu.writing import write_atomic
 
 if TYPE_CHECKING:
@@ -134,14 +136,7 @@ def csd_version(title: str) -> str:
 
 def _pe_stamps(headers: bytes) -> tuple[int, int]:
     """(CheckSum, TimeDateStamp) from PE headers (IMAGE_NT_HEADERS64), or zeros for an assembled image."""
-    if len(headers) < 0x40:
-        return 0, 0
-    nt = int.from_bytes(headers[0x3C:0x40], "little")
-    if headers[nt : nt + 4] != b"PE\0\0" or len(headers) < nt + 0x5C:
-        return 0, 0
-    stamp = int.from_bytes(headers[nt + 8 : nt + 12], "little")  # IMAGE_FILE_HEADER.TimeDateStamp
-    checksum = int.from_bytes(headers[nt + 0x58 : nt + 0x5C], "little")  # IMAGE_OPTIONAL_HEADER64.CheckSum
-    return checksum, stamp
+    return nt_header_u32(headers, IMAGE_NT_CHECKSUM), nt_header_u32(headers, IMAGE_NT_TIME_DATE_STAMP)
 
 
 def minidump_string(text: str) -> bytes:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from emu.context import KTrapFrame, UserContext
+from emu.context import REGISTER_NAMES, KTrapFrame, UserContext
 from emu.errors import BudgetExceeded, EmuError, MachineFault, ModelBug, UnimplementedService
 from emu.kernel import sched
 from emu.kernel.callout import lay_out
@@ -42,8 +42,7 @@ from emu.winnt import (
 )
 
 NT_CALLBACK_RETURN = "NtCallbackReturn"
-_ALL = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11",
-        "r12", "r13", "r14", "r15", "rip", "rflags")  # fmt: skip
+_ALL = REGISTER_NAMES
 _SYSRET = ("rax", "rcx", "r11")
 OBJECT_REQUESTS = (Wait, SetEvent, ReleaseMutant, SendMessage, ReceiveMessage, ReplyMessage)
 _VIA = {"syscall": "", "int 2Eh": "entered via int 2Eh"}

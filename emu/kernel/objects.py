@@ -13,9 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-STATUS_TIMEOUT = 0x00000102  # ntstatus.h: the wait timed out
-STATUS_MUTANT_NOT_OWNED = 0xC0000046  # ntstatus.h: release of a mutant the caller does not own
-
 
 @dataclass
 class Event:

@@ -15,8 +15,6 @@ from typing import TYPE_CHECKING
 from emu.context import KTrapFrame, UserContext
 from emu.errors import KernelError, ModelBug
 from emu.kernel.objects import (
-    STATUS_MUTANT_NOT_OWNED,
-    STATUS_TIMEOUT,
     Event,
     Message,
     Mutant,
@@ -30,7 +28,7 @@ from emu.kernel.objects import (
 )
 from emu.kernel.services import Activation, CallbackResult, Choice, ScriptActivation, Sent
 from emu.kernel.thread import KThread, PendingChoice, Suspended
-from emu.winnt import STATUS_INVALID_HANDLE, STATUS_SUCCESS
+from emu.winnt import STATUS_INVALID_HANDLE, STATUS_MUTANT_NOT_OWNED, STATUS_SUCCESS, STATUS_TIMEOUT
 
 if TYPE_CHECKING:
     from emu.kernel.core import Kernel

@@ -35,6 +35,7 @@ from emu.kernel.objects import (
     SetEvent,
     Wait,
 )
+from emu.winnt import STATUS_INVALID_HANDLE
 
 OBJECT_REQUEST_TYPES = (Wait, SetEvent, ReleaseMutant, SendMessage, ReceiveMessage, ReplyMessage)
 
@@ -409,7 +410,7 @@ def builtin_services(registry: ServiceRegistry) -> ServiceRegistry:
         """End the calling thread (only NtCurrentThread(), handle -2, is modelled)."""
         # MS docs ZwTerminateThread; NtCurrentThread() is (HANDLE)-2 (wdm.h).
         if ThreadHandle not in (0xFFFF_FFFF_FFFF_FFFE, 0):
-            return 0xC0000008  # STATUS_INVALID_HANDLE: other threads arrive with several threads
+            return STATUS_INVALID_HANDLE  # other threads arrive with several threads
         yield TerminateThread(ExitStatus)
         return 0
 

@@ -43,7 +43,9 @@ from dataclasses import dataclass
 from pathlib import PurePath
 
 from emu.loader.image import Image
+from emu.loader.pe import nt_header_u32
 from emu.winnt import (
+    IMAGE_NT_TIME_DATE_STAMP,
     LDR_DATA_IN_INIT_ORDER,
     LDR_DATA_IN_LOAD_ORDER,
     LDR_DATA_IN_MEMORY_ORDER,
@@ -251,10 +253,5 @@ class _Block:
 
 
 def _time_date_stamp(headers: bytes) -> int:
-    """IMAGE_FILE_HEADER.TimeDateStamp (IMAGE_NT_HEADERS + 8), or 0 for an image without PE headers."""
-    if len(headers) < 0x40:
-        return 0
-    nt = int.from_bytes(headers[0x3C:0x40], "little")  # IMAGE_DOS_HEADER.e_lfanew
-    if headers[nt : nt + 4] != b"PE\0\0" or len(headers) < nt + 12:
-        return 0
-    return int.from_bytes(headers[nt + 8 : nt + 12], "little")
+    """IMAGE_FILE_HEADER.TimeDateStamp, or 0 for an image without PE headers."""
+    return nt_header_u32(headers, IMAGE_NT_TIME_DATE_STAMP)

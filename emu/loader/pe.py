@@ -30,6 +30,18 @@ from emu.errors import ImageError
 from emu.interrupts import deferred_interrupt
 from emu.loader.binding import TRAP_BASE, TRAP_STRIDE, ImportTrap, ImportTraps, bind_imports
 from emu.loader.image import PAGE, Forwarder, Image, ImageImport, Section, page_align
+from emu.winnt import (
+    IMAGE_DIRECTORY_ENTRY_BASERELOC,
+    IMAGE_DIRECTORY_ENTRY_EXCEPTION,
+    IMAGE_DIRECTORY_ENTRY_EXPORT,
+    IMAGE_DOS_E_LFANEW,
+    IMAGE_EXPORT_DIRECTORY_SIZE,
+    IMAGE_FILE_HEADER_SIZE,
+    IMAGE_SCN_MEM_EXECUTE,
+    IMAGE_SCN_MEM_READ,
+    IMAGE_SCN_MEM_WRITE,
+    IMAGE_SECTION_HEADER_SIZE,
+)
 
 if TYPE_CHECKING:
     import lief
@@ -44,14 +56,9 @@ MACHINE_AMD64 = 0x8664  # IMAGE_FILE_MACHINE_AMD64
 PE32_PLUS = 0x20B  # optional header magic of a PE32+ image
 RELOCS_STRIPPED = 0x0001  # IMAGE_FILE_RELOCS_STRIPPED: the image must load at its preferred base
 MAX_SECTIONS = 96  # "the Windows loader limits the number of sections to 96"
-FILE_HEADER_SIZE = 20  # COFF file header
 OPTIONAL_FIXED = 112  # PE32+ optional header up to the data directories
-SECTION_HEADER_SIZE = 40
 SYMBOL_SIZE = 18  # COFF symbol table record
-SCN_EXECUTE, SCN_READ, SCN_WRITE = 0x20000000, 0x40000000, 0x80000000  # IMAGE_SCN_MEM_*
 DIR_NAMES = {0: "export", 1: "import", 3: "exception", 5: "base relocation", 12: "import address table"}
-DIR_EXPORT, DIR_EXCEPTION, DIR_BASERELOC = 0, 3, 5
-EXPORT_DIRECTORY_SIZE = 40  # IMAGE_EXPORT_DIRECTORY
 # Base relocation types valid in an x64 image (IMAGE_REL_BASED_*), with the width they patch.
 REL_ABSOLUTE, REL_HIGH, REL_LOW, REL_HIGHLOW, REL_HIGHADJ, REL_DIR64 = 0, 1, 2, 3, 4, 10
 REL_NAMES = {REL_HIGH: "HIGH", REL_LOW: "LOW", REL_HIGHLOW: "HIGHLOW", REL_HIGHADJ: "HIGHADJ", REL_DIR64: "DIR64"}
@@ -59,6 +66,17 @@ REL_WIDTH = {REL_HIGH: 2, REL_LOW: 2, REL_HIGHLOW: 4, REL_HIGHADJ: 2, REL_DIR64:
 
 
 @cache
+def nt_header_u32(headers: bytes, offset: int) -> int:
+    """The 32-bit field at ``offset`` of IMAGE_NT_HEADERS64 (from its "PE\\0\\0" signature) in an
+    image's first bytes, or 0 when they hold no PE headers (an image assembled without them)."""
+    if len(headers) < IMAGE_DOS_E_LFANEW + 4:
+        return 0
+    nt = int.from_bytes(headers[IMAGE_DOS_E_LFANEW : IMAGE_DOS_E_LFANEW + 4], "little")
+    if headers[nt : nt + 4] != b"PE\0\0" or len(headers) < nt + offset + 4:
+        return 0
+    return int.from_bytes(headers[nt + offset : nt + offset + 4], "little")
+
+
 def _lief() -> Any:
     """LIEF, imported on first use: runs with only assembled images never load it (a third of
     emu's start-up time). A Ctrl-C during its import is held back until the import is done:
@@ -87,7 +105,11 @@ class _RawSection:
     @property
     def perms(self) -> str:
         c = self.characteristics
-        return ("r" if c & SCN_READ else "") + ("w" if c & SCN_WRITE else "") + ("x" if c & SCN_EXECUTE else "")
+        return (
+            ("r" if c & IMAGE_SCN_MEM_READ else "")
+            + ("w" if c & IMAGE_SCN_MEM_WRITE else "")
+            + ("x" if c & IMAGE_SCN_MEM_EXECUTE else "")
+        )
 
 
 @dataclass(frozen=True)
@@ -117,9 +139,9 @@ def _parse_headers(raw: bytes, label: str) -> _Headers:
         raise ImageError(f"{label}: truncated: {n} bytes is too small for the DOS header (0x40 bytes)")
     if raw[:2] != b"MZ":
         raise ImageError(f"{label}: not a PE file (no MZ signature)")
-    pe = _u32(raw, 0x3C)  # IMAGE_DOS_HEADER.e_lfanew
+    pe = _u32(raw, IMAGE_DOS_E_LFANEW)
     fh = pe + 4
-    if fh + FILE_HEADER_SIZE > n:
+    if fh + IMAGE_FILE_HEADER_SIZE > n:
         raise ImageError(
             f"{label}: truncated: the PE header at e_lfanew {pe:#x} ends past the end of the file ({n:#x} bytes)"
         )
@@ -130,7 +152,7 @@ def _parse_headers(raw: bytes, label: str) -> _Headers:
     machine, nsect = _u16(raw, fh), _u16(raw, fh + 2)
     symtab, nsyms = _u32(raw, fh + 8), _u32(raw, fh + 12)
     opt_size, characteristics = _u16(raw, fh + 16), _u16(raw, fh + 18)
-    opt = fh + FILE_HEADER_SIZE
+    opt = fh + IMAGE_FILE_HEADER_SIZE
     magic = _u16(raw, opt) if opt + 2 <= n else 0
     if machine != MACHINE_AMD64:
         raise ImageError(f"{label}: not an x64 image (Machine {machine:#x}); emu loads PE32+ x64 images only")
@@ -183,11 +205,11 @@ def _parse_headers(raw: bytes, label: str) -> _Headers:
         raise ImageError(
             f"{label}: bad section table: NumberOfSections {nsect} (the Windows loader accepts 1 to {MAX_SECTIONS})"
         )
-    if table + SECTION_HEADER_SIZE * nsect > min(size_of_headers, n):
+    if table + IMAGE_SECTION_HEADER_SIZE * nsect > min(size_of_headers, n):
         raise ImageError(
             f"{label}: bad section table: {nsect} entries at {table:#x} end past SizeOfHeaders {size_of_headers:#x}"
         )
-    sections = [_section(raw, table + SECTION_HEADER_SIZE * i, label) for i in range(nsect)]
+    sections = [_section(raw, table + IMAGE_SECTION_HEADER_SIZE * i, label) for i in range(nsect)]
     _check_sections(sections, size_of_image, size_of_headers, section_alignment, n, label)
     # The COFF symbol table is optional and ignored by the Windows loader: a bad one is dropped.
     symbols_ok = symtab != 0 and symtab + SYMBOL_SIZE * nsyms <= n
@@ -250,7 +272,7 @@ def _map(raw: bytes, h: _Headers) -> bytearray:
 
 def _relocate(mem: bytearray, h: _Headers, delta: int, label: str) -> None:
     """Apply the base relocation blocks (IMAGE_BASE_RELOCATION + 16-bit entries) for ``delta``."""
-    rva, size = h.dirs[DIR_BASERELOC]
+    rva, size = h.dirs[IMAGE_DIRECTORY_ENTRY_BASERELOC]
     off, end = rva, rva + size
     while off + 8 <= end:
         page, block = struct.unpack_from("<II", mem, off)
@@ -292,10 +314,10 @@ def _relocate(mem: bytearray, h: _Headers, delta: int, label: str) -> None:
 
 def _check_export_tables(mem: bytearray, h: _Headers, label: str) -> None:
     """Bound the export tables by the image before LIEF walks them (NumberOfFunctions is untrusted)."""
-    rva, size = h.dirs[DIR_EXPORT]
+    rva, size = h.dirs[IMAGE_DIRECTORY_ENTRY_EXPORT]
     if not size:
         return
-    if size < EXPORT_DIRECTORY_SIZE:
+    if size < IMAGE_EXPORT_DIRECTORY_SIZE:
         raise ImageError(f"{label}: the export directory is {size:#x} bytes, smaller than IMAGE_EXPORT_DIRECTORY")
     nfunc, nnames, funcs, names, ords = struct.unpack_from("<IIIII", mem, rva + 20)
     for what, at, count, width in (
@@ -448,7 +470,7 @@ def load_pe(source: str | Path | bytes, base: int | None = None, name: str | Non
     sections = [
         Section(s.name, s.rva, bytes(mem[s.rva : s.rva + s.vsize]).rstrip(b"\0"), s.perms, s.vsize) for s in h.sections
     ]
-    pdata_rva, pdata_size = h.dirs[DIR_EXCEPTION]
+    pdata_rva, pdata_size = h.dirs[IMAGE_DIRECTORY_ENTRY_EXCEPTION]
     module = name or (Path(label).name if not isinstance(source, bytes | bytearray) else parsed.export_name) or "image"
     if module.lower().endswith(".dll"):
         module = module[:-4]

@@ -25,13 +25,13 @@ True
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs, CsInsn
 from capstone.x86 import X86_OP_MEM, X86_OP_REG, X86_REG_INVALID, X86_REG_RAX, X86_REG_RIP
 
 from emu.loader.image import Image
+from emu.loader.pdata import entry_at, function_table
 
 __all__ = ["InitThunk", "find_init_thunk", "function_range"]
 
@@ -51,17 +51,9 @@ class InitThunk:
 
 
 def function_range(image: Image, address: int) -> tuple[int, int | None]:
-    """``(begin, end)`` of the function at ``address`` from ``.pdata`` (end None when not listed).
-
-    RUNTIME_FUNCTION is {BeginAddress, EndAddress, UnwindData}, RVAs, sorted by begin
-    (MS docs "x64 exception handling", struct RUNTIME_FUNCTION).
-    """
-    rva = address - image.base
-    for i in range(0, len(image.pdata) - 11, 12):
-        begin, end, _ = struct.unpack_from("<III", image.pdata, i)
-        if begin <= rva < end:
-            return image.base + begin, image.base + end
-    return address, None
+    """``(begin, end)`` of the function at ``address`` from the image's .pdata (end None when not listed)."""
+    entry = entry_at(function_table(image), address)
+    return (entry.begin, entry.end) if entry is not None else (address, None)
 
 
 def _u64(image: Image, address: int) -> int | None:

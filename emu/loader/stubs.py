@@ -37,8 +37,10 @@ from capstone.x86 import X86_OP_IMM, X86_OP_MEM, X86_OP_REG, X86_REG_INVALID, X8
 from emu.errors import ImageError
 from emu.loader.image import Image
 from emu.profile import Profile
+from emu.winnt import KUSER_SHARED_DATA, KUSER_SYSTEM_CALL, UCALLOUT_API_NUMBER, UCALLOUT_BUFFER, UCALLOUT_LENGTH
 
 __all__ = [
+    "STUB_WINDOW",
     "DispatcherGuess",
     "SsnDisagreement",
     "Stub",
@@ -49,12 +51,12 @@ __all__ = [
     "stub_at",
 ]
 
-KUSER_SYSTEM_CALL = 0x7FFE0308  # KUSER_SHARED_DATA (0x7FFE0000) + SystemCall (+0x308)
-WINDOW = 0x40  # bytes read per stub; every known shape fits in 0x20
+SYSTEM_CALL_FLAG = KUSER_SHARED_DATA + KUSER_SYSTEM_CALL  # the byte Windows 10+ stubs test (0x7FFE0308)
+STUB_WINDOW = 0x40  # a stub's syscall/int 2Eh lies within this many bytes of its start; every known shape fits in 0x20
 MAX_STEPS = 16  # instructions per walk: bounded, so a loop in a stub cannot hang
 # Dispatcher entry: UCALLOUT_FRAME fields at [RSP] (ReactOS ntoskrnl/ke/amd64/usercall.c):
 # Buffer +0x20, Length +0x28, ApiNumber +0x2C.
-_FRAME_FIELDS = {0x20, 0x28, 0x2C}
+_FRAME_FIELDS = {UCALLOUT_BUFFER, UCALLOUT_LENGTH, UCALLOUT_API_NUMBER}
 # The "registers" convention's argument registers: ECX = ApiNumber, RDX = InputBuffer,
 # R8D = InputLength (Wine 8, dlls/ntdll/signal_x86_64.c).
 _ARG_FAMILIES = {
@@ -130,9 +132,9 @@ def _is_systemcall_test(insn: CsInsn) -> bool:
     if mem.type != X86_OP_MEM or imm.type != X86_OP_IMM or imm.imm != 1:
         return False
     if mem.mem.base == X86_REG_RIP and mem.mem.index == X86_REG_INVALID:
-        return bool(insn.address + insn.size + mem.mem.disp == KUSER_SYSTEM_CALL)
+        return bool(insn.address + insn.size + mem.mem.disp == SYSTEM_CALL_FLAG)
     return bool(
-        mem.mem.base == X86_REG_INVALID and mem.mem.index == X86_REG_INVALID and mem.mem.disp == KUSER_SYSTEM_CALL
+        mem.mem.base == X86_REG_INVALID and mem.mem.index == X86_REG_INVALID and mem.mem.disp == SYSTEM_CALL_FLAG
     )
 
 

@@ -19,6 +19,19 @@ import dataclasses
 import struct
 
 from emu.loader.image import PAGE, Image, Section, page_align
+from emu.winnt import (
+    IMAGE_DIRECTORY_ENTRY_EXCEPTION,
+    IMAGE_DIRECTORY_ENTRY_EXPORT,
+    IMAGE_DOS_E_LFANEW,
+    IMAGE_EXPORT_DIRECTORY_SIZE,
+    IMAGE_FILE_HEADER_SIZE,
+    IMAGE_SCN_CNT_CODE,
+    IMAGE_SCN_CNT_INITIALIZED_DATA,
+    IMAGE_SCN_MEM_EXECUTE,
+    IMAGE_SCN_MEM_READ,
+    IMAGE_SCN_MEM_WRITE,
+    IMAGE_SECTION_HEADER_SIZE,
+)
 
 IMAGE_FILE_MACHINE_AMD64 = 0x8664
 # IMAGE_FILE_EXECUTABLE_IMAGE | IMAGE_FILE_LARGE_ADDRESS_AWARE | IMAGE_FILE_DLL
@@ -29,21 +42,14 @@ IMAGE_SUBSYSTEM_WINDOWS_CUI = 3
 DLL_FLAGS = 0x0020 | 0x0040 | 0x0100
 FILE_ALIGNMENT = 0x200
 NUMBER_OF_RVA_AND_SIZES = 16
-IMAGE_DIRECTORY_ENTRY_EXPORT, IMAGE_DIRECTORY_ENTRY_EXCEPTION = 0, 3
 DOS_HEADER_SIZE = 0x40
 E_LFANEW = 0x40  # no DOS stub: the NT headers follow the DOS header
-FILE_HEADER_SIZE = 20
 OPTIONAL_HEADER64_SIZE = 0xF0  # 112 bytes of fields + 16 data directories of 8 bytes
-SECTION_HEADER_SIZE = 40
-EXPORT_DIRECTORY_SIZE = 40
-# IMAGE_SCN_* section flags.
-SCN_CNT_CODE, SCN_CNT_INITIALIZED_DATA = 0x20, 0x40
-SCN_MEM_EXECUTE, SCN_MEM_READ, SCN_MEM_WRITE = 0x20000000, 0x40000000, 0x80000000
 
 
 def section_flags(s: Section) -> int:
-    flags = SCN_CNT_CODE if "x" in s.perms else SCN_CNT_INITIALIZED_DATA
-    for perm, bit in (("r", SCN_MEM_READ), ("w", SCN_MEM_WRITE), ("x", SCN_MEM_EXECUTE)):
+    flags = IMAGE_SCN_CNT_CODE if "x" in s.perms else IMAGE_SCN_CNT_INITIALIZED_DATA
+    for perm, bit in (("r", IMAGE_SCN_MEM_READ), ("w", IMAGE_SCN_MEM_WRITE), ("x", IMAGE_SCN_MEM_EXECUTE)):
         if perm in s.perms:
             flags |= bit
     return flags
@@ -58,7 +64,7 @@ def export_section(image: Image, rva: int, dll_name: str) -> Section:
     """
     names = sorted(image.exports)
     n_funcs = n_names = len(names)
-    eat = rva + EXPORT_DIRECTORY_SIZE
+    eat = rva + IMAGE_EXPORT_DIRECTORY_SIZE
     npt = eat + 4 * n_funcs
     ordinals = npt + 4 * n_names
     strings = ordinals + 2 * n_names
@@ -96,14 +102,14 @@ def _raw_layout(sections: list[Section], headers_size: int) -> list[tuple[int, i
 
 def pe_headers(image: Image, sections: list[Section]) -> bytes:
     """DOS header, NT headers (PE32+) and the section table of ``image`` with ``sections``."""
-    headers_size = -(-(E_LFANEW + 4 + FILE_HEADER_SIZE + OPTIONAL_HEADER64_SIZE
-                       + SECTION_HEADER_SIZE * len(sections)) // FILE_ALIGNMENT) * FILE_ALIGNMENT  # fmt: skip
+    headers_size = -(-(E_LFANEW + 4 + IMAGE_FILE_HEADER_SIZE + OPTIONAL_HEADER64_SIZE
+                       + IMAGE_SECTION_HEADER_SIZE * len(sections)) // FILE_ALIGNMENT) * FILE_ALIGNMENT  # fmt: skip
     if headers_size > PAGE:
         raise ValueError(f"{image.name}: {len(sections)} sections do not fit the header page")
     size_of_image = page_align(max(s.rva + s.size for s in sections))
     dos = bytearray(DOS_HEADER_SIZE)
     dos[0:2] = b"MZ"
-    dos[0x3C:0x40] = E_LFANEW.to_bytes(4, "little")
+    dos[IMAGE_DOS_E_LFANEW : IMAGE_DOS_E_LFANEW + 4] = E_LFANEW.to_bytes(4, "little")
     file_header = struct.pack(
         "<HHIIIHH", IMAGE_FILE_MACHINE_AMD64, len(sections), 0, 0, 0, OPTIONAL_HEADER64_SIZE, DLL_CHARACTERISTICS
     )
