@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import pytest
 
-from conftest import asm_scenario
+from conftest import ROOT, asm_scenario
 from emu.api import run
+from emu.cli.score import add_parser
 from emu.engine import build
 from emu.errors import EmuError, ModelBug, UnimplementedService
 from emu.exploration.explorer import Explorer
 from emu.kernel import HANDLE, CallbackResult, KernelHooks, KThread, sched
-from emu.kernel.services import ServiceContext
+from emu.kernel.services import ScriptActivation, ServiceContext
 from emu.scenario import parse_scenario
 
 TWO_CALLS = "main:\n sub rsp, 0x28\n call NtClose\n call NtClose\n add rsp, 0x28\n ret"
@@ -61,3 +65,27 @@ def test_resume_without_a_pending_choice_is_a_bug() -> None:
     p = build(parse_scenario(asm_scenario(TWO_CALLS, services=CLOSE), "t.toml"))
     with pytest.raises(ModelBug, match="no choice is pending"):
         p.kernel.resume("anything")
+
+
+def test_an_option_for_a_service_that_asked_for_none_is_a_bug() -> None:
+    # The kernel hands an option only to the activation whose choice is pending.
+    p = build(parse_scenario(asm_scenario(TWO_CALLS, services=CLOSE), "t.toml"))
+    spec = p.kernel.registry.get("NtClose")
+    assert spec is not None and spec.script is not None
+    with pytest.raises(ModelBug, match="asked for no choice"):
+        ScriptActivation(spec, [(spec.script, 0)]).step("left")
+
+
+def test_emu_score_does_not_blame_the_detector_for_a_model_bug(tmp_path: Path) -> None:
+    # `emu score` turns whatever a detector raises into one line about the detector; a ModelBug
+    # is emu's own and must reach the user as a bug.
+    (tmp_path / "bugged.py").write_text(
+        "from emu.errors import ModelBug\n\ndef detector(view):\n    raise ModelBug('broken invariant')\n"
+    )
+    parser = argparse.ArgumentParser(prog="emu")
+    parser.add_argument("--allow-path", action="append", default=[])
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["score", str(ROOT / "scenarios" / "callback_roundtrip.toml"), "--detector",
+                              f"{tmp_path / 'bugged.py'}:detector"])  # fmt: skip
+    with pytest.raises(ModelBug, match="broken invariant"):
+        args.func(args)

@@ -22,7 +22,7 @@ from emu.cli.exit_codes import EXIT_EXPECT as EXIT_MISMATCH
 from emu.cli.exit_codes import EXIT_INPUT, EXIT_OK
 from emu.detection.observers import KERNEL_DEBUGGER, OBSERVERS, SEED, TRUTHS, check_observer, check_truth
 from emu.detection.score import score
-from emu.errors import EmuError
+from emu.errors import EmuError, ModelBug
 
 DEFAULT_DETECTOR = "emu.detection.signals:combined_detector"
 
@@ -116,6 +116,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     except EmuError as e:
         sys.stderr.write(f"{e}\n")
         return EXIT_INPUT
+    except ModelBug:
+        raise  # emu's own broken invariant, not the detector's: a traceback, as for any bug
     except Exception as e:  # the user's detector raised: one line, with the state it raised on
         notes = [n.removeprefix("emu.score: ") for n in getattr(e, "__notes__", [])]
         where = f" ({notes[-1]})" if notes else ""

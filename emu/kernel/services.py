@@ -24,7 +24,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from emu.errors import KernelError
+from emu.errors import KernelError, ModelBug
 from emu.kernel.objects import (
     Message,
     ObjectRequest,
@@ -202,7 +202,8 @@ class ScriptActivation:
     def step(self, value: Sent) -> Request | int:
         if isinstance(value, str):
             if self.pending is None:
-                raise KernelError(f"service {self.spec.name} got option {value!r} but asked for no choice")
+                # The kernel hands an option only to the activation whose choice is pending.
+                raise ModelBug(f"service {self.spec.name} got option {value!r} but asked for no choice")
             self.stack.append((self.pending.branch(value), 0))
             self.pending = None
         elif isinstance(value, CallbackResult):
