@@ -1,3 +1,4 @@
 """Images and how they are loaded: keystone assembly (``asm``, ``link``, ``image``), PE files
-(``pe``, ``binding``, ``pdata``: function tables and where a function ends), service stubs (``stubs``), thread start (``startup``), and the data the
-loader leaves in the process (``loader_data``, ``callback_table``)."""
+(``pe``, ``binding``; function tables and where a function ends: ``pdata``), service stubs
+(``stubs``), thread start (``startup``), and the data the loader leaves in the process
+(``loader_data``, ``callback_table``)."""
