@@ -32,7 +32,7 @@ from emu.image import PAGE, AssemblyError, Image, Symbolizer, image_from_assembl
 from emu.kernel import Kernel, KernelHooks, KThread, Recorder, ServiceRegistry, UserCallback, builtin_services
 from emu.kernel.objects import Event, Mutant, ReleaseMutant, SendMessage, SetEvent, Wait
 from emu.kernel.services import ChoiceStep as KChoiceStep
-from emu.kernel.services import ScriptStep, get_message_service
+from emu.kernel.services import ScriptReturn, ScriptStep, get_message_service
 from emu.loader_data import build_loader_data, main_image
 from emu.machine import Machine
 from emu.pe import load_pe
@@ -99,6 +99,8 @@ def _script_steps(steps: tuple[Step, ...], threads: dict[str, int], handles: dic
                 out.append(SetEvent(handles[st.target]))
             else:
                 out.append(ReleaseMutant(handles[st.target]))
+        elif st.output:
+            out.append(ScriptReturn(st.status, st.output))  # type: ignore[arg-type]
         else:
             out.append(st.status)
     return out

@@ -34,6 +34,7 @@ class Profile:
     dispatcher: Dispatcher
     callback_depth_limit: int
     callback_output_limit: int
+    user_probe_address: int
     ssn: dict[str, int] = field(default_factory=dict)
     ssn_source: str = ""
 
@@ -91,6 +92,7 @@ def get_profile(name: str = DEFAULT_PROFILE) -> Profile:
         dispatcher=p["dispatcher"],
         callback_depth_limit=p["callback_depth_limit"],
         callback_output_limit=p["callback_output_limit"],
+        user_probe_address=p["user_probe_address"],
         ssn=dict(tables.get("services", {})),
         ssn_source=tables.get("source", ""),
     )

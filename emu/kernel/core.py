@@ -18,7 +18,7 @@ from emu.kernel import sched
 from emu.kernel.callout import lay_out
 from emu.kernel.hooks import KernelHooks
 from emu.kernel.objects import ObjectTable, ReceiveMessage, ReleaseMutant, ReplyMessage, SendMessage, SetEvent, Wait
-from emu.kernel.record import Recorder, read_or_none
+from emu.kernel.record import Recorder, read_or_none, record_output
 from emu.kernel.services import (
     Activation,
     CallbackResult,
@@ -212,6 +212,8 @@ class Kernel:
                 req = act.step(option)
                 continue
             if isinstance(req, int):
+                if act.remark:
+                    note = (note + "; " if note else "") + act.remark
                 if resumed:
                     self._sysret_resumed(thread, trap, req, act.spec.name, note)
                 else:
@@ -295,23 +297,15 @@ class Kernel:
     def _complete_callback(self, thread: KThread, regs: tuple[int, ...]) -> None:
         top = thread.callback_stack.pop()
         service = top.activation.spec.name
+        # WRK ke/amd64/callout.asm NtCallbackReturn: store the Result pointer and length for
+        # KeUserModeCallback's caller and return the callback's Status unchanged; copying is
+        # the caller's business (emu.kernel.result). The trace keeps what the bytes held now.
         result_ptr, length, status = regs[10], regs[2] & 0xFFFF_FFFF, regs[8] & 0xFFFF_FFFF
-        detail = ""
-        output = b""
-        if length:
-            n = min(length, self.profile.callback_output_limit)
-            if n < length:
-                detail = f"output truncated to the model's limit of {n:#x} bytes; "
-            got = read_or_none(self.machine, result_ptr, n)
-            if got is None:
-                # The kernel's copy of the result faults: the caller gets the exception code.
-                status, detail = STATUS_ACCESS_VIOLATION, f"result buffer {result_ptr:#x} is not readable; "
-            else:
-                output = got
-        detail += f"{len(output)} byte(s) of output"
-        thread.resuming = (top.activation.position(), status, output)
+        output, detail = record_output(self.machine, result_ptr, length, self.profile.callback_output_limit)
+        thread.resuming = (top.activation.position(), status, output, result_ptr, length)
         self.recorder.callback_return(thread, tuple(top.trap.ctx), service, status, top.api, detail, output)
-        self._drive(thread, top.activation, top.trap, CallbackResult(status, output), resumed=True)
+        result = CallbackResult(status, output, result_ptr, length)
+        self._drive(thread, top.activation, top.trap, result, resumed=True)
 
     def _exit(self, thread: KThread, status: int, service: str) -> None:
         thread.terminated = True

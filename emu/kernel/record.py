@@ -34,6 +34,20 @@ def read_or_none(machine: Machine, address: int, size: int) -> bytes | None:
         return None
 
 
+def record_output(machine: Machine, result: int, length: int, limit: int) -> tuple[bytes, str]:
+    """What a callback's Result held when NtCallbackReturn ran (at most ``limit`` bytes, a
+    recording cap), and a line for the trace. Nothing here changes what the service gets."""
+    if not length:
+        return b"", "no output"
+    n = min(length, limit)
+    got = read_or_none(machine, result, n)
+    where = f"Result {result:#x}, ResultLength {length:#x}"
+    if got is None:
+        return b"", f"{where}: not readable now (a copy by the service would fault)"
+    cut = f" (the trace keeps the first {n:#x})" if n < length else ""
+    return got, f"{where}: {n} byte(s) of output{cut}"
+
+
 class Recorder:
     """Appends a run's states and transitions to its :class:`Trace`, within budgets."""
 

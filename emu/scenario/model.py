@@ -28,12 +28,21 @@ class CallbackStep:
     by_depth: tuple[int, ...] = ()
 
 
+# What a return step may do with the last callback's Result first (emu.kernel.result does it).
+OUTPUT_USES: tuple[str, ...] = ("probe", "copy")
+
+
 @dataclass(frozen=True)
 class ReturnStep:
-    """Finish the service. ``status`` is an NTSTATUS, or None for the last callback's status."""
+    """Finish the service. ``status`` is an NTSTATUS, or None for the last callback's status.
+
+    ``output`` = "probe" or "copy": first probe (or probe and copy) the last callback's
+    Result, as win32k does; a fault makes the service return STATUS_ACCESS_VIOLATION.
+    """
 
     status: int | None
     kind: Literal["return"] = "return"
+    output: str = ""
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from emu.profile import Profile
-from emu.scenario.model import CallbackStep, ChoiceStep, ObjectStep, ReturnStep, ServiceScript, Step
+from emu.scenario.model import OUTPUT_USES, CallbackStep, ChoiceStep, ObjectStep, ReturnStep, ServiceScript, Step
 from emu.scenario.reader import _NAME, _dotted, _kind, _Reader
 
 
@@ -102,9 +102,7 @@ class _StepReader:
             if kind == "callback":
                 out.append(self._callback(st, sp))
             elif kind == "return":
-                r.table(st, sp, {"kind": "", "status": 'an NTSTATUS or "callback"'}, ("status",))
-                v = st["status"]
-                out.append(ReturnStep(None if v == "callback" else r.status(v, sp + ("status",), ('"callback"',))))
+                out.append(self._return(st, sp))
             elif kind == "choice":
                 out.append(self._choice(st, sp))
             elif kind in ("wait", "set", "release", "send"):
@@ -112,6 +110,21 @@ class _StepReader:
             else:
                 raise r.fail(sp + ("kind",), f"expected {STEP_KINDS}, got {_kind(kind)}")
         return tuple(out)
+
+    def _return(self, st: dict[str, Any], sp: tuple[str | int, ...]) -> ReturnStep:
+        r = self.r
+        allowed = {
+            "kind": "",
+            "status": 'an NTSTATUS or "callback"',
+            "output": '"probe" or "copy": use the last callback\'s Result first (a fault: STATUS_ACCESS_VIOLATION)',
+        }
+        r.table(st, sp, allowed, ("status",))
+        v = st["status"]
+        status = None if v == "callback" else r.status(v, sp + ("status",), ('"callback"',))
+        output = r.str_(st, "output", sp, "")
+        if "output" in st and output not in OUTPUT_USES:
+            raise r.fail(sp + ("output",), f"expected one of {', '.join(map(repr, OUTPUT_USES))}, got {output!r}")
+        return ReturnStep(status, output=output)
 
     def _callback(self, st: dict[str, Any], sp: tuple[str | int, ...]) -> CallbackStep:
         r = self.r
