@@ -14,10 +14,12 @@ from importlib import resources
 from typing import Any, Literal
 
 Dispatcher = Literal["stack", "registers"]
+DispatcherRegisters = Literal["wrk", "windows10", "reactos"]
 StubShape = Literal["win7", "win10"]
 
 DEFAULT_PROFILE = "win10-22h2"
 DISPATCHERS: tuple[str, ...] = ("stack", "registers")
+DISPATCHER_REGISTERS: tuple[str, ...] = ("wrk", "windows10", "reactos")
 STUB_SHAPES: tuple[str, ...] = ("win7", "win10")
 
 
@@ -32,6 +34,7 @@ class Profile:
     build: int
     stub: StubShape
     dispatcher: Dispatcher
+    dispatcher_registers: DispatcherRegisters
     callback_depth_limit: int
     callback_output_limit: int
     user_probe_address: int
@@ -54,6 +57,7 @@ class Profile:
 OVERRIDABLE: dict[str, type] = {
     "stub": str,
     "dispatcher": str,
+    "dispatcher_registers": str,
     "callback_depth_limit": int,
     "callback_output_limit": int,
 }
@@ -90,6 +94,7 @@ def get_profile(name: str = DEFAULT_PROFILE) -> Profile:
         build=p["build"],
         stub=p["stub"],
         dispatcher=p["dispatcher"],
+        dispatcher_registers=p["dispatcher_registers"],
         callback_depth_limit=p["callback_depth_limit"],
         callback_output_limit=p["callback_output_limit"],
         user_probe_address=p["user_probe_address"],

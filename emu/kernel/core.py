@@ -278,6 +278,7 @@ class Kernel:
         thread.callback_stack.append(CallbackFrame(act, trap, req.api, out.frame, req.message))
         self.max_depth = max(self.max_depth, len(thread.callback_stack))
         self.machine.regs.set_context(out.entry._replace(rip=self.dispatcher - self._entry_len))
+        self.machine.zero_xmm(out.xmm_zero)
         self.recorder.callback(thread, tuple(out.entry), act.spec.name, req.api, note)
         return None
 

@@ -9,7 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from emu.errors import ScenarioError
-from emu.profile import DEFAULT_PROFILE, DISPATCHERS, OVERRIDABLE, STUB_SHAPES, Profile, get_profile, profile_names
+from emu.profile import (
+    DEFAULT_PROFILE,
+    DISPATCHER_REGISTERS,
+    DISPATCHERS,
+    OVERRIDABLE,
+    STUB_SHAPES,
+    Profile,
+    get_profile,
+    profile_names,
+)
 from emu.scenario.model import (
     EXPECT_KINDS,
     EXPLORE_KINDS,
@@ -361,6 +370,11 @@ def _profile_overrides(r: _Reader, obj: Any, profile: Profile) -> Profile:
     if "dispatcher" in fields and fields["dispatcher"] not in DISPATCHERS:
         raise r.fail(
             ("profile", "dispatcher"), f"expected one of {', '.join(DISPATCHERS)}, got {fields['dispatcher']!r}"
+        )
+    if "dispatcher_registers" in fields and fields["dispatcher_registers"] not in DISPATCHER_REGISTERS:
+        got = fields["dispatcher_registers"]
+        raise r.fail(
+            ("profile", "dispatcher_registers"), f"expected one of {', '.join(DISPATCHER_REGISTERS)}, got {got!r}"
         )
     if "stub" in fields and fields["stub"] not in STUB_SHAPES:
         raise r.fail(("profile", "stub"), f"expected one of {', '.join(STUB_SHAPES)}, got {fields['stub']!r}")
