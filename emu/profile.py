@@ -15,11 +15,13 @@ from typing import Any, Literal
 
 Dispatcher = Literal["stack", "registers"]
 DispatcherRegisters = Literal["wrk", "windows10", "reactos"]
+CalloutFrame = Literal["wrk", "reactos"]
 StubShape = Literal["win7", "win10"]
 
 DEFAULT_PROFILE = "win10-22h2"
 DISPATCHERS: tuple[str, ...] = ("stack", "registers")
 DISPATCHER_REGISTERS: tuple[str, ...] = ("wrk", "windows10", "reactos")
+CALLOUT_FRAMES: tuple[str, ...] = ("wrk", "reactos")
 STUB_SHAPES: tuple[str, ...] = ("win7", "win10")
 
 
@@ -35,6 +37,7 @@ class Profile:
     stub: StubShape
     dispatcher: Dispatcher
     dispatcher_registers: DispatcherRegisters
+    callout_frame: CalloutFrame
     callback_depth_limit: int
     callback_output_limit: int
     user_probe_address: int
@@ -54,10 +57,19 @@ class Profile:
         return {v: k for k, v in sorted(self.ssn.items())}
 
 
+# The string-valued profile keys and the values each may take.
+PROFILE_CHOICES: dict[str, tuple[str, ...]] = {
+    "dispatcher": DISPATCHERS,
+    "dispatcher_registers": DISPATCHER_REGISTERS,
+    "callout_frame": CALLOUT_FRAMES,
+    "stub": STUB_SHAPES,
+}
+
 OVERRIDABLE: dict[str, type] = {
     "stub": str,
     "dispatcher": str,
     "dispatcher_registers": str,
+    "callout_frame": str,
     "callback_depth_limit": int,
     "callback_output_limit": int,
 }
@@ -95,6 +107,7 @@ def get_profile(name: str = DEFAULT_PROFILE) -> Profile:
         stub=p["stub"],
         dispatcher=p["dispatcher"],
         dispatcher_registers=p["dispatcher_registers"],
+        callout_frame=p["callout_frame"],
         callback_depth_limit=p["callback_depth_limit"],
         callback_output_limit=p["callback_output_limit"],
         user_probe_address=p["user_probe_address"],

@@ -95,9 +95,10 @@ def test_callback_enters_dispatcher_with_a_ucallout_frame() -> None:
     assert int.from_bytes(s.stack[0x2C:0x30], "little") == 2  # ApiNumber
     assert s.stack_word(rsp + 0x30) == syscall_state.context.rip  # MachineFrame.Rip
     assert s.stack_word(rsp + 0x48) == syscall_state.context.rsp  # MachineFrame.Rsp
-    # ReactOS: input at ALIGN_DOWN(old - len, 16) - 8, frame 0x58 below it.
+    # WRK callback.c KeUserModeCallback: frame = (old - (ROUND_UP(len, 16) + 0x58)) & ~15, the
+    # input right above it (with old = 8 mod 16 and len 3, ReactOS's formula agrees).
     old = syscall_state.context.rsp
-    assert buffer == ((old - 3) & ~0xF) - 8 == rsp + 0x58
+    assert rsp == (old - (0x10 + 0x58)) & ~0xF and buffer == rsp + 0x58
     assert s.stack[buffer - rsp : buffer - rsp + 3] == b"ABC"
     assert r.exit_status == 0x41 + 3  # the callback saw Buffer and Length
 

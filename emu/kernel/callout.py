@@ -76,14 +76,26 @@ def entry_registers(
     return entry._replace(r8=rsp, r9=trap.rbp), tuple(range(6))
 
 
+def place_frame(profile: Profile, old_rsp: int, length: int) -> int:
+    """Where the UCALLOUT_FRAME goes below the trap frame's RSP (the input right above it).
+
+    ``wrk`` — WRK ``base/ntos/ke/amd64/callback.c`` KeUserModeCallback: Length =
+    ROUND_UP(InputLength, 16) + sizeof(UCALLOUT_FRAME), frame = (OldStack - Length) & ~15.
+    ``reactos`` — ReactOS ``ntoskrnl/ke/amd64/usercall.c`` KeUserModeCallback: the input at
+    ALIGN_DOWN(OldStack - InputLength, 16) - 8, the frame right below it. Both give a
+    16-byte-aligned frame; ReactOS's is 0x10 lower when OldStack = 8 (mod 16) and
+    InputLength mod 16 is 0 or 9..15, and the same otherwise.
+    """
+    if profile.callout_frame == "reactos":
+        return ((old_rsp - length) & ~0xF) - 8 - UCALLOUT_FRAME_SIZE
+    return (old_rsp - (((length + 0xF) & ~0xF) + UCALLOUT_FRAME_SIZE)) & ~0xF
+
+
 def lay_out(profile: Profile, trap: UserContext, api: int, data: bytes, dispatcher: int) -> Callout:
     """The frame for callback ``api`` with input ``data``, below the trap frame's RSP."""
     old = trap.rsp
-    # ReactOS KeUserModeCallback (ntoskrnl/ke/amd64/usercall.c): the input goes to
-    # ALIGN_DOWN(OldRsp - Length, 16) - 8 and the UCALLOUT_FRAME right below it, so
-    # the frame (and RSP at the dispatcher) is 16-byte aligned.
-    buffer = ((old - len(data)) & ~0xF) - 8
-    frame = buffer - UCALLOUT_FRAME_SIZE
+    frame = place_frame(profile, old, len(data))
+    buffer = frame + UCALLOUT_FRAME_SIZE
     block = bytearray(UCALLOUT_FRAME_SIZE)
     for off, val, size in (
         (UCALLOUT_BUFFER, buffer, 8), (UCALLOUT_LENGTH, len(data), 4), (UCALLOUT_API_NUMBER, api, 4),

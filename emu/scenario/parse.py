@@ -11,10 +11,8 @@ from typing import Any
 from emu.errors import ScenarioError
 from emu.profile import (
     DEFAULT_PROFILE,
-    DISPATCHER_REGISTERS,
-    DISPATCHERS,
     OVERRIDABLE,
-    STUB_SHAPES,
+    PROFILE_CHOICES,
     Profile,
     get_profile,
     profile_names,
@@ -367,17 +365,9 @@ def _profile_overrides(r: _Reader, obj: Any, profile: Profile) -> Profile:
             fields[key] = r.int_(obj, key, ("profile",), None, 0, 1 << 32)
         else:
             fields[key] = r.str_(obj, key, ("profile",))
-    if "dispatcher" in fields and fields["dispatcher"] not in DISPATCHERS:
-        raise r.fail(
-            ("profile", "dispatcher"), f"expected one of {', '.join(DISPATCHERS)}, got {fields['dispatcher']!r}"
-        )
-    if "dispatcher_registers" in fields and fields["dispatcher_registers"] not in DISPATCHER_REGISTERS:
-        got = fields["dispatcher_registers"]
-        raise r.fail(
-            ("profile", "dispatcher_registers"), f"expected one of {', '.join(DISPATCHER_REGISTERS)}, got {got!r}"
-        )
-    if "stub" in fields and fields["stub"] not in STUB_SHAPES:
-        raise r.fail(("profile", "stub"), f"expected one of {', '.join(STUB_SHAPES)}, got {fields['stub']!r}")
+    for key, values in PROFILE_CHOICES.items():
+        if key in fields and fields[key] not in values:
+            raise r.fail(("profile", key), f"expected one of {', '.join(values)}, got {fields[key]!r}")
     if "ssn" in obj:
         ssn = r.table(
             obj["ssn"], ("profile", "ssn"), {k: "" for k in obj["ssn"]} if isinstance(obj["ssn"], dict) else {}
