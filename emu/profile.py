@@ -38,7 +38,9 @@ class Profile:
     dispatcher: Dispatcher
     dispatcher_registers: DispatcherRegisters
     callout_frame: CalloutFrame
-    callback_depth_limit: int
+    kernel_stack_size: int
+    kernel_stack_commit: int
+    callback_stack_cost: int
     callback_output_limit: int
     user_probe_address: int
     ssn: dict[str, int] = field(default_factory=dict)
@@ -70,7 +72,9 @@ OVERRIDABLE: dict[str, type] = {
     "dispatcher": str,
     "dispatcher_registers": str,
     "callout_frame": str,
-    "callback_depth_limit": int,
+    "kernel_stack_size": int,
+    "kernel_stack_commit": int,
+    "callback_stack_cost": int,
     "callback_output_limit": int,
 }
 
@@ -108,7 +112,9 @@ def get_profile(name: str = DEFAULT_PROFILE) -> Profile:
         dispatcher=p["dispatcher"],
         dispatcher_registers=p["dispatcher_registers"],
         callout_frame=p["callout_frame"],
-        callback_depth_limit=p["callback_depth_limit"],
+        kernel_stack_size=p["kernel_stack_size"],
+        kernel_stack_commit=p["kernel_stack_commit"],
+        callback_stack_cost=p["callback_stack_cost"],
         callback_output_limit=p["callback_output_limit"],
         user_probe_address=p["user_probe_address"],
         ssn=dict(tables.get("services", {})),

@@ -357,11 +357,11 @@ def test_timeline_labels_overlap_neither_each_other_nor_a_state(shipped_runs: di
 def test_depth_overflow_timeline_shows_the_refused_callback(shipped_runs: dict[str, Run]) -> None:
     r = shipped_runs["callback_depth_overflow"]
     ax = viz.timeline(r).axes[0]
-    (sysret,) = [t for t in r.trace if t.kind == "sysret" and t.depth == 4]
+    (sysret,) = [t for t in r.trace if t.kind == "sysret" and t.depth == 23]
     (note,) = [t for t in ax.texts if (t.get_gid() or "").startswith("refused-")]
     assert note.get_gid() == f"refused-{sysret.step}"
     assert note.get_text() == "api 2 refused: STATUS_STACK_OVERFLOW"
     lanes = [t.get_text() for t in ax.get_yticklabels()]
     x, y = note.get_position()
     assert x == sysret.step - 0.5  # while the thread waited in the kernel for the callback it did not get
-    assert abs(y - lanes.index("kernel d4")) < 0.5
+    assert abs(y - lanes.index("kernel d23")) < 0.5

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from emu.context import UserContext
 from emu.profile import Profile
 from emu.winnt import (
+    KERNEL_STACK_CONTROL_LENGTH,
     KGDT64_R3_CODE,
     KGDT64_R3_DATA,
+    PAGE_SIZE,
     RFLAGS_IF,
     RFLAGS_RESERVED,
     UCALLOUT_API_NUMBER,
@@ -74,6 +76,28 @@ def entry_registers(
     if policy == "windows10":
         return entry._replace(**_ZERO_VOLATILE), tuple(range(6))
     return entry._replace(r8=rsp, r9=trap.rbp), tuple(range(6))
+
+
+def kernel_stack_overflow(profile: Profile, depth: int) -> str | None:
+    """Why KeUserModeCallback cannot call back once more with ``depth`` callbacks active, or None.
+
+    WRK ``base/ntos/ke/amd64/callout.asm`` KiCallUserMode wants KERNEL_LARGE_STACK_COMMIT
+    bytes free below its RSP and calls MmGrowKernelStack otherwise; ``mm/procsup.c``
+    MmGrowKernelStackEx returns STATUS_STACK_OVERFLOW when the page of that new limit lies
+    below the page of StackBase - KERNEL_LARGE_STACK_SIZE, and KiCallUserMode returns that
+    status without entering user mode. In use at that check: the stack control area at the
+    top of the thread's stack (KERNEL_STACK_CONTROL_LENGTH) and one ``callback_stack_cost``
+    per level, this one included (its system call's trap frame, the service's frames,
+    KiCallUserMode's own frame and stack control area).
+    """
+    used = KERNEL_STACK_CONTROL_LENGTH + (depth + 1) * profile.callback_stack_cost
+    # Page numbers relative to StackBase (page aligned), as MiGetPteAddress compares them.
+    if -((used + profile.kernel_stack_commit) // -PAGE_SIZE) <= -(-profile.kernel_stack_size // PAGE_SIZE):
+        return None
+    return (
+        f"kernel stack: {used:#x} bytes in use + {profile.kernel_stack_commit:#x} to commit > "
+        f"{profile.kernel_stack_size:#x} (MmGrowKernelStack)"
+    )
 
 
 def place_frame(profile: Profile, old_rsp: int, length: int) -> int:

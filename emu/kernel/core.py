@@ -15,7 +15,7 @@ from collections.abc import Callable
 from emu.context import KTrapFrame, UserContext
 from emu.errors import BudgetExceeded, EmuError, MachineFault, ModelBug, UnimplementedService
 from emu.kernel import sched
-from emu.kernel.callout import lay_out
+from emu.kernel.callout import kernel_stack_overflow, lay_out
 from emu.kernel.hooks import KernelHooks
 from emu.kernel.objects import ObjectTable, ReceiveMessage, ReleaseMutant, ReplyMessage, SendMessage, SetEvent, Wait
 from emu.kernel.record import Recorder, read_or_none, record_output
@@ -262,9 +262,9 @@ class Kernel:
     ) -> tuple[int, str] | None:
         """Enter KiUserCallbackDispatcher, or say why KeUserModeCallback fails: (status, reason)."""
         depth = len(thread.callback_stack)
-        if depth >= self.profile.callback_depth_limit:
-            # KeUserModeCallback cannot grow the kernel stack any further.
-            return STATUS_STACK_OVERFLOW, f"depth limit {self.profile.callback_depth_limit}"
+        overflow = kernel_stack_overflow(self.profile, depth)
+        if overflow is not None:
+            return STATUS_STACK_OVERFLOW, overflow
         if self.callback_depth_budget is not None and depth >= self.callback_depth_budget:
             raise BudgetExceeded("callback_depth", self.callback_depth_budget, self.trace.symbolize(trap.ctx.rip))
         if req.by_depth:
