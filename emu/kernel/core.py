@@ -107,6 +107,7 @@ class Kernel:
     def set_threads(self, threads: dict[int, KThread]) -> None:
         self.threads = threads
         self._multithreaded = len(threads) > 1
+        self.recorder.attach(threads)
 
     # --- entry --------------------------------------------------------------------------
     def on_syscall(self, uc: object = None, user_data: object = None) -> None:

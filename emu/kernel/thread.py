@@ -27,6 +27,7 @@ class Suspended:
     timeout: bool = False
     wake: Sent | Message | None = None
     woken: bool = False
+    announced: bool = False  # the wake is on a recorded transition (Transition.woke)
 
     def key(self) -> tuple[object, ...]:
         pos = self.activation.position() if self.activation is not None else None
