@@ -363,5 +363,5 @@ def test_depth_overflow_timeline_shows_the_refused_callback(shipped_runs: dict[s
     assert note.get_text() == "api 2 refused: STATUS_STACK_OVERFLOW"
     lanes = [t.get_text() for t in ax.get_yticklabels()]
     x, y = note.get_position()
-    assert x == sysret.step - 0.5  # while the thread waited in the kernel for the callback it did not get
+    assert x == sysret.step - 0.5  # while the thread was in the kernel, refused the callback
     assert abs(y - lanes.index("kernel d23")) < 0.5
