@@ -252,13 +252,16 @@ def _other_first(thread: KThread, choice: Choice) -> str:
     return next((o for o in choice.options if o != thread.name), choice.default)
 
 
-def test_emu_detect_dump_reports_each_thread_at_zwcallbackreturn(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_emu_detect_dump_reports_each_thread_at_zwcallbackreturn(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "two.toml").write_text(TWO_CALLBACKS)
     p = build(tmp_path / "two.toml", KernelHooks(choose=_other_first))
     r = p.run()
     assert r.stop == "exit" and r.exit_status == 0
     states = r.trace.states
-    both = next(s for s in states if s.pending and s.thread == 1)  # b at ZwCallbackReturn (preempted there) while a still is
+    # b at ZwCallbackReturn (preempted there) while a still is
+    both = next(s for s in states if s.pending and s.thread == 1)
     assert [shown.pending for _, shown in threads_at(r, both)] == [True, True]
     out = tmp_path / "both.dmp"
     write_minidump(r, both, out)
