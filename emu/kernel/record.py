@@ -38,7 +38,7 @@ def record_output(machine: Machine, result: int, length: int, limit: int) -> tup
     """What a callback's Result held when NtCallbackReturn ran (at most ``limit`` bytes, a
     recording cap), and a line for the trace. Nothing here changes what the service gets."""
     if not length:
-        return b"", "no output"
+        return b"", "0 byte(s) of output"
     n = min(length, limit)
     got = read_or_none(machine, result, n)
     where = f"Result {result:#x}, ResultLength {length:#x}"
