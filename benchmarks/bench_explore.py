@@ -10,7 +10,7 @@ What is measured (one process; each figure the best of ``--repeat`` runs):
     the graph per state (tracemalloc), the records themselves not counted.
 
 ``explorer``
-    ``emu.explore`` on the shipped ``scenarios/choice_nested_depth.toml`` and on a
+    ``emu.exploration.explorer`` on the shipped ``scenarios/choice_nested_depth.toml`` and on a
     generated scenario with K two-way choices in a row (2^K paths). Reported: forked
     states per second (states recorded after a fork, from a restored copy of the
     machine) and forks per second.
@@ -37,7 +37,7 @@ import tracemalloc
 from pathlib import Path
 
 from emu.engine import build
-from emu.explore import Explorer
+from emu.exploration.explorer import Explorer
 from emu.graph import StateGraph
 from emu.scenario import load_scenario, parse_scenario
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from emu.explore import explore
-from emu.parallel import explore_parallel
+from emu.exploration.explorer import explore
+from emu.exploration.parallel import explore_parallel
 from emu.scenario import Scenario, parse_scenario
 
 

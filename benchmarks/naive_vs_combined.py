@@ -13,8 +13,8 @@ import argparse
 import time
 from pathlib import Path
 
-from emu.score import score
-from emu.signals import combined_detector, naive_detector
+from emu.detection.score import score
+from emu.detection.signals import combined_detector, naive_detector
 
 ROOT = Path(__file__).resolve().parent.parent
 

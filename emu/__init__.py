@@ -11,7 +11,8 @@ The public API is small::
     emu.score(my_detector, "scenarios/")  # a detector's confusion matrix vs the ground truth
 """
 
-from emu.detect import Detection, ThreadView, detect
+from emu.detection.score import score  # the function; the module stays importable as emu.score via sys.modules
+from emu.detection.view import Detection, ThreadView, detect
 from emu.engine import Run, run
 from emu.errors import (
     BudgetExceeded,
@@ -24,10 +25,9 @@ from emu.errors import (
     ScenarioError,
     UnimplementedService,
 )
-from emu.explore import Exploration, explore
+from emu.exploration.explorer import Exploration, explore
 from emu.graph import StateGraph
 from emu.scenario import Scenario, load_scenario
-from emu.score import score  # the function; the module stays importable as emu.score via sys.modules
 
 __version__ = "0.1.0"
 

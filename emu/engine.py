@@ -16,8 +16,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from emu.binding import ImportTraps, bind_imports
-from emu.callback_table import peb_callback_table
 from emu.context import UserContext
 from emu.errors import (
     BudgetExceeded,
@@ -28,19 +26,21 @@ from emu.errors import (
     ScenarioError,
     UnimplementedImport,
 )
-from emu.image import PAGE, AssemblyError, Image, Symbolizer, image_from_assembly
 from emu.kernel import Kernel, KernelHooks, KThread, Recorder, ServiceRegistry, UserCallback, builtin_services
 from emu.kernel.objects import Event, Mutant, ReleaseMutant, SendMessage, SetEvent, Wait
 from emu.kernel.services import ChoiceStep as KChoiceStep
 from emu.kernel.services import ScriptReturn, ScriptStep, get_message_service
-from emu.loader_data import build_loader_data, main_image
+from emu.loader.binding import ImportTraps, bind_imports
+from emu.loader.callback_table import peb_callback_table
+from emu.loader.image import PAGE, AssemblyError, Image, Symbolizer, image_from_assembly
+from emu.loader.loader_data import build_loader_data, main_image
+from emu.loader.pe import load_pe
+from emu.loader.startup import InitThunk, find_init_thunk
+from emu.loader.stubs import compare_with_profile, guess_dispatcher_convention, service_table
 from emu.machine import Machine
-from emu.pe import load_pe
 from emu.runtime import NTDLL_BASE, build_kernel32, build_ntdll, build_win32u
 from emu.runtime.pe_image import with_pe_headers
 from emu.scenario import CallbackStep, ChoiceStep, ObjectStep, PeSpec, Scenario, Step, ThreadSpec, load_scenario
-from emu.startup import InitThunk, find_init_thunk
-from emu.stubs import compare_with_profile, guess_dispatcher_convention, service_table
 from emu.trace import Trace
 from emu.winnt import (
     KUSER_NT_BUILD_NUMBER,
@@ -64,7 +64,7 @@ from emu.winnt import (
 )
 
 if TYPE_CHECKING:
-    from emu.detect import Detection
+    from emu.detection.view import Detection
     from emu.expect import Outcome
     from emu.graph import StateGraph
 
@@ -165,7 +165,7 @@ class Run:
 
     @cached_property
     def detections(self) -> list[Detection]:
-        from emu.detect import detect_run
+        from emu.detection.view import detect_run
 
         return detect_run(self)
 
@@ -408,7 +408,7 @@ class Process:
 
     def _fill_init_thunk(self) -> InitThunk | None:
         """Store kernel32!BaseThreadInitThunk where a foreign RtlUserThreadStart calls through it,
-        as the Windows loader does (see :mod:`emu.startup`)."""
+        as the Windows loader does (see :mod:`emu.loader.startup`)."""
         if not self.foreign:
             return None
         found = find_init_thunk(self.ntdll)
@@ -476,7 +476,7 @@ class Process:
             return None
 
         try:
-            # Names other modules export are linked through import slots, as a linker does (emu.link).
+            # Names other modules export are linked through import slots, as a linker does (emu.loader.link).
             image = image_from_assembly(name, MODULE_BASE + i * MODULE_STRIDE, code, data, imports=exporter)
             return with_pe_headers(image, f"{name}.dll")  # a PE image in memory, as a loaded DLL is
         except AssemblyError as e:

@@ -9,9 +9,9 @@ from emu.scenario import EXPLORE_KINDS, Expectation
 from emu.winnt import status_name
 
 if TYPE_CHECKING:
+    from emu.detection.observers import ThreadStatus
     from emu.engine import Run
-    from emu.explore import Exploration
-    from emu.observers import ThreadStatus
+    from emu.exploration.explorer import Exploration
     from emu.trace import State
 
 
@@ -53,7 +53,7 @@ def check_exploration(exp: Exploration) -> list[Outcome]:
             )
             continue
         if e.kind == "explored_truths":
-            from emu.observers import node_status
+            from emu.detection.observers import node_status
 
             g = exp.graph
             pairs = [(g.state(n), node_status(g, n)) for n in g.nodes()]
@@ -67,7 +67,7 @@ def check_exploration(exp: Exploration) -> list[Outcome]:
 
 def _truth_outcome(e: Expectation, pairs: list[tuple[State, ThreadStatus]], unit: str) -> Outcome:
     """Count the states where each ground truth holds and the expectation's observer can see them."""
-    from emu.observers import is_true, visible
+    from emu.detection.observers import is_true, visible
 
     observer = e.value["observer"]
     seen = [(s, st) for s, st in pairs if visible(observer, s, st)]
@@ -110,7 +110,7 @@ def _check(run: Run, e: Expectation) -> Outcome:
         ok = any(v in chain for chain in run.deadlock)
         return Outcome(e, ok, f"wait chains: {'; '.join(run.deadlock) or 'none'}; expected one containing {v!r}")
     if e.kind == "truths":
-        from emu.observers import statuses
+        from emu.detection.observers import statuses
 
         return _truth_outcome(e, list(zip(run.trace.states, statuses(run.trace), strict=True)), "states")
     if e.kind == "max_depth":

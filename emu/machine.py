@@ -46,7 +46,7 @@ from unicorn import x86_const as x86
 from emu import interrupts
 from emu.context import REGISTER_NAMES, UserContext
 from emu.errors import ImageError, MachineFault
-from emu.image import PAGE, Image, page_align
+from emu.loader.image import PAGE, Image, page_align
 from emu.snapshot import CowMemory
 
 _REG_IDS: dict[str, int] = {

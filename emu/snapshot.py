@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from unicorn import UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE
 
-from emu.image import PAGE
+from emu.loader.image import PAGE
 
 if TYPE_CHECKING:
     from emu.machine import Machine

@@ -38,11 +38,11 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from emu.detect import ThreadView
+    from emu.detection.score import ScenarioLike, ScoreReport
+    from emu.detection.view import ThreadView
     from emu.engine import Run
     from emu.graph import StateGraph
-    from emu.image import Image
-    from emu.score import ScenarioLike, ScoreReport
+    from emu.loader.image import Image
     from emu.trace import State
 
 StatePairs = list[tuple["State", "ThreadView"]]
@@ -61,14 +61,14 @@ def assert_detector_matches(
     ``scenario`` is a file, a folder of scenarios, a Scenario, or several. With ``explore``
     every node of the explored state graph is checked. ``observer`` (``kernel-debugger`` or
     ``user-context``) and ``truth`` (``seed`` or ``waiting-in-callback``) are as in
-    :func:`emu.score.score`. Returns the report when it passes.
+    :func:`emu.detection.score.score`. Returns the report when it passes.
 
     Raises:
         AssertionError: naming each false positive and false negative (scenario, state,
             label, the transitions before it), then the confusion matrices.
     """
     __tracebackhide__ = True
-    from emu.score import score
+    from emu.detection.score import score
 
     report = score(detector, scenario, explore=explore, allow=allow, observer=observer, truth=truth)
     if not report.perfect:
@@ -117,9 +117,9 @@ def emu_run(request: pytest.FixtureRequest) -> Callable[[str | Path], Run]:
 def emu_states(request: pytest.FixtureRequest, emu_run: Callable[[str | Path], Run]) -> Callable[..., StatePairs]:
     """A factory: ``emu_states(path, explore=False, observer="kernel-debugger")`` gives (State, ThreadView)
     for every state of the run (or, with ``explore=True``, every node of the explored graph) that the
-    observer can see, each with that observer's view (see :mod:`emu.observers`)."""
-    from emu.explore import Explorer
-    from emu.observers import check_observer, node_status, statuses, view_for
+    observer can see, each with that observer's view (see :mod:`emu.detection.observers`)."""
+    from emu.detection.observers import check_observer, node_status, statuses, view_for
+    from emu.exploration.explorer import Explorer
     from emu.scenario import load_scenario
 
     root = Path(request.config.rootpath)

@@ -6,7 +6,7 @@ model's truth (mode, active service, callback depth, whether a callback return i
 pending). A :class:`Transition` is an edge between two states. Both are frozen.
 
 The records say what the thread did, not how Windows would name its scheduling state:
-:mod:`emu.observers` derives that (KTHREAD_STATE, the wait reason) and what each observer
+:mod:`emu.detection.observers` derives that (KTHREAD_STATE, the wait reason) and what each observer
 can see from the transitions, so recording stays cheap. A transition also names the
 threads whose wait the kernel work before it satisfied (``woke``): in Windows a thread is
 Ready from the moment its wait is satisfied, not from when it next runs.
@@ -38,7 +38,7 @@ class State(NamedTuple):
     inside NtCallbackReturn with a callback frame to complete. That is not a wait: on
     Windows NtCallbackReturn switches back at once (WRK ke/amd64/callout.asm), so the
     state lasts a few dozen instructions with the thread Running, or Ready if preempted
-    (``emu.observers``; a thread that waits inside a callback is blocked at a nested
+    (``emu.detection.observers``; a thread that waits inside a callback is blocked at a nested
     system call instead).
     """
 
@@ -63,7 +63,7 @@ class State(NamedTuple):
         return self.context.rsp
 
     def _repr_html_(self) -> str:
-        from emu.viz_text import state_html  # display only; viz sits above the trace
+        from emu.views.text import state_html  # display only; viz sits above the trace
 
         return state_html(self)
 
@@ -224,7 +224,7 @@ class Trace:
         return self.states[state_id]
 
     def _repr_html_(self) -> str:
-        from emu.viz_text import trace_html  # display only; viz sits above the trace
+        from emu.views.text import trace_html  # display only; viz sits above the trace
 
         return trace_html(self)
 

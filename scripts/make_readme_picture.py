@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import emu
-from emu import viz
+from emu.views import viz
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = ROOT / "scenarios" / "nested_callbacks.toml"

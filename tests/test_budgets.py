@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import asm_scenario
-from emu.cli import main
+from emu.cli.main import main
 from emu.engine import build, run
 from emu.errors import BudgetExceeded
 from emu.scenario import parse_scenario

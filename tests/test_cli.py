@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from emu.cli import main
+from emu.cli.main import main
 from emu.engine import run
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from emu.cli import main
+from emu.cli.main import main
 
 ROUNDTRIP = "scenarios/callback_roundtrip.toml"
 
@@ -66,7 +66,7 @@ def test_ray_backend_without_ray_is_one_line(root: Path, capsys, monkeypatch: py
 
 
 def test_oserror_recursion_memory_and_ctrl_c_each_become_one_line(capsys) -> None:
-    from emu.cli import guarded
+    from emu.cli.main import guarded
 
     def raiser(exc: BaseException):  # type: ignore[no-untyped-def]
         def f(args: object) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pe_fixtures import PeFixtures, pe_fixtures_or_fail
 
-from emu.cli_image import add_parser
+from emu.cli.image import add_parser
 from emu.errors import EmuError
 
 
@@ -19,7 +19,7 @@ def pe_files() -> PeFixtures:
 
 
 def _emu_image(argv: list[str]) -> int:
-    """What ``emu image ...`` does once emu/cli.py wires add_parser in (EmuError -> exit 2)."""
+    """What ``emu image ...`` does once emu/cli/main.py wires add_parser in (EmuError -> exit 2)."""
     parser = argparse.ArgumentParser(prog="emu")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["image", *argv])

@@ -19,14 +19,14 @@ import pytest
 from pe_fixtures import pe_fixtures_or_fail
 from real_ntdll import RealNtdllError, install_real_scenarios
 
-from emu.cli import main
-from emu.detect import ThreadView, callout_frame, view_of
+from emu.cli.main import main
+from emu.detection.prologue import sweep
+from emu.detection.signals import combined
+from emu.detection.unwind import walk
+from emu.detection.view import ThreadView, callout_frame, view_of
 from emu.dump import read_minidump, write_minidump
 from emu.engine import Run, run
-from emu.image import image_from_assembly
-from emu.prologue import sweep
-from emu.signals import combined
-from emu.unwind import walk
+from emu.loader.image import image_from_assembly
 from emu.winnt import UCALLOUT_FRAME_SIZE
 
 ROOT = Path(__file__).resolve().parent.parent

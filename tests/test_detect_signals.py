@@ -15,12 +15,19 @@ import pytest
 from pe_fixtures import pe_fixtures_or_fail
 
 from conftest import ROOT, SCENARIOS, asm_scenario
-from emu.detect import ModuleInfo, ThreadView, detect_callback_return_pending, dispatcher_frames, view_from, view_of
+from emu.detection.score import score
+from emu.detection.signals import code_signal, combined, naive_detector, stack_signal, symbol_signal
+from emu.detection.view import (
+    ModuleInfo,
+    ThreadView,
+    detect_callback_return_pending,
+    dispatcher_frames,
+    view_from,
+    view_of,
+)
 from emu.engine import Run, run
-from emu.explore import Explorer
+from emu.exploration.explorer import Explorer
 from emu.scenario import load_scenario, parse_scenario
-from emu.score import score
-from emu.signals import code_signal, combined, naive_detector, stack_signal, symbol_signal
 
 HARD = sorted(p for p in SCENARIOS if p.stem.startswith("hard_"))
 PE_SCENARIOS = sorted((ROOT / "scenarios" / "pe").glob("*.toml"))

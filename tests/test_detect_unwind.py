@@ -18,16 +18,8 @@ import pytest
 from pe_fixtures import CC, COMMON, DLLTOOL, PeFixtures, pe_fixtures_or_fail
 
 from emu.context import UserContext
-from emu.detect import ModuleInfo, ThreadView, view_of
-from emu.engine import run
-from emu.image import PAGE, Image, Section
-from emu.pe import load_pe
-from emu.profile import get_profile
-from emu.runtime import build_ntdll
-from emu.runtime.unwind import TABLES, UWOP_ALLOC_SMALL, UWOP_PUSH_MACHFRAME
-from emu.scenario import parse_scenario
-from emu.signals import combined
-from emu.unwind import (
+from emu.detection.signals import combined
+from emu.detection.unwind import (
     UNW_FLAG_CHAININFO,
     UWOP_ALLOC_LARGE,
     UWOP_PUSH_NONVOL,
@@ -38,6 +30,14 @@ from emu.unwind import (
     read_unwind_info,
     walk,
 )
+from emu.detection.view import ModuleInfo, ThreadView, view_of
+from emu.engine import run
+from emu.loader.image import PAGE, Image, Section
+from emu.loader.pe import load_pe
+from emu.profile import get_profile
+from emu.runtime import build_ntdll
+from emu.runtime.unwind import TABLES, UWOP_ALLOC_SMALL, UWOP_PUSH_MACHFRAME
+from emu.scenario import parse_scenario
 from emu.winnt import UCALLOUT_MF_RIP
 
 # --- a PE ntdll and a module with real unwind data, from GNU as .seh directives -------------

@@ -18,10 +18,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pe_fixtures import pe_fixtures_or_fail
 
-from emu import cli_dump
-from emu.detect import Detection, detect_callback_return_pending, view_of
+from emu.cli import dump as cli_dump
+from emu.detection.signals import code_signal, combined, stack_signal, symbol_signal
+from emu.detection.view import Detection, detect_callback_return_pending, view_of
 from emu.dump import read_minidump, thread_id, write_minidump
-from emu.dump_format import (
+from emu.dump.format import (
     MINIDUMP_DIRECTORY,
     MINIDUMP_HEADER,
     MINIDUMP_MODULE,
@@ -33,10 +34,9 @@ from emu.dump_format import (
     SystemInfoStream,
     ThreadListStream,
 )
-from emu.dump_write import module_path
+from emu.dump.write import module_path
 from emu.engine import Run, run
 from emu.errors import DumpError
-from emu.signals import code_signal, combined, stack_signal, symbol_signal
 from emu.trace import State
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -467,7 +467,7 @@ def test_regions_are_whole_pages_and_hold_teb_peb_kuser_and_the_thread_info(
 ) -> None:
     from minidump.minidumpfile import MinidumpFile
 
-    from emu.dump_streams import CONTEXT_ALL
+    from emu.dump.streams import CONTEXT_ALL
     from emu.winnt import KUSER_SHARED_DATA, TEB_PEB
 
     r = runs["callback_roundtrip.toml"]

@@ -25,11 +25,11 @@ from typing import Any
 
 import pytest
 
-from emu import cli_dump
+from emu.cli import dump as cli_dump
 from emu.context import UserContext
-from emu.detect import detect_callback_return_pending, view_of
+from emu.detection.view import detect_callback_return_pending, view_of
 from emu.dump import read_minidump, thread_id, write_minidump
-from emu.dump_write import threads_at
+from emu.dump.write import threads_at
 from emu.engine import Run, build, run
 from emu.errors import DumpError
 from emu.kernel import KernelHooks, KThread

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from conftest import SCENARIOS, asm_scenario
-from emu.cli import main
+from emu.cli.main import main
 from emu.engine import run
 from emu.expect import check_exploration
-from emu.explore import Explorer, explore
+from emu.exploration.explorer import Explorer, explore
 from emu.scenario import parse_scenario
 
 CHOICE_SCENARIOS = [p for p in SCENARIOS if 'kind = "choice"' in p.read_text()]
@@ -51,8 +51,8 @@ def test_without_choices_exploration_is_the_run(path: Path) -> None:
 
 
 def test_pending_ground_truth_is_on_the_nodes_and_matches_the_detector() -> None:
-    from emu.detect import detect_callback_return_pending
-    from emu.explore import Explorer
+    from emu.detection.view import detect_callback_return_pending
+    from emu.exploration.explorer import Explorer
 
     explorer = Explorer(
         parse_scenario((Path(__file__).parent.parent / "scenarios/choice_nested_depth.toml").read_text(), "n.toml")
@@ -65,7 +65,7 @@ def test_pending_ground_truth_is_on_the_nodes_and_matches_the_detector() -> None
 
     fake = _R()
     fake.images = images  # type: ignore[attr-defined]
-    from emu.detect import view_of
+    from emu.detection.view import view_of
 
     for node in exp.graph.nodes():
         state = exp.graph.state(node)

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from emu.explore import Explorer, resident_bytes
+from emu.exploration.explorer import Explorer, resident_bytes
 from emu.scenario import parse_scenario
 
 FORTY = """

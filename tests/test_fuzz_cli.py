@@ -17,7 +17,7 @@ from fuzz_support import FAST, no_hang, slow_only, slow_settings
 from hypothesis import given
 from hypothesis import strategies as st
 
-from emu.cli import main
+from emu.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ["run", "detect", "graph", "explore", "explain", "plot", "dump", "score", "image", "bogus", ""]
@@ -59,7 +59,9 @@ def argv(draw: st.DrawFn) -> list[str]:
         st.tuples(st.just("--base"), st.sampled_from(["zzz", "0x180000000", "-5", "1e3"])).map(list),
         st.tuples(st.just("--allow-path"), paths).map(list),
         st.tuples(st.just("--dump"), paths).map(list),
-        st.tuples(st.just("--detector"), st.sampled_from(["emu.signals:naive_detector", "nope:x", "x", ":"])).map(list),
+        st.tuples(
+            st.just("--detector"), st.sampled_from(["emu.detection.signals:naive_detector", "nope:x", "x", ":"])
+        ).map(list),
         st.text(alphabet="abcs0123-_./:n", max_size=8),
     )
     rest = draw(st.lists(words, max_size=5))

@@ -30,10 +30,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pe_fixtures import pe_fixtures_or_fail
 
-from emu.image import Image
-from emu.pe import load_pe
+from emu.loader.image import Image
+from emu.loader.pe import load_pe
+from emu.loader.stubs import guess_dispatcher_convention, service_table
 from emu.scenario import PeSpec, load_scenario
-from emu.stubs import guess_dispatcher_convention, service_table
 
 LOAD_SECONDS = 10.0  # a runaway bound for one load_pe of a mutant (far above any; speed is for benchmarks)
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ from pe_fixtures import PeFixtures, pe_fixtures_or_fail
 from conftest import asm_scenario
 from emu.engine import MODULE_BASE, build, run
 from emu.errors import ScenarioError
-from emu.image import AssemblyError, Image, image_from_assembly
+from emu.loader.image import AssemblyError, Image, image_from_assembly
 from emu.scenario import parse_scenario
 
 BASE = 0x7FFA_C000_0000

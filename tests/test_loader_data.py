@@ -14,8 +14,8 @@ import pytest
 from pe_fixtures import PeFixtures, pe_fixtures_or_fail
 
 from emu.engine import PEB_ADDRESS, Process, build
-from emu.image import image_from_assembly
-from emu.loader_data import build_loader_data, main_image
+from emu.loader.image import image_from_assembly
+from emu.loader.loader_data import build_loader_data, main_image
 from emu.machine import Machine
 from emu.scenario import parse_scenario
 

@@ -7,7 +7,7 @@ import pytest
 from conftest import asm_scenario
 from emu.engine import build, run
 from emu.errors import EmuError, ModelBug, UnimplementedService
-from emu.explore import Explorer
+from emu.exploration.explorer import Explorer
 from emu.kernel import HANDLE, CallbackResult, KernelHooks, KThread, sched
 from emu.kernel.services import ServiceContext
 from emu.scenario import parse_scenario

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from emu.cli import main
-from emu.detect import detect_run
+from emu.cli.main import main
+from emu.detection.observers import ObserverError, is_true, node_status, statuses, threads_at, view_for, visible
+from emu.detection.score import score
+from emu.detection.signals import nested_call_detector, stack_signal
+from emu.detection.view import detect_run
 from emu.engine import run
 from emu.errors import ScenarioError
-from emu.explore import explore
-from emu.observers import ObserverError, is_true, node_status, statuses, threads_at, view_for, visible
+from emu.exploration.explorer import explore
 from emu.scenario import parse_scenario
-from emu.score import score
-from emu.signals import nested_call_detector, stack_signal
 
 
 def test_a_callback_that_waits_on_an_event_is_waiting_at_its_nested_call(root: Path) -> None:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from emu.cli import main
-from emu.explore import explore
-from emu.parallel import explore_parallel
+from emu.cli.main import main
+from emu.exploration.explorer import explore
+from emu.exploration.parallel import explore_parallel
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = ROOT / "scenarios" / "threads_deadlock_sometimes.toml"
@@ -86,7 +86,7 @@ steps = [
 
 
 def test_parallel_faults_are_named_like_the_single_process_ones(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from emu.explore import explore
+    from emu.exploration.explorer import explore
     from emu.scenario import parse_scenario
 
     scenario = parse_scenario(FAULT_ON_ONE_PATH, str(tmp_path / "f.toml"))

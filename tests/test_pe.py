@@ -13,8 +13,8 @@ import pytest
 from pe_fixtures import PeFixtures, pe_fixtures_or_fail
 
 from emu.errors import ImageError, UnimplementedImport
-from emu.image import Image, ImageImport, Symbolizer
-from emu.pe import TRAP_BASE, ImportTraps, bind_imports, load_pe
+from emu.loader.image import Image, ImageImport, Symbolizer
+from emu.loader.pe import TRAP_BASE, ImportTraps, bind_imports, load_pe
 from emu.profile import get_profile
 from emu.runtime import build_ntdll
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from pe_fixtures import PeFixtures, pe_fixtures_or_fail
 
-from emu.cli import main
-from emu.detect import detect_callback_return_pending, view_of
+from emu.cli.main import main
+from emu.detection.view import detect_callback_return_pending, view_of
 from emu.engine import build, run
 from emu.errors import ScenarioError
-from emu.explore import explore
+from emu.exploration.explorer import explore
 from emu.scenario import load_scenario, parse_scenario
 
 ROOT = Path(__file__).resolve().parent.parent

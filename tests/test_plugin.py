@@ -21,7 +21,7 @@ CHOICE = ROOT / "scenarios" / "choice_nested_depth.toml"
 def test_fixtures_give_runs_states_and_views(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         f"""
-        from emu.detect import ThreadView
+        from emu.detection.view import ThreadView
 
         def test_run(emu_run):
             r = emu_run(r"{NESTED}")
@@ -45,7 +45,7 @@ def test_fixtures_give_runs_states_and_views(pytester: pytest.Pytester) -> None:
 def test_assert_detector_matches_passes_and_fails_with_named_states(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         f"""
-        from emu.signals import combined_detector, naive_detector
+        from emu.detection.signals import combined_detector, naive_detector
         from emu.testing import assert_detector_matches
 
         def test_combined():
@@ -63,7 +63,7 @@ def test_assert_detector_matches_passes_and_fails_with_named_states(pytester: py
     result.assert_outcomes(passed=1, failed=2)
     result.stdout.fnmatch_lines(
         [
-            "*AssertionError: detector emu.signals:naive_detector disagrees with emu's ground truth on 2 of 5 states:",
+            "*AssertionError: detector emu.detection.signals:naive_detector disagrees with emu's ground truth on 2 of 5 states:",
             "*FP hard_no_callback_forged_frame s1: kernel | NtCallbackReturn | depth 0 | user at ntdll!ZwCallbackReturn+0x14 | Running",
             "*    after step 0: syscall NtCallbackReturn at ntdll!ZwCallbackReturn+0x14",
             "*    detector: RIP ntdll!ZwCallbackReturn+0x14 is just after the system call instruction of ntdll!ZwCallbackReturn",

@@ -65,7 +65,7 @@ def test_readme_introduces_the_notebooks_and_their_extra_installs_jupyter(root: 
 
 
 def test_readme_describes_detect_output_as_it_is(root: Path, capsys) -> None:
-    from emu.cli import main
+    from emu.cli.main import main
 
     text = (root / "README.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| `emu detect FILE"))

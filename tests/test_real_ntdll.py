@@ -17,9 +17,9 @@ from real_ntdll import RealNtdllError, install_real_scenarios
 
 from emu.engine import Run, build, run
 from emu.errors import ScenarioError
-from emu.pe import load_pe
+from emu.loader.pe import load_pe
+from emu.loader.startup import find_init_thunk
 from emu.scenario import load_scenario, parse_scenario
-from emu.startup import find_init_thunk
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = ROOT / "scenarios" / "real"

@@ -8,9 +8,9 @@ import lief
 import pefile
 import pytest
 
-from emu.dump_modules import pe_exports
+from emu.dump.modules import pe_exports
 from emu.engine import KERNEL32_BASE, WIN32U_BASE
-from emu.image import Image
+from emu.loader.image import Image
 from emu.machine import Machine
 from emu.profile import get_profile
 from emu.runtime import NTDLL_BASE, build_kernel32, build_ntdll, build_win32u

@@ -335,7 +335,7 @@ def test_assembly_error_code_starting_on_quote_line(tmp_path: Path) -> None:
 def test_cli_run_prints_one_line_and_exits_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], old: str, new: str, needle: str, expected: str
 ) -> None:
-    from emu.cli import main
+    from emu.cli.main import main
 
     text = mutate(old, new)
     path = write(tmp_path, text)

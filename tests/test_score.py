@@ -10,10 +10,10 @@ import pytest
 
 import emu
 from conftest import ROOT, SCENARIOS
-from emu.cli_score import DetectorSpecError, add_parser, cmd_score, load_detector
-from emu.detect import Detection, ThreadView
-from emu.score import Confusion, ScoreReport, score
-from emu.signals import combined_detector, naive_detector
+from emu.cli.score import DetectorSpecError, add_parser, cmd_score, load_detector
+from emu.detection.score import Confusion, ScoreReport, score
+from emu.detection.signals import combined_detector, naive_detector
+from emu.detection.view import Detection, ThreadView
 
 AFTER = ROOT / "scenarios" / "hard_after_callback_return.toml"
 FORGED = ROOT / "scenarios" / "hard_no_callback_forged_frame.toml"
@@ -22,7 +22,7 @@ DIRECT = ROOT / "scenarios" / "hard_direct_syscall_return.toml"
 
 def test_score_is_public_and_counts_every_state(shipped_runs) -> None:
     report = emu.score(naive_detector, [AFTER, FORGED, DIRECT])
-    assert isinstance(report, ScoreReport) and report.detector == "emu.signals:naive_detector"
+    assert isinstance(report, ScoreReport) and report.detector == "emu.detection.signals:naive_detector"
     rows = {s.scenario: s.confusion.as_dict() for s in report.scenarios}
     assert rows == {
         "hard_after_callback_return": {"tp": 1, "fp": 3, "tn": 4, "fn": 0},
@@ -113,13 +113,16 @@ def _cli(argv: list[str]) -> int:
 
 
 def test_cli_exit_codes_and_output(capsys: pytest.CaptureFixture[str]) -> None:
-    assert _cli(["score", str(FORGED), "--detector", "emu.signals:naive_detector"]) == 1
+    assert _cli(["score", str(FORGED), "--detector", "emu.detection.signals:naive_detector"]) == 1
     out = capsys.readouterr().out
-    assert out.startswith("detector emu.signals:naive_detector on 1 scenario(s)\n")
+    assert out.startswith("detector emu.detection.signals:naive_detector on 1 scenario(s)\n")
     assert "FP hard_no_callback_forged_frame s1: kernel | NtCallbackReturn | depth 0" in out
     assert _cli(["score", str(FORGED), str(AFTER)]) == 0  # the default detector: the built-in one
     assert "the detector matches the ground truth on every state" in capsys.readouterr().out
-    assert _cli(["score", str(FORGED), "--explore", "--json", "--detector", "emu.signals:combined_detector"]) == 0
+    assert (
+        _cli(["score", str(FORGED), "--explore", "--json", "--detector", "emu.detection.signals:combined_detector"])
+        == 0
+    )
     data = json.loads(capsys.readouterr().out)
     assert data["explore"] is True and data["perfect"] is True and data["scenarios"][0]["states"] == 5
 
@@ -137,9 +140,9 @@ def test_cli_detector_from_a_file_and_from_the_current_folder(
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("nocolon", "--detector 'nocolon': expected MODULE:FUNCTION, e.g. emu.signals:naive_detector"),
-        ("emu.signals:nothing", "--detector 'emu.signals:nothing': emu.signals has no attribute 'nothing'"),
-        ("emu.signals:_SITES", "--detector 'emu.signals:_SITES': _SITES is a dict, not a callable"),
+        ("nocolon", "--detector 'nocolon': expected MODULE:FUNCTION, e.g. emu.detection.signals:naive_detector"),
+        ("emu.detection.signals:nothing", "--detector 'emu.detection.signals:nothing': emu.detection.signals has no attribute 'nothing'"),
+        ("emu.detection.signals:_SITES", "--detector 'emu.detection.signals:_SITES': _SITES is a dict, not a callable"),
         ("no_such_module_xyz:f", "--detector 'no_such_module_xyz:f': importing no_such_module_xyz failed: ModuleNotFoundError: No module named 'no_such_module_xyz'"),
         ("missing.py:f", "--detector 'missing.py:f': missing.py is not a file"),
     ],

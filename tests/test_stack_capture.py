@@ -10,10 +10,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from emu.detect import view_of
+from emu.detection.unwind import walk
+from emu.detection.view import view_of
 from emu.engine import run
 from emu.scenario import parse_scenario
-from emu.unwind import walk
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from emu.cli import main
-from emu.explore import explore
+from emu.cli.main import main
+from emu.exploration.explorer import explore
 
 CHOICE = "scenarios/choice_status.toml"
 

@@ -6,11 +6,9 @@ import pytest
 from pe_fixtures import PeFixtures, pe_fixtures_or_fail
 
 from emu.errors import ImageError
-from emu.image import image_from_assembly
-from emu.pe import load_pe
-from emu.profile import get_profile, profile_names
-from emu.runtime import NTDLL_BASE, SYSCALL_OFFSET, build_ntdll, build_win32u
-from emu.stubs import (
+from emu.loader.image import image_from_assembly
+from emu.loader.pe import load_pe
+from emu.loader.stubs import (
     DispatcherGuess,
     SsnDisagreement,
     compare_with_profile,
@@ -19,6 +17,8 @@ from emu.stubs import (
     service_table,
     stub_at,
 )
+from emu.profile import get_profile, profile_names
+from emu.runtime import NTDLL_BASE, SYSCALL_OFFSET, build_ntdll, build_win32u
 
 
 @pytest.fixture(scope="session")

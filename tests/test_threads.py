@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import asm_scenario
+from emu.detection.observers import node_status
 from emu.engine import run
-from emu.explore import Exploration, explore
+from emu.exploration.explorer import Exploration, explore
 from emu.kernel.objects import STATUS_TIMEOUT
-from emu.observers import node_status
 from emu.scenario import parse_scenario
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,10 +14,10 @@ from matplotlib.figure import Figure
 
 import emu
 from conftest import SCENARIOS, asm_scenario
-from emu import viz
-from emu.cli_plot import add_parser, cmd_plot
+from emu.cli.plot import add_parser, cmd_plot
 from emu.engine import Run
-from emu.explore import explore
+from emu.exploration.explorer import explore
+from emu.views import viz
 from emu.winnt import STATUS_INVALID_HANDLE
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from emu.cli import main
+from emu.detection.observers import threads_at
 from emu.engine import Run, run
-from emu.observers import threads_at
 
 
 def _status(r: Run, name: str, state_id: int) -> str:

@@ -16,7 +16,7 @@ import dataclasses
 import functools
 from importlib import resources
 
-from emu.image import Image, image_from_assembly
+from emu.loader.image import Image, image_from_assembly
 from emu.profile import Profile
 from emu.runtime.pe_image import with_pe_headers
 from emu.runtime.unwind import with_unwind_data

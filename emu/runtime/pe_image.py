@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 
-from emu.image import PAGE, Image, Section, page_align
+from emu.loader.image import PAGE, Image, Section, page_align
 
 IMAGE_FILE_MACHINE_AMD64 = 0x8664
 # IMAGE_FILE_EXECUTABLE_IMAGE | IMAGE_FILE_LARGE_ADDRESS_AWARE | IMAGE_FILE_DLL

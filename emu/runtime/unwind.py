@@ -20,7 +20,7 @@ import dataclasses
 import struct
 from dataclasses import dataclass
 
-from emu.image import PAGE, Image, Section, page_align
+from emu.loader.image import PAGE, Image, Section, page_align
 
 # UNWIND_CODE.UnwindOp values used here (MS docs "struct UNWIND_CODE").
 UWOP_PUSH_NONVOL, UWOP_ALLOC_SMALL, UWOP_PUSH_MACHFRAME = 0, 2, 10

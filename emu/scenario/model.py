@@ -134,7 +134,7 @@ class ThreadSpec:
     ``start``: "rtl" runs ntdll's RtlUserThreadStart(entry, argument) first, as Windows
     does; "entry" starts at the entry itself, as if called by kernel32!BaseThreadInitThunk;
     "auto" (the default) is "rtl" unless a foreign ntdll's RtlUserThreadStart cannot reach
-    the entry in emu (see :mod:`emu.startup`), then "entry".
+    the entry in emu (see :mod:`emu.loader.startup`), then "entry".
     """
 
     name: str

@@ -469,7 +469,7 @@ def _expectations(r: _Reader, obj: Any) -> tuple[Expectation, ...]:
 
 def _truths(r: _Reader, v: Any, kp: tuple[str | int, ...]) -> dict[str, Any]:
     """``{observer = "user-context", seed = 1, waiting_in_callback = 2}``: counts per ground truth."""
-    from emu.observers import OBSERVERS, TRUTHS
+    from emu.detection.observers import OBSERVERS, TRUTHS
 
     keys = {t.replace("-", "_"): f"an integer: states where the {t} truth holds" for t in TRUTHS}
     r.table(v, kp, {"observer": f"one of {', '.join(OBSERVERS)}", **keys})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from emu.asm import labels_in
+from emu.loader.asm import labels_in
 from emu.scenario.model import ModuleSpec
 from emu.scenario.reader import _ID, _kind, _Reader
 

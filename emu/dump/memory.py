@@ -1,0 +1,108 @@
+"""The memory a dump of a state holds: page-aligned regions with, where the dump carries them, their bytes.
+
+A minidump describes memory twice: MemoryInfoList (what VirtualQuery would say about each
+region) and Memory64List (the bytes of some of them). Tools expect the regions to be whole
+pages, as VirtualQuery reports them (MS docs, MEMORY_BASIC_INFORMATION: "RegionSize ... in
+bytes, of the region ... all pages have identical attributes"; dumpulator asserts it), and a
+memory range to start where a region starts (udmp-parser looks ranges up by region base).
+
+What is written, per kind of region:
+- images: the header page and each section, as loaded (writes to data sections during the
+  run are not recorded per state);
+- each dumped thread's stack: the pages from RSP's page up to what the state recorded (the
+  bytes below RSP in that page are zeros: emu does not record them); ``full`` writes the
+  whole committed stack, zeros outside what the state recorded;
+- the TEBs, the PEB, KUSER_SHARED_DATA, the loader data (PEB.Ldr, ProcessParameters), the
+  KernelCallbackTable and the import-trap page: as the process was built (the model does not
+  change them while it runs);
+- the scenario's own ``[[memory]]`` regions: described always, their bytes (as mapped,
+  before the run) only with ``full``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from emu.dump.format import MEM_IMAGE, MEM_PRIVATE
+from emu.loader.image import PAGE, Image, page_align
+
+if TYPE_CHECKING:
+    from emu.engine import Run
+
+
+@dataclass(frozen=True)
+class Region:
+    """One MINIDUMP_MEMORY_INFO entry, and its bytes when the dump holds them."""
+
+    start: int
+    size: int
+    perms: str
+    allocation_base: int
+    kind: int  # MEM_IMAGE or MEM_PRIVATE
+    data: bytes | None = None
+
+
+def image_regions(image: Image) -> list[Region]:
+    """The header page and the sections as mapped (page-aligned, zero-filled, never overlapping)."""
+    head = max(PAGE, len(image.headers))  # the machine maps a header page for every image
+    spans = [(image.base, head, "r", image.headers)]
+    spans += [(image.base + s.rva, s.size, s.perms, s.data) for s in image.sections]
+    spans.sort(key=lambda t: t[0])
+    out: list[Region] = []
+    for i, (start, size, perms, data) in enumerate(spans):
+        end = start + page_align(max(size, 1))
+        if i + 1 < len(spans):
+            end = min(end, spans[i + 1][0])
+        if out and start < out[-1].start + out[-1].size:
+            continue  # a section inside the one before it (never in images emu builds)
+        if end > start:
+            body = data[: end - start]
+            out.append(Region(start, end - start, perms, image.base, MEM_IMAGE, body + bytes(end - start - len(body))))
+    return out
+
+
+def stack_regions(rsp: int, stack: bytes, limit: int, base: int, full: bool = False) -> list[Region]:
+    """A thread's committed stack [limit, base): the pages holding the recorded bytes from RSP up carry data."""
+
+    def private(start: int, end: int, data: bytes | None = None) -> Region:
+        return Region(start, end - start, "rw", limit, MEM_PRIVATE, data)
+
+    if base <= limit:
+        return []
+    if not (stack and limit <= rsp < base):
+        return [private(limit, base, bytes(base - limit) if full else None)]
+    low = rsp & ~(PAGE - 1)
+    high = min(base, page_align(rsp + len(stack)))
+    known = (bytes(rsp - low) + stack)[: high - low]
+    known += bytes(high - low - len(known))
+    if full:
+        return [private(limit, base, bytes(low - limit) + known + bytes(base - high))]
+    out = [private(limit, low)] if low > limit else []
+    out.append(private(low, high, known))
+    if high < base:
+        out.append(private(high, base))
+    return out
+
+
+def process_regions(run: Run, full: bool = False) -> list[Region]:
+    """TEBs, PEB, KUSER_SHARED_DATA, loader data, KernelCallbackTable, scenario memory: from the process as built.
+
+    Builds the scenario's process again (deterministic: same addresses, same bytes) and
+    takes every region that is neither an image nor a stack.
+    """
+    from emu.engine import Process  # the engine sits above the dump writer's data; built on demand
+
+    process = Process(run.scenario)
+    machine = process.machine
+    images = [(img.base, img.end) for img in run.images]
+    out = []
+    for r in machine.regions:
+        if any(lo <= r.start < hi for lo, hi in images) or not r.perms:
+            continue  # images come from the run's images; guard pages are not committed memory
+        if r.label.startswith("thread ") and r.label.endswith(" stack"):
+            continue
+        keep = full or not r.label.startswith("memory ")
+        data = machine.read(r.start, r.size) if keep else None
+        out.append(Region(r.start, r.size, r.perms, r.start, MEM_PRIVATE, data))
+    return out
