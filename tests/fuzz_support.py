@@ -218,8 +218,10 @@ def run_bounded(s: Scenario) -> Run:
     r = build(s).run()
     assert isinstance(r, Run)
     assert r.error is None or isinstance(r.error, EmuError), repr(r.error)
-    assert r.stop in ("exit", "fault", "budget"), r.stop
-    assert (r.error is None) == (r.stop == "exit"), (r.stop, r.error)
+    assert r.stop in ("exit", "deadlock", "fault", "budget"), r.stop
+    # A deadlock ends a run without an error (threads left waiting on each other): a wait chain says why.
+    assert (r.error is None) == (r.stop in ("exit", "deadlock")), (r.stop, r.error)
+    assert bool(r.deadlock) == (r.stop == "deadlock"), (r.stop, r.deadlock)
     # No wall-clock bound here: the run's own wall_time budget (RUN_SECONDS) stops runaway guest
     # code, and no_hang() ends the process loudly if anything hangs.
     r.detections  # noqa: B018 - the detector runs on every state; it must not raise either

@@ -187,5 +187,4 @@ steps = [{ kind = "choice", name = "bit", options = { zero = [{ kind = "return",
     extra = "[budgets]\ninstructions = 1000000000000\nwall_time = 0.3\n"
     exp = explore(parse_scenario(asm_scenario(code, services=services, extra=extra), "spin.toml"))
     assert exp.stopped_by == "wall_time"
-    assert not exp.complete
-    assert exp.elapsed < 5
+    assert not exp.complete  # how soon it stops: benchmarks/bench_budgets.py

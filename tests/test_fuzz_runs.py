@@ -253,3 +253,35 @@ def test_detections_after_a_raw_syscall_before_a_label() -> None:
     )
     assert r.error is None
     assert r.detections == []
+
+
+WAIT_FOREVER = """
+[scenario]
+name = "wait_forever"
+[[module]]
+name = "app"
+code = \"\"\"
+main:
+    sub rsp, 0x28
+    mov rcx, 0x100
+    xor edx, edx
+    xor r8d, r8d
+    call NtWaitForSingleObject
+    add rsp, 0x28
+    ret
+\"\"\"
+[thread]
+entry = "app!main"
+[[object]]
+kind = "event"
+name = "never"
+handle = 0x100
+"""
+
+
+def test_a_deadlocked_run_is_an_outcome_not_a_harness_failure() -> None:
+    # Found by the mutated-scenario fuzzer: a mutant of a threads scenario ended deadlocked, which
+    # the harness took for a broken Run. One thread waiting on an event nobody sets is the smallest case.
+    r = run_bounded(parse_scenario(WAIT_FOREVER, "wait_forever.toml"))
+    assert r.stop == "deadlock" and r.error is None
+    assert r.deadlock == ["thread thread0 waits on event 'never' (no owner: someone must signal it)"]
