@@ -106,7 +106,10 @@ def test_the_run_puts_the_frame_where_each_source_does(length: int) -> None:
     assert reactos == wrk - (0 if 1 <= length % 16 <= 8 else 0x10)  # old = 8 (mod 16)
     # The frame's fields (ReactOS sdk/include/ndk/amd64/ketypes.h UCALLOUT_FRAME): Buffer +0x20
     # = the input right above the frame, Length +0x28, ApiNumber +0x2C, MachineFrame.Rsp +0x48.
-    word = lambda off: int.from_bytes(frame[off : off + 8], "little")  # noqa: E731
+
+    def word(off: int) -> int:
+        return int.from_bytes(frame[off : off + 8], "little")
+
     assert word(0x20) == wrk + 0x58 and frame[0x58:] == data
     assert int.from_bytes(frame[0x28:0x2C], "little") == length and frame[0x2C:0x30] == b"\x02\0\0\0"
     assert word(0x48) == old

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from conftest import asm_scenario
-from emu.engine import build, run
+from emu.engine import Run, build, run
 from emu.errors import BudgetExceeded, MachineFault, UnimplementedService
-from emu.scenario import parse_scenario
+from emu.scenario import Scenario, parse_scenario
 from emu.winnt import (
     KTRAP_FRAME_RIP,
     KTRAP_FRAME_RSP,
@@ -40,11 +40,11 @@ steps = [{ kind = "callback", api = 2, data = "41 42 43" }, { kind = "return", s
 """
 
 
-def scenario(code: str, **kw: str):
+def scenario(code: str, **kw: str) -> Scenario:
     return parse_scenario(asm_scenario(code, **kw), "test.toml")
 
 
-def callback_run(extra: str = ""):
+def callback_run(extra: str = "") -> Run:
     return run(scenario(CALLBACK_APP, table=CALLBACK_TABLE, services=CALLBACK_SERVICE, extra=extra))
 
 
@@ -214,7 +214,7 @@ def test_threads_get_teb_peb_and_kernel_callback_table(tmp_path: Path) -> None:
     assert m.read(0x7FFE0308, 1) == b"\0"
 
 
-def test_refused_callback_is_named_on_the_next_transition(shipped_runs) -> None:
+def test_refused_callback_is_named_on_the_next_transition(shipped_runs: dict[str, Run]) -> None:
     r = shipped_runs["callback_depth_overflow"]
     refused = [t for t in r.trace if "refused" in t.detail]
     # 23 levels in use: 0x200 + 24 * 0x800 = 0xC200 bytes, and 0x6000 more to commit

@@ -46,7 +46,8 @@ def slot_of(image: Image, call_at: int) -> int:
     """The slot a `FF 15/25 rel32` at ``call_at`` reads: the end of the 6 bytes plus rel32."""
     code = at_address(image, call_at, 6)
     assert code[0] == 0xFF and code[1] in (0x15, 0x25), code.hex()
-    return call_at + 6 + struct.unpack("<i", code[2:])[0]
+    rel: int = struct.unpack("<i", code[2:])[0]
+    return call_at + 6 + rel
 
 
 def at_address(image: Image, address: int, size: int) -> bytes:

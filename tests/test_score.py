@@ -14,13 +14,14 @@ from emu.cli.score import DetectorSpecError, add_parser, cmd_score, load_detecto
 from emu.detection.score import Confusion, ScoreReport, score
 from emu.detection.signals import combined_detector, naive_detector
 from emu.detection.view import Detection, ThreadView
+from emu.engine import Run
 
 AFTER = ROOT / "scenarios" / "hard_after_callback_return.toml"
 FORGED = ROOT / "scenarios" / "hard_no_callback_forged_frame.toml"
 DIRECT = ROOT / "scenarios" / "hard_direct_syscall_return.toml"
 
 
-def test_score_is_public_and_counts_every_state(shipped_runs) -> None:
+def test_score_is_public_and_counts_every_state(shipped_runs: dict[str, Run]) -> None:
     report = emu.score(naive_detector, [AFTER, FORGED, DIRECT])
     assert isinstance(report, ScoreReport) and report.detector == "emu.detection.signals:naive_detector"
     rows = {s.scenario: s.confusion.as_dict() for s in report.scenarios}
