@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from emu.address_space import MODULE_BASE, MODULE_STRIDE, PEB_ADDRESS, WIN32U_BASE
 from emu.errors import (
     BudgetExceeded,
     EmuError,
@@ -26,7 +27,6 @@ from emu.errors import (
 )
 from emu.kernel import Kernel, KernelHooks, KThread, Recorder
 from emu.kernel.objects import Event, Mutant
-from emu.layout import MODULE_BASE, MODULE_STRIDE, PEB_ADDRESS, WIN32U_BASE
 from emu.loader.binding import ImportTraps, bind_imports
 from emu.loader.callback_table import peb_callback_table
 from emu.loader.image import PAGE, AssemblyError, Image, Symbolizer, image_from_assembly

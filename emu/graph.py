@@ -223,6 +223,8 @@ def edge_attrs(t: Transition | EdgeInfo) -> dict[str, object]:
         attrs["api"] = t.api
     if t.detail:
         attrs["detail"] = t.detail
+    if isinstance(t, Transition) and t.woke:
+        attrs["woke"] = ",".join(map(str, t.woke))  # threads whose wait was satisfied before it
     return attrs
 
 

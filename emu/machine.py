@@ -55,6 +55,8 @@ _REG_IDS: dict[str, int] = {
     "gs_base": x86.UC_X86_REG_GS_BASE,
 }
 
+_XMM: tuple[int, ...] = tuple(getattr(x86, f"UC_X86_REG_XMM{n}") for n in range(16))
+
 _ACCESS = {
     UC_MEM_READ_UNMAPPED: ("read", "unmapped"),
     UC_MEM_WRITE_UNMAPPED: ("write", "unmapped"),
@@ -291,6 +293,11 @@ class Machine:
     def add_code_hook(self, begin: int, end: int, callback: Callable[[Uc, int, int, object], None]) -> None:
         """A hook on instructions in [begin, end) only: free everywhere else."""
         self.uc.hook_add(UC_HOOK_CODE, callback, None, begin, end - 1)
+
+    def zero_xmm(self, numbers: Sequence[int]) -> None:
+        """Zero XMM registers by number (the kernel scrubbing them on its way to user mode)."""
+        for n in numbers:
+            self.uc.reg_write(_XMM[n], 0)
 
     def set_gs_base(self, value: int) -> None:
         self.uc.reg_write(_REG_IDS["gs_base"], value)

@@ -8,7 +8,7 @@ from emu.errors import ScenarioError
 from emu.kernel import ServiceRegistry, UserCallback, builtin_services
 from emu.kernel.objects import ReleaseMutant, SendMessage, SetEvent, Wait
 from emu.kernel.services import ChoiceStep as KChoiceStep
-from emu.kernel.services import ScriptStep, get_message_service
+from emu.kernel.services import ScriptReturn, ScriptStep, get_message_service
 from emu.loader.image import Image
 from emu.loader.stubs import compare_with_profile, guess_dispatcher_convention, service_table
 from emu.process_start import file_name, missing_export
@@ -60,6 +60,8 @@ def script_steps(steps: tuple[Step, ...], threads: dict[str, int], handles: dict
                 out.append(SetEvent(handles[st.target]))
             else:
                 out.append(ReleaseMutant(handles[st.target]))
+        elif st.output:
+            out.append(ScriptReturn(st.status, st.output))  # type: ignore[arg-type]
         else:
             out.append(st.status)
     return out

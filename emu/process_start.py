@@ -15,10 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from emu.address_space import KERNEL32_BASE, MODULE_STRIDE, PEB_ADDRESS, PROCESS_ID, STACK_SIZE, TEB_ADDRESS, thread_id
 from emu.context import UserContext
 from emu.errors import ScenarioError
 from emu.kernel import KThread
-from emu.layout import KERNEL32_BASE, MODULE_STRIDE, PEB_ADDRESS, PROCESS_ID, STACK_SIZE, TEB_ADDRESS, thread_id
 from emu.loader.image import Image, Symbolizer
 from emu.loader.startup import InitThunk, find_init_thunk
 from emu.machine import Machine

@@ -14,10 +14,14 @@ from importlib import resources
 from typing import Any, Literal
 
 Dispatcher = Literal["stack", "registers"]
+DispatcherRegisters = Literal["wrk", "windows10", "reactos"]
+CalloutFrame = Literal["wrk", "reactos"]
 StubShape = Literal["win7", "win10"]
 
 DEFAULT_PROFILE = "win10-22h2"
 DISPATCHERS: tuple[str, ...] = ("stack", "registers")
+DISPATCHER_REGISTERS: tuple[str, ...] = ("wrk", "windows10", "reactos")
+CALLOUT_FRAMES: tuple[str, ...] = ("wrk", "reactos")
 STUB_SHAPES: tuple[str, ...] = ("win7", "win10")
 
 
@@ -32,8 +36,13 @@ class Profile:
     build: int
     stub: StubShape
     dispatcher: Dispatcher
-    callback_depth_limit: int
+    dispatcher_registers: DispatcherRegisters
+    callout_frame: CalloutFrame
+    kernel_stack_size: int
+    kernel_stack_commit: int
+    callback_stack_cost: int
     callback_output_limit: int
+    user_probe_address: int
     ssn: dict[str, int] = field(default_factory=dict)
     ssn_source: str = ""
 
@@ -50,10 +59,22 @@ class Profile:
         return {v: k for k, v in sorted(self.ssn.items())}
 
 
+# The string-valued profile keys and the values each may take.
+PROFILE_CHOICES: dict[str, tuple[str, ...]] = {
+    "dispatcher": DISPATCHERS,
+    "dispatcher_registers": DISPATCHER_REGISTERS,
+    "callout_frame": CALLOUT_FRAMES,
+    "stub": STUB_SHAPES,
+}
+
 OVERRIDABLE: dict[str, type] = {
     "stub": str,
     "dispatcher": str,
-    "callback_depth_limit": int,
+    "dispatcher_registers": str,
+    "callout_frame": str,
+    "kernel_stack_size": int,
+    "kernel_stack_commit": int,
+    "callback_stack_cost": int,
     "callback_output_limit": int,
 }
 
@@ -89,8 +110,13 @@ def get_profile(name: str = DEFAULT_PROFILE) -> Profile:
         build=p["build"],
         stub=p["stub"],
         dispatcher=p["dispatcher"],
-        callback_depth_limit=p["callback_depth_limit"],
+        dispatcher_registers=p["dispatcher_registers"],
+        callout_frame=p["callout_frame"],
+        kernel_stack_size=p["kernel_stack_size"],
+        kernel_stack_commit=p["kernel_stack_commit"],
+        callback_stack_cost=p["callback_stack_cost"],
         callback_output_limit=p["callback_output_limit"],
+        user_probe_address=p["user_probe_address"],
         ssn=dict(tables.get("services", {})),
         ssn_source=tables.get("source", ""),
     )

@@ -7,7 +7,9 @@ pending). A :class:`Transition` is an edge between two states. Both are frozen.
 
 The records say what the thread did, not how Windows would name its scheduling state:
 :mod:`emu.detection.observers` derives that (KTHREAD_STATE, the wait reason) and what each observer
-can see from the transitions, so recording stays cheap.
+can see from the transitions, so recording stays cheap. A transition also names the
+threads whose wait the kernel work before it satisfied (``woke``): in Windows a thread is
+Ready from the moment its wait is satisfied, not from when it next runs.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ class Transition(NamedTuple):
     api: int | None = None
     detail: str = ""
     data: bytes = b""  # callback_return: the output the callback gave back
+    woke: tuple[int, ...] = ()  # threads whose wait was satisfied on the way to this transition
 
     @property
     def status_name(self) -> str:
@@ -148,11 +151,13 @@ class RawTransition(NamedTuple):
     api: int | None
     detail: str
     data: bytes
+    woke: tuple[int, ...]
 
     def typed(self, symbolize: Callable[[int], str]) -> Transition:
         return Transition(
             self.step, self.kind, self.thread, self.src, self.dst, self.service, self.ssn, self.rip, self.rsp,
             symbolize(self.rip), symbolize(self.rsp), self.depth, self.status, self.api, self.detail, self.data,
+            self.woke,
         )  # fmt: skip
 
 

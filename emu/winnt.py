@@ -131,6 +131,11 @@ KTRAP_FRAME_RSP = 0x180
 KTRAP_FRAME_SEGSS = 0x188
 KTRAP_FRAME_SIZE = 0x190
 
+# --- Kernel stack (x64; WRK public/sdk/inc/ksamd64.inc) -----------------------------------
+KERNEL_STACK_CONTROL_LENGTH = 0x200  # the KERNEL_STACK_CONTROL area above a stack's InitialStack
+KEXCEPTION_FRAME_LENGTH = 0x180  # KiCallUserMode's GENERATE_EXCEPTION_FRAME
+PAGE_SIZE = 0x1000
+
 # --- UCALLOUT_FRAME built by KeUserModeCallback (ReactOS ntoskrnl/ke/amd64/usercall.c) ----
 UCALLOUT_BUFFER = 0x20
 UCALLOUT_LENGTH = 0x28

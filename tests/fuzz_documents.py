@@ -233,7 +233,7 @@ def documents(wild: bool) -> st.SearchStrategy[dict[str, Any]]:
             table(
                 {},
                 {
-                    "callback_depth_limit": val(st.integers(0, 4), st.integers(-1, 2**33)),
+                    "callback_stack_cost": val(st.integers(0x3000, 0x6000), st.integers(-1, 2**33)),
                     "callback_output_limit": val(st.integers(0, 16), st.integers(-1, 2**33)),
                     "dispatcher": pick(["stack", "registers"], ["heap"]),
                     "stub": pick(["win7", "win10"], ["x"]),

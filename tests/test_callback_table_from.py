@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from pe_fixtures import PeFixtures, pe_fixtures_or_fail
 
+from emu.address_space import PEB_ADDRESS
 from emu.api import run
 from emu.engine import Process, build
 from emu.errors import ScenarioError
-from emu.layout import PEB_ADDRESS
 from emu.scenario import load_scenario
 
 LOAD_AT = 0x7FF0_0000_0000  # not tables.dll's ImageBase: the loader relocates it

@@ -12,14 +12,14 @@ from emu.api import run
 from emu.cli.main import main
 
 
-def test_version(capsys) -> None:
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out.startswith("emu 0.")
 
 
-def test_run_prints_transitions_and_detection(root: Path, capsys) -> None:
+def test_run_prints_transitions_and_detection(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["run", str(root / "scenarios/callback_roundtrip.toml")])
     out = capsys.readouterr().out
     assert code == 0
@@ -31,7 +31,7 @@ def test_run_prints_transitions_and_detection(root: Path, capsys) -> None:
     )
 
 
-def test_run_json(root: Path, capsys) -> None:
+def test_run_json(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "--json", str(root / "scenarios/nested_callbacks.toml")]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert {t["kind"] for t in rep["transitions"]} >= {"syscall", "callback", "callback_return", "sysret", "exit"}
@@ -39,7 +39,7 @@ def test_run_json(root: Path, capsys) -> None:
     assert all(e["passed"] for e in rep["expectations"])
 
 
-def test_detect_json_keys(root: Path, capsys) -> None:
+def test_detect_json_keys(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["detect", "--json", str(root / "scenarios/callback_early_return.toml")]) == 0
     dets = json.loads(capsys.readouterr().out)
     assert len(dets) == 1
@@ -53,7 +53,9 @@ HEX = re.compile(r"0x[0-9a-f]+")
 
 
 @pytest.mark.parametrize("command", ["run", "detect"])
-def test_json_raw_addresses_are_the_values_behind_the_symbols(root: Path, capsys, command: str) -> None:
+def test_json_raw_addresses_are_the_values_behind_the_symbols(
+    root: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
     """``rip_address``/``return_address_value`` (and a transition's ``rip_address``/``rsp_address``)
     are lowercase "0x..." strings: RIP and the qword at [RSP] of the detected state."""
     path = root / "scenarios/nested_callbacks.toml"
@@ -76,7 +78,9 @@ def test_json_raw_addresses_are_the_values_behind_the_symbols(root: Path, capsys
             assert HEX.fullmatch(row["rip_address"]) and row["rip"] == t.rip_symbol
 
 
-def test_failed_expectation_exits_1_and_names_it(root: Path, tmp_path: Path, capsys) -> None:
+def test_failed_expectation_exits_1_and_names_it(
+    root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     text = (
         (root / "scenarios/callback_roundtrip.toml").read_text().replace("exit_status = 0x1234", "exit_status = 0x1235")
     )
@@ -88,7 +92,7 @@ def test_failed_expectation_exits_1_and_names_it(root: Path, tmp_path: Path, cap
     assert "exit status 0x00001234, expected 0x00001235" in err
 
 
-def test_budget_stop_exits_3(tmp_path: Path, capsys) -> None:
+def test_budget_stop_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     p = tmp_path / "loop.toml"
     p.write_text(
         '[scenario]\nname = "loop"\n[budgets]\ninstructions = 1000\n'
@@ -100,7 +104,7 @@ def test_budget_stop_exits_3(tmp_path: Path, capsys) -> None:
     )
 
 
-def test_graph_writes_each_format(root: Path, tmp_path: Path, capsys) -> None:
+def test_graph_writes_each_format(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for ext in ("graphml", "json", "dot"):
         out = tmp_path / f"g.{ext}"
         assert main(["graph", str(root / "scenarios/callback_roundtrip.toml"), "-o", str(out)]) == 0

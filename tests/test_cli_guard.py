@@ -27,7 +27,9 @@ def _one_line(err: str) -> str:
 
 
 @pytest.mark.parametrize("command", ["graph", "plot", "dump", "explore"])
-def test_an_output_in_a_folder_that_cannot_be_made_is_one_line(root: Path, capsys, command: str) -> None:
+def test_an_output_in_a_folder_that_cannot_be_made_is_one_line(
+    root: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
     # /proc refuses new files: the temporary file cannot be created there.
     out = {"graph": "/proc/emu-x.json", "plot": "/proc/emu-x.png", "dump": "/proc/emu-x.dmp"}.get(
         command, "/proc/emu-x.json"
@@ -39,7 +41,7 @@ def test_an_output_in_a_folder_that_cannot_be_made_is_one_line(root: Path, capsy
 
 @pytest.mark.parametrize("command", ["graph", "plot", "dump"])
 def test_an_output_onto_a_directory_is_refused_even_with_force(
-    root: Path, tmp_path: Path, capsys, command: str
+    root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
 ) -> None:
     out = tmp_path / f"out.{ {'graph': 'json', 'plot': 'png', 'dump': 'dmp'}[command] }"
     out.mkdir()
@@ -49,14 +51,16 @@ def test_an_output_onto_a_directory_is_refused_even_with_force(
     assert out.is_dir()
 
 
-def test_a_deeply_nested_toml_value_is_one_scenario_line(tmp_path: Path, capsys) -> None:
+def test_a_deeply_nested_toml_value_is_one_scenario_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     p = tmp_path / "deep.toml"
     p.write_text("a = " + "[" * 500 + "]" * 500 + "\n")
     assert main(["run", str(p)]) == 2
     assert _one_line(capsys.readouterr().err) == f"{p}: not readable: arrays or tables nested too deeply"
 
 
-def test_ray_backend_without_ray_is_one_line(root: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ray_backend_without_ray_is_one_line(
+    root: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Make `import ray` fail the way it does where Ray is not installed.
     monkeypatch.setitem(sys.modules, "ray", None)
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "ray" else object())
@@ -65,7 +69,7 @@ def test_ray_backend_without_ray_is_one_line(root: Path, capsys, monkeypatch: py
     assert line == "backend 'ray' needs Ray installed: pip install 'emu[ray]'"
 
 
-def test_oserror_recursion_memory_and_ctrl_c_each_become_one_line(capsys) -> None:
+def test_oserror_recursion_memory_and_ctrl_c_each_become_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     from emu.cli.main import guarded
 
     def raiser(exc: BaseException):  # type: ignore[no-untyped-def]
@@ -85,7 +89,7 @@ def test_oserror_recursion_memory_and_ctrl_c_each_become_one_line(capsys) -> Non
         assert _one_line(capsys.readouterr().err) == line
 
 
-def test_outputs_get_the_umask_mode(root: Path, tmp_path: Path, capsys) -> None:
+def test_outputs_get_the_umask_mode(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     old = os.umask(0o027)
     try:
         out = tmp_path / "g.json"
@@ -99,7 +103,7 @@ def test_outputs_get_the_umask_mode(root: Path, tmp_path: Path, capsys) -> None:
         os.umask(old)
 
 
-def test_score_on_no_scenarios_exits_2(tmp_path: Path, capsys) -> None:
+def test_score_on_no_scenarios_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     empty = tmp_path / "none"
     empty.mkdir()
     assert main(["score", str(empty)]) == 2
@@ -109,20 +113,22 @@ def test_score_on_no_scenarios_exits_2(tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.parametrize("workers", ["0", "-1", "two"])
-def test_workers_must_be_positive(root: Path, capsys, workers: str) -> None:
+def test_workers_must_be_positive(root: Path, capsys: pytest.CaptureFixture[str], workers: str) -> None:
     with pytest.raises(SystemExit) as e:
         main(["explore", str(root / ROUNDTRIP), f"--workers={workers}"])
     assert e.value.code == 2
     assert "argument --workers: expected a whole number of 1 or more" in capsys.readouterr().err
 
 
-def test_detect_refuses_a_scenario_and_a_dump_together(root: Path, tmp_path: Path, capsys) -> None:
+def test_detect_refuses_a_scenario_and_a_dump_together(
+    root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["detect", "--dump", str(tmp_path / "x.dmp"), str(root / ROUNDTRIP)]) == 2
     line = _one_line(capsys.readouterr().err)
     assert line.startswith("emu detect: give a scenario file or --dump FILE.dmp, not both")
 
 
-def test_allow_path_is_accepted_after_the_subcommand(tmp_path: Path, capsys) -> None:
+def test_allow_path_is_accepted_after_the_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     scenario = tmp_path / "a" / "s.toml"
@@ -141,14 +147,16 @@ def test_allow_path_is_accepted_after_the_subcommand(tmp_path: Path, capsys) -> 
 APP = '[[module]]\nname = "app"\ncode = "main: ret"\n[thread]\nentry = "app!main"\n'
 
 
-def _run_text(tmp_path: Path, capsys, text: str) -> tuple[int, str, Path]:
+def _run_text(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str) -> tuple[int, str, Path]:
     p = tmp_path / "s.toml"
     p.write_text('[scenario]\nname = "x"\n' + text)
     code = main(["run", str(p)])
     return code, _one_line(capsys.readouterr().err), p
 
 
-def test_a_bad_return_status_lists_callback_among_the_choices(tmp_path: Path, capsys) -> None:
+def test_a_bad_return_status_lists_callback_among_the_choices(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, line, p = _run_text(
         tmp_path, capsys, APP + "[services.NtClose]\nsteps = [{ kind = 'return', status = 'bogus' }]\n"
     )
@@ -158,7 +166,7 @@ def test_a_bad_return_status_lists_callback_among_the_choices(tmp_path: Path, ca
     )
 
 
-def test_the_memory_budget_message_reads_in_bytes(tmp_path: Path, capsys) -> None:
+def test_the_memory_budget_message_reads_in_bytes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, line, p = _run_text(tmp_path, capsys, "[budgets]\nmemory = 65536\n" + APP)
     assert code == 3
     assert re.fullmatch(
@@ -166,7 +174,7 @@ def test_the_memory_budget_message_reads_in_bytes(tmp_path: Path, capsys) -> Non
     )
 
 
-def test_memory_over_kuser_shared_data_names_the_key(tmp_path: Path, capsys) -> None:
+def test_memory_over_kuser_shared_data_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, line, p = _run_text(
         tmp_path, capsys, "[[memory]]\nname = 'k'\nstart = 0x7FFE0000\nsize = 0x1000\nperms = 'rw'\n" + APP
     )
@@ -178,13 +186,15 @@ def test_memory_over_kuser_shared_data_names_the_key(tmp_path: Path, capsys) -> 
     ("written", "echo"),
     [("0", "expected an integer in 1..1048576, got 0"), ("0x0", "expected an integer in 0x1..0x100000, got 0x0")],
 )
-def test_numbers_are_echoed_in_the_base_they_were_written_in(tmp_path: Path, capsys, written: str, echo: str) -> None:
+def test_numbers_are_echoed_in_the_base_they_were_written_in(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], written: str, echo: str
+) -> None:
     code, line, p = _run_text(tmp_path, capsys, f"[budgets]\ncallback_depth = {written}\n" + APP)
     assert code == 2
     assert line == f"{p}:4 [budgets.callback_depth]: {echo}"
 
 
-def test_a_bad_base_says_what_an_address_looks_like(capsys) -> None:
+def test_a_bad_base_says_what_an_address_looks_like(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         main(["image", "--base", "zzz", "x.dll"])
     assert e.value.code == 2

@@ -11,13 +11,14 @@ import shutil
 import struct
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import capstone
 import lief
 import pytest
 from pe_fixtures import CC, COMMON, DLLTOOL, PeFixtures, pe_fixtures_or_fail
 
-from emu.api import run
+from emu.api import Run, run
 from emu.context import UserContext
 from emu.detection.signals import combined
 from emu.detection.unwind import walk
@@ -251,7 +252,7 @@ def test_function_tables_match_lief_and_objdump(pe_files: PeFixtures, seh_dir: P
         image = load_pe(path)
         table = function_table(image)
         binary = _lief(path)  # kept alive: LIEF's entries point into it
-        theirs = list(binary.exceptions)
+        theirs: list[Any] = list(binary.exceptions)  # LIEF's stubs lag its runtime attributes
         assert [(f.begin - image.base, f.end - image.base, f.unwind - image.base) for f in table] == [
             (e.rva_start, e.rva_end, e.unwind_rva) for e in theirs
         ]
@@ -333,7 +334,7 @@ def test_builtin_ntdll_unwind_table_matches_its_code(convention: str) -> None:
         insns = list(_md.disasm(code, entry.begin))
         assert insns[-1].address + insns[-1].size == entry.end, "the entry covers the whole function"
         # Each prologue instruction that moves RSP has its code at the offset where it ends.
-        seen = []
+        seen: list[tuple[int, int, int | None]] = []
         for insn in insns:
             off = insn.address + insn.size - entry.begin
             if off > info.prolog_size:
@@ -375,7 +376,7 @@ def test_builtin_dispatcher_registers_its_exception_handler(convention: str) -> 
     assert info.codes[-1].op == UWOP_PUSH_MACHFRAME
 
 
-def test_every_walk_of_a_shipped_run_ends_at_the_threads_first_frame(shipped_runs) -> None:
+def test_every_walk_of_a_shipped_run_ends_at_the_threads_first_frame(shipped_runs: dict[str, Run]) -> None:
     for name, r in shipped_runs.items():
         for s in r.trace.states:
             w = walk(view_of(r, s))
@@ -467,7 +468,7 @@ def test_chained_unwind_info() -> None:
 
 
 # --- garbage in, a reason out ------------------------------------------------------------------------
-def test_walks_from_garbage_never_raise(shipped_runs) -> None:
+def test_walks_from_garbage_never_raise(shipped_runs: dict[str, Run]) -> None:
     r = shipped_runs["nested_callbacks"]
     pending = next(s for s in r.trace.states if s.pending)
     base = view_of(r, pending)

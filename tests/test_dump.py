@@ -8,7 +8,6 @@ import json
 import logging
 import shutil
 import struct
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -430,7 +429,6 @@ def _check(base: tuple[bytes, int], ops: list[tuple[int, int, bool]], cut: int |
     if cut is not None:
         del bad[cut % len(bad) :]
     t = tally("minidump reader", config)
-    start = time.perf_counter()
     with no_hang(10 * CASE_SECONDS):
         try:
             for view in read_minidump(bytes(bad), "fuzz.dmp").threads():
@@ -439,7 +437,6 @@ def _check(base: tuple[bytes, int], ops: list[tuple[int, int, bool]], cut: int |
         except DumpError as e:
             t.record(e)
             assert "\n" not in str(e) and str(e).startswith("fuzz.dmp: ") and "malformed (" not in str(e), str(e)
-    assert time.perf_counter() - start < 10 * CASE_SECONDS  # a runaway bound, not a speed check
 
 
 @fast_settings(300)

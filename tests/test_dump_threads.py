@@ -93,7 +93,7 @@ def _observed_run(path: Path, seed: int | None) -> tuple[Run, dict[int, list[Liv
                for t in kernel.threads.values()]  # fmt: skip
     for live in created:
         seen[live.latest] = sorted(created, key=lambda x: (x.index != live.index, x.index))
-    r = p.run()
+    r = Run.of(p.run())
     assert sorted(seen) == [s.id for s in r.trace.states]
     return r, seen
 
@@ -253,13 +253,16 @@ def _other_first(thread: KThread, choice: Choice) -> str:
     return next((o for o in choice.options if o != thread.name), choice.default)
 
 
-def test_emu_detect_dump_reports_each_waiting_thread(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_emu_detect_dump_reports_each_thread_at_zwcallbackreturn(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "two.toml").write_text(TWO_CALLBACKS)
     p = build(tmp_path / "two.toml", KernelHooks(choose=_other_first))
     r = p.run()
     assert r.stop == "exit" and r.exit_status == 0
     states = r.trace.states
-    both = next(s for s in states if s.pending and s.thread == 1)  # b waits while a still does
+    # b at ZwCallbackReturn (preempted there) while a still is
+    both = next(s for s in states if s.pending and s.thread == 1)
     assert [shown.pending for _, shown in threads_at(r, both)] == [True, True]
     out = tmp_path / "both.dmp"
     write_minidump(r, both, out)
@@ -275,7 +278,7 @@ def test_emu_detect_dump_reports_each_waiting_thread(tmp_path: Path, capsys: pyt
     assert [(d["thread"], d["state"], d["depth"], d["api_number"]) for d in got] == [
         (0x1008, None, 1, 2), (0x1004, None, 1, 2),
     ]  # fmt: skip
-    # One thread waiting, the other not started: one line, for the waiting thread.
+    # One thread at ZwCallbackReturn, the other not started: one line, for the first.
     first = next(s for s in states if s.pending)
     write_minidump(r, first, tmp_path / "one.dmp")
     assert [d.thread for d in cli_dump.detect_dump(tmp_path / "one.dmp")] == [0x1004]

@@ -111,7 +111,7 @@ def test_choice_depth_budget(root: Path) -> None:
     assert exp.unexplored == 2  # the level-2 choice's two options, on the "deeper" path
 
 
-def test_explore_cli_exit_codes_and_output(root: Path, tmp_path: Path, capsys) -> None:
+def test_explore_cli_exit_codes_and_output(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "g.graphml"
     assert main(["explore", str(root / "scenarios/choice_nested_depth.toml"), "-o", str(out), "--no-progress"]) == 0
     text = capsys.readouterr().out
@@ -125,7 +125,9 @@ def test_explore_cli_exit_codes_and_output(root: Path, tmp_path: Path, capsys) -
     assert "expectation failed: expect[2].explored_states" in capsys.readouterr().err
 
 
-def test_explain_shows_transitions_code_registers_and_callback_stack(root: Path, capsys) -> None:
+def test_explain_shows_transitions_code_registers_and_callback_stack(
+    root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["explain", str(root / "scenarios/choice_nested_depth.toml"), "pending"]) == 0
     text = capsys.readouterr().out
     assert "callback-return pending" in text.splitlines()[0]
@@ -187,5 +189,4 @@ steps = [{ kind = "choice", name = "bit", options = { zero = [{ kind = "return",
     extra = "[budgets]\ninstructions = 1000000000000\nwall_time = 0.3\n"
     exp = explore(parse_scenario(asm_scenario(code, services=services, extra=extra), "spin.toml"))
     assert exp.stopped_by == "wall_time"
-    assert not exp.complete
-    assert exp.elapsed < 5
+    assert not exp.complete  # how soon it stops: benchmarks/bench_budgets.py

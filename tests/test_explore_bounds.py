@@ -1,7 +1,9 @@
 """Exploration is bounded: wall time held, resident memory budgeted, the work list capped, progress at once.
 
 The scenario makes 40 binary kernel choices whose answers the program folds into RBX, so no
-two paths ever merge: 2^40 states, far more than any budget allows.
+two paths ever merge: 2^40 states, far more than any budget allows. Which budget stops an
+exploration is asserted here; how close to the budget it stops, and how soon progress shows,
+are measured in ``benchmarks/bench_budgets.py`` (timings are not asserted in tests).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from emu.exploration.explorer import Explorer, resident_bytes
@@ -63,20 +64,17 @@ def _forty(budgets: str) -> Explorer:
     return Explorer(parse_scenario(FORTY.format(budgets=budgets), "forty.toml"))
 
 
-def test_the_wall_time_budget_is_held_within_ten_percent() -> None:
+def test_the_wall_time_budget_stops_the_exploration() -> None:
     exp = _forty("wall_time = 3").run()
     assert exp.stopped_by == "wall_time"
     assert exp.states > 100
-    # The graph is built inside the budget too: within 10 % on an idle machine (measured 2.6-3.0 s);
-    # the extra 0.4 s is room for a CI box shared with other jobs, where everything runs slower.
-    assert exp.elapsed <= 3.3 + 0.4, exp.elapsed
+    assert not exp.complete and exp.unexplored > 0
 
 
 def test_resident_memory_stops_a_wide_exploration() -> None:
     # The budget counts what the exploration adds to the process, whatever it held before.
     exp = _forty(f"wall_time = 60\nprocess_memory = {24 << 20}").run()
     assert exp.stopped_by == "process_memory"
-    assert exp.elapsed < 60
     assert not exp.complete and exp.unexplored > 0
 
 
@@ -88,26 +86,28 @@ def test_the_work_list_stays_near_the_frontier_budget() -> None:
     assert exp.states > 100
 
 
-class _Stamped(io.StringIO):
-    def __init__(self) -> None:
+class _Counted(io.StringIO):
+    """Notes, with each write, how many states the explorer had recorded when it was written."""
+
+    def __init__(self, explorer: Explorer) -> None:
         super().__init__()
-        self.stamps: list[float] = []
+        self.explorer = explorer
+        self.writes: list[tuple[str, int]] = []
 
     def write(self, s: str) -> int:
-        self.stamps.append(time.perf_counter())
+        self.writes.append((s, len(self.explorer.trace.raw_states)))
         return super().write(s)
 
 
-def test_the_first_progress_line_comes_at_once_and_then_regularly() -> None:
-    stream = _Stamped()
+def test_the_first_progress_line_comes_before_any_work_and_then_updates() -> None:
     explorer = _forty("wall_time = 2")
+    stream = _Counted(explorer)
     explorer.progress = stream
-    start = time.perf_counter()
     explorer.run()
-    assert stream.stamps[0] - start < 1.0
-    assert "exploring forty_choices: starting" in stream.getvalue()
-    updates = [t for t, line in zip(stream.stamps, stream.getvalue().split("\r")[1:]) if "queued" in line]
-    assert len(updates) >= 5  # one about every 0.1 s over 2 s
+    first, recorded = stream.writes[0]
+    assert first == "\rexploring forty_choices: starting " and recorded == 1  # only the initial state
+    updates = [(line, n) for line, n in stream.writes if "queued" in line]
+    assert updates and updates[-1][1] > recorded  # lines that follow the exploration as it goes
     assert "MiB" in stream.getvalue()
 
 

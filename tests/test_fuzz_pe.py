@@ -1,4 +1,4 @@
-"""Fuzzing the PE loader: mutated mingw-built DLLs → an Image or an ImageError, each in under a second.
+"""Fuzzing the PE loader: mutated mingw-built DLLs → an Image or an ImageError (a hang ends the run: no_hang).
 
 The bases are the three DLLs of ``tests/fixtures/pe/`` (built once by mingw-w64, see
 ``pe_fixtures.py``). For each one the header fields are located the way the PE format lays
@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fuzz_support import FAST, KnownBug, Tally, fast_settings, no_hang, run_bounded, slow_only, slow_settings, tally
+from fuzz_support import FAST, Tally, fast_settings, no_hang, run_bounded, slow_only, slow_settings, tally
 from hypothesis import given
 from hypothesis import strategies as st
 from pe_fixtures import pe_fixtures_or_fail
@@ -35,7 +34,6 @@ from emu.loader.pe import load_pe
 from emu.loader.stubs import guess_dispatcher_convention, service_table
 from emu.scenario import PeSpec, load_scenario
 
-LOAD_SECONDS = 10.0  # a runaway bound for one load_pe of a mutant (far above any; speed is for benchmarks)
 ROOT = Path(__file__).resolve().parent.parent
 THIRD_PARTY = ROOT / "scenarios" / "pe" / "third_party_ntdll.toml"
 
@@ -199,28 +197,20 @@ def apply(base: Base, ops: list[tuple[str, int, int, int]]) -> bytes:
 
 # --- the properties ------------------------------------------------------------------------------
 def check_load(data: bytes, at: int | None, t: Tally) -> Image | None:
-    """load_pe gives an Image or an ImageError, in under a second; an Image also survives stub analysis."""
+    """load_pe gives an Image or an ImageError (a hang ends the run); an Image also survives stub analysis."""
     with no_hang(case=data):
-        t0 = time.perf_counter()
         try:
             image = load_pe(data, at, "fuzz")
         except Exception as e:
             t.record(e)  # re-raises anything that is not an EmuError
-            image = None
-        elapsed = time.perf_counter() - t0
-        assert elapsed < LOAD_SECONDS, f"load_pe took {elapsed:.2f} s"
-        if image is None:
             return None
         assert isinstance(image, Image)
-        t0 = time.perf_counter()
         try:
             service_table(image)
             guess_dispatcher_convention(image)
         except Exception as e:
             t.record(e)
             return image
-        elapsed = time.perf_counter() - t0
-        assert elapsed < LOAD_SECONDS, f"the stub analysis took {elapsed:.2f} s"
         t.record(None)
     return image
 
@@ -256,9 +246,6 @@ def _scenario_run(
             r = run_bounded(s)
         except AssertionError:
             raise
-        except KnownBug as e:
-            t.known(e.label, e.example)
-            return
         except Exception as e:
             t.record(e)
         else:

@@ -21,7 +21,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +28,6 @@ import pytest
 from fuzz_documents import CODE, DOCUMENTS, to_toml
 from fuzz_support import (
     FAST,
-    ORACLE,
-    KnownBug,
     Tally,
     fast_settings,
     no_hang,
@@ -50,9 +47,6 @@ from emu.scenario import load_scenario, parse_scenario
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "scenarios").rglob("*.toml"))
 SHIPPED_TEXT = [(p, p.read_text(encoding="utf-8")) for p in SHIPPED]
-
-CASE_SECONDS = 10.0  # parse + build + run + detect of one case, far above what any takes
-
 
 # --- strategies: mutations of the shipped files -----------------------------------------------
 KNOWN_KEYS = [
@@ -159,26 +153,15 @@ def mutate(text: str, ops: list[tuple[str, int, Any]]) -> bytes:
 
 # --- the properties ----------------------------------------------------------------------------
 def check_text(text: str, file: str, t: Tally) -> str:
-    """Parse, and when that succeeds build and run: the outcome's label."""
-    t0 = time.perf_counter()
+    """Parse, and when that succeeds build and run: the outcome's label (any other exception fails)."""
     with no_hang(case=text):
         try:
-            s = parse_scenario(text, file)
-            bug = ORACLE.known_bug(s)
-            if bug is not None:
-                return t.known(*bug)
-            r = run_bounded(s)
+            r = run_bounded(parse_scenario(text, file))
         except AssertionError:
             raise
-        except KnownBug as e:
-            return t.known(e.label, e.example)
         except Exception as e:
-            label = t.record(e)  # re-raises anything that is not an EmuError
-        else:
-            label = t.record(r.error)  # "ok" for a clean exit, else the typed error that stopped the run
-    elapsed = time.perf_counter() - t0
-    assert elapsed < CASE_SECONDS, f"one case took {elapsed:.2f} s"
-    return label
+            return t.record(e)  # re-raises anything that is not an EmuError
+        return t.record(r.error)  # "ok" for a clean exit, else the typed error that stopped the run
 
 
 def check_bytes(data: bytes, file: Path, t: Tally) -> str:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import networkx as nx
 
-from emu.api import run
+from emu.api import Run, run
 
 
-def test_graph_nodes_and_edges_follow_the_trace(shipped_runs) -> None:
+def test_graph_nodes_and_edges_follow_the_trace(shipped_runs: dict[str, Run]) -> None:
     r = shipped_runs["callback_roundtrip"]
     g = r.graph
     assert len(g) == len(r.trace.states)
@@ -27,7 +27,7 @@ def test_graph_nodes_and_edges_follow_the_trace(shipped_runs) -> None:
     assert g.nx.nodes["s3"]["reg_rip"] == f"{r.trace.state(3).rip:#x}"
 
 
-def test_exports_parse_back(shipped_runs, tmp_path: Path) -> None:
+def test_exports_parse_back(shipped_runs: dict[str, Run], tmp_path: Path) -> None:
     g = shipped_runs["nested_callbacks"].graph
     back = nx.read_graphml(_write(tmp_path / "g.graphml", g.to_graphml()))
     assert back.number_of_nodes() == len(g)
@@ -66,7 +66,7 @@ def test_exports_are_byte_identical_across_runs_and_hash_seeds(root: Path, tmp_p
     assert again.to_graphml().encode() == outputs[0][0]
 
 
-def test_mode_view_folds_states_to_mode_and_depth(shipped_runs) -> None:
+def test_mode_view_folds_states_to_mode_and_depth(shipped_runs: dict[str, Run]) -> None:
     g = shipped_runs["nested_callbacks"].graph
     folded = g.mode_view()
     assert set(folded.nodes) == {f"{m} d{d}" for m in ("user", "kernel") for d in range(4)} | {"exited d0"}

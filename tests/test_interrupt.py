@@ -35,10 +35,10 @@ def _read_until(fd: int, marker: str, seconds: float) -> str:
     return got.decode(errors="replace").replace("\r\n", "\n")
 
 
-def _interrupt(tmp_path: Path, *args: str) -> tuple[int, str, str, float]:
+def _interrupt(tmp_path: Path, *args: str) -> tuple[int, str, str]:
     """Run ``emu ARGS spin.toml`` with stderr on a terminal; once the guest spins, SIGINT it.
 
-    Returns (exit code, stdout, stderr, seconds from the signal to the "interrupted" line).
+    Returns (exit code, stdout, stderr); ``benchmarks/bench_budgets.py`` times the interrupt.
     The guest is known to spin when the command says it is still running (run, detect) or
     shows its first progress line (explore): both come after the imports and the build.
     """
@@ -55,27 +55,25 @@ def _interrupt(tmp_path: Path, *args: str) -> tuple[int, str, str, float]:
         before = _read_until(master, marker, 50)
         assert marker in before, before
         time.sleep(0.3)
-        sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
         after = _read_until(master, "interrupted", 30)
-        waited = time.monotonic() - sent
         out, _ = proc.communicate(timeout=30)
         after += _read_until(master, "\0", 1)
     finally:
         os.close(master)
-    return proc.returncode, out.decode(), before + after, waited
+    return proc.returncode, out.decode(), before + after
 
 
 @pytest.mark.parametrize("command", [["run"], ["detect"], ["explore"]])
 def test_ctrl_c_stops_guest_code_and_exits_130(tmp_path: Path, command: list[str]) -> None:
-    code, out, err, waited = _interrupt(
+    code, out, err = _interrupt(
         tmp_path, *command, *(["-o", str(tmp_path / "g.json")] if command[0] == "explore" else [])
     )
     assert "Traceback" not in err
+    # Exit 130, not 3: the interrupt stopped the spinning CPU; the wall-time budget (60 s) would
+    # have stopped it later with exit 3 and "stopped by budget" (and after this test's 30 s wait).
     assert code == 130, err
-    # The wall-time budget is 60 s: the message this soon means the interrupt stopped the CPU
-    # (measured: a few milliseconds; the bound leaves room for a loaded machine).
-    assert waited < 2.0, waited
+    assert "stopped by budget" not in err
     if command[0] == "explore":
         # The partial summary, and no half-done graph file.
         assert out.startswith("spin: 1 states, 0 transitions")

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from conftest import asm_scenario
-from emu.api import run
+from emu.api import Run, run
 from emu.engine import build
 from emu.errors import BudgetExceeded, MachineFault, UnimplementedService
-from emu.scenario import parse_scenario
+from emu.scenario import Scenario, parse_scenario
 from emu.winnt import (
     KTRAP_FRAME_RIP,
     KTRAP_FRAME_RSP,
@@ -41,11 +41,11 @@ steps = [{ kind = "callback", api = 2, data = "41 42 43" }, { kind = "return", s
 """
 
 
-def scenario(code: str, **kw: str):
+def scenario(code: str, **kw: str) -> Scenario:
     return parse_scenario(asm_scenario(code, **kw), "test.toml")
 
 
-def callback_run(extra: str = ""):
+def callback_run(extra: str = "") -> Run:
     return run(scenario(CALLBACK_APP, table=CALLBACK_TABLE, services=CALLBACK_SERVICE, extra=extra))
 
 
@@ -96,9 +96,10 @@ def test_callback_enters_dispatcher_with_a_ucallout_frame() -> None:
     assert int.from_bytes(s.stack[0x2C:0x30], "little") == 2  # ApiNumber
     assert s.stack_word(rsp + 0x30) == syscall_state.context.rip  # MachineFrame.Rip
     assert s.stack_word(rsp + 0x48) == syscall_state.context.rsp  # MachineFrame.Rsp
-    # ReactOS: input at ALIGN_DOWN(old - len, 16) - 8, frame 0x58 below it.
+    # WRK callback.c KeUserModeCallback: frame = (old - (ROUND_UP(len, 16) + 0x58)) & ~15, the
+    # input right above it (with old = 8 mod 16 and len 3, ReactOS's formula agrees).
     old = syscall_state.context.rsp
-    assert buffer == ((old - 3) & ~0xF) - 8 == rsp + 0x58
+    assert rsp == (old - (0x10 + 0x58)) & ~0xF and buffer == rsp + 0x58
     assert s.stack[buffer - rsp : buffer - rsp + 3] == b"ABC"
     assert r.exit_status == 0x41 + 3  # the callback saw Buffer and Length
 
@@ -214,13 +215,19 @@ def test_threads_get_teb_peb_and_kernel_callback_table(tmp_path: Path) -> None:
     assert m.read(0x7FFE0308, 1) == b"\0"
 
 
-def test_refused_callback_is_named_on_the_next_transition(shipped_runs) -> None:
+def test_refused_callback_is_named_on_the_next_transition(shipped_runs: dict[str, Run]) -> None:
     r = shipped_runs["callback_depth_overflow"]
     refused = [t for t in r.trace if "refused" in t.detail]
+    # 23 levels in use: 0x200 + 24 * 0x800 = 0xC200 bytes, and 0x6000 more to commit
+    # passes the 0x12000 reserve (WRK KiCallUserMode -> MmGrowKernelStackEx).
     assert [(t.kind, t.detail) for t in refused] == [
-        ("sysret", "callback api 2 refused: STATUS_STACK_OVERFLOW (depth limit 4)")
+        (
+            "sysret",
+            "callback api 2 refused: STATUS_STACK_OVERFLOW "
+            "(kernel stack: 0xc200 bytes in use + 0x6000 to commit > 0x12000 (MmGrowKernelStack))",
+        )
     ]
-    assert refused[0].depth == r.max_depth == 4
+    assert refused[0].depth == r.max_depth == 23
 
 
 def test_assembly_that_would_hang_keystone_is_refused() -> None:

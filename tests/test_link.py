@@ -12,10 +12,10 @@ from capstone import x86
 from pe_fixtures import PeFixtures, pe_fixtures_or_fail
 
 from conftest import asm_scenario
+from emu.address_space import MODULE_BASE
 from emu.api import run
 from emu.engine import build
 from emu.errors import ScenarioError
-from emu.layout import MODULE_BASE
 from emu.loader.image import AssemblyError, Image, image_from_assembly
 from emu.scenario import parse_scenario
 
@@ -48,7 +48,8 @@ def slot_of(image: Image, call_at: int) -> int:
     """The slot a `FF 15/25 rel32` at ``call_at`` reads: the end of the 6 bytes plus rel32."""
     code = at_address(image, call_at, 6)
     assert code[0] == 0xFF and code[1] in (0x15, 0x25), code.hex()
-    return call_at + 6 + struct.unpack("<i", code[2:])[0]
+    rel: int = struct.unpack("<i", code[2:])[0]
+    return call_at + 6 + rel
 
 
 def at_address(image: Image, address: int, size: int) -> bytes:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from pe_fixtures import PeFixtures, pe_fixtures_or_fail
 
+from emu.address_space import PEB_ADDRESS
 from emu.engine import Process, build
-from emu.layout import PEB_ADDRESS
 from emu.loader.image import image_from_assembly
 from emu.loader.loader_data import build_loader_data, main_image
 from emu.machine import Machine

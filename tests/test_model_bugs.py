@@ -54,7 +54,7 @@ def test_broken_invariant_while_exploring_raises_instead_of_becoming_a_fault() -
     @kernel.registry.service("NtClose")
     def close_and_wake_a_running_thread(ctx: ServiceContext, Handle: HANDLE) -> int:
         # Waking a thread that does not wait breaks a scheduler invariant.
-        sched.wake(kernel.threads[ctx.thread_id], CallbackResult(0))
+        sched.wake(kernel, kernel.threads[ctx.thread_id], CallbackResult(0))
         return 0
 
     with pytest.raises(ModelBug, match="is not waiting"):

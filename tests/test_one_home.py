@@ -20,25 +20,25 @@ def _where(path: str, node: ast.AST) -> str:
     return f"{path}:{getattr(node, 'lineno', '?')}"
 
 
-def _int_literals(tree: ast.AST) -> list[ast.Constant]:
-    return [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and type(n.value) is int]
+def _int_literals(tree: ast.AST) -> list[tuple[ast.Constant, int]]:
+    return [(n, n.value) for n in ast.walk(tree) if isinstance(n, ast.Constant) and type(n.value) is int]
 
 
 def test_error_statuses_are_written_only_in_winnt() -> None:
     # An NTSTATUS with severity "error" is 0xC0000000 | facility | code (MS-ERREF 2.3.1), and
     # KUSER_SHARED_DATA is the page at 0x7FFE0000 (MS docs): emu.winnt names both.
     found = [
-        f"{_where(path, n)}: {n.value:#x}"
+        f"{_where(path, n)}: {value:#x}"
         for path, tree in SOURCES.items()
         if path != "emu/winnt.py"
-        for n in _int_literals(tree)
-        if 0xC000_0000 <= n.value <= 0xCFFF_FFFF or 0x7FFE_0000 <= n.value < 0x7FFE_1000
+        for n, value in _int_literals(tree)
+        if 0xC000_0000 <= value <= 0xCFFF_FFFF or 0x7FFE_0000 <= value < 0x7FFE_1000
     ]
     assert not found, "write these as emu.winnt names:\n" + "\n".join(found)
 
 
 def test_the_literal_scan_sees_a_status() -> None:
-    assert [n.value for n in _int_literals(ast.parse("x = 0xC0000008 if y else 0x102"))] == [0xC0000008, 0x102]
+    assert [v for _, v in _int_literals(ast.parse("x = 0xC0000008 if y else 0x102"))] == [0xC0000008, 0x102]
 
 
 def test_register_order_is_written_once() -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 import random
 import struct
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from fuzz_support import no_hang
 from pe_fixtures import PeFixtures, pe_fixtures_or_fail
 
 from emu.errors import ImageError, UnimplementedImport
@@ -241,10 +241,8 @@ def test_malformed_pe_is_one_quick_error(
     raw = pe_files.ntdll.read_bytes()
     bad = tmp_path / "bad.dll"
     bad.write_bytes(mutate(bytearray(raw), _layout(raw)))
-    start = time.perf_counter()
-    with pytest.raises(ImageError) as e:
+    with no_hang(), pytest.raises(ImageError) as e:  # a runaway parse ends the run; speed is for benchmarks
         load_pe(bad, base=base)
-    assert time.perf_counter() - start < 10  # catches a runaway parse; speed is for benchmarks
     assert str(e.value) == f"{bad}: {expected.format(size=len(raw))}"
     assert "\n" not in str(e.value)
 
@@ -263,13 +261,12 @@ def test_unreadable_file_and_bad_base(pe_files: PeFixtures, tmp_path: Path) -> N
 def test_random_header_corruption_never_escapes_as_another_error(pe_files: PeFixtures) -> None:
     raw = pe_files.ntdll.read_bytes()
     rng = random.Random(4)
-    start = time.perf_counter()
     for _ in range(300):
         bad = bytearray(raw)
         for _ in range(rng.randint(1, 4)):
             bad[rng.randrange(0, 0x400)] = rng.randrange(256)  # headers and section table
         try:
-            load_pe(bytes(bad), base=rng.choice([None, NEW_BASE]), name="fuzz")
+            with no_hang(case=bytes(bad)):  # a runaway parse ends the run; speed is for benchmarks
+                load_pe(bytes(bad), base=rng.choice([None, NEW_BASE]), name="fuzz")
         except ImageError as e:
             assert "\n" not in str(e) and str(e).startswith("fuzz: ")
-    assert time.perf_counter() - start < 10

@@ -19,7 +19,9 @@ def test_readme_starts_with_the_two_commands(root: Path) -> None:
     assert lines[4] in ci.splitlines()
 
 
-def test_readme_python_example_runs(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_readme_python_example_runs(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     text = (root / "README.md").read_text()
     block = re.search(r"```python\n(.*?)```", text, re.S)
     assert block is not None
@@ -64,7 +66,7 @@ def test_readme_introduces_the_notebooks_and_their_extra_installs_jupyter(root: 
     assert any(dep.startswith(("jupyterlab", "notebook")) for dep in extra)
 
 
-def test_readme_describes_detect_output_as_it_is(root: Path, capsys) -> None:
+def test_readme_describes_detect_output_as_it_is(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from emu.cli.main import main
 
     text = (root / "README.md").read_text()

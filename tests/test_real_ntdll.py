@@ -95,14 +95,17 @@ def test_start_at_the_entry_skips_rtluserthreadstart(real_bin: Path) -> None:
     assert r.error is None and r.ok
     assert r.trace.thread_starts == ["thread0: at its entry app!main, as if called by kernel32!BaseThreadInitThunk+0xc"]
     first = r.trace.states[0]
-    assert first.rip == r.symbolize.address("app!main")  # type: ignore[attr-defined]
+    assert first.rip == r.symbolize.address("app!main")
 
 
 def _patched_ntdll(real_bin: Path, tmp: Path, patch: dict[str, bytes]) -> Path:
     """A copy of the real ntdll with bytes replaced at exported functions (RVA → file offset by LIEF)."""
     data = bytearray((real_bin / "ntdll.dll").read_bytes())
     pe = lief.PE.parse(str(real_bin / "ntdll.dll"))
-    exports = {e.name: e.address for e in pe.get_export().entries}
+    assert pe is not None
+    export = pe.get_export()
+    assert export is not None
+    exports = {e.name: e.address for e in export.entries}
     for name, raw in patch.items():
         off = pe.rva_to_offset(exports[name])
         data[off : off + len(raw)] = raw
@@ -141,7 +144,9 @@ def _rename_export(real_bin: Path, tmp: Path, old: bytes, new: bytes) -> None:
     """A copy of the real ntdll whose export name table spells ``old`` as ``new`` (same length)."""
     raw = bytearray((real_bin / "ntdll.dll").read_bytes())
     pe = lief.PE.parse(str(real_bin / "ntdll.dll"))
+    assert pe is not None
     directory = pe.data_directory(lief.PE.DataDirectory.TYPES.EXPORT_TABLE)
+    assert directory is not None
     start = pe.rva_to_offset(directory.rva)
     at = raw.find(b"\0" + old + b"\0", start, start + directory.size)
     assert at > 0, f"{old!r} is not in the export directory"

@@ -8,8 +8,8 @@ import lief
 import pefile
 import pytest
 
+from emu.address_space import KERNEL32_BASE, WIN32U_BASE
 from emu.dump.modules import pe_exports
-from emu.layout import KERNEL32_BASE, WIN32U_BASE
 from emu.loader.image import Image
 from emu.machine import Machine
 from emu.profile import get_profile
@@ -30,8 +30,10 @@ def test_lief_and_pefile_read_the_exports_of_the_file_the_headers_describe(image
     assert pe is not None and pe.header.machine == lief.PE.Header.MACHINE_TYPES.AMD64
     assert pe.optional_header.imagebase == image.base
     assert pe.optional_header.sizeof_image == image.size
-    assert {e.name: e.address for e in pe.get_export().entries} == want
-    assert pe.get_export().name == f"{image.name}.dll"
+    export = pe.get_export()
+    assert export is not None
+    assert {e.name: e.address for e in export.entries} == want
+    assert export.name == f"{image.name}.dll"
     p = pefile.PE(data=data)
     assert {s.name.decode(): s.address for s in p.DIRECTORY_ENTRY_EXPORT.symbols} == want
 

@@ -10,6 +10,7 @@ import pytest
 
 import emu
 from conftest import ROOT, SCENARIOS
+from emu.api import Run
 from emu.cli.score import DetectorSpecError, add_parser, cmd_score, load_detector
 from emu.detection.score import Confusion, ScoreReport, score
 from emu.detection.signals import combined_detector, naive_detector
@@ -20,7 +21,7 @@ FORGED = ROOT / "scenarios" / "hard_no_callback_forged_frame.toml"
 DIRECT = ROOT / "scenarios" / "hard_direct_syscall_return.toml"
 
 
-def test_score_is_public_and_counts_every_state(shipped_runs) -> None:
+def test_score_is_public_and_counts_every_state(shipped_runs: dict[str, Run]) -> None:
     report = emu.score(naive_detector, [AFTER, FORGED, DIRECT])
     assert isinstance(report, ScoreReport) and report.detector == "emu.detection.signals:naive_detector"
     rows = {s.scenario: s.confusion.as_dict() for s in report.scenarios}

@@ -109,7 +109,7 @@ def detect_dump(path: str | Path) -> list[Detection]:
 
 
 def cmd_detect_dump(args: argparse.Namespace) -> int:
-    """``emu detect --dump FILE [--json]``: one line (or JSON object, with ``thread``: its id) per waiting thread."""
+    """``emu detect --dump FILE [--json]``: one line (or JSON object, with ``thread``: its id) per thread at ZwCallbackReturn."""
     try:
         dets = detect_dump(args.dump)
     except EmuError as e:

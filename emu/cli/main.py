@@ -33,6 +33,7 @@ def _transition_rows(r: Run) -> list[dict[str, object]]:
     from emu.detection.observers import WAITING_IN_CALLBACK, is_true, statuses
 
     known = statuses(r.trace)
+    names = {t.tid: t.name for t in r.threads.values()}
     rows: list[dict[str, object]] = []
     for t in r.trace:
         src = r.trace.state(t.src)
@@ -58,6 +59,7 @@ def _transition_rows(r: Run) -> list[dict[str, object]]:
             "thread_state": status.state,
             "wait_reason": status.wait_reason,
             "detail": t.detail or None,
+            "woke": [names.get(tid, f"thread{tid}") for tid in t.woke],
         })  # fmt: skip
     return rows
 
@@ -105,6 +107,8 @@ def _print_table(r: Run, out: TextIO, verbose: bool = False) -> None:
             mark += f"  <- waiting in callback: {row['thread_state']} ({row['wait_reason']})"
         if row["detail"]:
             mark += f"  ({row['detail']})"
+        if row["woke"]:
+            mark += f"  <- wakes {', '.join(map(str, row['woke']))}: Ready"  # type: ignore[call-overload]
         line = (
             f"{row['step']:>4}  {who}{row['kind']:<15} {row['from']:<6} -> {row['to']:<6}  {row['service'] or '':<22} "
             f"{row['rip']:<42} {row['depth']:>5}  {row['status'] or ''}{mark}"

@@ -7,11 +7,14 @@ the kernel's hot path:
 * **thread state** — KTHREAD_STATE (``Running``, ``Ready``, ``Waiting``, ``Terminated``;
   values as in the public KTHREAD_STATE enum: Initialized 0, Ready 1, Running 2, Standby 3,
   Terminated 4, Waiting 5, ...) and, for ``Waiting``, the KWAIT_REASON (MS docs, wdm.h
-  ``KWAIT_REASON``). A state record carries the state the thread is in *until its next
-  transition*: ``Waiting`` after a block, ``Terminated`` after an exit or a fault, ``Ready``
-  when another thread runs before it does again (preempted at a system call's entry, or
-  not started yet), ``Running`` otherwise. The trace does not record wakes: a woken thread
-  stays ``Waiting`` here until it runs (in Windows it is ``Ready`` from the signal on).
+  ``KWAIT_REASON``). A state record carries the state the thread is in when it is made:
+  ``Waiting`` after a block, ``Terminated`` after an exit or a fault, ``Ready`` when another
+  thread runs before it does again (preempted at a system call's entry, or not started yet),
+  ``Running`` otherwise. A wait ends when another thread's kernel work satisfies it (a set
+  event, a released mutant, a reply): the waiter is ``Ready`` from then on (WRK
+  ``ke/waitsup.c`` KiUnwaitThread readies it through KiReadyThread, ``ke/thredsup.c``), and
+  the next transition records that (``Transition.woke``), so :func:`threads_at` shows it
+  Ready from that moment, before it runs again.
 * **observers** — ``kernel-debugger`` stops the whole machine anywhere and sees every
   state (today's view). ``user-context`` is what GetThreadContext, a suspend or a minidump
   writer gets: PspGetContext reads the thread's *base* trap frame (WRK
@@ -212,10 +215,24 @@ class ThreadAt:
         return f"{self.name}: {self.status}, {self.mode}, depth {self.depth}, record s{self.record}"
 
 
+def woken_at(trace: Trace) -> dict[int, list[int]]:
+    """Per thread, the states at which a wait of it had been satisfied (the ``dst`` of each
+    transition whose ``woke`` names it), in order."""
+    out: dict[int, list[int]] = {}
+    for t in trace.transitions:
+        for tid in t.woke:
+            out.setdefault(tid, []).append(t.dst)
+    return out
+
+
 def threads_at(run: RunResult, state_id: int) -> tuple[ThreadAt, ...]:
-    """Every thread of a run as it is at state ``state_id``, in thread order."""
+    """Every thread of a run as it is at state ``state_id``, in thread order.
+
+    A thread whose latest record is a wait that another thread had satisfied by then is Ready.
+    """
     trace = run.trace
     st = statuses(trace)
+    woken = woken_at(trace)
     latest: dict[int, int] = {}
     for s in trace.states[: state_id + 1]:
         latest[s.thread] = s.id
@@ -224,6 +241,8 @@ def threads_at(run: RunResult, state_id: int) -> tuple[ThreadAt, ...]:
     for tid in sorted(latest):
         rec = trace.state(latest[tid])
         status = st[rec.id]
+        if status.state == "Waiting" and any(rec.id < w <= state_id for w in woken.get(tid, ())):
+            status = READY
         ctx = {o: context_seen(o, rec, status) for o in OBSERVERS}
         out.append(ThreadAt(tid, names.get(tid, f"thread{tid}"), rec.id, status, rec.mode, rec.depth, ctx))
     return tuple(out)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from emu.address_space import PROCESS_ID
+from emu.address_space import thread_id as thread_id
 from emu.dump.format import (
     CONTEXT_SIZE,
     MEM_COMMIT,
@@ -63,8 +65,6 @@ from emu.dump.memory import Region, image_regions, process_regions, stack_region
 from emu.dump.modules import emu_stream
 from emu.dump.streams import HandleDataStream, ThreadInfoListStream, context_bytes, handle_data, thread_info_list
 from emu.errors import DumpError
-from emu.layout import PROCESS_ID
-from emu.layout import thread_id as thread_id
 from emu.loader.image import Image
 from emu.loader.pe import nt_header_u32
 from emu.winnt import IMAGE_NT_CHECKSUM, IMAGE_NT_TIME_DATE_STAMP

@@ -22,6 +22,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, TextIO
 
 import networkx as nx
@@ -450,7 +451,9 @@ def _edge_sort(key: tuple[object, ...]) -> tuple[str, ...]:
     return tuple("" if v is None else str(v) for v in key[2:])
 
 
-def explore(scenario: Scenario | str, strategy: Strategy = "bfs", progress: bool | TextIO = False) -> Exploration:
+def explore(
+    scenario: Scenario | str | Path, strategy: Strategy = "bfs", progress: bool | TextIO = False
+) -> Exploration:
     """Explore every option of every choice in a scenario (a Scenario or a path).
 
     ``progress=True`` writes a progress line to stderr when it is a terminal.

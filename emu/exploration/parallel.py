@@ -20,6 +20,7 @@ import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from emu.errors import EmuError
@@ -61,7 +62,7 @@ def explore_prefixes(scenario: Scenario, strategy: Strategy, prefixes: list[tupl
 
 
 def explore_parallel(
-    scenario: Scenario | str,
+    scenario: Scenario | str | Path,
     workers: int = 2,
     backend: Backend = "processes",
     strategy: Strategy = "bfs",

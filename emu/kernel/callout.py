@@ -12,8 +12,12 @@ from dataclasses import dataclass
 from emu.context import UserContext
 from emu.profile import Profile
 from emu.winnt import (
+    KERNEL_STACK_CONTROL_LENGTH,
     KGDT64_R3_CODE,
     KGDT64_R3_DATA,
+    PAGE_SIZE,
+    RFLAGS_IF,
+    RFLAGS_RESERVED,
     UCALLOUT_API_NUMBER,
     UCALLOUT_BUFFER,
     UCALLOUT_FRAME_SIZE,
@@ -35,16 +39,87 @@ class Callout:
     lowest: int  # the lowest byte the kernel writes (probed before anything is written)
     block: bytes  # everything from ``lowest`` up: (a return slot,) the frame, the input
     entry: UserContext  # the registers KiUserCallbackDispatcher starts with
+    xmm_zero: tuple[int, ...] = ()  # XMM registers zeroed on the way out (their numbers)
+
+
+_ZERO_VOLATILE = dict.fromkeys(("rdx", "r8", "r9", "r10"), 0)
+_ZERO_REACTOS = dict.fromkeys(
+    ("rax", "rdx", "r8", "r9", "r10", "rbx", "rdi", "rsi", "rbp", "r12", "r13", "r14", "r15"), 0
+)
+
+
+def entry_registers(
+    profile: Profile, trap: UserContext, rsp: int, dispatcher: int
+) -> tuple[UserContext, tuple[int, ...]]:
+    """The registers (and zeroed XMM numbers) KiUserCallbackDispatcher starts with under the
+    "stack" convention, after the kernel's trap frame has RSP = the callout frame.
+
+    Every source leaves through SYSRET (Intel SDM: RIP <- RCX, RFLAGS <- R11), so RCX is the
+    dispatcher's address and RFLAGS what R11 held. Per ``profile.dispatcher_registers``:
+
+    * ``wrk`` — WRK ``base/ntos/ke/amd64/callout.asm`` KiCallUserMode, the exit taken when no
+      user APC is pending: R11 = the trap frame's EFLAGS, RSP and RBP reloaded from it, R10 and
+      XMM0-5 scrubbed; R8 and R9 keep the RSP and RBP values it loaded them with. The other
+      registers hold kernel values there; the model keeps the system call's.
+    * ``windows10`` — as ``wrk``, with RDX, R8, R9 and R10 zero too (no kernel values leak):
+      observed behaviour of Windows 10 and 11 builds, no published source.
+    * ``reactos`` — ReactOS ``ntoskrnl/ke/amd64/usercall_asm.S`` KiUserCallbackExit: RAX, RDX,
+      R8-R10 and the non-volatile RBX, RDI, RSI, RBP, R12-R15 zero, XMM0-15 zero, R11 =
+      EFLAGS_IF_MASK (0x200), RSP from the trap frame.
+    """
+    base = trap._replace(rsp=rsp, rip=dispatcher, rcx=dispatcher)
+    policy = profile.dispatcher_registers
+    if policy == "reactos":
+        # SYSRET loads RFLAGS from R11 with bit 1 (reserved) set (Intel SDM vol. 2B SYSRET).
+        return base._replace(r11=RFLAGS_IF, rflags=RFLAGS_IF | RFLAGS_RESERVED, **_ZERO_REACTOS), tuple(range(16))
+    entry = base._replace(r11=trap.rflags, rflags=trap.rflags, r10=0)
+    if policy == "windows10":
+        return entry._replace(**_ZERO_VOLATILE), tuple(range(6))
+    return entry._replace(r8=rsp, r9=trap.rbp), tuple(range(6))
+
+
+def kernel_stack_overflow(profile: Profile, depth: int) -> str | None:
+    """Why KeUserModeCallback cannot call back once more with ``depth`` callbacks active, or None.
+
+    WRK ``base/ntos/ke/amd64/callout.asm`` KiCallUserMode wants KERNEL_LARGE_STACK_COMMIT
+    bytes free below its RSP and calls MmGrowKernelStack otherwise; ``mm/procsup.c``
+    MmGrowKernelStackEx returns STATUS_STACK_OVERFLOW when the page of that new limit lies
+    below the page of StackBase - KERNEL_LARGE_STACK_SIZE, and KiCallUserMode returns that
+    status without entering user mode. In use at that check: the stack control area at the
+    top of the thread's stack (KERNEL_STACK_CONTROL_LENGTH) and one ``callback_stack_cost``
+    per level, this one included (its system call's trap frame, the service's frames,
+    KiCallUserMode's own frame and stack control area).
+    """
+    used = KERNEL_STACK_CONTROL_LENGTH + (depth + 1) * profile.callback_stack_cost
+    # Page numbers relative to StackBase (page aligned), as MiGetPteAddress compares them.
+    if -((used + profile.kernel_stack_commit) // -PAGE_SIZE) <= -(-profile.kernel_stack_size // PAGE_SIZE):
+        return None
+    return (
+        f"kernel stack: {used:#x} bytes in use + {profile.kernel_stack_commit:#x} to commit > "
+        f"{profile.kernel_stack_size:#x} (MmGrowKernelStack)"
+    )
+
+
+def place_frame(profile: Profile, old_rsp: int, length: int) -> int:
+    """Where the UCALLOUT_FRAME goes below the trap frame's RSP (the input right above it).
+
+    ``wrk`` — WRK ``base/ntos/ke/amd64/callback.c`` KeUserModeCallback: Length =
+    ROUND_UP(InputLength, 16) + sizeof(UCALLOUT_FRAME), frame = (OldStack - Length) & ~15.
+    ``reactos`` — ReactOS ``ntoskrnl/ke/amd64/usercall.c`` KeUserModeCallback: the input at
+    ALIGN_DOWN(OldStack - InputLength, 16) - 8, the frame right below it. Both give a
+    16-byte-aligned frame; ReactOS's is 0x10 lower when OldStack = 8 (mod 16) and
+    InputLength mod 16 is 0 or 9..15, and the same otherwise.
+    """
+    if profile.callout_frame == "reactos":
+        return ((old_rsp - length) & ~0xF) - 8 - UCALLOUT_FRAME_SIZE
+    return (old_rsp - (((length + 0xF) & ~0xF) + UCALLOUT_FRAME_SIZE)) & ~0xF
 
 
 def lay_out(profile: Profile, trap: UserContext, api: int, data: bytes, dispatcher: int) -> Callout:
     """The frame for callback ``api`` with input ``data``, below the trap frame's RSP."""
     old = trap.rsp
-    # ReactOS KeUserModeCallback (ntoskrnl/ke/amd64/usercall.c): the input goes to
-    # ALIGN_DOWN(OldRsp - Length, 16) - 8 and the UCALLOUT_FRAME right below it, so
-    # the frame (and RSP at the dispatcher) is 16-byte aligned.
-    buffer = ((old - len(data)) & ~0xF) - 8
-    frame = buffer - UCALLOUT_FRAME_SIZE
+    frame = place_frame(profile, old, len(data))
+    buffer = frame + UCALLOUT_FRAME_SIZE
     block = bytearray(UCALLOUT_FRAME_SIZE)
     for off, val, size in (
         (UCALLOUT_BUFFER, buffer, 8), (UCALLOUT_LENGTH, len(data), 4), (UCALLOUT_API_NUMBER, api, 4),
@@ -53,8 +128,10 @@ def lay_out(profile: Profile, trap: UserContext, api: int, data: bytes, dispatch
     ):  # fmt: skip
         block[off : off + size] = (val & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
     if profile.dispatcher == "stack":
-        return Callout(frame, buffer, frame, bytes(block) + data, trap._replace(rsp=frame, rip=dispatcher))
-    # "registers" convention: entered like a call, ECX = api, RDX = buffer, R8D = length,
-    # a (zero) return address at [RSP].
+        entry, xmm = entry_registers(profile, trap, frame, dispatcher)
+        return Callout(frame, buffer, frame, bytes(block) + data, entry, xmm)
+    # "registers" convention (Wine 8 and earlier, dlls/ntdll/unix/signal_x86_64.c
+    # call_user_mode_callback): entered like a call, ECX = api, RDX = buffer, R8D = length, a
+    # (zero) return address at [RSP]; the model keeps the other registers as they were.
     entry = trap._replace(rsp=frame - 8, rip=dispatcher, rcx=api, rdx=buffer, r8=len(data))
     return Callout(frame, buffer, frame - 8, bytes(8) + bytes(block) + data, entry)

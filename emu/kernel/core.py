@@ -15,10 +15,10 @@ from collections.abc import Callable
 from emu.context import REGISTER_NAMES, KTrapFrame, UserContext
 from emu.errors import BudgetExceeded, EmuError, MachineFault, ModelBug, UnimplementedService
 from emu.kernel import sched
-from emu.kernel.callout import lay_out
+from emu.kernel.callout import kernel_stack_overflow, lay_out
 from emu.kernel.hooks import KernelHooks
 from emu.kernel.objects import ObjectTable, ReceiveMessage, ReleaseMutant, ReplyMessage, SendMessage, SetEvent, Wait
-from emu.kernel.record import Recorder, read_or_none
+from emu.kernel.record import Recorder, read_or_none, record_output
 from emu.kernel.services import (
     Activation,
     CallbackResult,
@@ -106,6 +106,7 @@ class Kernel:
     def set_threads(self, threads: dict[int, KThread]) -> None:
         self.threads = threads
         self._multithreaded = len(threads) > 1
+        self.recorder.attach(threads)
 
     # --- entry --------------------------------------------------------------------------
     def on_syscall(self, uc: object = None, user_data: object = None) -> None:
@@ -211,6 +212,8 @@ class Kernel:
                 req = act.step(option)
                 continue
             if isinstance(req, int):
+                if act.remark:
+                    note = (note + "; " if note else "") + act.remark
                 if resumed:
                     self._sysret_resumed(thread, trap, req, act.spec.name, note)
                 else:
@@ -259,9 +262,9 @@ class Kernel:
     ) -> tuple[int, str] | None:
         """Enter KiUserCallbackDispatcher, or say why KeUserModeCallback fails: (status, reason)."""
         depth = len(thread.callback_stack)
-        if depth >= self.profile.callback_depth_limit:
-            # KeUserModeCallback cannot grow the kernel stack any further.
-            return STATUS_STACK_OVERFLOW, f"depth limit {self.profile.callback_depth_limit}"
+        overflow = kernel_stack_overflow(self.profile, depth)
+        if overflow is not None:
+            return STATUS_STACK_OVERFLOW, overflow
         if self.callback_depth_budget is not None and depth >= self.callback_depth_budget:
             raise BudgetExceeded("callback_depth", self.callback_depth_budget, self.trace.symbolize(trap.ctx.rip))
         if req.by_depth:
@@ -275,6 +278,7 @@ class Kernel:
         thread.callback_stack.append(CallbackFrame(act, trap, req.api, out.frame, req.message))
         self.max_depth = max(self.max_depth, len(thread.callback_stack))
         self.machine.regs.set_context(out.entry._replace(rip=self.dispatcher - self._entry_len))
+        self.machine.zero_xmm(out.xmm_zero)
         self.recorder.callback(thread, tuple(out.entry), act.spec.name, req.api, note)
         return None
 
@@ -294,23 +298,15 @@ class Kernel:
     def _complete_callback(self, thread: KThread, regs: tuple[int, ...]) -> None:
         top = thread.callback_stack.pop()
         service = top.activation.spec.name
+        # WRK ke/amd64/callout.asm NtCallbackReturn: store the Result pointer and length for
+        # KeUserModeCallback's caller and return the callback's Status unchanged; copying is
+        # the caller's business (emu.kernel.result). The trace keeps what the bytes held now.
         result_ptr, length, status = regs[10], regs[2] & 0xFFFF_FFFF, regs[8] & 0xFFFF_FFFF
-        detail = ""
-        output = b""
-        if length:
-            n = min(length, self.profile.callback_output_limit)
-            if n < length:
-                detail = f"output truncated to the model's limit of {n:#x} bytes; "
-            got = read_or_none(self.machine, result_ptr, n)
-            if got is None:
-                # The kernel's copy of the result faults: the caller gets the exception code.
-                status, detail = STATUS_ACCESS_VIOLATION, f"result buffer {result_ptr:#x} is not readable; "
-            else:
-                output = got
-        detail += f"{len(output)} byte(s) of output"
-        thread.resuming = (top.activation.position(), status, output)
+        output, detail = record_output(self.machine, result_ptr, length, self.profile.callback_output_limit)
+        thread.resuming = (top.activation.position(), status, output, result_ptr, length)
         self.recorder.callback_return(thread, tuple(top.trap.ctx), service, status, top.api, detail, output)
-        self._drive(thread, top.activation, top.trap, CallbackResult(status, output), resumed=True)
+        result = CallbackResult(status, output, result_ptr, length)
+        self._drive(thread, top.activation, top.trap, result, resumed=True)
 
     def _exit(self, thread: KThread, status: int, service: str) -> None:
         thread.terminated = True

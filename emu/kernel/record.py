@@ -34,6 +34,20 @@ def read_or_none(machine: Machine, address: int, size: int) -> bytes | None:
         return None
 
 
+def record_output(machine: Machine, result: int, length: int, limit: int) -> tuple[bytes, str]:
+    """What a callback's Result held when NtCallbackReturn ran (at most ``limit`` bytes, a
+    recording cap), and a line for the trace. Nothing here changes what the service gets."""
+    if not length:
+        return b"", "0 byte(s) of output"
+    n = min(length, limit)
+    got = read_or_none(machine, result, n)
+    where = f"Result {result:#x}, ResultLength {length:#x}"
+    if got is None:
+        return b"", f"{where}: not readable now (a copy by the service would fault)"
+    cut = f" (the trace keeps the first {n:#x})" if n < length else ""
+    return got, f"{where}: {n} byte(s) of output{cut}"
+
+
 class Recorder:
     """Appends a run's states and transitions to its :class:`Trace`, within budgets."""
 
@@ -49,6 +63,23 @@ class Recorder:
         self._output_limit = _UNLIMITED if output_budget is None else output_budget
         self.output_bytes = 0
         self.observe = observe
+        self._threads: dict[int, KThread] = {}
+        self.wakes_pending = False  # some thread's wait was satisfied since the last transition
+
+    def attach(self, threads: dict[int, KThread]) -> None:
+        """The kernel's threads, to find the waits satisfied before each transition."""
+        self._threads = threads
+        self.wakes_pending = True  # a loaded (forked) kernel may carry a wake not yet recorded
+
+    def _woken(self) -> tuple[int, ...]:
+        self.wakes_pending = False
+        out = []
+        for t in self._threads.values():
+            s = t.suspended
+            if s is not None and s.woken and not s.announced:
+                s.announced = True
+                out.append(t.tid)
+        return tuple(out)
 
     def stack_of(self, state_id: int) -> bytes:
         """The stack bytes a recorded state captured (a state with the same RSP may reuse them)."""
@@ -132,6 +163,7 @@ class Recorder:
             if self.output_bytes > self._output_limit and self.output_budget is not None:
                 raise BudgetExceeded("output_bytes", self.output_budget, trace.symbolize(regs[_RIP]))
         frames = tuple([(f.api, f.activation.spec.name) for f in cbs]) if cbs else ()
+        woke = self._woken() if self.wakes_pending else ()
         # Plain tuples in the RawState / RawTransition field order (emu.trace names the fields).
         trace.raw_states.append((
             sid, thread.tid, mode, regs, stack, thread.stack_base, depth, service, cbs[-1].api if cbs else None,
@@ -139,7 +171,7 @@ class Recorder:
         ))  # fmt: skip
         trace.raw_transitions.append((
             len(trace.raw_transitions), kind, thread.tid, thread.state_id, sid, name, ssn, regs[_RIP], regs[_RSP],
-            depth, status, api, detail, data,
+            depth, status, api, detail, data, woke,
         ))  # fmt: skip
         thread.state_id = sid
         thread.mode = mode

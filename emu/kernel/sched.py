@@ -57,11 +57,13 @@ def can_time_out(kernel: Kernel) -> list[KThread]:
     ]
 
 
-def wake(thread: KThread, value: Sent | Message) -> None:
+def wake(kernel: Kernel, thread: KThread, value: Sent | Message) -> None:
+    """Satisfy a thread's wait: it is Ready from here on (the next transition records the wake)."""
     s = thread.suspended
     if s is None or s.kind != "blocked":
         raise ModelBug(f"thread {thread.name} is not waiting")
     s.wake, s.woken = value, True
+    kernel.recorder.wakes_pending = True
 
 
 def handle_request(kernel: Kernel, thread: KThread, req: ObjectRequest) -> tuple[bool, Sent | Message]:
@@ -100,7 +102,7 @@ def handle_request(kernel: Kernel, thread: KThread, req: ObjectRequest) -> tuple
         receiver = kernel.threads[req.to]
         rs = receiver.suspended
         if rs is not None and rs.kind == "blocked" and rs.on == ("message",) and not rs.woken:
-            wake(receiver, msg)
+            wake(kernel, receiver, msg)
         else:
             table.queues.setdefault(req.to, []).append(msg)
         return False, None  # the sender waits for the reply
@@ -112,7 +114,7 @@ def handle_request(kernel: Kernel, thread: KThread, req: ObjectRequest) -> tuple
     if isinstance(req, ReplyMessage):
         sender = kernel.threads.get(req.message.sender)
         if sender is not None and sender.suspended is not None and sender.suspended.on == ("reply", req.message.id):
-            wake(sender, CallbackResult(req.status))
+            wake(kernel, sender, CallbackResult(req.status))
         return True, CallbackResult(STATUS_SUCCESS)
     raise ModelBug(f"unknown object request {req!r}")
 
@@ -143,7 +145,7 @@ def satisfy_waiters(kernel: Kernel, handle: int) -> None:
         if not table.try_acquire(handle, tid):
             break
         queue.pop(0)
-        wake(kernel.threads[tid], CallbackResult(STATUS_SUCCESS))
+        wake(kernel, kernel.threads[tid], CallbackResult(STATUS_SUCCESS))
 
 
 def time_out(kernel: Kernel, thread: KThread) -> None:
@@ -155,7 +157,7 @@ def time_out(kernel: Kernel, thread: KThread) -> None:
         queue = kernel.objects.waiters.get(int(str(s.on[1])), [])
         if thread.tid in queue:
             queue.remove(thread.tid)
-    wake(thread, CallbackResult(STATUS_TIMEOUT))
+    wake(kernel, thread, CallbackResult(STATUS_TIMEOUT))
 
 
 def schedule_choice(kernel: Kernel, current: KThread | None, at_entry: bool) -> Choice | None:

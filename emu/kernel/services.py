@@ -35,6 +35,7 @@ from emu.kernel.objects import (
     SetEvent,
     Wait,
 )
+from emu.kernel.result import OutputUse, use_output
 from emu.winnt import STATUS_INVALID_HANDLE
 
 OBJECT_REQUEST_TYPES = (Wait, SetEvent, ReleaseMutant, SendMessage, ReceiveMessage, ReplyMessage)
@@ -96,10 +97,20 @@ class UserCallback:
 
 @dataclass(frozen=True)
 class CallbackResult:
-    """What a callback gave back through NtCallbackReturn (or the failure to call back)."""
+    """What a callback gave back through NtCallbackReturn (or the failure to call back).
+
+    ``status`` is the callback's Status, unchanged; ``result``/``length`` are the Result
+    pointer and length NtCallbackReturn stores for KeUserModeCallback's caller (WRK
+    ``ke/amd64/callout.asm`` NtCallbackReturn). ``output`` is what those bytes held when
+    NtCallbackReturn ran (empty if they were not readable): a record for the trace, not a
+    copy the kernel made. A service that wants the bytes probes and copies them itself
+    (:func:`emu.kernel.result.use_output`).
+    """
 
     status: int
     output: bytes = b""
+    result: int = 0
+    length: int = 0
 
 
 @dataclass(frozen=True)
@@ -113,8 +124,13 @@ class ServiceContext(Protocol):
     """What a service may touch: the calling thread's user memory and identity."""
 
     thread_id: int
+    probe_limit: int  # MM_USER_PROBE_ADDRESS of the modelled build
 
     def read(self, address: int, size: int) -> bytes: ...
+
+    def probe_read(self, address: int, size: int) -> bytes | None:
+        """The bytes, or None where a kernel-mode read would fault."""
+        ...
 
     def write(self, address: int, data: bytes) -> None: ...
 
@@ -159,9 +175,20 @@ class ChoiceStep:
         )
 
 
+@dataclass(frozen=True)
+class ScriptReturn:
+    """A scripted return that first probes or copies the last callback's result, as win32k
+    does: a fault there makes the service return STATUS_ACCESS_VIOLATION instead of ``status``
+    (None: the last callback's status)."""
+
+    status: int | None
+    output: OutputUse
+
+
 # A script step: a callback, an object request (wait, set, release, send), a status to
-# return, None (return the last callback's status), or a choice between step lists.
-ScriptStep = UserCallback | int | None | ChoiceStep | ObjectRequest
+# return, None (return the last callback's status), a return that uses the callback's
+# result first, or a choice between step lists.
+ScriptStep = UserCallback | int | None | ScriptReturn | ChoiceStep | ObjectRequest
 
 
 @dataclass(frozen=True)
@@ -183,7 +210,7 @@ class ServiceSpec:
 
     def activate(self, ctx: ServiceContext, raw_args: list[int]) -> Activation | ScriptActivation:
         if self.script is not None:
-            return ScriptActivation(self, [(self.script, 0)])
+            return ScriptActivation(self, [(self.script, 0)], ctx)
         args = [t.decode(a) for t, a in zip(self.arg_types, raw_args)]
         return Activation(self, _JournalContext(ctx), args)
 
@@ -191,13 +218,17 @@ class ServiceSpec:
 class ScriptActivation:
     """A running scripted service: a stack of (steps, index) positions. Forking copies it."""
 
-    __slots__ = ("last", "pending", "spec", "stack")
+    __slots__ = ("ctx", "last", "pending", "remark", "spec", "stack")
 
-    def __init__(self, spec: ServiceSpec, stack: list[tuple[tuple[ScriptStep, ...], int]]) -> None:
+    def __init__(
+        self, spec: ServiceSpec, stack: list[tuple[tuple[ScriptStep, ...], int]], ctx: ServiceContext | None = None
+    ) -> None:
         self.spec = spec
         self.stack = stack
+        self.ctx = ctx
         self.last: CallbackResult | None = None
         self.pending: ChoiceStep | None = None
+        self.remark = ""  # one line for the trace about the step just taken (a probe or copy)
 
     def step(self, value: Sent) -> Request | int:
         if isinstance(value, str):
@@ -224,10 +255,21 @@ class ScriptActivation:
                 return st.request()
             if st is None:
                 return self.last.status if self.last is not None else 0
+            if isinstance(st, ScriptReturn):
+                return self._use_output(st)
             return st
 
+    def _use_output(self, st: ScriptReturn) -> int:
+        last = self.last
+        status = st.status if st.status is not None else (last.status if last is not None else 0)
+        if last is None or self.ctx is None:
+            return status
+        done = use_output(st.output, last.result, last.length, self.ctx.probe_limit, self.ctx.probe_read)
+        self.remark = done.remark
+        return done.status if done.status is not None else status
+
     def fork(self) -> ScriptActivation:
-        twin = ScriptActivation(self.spec, list(self.stack))
+        twin = ScriptActivation(self.spec, list(self.stack), self.ctx)
         twin.last, twin.pending = self.last, self.pending
         return twin
 
@@ -240,16 +282,24 @@ class ScriptActivation:
 class _JournalContext:
     """A service's view of user memory that records what it read, so a replay sees the same bytes."""
 
-    def __init__(self, ctx: ServiceContext, replay: list[bytes] | None = None) -> None:
+    def __init__(self, ctx: ServiceContext, replay: list[bytes | None] | None = None) -> None:
         self._ctx = ctx
         self.thread_id = ctx.thread_id
-        self.reads: list[bytes] = []
+        self.probe_limit = ctx.probe_limit
+        self.reads: list[bytes | None] = []
         self._replay = replay or []
         self.replaying = replay is not None
 
     def read(self, address: int, size: int) -> bytes:
+        data = self._journal(lambda: self._ctx.read(address, size))
+        return data if data is not None else b""
+
+    def probe_read(self, address: int, size: int) -> bytes | None:
+        return self._journal(lambda: self._ctx.probe_read(address, size))
+
+    def _journal(self, fresh: Callable[[], bytes | None]) -> bytes | None:
         n = len(self.reads)
-        data = self._replay[n] if self.replaying and n < len(self._replay) else self._ctx.read(address, size)
+        data = self._replay[n] if self.replaying and n < len(self._replay) else fresh()
         self.reads.append(data)
         return data
 
@@ -274,6 +324,7 @@ class Activation:
     sent: list[Sent] = field(default_factory=list)
     _gen: Generator[Any, Any, Any] | None = None
     _done: bool = False
+    remark: str = ""  # a Python service says nothing extra for the trace
 
     def step(self, value: Sent) -> Request | int:
         """Advance: returns the next request, or the final NTSTATUS."""

@@ -27,6 +27,7 @@ class Suspended:
     timeout: bool = False
     wake: Sent | Message | None = None
     woken: bool = False
+    announced: bool = False  # the wake is on a recorded transition (Transition.woke)
 
     def key(self) -> tuple[object, ...]:
         pos = self.activation.position() if self.activation is not None else None
@@ -94,9 +95,14 @@ class ThreadServiceContext:
     def __init__(self, kernel: Kernel, thread: KThread) -> None:
         self._kernel = kernel
         self.thread_id = thread.tid
+        self.probe_limit = kernel.profile.user_probe_address
 
     def read(self, address: int, size: int) -> bytes:
         return self._kernel.machine.read(address, size)
+
+    def probe_read(self, address: int, size: int) -> bytes | None:
+        machine = self._kernel.machine
+        return machine.read(address, size) if machine.readable(address, size) else None
 
     def write(self, address: int, data: bytes) -> None:
         self._kernel.user_writes += 1

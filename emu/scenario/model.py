@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from emu.profile import Profile
-from emu.scenario.reader import _line_of
+from emu.scenario.expectations import Expectation
+from emu.scenario.keys import Boolean, Integer, Schema, Seconds, Text, key
+from emu.scenario.reader import _ID, _NAME, _line_of
+
+# Where scenario memory may go: below the images, away from emu's own layout (stacks and
+# allocations start at 4 GiB, images near 0x7FFA_0000_0000).
+MEMORY_MIN, MEMORY_MAX = 0x10000, 0x1_0000_0000
+THREAD_STARTS = ("auto", "rtl", "entry")
 
 
 @dataclass(frozen=True)
 class ModuleSpec:
     """A module assembled from the scenario: ``code`` (rx) and optional ``data`` (rw)."""
 
-    name: str
-    code: str
-    data: str = ""
+    name: str = field(metadata=key("a module name", Text(pattern=_NAME.pattern), required=True))
+    code: str = field(metadata=key("assembly text", Text(), required=True))
+    data: str = field(default="", metadata=key("assembly text (data directives)", Text()))
 
 
 @dataclass(frozen=True)
@@ -28,12 +35,21 @@ class CallbackStep:
     by_depth: tuple[int, ...] = ()
 
 
+# What a return step may do with the last callback's Result first (emu.kernel.result does it).
+OUTPUT_USES: tuple[str, ...] = ("probe", "copy")
+
+
 @dataclass(frozen=True)
 class ReturnStep:
-    """Finish the service. ``status`` is an NTSTATUS, or None for the last callback's status."""
+    """Finish the service. ``status`` is an NTSTATUS, or None for the last callback's status.
+
+    ``output`` = "probe" or "copy": first probe (or probe and copy) the last callback's
+    Result, as win32k does; a fault makes the service return STATUS_ACCESS_VIOLATION.
+    """
 
     status: int | None
     kind: Literal["return"] = "return"
+    output: str = ""
 
 
 @dataclass(frozen=True)
@@ -73,49 +89,64 @@ class Budgets:
 
     # Instructions per run (or per segment between two choices when exploring). None: not
     # counted, since Unicorn's counting slows user code about 2.5x; wall_time still bounds it.
-    instructions: int | None = None
-    wall_time: float = 20.0  # per run, or for a whole exploration
-    callback_depth: int = 1024
-    states: int = 1_000_000  # states recorded by a run, or distinct states found by an exploration
-    choice_depth: int = 256  # exploration: choices along one path
-    output_bytes: int = 256 << 20  # bytes of user stack kept with the recorded states
-    memory: int = 1 << 30  # bytes mapped into the address space (images, stacks, [[memory]])
+    instructions: int | None = field(default=None, metadata=key("an integer", Integer(1, 10**12)))
+    wall_time: float = field(default=20.0, metadata=key("seconds", Seconds(3600)))  # per run, or a whole exploration
+    callback_depth: int = field(default=1024, metadata=key("an integer", Integer(1, 1 << 20)))
+    # states recorded by a run, or distinct states found by an exploration
+    states: int = field(
+        default=1_000_000, metadata=key("an integer: states a run records or an exploration finds", Integer(1, 1 << 32))
+    )
+    # exploration: choices along one path
+    choice_depth: int = field(default=256, metadata=key("an integer (exploration)", Integer(1, 1 << 20)))
+    output_bytes: int = field(
+        default=256 << 20,
+        metadata=key("an integer: stack bytes kept with the recorded states", Integer(1, 1 << 40)),
+    )
+    # bytes mapped into the address space (images, stacks, [[memory]])
+    memory: int = field(
+        default=1 << 30, metadata=key("an integer: bytes mapped into the address space", Integer(1 << 16, 1 << 40))
+    )
     # Exploration: the process's resident memory (RSS), checked as it goes; saved forks hold
     # copies of dirty pages, so a wide exploration grows until this stops it.
-    process_memory: int = 640 << 20  # resident memory an exploration may add to the process
+    process_memory: int = field(
+        default=640 << 20,
+        metadata=key(
+            "an integer: bytes of resident memory an exploration may add to the process", Integer(1 << 24, 1 << 44)
+        ),
+    )
     # Exploration: options waiting on the work list. Past it, breadth-first exploration goes on
     # depth-first (newest first), which adds about choice_depth x (options - 1) more; at twice
     # the budget plus choice_depth it stops.
-    frontier: int = 1 << 16
-
-
-@dataclass(frozen=True)
-class Expectation:
-    """One ``[[expect]]`` entry: a ``kind`` and its value, with where it was written."""
-
-    kind: str
-    value: Any
-    index: int
-    line: int | None = None
+    frontier: int = field(
+        default=1 << 16, metadata=key("an integer: options waiting on an exploration's work list", Integer(16, 1 << 32))
+    )
 
 
 @dataclass(frozen=True)
 class MemorySpec:
     """Extra memory mapped at a fixed address (zero-filled)."""
 
-    name: str
-    start: int
-    size: int
-    perms: str
+    name: str = field(metadata=key("a label", Text(), required=True))
+    start: int = field(metadata=key("a page-aligned address", Integer(MEMORY_MIN, MEMORY_MAX), required=True))
+    size: int = field(metadata=key("bytes", Integer(1, 1 << 30), required=True))
+    perms: str = field(default="rw", metadata=key('"r", "rw", "rx" or "rwx"', Text(words=("r", "rw", "rx", "rwx"))))
 
 
 @dataclass(frozen=True)
 class PeSpec:
     """A PE file to load: its resolved path, module name and optional base address."""
 
-    path: str
-    name: str
-    base: int | None = None
+    path: str = field(metadata=key("a PE file, relative to the scenario", Text(), required=True))
+    name: str = field(
+        metadata=key("the module name (default: the file name without .dll)", Text(pattern=_NAME.pattern))
+    )
+    base: int | None = field(
+        default=None,
+        metadata=key(
+            "a load address (default: the file's ImageBase)",
+            Schema({"type": "integer", "minimum": 0, "maximum": 0x7FFF_FFFF_0000, "multipleOf": 0x1000}),
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -128,22 +159,26 @@ class ThreadSpec:
     the entry in emu (see :mod:`emu.loader.startup`), then "entry".
     """
 
-    name: str
-    entry: str
-    argument: int = 0
-    start: Literal["auto", "rtl", "entry"] = "auto"
+    name: str = field(metadata=key("the thread's name (default: thread<N>)", Text(pattern=_NAME.pattern)))
+    entry: str = field(metadata=key('"module!label" or "label"', Text(pattern=_ID.pattern), required=True))
+    argument: int = field(default=0, metadata=key("an integer passed in RDX", Integer()))
+    start: Literal["auto", "rtl", "entry"] = field(
+        default="auto",
+        metadata=key('"auto", "rtl" (through ntdll!RtlUserThreadStart) or "entry"', Text(words=THREAD_STARTS)),
+    )
 
 
 @dataclass(frozen=True)
 class ObjectSpec:
     """A kernel object the threads share, reachable by a fixed handle."""
 
-    kind: Literal["event", "mutex"]
-    name: str
-    handle: int
-    signaled: bool = False
-    manual_reset: bool = False
-    owner: str | None = None  # mutex: the thread that owns it at the start
+    kind: Literal["event", "mutex"] = field(metadata=key('"event" or "mutex"', Text(words=("event", "mutex")), True))
+    name: str = field(metadata=key("a name steps use", Text(), required=True))
+    handle: int = field(metadata=key("the handle value code uses (default 0x100 + 4 * index)", Integer(4, 0xFFFF_FFFF)))
+    signaled: bool = field(default=False, metadata=key("event: set at the start", Boolean()))
+    manual_reset: bool = field(default=False, metadata=key("event: a notification event (stays set)", Boolean()))
+    # mutex: the thread that owns it at the start
+    owner: str | None = field(default=None, metadata=key("mutex: the thread owning it at the start", Text()))
 
 
 @dataclass(frozen=True)
@@ -177,30 +212,3 @@ class Scenario:
 
     def line_of(self, *path: str | int) -> int | None:
         return _line_of(self.source, path)
-
-
-EXPECT_KINDS: dict[str, str] = {
-    "detections": "an integer: how many states the detector reports",
-    "detection": "a table {index, rip, return_address, depth, api}",
-    "exit_status": "an NTSTATUS: the thread's exit status",
-    "max_depth": "an integer: the deepest callback nesting reached",
-    "sysret": "a table {service, status}: some return from that service carried that status",
-    "callback_output": "a table {api, data}: some callback for api returned exactly these bytes",
-    "transitions": "a table {kind = count}: how many transitions of each kind",
-    "fault": "a string: the run stops with an error whose message contains it",
-    "deadlock": "true or false: the run ends with threads waiting on each other",
-    "wait_chain": "a string: some wait chain of the run's end contains it",
-    "truths": "a table {observer, seed, waiting_in_callback}: states where each ground truth holds that the "
-    "observer (kernel-debugger, the default, or user-context) can see",
-    "explored_truths": "a table {observer, seed, waiting_in_callback}: the same over the explored graph's nodes",
-    "explored_states": "an integer: distinct states `emu explore` finds",
-    "explored_merges": "an integer: states `emu explore` reaches along more than one edge",
-    "explored_pending": "an integer: callback-return pending states `emu explore` finds",
-    "explored_deadlocks": "an integer: deadlocked states `emu explore` finds",
-    "explored_wait_chain": "a string: some explored state's wait chain contains it",
-}
-EXPLORE_KINDS = frozenset(k for k in EXPECT_KINDS if k.startswith("explored_"))
-
-# Where scenario memory may go: below the images, away from emu's own layout (stacks and
-# allocations start at 4 GiB, images near 0x7FFA_0000_0000).
-MEMORY_MIN, MEMORY_MAX = 0x10000, 0x1_0000_0000

@@ -9,14 +9,28 @@ from pathlib import Path
 from typing import Any
 
 from emu.errors import ScenarioError
-from emu.profile import DEFAULT_PROFILE, DISPATCHERS, OVERRIDABLE, STUB_SHAPES, Profile, get_profile, profile_names
+from emu.profile import DEFAULT_PROFILE, OVERRIDABLE, PROFILE_CHOICES, Profile, get_profile, profile_names
+from emu.scenario.expectations import Expectation, read_expectation
+from emu.scenario.keys import Boolean, Integer, Key, Seconds
+from emu.scenario.layout import (
+    BUDGETS,
+    MACHINE,
+    MAX_TABLE,
+    MEMORY,
+    MODULE,
+    NTDLL,
+    OBJECT,
+    PE,
+    PROFILE,
+    SCENARIO,
+    THREAD_MANY,
+    THREAD_ONE,
+    TOP,
+)
 from emu.scenario.model import (
-    EXPECT_KINDS,
-    EXPLORE_KINDS,
     MEMORY_MAX,
-    MEMORY_MIN,
+    THREAD_STARTS,
     Budgets,
-    Expectation,
     MemorySpec,
     ModuleSpec,
     ObjectSpec,
@@ -24,27 +38,11 @@ from emu.scenario.model import (
     Scenario,
     ThreadSpec,
 )
-from emu.scenario.reader import _NAME, _kind, _line_of, _Reader
-from emu.scenario.refs import MAX_TABLE, _callback_table, _check_ref, _labels
+from emu.scenario.reader import _NAME, _Reader
+from emu.scenario.refs import _callback_table, _check_ref, _labels
 from emu.scenario.steps import _services
 
-THREAD_STARTS = ("auto", "rtl", "entry")
-
-TOP_KEYS = {
-    "scenario": "a table {name, description, profile}",
-    "profile": f"a table of overrides ({', '.join(OVERRIDABLE)}, ssn)",
-    "machine": "a table {system_call, unbound_imports, preempt_at_callback_return}",
-    "budgets": "a table {instructions, wall_time, callback_depth, states, choice_depth, output_bytes, memory, process_memory, frontier}",
-    "module": "an array of tables [[module]] {name, code, data}",
-    "thread": "a table {entry, argument, start}, or an array of tables [[thread]] {name, entry, argument, start}",
-    "object": "an array of tables [[object]] {kind, name, handle, signaled, manual_reset, owner}",
-    "kernel_callback_table": 'a table {from = "module!export", size, <index> = "module!label"}',
-    "services": "a table of [services.NtName] {ssn, steps}",
-    "expect": "an array of tables [[expect]]",
-    "memory": "an array of tables [[memory]] {name, start, size, perms}",
-    "ntdll": "a table {path, base}: a PE ntdll instead of the built-in one",
-    "pe": "an array of tables [[pe]] {path, name, base}: PE modules to load",
-}
+TOP_KEYS = TOP.allowed
 
 
 def load_scenario(path: str | Path, allow: Sequence[str | Path] = ()) -> Scenario:
@@ -83,12 +81,7 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
     r = _Reader(file, text)
     r.table(doc, (), TOP_KEYS, ("scenario", "thread"))
 
-    head = r.table(
-        doc["scenario"],
-        ("scenario",),
-        {"name": "a string", "description": "a string", "profile": "a profile name"},
-        ("name",),
-    )
+    head = r.table(doc["scenario"], ("scenario",), SCENARIO.allowed, SCENARIO.required)
     name = r.str_(head, "name", ("scenario",))
     description = r.str_(head, "description", ("scenario",), "")
     pname = r.str_(head, "profile", ("scenario",), DEFAULT_PROFILE)
@@ -100,60 +93,20 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
         ) from None
     profile = _profile_overrides(r, doc.get("profile"), profile)
 
-    machine = r.table(
-        doc.get("machine", {}),
-        ("machine",),
-        {
-            "system_call": "0 or 1: KUSER_SHARED_DATA.SystemCall",
-            "unbound_imports": '"error" or "trap"',
-            "preempt_at_callback_return": "true or false: exploration may preempt a thread at NtCallbackReturn's entry",
-        },
-    )
-    system_call = r.int_(machine, "system_call", ("machine",), 0, 0, 1)
+    machine = r.table(doc.get("machine", {}), ("machine",), MACHINE.allowed)
+    system_call = _integer(MACHINE.keys["system_call"]).read(r, machine, "system_call", ("machine",), 0)
     unbound = r.str_(machine, "unbound_imports", ("machine",), "error")
     if unbound not in ("error", "trap"):
         raise r.fail(("machine", "unbound_imports"), f'expected "error" or "trap", got {unbound!r}')
-    preempt = machine.get("preempt_at_callback_return", False)
-    if not isinstance(preempt, bool):
-        raise r.fail(("machine", "preempt_at_callback_return"), f"expected true or false, got {_kind(preempt)}")
+    preempt = Boolean().read(r, machine, "preempt_at_callback_return", ("machine",))
     files = _Files(r, file, allow)
     ntdll = files.pe(doc["ntdll"], ("ntdll",), "ntdll") if "ntdll" in doc else None
     pe = files.pe_list(doc.get("pe", []))
 
-    b = r.table(
-        doc.get("budgets", {}),
-        ("budgets",),
-        {
-            "instructions": "an integer",
-            "wall_time": "seconds",
-            "callback_depth": "an integer",
-            "states": "an integer: states a run records or an exploration finds",
-            "choice_depth": "an integer (exploration)",
-            "output_bytes": "an integer: stack bytes kept with the recorded states",
-            "memory": "an integer: bytes mapped into the address space",
-            "process_memory": "an integer: bytes of resident memory an exploration may add to the process",
-            "frontier": "an integer: options waiting on an exploration's work list",
-        },
-    )
-    wall = b.get("wall_time", Budgets.wall_time)
-    if not isinstance(wall, (int, float)) or isinstance(wall, bool) or not 0 < wall <= 3600:
-        raise r.fail(("budgets", "wall_time"), f"expected seconds in (0, 3600], got {_kind(wall)}")
-    budgets = Budgets(
-        instructions=r.int_(b, "instructions", ("budgets",), 0, 1, 10**12) or None,
-        wall_time=float(wall),
-        callback_depth=r.int_(b, "callback_depth", ("budgets",), Budgets.callback_depth, 1, 1 << 20),
-        states=r.int_(b, "states", ("budgets",), Budgets.states, 1, 1 << 32),
-        choice_depth=r.int_(b, "choice_depth", ("budgets",), Budgets.choice_depth, 1, 1 << 20),
-        output_bytes=r.int_(b, "output_bytes", ("budgets",), Budgets.output_bytes, 1, 1 << 40),
-        memory=r.int_(b, "memory", ("budgets",), Budgets.memory, 1 << 16, 1 << 40),
-        process_memory=r.int_(b, "process_memory", ("budgets",), Budgets.process_memory, 1 << 24, 1 << 44),
-        frontier=r.int_(b, "frontier", ("budgets",), Budgets.frontier, 16, 1 << 32),
-    )
+    budgets = _budgets(r, r.table(doc.get("budgets", {}), ("budgets",), BUDGETS.allowed))
 
     if "module" not in doc and not pe:
-        raise r.fail(
-            (), "missing required key 'module' (an array of tables [[module]] {name, code, data}, or [[pe]] files)"
-        )
+        raise r.fail((), f"missing required key 'module' ({TOP.allowed['module']}, or [[pe]] files)")
     modules = _modules(r, doc.get("module", []), allow_empty=bool(pe))
     taken = {m.name.lower() for m in modules}
     for i, spec in enumerate(pe):
@@ -203,13 +156,8 @@ class _Files:
 
     def pe(self, obj: Any, path: tuple[str | int, ...], fixed_name: str | None) -> PeSpec:
         r = self.r
-        allowed = {
-            "path": "a PE file, relative to the scenario",
-            "base": "a load address (default: the file's ImageBase)",
-        }
-        if fixed_name is None:
-            allowed["name"] = "the module name (default: the file name without .dll)"
-        r.table(obj, path, allowed, ("path",))
+        table = NTDLL if fixed_name is not None else PE
+        r.table(obj, path, table.allowed, table.required)
         target = (self.folder / r.str_(obj, "path", path)).resolve()
         if not any(target == a or a in target.parents for a in self.allowed):
             raise r.fail(
@@ -242,14 +190,8 @@ def _threads(
     out: list[ThreadSpec] = []
     for i, th in enumerate(items):
         path: tuple[str | int, ...] = ("thread", i) if many else ("thread",)
-        allowed = {
-            "entry": '"module!label" or "label"',
-            "argument": "an integer passed in RDX",
-            "start": '"auto", "rtl" (through ntdll!RtlUserThreadStart) or "entry"',
-        }
-        if many:
-            allowed["name"] = "the thread's name (default: thread<N>)"
-        r.table(th, path, allowed, ("entry",))
+        table = THREAD_MANY if many else THREAD_ONE
+        r.table(th, path, table.allowed, table.required)
         entry = r.str_(th, "entry", path)
         _check_ref(r, entry, path + ("entry",), modules, labels, external)
         name = r.str_(th, "name", path, f"thread{i}")
@@ -260,7 +202,8 @@ def _threads(
         start = r.str_(th, "start", path, "auto")
         if start not in THREAD_STARTS:
             raise r.fail(path + ("start",), f'expected "auto", "rtl" or "entry", got {start!r}')
-        out.append(ThreadSpec(name, entry, r.int_(th, "argument", path, 0), start))  # type: ignore[arg-type]
+        argument = _integer(table.keys["argument"]).read(r, th, "argument", path, 0)
+        out.append(ThreadSpec(name, entry, argument, start))  # type: ignore[arg-type]
     return tuple(out)
 
 
@@ -270,29 +213,19 @@ def _objects(r: _Reader, obj: Any, threads: tuple[ThreadSpec, ...]) -> tuple[Obj
     out: list[ObjectSpec] = []
     for i, o in enumerate(obj):
         path: tuple[str | int, ...] = ("object", i)
-        allowed = {
-            "kind": '"event" or "mutex"',
-            "name": "a name steps use",
-            "handle": "the handle value code uses (default 0x100 + 4 * index)",
-            "signaled": "event: set at the start",
-            "manual_reset": "event: a notification event (stays set)",
-            "owner": "mutex: the thread owning it at the start",
-        }
-        r.table(o, path, allowed, ("kind", "name"))
+        r.table(o, path, OBJECT.allowed, OBJECT.required)
         kind = r.str_(o, "kind", path)
         if kind not in ("event", "mutex"):
             raise r.fail(path + ("kind",), f'expected "event" or "mutex", got {kind!r}')
         name = r.str_(o, "name", path)
         if any(x.name == name for x in out):
             raise r.fail(path + ("name",), f"object {name!r} is declared twice")
-        handle = r.int_(o, "handle", path, 0x100 + 4 * i, 4, 0xFFFF_FFFF)
+        handle = _integer(OBJECT.keys["handle"]).read(r, o, "handle", path, 0x100 + 4 * i)
         if any(x.handle == handle for x in out):
             raise r.fail(path + ("handle",), f"handle {handle:#x} is used twice")
         flags = {}
         for key in ("signaled", "manual_reset"):
-            v = o.get(key, False)
-            if not isinstance(v, bool):
-                raise r.fail(path + (key,), f"expected true or false, got {_kind(v)}")
+            v = Boolean().read(r, o, key, path)
             if v and kind != "event":
                 raise r.fail(path + (key,), f"only an event has '{key}'")
             flags[key] = v
@@ -317,20 +250,10 @@ def _memory(r: _Reader, obj: Any) -> tuple[MemorySpec, ...]:
     out: list[MemorySpec] = []
     for i, m in enumerate(obj):
         path: tuple[str | int, ...] = ("memory", i)
-        r.table(
-            m,
-            path,
-            {
-                "name": "a label",
-                "start": "a page-aligned address",
-                "size": "bytes",
-                "perms": '"r", "rw", "rx" or "rwx"',
-            },
-            ("name", "start", "size"),
-        )
+        r.table(m, path, MEMORY.allowed, MEMORY.required)
         name = r.str_(m, "name", path)
-        start = r.int_(m, "start", path, None, MEMORY_MIN, MEMORY_MAX)
-        size = r.int_(m, "size", path, None, 1, 1 << 30)
+        start = _integer(MEMORY.keys["start"]).read(r, m, "start", path)
+        size = _integer(MEMORY.keys["size"]).read(r, m, "size", path)
         perms = r.str_(m, "perms", path, "rw")
         if start % 0x1000:
             raise r.fail(path + ("start",), f"expected a page-aligned address (a multiple of 0x1000), got {start:#x}")
@@ -348,22 +271,18 @@ def _memory(r: _Reader, obj: Any) -> tuple[MemorySpec, ...]:
 def _profile_overrides(r: _Reader, obj: Any, profile: Profile) -> Profile:
     if obj is None:
         return profile
-    allowed = {k: f"a {t.__name__}" for k, t in OVERRIDABLE.items()} | {"ssn": "a table {NtName = number}"}
-    r.table(obj, ("profile",), allowed)
+    r.table(obj, ("profile",), PROFILE.allowed)
     fields: dict[str, Any] = {}
     for key, typ in OVERRIDABLE.items():
         if key not in obj:
             continue
         if typ is int:
-            fields[key] = r.int_(obj, key, ("profile",), None, 0, 1 << 32)
+            fields[key] = _integer(PROFILE.keys[key]).read(r, obj, key, ("profile",))
         else:
             fields[key] = r.str_(obj, key, ("profile",))
-    if "dispatcher" in fields and fields["dispatcher"] not in DISPATCHERS:
-        raise r.fail(
-            ("profile", "dispatcher"), f"expected one of {', '.join(DISPATCHERS)}, got {fields['dispatcher']!r}"
-        )
-    if "stub" in fields and fields["stub"] not in STUB_SHAPES:
-        raise r.fail(("profile", "stub"), f"expected one of {', '.join(STUB_SHAPES)}, got {fields['stub']!r}")
+    for key, values in PROFILE_CHOICES.items():
+        if key in fields and fields[key] not in values:
+            raise r.fail(("profile", key), f"expected one of {', '.join(values)}, got {fields[key]!r}")
     if "ssn" in obj:
         ssn = r.table(
             obj["ssn"], ("profile", "ssn"), {k: "" for k in obj["ssn"]} if isinstance(obj["ssn"], dict) else {}
@@ -383,12 +302,7 @@ def _modules(r: _Reader, obj: Any, allow_empty: bool = False) -> tuple[ModuleSpe
     seen: set[str] = set()
     for i, m in enumerate(obj):
         path: tuple[str | int, ...] = ("module", i)
-        r.table(
-            m,
-            path,
-            {"name": "a module name", "code": "assembly text", "data": "assembly text (data directives)"},
-            ("name", "code"),
-        )
+        r.table(m, path, MODULE.allowed, MODULE.required)
         name = r.str_(m, "name", path)
         if not _NAME.match(name) or name.lower() in ("ntdll", "win32u"):
             raise r.fail(
@@ -404,75 +318,27 @@ def _modules(r: _Reader, obj: Any, allow_empty: bool = False) -> tuple[ModuleSpe
 def _expectations(r: _Reader, obj: Any) -> tuple[Expectation, ...]:
     if not isinstance(obj, list):
         raise r.fail(("expect",), "expected an array of tables [[expect]]")
-    out: list[Expectation] = []
-    for i, e in enumerate(obj):
-        path: tuple[str | int, ...] = ("expect", i)
-        r.table(e, path, EXPECT_KINDS | {"note": "a string"})
-        kinds = [k for k in e if k != "note"]
-        if len(kinds) != 1:
-            raise r.fail(path, f"expected exactly one of: {', '.join(EXPECT_KINDS)}")
-        kind = kinds[0]
-        v = e[kind]
-        kp = path + (kind,)
-        value: Any
-        if kind == "deadlock":
-            if not isinstance(v, bool):
-                raise r.fail(kp, f"expected true or false, got {_kind(v)}")
-            value = v
-        elif kind in ("truths", "explored_truths"):
-            value = _truths(r, v, kp)
-        elif kind in ("wait_chain", "explored_wait_chain"):
-            value = r.str_(e, kind, path)
-        elif kind in ("detections", "max_depth") or kind in EXPLORE_KINDS:
-            value = r.int_(e, kind, path, None, 0, 1 << 32)
-        elif kind == "fault":
-            value = r.str_(e, kind, path)
-        elif kind == "exit_status":
-            value = r.status(v, kp)
-        elif kind == "detection":
-            r.table(
-                v,
-                kp,
-                {
-                    "index": "an integer",
-                    "rip": "a symbol",
-                    "return_address": "a symbol",
-                    "depth": "an integer",
-                    "api": "an integer",
-                },
-            )
-            value = {"index": r.int_(v, "index", kp, 0)}
-            for k in ("rip", "return_address"):
-                if k in v:
-                    value[k] = r.str_(v, k, kp)
-            for k in ("depth", "api"):
-                if k in v:
-                    value[k] = r.int_(v, k, kp)
-        elif kind == "sysret":
-            r.table(v, kp, {"service": "a service name", "status": "an NTSTATUS"}, ("service", "status"))
-            value = {"service": r.str_(v, "service", kp), "status": r.status(v["status"], kp + ("status",))}
-        elif kind == "callback_output":
-            r.table(v, kp, {"api": "an integer", "data": "hex bytes"}, ("api", "data"))
-            value = {"api": r.int_(v, "api", kp), "data": r.hexdata(v["data"], kp + ("data",))}
-        else:  # transitions
-            from emu.vocabulary import KINDS
-
-            r.table(v, kp, {k: "a count" for k in KINDS})
-            value = {k: r.int_(v, k, kp, None, 0, 1 << 32) for k in v}
-        out.append(Expectation(kind, value, i, _line_of(r.text, path)))
-    return tuple(out)
+    return tuple(read_expectation(r, e, i) for i, e in enumerate(obj))
 
 
-def _truths(r: _Reader, v: Any, kp: tuple[str | int, ...]) -> dict[str, Any]:
-    """``{observer = "user-context", seed = 1, waiting_in_callback = 2}``: counts per ground truth."""
-    from emu.vocabulary import OBSERVERS, TRUTHS
+def _budgets(r: _Reader, b: dict[str, Any]) -> Budgets:
+    """The ``[budgets]`` table: each key a field of :class:`Budgets`, with the bounds declared there."""
+    path: tuple[str | int, ...] = ("budgets",)
+    wall = BUDGETS.keys["wall_time"].shape
+    assert isinstance(wall, Seconds), wall
+    values: dict[str, Any] = {"wall_time": wall.read(r, b, "wall_time", path, Budgets.wall_time)}
+    for name, k in BUDGETS.keys.items():
+        if name == "wall_time":
+            continue
+        default = getattr(Budgets, name)
+        if default is None:  # instructions: not counted unless given
+            values[name] = _integer(k).read(r, b, name, path, 0) or None
+        else:
+            values[name] = _integer(k).read(r, b, name, path, default)
+    return Budgets(**values)
 
-    keys = {t.replace("-", "_"): f"an integer: states where the {t} truth holds" for t in TRUTHS}
-    r.table(v, kp, {"observer": f"one of {', '.join(OBSERVERS)}", **keys})
-    observer = r.str_(v, "observer", kp, "kernel-debugger")
-    if observer not in OBSERVERS:
-        raise r.fail(kp + ("observer",), f"unknown observer {observer!r} (valid: {', '.join(OBSERVERS)})")
-    counts = {k: r.int_(v, k, kp, None, 0, 1 << 32) for k in keys if k in v}
-    if not counts:
-        raise r.fail(kp, f"expected at least one of: {', '.join(keys)}")
-    return {"observer": observer, "counts": counts}
+
+def _integer(k: Key) -> Integer:
+    """The integer shape of a key the model declares as one."""
+    assert isinstance(k.shape, Integer), k
+    return k.shape

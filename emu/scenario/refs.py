@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from emu.loader.asm import labels_in
+from emu.scenario.layout import CALLBACK_TABLE_SIZE, MAX_TABLE
 from emu.scenario.model import ModuleSpec
 from emu.scenario.reader import _ID, _kind, _Reader
-
-MAX_TABLE = 4096  # emu's cap on KernelCallbackTable entries (not a Windows limit)
 
 
 def _labels(m: ModuleSpec) -> list[str]:
@@ -74,7 +73,7 @@ def _callback_table(
             raise r.fail(path + ("from",), f'expected "module!export" (a table exported as data), got {source!r}')
         _check_ref(r, source, path + ("from",), modules, labels, external)
     need = max(entries, default=-1) + 1
-    size = r.int_(obj, "size", path, 0 if source else max(need, 1), 1, MAX_TABLE)
+    size = CALLBACK_TABLE_SIZE.read(r, obj, "size", path, 0 if source else max(need, 1))
     for idx in entries:
         if idx >= (size or MAX_TABLE):
             raise r.fail(path + (str(idx),), f"callback index {idx} is out of range (table size {size or MAX_TABLE})")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from emu.profile import Profile
-from emu.scenario.model import CallbackStep, ChoiceStep, ObjectStep, ReturnStep, ServiceScript, Step
+from emu.scenario.layout import API, SERVICE, SSN, STEP_KINDS, STEPS
+from emu.scenario.model import OUTPUT_USES, CallbackStep, ChoiceStep, ObjectStep, ReturnStep, ServiceScript, Step
 from emu.scenario.reader import _NAME, _dotted, _kind, _Reader
 
 
@@ -26,13 +27,8 @@ def _services(
             raise r.fail(path, "expected a service name in the Nt spelling, e.g. NtUserMessageCall")
         if name in ("NtCallbackReturn", "NtTerminateThread"):
             raise r.fail(path, f"{name} is built into the kernel model and cannot be scripted")
-        allowed = {
-            "ssn": "a system service number",
-            "steps": "an array of steps",
-            "blocks": "a table of named step arrays",
-        }
-        r.table(body, path, allowed, ("steps",))
-        ssn = r.int_(body, "ssn", path, -1, -1, 0xFFFF)
+        r.table(body, path, SERVICE.allowed, SERVICE.required)
+        ssn = SSN.read(r, body, "ssn", path, -1)
         if check_numbers and ssn < 0 and name not in profile.ssn:
             raise r.fail(path, f"{name} has no number in profile {profile.name}: give 'ssn = 0x...'")
         blocks = body.get("blocks", {})
@@ -64,9 +60,6 @@ def _ends(steps: tuple[Step, ...] | list[Step]) -> bool:
     if isinstance(last, ReturnStep):
         return True
     return isinstance(last, ChoiceStep) and all(_ends(opt) for _, opt in last.options)
-
-
-STEP_KINDS = '"callback", "return", "choice", "wait", "set", "release" or "send"'
 
 
 class _StepReader:
@@ -102,9 +95,7 @@ class _StepReader:
             if kind == "callback":
                 out.append(self._callback(st, sp))
             elif kind == "return":
-                r.table(st, sp, {"kind": "", "status": 'an NTSTATUS or "callback"'}, ("status",))
-                v = st["status"]
-                out.append(ReturnStep(None if v == "callback" else r.status(v, sp + ("status",), ('"callback"',))))
+                out.append(self._return(st, sp))
             elif kind == "choice":
                 out.append(self._choice(st, sp))
             elif kind in ("wait", "set", "release", "send"):
@@ -113,19 +104,19 @@ class _StepReader:
                 raise r.fail(sp + ("kind",), f"expected {STEP_KINDS}, got {_kind(kind)}")
         return tuple(out)
 
+    def _return(self, st: dict[str, Any], sp: tuple[str | int, ...]) -> ReturnStep:
+        r = self.r
+        r.table(st, sp, STEPS["return"].allowed, STEPS["return"].required)
+        v = st["status"]
+        status = None if v == "callback" else r.status(v, sp + ("status",), ('"callback"',))
+        output = r.str_(st, "output", sp, "")
+        if "output" in st and output not in OUTPUT_USES:
+            raise r.fail(sp + ("output",), f"expected one of {', '.join(map(repr, OUTPUT_USES))}, got {output!r}")
+        return ReturnStep(status, output=output)
+
     def _callback(self, st: dict[str, Any], sp: tuple[str | int, ...]) -> CallbackStep:
         r = self.r
-        r.table(
-            st,
-            sp,
-            {
-                "kind": "",
-                "api": "an api number, or an array of them by callback depth (the last repeats)",
-                "data": "hex bytes",
-                "text": "a string sent as bytes",
-            },
-            ("api",),
-        )
+        r.table(st, sp, STEPS["callback"].allowed, STEPS["callback"].required)
         raw = st["api"]
         apis = raw if isinstance(raw, list) and raw else [raw]
         for api in apis:
@@ -144,18 +135,12 @@ class _StepReader:
     def _object(self, kind: str, st: dict[str, Any], sp: tuple[str | int, ...]) -> ObjectStep:
         r = self.r
         if kind == "send":
-            allowed = {
-                "kind": "",
-                "to": "the receiving thread",
-                "api": "its callback",
-                "data": "hex bytes",
-                "text": "a string",
-            }
-            r.table(st, sp, allowed, ("to", "api"))
+            send = STEPS["send"]
+            r.table(st, sp, send.allowed, send.required)
             to = r.str_(st, "to", sp)
             if to not in self.threads:
                 raise r.fail(sp + ("to",), f"no thread named {to!r} (threads: {', '.join(self.threads) or 'none'})")
-            api = r.int_(st, "api", sp, None, 0, 0xFFFF_FFFF)
+            api = API.read(r, st, "api", sp)
             if api >= self.table_size:
                 raise r.fail(
                     sp + ("api",),
@@ -163,10 +148,7 @@ class _StepReader:
                 )
             data = r.hexdata(st["data"], sp + ("data",)) if "data" in st else r.str_(st, "text", sp, "").encode()
             return ObjectStep("send", to, api=api, data=data)
-        allowed = {"kind": "", "object": "an [[object]] name"}
-        if kind == "wait":
-            allowed["timeout"] = "true: the wait may expire"
-        r.table(st, sp, allowed, ("object",))
+        r.table(st, sp, STEPS[kind].allowed, STEPS[kind].required)
         name = r.str_(st, "object", sp)
         if name not in self.objects:
             raise r.fail(sp + ("object",), f"no object named {name!r} (objects: {', '.join(self.objects) or 'none'})")
@@ -177,13 +159,7 @@ class _StepReader:
 
     def _choice(self, st: dict[str, Any], sp: tuple[str | int, ...]) -> ChoiceStep:
         r = self.r
-        allowed = {
-            "kind": "",
-            "name": "a name",
-            "default": "the option a single run takes",
-            "options": 'a table {option = [steps] or "block"}',
-        }
-        r.table(st, sp, allowed, ("name", "options"))
+        r.table(st, sp, STEPS["choice"].allowed, STEPS["choice"].required)
         name = r.str_(st, "name", sp)
         opts = st["options"]
         if not isinstance(opts, dict) or not opts:

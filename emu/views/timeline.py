@@ -152,7 +152,7 @@ def timeline(run: RunResult | Trace, ax: Axes | None = None) -> Figure:
                     va="bottom" if side == "above" else "top", fontsize=LABEL_SIZE, color=color,
                     gid=f"label-{t.step}")  # fmt: skip
 
-            if t.step in refused:  # drawn where the thread waited in the kernel for the refused callback
+            if t.step in refused:  # drawn where the thread was in the kernel when the callback was refused
                 side, label_y = sides[-1 - t.step]
                 ax.text(float(t.step) - 0.5, label_y + offset[t.thread], refused[t.step], rotation=90, ha="center",
                         va="bottom" if side == "above" else "top", fontsize=LABEL_SIZE, color=KIND_COLORS["fault"],
@@ -187,7 +187,7 @@ def _label_sides(
     free; other threads' lanes hold their own bars and labels): to the side with the more
     room when it fits there, else to the other, else below with extra room under that
     thread's lanes. The label of a thread's end starts past the end marker. A refused
-    callback's status (key ``-1 - step``) runs from the kernel lane the thread waited in.
+    callback's status (key ``-1 - step``) runs from the kernel lane the thread was in.
     """
     first: dict[int, int] = {}
     end: dict[int, int] = {}
