@@ -31,6 +31,7 @@ from emu.errors import (
 from emu.image import PAGE, AssemblyError, Image, Symbolizer, image_from_assembly
 from emu.kernel import Kernel, KernelHooks, KThread, Recorder, ServiceRegistry, UserCallback, builtin_services
 from emu.kernel.objects import Event, Mutant, ReleaseMutant, SendMessage, SetEvent, Wait
+from emu.kernel.rtl import BuiltinRtl
 from emu.kernel.services import ChoiceStep as KChoiceStep
 from emu.kernel.services import ScriptStep, get_message_service
 from emu.loader_data import build_loader_data, main_image
@@ -263,6 +264,10 @@ class Process:
             self.machine, self.profile, registry, recorder, dispatcher, b.callback_depth, self.ssn_table, hooks
         )
         self.kernel.visible = lambda name: name in shared
+        self.kernel.exceptions = scenario.exceptions
+        self.kernel.exception_dispatcher = self.ntdll.export("KiUserExceptionDispatcher")
+        # The built-in ntdll's exception routines do part of their work in Python (emu.kernel.rtl).
+        self.rtl = None if self.foreign else BuiltinRtl(self.kernel, self.ntdll, self.images)
         many = len(specs) > 1
         self.entries: list[int] = []
         modes: list[str] = []

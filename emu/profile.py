@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 Dispatcher = Literal["stack", "registers"]
 StubShape = Literal["win7", "win10"]
+CallbackException = Literal["swallow", "fatal"]
+CALLBACK_EXCEPTIONS: tuple[str, ...] = ("swallow", "fatal")
 
 DEFAULT_PROFILE = "win10-22h2"
 DISPATCHERS: tuple[str, ...] = ("stack", "registers")
@@ -34,6 +36,9 @@ class Profile:
     dispatcher: Dispatcher
     callback_depth_limit: int
     callback_output_limit: int
+    # What an exception that leaves a user-mode callback unhandled does (KiUserCallbackDispatcherHandler):
+    # "swallow" (Windows 7 SP1, MS KB976038) or "fatal" (STATUS_FATAL_USER_CALLBACK_EXCEPTION).
+    callback_exception: CallbackException = "fatal"
     ssn: dict[str, int] = field(default_factory=dict)
     ssn_source: str = ""
 
@@ -55,6 +60,7 @@ OVERRIDABLE: dict[str, type] = {
     "dispatcher": str,
     "callback_depth_limit": int,
     "callback_output_limit": int,
+    "callback_exception": str,
 }
 
 
@@ -91,6 +97,7 @@ def get_profile(name: str = DEFAULT_PROFILE) -> Profile:
         dispatcher=p["dispatcher"],
         callback_depth_limit=p["callback_depth_limit"],
         callback_output_limit=p["callback_output_limit"],
+        callback_exception=p["callback_exception"],
         ssn=dict(tables.get("services", {})),
         ssn_source=tables.get("source", ""),
     )

@@ -18,10 +18,14 @@ from typing import Any, Literal, NamedTuple
 from emu.context import KTrapFrame, UserContext
 from emu.winnt import status_name
 
-TransitionKind = Literal["syscall", "sysret", "callback", "callback_return", "fault", "exit", "block"]
+TransitionKind = Literal[
+    "syscall", "sysret", "callback", "callback_return", "fault", "exit", "block", "exception", "continue", "unwind"
+]
 Mode = Literal["user", "kernel", "exited"]
 
-KINDS: tuple[str, ...] = ("syscall", "sysret", "callback", "callback_return", "fault", "exit", "block")
+KINDS: tuple[str, ...] = (
+    "syscall", "sysret", "callback", "callback_return", "fault", "exit", "block", "exception", "continue", "unwind",
+)  # fmt: skip
 
 
 class State(NamedTuple):

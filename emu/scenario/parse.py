@@ -9,7 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from emu.errors import ScenarioError
-from emu.profile import DEFAULT_PROFILE, DISPATCHERS, OVERRIDABLE, STUB_SHAPES, Profile, get_profile, profile_names
+from emu.profile import (
+    CALLBACK_EXCEPTIONS,
+    DEFAULT_PROFILE,
+    DISPATCHERS,
+    OVERRIDABLE,
+    STUB_SHAPES,
+    Profile,
+    get_profile,
+    profile_names,
+)
 from emu.scenario.model import (
     EXPECT_KINDS,
     EXPLORE_KINDS,
@@ -33,7 +42,7 @@ THREAD_STARTS = ("auto", "rtl", "entry")
 TOP_KEYS = {
     "scenario": "a table {name, description, profile}",
     "profile": f"a table of overrides ({', '.join(OVERRIDABLE)}, ssn)",
-    "machine": "a table {system_call, unbound_imports, preempt_at_callback_return}",
+    "machine": "a table {system_call, unbound_imports, preempt_at_callback_return, exceptions}",
     "budgets": "a table {instructions, wall_time, callback_depth, states, choice_depth, output_bytes, memory, process_memory, frontier}",
     "module": "an array of tables [[module]] {name, code, data}",
     "thread": "a table {entry, argument, start}, or an array of tables [[thread]] {name, entry, argument, start}",
@@ -107,12 +116,16 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
             "system_call": "0 or 1: KUSER_SHARED_DATA.SystemCall",
             "unbound_imports": '"error" or "trap"',
             "preempt_at_callback_return": "true or false: exploration may preempt a thread at NtCallbackReturn's entry",
+            "exceptions": '"deliver" (a fault becomes a Windows exception) or "stop" (the run stops at the first fault)',
         },
     )
     system_call = r.int_(machine, "system_call", ("machine",), 0, 0, 1)
     unbound = r.str_(machine, "unbound_imports", ("machine",), "error")
     if unbound not in ("error", "trap"):
         raise r.fail(("machine", "unbound_imports"), f'expected "error" or "trap", got {unbound!r}')
+    exceptions = r.str_(machine, "exceptions", ("machine",), "deliver")
+    if exceptions not in ("deliver", "stop"):
+        raise r.fail(("machine", "exceptions"), f'expected "deliver" or "stop", got {exceptions!r}')
     preempt = machine.get("preempt_at_callback_return", False)
     if not isinstance(preempt, bool):
         raise r.fail(("machine", "preempt_at_callback_return"), f"expected true or false, got {_kind(preempt)}")
@@ -183,7 +196,7 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
         services=services,
         budgets=budgets, expectations=expectations, system_call=system_call, memory=memory, ntdll=ntdll, pe=pe,
         unbound_imports="trap" if unbound == "trap" else "error", threads=threads, objects=objects, source=text,
-        preempt_at_callback_return=preempt,
+        preempt_at_callback_return=preempt, exceptions="stop" if exceptions == "stop" else "deliver",
         profile_overrides=frozenset(doc.get("profile") or ()) if isinstance(doc.get("profile"), dict) else frozenset(),
     )  # fmt: skip
 
@@ -361,6 +374,11 @@ def _profile_overrides(r: _Reader, obj: Any, profile: Profile) -> Profile:
     if "dispatcher" in fields and fields["dispatcher"] not in DISPATCHERS:
         raise r.fail(
             ("profile", "dispatcher"), f"expected one of {', '.join(DISPATCHERS)}, got {fields['dispatcher']!r}"
+        )
+    if "callback_exception" in fields and fields["callback_exception"] not in CALLBACK_EXCEPTIONS:
+        raise r.fail(
+            ("profile", "callback_exception"),
+            f"expected one of {', '.join(CALLBACK_EXCEPTIONS)}, got {fields['callback_exception']!r}",
         )
     if "stub" in fields and fields["stub"] not in STUB_SHAPES:
         raise r.fail(("profile", "stub"), f"expected one of {', '.join(STUB_SHAPES)}, got {fields['stub']!r}")
