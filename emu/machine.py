@@ -396,6 +396,11 @@ class Machine:
         """A hook on instructions in [begin, end) only: free everywhere else."""
         self.uc.hook_add(UC_HOOK_CODE, callback, None, begin, end - 1)
 
+    def jump(self, rip: int) -> None:
+        """Set RIP from a code hook: the CPU goes on there instead of running the hooked instruction
+        (the binding's single-register write; a batched write of RIP is not seen as a jump)."""
+        self.uc.reg_write(x86.UC_X86_REG_RIP, rip)
+
     def set_gs_base(self, value: int) -> None:
         self.uc.reg_write(_REG_IDS["gs_base"], value)
 

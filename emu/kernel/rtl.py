@@ -448,6 +448,7 @@ class BuiltinRtl:
         thread = self.kernel.current
         self.machine.regs.set_context(regs)
         self.machine.set_extended_state(ExtendedState(list(ctx.xmm), ctx.mxcsr))
+        self.machine.jump(regs.rip)
         if thread is not None:
             sym = self.kernel.trace.symbolize
             frame = self._u64(block + U_TARGET_FRAME)
@@ -468,4 +469,4 @@ class BuiltinRtl:
 
     def jump_to_raise_status(self) -> None:
         """RtlRaiseStatus (2 bytes before the stubs, kept where it was) continues in RtlpRaiseStatus."""
-        self.machine.regs.write(("rip",), (self.raise_status_body,))
+        self.machine.jump(self.raise_status_body)

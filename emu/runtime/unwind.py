@@ -27,7 +27,7 @@ UWOP_PUSH_NONVOL, UWOP_ALLOC_LARGE, UWOP_ALLOC_SMALL, UWOP_PUSH_MACHFRAME = 0, 1
 UNWIND_VERSION = 1
 UNW_FLAG_EHANDLER = 1  # MS docs "struct UNWIND_INFO": an exception handler RVA follows the codes
 UNW_FLAG_UHANDLER = 2  # the handler is also called while unwinding (termination handler)
-_SLOT = -1  # a code tuple (value, _SLOT, 0): the extra 16-bit slot an UWOP_ALLOC_LARGE takes
+SLOT = -1  # a code tuple (value, _SLOT, 0): the extra 16-bit slot an UWOP_ALLOC_LARGE takes
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def alloc(offset: int, size: int) -> tuple[tuple[int, int, int], ...]:
         return (alloc_small(offset, size),)
     if size % 8 or size > 0x7FFF8:
         raise ValueError(f"UWOP_ALLOC_LARGE (OpInfo 0) cannot describe {size:#x} bytes")
-    return ((offset, UWOP_ALLOC_LARGE, 0), (size // 8, _SLOT, 0))
+    return ((offset, UWOP_ALLOC_LARGE, 0), (size // 8, SLOT, 0))
 
 
 # dispatcher_stack.asm: entered with RSP at the UCALLOUT_FRAME, which it never moves; the 0x30
@@ -82,6 +82,7 @@ _DISPATCHER_REGISTERS = FunctionUnwind(
 # with the CONTEXT, CONTEXT_EX and EXCEPTION_RECORD (0x590 bytes) below the machine frame
 # (emu.kernel.exception.frame_layout), so it unwinds through that machine frame to the fault.
 _EXCEPTIONS = (
+    FunctionUnwind("KiUserCallbackDispatcherHandler", "LdrLoadDll", 4, alloc(4, 0x38)),
     FunctionUnwind("KiUserExceptionDispatcher", "RtlDispatchException", 0,
                    (*alloc(0, 0x590), (0, UWOP_PUSH_MACHFRAME, 0))),
     FunctionUnwind("RtlDispatchException", "RtlpCallVectoredHandlers", 7, alloc(7, 0x618)),
@@ -91,7 +92,6 @@ _EXCEPTIONS = (
     FunctionUnwind("RtlUnwindEx", "RtlRaiseException", 7, alloc(7, 0x618)),
     FunctionUnwind("RtlRaiseException", "RtlpRaiseStatus", 7, alloc(7, 0x518)),
     FunctionUnwind("RtlpRaiseStatus", "RtlpRaiseStatusEnd", 7, alloc(7, 0xC8)),
-    FunctionUnwind("KiUserCallbackDispatcherHandler", "LdrLoadDll", 4, alloc(4, 0x38)),
 )  # fmt: skip
 # ntdll.asm: RtlUserThreadStart's `sub rsp, 0x28` (4 bytes) is its whole prologue.
 _COMMON = (FunctionUnwind("RtlUserThreadStart", "RtlRaiseStatus", 4, (alloc_small(4, 0x28),)), *_EXCEPTIONS)
@@ -108,7 +108,7 @@ def unwind_info_bytes(f: FunctionUnwind, handler_rva: int | None = None) -> byte
     flags = f.handler_flags if handler_rva is not None else 0
     out = bytearray([UNWIND_VERSION | flags << 3, f.prolog, len(f.codes), 0])
     for offset, op, info in f.codes:
-        out += struct.pack("<H", offset) if op == _SLOT else bytes([offset, op | info << 4])
+        out += struct.pack("<H", offset) if op == SLOT else bytes([offset, op | info << 4])
     if len(f.codes) % 2:
         out += b"\0\0"
     if handler_rva is not None:
