@@ -111,6 +111,7 @@ class BuiltinRtl:
             "RtlDispatchException__disposition": self.dispatch_disposition,
             "RtlUnwindEx__next_frame": self.unwind_next_frame,
             "RtlRaiseException__capture": self.raise_capture,
+            "__C_specific_handler__step": self.c_specific_step,
         }
         for name, fn in names.items():
             self.handlers[ntdll.symbols[name]] = fn
@@ -455,6 +456,68 @@ class BuiltinRtl:
             code = struct.unpack("<I", self._read(rec, 4) or bytes(4))[0]
             detail = f"RtlUnwindEx to {sym(regs.rip)} (frame {frame:#x}) for {status_name(code)}"
             self.kernel.recorder.unwind(thread, tuple(regs), detail)
+
+    # --- __C_specific_handler ---------------------------------------------------------------------
+    def c_specific_step(self) -> None:
+        """The next thing __C_specific_handler does (its block: rec, frame, ctx, dc, routine,
+        EXCEPTION_POINTERS, last filter answer): 0 search on, 1 call the filter, 2 call the
+        termination handler, 3 unwind to the JumpTarget, 4 continue execution. The routine's
+        address goes to block+0x20; DispatcherContext->ScopeIndex is the position, as on Windows."""
+        block = self._regs().rcx
+        rec, dc = self._u64(block), self._u64(block + 0x18)
+        flags = self._flags(rec)
+        base = self._u64(dc + DC_IMAGE_BASE)
+        pc = self._u64(dc + DC_CONTROL_PC)
+        table = self._u64(dc + DC_HANDLER_DATA)
+        raw_index = self._read(dc + DC_SCOPE_INDEX, 4)
+        index = struct.unpack("<I", raw_index)[0] if raw_index else 0
+        count_raw = self._read(table, 4)
+        count = struct.unpack("<I", count_raw)[0] if count_raw else 0
+        answer = self._u64(block + 0x38)
+        self._write(block + 0x38, bytes(8))
+        if answer:
+            # The filter of scope index - 1 answered: EXECUTE_HANDLER (1), CONTINUE_EXECUTION (-1),
+            # or CONTINUE_SEARCH (0, never stored: the scan just goes on).
+            if answer == 1:
+                self._unwind_to_scope(block, dc, table, base, index - 1)
+                return
+            self._ret(4)
+            return
+        unwinding = flags & (EXCEPTION_UNWINDING | EXCEPTION_EXIT_UNWIND)
+        target_ip = self._u64(dc + DC_TARGET_IP)
+        while index < min(count, 4096):
+            raw = self._read(table + 4 + 16 * index, 16)
+            if raw is None:
+                break
+            begin, end, handler, jump = struct.unpack("<IIII", raw)
+            index += 1
+            if not base + begin <= pc < base + end:
+                continue
+            if unwinding:
+                if jump:
+                    continue
+                if flags & EXCEPTION_TARGET_UNWIND and base + begin <= target_ip < base + end:
+                    break
+                self._write(dc + DC_SCOPE_INDEX, struct.pack("<I", index))
+                self._write(block + 0x20, struct.pack("<Q", base + handler))
+                self._ret(2)
+                return
+            if not jump:
+                continue
+            self._write(dc + DC_SCOPE_INDEX, struct.pack("<I", index))
+            if handler == 1:  # EXCEPTION_EXECUTE_HANDLER in place of a filter
+                self._unwind_to_scope(block, dc, table, base, index - 1)
+                return
+            self._write(block + 0x20, struct.pack("<Q", base + handler))
+            self._ret(1)
+            return
+        self._ret(0)
+
+    def _unwind_to_scope(self, block: int, dc: int, table: int, base: int, index: int) -> None:
+        raw = self._read(table + 4 + 16 * index + 12, 4)
+        jump = struct.unpack("<I", raw)[0] if raw else 0
+        self._write(block + 0x20, struct.pack("<Q", base + jump))
+        self._ret(3)
 
     # --- RtlRaiseException / RtlRaiseStatus -------------------------------------------------------
     def raise_capture(self) -> None:

@@ -208,6 +208,71 @@ RtlpRaiseStatus:
     int3
 RtlpRaiseStatusEnd:
 
+; EXCEPTION_DISPOSITION __C_specific_handler(ExceptionRecord, EstablisherFrame, ContextRecord,
+; DispatcherContext): the language handler of C code compiled with __try (HandlerData is a
+; SCOPE_TABLE: Count, then {BeginAddress, EndAddress, HandlerAddress, JumpTarget} RVAs).
+; Dispatching: each scope around ControlPc with a JumpTarget runs its filter (HandlerAddress,
+; or 1 = EXCEPTION_EXECUTE_HANDLER); EXECUTE_HANDLER unwinds to JumpTarget with the exception
+; code in RAX, CONTINUE_EXECUTION (-1) answers ExceptionContinueExecution. Unwinding: each
+; scope without a JumpTarget runs its termination handler (TRUE, EstablisherFrame), up to the
+; target scope; DispatcherContext->ScopeIndex records progress (MS docs "x64 exception
+; handling"; Wine dlls/ntdll/signal_x86_64.c, ReactOS sdk/lib/crt/except/amd64). Which scope
+; and what to do next is the trap __C_specific_handler__step; the calls are here.
+; Frame: block at +0x30: rec, frame, ctx, dc, the next routine (+0x20), EXCEPTION_POINTERS
+; (+0x28), the last filter's answer (+0x38).
+__C_specific_handler:
+    sub rsp, 0x78
+    mov qword ptr [rsp + 0x30], rcx
+    mov qword ptr [rsp + 0x38], rdx
+    mov qword ptr [rsp + 0x40], r8
+    mov qword ptr [rsp + 0x48], r9
+    mov qword ptr [rsp + 0x58], rcx
+    mov qword ptr [rsp + 0x60], r8
+    mov qword ptr [rsp + 0x68], 0
+__C_specific_handler__next:
+    lea rcx, [rsp + 0x30]
+    call __C_specific_handler__step
+    cmp eax, 1
+    je __C_specific_handler__filter
+    cmp eax, 2
+    je __C_specific_handler__termination
+    cmp eax, 3
+    je __C_specific_handler__unwind
+    cmp eax, 4
+    je __C_specific_handler__continue
+    mov eax, 1                              ; ExceptionContinueSearch
+    add rsp, 0x78
+    ret
+__C_specific_handler__continue:
+    xor eax, eax                            ; ExceptionContinueExecution
+    add rsp, 0x78
+    ret
+__C_specific_handler__filter:
+    lea rcx, [rsp + 0x58]
+    mov rdx, qword ptr [rsp + 0x38]
+    call qword ptr [rsp + 0x50]
+    movsxd rax, eax
+    mov qword ptr [rsp + 0x68], rax
+    jmp __C_specific_handler__next
+__C_specific_handler__termination:
+    mov ecx, 1
+    mov rdx, qword ptr [rsp + 0x38]
+    call qword ptr [rsp + 0x50]
+    jmp __C_specific_handler__next
+__C_specific_handler__unwind:
+    mov r8, qword ptr [rsp + 0x30]          ; ExceptionRecord
+    mov r9d, dword ptr [r8]                 ; ReturnValue = ExceptionCode
+    mov rax, qword ptr [rsp + 0x48]
+    mov rcx, qword ptr [rax + 0x28]         ; DispatcherContext->ContextRecord
+    mov qword ptr [rsp + 0x20], rcx
+    mov rcx, qword ptr [rax + 0x40]         ; DispatcherContext->HistoryTable
+    mov qword ptr [rsp + 0x28], rcx
+    mov rcx, qword ptr [rsp + 0x38]         ; TargetFrame = EstablisherFrame
+    mov rdx, qword ptr [rsp + 0x50]         ; TargetIp = JumpTarget
+    call RtlUnwindEx
+    int3
+__C_specific_handler__end:
+
 ; Traps: each is one `ret` whose work the kernel model does in Python when the CPU reaches it
 ; (emu/kernel/rtl.py); arguments and results follow the x64 calling convention.
 RtlLookupFunctionEntry:
@@ -233,6 +298,8 @@ RtlDispatchException__disposition:
 RtlUnwindEx__next_frame:
     ret
 RtlRaiseException__capture:
+    ret
+__C_specific_handler__step:
     ret
 RtlpEmuTrapsEnd__:
     nop

@@ -92,6 +92,7 @@ _EXCEPTIONS = (
     FunctionUnwind("RtlUnwindEx", "RtlRaiseException", 7, alloc(7, 0x618)),
     FunctionUnwind("RtlRaiseException", "RtlpRaiseStatus", 7, alloc(7, 0x518)),
     FunctionUnwind("RtlpRaiseStatus", "RtlpRaiseStatusEnd", 7, alloc(7, 0xC8)),
+    FunctionUnwind("__C_specific_handler", "__C_specific_handler__end", 4, alloc(4, 0x78)),
 )  # fmt: skip
 # ntdll.asm: RtlUserThreadStart's `sub rsp, 0x28` (4 bytes) is its whole prologue.
 _COMMON = (FunctionUnwind("RtlUserThreadStart", "RtlRaiseStatus", 4, (alloc_small(4, 0x28),)), *_EXCEPTIONS)
