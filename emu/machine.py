@@ -10,7 +10,9 @@ User code runs at CPL 3, as on Windows: the machine enters it once through ``sys
 (Intel SDM vol. 2B SYSRET: CS = STAR[63:48] + 16 | 3, SS = STAR[63:48] + 8 | 3), with
 STAR[63:48] = 0x23 as Windows sets it, so CS reads 0x33 and SS 0x2B (KGDT64_R3_CODE |
 RPL 3, KGDT64_R3_DATA | RPL 3) and privileged instructions (cli, hlt, wrmsr, mov crN,
-...) raise #GP instead of running. Unicorn hands `syscall` to the kernel's hook without
+...) raise #GP instead of running. Not in/out: Unicorn runs them at CPL 3 whatever IOPL says
+(Intel SDM vol. 1, 18.5.1 wants #GP), and an instruction hook cannot stop the CPU before the
+rest of its translation block has run, so they still execute as no-ops. Unicorn hands `syscall` to the kernel's hook without
 changing privilege, so the CPU never leaves CPL 3.
 """
 
