@@ -144,7 +144,9 @@ def build_exceptions_dll() -> Path:
         try:
             _run([DLLTOOL, "-d", str(REAL_SOURCES / "ntdll_seh.def"), "-l", "libntdll_seh.a", "-D", "ntdll.dll"], tmp)
             src = [str(REAL_SOURCES / n) for n in ("exceptions.c", "exceptions.def")]
-            _run([CC, *COMMON, "-Wl,--image-base,0x7ffa00000000", "-o", dll.name, *src, "libntdll_seh.a", "-lntdll"], tmp)
+            _run(
+                [CC, *COMMON, "-Wl,--image-base,0x7ffa00000000", "-o", dll.name, *src, "libntdll_seh.a", "-lntdll"], tmp
+            )
             try:
                 os.replace(tmp, target)
             except OSError:  # built by another session first

@@ -24,7 +24,7 @@ from emu.image import PAGE, Image, Section
 from emu.pe import load_pe
 from emu.profile import get_profile
 from emu.runtime import build_ntdll
-from emu.runtime.unwind import SLOT, TABLES, UWOP_ALLOC_LARGE, UWOP_ALLOC_SMALL, UWOP_PUSH_MACHFRAME
+from emu.runtime.unwind import SLOT, TABLES, UWOP_ALLOC_SMALL, UWOP_PUSH_MACHFRAME
 from emu.scenario import parse_scenario
 from emu.signals import combined
 from emu.unwind import (

@@ -13,9 +13,9 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import asm_scenario
 from real_ntdll import RealNtdllError, build_exceptions_dll, wine_dlls
 
+from conftest import asm_scenario
 from emu.engine import Run, build, run
 from emu.errors import MachineFault
 from emu.scenario import load_scenario, parse_scenario
@@ -176,7 +176,7 @@ def test_exception_frame_layout_on_the_user_stack() -> None:
     assert rsp % 16 == 0 and r.symbolize(entry.context.rip) == "ntdll!KiUserExceptionDispatcher"
     assert rsp == ((faulting.rsp - 0x28) & ~15) - 0xA0 - 0x20 - 0x4D0
     s = entry.stack
-    flags, = struct.unpack_from("<I", s, 0x30)
+    (flags,) = struct.unpack_from("<I", s, 0x30)
     assert flags == 0x10001F  # CONTEXT_FULL | CONTEXT_SEGMENTS | CONTEXT_DEBUG_REGISTERS
     assert struct.unpack_from("<Q", s, 0xF8)[0] == m["fault"] and struct.unpack_from("<Q", s, 0x98)[0] == faulting.rsp
     code, _, _, address, n = struct.unpack_from("<IIQQI", s, 0x4F0)

@@ -233,7 +233,9 @@ def test_jump_to_null_is_a_fault() -> None:
     first = next(t for t in r.trace if t.kind == "exception")
     assert first.rip == 0 and "executing 0x0" in first.detail
     stopped = run_bounded(
-        parse_scenario(asm_scenario("main:\n    xor eax, eax\n    call rax\n    ret", extra='[machine]\nexceptions = "stop"'))
+        parse_scenario(
+            asm_scenario("main:\n    xor eax, eax\n    call rax\n    ret", extra='[machine]\nexceptions = "stop"')
+        )
     )
     assert isinstance(stopped.error, MachineFault), stopped.error
 

@@ -110,9 +110,7 @@ class Recorder:
     def exit(self, thread: KThread, regs: tuple[int, ...], service: str, ssn: int | None, status: int) -> None:
         self._add("exit", thread, "exited", regs, service, ssn, status, None, None, False, "", b"", None)
 
-    def exception(
-        self, thread: KThread, regs: tuple[int, ...], code: int, detail: str, mode: Mode = "kernel"
-    ) -> None:
+    def exception(self, thread: KThread, regs: tuple[int, ...], code: int, detail: str, mode: Mode = "kernel") -> None:
         """A fault traps into the kernel (``mode`` "kernel": the context at the fault), or the kernel
         delivers an exception to KiUserExceptionDispatcher (``mode`` "user")."""
         self._add("exception", thread, mode, regs, None, None, code, None, None, False, detail, b"", None)

@@ -23,16 +23,16 @@ from typing import TYPE_CHECKING
 from emu.context import UserContext
 from emu.image import Image
 from emu.kernel.record import read_or_none
-from emu.machine import ExtendedState
 from emu.kernel.vunwind import (
     UNW_FLAG_EHANDLER,
     UNW_FLAG_UHANDLER,
     FunctionEntry,
-    Unwound,
     UnwindError,
+    Unwound,
     lookup,
     virtual_unwind,
 )
+from emu.machine import ExtendedState
 from emu.ntcontext import (
     CONTEXT_FULL,
     CONTEXT_SEGMENTS,

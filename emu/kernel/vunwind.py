@@ -104,7 +104,11 @@ def _in_epilog(read: Reader, pc: int, entry: FunctionEntry) -> bool:
     i = 0
     if code[i : i + 3] in (b"\x48\x83\xc4", b"\x48\x81\xc4"):
         i += 4 if code[i + 1] == 0x83 else 7
-    elif code[i : i + 2] == b"\x48\x8d" and code[i + 2] & 0xC7 in (0x44, 0x84, 0x64, 0xA4) and (code[i + 2] >> 3) & 7 == 4:
+    elif (
+        code[i : i + 2] == b"\x48\x8d"
+        and code[i + 2] & 0xC7 in (0x44, 0x84, 0x64, 0xA4)
+        and (code[i + 2] >> 3) & 7 == 4
+    ):
         return False  # lea rsp, [...]: rare in the code emu meets; treated as a body
     while i < len(code):
         b = code[i]
