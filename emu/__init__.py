@@ -12,7 +12,7 @@ The public API is small::
 """
 
 from emu.api import Run, run
-from emu.detection.score import score  # the function; the module stays importable as emu.score via sys.modules
+from emu.detection.score import score
 from emu.detection.view import Detection, ThreadView, detect
 from emu.errors import (
     BudgetExceeded,

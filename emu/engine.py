@@ -27,6 +27,7 @@ from emu.errors import (
 )
 from emu.kernel import Kernel, KernelHooks, KThread, Recorder
 from emu.kernel.objects import Event, Mutant
+from emu.kernel.rtl import BuiltinRtl
 from emu.loader.binding import ImportTraps, bind_imports
 from emu.loader.callback_table import peb_callback_table
 from emu.loader.image import PAGE, AssemblyError, Image, Symbolizer, image_from_assembly
@@ -165,6 +166,10 @@ class Process:
             self.machine, self.profile, registry, recorder, dispatcher, b.callback_depth, self.ssn_table, hooks
         )
         self.kernel.visible = lambda name: name in shared
+        self.kernel.exceptions = scenario.exceptions
+        self.kernel.exception_dispatcher = self.ntdll.export("KiUserExceptionDispatcher")
+        # The built-in ntdll's exception routines do part of their work in Python (emu.kernel.rtl).
+        self.rtl = None if self.foreign else BuiltinRtl(self.kernel, self.ntdll, self.images)
         many = len(specs) > 1
         self.entries: list[int] = []
         modes: list[str] = []

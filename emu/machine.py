@@ -1,8 +1,19 @@
 """The CPU and the user address space: Unicorn, mapped regions, fast register access.
 
 The machine knows nothing of system calls: it maps memory, moves registers and
-reports `syscall`, interrupts and faults to handlers the kernel installs. Faults in
-user code become :class:`MachineFault` naming the access, the address and the RIP.
+reports `syscall`, interrupts and faults to handlers the kernel installs. A fault in
+user code is a :class:`Trap`; the kernel's exception handler may turn it into a Windows
+exception (and the CPU goes on where the handler put it), otherwise it becomes a
+:class:`MachineFault` naming the access, the address and the RIP.
+
+User code runs at CPL 3, as on Windows: the machine enters it once through ``sysretq``
+(Intel SDM vol. 2B SYSRET: CS = STAR[63:48] + 16 | 3, SS = STAR[63:48] + 8 | 3), with
+STAR[63:48] = 0x23 as Windows sets it, so CS reads 0x33 and SS 0x2B (KGDT64_R3_CODE |
+RPL 3, KGDT64_R3_DATA | RPL 3) and privileged instructions (cli, hlt, wrmsr, mov crN,
+...) raise #GP instead of running. Not in/out: Unicorn runs them at CPL 3 whatever IOPL says
+(Intel SDM vol. 1, 18.5.1 wants #GP), and an instruction hook cannot stop the CPU before the
+rest of its translation block has run, so they still execute as no-ops. Unicorn hands `syscall` to the kernel's hook without
+changing privilege, so the CPU never leaves CPL 3.
 """
 
 from __future__ import annotations
@@ -11,10 +22,11 @@ import ctypes
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from unicorn import (
     UC_ARCH_X86,
+    UC_ERR_INSN_INVALID,
     UC_ERR_OK,
     UC_ERR_READ_UNMAPPED,
     UC_HOOK_CODE,
@@ -175,6 +187,27 @@ class Region:
 
 
 @dataclass(frozen=True)
+class Trap:
+    """A fault in user code, as the CPU reported it, before anyone turns it into an exception.
+
+    ``kind``: "memory" (an access to unmapped or protected memory: ``access`` is "read",
+    "write" or "execute", ``address`` the byte), "interrupt" (a CPU exception or `int n`
+    the kernel did not take as a system call: ``vector``), or "invalid" (an opcode the CPU
+    refused: #UD). ``rip`` is where the CPU stood: the faulting instruction for faults, the
+    next one for traps (`int3`, `int n`, single step). ``message`` is the one-line
+    description a stopped run reports.
+    """
+
+    kind: str
+    rip: int
+    message: str
+    vector: int = -1
+    access: str = ""
+    address: int = 0
+    region: str = ""
+
+
+@dataclass(frozen=True)
 class StopInfo:
     """Why ``Machine.run`` returned: ``requested`` by a handler, ``instructions`` or ``timeout``."""
 
@@ -184,6 +217,22 @@ class StopInfo:
 
 SyscallHandler = Callable[[Uc, object], None]
 InterruptHandler = Callable[[Uc, int, object], None]
+# Called outside any hook with a fault: True when it made the thread go on (a Windows
+# exception was delivered, the registers say where), False to stop the run with MachineFault.
+ExceptionHandler = Callable[[Trap], bool]
+
+# Where emu puts the one instruction that drops the CPU to CPL 3 (mapped for that moment only).
+_SYSRET_PAGE = 0x1000
+_MSR_EFER, _MSR_STAR = 0xC000_0080, 0xC000_0081
+_EFER_SCE = 1
+
+
+@dataclass
+class ExtendedState:
+    """The vector state an exception's CONTEXT carries besides the general registers."""
+
+    xmm: list[int] = field(default_factory=lambda: [0] * 16)
+    mxcsr: int = 0x1F80
 
 
 class Machine:
@@ -203,10 +252,12 @@ class Machine:
         self._mem_read = lib.uc_mem_read if lib is not None else None
         self._handle = getattr(self.regs, "_handle", None)
         self._stop_requested = False
-        self._fault: MachineFault | None = None
         self._cow_retry = False
         self.cow: CowMemory | None = None
         self.watchdog_fired = False
+        self._trap: Trap | None = None
+        self.exception_handler: ExceptionHandler | None = None
+        self._enter_user_mode()
         self.uc.hook_add(
             UC_HOOK_MEM_READ_UNMAPPED
             | UC_HOOK_MEM_WRITE_UNMAPPED
@@ -216,6 +267,53 @@ class Machine:
             | UC_HOOK_MEM_FETCH_PROT,
             self._fault_hook,
         )
+
+    def _enter_user_mode(self) -> None:
+        """Drop the CPU to CPL 3 with one `sysretq` (see the module docstring), then keep that
+        CPU state as the clean one :meth:`_clear_exception_state` goes back to."""
+        uc = self.uc
+        uc.mem_map(_SYSRET_PAGE, PAGE, UC_PROT_EXEC | UC_PROT_READ)
+        uc.mem_write(_SYSRET_PAGE, b"\x48\x0f\x07")  # sysretq
+        uc.reg_write(x86.UC_X86_REG_MSR, (_MSR_EFER, uc.reg_read(x86.UC_X86_REG_MSR, _MSR_EFER) | _EFER_SCE))
+        uc.reg_write(x86.UC_X86_REG_MSR, (_MSR_STAR, 0x23 << 48 | 0x10 << 32))
+        uc.reg_write(x86.UC_X86_REG_RCX, _SYSRET_PAGE + 3)  # where sysret goes: the `until` address
+        uc.reg_write(x86.UC_X86_REG_R11, 0x202)
+        uc.emu_start(_SYSRET_PAGE, _SYSRET_PAGE + 3, count=1)
+        uc.mem_unmap(_SYSRET_PAGE, PAGE)
+        uc.reg_write(x86.UC_X86_REG_R11, 0)
+        self._clean = uc.context_save()
+
+    def _clear_exception_state(self) -> None:
+        """Forget the CPU exception in flight, keeping every register a thread can see.
+
+        QEMU counts a #DE or #GP as "in flight" until the IDT delivers it; Unicorn hands it to
+        the hook instead, so the next #DE/#GP would become a double fault (#DF) and a third a
+        shutdown. Restoring the clean CPU state (taken at CPL 3) clears that.
+        """
+        regs = self.regs.context()
+        gs = self.uc.reg_read(_REG_IDS["gs_base"])
+        ext = self.extended_state()
+        self.uc.context_restore(self._clean)
+        self.regs.set_context(regs)
+        self.uc.reg_write(_REG_IDS["gs_base"], gs)
+        self.set_extended_state(ext)
+
+    def extended_state(self) -> ExtendedState:
+        return ExtendedState([int(self.uc.reg_read(r)) for r in _XMM], int(self.uc.reg_read(x86.UC_X86_REG_MXCSR)))
+
+    def set_extended_state(self, ext: ExtendedState) -> None:
+        for r, v in zip(_XMM, ext.xmm):
+            self.uc.reg_write(r, v)
+        self.uc.reg_write(x86.UC_X86_REG_MXCSR, ext.mxcsr)
+
+    def register(self, name: str) -> int | None:
+        """Any x86 register by its assembler name (``eax``, ``r8d``, ``ah``), or None if unknown."""
+        reg = getattr(x86, f"UC_X86_REG_{name.upper()}", None)
+        return None if reg is None else int(self.uc.reg_read(reg))
+
+    def segment_selectors(self) -> tuple[int, int]:
+        """(CS, SS) as the CPU holds them: (0x33, 0x2B) in user mode."""
+        return self.uc.reg_read(x86.UC_X86_REG_CS), self.uc.reg_read(x86.UC_X86_REG_SS)
 
     # --- memory ---------------------------------------------------------------------
     def map(self, start: int, size: int, perms: str, label: str, data: bytes = b"") -> Region:
@@ -254,6 +352,13 @@ class Machine:
         region = self.map(start + PAGE, size, "rw", label)
         self._next_alloc = region.end + PAGE
         return region.start, region.end
+
+    def protect(self, start: int, size: int, perms: str, label: str) -> None:
+        """Change a mapped range's protection (a whole region), as NtProtectVirtualMemory would."""
+        self.uc.mem_protect(start, size, _prot(perms))
+        self.regions = sorted(
+            [r for r in self.regions if r.start != start] + [Region(start, size, perms, label)], key=lambda r: r.start
+        )
 
     def region_at(self, address: int) -> Region | None:
         for r in self.regions:
@@ -299,6 +404,11 @@ class Machine:
         for n in numbers:
             self.uc.reg_write(_XMM[n], 0)
 
+    def jump(self, rip: int) -> None:
+        """Set RIP from a code hook: the CPU goes on there instead of running the hooked instruction
+        (the binding's single-register write; a batched write of RIP is not seen as a jump)."""
+        self.uc.reg_write(x86.UC_X86_REG_RIP, rip)
+
     def set_gs_base(self, value: int) -> None:
         self.uc.reg_write(_REG_IDS["gs_base"], value)
 
@@ -338,31 +448,35 @@ class Machine:
 
     def _run(self, begin: int, instructions: int, timeout: float | None, start: float) -> StopInfo:
         while True:
-            self._fault = None
+            self._trap = None
             self._cow_retry = False
             us = 0 if timeout is None else max(1, int((timeout - (time.perf_counter() - start)) * 1_000_000))
             try:
                 self.uc.emu_start(begin, NEVER, timeout=us, count=instructions)
-                break
             except UcError as e:
                 if self._cow_retry:
                     begin = self.regs.read(("rip",))[0]
                     continue
                 # A fault hook returned False, so Unicorn reports the access as an error; the
                 # hook has kept the explanation.
-                if self._fault is not None:
-                    raise self._fault from None
-                rip = self.regs.read(("rip",))[0]
-                where = self.symbolize(rip)
-                raise MachineFault(f"CPU error: {e} at {where}", rip, where) from None
+                trap = self._trap
+                if trap is None:
+                    rip = self.regs.read(("rip",))[0]
+                    where = self.symbolize(rip)
+                    if e.errno != UC_ERR_INSN_INVALID:
+                        raise MachineFault(f"CPU error: {e} at {where}", rip, where) from None
+                    trap = Trap("invalid", rip, f"invalid instruction at {where}", vector=6)
+                begin = self._deliver(trap)
+                if self._stop_requested:
+                    break
+                continue
+            if self._trap is not None and not self._stop_requested:
+                begin = self._deliver(self._trap)
+                if self._stop_requested:
+                    break
+                continue
+            break
         elapsed = time.perf_counter() - start
-        if not self._stop_requested and not self.watchdog_fired:
-            rip = self.regs.read(("rip",))[0]
-            if self.readable(rip - 1, 1) and self.read(rip - 1, 1) == b"\xf4":
-                # HLT is privileged (Intel SDM): user mode gets #GP, Windows
-                # STATUS_PRIVILEGED_INSTRUCTION; Unicorn just stops.
-                where = self.symbolize(rip - 1)
-                raise MachineFault(f"privileged instruction hlt at {where}", rip - 1, where)
         if self._stop_requested:
             return StopInfo("requested", elapsed)
         if timeout is not None and self.uc.query(UC_QUERY_TIMEOUT):
@@ -370,6 +484,20 @@ class Machine:
         if self.watchdog_fired:
             return StopInfo("timeout", elapsed)
         return StopInfo("instructions", elapsed)
+
+    def _deliver(self, trap: Trap) -> int:
+        """Hand a fault to the exception handler: where the CPU goes on, or MachineFault."""
+        self._clear_exception_state()
+        self._trap = None
+        if self.exception_handler is None or not self.exception_handler(trap):
+            where = self.symbolize(trap.rip)
+            raise MachineFault(trap.message, trap.rip, where)
+        return int(self.regs.read(("rip",))[0])
+
+    def raise_trap(self, trap: Trap) -> None:
+        """From a hook: stop the CPU and hand ``trap`` to the exception handler (outside the hook)."""
+        self._trap = trap
+        self.uc.emu_stop()
 
     # --- hooks ----------------------------------------------------------------------
     def install(self, on_syscall: SyscallHandler, on_interrupt: InterruptHandler) -> None:
@@ -394,9 +522,8 @@ class Machine:
         elif region is not None:
             why = f"{why}: {region.label} is '{region.perms or '-'}'"
         where = self.symbolize(rip)
-        self._fault = MachineFault(
-            f"memory fault: {what} of {size} byte(s) at {address:#x} ({why}) at {where}", rip, where
-        )
+        message = f"memory fault: {what} of {size} byte(s) at {address:#x} ({why}) at {where}"
+        self._trap = Trap("memory", rip, message, access=what, address=address, region=region.label if region else "")
         return False
 
 

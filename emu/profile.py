@@ -17,6 +17,8 @@ Dispatcher = Literal["stack", "registers"]
 DispatcherRegisters = Literal["wrk", "windows10", "reactos"]
 CalloutFrame = Literal["wrk", "reactos"]
 StubShape = Literal["win7", "win10"]
+CallbackException = Literal["swallow", "fatal"]
+CALLBACK_EXCEPTIONS: tuple[str, ...] = ("swallow", "fatal")
 
 DEFAULT_PROFILE = "win10-22h2"
 DISPATCHERS: tuple[str, ...] = ("stack", "registers")
@@ -43,6 +45,9 @@ class Profile:
     callback_stack_cost: int
     callback_output_limit: int
     user_probe_address: int
+    # What an exception that leaves a user-mode callback unhandled does (KiUserCallbackDispatcherHandler):
+    # "swallow" (Windows 7 SP1, MS KB976038) or "fatal" (STATUS_FATAL_USER_CALLBACK_EXCEPTION).
+    callback_exception: CallbackException = "fatal"
     ssn: dict[str, int] = field(default_factory=dict)
     ssn_source: str = ""
 
@@ -65,6 +70,7 @@ PROFILE_CHOICES: dict[str, tuple[str, ...]] = {
     "dispatcher_registers": DISPATCHER_REGISTERS,
     "callout_frame": CALLOUT_FRAMES,
     "stub": STUB_SHAPES,
+    "callback_exception": CALLBACK_EXCEPTIONS,
 }
 
 OVERRIDABLE: dict[str, type] = {
@@ -76,6 +82,7 @@ OVERRIDABLE: dict[str, type] = {
     "kernel_stack_commit": int,
     "callback_stack_cost": int,
     "callback_output_limit": int,
+    "callback_exception": str,
 }
 
 
@@ -117,6 +124,7 @@ def get_profile(name: str = DEFAULT_PROFILE) -> Profile:
         callback_stack_cost=p["callback_stack_cost"],
         callback_output_limit=p["callback_output_limit"],
         user_probe_address=p["user_probe_address"],
+        callback_exception=p["callback_exception"],
         ssn=dict(tables.get("services", {})),
         ssn_source=tables.get("source", ""),
     )

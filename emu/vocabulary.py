@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-TransitionKind = Literal["syscall", "sysret", "callback", "callback_return", "fault", "exit", "block"]
+TransitionKind = Literal[
+    "syscall", "sysret", "callback", "callback_return", "fault", "exit", "block", "exception", "continue", "unwind"
+]
 KINDS: tuple[str, ...] = get_args(TransitionKind)
 
 # Who looks at a thread (emu.detection.observers says what each one can see).

@@ -123,6 +123,40 @@ def build_real_callbacks() -> Path:
     return dll
 
 
+@cache
+def build_exceptions_dll() -> Path:
+    """exceptions.dll from ``tests/fixtures/real/exceptions.c``: a vectored handler and a
+    frame-based (__try1) handler, linked against libntdll.a and an import library for
+    ntdll's __C_specific_handler; cached by sources and compiler version."""
+    from pe_fixtures import CACHE, CC, COMMON, DLLTOOL, _run, _tool_version
+
+    h = hashlib.sha256()
+    for tool in (CC, DLLTOOL):
+        h.update(_tool_version(tool).encode())
+    h.update(repr(COMMON).encode())
+    for name in ("exceptions.c", "exceptions.def", "ntdll_seh.def"):
+        h.update(name.encode() + b"\0" + (REAL_SOURCES / name).read_bytes())
+    target = CACHE / f"exceptions-{h.hexdigest()[:16]}"
+    dll = target / "exceptions.dll"
+    if not dll.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=".build-"))
+        try:
+            _run([DLLTOOL, "-d", str(REAL_SOURCES / "ntdll_seh.def"), "-l", "libntdll_seh.a", "-D", "ntdll.dll"], tmp)
+            src = [str(REAL_SOURCES / n) for n in ("exceptions.c", "exceptions.def")]
+            _run(
+                [CC, *COMMON, "-Wl,--image-base,0x7ffa00000000", "-o", dll.name, *src, "libntdll_seh.a", "-lntdll"], tmp
+            )
+            try:
+                os.replace(tmp, target)
+            except OSError:  # built by another session first
+                if not dll.exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dll
+
+
 def install_real_scenarios() -> Path:
     """Put the real DLLs and the compiled callbacks DLL where ``scenarios/real/*.toml`` expect them."""
     src = wine_dlls()
@@ -131,6 +165,7 @@ def install_real_scenarios() -> Path:
     for name in DLLS:
         _copy_if_changed(src / name, REAL_BIN / name)
     _copy_if_changed(callbacks, REAL_BIN / "real_callbacks.dll")
+    _copy_if_changed(build_exceptions_dll(), REAL_BIN / "exceptions.dll")
     return REAL_BIN
 
 

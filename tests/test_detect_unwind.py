@@ -28,7 +28,7 @@ from emu.loader.image import PAGE, Image, Section
 from emu.loader.pe import load_pe
 from emu.profile import get_profile
 from emu.runtime import build_ntdll
-from emu.runtime.unwind import TABLES, UWOP_ALLOC_SMALL, UWOP_PUSH_MACHFRAME
+from emu.runtime.unwind import SLOT, TABLES, UWOP_ALLOC_SMALL, UWOP_PUSH_MACHFRAME
 from emu.scenario import parse_scenario
 from emu.winnt import (
     UCALLOUT_MF_RIP,
@@ -329,22 +329,29 @@ def test_builtin_ntdll_unwind_table_matches_its_code(convention: str) -> None:
     ]
     for spec, entry in zip(TABLES[convention], table):
         info = read_unwind_info(image.read, entry.unwind, image.base)
-        assert [(c.offset, c.op, c.info) for c in info.codes] == list(spec.codes)
+        codes = [c for c in spec.codes if c[1] != SLOT]  # an ALLOC_LARGE's size slot is part of its code
+        assert [(c.offset, c.op, c.info) for c in info.codes] == codes
         code = image.read(entry.begin, entry.end - entry.begin) or b""
         insns = list(_md.disasm(code, entry.begin))
         assert insns[-1].address + insns[-1].size == entry.end, "the entry covers the whole function"
         # Each prologue instruction that moves RSP has its code at the offset where it ends.
         seen: list[tuple[int, int, int | None]] = []
-        for insn in insns:
+        for i, insn in enumerate(insns):
             off = insn.address + insn.size - entry.begin
-            if off > info.prolog_size:
+            epilog = insn.mnemonic == "add" and i + 1 < len(insns) and insns[i + 1].mnemonic == "ret"
+            if off > info.prolog_size and not epilog:  # an epilog (add rsp, N; ret) undoes the prolog
                 assert not (insn.mnemonic in ("sub", "add", "push", "pop") and "rsp" in insn.op_str.split(",")[0]), insn
                 continue
+            if off > info.prolog_size:
+                continue
             if insn.mnemonic == "sub" and insn.op_str.startswith("rsp, "):
-                seen.append((off, UWOP_ALLOC_SMALL, int(insn.op_str.split(", ")[1], 0) // 8 - 1))
+                size = int(insn.op_str.split(", ")[1], 0)
+                # MS docs "struct UNWIND_CODE": up to 128 bytes ALLOC_SMALL (OpInfo = size/8 - 1),
+                # else ALLOC_LARGE with OpInfo 0 (size/8 in the next slot).
+                seen.append((off, UWOP_ALLOC_SMALL, size // 8 - 1) if size <= 128 else (off, UWOP_ALLOC_LARGE, 0))
             elif insn.mnemonic == "push":
                 seen.append((off, UWOP_PUSH_NONVOL, None))
-        in_prologue = [c for c in spec.codes if c[0] > 0]
+        in_prologue = [c for c in codes if c[0] > 0]
         assert seen[::-1] == in_prologue
     disp = next(f for f in TABLES[convention] if f.name == "KiUserCallbackDispatcher")
     entry_codes = [c for c in disp.codes if c[0] == 0]
@@ -363,14 +370,16 @@ def test_builtin_dispatcher_registers_its_exception_handler(convention: str) -> 
     image = build_ntdll(get_profile().with_overrides(dispatcher=convention))
     entry = next(f for f in function_table(image) if f.begin == image.exports["KiUserCallbackDispatcher"])
     head = image.read(entry.unwind, 4) or b""
-    assert head[0] & 7 == 1 and head[0] >> 3 == 1  # Version 1, Flags = UNW_FLAG_EHANDLER
+    # Version 1, Flags = UNW_FLAG_EHANDLER | UNW_FLAG_UHANDLER (2): the handler also runs while an
+    # unwind passes through the dispatcher (emu.runtime dispatcher_handler.asm).
+    assert head[0] & 7 == 1 and head[0] >> 3 == 3
     codes = head[2] + head[2] % 2
     rva = struct.unpack("<I", image.read(entry.unwind + 4 + 2 * codes, 4) or b"")[0]
     handler = image.base + rva
     assert image.symbols["KiUserCallbackDispatcherHandler"] == handler
-    # It is a leaf that answers ExceptionContinueSearch (1): mov eax, 1; ret.
-    insns = [(i.mnemonic, i.op_str) for i in _md.disasm(image.read(handler, 6) or b"", handler)]
-    assert insns == [("mov", "eax, 1"), ("ret", "")]
+    # It looks at ExceptionRecord->ExceptionFlags first (EXCEPTION_UNWIND = 0x66, winnt.h).
+    insns = [(i.mnemonic, i.op_str) for i in _md.disasm(image.read(handler, 16) or b"", handler)]
+    assert insns[:2] == [("sub", "rsp, 0x38"), ("test", "dword ptr [rcx + 4], 0x66")]
     # The unwinder still reads the codes in front of the handler RVA.
     info = read_unwind_info(image.read, entry.unwind, image.base)
     assert info.codes[-1].op == UWOP_PUSH_MACHFRAME
@@ -382,6 +391,8 @@ def test_every_walk_of_a_shipped_run_ends_at_the_threads_first_frame(shipped_run
             w = walk(view_of(r, s))
             if name == "hard_corrupt_rsp" and w.problem and "RSP" in w.problem:
                 continue
+            if name == "exception_stack_overflow" and s.id in (1, 2, 3):
+                continue  # in the middle of ~4,000 frames of unbounded recursion (emu.detection.unwind.MAX_FRAMES)
             assert w.complete, (name, s.id, w.problem)
             assert "stack scan" not in {f.how for f in w.frames}, (name, s.id)
 

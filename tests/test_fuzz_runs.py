@@ -237,7 +237,17 @@ def _run_code(code: str) -> Run:
 
 def test_jump_to_null_is_a_fault() -> None:
     r = _run_code("main:\n    xor eax, eax\n    call rax\n    ret")
-    assert isinstance(r.error, MachineFault), r.error
+    # Delivered as an access violation executing 0 (MS docs EXCEPTION_RECORD: 8 = DEP/execute);
+    # no handler takes it, so the second chance ends the process with the code.
+    assert r.error is None and r.exit_status == 0xC0000005, r.error
+    first = next(t for t in r.trace if t.kind == "exception")
+    assert first.rip == 0 and "executing 0x0" in first.detail
+    stopped = run_bounded(
+        parse_scenario(
+            asm_scenario("main:\n    xor eax, eax\n    call rax\n    ret", extra='[machine]\nexceptions = "stop"')
+        )
+    )
+    assert isinstance(stopped.error, MachineFault), stopped.error
 
 
 def test_hlt_is_not_an_instruction_budget() -> None:

@@ -157,15 +157,18 @@ def test_no_callback_active_outside_a_callback() -> None:
     assert r.detections == []
 
 
+STOP_AT_FAULTS = '[machine]\nexceptions = "stop"\n'
+
+
 def test_memory_fault_names_access_address_and_symbol() -> None:
-    r = run(scenario("main:\n nop\n mov qword ptr [0x10], rax\n ret"))
+    r = run(scenario("main:\n nop\n mov qword ptr [0x10], rax\n ret", extra=STOP_AT_FAULTS))
     assert isinstance(r.error, MachineFault)
     assert str(r.error) == "memory fault: write of 8 byte(s) at 0x10 (unmapped) at app!main+0x1"
     assert r.trace.transitions[-1].kind == "fault"
 
 
 def test_stack_overflow_hits_the_guard_page() -> None:
-    r = run(scenario("main:\n push rax\n jmp main"))
+    r = run(scenario("main:\n push rax\n jmp main", extra=STOP_AT_FAULTS))
     assert isinstance(r.error, MachineFault)
     assert "guard page of thread 0 stack (stack overflow)" in str(r.error)
 

@@ -27,7 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("emu.kernel", "emu.machine", "emu.snapshot", "emu.trace"),
     ("emu.loader", "emu.runtime", "emu.scenario", "emu.address_space"),
     ("emu.winnt", "emu.profile", "emu.data", "emu.context", "emu.errors", "emu.writing", "emu.interrupts",
-     "emu.vocabulary"),
+     "emu.vocabulary", "emu.ntcontext"),
 )  # fmt: skip
 
 

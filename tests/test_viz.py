@@ -115,6 +115,7 @@ def test_a_fault_ends_the_thread_on_the_lane_it_was_in(tmp_path: Path) -> None:
             "main:\n sub rsp, 0x28\n call NtUserMessageCall\n add rsp, 0x28\n ret\non_message:\n int3",
             table='[kernel_callback_table]\nsize = 4\n2 = "app!on_message"',
             services='[services.NtUserMessageCall]\nsteps = [{ kind = "callback", api = 2 }, { kind = "return", status = 0 }]',
+            extra='[machine]\nexceptions = "stop"',  # the old stop at the first fault
         )
     )
     r = emu.run(path)

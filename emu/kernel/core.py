@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from emu.context import REGISTER_NAMES, KTrapFrame, UserContext
-from emu.errors import BudgetExceeded, EmuError, MachineFault, ModelBug, UnimplementedService
-from emu.kernel import sched
+from emu.errors import BudgetExceeded, EmuError, ModelBug, UnimplementedService
+from emu.kernel import exception, sched
 from emu.kernel.callout import kernel_stack_overflow, lay_out
 from emu.kernel.hooks import KernelHooks
 from emu.kernel.objects import ObjectTable, ReceiveMessage, ReleaseMutant, ReplyMessage, SendMessage, SetEvent, Wait
@@ -31,7 +31,7 @@ from emu.kernel.services import (
     UserCallback,
 )
 from emu.kernel.thread import CallbackFrame, KThread, PendingChoice, ThreadServiceContext
-from emu.machine import Machine
+from emu.machine import Machine, Trap
 from emu.profile import Profile
 from emu.winnt import (
     STATUS_ACCESS_VIOLATION,
@@ -46,6 +46,12 @@ _ALL = REGISTER_NAMES
 _SYSRET = ("rax", "rcx", "r11")
 OBJECT_REQUESTS = (Wait, SetEvent, ReleaseMutant, SendMessage, ReceiveMessage, ReplyMessage)
 _VIA = {"syscall": "", "int 2Eh": "entered via int 2Eh"}
+# Services that change the thread's whole context rather than return a status (emu.kernel.exception).
+_CONTEXT_SERVICES = {
+    "NtContinue": exception.nt_continue,
+    "NtRaiseException": exception.nt_raise_exception,
+    "NtTerminateProcess": exception.nt_terminate_process,
+}
 
 
 def _everywhere(name: str | None) -> bool:
@@ -94,7 +100,11 @@ class Kernel:
         self._read_all = machine.regs.reader(_ALL)
         self._write_sysret = machine.regs.writer(_SYSRET)
         self._write_rax = machine.regs.writer(("rax",))
+        # Faults become Windows exceptions ("deliver") or stop the run ("stop", [machine] exceptions).
+        self.exceptions = "deliver"
+        self.exception_dispatcher: int | None = None  # the loaded ntdll's KiUserExceptionDispatcher
         machine.install(self.on_syscall, self.on_interrupt)
+        machine.exception_handler = self.on_trap
 
     # --- threads ------------------------------------------------------------------------
     def add_thread(self, thread: KThread) -> None:
@@ -126,10 +136,24 @@ class Kernel:
             # is set (Win10 stub shape); INT/IRETQ leave RCX and R11 alone (Intel SDM).
             self._enter(vals, "int 2Eh")
             return
-        what = "breakpoint (int3)" if intno == 3 else f"interrupt {intno:#x}"
+        # A CPU exception (#DE, #DB, #GP) or an `int n` other than 2Eh: the exception module
+        # turns it into a Windows exception once the CPU has stopped (outside this hook).
         rip = vals[16]
-        where = self.trace.symbolize(rip - (1 if intno == 3 else 2))
-        raise MachineFault(f"{what} at {where}", rip, where)
+        self.machine.raise_trap(Trap("interrupt", rip, f"interrupt {intno:#x} at {self.trace.symbolize(rip)}", intno))
+
+    def on_trap(self, trap: Trap) -> bool:
+        """A fault in user code (from the machine, outside any hook): see emu.kernel.exception."""
+        self._entry_len = 0
+        return exception.on_trap(self, trap)
+
+    @property
+    def entry_len(self) -> int:
+        """Bytes Unicorn adds to a RIP written in the current hook (2 in a `syscall` hook)."""
+        return self._entry_len
+
+    def sysret_status(self, thread: KThread, regs: tuple[int, ...], via: str, status: int, service: str) -> None:
+        """Return from a system call whose entry is recorded with only a status."""
+        self._sysret_now(thread, regs, via, status, service, "")
 
     def _enter(self, regs: tuple[int, ...], via: str) -> None:
         thread = self.current
@@ -140,6 +164,9 @@ class Kernel:
         thread.trap_frame = None
         if name == NT_CALLBACK_RETURN:
             self._callback_return(thread, regs, via, ssn)
+            return
+        if name in _CONTEXT_SERVICES and self.registry.get(name) is None:
+            _CONTEXT_SERVICES[name](self, thread, regs, via, ssn)
             return
         self.recorder.syscall(thread, regs, name, ssn, name, False, _VIA[via])
         if self._multithreaded:

@@ -141,6 +141,23 @@ class Recorder:
     def exit(self, thread: KThread, regs: tuple[int, ...], service: str, ssn: int | None, status: int) -> None:
         self._add("exit", thread, "exited", regs, service, ssn, status, None, None, False, "", b"", None)
 
+    def exception(self, thread: KThread, regs: tuple[int, ...], code: int, detail: str, mode: Mode = "kernel") -> None:
+        """A fault traps into the kernel (``mode`` "kernel": the context at the fault), or the kernel
+        delivers an exception to KiUserExceptionDispatcher (``mode`` "user")."""
+        self._add("exception", thread, mode, regs, None, None, code, None, None, False, detail, b"", None)
+
+    def continue_(self, thread: KThread, regs: tuple[int, ...], detail: str) -> None:
+        """NtContinue put a CONTEXT on the CPU: kernel → user at the context's RIP."""
+        self._add("continue", thread, "user", regs, "NtContinue", None, None, None, None, False, detail, b"", None)
+
+    def unwind(self, thread: KThread, regs: tuple[int, ...], detail: str) -> None:
+        """RtlUnwindEx restored the target frame's context in user mode (user → user)."""
+        self._add("unwind", thread, "user", regs, None, None, None, None, None, False, detail, b"", None)
+
+    def terminate(self, thread: KThread, regs: tuple[int, ...], status: int, detail: str) -> None:
+        """The process ended (an unhandled exception, NtTerminateProcess): the thread exits."""
+        self._add("exit", thread, "exited", regs, None, None, status, None, None, False, detail, b"", None)
+
     def fault(self, thread: KThread, regs: tuple[int, ...], message: str) -> None:
         self._add("fault", thread, "exited", regs, None, None, None, None, None, False, message, b"", None)
 

@@ -29,6 +29,14 @@ __all__ = [
 ]
 
 PAGE = 0x1000
+# Labels with "__" are internal (``NtClose__int2e``, ``__imp_NtClose``), except names Windows
+# DLLs export with two leading underscores (ntdll's __C_specific_handler).
+EXPORTED_DUNDER = frozenset({"__C_specific_handler"})
+
+
+def is_internal(name: str) -> bool:
+    """Whether an assembly label is internal: neither exported nor used to name addresses."""
+    return "__" in name and name not in EXPORTED_DUNDER
 
 
 def page_align(n: int) -> int:
@@ -201,7 +209,7 @@ def image_from_assembly(
         # Import slots are read-only once bound, as in a linked PE's .idata/.rdata (MS docs, "PE Format").
         sections.append(Section(".idata", PAGE + idata_off, slots, "r", page_align(len(slots))))
     bound = [ImageImport(_dll_name(module), n, None, symbols[IMPORT_PREFIX + n]) for n, module, _ in table]
-    public = {n: a for n, a in symbols.items() if "__" not in n}
+    public = {n: a for n, a in symbols.items() if not is_internal(n)}
     exported = public if exports is None else {n: public[n] for n in exports if n in public}
     return Image(name=name, base=base, sections=sections, exports=dict(exported), symbols=symbols, imports=bound)
 
@@ -251,7 +259,7 @@ class Symbolizer:
         for img in self._images:
             by_addr: dict[int, str] = {}
             for sym, addr in sorted(img.symbols.items()):
-                if "__" in sym:
+                if is_internal(sym):
                     continue  # internal labels (``NtClose__int2e``) never name an address
                 cur = by_addr.get(addr)
                 if cur is None or _preference(sym) < _preference(cur):

@@ -81,7 +81,15 @@ def ntdll_source(profile: Profile) -> str:
         stubs.append(template.format(nt=name, zw=zw_name(name), ssn=ssn))
     handler = pkg.joinpath("dispatcher_handler.asm").read_text()
     tail = pkg.joinpath("ntdll_tail.asm").read_text()  # after the stubs: no address before it moves
-    return "\n".join([dispatcher, common, *stubs, handler, tail])
+    exceptions = pkg.joinpath("ntdll_exceptions.asm").read_text()
+    return "\n".join([dispatcher, common, *stubs, handler, tail, exceptions])
+
+
+def ntdll_data(profile: Profile) -> str:
+    """The built-in ntdll's .data: what an exception escaping a callback does on this build
+    (see dispatcher_handler.asm): 0 ends the process, 1 swallows the exception."""
+    swallow = 1 if profile.callback_exception == "swallow" else 0
+    return f"RtlpCallbackExceptionPolicy:\n    .byte {swallow}\n"
 
 
 def win32u_source(profile: Profile) -> str:
@@ -98,7 +106,7 @@ def win32u_source(profile: Profile) -> str:
 def build_ntdll(profile: Profile, base: int = NTDLL_BASE) -> Image:
     """Assemble the reference ntdll for ``profile`` at ``base``, with its x64 unwind data
     (.pdata/.xdata, see :mod:`emu.runtime.unwind`) so stack walks work as on Windows."""
-    return dataclasses.replace(_ntdll(ntdll_source(profile), profile.dispatcher, base))
+    return dataclasses.replace(_ntdll(ntdll_source(profile), ntdll_data(profile), profile.dispatcher, base))
 
 
 def build_win32u(profile: Profile, base: int) -> Image:
@@ -123,8 +131,9 @@ def _kernel32(base: int, terminate_thread: int) -> Image:
 
 # The runtime is the same for every run of a profile: assemble it once per process.
 @functools.lru_cache(maxsize=32)
-def _ntdll(source: str, dispatcher: str, base: int) -> Image:
-    return with_pe_headers(with_unwind_data(image_from_assembly("ntdll", base, source), dispatcher), "ntdll.dll")
+def _ntdll(source: str, data: str, dispatcher: str, base: int) -> Image:
+    image = image_from_assembly("ntdll", base, source, data)
+    return with_pe_headers(with_unwind_data(image, dispatcher), "ntdll.dll")
 
 
 @functools.lru_cache(maxsize=32)

@@ -44,6 +44,10 @@ MACHINE = Table(
         "preempt_at_callback_return": Key(
             "true or false: exploration may preempt a thread at NtCallbackReturn's entry", Boolean()
         ),
+        "exceptions": Key(
+            '"deliver" (a fault becomes a Windows exception) or "stop" (the run stops at the first fault)',
+            Text(words=("deliver", "stop")),
+        ),
     }
 )
 _WORDS = PROFILE_CHOICES

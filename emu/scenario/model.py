@@ -209,6 +209,9 @@ class Scenario:
     # NtCallbackReturn's entry (the thread is then Ready, between KiSystemCall64's sti and
     # NtCallbackReturn's cli); off, NtCallbackReturn runs through, as it never waits.
     preempt_at_callback_return: bool = False
+    # [machine] exceptions: "deliver" turns a fault into a Windows exception (KiUserExceptionDispatcher);
+    # "stop" keeps the old behaviour, the run stops at the first fault.
+    exceptions: Literal["deliver", "stop"] = "deliver"
 
     def line_of(self, *path: str | int) -> int | None:
         return _line_of(self.source, path)

@@ -99,6 +99,9 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
     if unbound not in ("error", "trap"):
         raise r.fail(("machine", "unbound_imports"), f'expected "error" or "trap", got {unbound!r}')
     preempt = Boolean().read(r, machine, "preempt_at_callback_return", ("machine",))
+    exceptions = r.str_(machine, "exceptions", ("machine",), "deliver")
+    if exceptions not in ("deliver", "stop"):
+        raise r.fail(("machine", "exceptions"), f'expected "deliver" or "stop", got {exceptions!r}')
     files = _Files(r, file, allow)
     ntdll = files.pe(doc["ntdll"], ("ntdll",), "ntdll") if "ntdll" in doc else None
     pe = files.pe_list(doc.get("pe", []))
@@ -136,7 +139,7 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
         services=services,
         budgets=budgets, expectations=expectations, system_call=system_call, memory=memory, ntdll=ntdll, pe=pe,
         unbound_imports="trap" if unbound == "trap" else "error", threads=threads, objects=objects, source=text,
-        preempt_at_callback_return=preempt,
+        preempt_at_callback_return=preempt, exceptions="stop" if exceptions == "stop" else "deliver",
         profile_overrides=frozenset(doc.get("profile") or ()) if isinstance(doc.get("profile"), dict) else frozenset(),
     )  # fmt: skip
 

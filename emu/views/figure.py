@@ -43,6 +43,9 @@ KIND_COLORS: dict[str, str] = {
     "callback_return": "#882255",
     "exit": "#333333",
     "fault": "#CC3311",
+    "exception": "#EE3377",
+    "continue": "#009988",
+    "unwind": "#33BBEE",
 }
 KIND_LEGEND = {"callback_return": "callback return"}
 STATE_COLOR = "#555555"
