@@ -57,6 +57,7 @@ from emu.winnt import (
     RFLAGS_IF,
     RFLAGS_RESERVED,
     TEB_CLIENT_ID,
+    TEB_EXCEPTION_LIST,
     TEB_PEB,
     TEB_SELF,
     TEB_SIZE,
@@ -568,6 +569,11 @@ class Process:
             (TEB_CLIENT_ID, PROCESS_ID), (TEB_CLIENT_ID + 8, tid), (TEB_PEB, PEB_ADDRESS),
         ):  # fmt: skip
             t[off : off + 8] = val.to_bytes(8, "little")
+        if self.foreign:
+            # Wine's PE ntdll ends its exception frame walk with the TEB's frame list
+            # (__wine_push_frame), which its thread setup starts as ~0, "end of list" (Wine
+            # dlls/ntdll/unix/thread.c init_teb); x64 Windows leaves NtTib.ExceptionList unused.
+            t[TEB_EXCEPTION_LIST : TEB_EXCEPTION_LIST + 8] = (2**64 - 1).to_bytes(8, "little")
         m.map(teb, TEB_SIZE, "rw", f"thread {index} TEB", bytes(t))
         rsp = base - 0x30 - 8
         regs = {"rcx": entry, "rdx": argument}
