@@ -46,6 +46,9 @@ FAULT_ON_ONE_PATH = """
 [scenario]
 name = "fault_on_one_path"
 
+[machine]
+exceptions = "stop"            # the path that reads address 0 ends there (no exception delivered)
+
 [[module]]
 name = "app"
 code = '''
