@@ -60,6 +60,7 @@ from emu.context import REGISTER_NAMES, UserContext
 from emu.errors import ImageError, MachineFault
 from emu.loader.image import PAGE, Image, page_align
 from emu.snapshot import CowMemory
+from emu.winnt import MSR_EFER, MSR_STAR
 
 _REG_IDS: dict[str, int] = {
     **{n: getattr(x86, f"UC_X86_REG_{n.upper()}") for n in REGISTER_NAMES if n != "rflags"},
@@ -223,7 +224,7 @@ ExceptionHandler = Callable[[Trap], bool]
 
 # Where emu puts the one instruction that drops the CPU to CPL 3 (mapped for that moment only).
 _SYSRET_PAGE = 0x1000
-_MSR_EFER, _MSR_STAR = 0xC000_0080, 0xC000_0081
+_MSR_EFER, _MSR_STAR = MSR_EFER, MSR_STAR
 _EFER_SCE = 1
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 # --- NTSTATUS values (MS-ERREF 2.3.1, ntstatus.h) ---------------------------------------
 STATUS_SUCCESS = 0x00000000
 STATUS_INVALID_HANDLE = 0xC0000008
+STATUS_BAD_STACK = 0xC0000028  # ntstatus.h: RtlUnwindEx found an invalid stack
 STATUS_INVALID_PARAMETER = 0xC000000D
 STATUS_ACCESS_VIOLATION = 0xC0000005
 STATUS_INVALID_SYSTEM_SERVICE = 0xC000001C
@@ -198,3 +199,8 @@ IMAGE_SCN_MEM_EXECUTE, IMAGE_SCN_MEM_READ, IMAGE_SCN_MEM_WRITE = 0x20000000, 0x4
 # --- RFLAGS (Intel SDM vol. 1, 3.4.3) ------------------------------------------------------
 RFLAGS_IF = 0x200
 RFLAGS_RESERVED = 0x2
+
+# Model-specific registers emu writes to put the CPU in 64-bit user mode (Intel SDM vol. 4,
+# table 2-2: IA32_EFER 0xC0000080, IA32_STAR 0xC0000081; EFER.SCE = bit 0 enables SYSCALL).
+MSR_EFER = 0xC000_0080
+MSR_STAR = 0xC000_0081

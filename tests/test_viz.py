@@ -55,8 +55,8 @@ def test_timeline_draws_one_arrow_per_transition_and_marks_pending_states(
     assert len(labels) == len(r.trace)
     for t in r.trace:
         # An exception, an unwind or a process's end has no service: the arrow says its kind.
-        want = f"api {t.api}" if t.kind in ("callback", "callback_return") else (t.service or t.kind)
-        assert labels[f"label-{t.step}"] == want
+        label = f"api {t.api}" if t.kind in ("callback", "callback_return") else (t.service or t.kind)
+        assert labels[f"label-{t.step}"] == label
     pending = [s for s in r.trace.states if s.pending]
     assert gids(ax, "pending-s") == sorted(f"pending-s{s.id}" for s in pending)
     box = ax.get_legend()

@@ -44,6 +44,7 @@ from emu.winnt import (
     STATUS_ILLEGAL_INSTRUCTION,
     STATUS_INTEGER_DIVIDE_BY_ZERO,
     STATUS_INTEGER_OVERFLOW,
+    STATUS_INVALID_HANDLE,
     STATUS_INVALID_PARAMETER,
     STATUS_PRIVILEGED_INSTRUCTION,
     STATUS_SINGLE_STEP,
@@ -420,7 +421,7 @@ def nt_terminate_process(kernel: Kernel, thread: KThread, regs: tuple[int, ...],
     handle -1, or NULL: MS docs ZwTerminateProcess): every thread ends with ExitStatus."""
     kernel.recorder.syscall(thread, regs, "NtTerminateProcess", ssn, "NtTerminateProcess", False, _via(via))
     if regs[10] not in (0, 0xFFFF_FFFF_FFFF_FFFF):
-        kernel.sysret_status(thread, regs, via, 0xC0000008, "NtTerminateProcess")  # STATUS_INVALID_HANDLE
+        kernel.sysret_status(thread, regs, via, STATUS_INVALID_HANDLE, "NtTerminateProcess")
         return
     status = regs[2] & 0xFFFF_FFFF
     terminate_process(kernel, thread, status, f"NtTerminateProcess({status_name(status)})")

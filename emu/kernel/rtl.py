@@ -65,6 +65,7 @@ from emu.ntcontext import (
     ExceptionRecord,
 )
 from emu.winnt import (
+    STATUS_BAD_STACK,
     STATUS_INVALID_DISPOSITION,
     STATUS_NONCONTINUABLE_EXCEPTION,
     STATUS_UNWIND,
@@ -77,7 +78,6 @@ if TYPE_CHECKING:
     from emu.kernel.core import Kernel
     from emu.machine import Machine
 
-STATUS_BAD_STACK = 0xC0000028  # ntstatus.h: RtlUnwindEx found an invalid stack
 MAX_FRAMES = 4096  # a walk past this many frames is a broken stack
 HANDLER_SLOTS = 64  # vectored handlers per list (the model's table)
 # The walk's block in RtlDispatchException's / RtlUnwindEx's frame (ntdll_exceptions.asm).
