@@ -1,23 +1,35 @@
-"""Exploring thread interleavings: states per second in 1 process, N worker processes and Ray.
+"""Exploring in parallel: states per second in 1 process, N worker processes and Ray.
 
 The scenario is generated: T threads each take and release two mutexes R times (in one
-order, so no deadlock), which gives many interleavings at every wait and release; or,
-with ``--tree K``, one thread making K two-way choices in a row (2^K paths, no merges).
-Figures are states (distinct, in the graph) per second of wall time, each the best of
-``--repeat`` runs, and the ratio against the single process in the same run. The three
-graphs are checked byte-identical before any figure is printed.
+order, so no deadlock), which gives many interleavings at every wait and release (the
+default, 4 threads x 1 round, takes seconds, not a fraction of one); or, with ``--tree K``,
+one thread making K two-way choices in a row (2^K paths, no merges). Figures are states
+(distinct, in the graph) per second of wall time, the median of ``--runs`` interleaved runs,
+and the ratio against the single process. Every timing includes starting the workers; for
+Ray it includes starting the local Ray instance too (``ray.init``), which is shown apart as
+well. The graphs are checked byte-identical before any figure is printed. Forks are shown
+per way: more forks in parallel than in one process is work done twice.
+
+``measure_parallel`` gives ``run_all.py`` its row (the 2^16 tree, worker processes); the
+goal is in ``goals.py``.
 
 Run::
 
-    python benchmarks/bench_threads.py [--threads T] [--rounds R] [--workers N] [--no-ray]
+    python benchmarks/bench_threads.py [--threads T] [--rounds R] [--tree K] [--workers N] [--runs R] [--no-ray]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from collections.abc import Callable
 
-from emu.exploration.explorer import explore
+import measuring
+from goals import PARALLEL
+from measuring import Row
+
+from emu.exploration.explorer import Exploration, explore
 from emu.exploration.parallel import explore_parallel
 from emu.scenario import Scenario, parse_scenario
 
@@ -54,53 +66,95 @@ handle = 0x104
     return parse_scenario(text, "bench_threads")
 
 
-def best(repeat: int, fn):  # type: ignore[no-untyped-def]
-    out = None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        exp = fn()
-        dt = time.perf_counter() - t
-        if out is None or dt < out[0]:
-            out = (dt, exp)
-    return out
+def timed(fn: Callable[[], Exploration]) -> tuple[float, Exploration]:
+    t0 = time.perf_counter()
+    exp = fn()
+    return time.perf_counter() - t0, exp
+
+
+def with_ray(sc: Scenario, workers: int) -> tuple[float, float, Exploration]:
+    """(seconds including ``ray.init``, seconds of ``ray.init``, the exploration) on a fresh local Ray."""
+    import ray
+
+    t0 = time.perf_counter()
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    started = time.perf_counter() - t0
+    try:
+        exp = explore_parallel(sc, workers=workers, backend="ray")
+    finally:
+        ray.shutdown()
+    return time.perf_counter() - t0, started, exp
+
+
+def same_graphs(*explorations: Exploration) -> None:
+    ref = explorations[0].graph.to_graphml()
+    for exp in explorations[1:]:
+        if exp.graph.to_graphml() != ref:
+            raise SystemExit("the graphs differ: parallel exploration is broken")
+
+
+def measure_parallel(k: int, runs: int, workers: int = 2) -> Row:
+    """1 process's time over ``workers`` processes' on the 2^k tree, per interleaved run (graphs checked once)."""
+    from bench_explore import tree
+
+    sc = parse_scenario(tree(k), "tree")
+    one, many = measuring.paired(
+        runs, lambda: timed(lambda: explore(sc)), lambda: timed(lambda: explore_parallel(sc, workers=workers))
+    )
+    same_graphs(one[0][1], many[0][1])
+    speedups = [a[0] / b[0] for a, b in zip(one, many)]
+    e1, en = one[0][1], many[0][1]
+    detail = (
+        f"2^{k} tree, {e1.states:,} states: 1 process {statistics.median(t for t, _ in one):.2f} s ({e1.forks:,} forks),"
+        f" {workers} workers {statistics.median(t for t, _ in many):.2f} s ({en.forks:,} forks), graphs identical"
+    )
+    return Row(PARALLEL, "x", speedups, detail=detail)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=3)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--threads", type=int, default=4)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--runs", type=int, default=measuring.MIN_RUNS, help="runs per way; the median is kept")
     p.add_argument("--no-ray", action="store_true")
     p.add_argument("--tree", type=int, default=0, help="instead: one thread, K two-way choices in a row (2^K paths)")
     a = p.parse_args(argv)
+    runs = measuring.check_runs(a.runs)
     if a.tree:
-        from bench_explore import CHOICES, PATH
+        from bench_explore import tree
 
-        sc = parse_scenario(CHOICES.format(k=a.tree, memory="", write=PATH), "tree")
+        sc = parse_scenario(tree(a.tree), "tree")
+        what = f"2^{a.tree} choice tree"
     else:
         sc = scenario(a.threads, a.rounds)
-    dt1, one = best(a.repeat, lambda: explore(sc))
-    dtn, many = best(a.repeat, lambda: explore_parallel(sc, workers=a.workers))
-    rows = [("1 process", dt1, one), (f"{a.workers} worker processes", dtn, many)]
+        what = f"{a.threads} threads x {a.rounds} round(s)"
+    measuring.print_header(f"{what}; median of {runs} interleaved runs")
+    ways: list[tuple[str, Callable[[], tuple[float, Exploration]]]] = [
+        ("1 process", lambda: timed(lambda: explore(sc))),
+        (f"{a.workers} worker processes", lambda: timed(lambda: explore_parallel(sc, workers=a.workers))),
+    ]
+    starts: list[float] = []
     if not a.no_ray:
-        import ray
 
-        ray.init(num_cpus=a.workers, include_dashboard=False, log_to_driver=False)
-        try:
-            dtr, viaray = best(a.repeat, lambda: explore_parallel(sc, workers=a.workers, backend="ray"))
-        finally:
-            ray.shutdown()
-        rows.append((f"Ray, {a.workers} workers (local)", dtr, viaray))
-    ref = one.graph.to_graphml()
-    for _, _, exp in rows:
-        if exp.graph.to_graphml() != ref:
-            raise SystemExit("the graphs differ: parallel exploration is broken")
-    what = f"2^{a.tree} choice tree" if a.tree else f"{a.threads} threads x {a.rounds} round(s)"
+        def ray_run() -> tuple[float, Exploration]:
+            dt, started, exp = with_ray(sc, a.workers)
+            starts.append(started)
+            return dt, exp
+
+        ways.append((f"Ray, {a.workers} workers (local, start-up included)", ray_run))
+    results = measuring.paired(runs, *(fn for _, fn in ways))
+    same_graphs(*(series[0][1] for series in results))
+    one = results[0][0][1]
+    t1 = statistics.median(t for t, _ in results[0])
     print(f"{what}: {one.states:,} states, {one.forks:,} forks, {one.merges:,} merges (graphs identical)")
-    print(f"{'how':<28} {'seconds':>9} {'states/s':>11} {'vs 1 process':>13}")
-    for name, dt, exp in rows:
-        print(f"{name:<28} {dt:>9.2f} {exp.states / dt:>11,.0f} {dt1 / dt:>12.2f}x")
+    print(f"{'how':<44} {'seconds':>8} {'states/s':>10} {'forks':>8} {'vs 1 process':>13}")
+    for (name, _), series in zip(ways, results):
+        t = statistics.median(dt for dt, _ in series)
+        exp = series[0][1]
+        print(f"{name:<44} {t:>8.2f} {exp.states / t:>10,.0f} {exp.forks:>8,} {t1 / t:>12.2f}x")
+    if starts:
+        print(f"(Ray's start-up: {statistics.median(starts):.2f} s of each Ray run)")
     return 0
 
 
