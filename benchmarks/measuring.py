@@ -170,6 +170,8 @@ def print_rows(rows: list[Row], file: Any = None) -> None:
 
 
 def check_runs(runs: int) -> int:
+    """``runs`` itself, or a one-line error and exit status 2 (bad input) when it is below 1."""
     if runs < 1:
-        raise SystemExit("--runs must be 1 or more")
+        print(f"error: --runs must be 1 or more, not {runs}", file=sys.stderr)
+        raise SystemExit(2)
     return runs

@@ -143,9 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.readme:
             ap.error("--from-json goes with --readme")
         try:
-            rewrite_readme(json.loads(args.from_json.read_text()))
-        except (OSError, ValueError, KeyError) as e:
-            raise SystemExit(f"{args.from_json}: not a report written by --json ({e})") from None
+            data = json.loads(args.from_json.read_text())
+            if data["quick"]:
+                ap.error(f"{args.from_json}: a --quick report; the README takes real figures")
+            rewrite_readme(data)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ap.error(f"{args.from_json}: not a report written by --json ({e.__class__.__name__}: {e})")
         print(f"rewrote the table in {README.relative_to(ROOT)} from {args.from_json}")
         return 0
     only = set(BY_KEY)
