@@ -21,9 +21,12 @@ Run::
 from __future__ import annotations
 
 import argparse
+import gc
+import hashlib
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import measuring
 from goals import PARALLEL
@@ -66,31 +69,53 @@ handle = 0x104
     return parse_scenario(text, "bench_threads")
 
 
-def timed(fn: Callable[[], Exploration]) -> tuple[float, Exploration]:
+@dataclass(frozen=True)
+class Outcome:
+    """What a benchmark keeps of one exploration: not the exploration (a big graph held across
+    runs would grow the heap, and the garbage collector's work, under the later runs)."""
+
+    seconds: float
+    states: int
+    forks: int
+    merges: int
+    graph: bytes  # a digest of the GraphML export (first run only; empty after)
+
+
+def timed(fn: Callable[[], Exploration], keep_graph: bool) -> Outcome:
+    gc.collect()
     t0 = time.perf_counter()
     exp = fn()
-    return time.perf_counter() - t0, exp
+    dt = time.perf_counter() - t0
+    graph = hashlib.blake2b(exp.graph.to_graphml().encode()).digest() if keep_graph else b""
+    return Outcome(dt, exp.states, exp.forks, exp.merges, graph)
 
 
-def with_ray(sc: Scenario, workers: int) -> tuple[float, float, Exploration]:
-    """(seconds including ``ray.init``, seconds of ``ray.init``, the exploration) on a fresh local Ray."""
+def with_ray(sc: Scenario, workers: int, starts: list[float]) -> Exploration:
+    """Explore on a fresh local Ray instance (its start-up is part of the cost); notes ``ray.init``'s seconds."""
     import ray
 
     t0 = time.perf_counter()
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-    started = time.perf_counter() - t0
+    starts.append(time.perf_counter() - t0)
     try:
-        exp = explore_parallel(sc, workers=workers, backend="ray")
+        return explore_parallel(sc, workers=workers, backend="ray")
     finally:
         ray.shutdown()
-    return time.perf_counter() - t0, started, exp
 
 
-def same_graphs(*explorations: Exploration) -> None:
-    ref = explorations[0].graph.to_graphml()
-    for exp in explorations[1:]:
-        if exp.graph.to_graphml() != ref:
-            raise SystemExit("the graphs differ: parallel exploration is broken")
+def run_ways(runs: int, ways: list[Callable[[], Exploration]]) -> list[list[Outcome]]:
+    """Each way ``runs`` times, interleaved; the graphs of the first runs are checked byte-identical."""
+    series: list[list[Outcome]] = [[] for _ in ways]
+    for i in range(runs):
+        for out, way in zip(series, ways):
+            out.append(timed(way, keep_graph=i == 0))
+    if len({out[0].graph for out in series}) != 1:
+        raise SystemExit("the graphs differ: parallel exploration is broken")
+    return series
+
+
+def seconds(series: list[Outcome]) -> float:
+    return statistics.median(o.seconds for o in series)
 
 
 def measure_parallel(k: int, runs: int, workers: int = 2) -> Row:
@@ -98,15 +123,11 @@ def measure_parallel(k: int, runs: int, workers: int = 2) -> Row:
     from bench_explore import tree
 
     sc = parse_scenario(tree(k), "tree")
-    one, many = measuring.paired(
-        runs, lambda: timed(lambda: explore(sc)), lambda: timed(lambda: explore_parallel(sc, workers=workers))
-    )
-    same_graphs(one[0][1], many[0][1])
-    speedups = [a[0] / b[0] for a, b in zip(one, many)]
-    e1, en = one[0][1], many[0][1]
+    one, many = run_ways(runs, [lambda: explore(sc), lambda: explore_parallel(sc, workers=workers)])
+    speedups = [a.seconds / b.seconds for a, b in zip(one, many)]
     detail = (
-        f"2^{k} tree, {e1.states:,} states: 1 process {statistics.median(t for t, _ in one):.2f} s ({e1.forks:,} forks),"
-        f" {workers} workers {statistics.median(t for t, _ in many):.2f} s ({en.forks:,} forks), graphs identical"
+        f"2^{k} tree, {one[0].states:,} states: 1 process {seconds(one):.2f} s ({one[0].forks:,} forks),"
+        f" {workers} workers {seconds(many):.2f} s ({many[0].forks:,} forks), graphs identical"
     )
     return Row(PARALLEL, "x", speedups, detail=detail)
 
@@ -130,29 +151,20 @@ def main(argv: list[str] | None = None) -> int:
         sc = scenario(a.threads, a.rounds)
         what = f"{a.threads} threads x {a.rounds} round(s)"
     measuring.print_header(f"{what}; median of {runs} interleaved runs")
-    ways: list[tuple[str, Callable[[], tuple[float, Exploration]]]] = [
-        ("1 process", lambda: timed(lambda: explore(sc))),
-        (f"{a.workers} worker processes", lambda: timed(lambda: explore_parallel(sc, workers=a.workers))),
-    ]
+    names = ["1 process", f"{a.workers} worker processes"]
+    ways: list[Callable[[], Exploration]] = [lambda: explore(sc), lambda: explore_parallel(sc, workers=a.workers)]
     starts: list[float] = []
     if not a.no_ray:
-
-        def ray_run() -> tuple[float, Exploration]:
-            dt, started, exp = with_ray(sc, a.workers)
-            starts.append(started)
-            return dt, exp
-
-        ways.append((f"Ray, {a.workers} workers (local, start-up included)", ray_run))
-    results = measuring.paired(runs, *(fn for _, fn in ways))
-    same_graphs(*(series[0][1] for series in results))
-    one = results[0][0][1]
-    t1 = statistics.median(t for t, _ in results[0])
+        names.append(f"Ray, {a.workers} workers (local, start-up included)")
+        ways.append(lambda: with_ray(sc, a.workers, starts))
+    results = run_ways(runs, ways)
+    one = results[0][0]
+    t1 = seconds(results[0])
     print(f"{what}: {one.states:,} states, {one.forks:,} forks, {one.merges:,} merges (graphs identical)")
     print(f"{'how':<44} {'seconds':>8} {'states/s':>10} {'forks':>8} {'vs 1 process':>13}")
-    for (name, _), series in zip(ways, results):
-        t = statistics.median(dt for dt, _ in series)
-        exp = series[0][1]
-        print(f"{name:<44} {t:>8.2f} {exp.states / t:>10,.0f} {exp.forks:>8,} {t1 / t:>12.2f}x")
+    for name, series in zip(names, results):
+        t = seconds(series)
+        print(f"{name:<44} {t:>8.2f} {series[0].states / t:>10,.0f} {series[0].forks:>8,} {t1 / t:>12.2f}x")
     if starts:
         print(f"(Ray's start-up: {statistics.median(starts):.2f} s of each Ray run)")
     return 0
