@@ -87,9 +87,12 @@ def measure(only: set[str], quick: bool, runs: int, qiling_python: str | None) -
     return rows, failed
 
 
-def load_text(load: list[float], cores: int) -> str:
-    text = f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min) on {cores} cores"
-    if load[0] > cores:
+def load_text(load: list[float], cores: int, end: list[float] | None = None) -> str:
+    text = f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min)"
+    if end is not None:
+        text = f"{text} at the start, {end[0]:.2f} at the end,"
+    text += f" on {cores} cores"
+    if max(load[0], end[0] if end else 0.0) > cores:
         text += ": above the core count, other work shared the machine, so the figures are pessimistic"
     return text
 
@@ -104,8 +107,8 @@ def readme_block(data: dict[str, Any]) -> str:
         BEGIN,
         f"Measured by `python benchmarks/run_all.py` (median of {data['runs']} runs, min..max in brackets; each "
         "baseline in the same process as its emu figure, the runs interleaved), with Python "
-        f"{data['python']} and Unicorn {data['unicorn']}. Load average {load_text(data['load_before'], data['cores'])}"
-        f" at the start, {data['load_after'][0]:.2f} at the end.",
+        f"{data['python']} and Unicorn {data['unicorn']}. Load average "
+        f"{load_text(data['load_before'], data['cores'], data['load_after'])}.",
         "",
         "| metric | goal | median [min..max] | verdict |",
         "|---|---|---|---|",
