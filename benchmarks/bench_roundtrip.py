@@ -1,29 +1,26 @@
-"""Round-trip cost of emu's kernel model against a bare Unicorn syscall hook.
+"""Round-trip cost of emu's kernel model against a bare Unicorn syscall hook, in one process.
 
-What is measured (all in one process, each measurement repeated and the best kept):
+What is measured (all in one process, the runs interleaved, the median kept):
 
-``bare hook``
+``bare hook (binding)``
     A bare Unicorn x86-64 machine runs ``mov ebx, N; l: mov eax, 5; syscall; dec ebx;
-    jnz l`` with a ``UC_HOOK_INSN`` syscall hook that reads RAX and writes RAX
-    (``uc.reg_read`` / ``uc.reg_write``). One op = one ``syscall`` handled in Python.
-    This is the floor: the cost of getting from emulated code into a Python hook and
-    back.
+    jnz l`` with a ``UC_HOOK_INSN`` syscall hook that reads RAX and writes RAX through the
+    binding (``uc.reg_read`` / ``uc.reg_write``). One op = one ``syscall`` handled in
+    Python. The code page is mapped read+execute, as emu maps code.
 
-``bare hook + count/timeout``
-    The same, but started the way ``emu.machine.Machine.run`` starts Unicorn
-    (``emu_start(..., timeout=..., count=...)``). Informational: it separates the
-    cost of Unicorn's instruction counting / timer from the cost of emu's Python.
+``bare hook (ctypes)``
+    The same, with the hook reading and writing RAX by direct ``uc_reg_read_batch`` /
+    ``uc_reg_write_batch`` calls into libunicorn through ctypes (arrays bound once), the
+    way emu's own register file reads registers. The lower floor.
 
 ``emu syscall (inline)``
     An emu scenario whose ``main`` loops N times over a raw inline
     ``mov eax, 0xF; mov r10, rcx; syscall`` (NtClose's number in win10-22h2), served by
-    a scripted ``NtClose`` that returns 0. One op = one completed round trip, i.e. a
-    ``syscall`` + ``sysret`` transition pair recorded in ``run.trace.transitions``.
-    Like for like with the bare loop.
+    a scripted ``NtClose`` that returns 0, with the trace recorded. One op = one completed
+    round trip, i.e. a ``syscall`` + ``sysret`` transition pair in ``run.trace.transitions``.
 
 ``emu syscall (call NtClose)``
-    The same round trip through ``call NtClose`` (the built-in ntdll stub, win10 shape:
-    ``mov r10, rcx; mov eax, N; test byte [7FFE0308h], 1; jne; syscall; ret``).
+    The same round trip through ``call NtClose`` (the built-in ntdll stub).
 
 ``emu callback round trip``
     ``main`` loops N times over ``call NtUserMessageCall``, whose scripted service does
@@ -34,74 +31,90 @@ What is measured (all in one process, each measurement repeated and the best kep
 Scenarios are built as TOML text, parsed with ``emu.scenario.parse_scenario`` and built
 with ``emu.engine.build``; only ``Process.run()`` is timed (``time.perf_counter``), not
 parsing, assembling or mapping. Each emu run is checked: no error, exit status 0 and the
-expected number of transitions.
-
-The ratio column is emu cost / bare-hook cost per op (how many times slower than the
-bare hook). Target: emu's syscall round trip at most 2.0x the bare hook.
+expected number of transitions. The goals come from ``goals.py``.
 
 Run::
 
-    python benchmarks/bench_roundtrip.py [--n N] [--repeat R]
+    python benchmarks/bench_roundtrip.py [--n N] [--runs R]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
-import platform
-import sys
+import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
-import unicorn
+import measuring
+from goals import CALLBACK_RATE, SYSCALL_VS_BARE
 from keystone import KS_ARCH_X86, KS_MODE_64, Ks
-from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, UC_PROT_ALL, Uc
+from measuring import Row
+from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, UC_PROT_EXEC, UC_PROT_READ, Uc
 from unicorn.x86_const import UC_X86_INS_SYSCALL, UC_X86_REG_RAX
 
 from emu.engine import build
 from emu.scenario import parse_scenario
 
-TARGET_RATIO = 2.0
 CODE_BASE = 0x0100_0000
 
 
 # --- 1. bare Unicorn ------------------------------------------------------------------------
-def _bare_machine(n: int) -> tuple[Uc, int, int]:
-    ks = Ks(KS_ARCH_X86, KS_MODE_64)
-    code, _ = ks.asm(f"mov ebx, {n:#x}; l: mov eax, 5; syscall; dec ebx; jnz l; nop", CODE_BASE)
-    blob = bytes(code)
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
-    uc.mem_map(CODE_BASE, 0x1000, UC_PROT_ALL)
-    uc.mem_write(CODE_BASE, blob)
-    calls = [0]
-
+def _binding_hook(calls: list[int]):  # type: ignore[no-untyped-def]
     def hook(uc: Uc, user_data: object) -> None:
         rax = uc.reg_read(UC_X86_REG_RAX)
         uc.reg_write(UC_X86_REG_RAX, rax ^ 0x100)
         calls[0] += 1
 
+    return hook
+
+
+def _ctypes_hook(uc: Uc, calls: list[int]):  # type: ignore[no-untyped-def]
+    from unicorn.unicorn_py3 import unicorn as binding
+
+    lib, handle = binding.uclib, uc._uch
+    read, write = lib.uc_reg_read_batch, lib.uc_reg_write_batch
+    ids = (ctypes.c_int * 1)(UC_X86_REG_RAX)
+    vals = (ctypes.c_uint64 * 1)()
+    ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(vals))
+
+    def hook(uc: Uc, user_data: object) -> None:
+        read(handle, ids, ptrs, 1)
+        vals[0] ^= 0x100
+        write(handle, ids, ptrs, 1)
+        calls[0] += 1
+
+    hook._keep = (ids, vals, ptrs)  # type: ignore[attr-defined]
+    return hook
+
+
+def bare_hook(n: int, emu_like: bool = False, access: str = "binding") -> tuple[float, int]:
+    """Seconds for N hooked syscalls on a bare machine, and the hook count.
+
+    ``access``: ``"binding"`` (``uc.reg_read``/``reg_write``) or ``"ctypes"`` (direct batched
+    calls into libunicorn). ``emu_like``: started with a timeout and an instruction budget.
+    """
+    code, _ = Ks(KS_ARCH_X86, KS_MODE_64).asm(
+        f"mov ebx, {n:#x}; l: mov eax, 5; syscall; dec ebx; jnz l; nop", CODE_BASE
+    )
+    blob = bytes(code)
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(CODE_BASE, 0x1000, UC_PROT_READ | UC_PROT_EXEC)  # code is "rx" in emu too
+    uc.mem_write(CODE_BASE, blob)
+    calls = [0]
+    hook = _ctypes_hook(uc, calls) if access == "ctypes" else _binding_hook(calls)
     uc.hook_add(UC_HOOK_INSN, hook, None, 1, 0, UC_X86_INS_SYSCALL)
-    uc._bench_calls = calls  # type: ignore[attr-defined]
-    return uc, CODE_BASE, CODE_BASE + len(blob)
-
-
-def bare_hook(n: int, emu_like: bool = False) -> tuple[float, int]:
-    """Seconds for N hooked syscalls on a bare machine, and the hook count."""
-    uc, begin, until = _bare_machine(n)
+    gc.collect()
     if emu_like:
-        # As emu.machine.Machine.run starts Unicorn: a timeout and an instruction budget.
         t0 = time.perf_counter()
-        uc.emu_start(begin, until, timeout=600 * 1_000_000, count=64 * n + 100_000)
-        dt = time.perf_counter() - t0
+        uc.emu_start(CODE_BASE, CODE_BASE + len(blob), timeout=600 * 1_000_000, count=64 * n + 100_000)
     else:
         t0 = time.perf_counter()
-        uc.emu_start(begin, until)
-        dt = time.perf_counter() - t0
-    ops = uc._bench_calls[0]  # type: ignore[attr-defined]
-    if ops != n:
-        raise SystemExit(f"bare hook: expected {n} syscalls, the hook saw {ops}")
-    return dt, ops
+        uc.emu_start(CODE_BASE, CODE_BASE + len(blob))
+    dt = time.perf_counter() - t0
+    if calls[0] != n:
+        raise SystemExit(f"bare hook: expected {n} syscalls, the hook saw {calls[0]}")
+    return dt, calls[0]
 
 
 # --- 2./3. emu scenarios ----------------------------------------------------------------------
@@ -187,66 +200,51 @@ def emu_run(text: str, service: str, n: int, callbacks: bool) -> tuple[float, in
     return dt, ops
 
 
-# --- driver -----------------------------------------------------------------------------------
-@dataclass
-class Result:
-    name: str
-    seconds: float
-    ops: int
+# --- the goals' rows ---------------------------------------------------------------------------
+def measure_syscall(n: int, runs: int) -> Row:
+    """emu's syscall round trip / the binding's bare hook, per run (interleaved), and both floors."""
+    binding, via_ctypes, emu = measuring.paired(
+        runs,
+        lambda: bare_hook(n),
+        lambda: bare_hook(n, access="ctypes"),
+        lambda: emu_run(syscall_inline_text(n), "NtClose", n, False),
+    )
+    ratios = [e[0] / b[0] for e, b in zip(emu, binding)]
+    vs_ctypes = [e[0] / c[0] for e, c in zip(emu, via_ctypes)]
+    us = [statistics.median(dt for dt, _ in series) / n * 1e6 for series in (emu, binding, via_ctypes)]
+    detail = (
+        f"emu {us[0]:.2f} µs, bare hook {us[1]:.2f} µs through the binding, {us[2]:.2f} µs through ctypes "
+        f"(emu = {statistics.median(vs_ctypes):.2f}× the ctypes hook); N = {n:,}"
+    )
+    return Row(SYSCALL_VS_BARE, "x", ratios, detail=detail)
 
-    @property
-    def per_op(self) -> float:
-        return self.seconds / self.ops
 
-    @property
-    def ops_per_s(self) -> float:
-        return self.ops / self.seconds
-
-
-def best_of(repeat: int, name: str, fn: Callable[[], tuple[float, int]]) -> Result:
-    runs = [fn() for _ in range(repeat)]
-    dt, ops = min(runs)
-    return Result(name, dt, ops)
+def measure_callback(n: int, runs: int) -> Row:
+    """Callback round trips per second (syscall, callback, NtCallbackReturn, sysret)."""
+    (series,) = measuring.paired(runs, lambda: emu_run(callback_text(n), "NtUserMessageCall", n, True))
+    rates = [ops / dt for dt, ops in series]
+    us = 1e6 / statistics.median(rates)
+    return Row(CALLBACK_RATE, "/s", rates, detail=f"{us:.1f} µs per callback round trip; N = {n:,}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--n", type=int, default=20000, help="loop iterations (ops) per run (default 20000)")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per measurement; the best is kept (default 3)")
+    ap.add_argument("--runs", type=int, default=measuring.MIN_RUNS, help="runs per measurement; the median is kept")
     args = ap.parse_args(argv)
-    n, repeat = args.n, args.repeat
-    if n < 1 or repeat < 1:
-        ap.error("--n and --repeat must be positive")
-
-    print(f"python   {platform.python_version()} ({sys.executable})")
-    print(f"unicorn  {unicorn.__version__}")
-    print(f"N = {n}, best of {repeat}")
-    print()
-
-    bare = best_of(repeat, "bare hook (reg_read+reg_write RAX)", lambda: bare_hook(n))
-    results = [
-        bare,
-        best_of(repeat, "bare hook + count/timeout (info)", lambda: bare_hook(n, emu_like=True)),
-        best_of(
-            repeat, "emu syscall round trip (inline)", lambda: emu_run(syscall_inline_text(n), "NtClose", n, False)
-        ),
-        best_of(
-            repeat, "emu syscall round trip (call NtClose)", lambda: emu_run(syscall_stub_text(n), "NtClose", n, False)
-        ),
-        best_of(repeat, "emu callback round trip", lambda: emu_run(callback_text(n), "NtUserMessageCall", n, True)),
+    n, runs = args.n, measuring.check_runs(args.runs)
+    if n < 1:
+        ap.error("--n must be positive")
+    measuring.print_header(f"N = {n}, median of {runs} interleaved runs")
+    info = [
+        ("bare hook + count/timeout (as Machine.run starts Unicorn)", lambda: bare_hook(n, emu_like=True)),
+        ("emu syscall round trip (call NtClose stub)", lambda: emu_run(syscall_stub_text(n), "NtClose", n, False)),
     ]
-
-    w = max(len(r.name) for r in results)
-    print(f"{'name':<{w}}  {'ops/s':>12}  {'µs/op':>9}  {'ratio vs bare':>13}")
-    print(f"{'-' * w}  {'-' * 12}  {'-' * 9}  {'-' * 13}")
-    for r in results:
-        ratio = r.per_op / bare.per_op
-        print(f"{r.name:<{w}}  {r.ops_per_s:>12,.0f}  {r.per_op * 1e6:>9.2f}  {ratio:>12.2f}x")
+    for name, fn in info:
+        (series,) = measuring.paired(runs, fn)
+        print(f"{name}: {statistics.median(dt for dt, _ in series) / n * 1e6:.2f} µs/op")
     print()
-    inline = results[2]
-    ratio = inline.per_op / bare.per_op
-    verdict = "met" if ratio <= TARGET_RATIO else "NOT met"
-    print(f"target: emu syscall round trip <= {TARGET_RATIO:.1f}x the bare hook (inline: {ratio:.2f}x, {verdict})")
+    measuring.print_rows([measure_syscall(n, runs), measure_callback(n, runs)])
     return 0
 
 

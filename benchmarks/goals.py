@@ -1,0 +1,67 @@
+"""emu's performance goals, written once: every benchmark and ``run_all.py`` judge against these.
+
+Each goal names what is measured, the direction and the bound. A figure is the median of
+several runs; the verdict compares that median (or, where a goal says so, a ratio measured
+beside it) with the bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+KIB = 1024
+
+
+@dataclass(frozen=True)
+class Goal:
+    key: str  # the row's name in --only and in the JSON
+    metric: str  # what is measured, as the table prints it
+    op: Literal["<=", ">="]
+    target: float  # in the unit the verdict is judged in
+    text: str  # the goal as printed
+
+    def met(self, value: float) -> bool:
+        return value <= self.target if self.op == "<=" else value >= self.target
+
+
+SYSCALL_VS_BARE = Goal(
+    "syscall",
+    "syscall round trip with trace / bare Unicorn hook reading+writing RAX",
+    "<=",
+    1.2,
+    "≤ 1.2×",
+)
+VS_QILING = Goal("qiling", "emu syscall loop vs Qiling getpid loop (same Unicorn), throughput", ">=", 6.0, "≥ 6×")
+CALLBACK_RATE = Goal(
+    "callback", "callback round trip (syscall → callback → NtCallbackReturn → sysret)", ">=", 60_000, "≥ 60,000/s"
+)
+EXPLORE_RATE = Goal("explore_rate", "explorer, forked states/s on a 2^14 choice tree", ">=", 40_000, "≥ 40,000/s")
+EXPLORE_MEMORY = Goal(
+    "explore_memory", "explorer memory per state (process RSS, 2^14 tree)", "<=", 1.5 * KIB, "≤ 1.5 KiB"
+)
+# "No cliff": a first write to a page of a 64 MiB region costs at most this many times what
+# the same write costs in a small region (the same exploration otherwise).
+FIRST_WRITE = Goal(
+    "first_write",
+    "first write to a page of a 64 MiB region while exploring",
+    "<=",
+    1.5,
+    "no cliff (≤ 1.5× a 64 KiB region)",
+)
+PARALLEL = Goal("parallel", "2 worker processes vs 1 process, same graph (2^16 tree)", ">=", 1.6, "≥ 1.6×")
+COLD_START = Goal("cold_start", "`emu run` cold start (fresh interpreter)", "<=", 0.3, "≤ 0.3 s")
+USER_CODE = Goal("user_code", "user code between transitions / raw Unicorn, same page permissions", ">=", 0.9, "≥ 0.9×")
+
+GOALS: tuple[Goal, ...] = (
+    SYSCALL_VS_BARE,
+    VS_QILING,
+    CALLBACK_RATE,
+    EXPLORE_RATE,
+    EXPLORE_MEMORY,
+    FIRST_WRITE,
+    PARALLEL,
+    COLD_START,
+    USER_CODE,
+)
+BY_KEY = {g.key: g for g in GOALS}
