@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from unicorn import (
     UC_ARCH_X86,
@@ -69,6 +70,7 @@ _REG_IDS: dict[str, int] = {
 }
 
 _XMM: tuple[int, ...] = tuple(getattr(x86, f"UC_X86_REG_XMM{n}") for n in range(16))
+_XMM_SETS: dict[tuple[int, ...], tuple[int, ...]] = {}  # XMM numbers -> Unicorn register ids
 
 _ACCESS = {
     UC_MEM_READ_UNMAPPED: ("read", "unmapped"),
@@ -110,6 +112,7 @@ class RegisterFile:
         except (ImportError, AttributeError):  # pragma: no cover - other binding layouts
             self._lib = None
         self._batches: dict[tuple[str, ...], tuple[object, object, object, int]] = {}
+        self._wide: dict[tuple[int, ...], tuple[Any, Any, int, object]] = {}
         self._all = tuple(REGISTER_NAMES)
 
     def _batch(self, names: tuple[str, ...]) -> tuple[object, object, object, int]:
@@ -166,6 +169,23 @@ class RegisterFile:
         for i, v in enumerate(values):
             vals[i] = v & 0xFFFF_FFFF_FFFF_FFFF  # type: ignore[index]
         if self._lib.uc_reg_write_batch(self._handle, ids, ptrs, n) != UC_ERR_OK:
+            raise UcError(1)
+
+    def zero_wide(self, ids: tuple[int, ...]) -> None:
+        """Set 128-bit registers (XMM) to zero in one C call: every pointer names one zeroed
+        16-byte buffer, which uc_reg_write_batch only reads."""
+        if self._lib is None:
+            for i in ids:
+                self._uc.reg_write(i, 0)
+            return
+        b = self._wide.get(ids)
+        if b is None:
+            zero = ctypes.create_string_buffer(16)
+            n = len(ids)
+            b = self._wide[ids] = (
+                (ctypes.c_int * n)(*ids), (ctypes.c_void_p * n)(*[ctypes.addressof(zero)] * n), n, zero,
+            )  # fmt: skip
+        if self._lib.uc_reg_write_batch(self._handle, b[0], b[1], b[2]) != UC_ERR_OK:
             raise UcError(1)
 
     def context(self) -> UserContext:
@@ -402,8 +422,10 @@ class Machine:
 
     def zero_xmm(self, numbers: Sequence[int]) -> None:
         """Zero XMM registers by number (the kernel scrubbing them on its way to user mode)."""
-        for n in numbers:
-            self.uc.reg_write(_XMM[n], 0)
+        ids = _XMM_SETS.get(tuple(numbers))
+        if ids is None:
+            ids = _XMM_SETS[tuple(numbers)] = tuple(_XMM[n] for n in numbers)
+        self.regs.zero_wide(ids)
 
     def jump(self, rip: int) -> None:
         """Set RIP from a code hook: the CPU goes on there instead of running the hooked instruction
