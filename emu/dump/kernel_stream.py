@@ -10,6 +10,7 @@ the dumped state exactly. UTF-8 JSON, keys sorted; registers as lists in UserCon
 
     {"format": "emu-kernel", "version": 1,
      "state": {"id": 3, "kind": "syscall", "thread": 0},    # the recorded state the dump is of
+                                                           # (a "fault" state adds "fault": the error)
      "profile": {"name": "win10-22h2", "dispatcher": "stack", "ssn": {"NtCallbackReturn": 5, ...}},
      "current": 0, "max_depth": 1,
      "threads": [{"index": 0, "name": "thread0", "teb": ..., "stack_base": ..., "stack_limit": ...,
@@ -24,7 +25,8 @@ the dumped state exactly. UTF-8 JSON, keys sorted; registers as lists in UserCon
      "objects": {"objects": [{"handle": 256, "kind": "event", "name": "go", "manual_reset": false,
                               "signaled": false} | {"handle": ..., "kind": "mutant", "name": ...,
                               "owner": 1, "count": 1}],
-                 "queues": [[thread, [<message>...]]], "waiters": [[handle, [thread...]]], "next_message": 1}}
+                 "queues": [[thread, [<message>...]]], "waiters": [[handle, [thread...]]], "next_message": 1},
+     "traps": [[address, "dll!name", "importer", "why it is unbound"]]}    # imports bound to traps
 
 An activation is a scripted service's position, ``{"kind": "script", "service": name,
 "levels": [[null, 1], ["option", 0]], "last": [status, "hex"] | null}`` (the step index at
@@ -177,6 +179,16 @@ class KernelDoc:
         cur = doc.get("current")
         self.current = None if cur is None else self.number(doc, "current", "")
         self.max_depth = self.number(doc, "max_depth", "")
+        fault = state.get("fault", "")
+        if not isinstance(fault, str):
+            fail("state.fault must be a string")
+        self.fault = fault
+        traps = doc.get("traps", [])
+        if not isinstance(traps, list) or not all(
+            isinstance(t, list) and len(t) == 4 and _int(t[0]) and all(isinstance(x, str) for x in t[1:]) for t in traps
+        ):
+            fail("'traps' must be a list of [address, label, importer, reason]")
+        self.traps: dict[int, tuple[str, str, str]] = {int(t[0]): (t[1], t[2], t[3]) for t in traps}
         threads = doc.get("threads")
         if not isinstance(threads, list) or not threads:
             fail("'threads' must be a non-empty list")

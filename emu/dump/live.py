@@ -108,13 +108,17 @@ def take(process: Process, sid: int, thread: KThread | None, kind: str, popped: 
         docs.append(thread_doc(t, own.service, own.pending, s))
     p = process.profile
     state: Json = {"id": sid, "kind": kind, "thread": raw.thread}
+    if kind == "fault":
+        state["fault"] = trace.raw_transition(-1).detail  # the run stopped there, with this error
     profile: Json = {"name": process.scenario.profile.name, "dispatcher": p.dispatcher, "ssn": dict(kernel.ssn_table)}
     current = None if thread is None or kernel.current is None else kernel.current.tid
     memory = tuple(
         LiveRegion(r.start, r.size, r.perms, r.label, machine.read(r.start, r.size) if r.perms else b"")
         for r in machine.regions
     )
-    return LiveState(sid, kind, memory, live_doc(kernel, state, profile, docs, current), kernel.objects.copy())
+    doc = live_doc(kernel, state, profile, docs, current)
+    doc["traps"] = [[t.address, t.label, t.importer, t.reason] for t in process.traps.traps]
+    return LiveState(sid, kind, memory, doc, kernel.objects.copy())
 
 
 def capture(

@@ -174,6 +174,7 @@ class Scenario:
     # NtCallbackReturn's entry (the thread is then Ready, between KiSystemCall64's sti and
     # NtCallbackReturn's cli); off, NtCallbackReturn runs through, as it never waits.
     preempt_at_callback_return: bool = False
+    start_dump: str | None = None  # [start] dump: a minidump the run starts from (emu.dump.start), resolved
 
     def line_of(self, *path: str | int) -> int | None:
         return _line_of(self.source, path)

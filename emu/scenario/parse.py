@@ -44,6 +44,7 @@ TOP_KEYS = {
     "memory": "an array of tables [[memory]] {name, start, size, perms}",
     "ntdll": "a table {path, base}: a PE ntdll instead of the built-in one",
     "pe": "an array of tables [[pe]] {path, name, base}: PE modules to load",
+    "start": 'a table {dump = "x.dmp"}: start from a minidump instead of the threads\' entries',
 }
 
 
@@ -81,7 +82,7 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
     except RecursionError:  # tomllib recurses once per nesting level
         raise ScenarioError(file, "", "not readable: arrays or tables nested too deeply") from None
     r = _Reader(file, text)
-    r.table(doc, (), TOP_KEYS, ("scenario", "thread"))
+    r.table(doc, (), TOP_KEYS, ("scenario",))
 
     head = r.table(
         doc["scenario"],
@@ -117,6 +118,10 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
     if not isinstance(preempt, bool):
         raise r.fail(("machine", "preempt_at_callback_return"), f"expected true or false, got {_kind(preempt)}")
     files = _Files(r, file, allow)
+    start = r.table(doc.get("start", {}), ("start",), {"dump": "a minidump file, relative to the scenario"})
+    start_dump = files.file(start["dump"], ("start", "dump")) if "dump" in start else None
+    if start_dump is None and "thread" not in doc:
+        raise r.fail((), "missing required key 'thread' (a table {entry, argument, start}, or [[thread]] tables)")
     ntdll = files.pe(doc["ntdll"], ("ntdll",), "ntdll") if "ntdll" in doc else None
     pe = files.pe_list(doc.get("pe", []))
 
@@ -150,7 +155,7 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
         frontier=r.int_(b, "frontier", ("budgets",), Budgets.frontier, 16, 1 << 32),
     )
 
-    if "module" not in doc and not pe:
+    if "module" not in doc and not pe and start_dump is None:
         raise r.fail(
             (), "missing required key 'module' (an array of tables [[module]] {name, code, data}, or [[pe]] files)"
         )
@@ -164,8 +169,8 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
     labels = {(m.name, lab) for m in modules for lab in _labels(m)}
     external = tuple(spec.name for spec in pe)
 
-    threads = _threads(r, doc["thread"], modules, labels, external)
-    entry, argument = threads[0].entry, threads[0].argument
+    threads = _threads(r, doc["thread"], modules, labels, external) if "thread" in doc else ()
+    entry, argument = (threads[0].entry, threads[0].argument) if threads else ("", 0)
     objects = _objects(r, doc.get("object", []), threads)
 
     table, size, table_from = _callback_table(r, doc.get("kernel_callback_table", {}), modules, labels, external)
@@ -183,7 +188,7 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
         services=services,
         budgets=budgets, expectations=expectations, system_call=system_call, memory=memory, ntdll=ntdll, pe=pe,
         unbound_imports="trap" if unbound == "trap" else "error", threads=threads, objects=objects, source=text,
-        preempt_at_callback_return=preempt,
+        preempt_at_callback_return=preempt, start_dump=start_dump,
         profile_overrides=frozenset(doc.get("profile") or ()) if isinstance(doc.get("profile"), dict) else frozenset(),
     )  # fmt: skip
 
@@ -201,6 +206,23 @@ class _Files:
             raise self.r.fail(("pe",), "expected an array of tables [[pe]] {path, name, base}")
         return tuple(self.pe(m, ("pe", i), None) for i, m in enumerate(obj))
 
+    def file(self, value: Any, path: tuple[str | int, ...]) -> str:
+        """A file the scenario names: relative to its folder, inside an allowed folder, readable."""
+        r = self.r
+        if not isinstance(value, str):
+            raise r.fail(path, f"expected a file name (a string), got {_kind(value)}")
+        target = (self.folder / value).resolve()
+        if not any(target == a or a in target.parents for a in self.allowed):
+            raise r.fail(path, f"{target} is outside the scenario's folder {self.folder}: pass --allow-path to read it")
+        if not target.is_file():
+            raise r.fail(path, f"{target} does not exist or is not a file")
+        try:
+            with target.open("rb"):
+                pass
+        except OSError as e:
+            raise r.fail(path, f"cannot read {target} ({e.strerror or e})") from None
+        return str(target)
+
     def pe(self, obj: Any, path: tuple[str | int, ...], fixed_name: str | None) -> PeSpec:
         r = self.r
         allowed = {
@@ -210,19 +232,8 @@ class _Files:
         if fixed_name is None:
             allowed["name"] = "the module name (default: the file name without .dll)"
         r.table(obj, path, allowed, ("path",))
-        target = (self.folder / r.str_(obj, "path", path)).resolve()
-        if not any(target == a or a in target.parents for a in self.allowed):
-            raise r.fail(
-                path + ("path",),
-                f"{target} is outside the scenario's folder {self.folder}: pass --allow-path to read it",
-            )
-        if not target.is_file():
-            raise r.fail(path + ("path",), f"{target} does not exist or is not a file")
-        try:
-            with target.open("rb"):
-                pass
-        except OSError as e:
-            raise r.fail(path + ("path",), f"cannot read {target} ({e.strerror or e})") from None
+        r.str_(obj, "path", path)
+        target = Path(self.file(obj["path"], path + ("path",)))
         name = fixed_name or r.str_(obj, "name", path, target.stem)
         if not _NAME.match(name):
             raise r.fail(path + ("name",), f"expected a module name (letters, digits, _), got {name!r}")
