@@ -90,7 +90,7 @@ def _truths(r: Run) -> dict[str, dict[str, int]]:
 
 def _print_table(r: Run, out: TextIO, verbose: bool = False) -> None:
     out.write(f"{r.scenario.name} ({r.system or r.scenario.profile.title})\n")
-    if verbose or r.scenario.ntdll is not None:
+    if verbose or r.scenario.ntdll is not None or r.scenario.start_dump is not None:
         for line in r.trace.thread_starts:
             out.write(f"start {line}\n")
     names = {t.tid: t.name for t in r.threads.values()}
@@ -157,7 +157,15 @@ def _finish(r: Run, err: TextIO, verbose: bool = False) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    r = run(load_scenario(args.scenario, args.allow_path))
+    scenario = load_scenario(args.scenario, args.allow_path)
+    expected = bool(scenario.expectations)
+    if args.from_dump:
+        scenario = cli_dump.from_dump(scenario, args.from_dump)
+    r = run(scenario)
+    if args.from_dump and expected:
+        r.notes.append(
+            f"from {args.from_dump}: the scenario's [[expect]] entries describe a run from its start; not checked"
+        )
     if args.json:
         sys.stdout.write(json.dumps(_report(r), indent=2) + "\n")
     else:
@@ -226,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "-v", "--verbose", action="store_true", help="also list what was read from the images (SSNs, conventions)"
     )
+    r.add_argument(
+        "--from-dump", metavar="FILE.dmp",
+        help="start from a minidump (its memory, modules, threads and emu's kernel state); the scenario's services serve what comes next",
+    )  # fmt: skip
     r.set_defaults(func=cmd_run)
     d = sub.add_parser("detect", help="report states where the thread is at ZwCallbackReturn (the seed's state)")
     d.add_argument("scenario", nargs="?")

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from emu.context import KTrapFrame, UserContext
 from emu.dump.kernel_stream import Json, live_doc, thread_doc
 from emu.engine import Process, Run
+from emu.errors import DumpError
 from emu.kernel import KernelHooks
 from emu.kernel.core import _VIA
 from emu.kernel.hooks import take_default
@@ -137,3 +138,16 @@ def capture(
         if want(sid):
             sink(process, take(process, sid, None, "initial", None))
     return process.run()
+
+
+def capture_state(scenario: Scenario, state_id: int) -> tuple[Run, LiveState]:
+    """The run again, and the process captured at ``state_id`` (a state of that run).
+
+    Raises:
+        DumpError: the run has no such state.
+    """
+    got: list[LiveState] = []
+    r = capture(scenario, lambda sid: sid == state_id, lambda process, live: got.append(live))
+    if not got:
+        raise DumpError(f"{scenario.path}: the run has {len(r.trace.raw_states)} states, no s{state_id}")
+    return r, got[0]
