@@ -159,7 +159,7 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
         raise r.fail(
             (), "missing required key 'module' (an array of tables [[module]] {name, code, data}, or [[pe]] files)"
         )
-    modules = _modules(r, doc.get("module", []), allow_empty=bool(pe))
+    modules = _modules(r, doc.get("module", []), allow_empty=bool(pe) or start_dump is not None)
     taken = {m.name.lower() for m in modules}
     for i, spec in enumerate(pe):
         # A [[pe]] named win32u replaces the built-in win32u (its stubs give the win32k SSNs).
@@ -175,6 +175,8 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
 
     table, size, table_from = _callback_table(r, doc.get("kernel_callback_table", {}), modules, labels, external)
     # With a PE ntdll the service numbers come from its code, known only once it is loaded.
+    if start_dump is not None and "kernel_callback_table" not in doc:
+        size = 0  # the table is the dump's own (PEB.KernelCallbackTable in its memory)
     services = _services(
         r, doc.get("services", {}), profile, size or MAX_TABLE,
         check_numbers=ntdll is None and not any(p.name.lower() == "win32u" for p in pe),
