@@ -121,7 +121,7 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
     start = r.table(doc.get("start", {}), ("start",), {"dump": "a minidump file, relative to the scenario"})
     start_dump = files.file(start["dump"], ("start", "dump")) if "dump" in start else None
     if start_dump is None and "thread" not in doc:
-        raise r.fail((), "missing required key 'thread' (a table {entry, argument, start}, or [[thread]] tables)")
+        raise r.fail((), f"missing required key 'thread' ({TOP_KEYS['thread']})")
     ntdll = files.pe(doc["ntdll"], ("ntdll",), "ntdll") if "ntdll" in doc else None
     pe = files.pe_list(doc.get("pe", []))
 
