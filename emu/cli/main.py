@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TextIO
 
 from emu import __version__, interrupts
+from emu.cli import corpus as cli_corpus
 from emu.cli import dump as cli_dump
 from emu.cli import explore as cli_explore
 from emu.cli import image as cli_image
@@ -260,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_image.add_parser(sub)
     cli_plot.add_parser(sub)
     cli_dump.add_parser(sub)
+    cli_corpus.add_parser(sub)
     cli_score.add_parser(sub)
     for (
         command

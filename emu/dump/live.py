@@ -124,16 +124,19 @@ def take(process: Process, sid: int, thread: KThread | None, kind: str, popped: 
 
 def capture(
     scenario: Scenario, want: Callable[[int], bool], sink: Sink,
-    choose: Callable[[KThread, Choice], str | None] = take_default,
+    choose: Callable[[KThread, Choice], str | None] = take_default, built: Callable[[Process], None] | None = None,
 ) -> Run:  # fmt: skip
     """Run ``scenario`` again and give ``sink`` the process at every state ``want`` names.
 
     ``choose`` answers the kernel's choices (by default each takes its default, as
     :func:`emu.engine.run` does); the run is the same as the original, state for state.
+    ``built`` is told the process before it runs (``want`` may read its trace).
     """
     cap = _Capturer(want, sink)
     process = Process(scenario, hooks=KernelHooks(choose=choose, observe=cap.observe))
     cap.process = process
+    if built is not None:
+        built(process)
     for sid in range(len(process.trace.raw_states)):  # each thread's first record: nothing has run yet
         if want(sid):
             sink(process, take(process, sid, None, "initial", None))
