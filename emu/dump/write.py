@@ -9,10 +9,12 @@ section names and unwind data of each module, because images emu assembles have 
 export directory to read them from.
 
 Each thread is written as it is at the state: the context and stack of its latest state
-up to that one (see :func:`threads_at`). Only user-mode contexts go in: a dump cannot tell
-that a thread is in kernel mode, and nothing else from the kernel model is written. Image
-memory is the images as loaded (writes to their data sections during the run are not
-recorded per state). The same state always gives the same bytes: no clock, no host paths.
+up to that one (see :func:`threads_at`). Only user-mode contexts go in the ThreadList: a
+dump cannot tell that a thread is in kernel mode. Without a captured process, image memory
+is the images as loaded (writes to their data sections during the run are not recorded per
+state); with one (``live``, :mod:`emu.dump.live`: what ``emu dump`` and ``emu corpus``
+write) every region holds its bytes as they were, and ``EmuKernelStream`` the kernel
+model's side. The same state always gives the same bytes: no clock, no host paths.
 """
 
 from __future__ import annotations
