@@ -13,10 +13,13 @@ from functools import cached_property
 from pathlib import Path
 
 from emu.detection.view import Detection, detect_run
-from emu.engine import RunResult, build
+from emu.dump.start import DumpProcess
+from emu.engine import Process, RunResult
+from emu.engine import build as build_from_modules
 from emu.expect import Outcome, check
 from emu.graph import StateGraph
-from emu.scenario import Scenario
+from emu.kernel import KernelHooks
+from emu.scenario import Scenario, load_scenario
 
 __all__ = ["Run", "run"]
 
@@ -57,3 +60,13 @@ def run(scenario: Scenario | str | Path) -> Run:
         [d.rip for d in r.detections]   # ['ntdll!ZwCallbackReturn+0x14']
     """
     return Run.of(build(scenario).run())
+
+
+def build(scenario: Scenario | str | Path, hooks: KernelHooks | None = None) -> Process:
+    """Build the process for a scenario (a Scenario or a path) without running it: from its
+    ``[start] dump`` when it names one (:mod:`emu.dump.start`), else from its modules and threads."""
+    if not isinstance(scenario, Scenario):
+        scenario = load_scenario(scenario)
+    if scenario.start_dump is not None:
+        return DumpProcess(scenario, scenario.start_dump, hooks)
+    return build_from_modules(scenario, hooks)

@@ -95,6 +95,11 @@ class Process:
     def __init__(self, scenario: Scenario, start: str | None = None, hooks: KernelHooks | None = None) -> None:
         """Build the process; ``start`` forces every thread's start mode (the start probe uses it);
         ``hooks`` steer the run (who answers choices, who watches states, when to stop)."""
+        if scenario.start_dump is not None:
+            raise ScenarioError(
+                scenario.path, "start.dump", "this scenario starts from a dump: `emu run` runs it, `emu explore` cannot",
+                scenario.line_of("start", "dump"),
+            )  # fmt: skip
         self.scenario = scenario
         self.hooks = hooks or KernelHooks()
         self.profile = scenario.profile  # with what the loaded images decide (dispatcher): service_numbers
@@ -416,7 +421,8 @@ def _overlaps(a: Image, b: Image) -> bool:
 
 
 def build(scenario: Scenario | str | Path, hooks: KernelHooks | None = None) -> Process:
-    """Build the process for a scenario (a Scenario or a path) without running it."""
+    """Build the process for a scenario (a Scenario or a path) from its modules and threads,
+    without running it. A ``[start] dump`` scenario is built by :func:`emu.api.build`."""
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario)
     return Process(scenario, hooks=hooks)

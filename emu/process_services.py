@@ -21,6 +21,7 @@ __all__ = [
     "registry_for",
     "script_steps",
     "service_numbers",
+    "touches_shared",
     "uses_callbacks",
 ]
 
@@ -80,16 +81,16 @@ def registry_for(scenario: Scenario, threads: dict[str, int]) -> tuple[ServiceRe
     for name, script in scenario.services.items():
         steps = script_steps(script.steps, threads, handles)
         registry.add_script(name, steps)
-        if _touches_shared(steps):
+        if touches_shared(steps):
             shared.add(name)
     return registry, frozenset(shared)
 
 
-def _touches_shared(steps: list[ScriptStep]) -> bool:
+def touches_shared(steps: list[ScriptStep]) -> bool:
     for st in steps:
         if isinstance(st, (Wait, SetEvent, ReleaseMutant, SendMessage)):
             return True
-        if isinstance(st, KChoiceStep) and any(_touches_shared(list(o)) for _, o in st.options):
+        if isinstance(st, KChoiceStep) and any(touches_shared(list(o)) for _, o in st.options):
             return True
     return False
 

@@ -82,6 +82,21 @@ def test_dumpulator_runs_each_thread_start_to_the_system_call_emu_recorded_next(
     assert "ZwCallbackReturn" in exports["ntdll.dll"] and "KiUserCallbackDispatcher" in exports["ntdll.dll"]
 
 
+@pytest.mark.parametrize("scenario", ["threads_no_deadlock", "callback_waits_on_event"])
+def test_dumpulator_runs_a_dump_emu_dump_writes_with_object_information(scenario: str, tmp_path: Path) -> None:
+    """What `emu dump` writes (the process's bytes then, HandleData with object state, emu's kernel stream)."""
+    from emu.dump.live import capture_state
+
+    r = emu.run(ROOT / "scenarios" / f"{scenario}.toml")
+    first = r.trace.states[0]
+    nxt = next(s for s in r.trace.states[1:] if s.thread == first.thread)
+    again, live = capture_state(r.scenario, first.id)
+    dump = tmp_path / "s0.dmp"
+    write_minidump(again, again.trace.state(first.id), dump, live=live)
+    got = step(dump)
+    assert (got["start"], got["stop"], got["rax"]) == (first.rip, nxt.rip - 2, nxt.context.rax)
+
+
 def test_dumpulator_opens_a_dump_at_the_pending_state(tmp_path: Path) -> None:
     r = emu.run(ROOT / "scenarios" / "callback_roundtrip.toml")
     pending = next(s for s in r.trace.states if s.pending)

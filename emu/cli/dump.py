@@ -1,8 +1,9 @@
-"""``emu dump FILE --state ID -o OUT.dmp`` and ``emu detect --dump OUT.dmp``.
+"""``emu dump FILE --state ID -o OUT.dmp``, ``emu detect --dump OUT.dmp`` and ``emu run --from-dump``.
 
 A dump holds every thread of the process as it is at the state (the state's own thread
-first), and ``emu detect --dump`` reports each thread that sits at ZwCallbackReturn, with
-its thread id. Both print one line per problem and return exit code 2 for invalid input (a missing or
+first), the process's memory then and emu's kernel model (so ``emu run --from-dump OUT.dmp
+FILE`` goes on from it), and ``emu detect --dump`` reports each thread that sits at
+ZwCallbackReturn, with its thread id. Both print one line per problem and return exit code 2 for invalid input (a missing or
 malformed file, an unknown state, an output that exists without ``--force``), like the
 rest of the ``emu`` command.
 """
@@ -10,6 +11,7 @@ rest of the ``emu`` command.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -19,10 +21,11 @@ from emu.api import Run, run
 from emu.cli.exit_codes import EXIT_INPUT, EXIT_OK
 from emu.detection.view import Detection, detect_callback_return_pending
 from emu.dump import read_minidump, write_minidump
+from emu.dump.live import capture_state
 from emu.dump.write import threads_at
 from emu.errors import DumpError, EmuError
 from emu.exploration.explorer import Explorer
-from emu.scenario import load_scenario
+from emu.scenario import Scenario, load_scenario
 from emu.trace import State
 from emu.views.explain import find_node, state_number
 from emu.writing import refuse_overwrite
@@ -90,7 +93,9 @@ def cmd_dump(args: argparse.Namespace) -> int:
         refuse_overwrite(out, args.force)
         r = run(load_scenario(args.scenario, getattr(args, "allow_path", [])))
         state = find_state(r, args.state)
-        data = write_minidump(r, state, out, full=getattr(args, "full", False))
+        # The run again, to the state: the dump then holds the process's bytes and kernel model as they were.
+        again, live = capture_state(r.scenario, state.id)
+        data = write_minidump(again, again.trace.state(state.id), out, full=getattr(args, "full", False), live=live)
         threads = len(threads_at(r, state))
     except EmuError as e:
         sys.stderr.write(f"{e}\n")
@@ -125,3 +130,12 @@ def cmd_detect_dump(args: argparse.Namespace) -> int:
     if not dets:
         sys.stdout.write(f"no thread is at ZwCallbackReturn in {args.dump}\n")
     return EXIT_OK
+
+
+def from_dump(scenario: Scenario, dump: str) -> Scenario:
+    """``emu run --from-dump DUMP SCENARIO``: the scenario's services and budgets, starting from the dump.
+
+    The scenario's expectations describe a run from its own start, so they are not checked
+    (a scenario with ``[start] dump`` states expectations for a run from a dump).
+    """
+    return dataclasses.replace(scenario, start_dump=dump, expectations=())

@@ -18,6 +18,7 @@ from typing import TextIO
 
 from emu import __version__, interrupts
 from emu.api import Run, run
+from emu.cli import corpus as cli_corpus
 from emu.cli import dump as cli_dump
 from emu.cli import explore as cli_explore
 from emu.cli import image as cli_image
@@ -92,7 +93,7 @@ def _truths(r: Run) -> dict[str, dict[str, int]]:
 
 def _print_table(r: Run, out: TextIO, verbose: bool = False) -> None:
     out.write(f"{r.scenario.name} ({r.system or r.scenario.profile.title})\n")
-    if verbose or r.scenario.ntdll is not None:
+    if verbose or r.scenario.ntdll is not None or r.scenario.start_dump is not None:
         for line in r.trace.thread_starts:
             out.write(f"start {line}\n")
     names = {t.tid: t.name for t in r.threads.values()}
@@ -161,7 +162,15 @@ def _finish(r: Run, err: TextIO, verbose: bool = False) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    r = run(load_scenario(args.scenario, args.allow_path))
+    scenario = load_scenario(args.scenario, args.allow_path)
+    expected = bool(scenario.expectations)
+    if args.from_dump:
+        scenario = cli_dump.from_dump(scenario, args.from_dump)
+    r = run(scenario)
+    if args.from_dump and expected:
+        r.notes.append(
+            f"from {args.from_dump}: the scenario's [[expect]] entries describe a run from its start; not checked"
+        )
     if args.json:
         sys.stdout.write(json.dumps(_report(r), indent=2) + "\n")
     else:
@@ -230,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "-v", "--verbose", action="store_true", help="also list what was read from the images (SSNs, conventions)"
     )
+    r.add_argument(
+        "--from-dump", metavar="FILE.dmp",
+        help="start from a minidump (its memory, modules, threads and emu's kernel state); the scenario's services serve what comes next",
+    )  # fmt: skip
     r.set_defaults(func=cmd_run)
     d = sub.add_parser("detect", help="report states where the thread is at ZwCallbackReturn (the seed's state)")
     d.add_argument("scenario", nargs="?")
@@ -252,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_image.add_parser(sub)
     cli_plot.add_parser(sub)
     cli_dump.add_parser(sub)
+    cli_corpus.add_parser(sub)
     cli_score.add_parser(sub)
     for (
         command

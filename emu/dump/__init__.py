@@ -1,9 +1,13 @@
 """Minidumps of emu states: write them (:mod:`emu.dump.write`), read them back (:mod:`emu.dump.read`).
 
 The format is MS ``minidumpapiset.h`` (tables in :mod:`emu.dump.format`); emu's own
-stream with module names is described in :mod:`emu.dump.modules`. A written dump opens in
-independent readers (the PyPI packages ``minidump`` and ``udmp-parser``), and the
-detectors give the same verdicts on it as on the live state.
+streams are described in :mod:`emu.dump.modules` (module names) and
+:mod:`emu.dump.kernel_stream` (the kernel model's side). A written dump opens in
+independent readers (the PyPI packages ``minidump``, ``udmp-parser`` and dumpulator), and
+the detectors give the same verdicts on it as on the live state. :mod:`emu.dump.live`
+captures the process at a state (its memory then and its kernel model) so that
+:mod:`emu.dump.start` can run on from the dump; :mod:`emu.dump.corpus` writes a dump per
+state with the ground truth for each.
 
 Example::
 

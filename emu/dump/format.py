@@ -33,6 +33,8 @@ LastReservedStream = 0xFFFF  # types above this are free for an application's ow
 # section names and unwind data, as UTF-8 JSON (see emu.dump.write.emu_stream). The type
 # is 'EMU' + 1 as a big-endian tag, above LastReservedStream as MS reserves for user streams.
 EmuModulesStream = 0x454D5501
+# emu's kernel-model stream ('EMU' + 2): callback stacks, pending services, waits, objects (emu.dump.kernel_stream).
+EmuKernelStream = 0x454D5502
 
 STREAM_NAMES: dict[int, str] = {
     ThreadListStream: "ThreadListStream",
@@ -43,6 +45,7 @@ STREAM_NAMES: dict[int, str] = {
     MiscInfoStream: "MiscInfoStream",
     MemoryInfoListStream: "MemoryInfoListStream",
     EmuModulesStream: "EmuModulesStream",
+    EmuKernelStream: "EmuKernelStream",
 }
 
 

@@ -17,15 +17,23 @@ What is written, per kind of region:
   change them while it runs);
 - the scenario's own ``[[memory]]`` regions: described always, their bytes (as mapped,
   before the run) only with ``full``.
+
+A dump written from a :class:`~emu.dump.live.LiveState` (``emu dump``, ``emu corpus``)
+holds instead every region's bytes as they were at the state (:func:`live_regions`), so a
+run can start from it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from emu.dump.format import MEM_IMAGE, MEM_PRIVATE
 from emu.engine import Process, RunResult
 from emu.loader.image import PAGE, Image, page_align
+
+if TYPE_CHECKING:
+    from emu.dump.live import LiveState
 
 
 @dataclass(frozen=True)
@@ -100,4 +108,33 @@ def process_regions(run: RunResult, full: bool = False) -> list[Region]:
         keep = full or not r.label.startswith("memory ")
         data = machine.read(r.start, r.size) if keep else None
         out.append(Region(r.start, r.size, r.perms, r.start, MEM_PRIVATE, data))
+    return out
+
+
+def live_regions(run: RunResult, live: LiveState, stacks: dict[int, int], full: bool = False) -> list[Region]:
+    """Every committed region of the process as it was at the state (see :mod:`emu.dump.live`).
+
+    ``stacks`` maps the stack limit of each dumped thread to the RSP it is shown with: its
+    stack carries bytes from RSP's page up (all of it with ``full``). Stacks of threads the
+    dump leaves out (ended ones) and guard pages are not written; images, TEBs, the PEB,
+    KUSER_SHARED_DATA, loader data and the scenario's memory carry their bytes as they were.
+    """
+    images = [(img.base, img.end) for img in run.images]
+    out: list[Region] = []
+    for r in live.memory:
+        if not r.perms:
+            continue  # a guard page: not committed memory
+        base = next((lo for lo, hi in images if lo <= r.start < hi), None)
+        if base is not None:
+            out.append(Region(r.start, r.size, r.perms, base, MEM_IMAGE, r.data))
+        elif r.label.startswith("thread ") and r.label.endswith(" stack"):
+            rsp = stacks.get(r.start)
+            if rsp is None:
+                continue
+            low = r.start if full or not r.start <= rsp < r.start + r.size else rsp & ~(PAGE - 1)
+            if low > r.start:
+                out.append(Region(r.start, low - r.start, r.perms, r.start, MEM_PRIVATE))
+            out.append(Region(low, r.start + r.size - low, r.perms, r.start, MEM_PRIVATE, r.data[low - r.start :]))
+        else:
+            out.append(Region(r.start, r.size, r.perms, r.start, MEM_PRIVATE, r.data))
     return out

@@ -10,7 +10,11 @@ applications): UTF-8 JSON, keys sorted, addresses as RVAs::
      "modules": [{"name": "ntdll", "base": ..., "size": ..., "headers": false,
                   "exports": {"ZwCallbackReturn": 4224, ...},
                   "sections": [{"name": ".text", "rva": 4096, "size": 4096, "perms": "rx"}],
-                  "pdata": "<hex of the RUNTIME_FUNCTION table, when the image has one>"}]}
+                  "pdata": "<hex of the RUNTIME_FUNCTION table, when the image has one>",
+                  "symbols": {"internal_label": 4352}}]}
+
+``symbols`` (optional) names what the image knows besides its exports (a PE file's COFF
+symbols, say), so that a run started from the dump names addresses as the original did.
 
 Dumps from elsewhere lack the stream; then :func:`pe_exports` reads the export directory
 from the dump's memory, when the dump holds the module's headers.
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NoReturn, TypeGuard
 
 from emu.loader.image import Image, page_align
@@ -49,6 +53,7 @@ class EmuModule:
     sections: tuple[EmuSection, ...]
     headers: bool
     pdata: bytes
+    symbols: dict[str, int] = field(default_factory=dict)  # names besides the exports (RVAs)
 
 
 def emu_stream(images: Iterable[Image], source: dict[str, object]) -> bytes:
@@ -68,6 +73,9 @@ def emu_stream(images: Iterable[Image], source: dict[str, object]) -> bytes:
         }
         if img.pdata:
             record["pdata"] = img.pdata.hex()
+        extra = {n: a - img.base for n, a in sorted(img.symbols.items()) if n not in img.exports and "__" not in n}
+        if extra:
+            record["symbols"] = extra
         modules.append(record)
     doc = {"format": EMU_STREAM_FORMAT, "version": EMU_STREAM_VERSION, "source": source, "modules": modules}
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
@@ -105,8 +113,11 @@ def _module(m: object, i: int, fail: Fail) -> EmuModule:
     headers, sections, pdata = m.get("headers", False), m.get("sections", []), m.get("pdata", "")
     if not (isinstance(name, str) and _int(base) and _int(size) and isinstance(headers, bool)):
         fail(f"{where} needs a string 'name', integers 'base' and 'size', a boolean 'headers'")
+    symbols = m.get("symbols", {})
     if not (isinstance(exports, dict) and all(isinstance(k, str) and _int(v) for k, v in exports.items())):
         fail(f"{where}.exports must map names to RVAs")
+    if not (isinstance(symbols, dict) and all(isinstance(k, str) and _int(v) for k, v in symbols.items())):
+        fail(f"{where}.symbols must map names to RVAs")
     if not isinstance(sections, list) or not isinstance(pdata, str):
         fail(f"{where}: 'sections' must be a list and 'pdata' a hex string")
     try:
@@ -119,7 +130,7 @@ def _module(m: object, i: int, fail: Fail) -> EmuModule:
         if not ok or not isinstance(s.get("perms"), str) or not set(s["perms"]) <= set("rwx"):
             fail(f"{where}.sections[{j}] needs 'name', 'rva', 'size' and 'perms' (a subset of 'rwx')")
         secs.append(EmuSection(s["name"], s["rva"], s["size"], s["perms"]))
-    return EmuModule(name, base, size, dict(exports), tuple(secs), headers, blob)
+    return EmuModule(name, base, size, dict(exports), tuple(secs), headers, blob, dict(symbols))
 
 
 # --- PE export directory (MS PE format: IMAGE_EXPORT_DIRECTORY) ------------------------------

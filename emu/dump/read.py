@@ -50,6 +50,7 @@ from emu.dump.format import (
     PERMS_BY_PROTECT,
     PROCESSOR_ARCHITECTURE_AMD64,
     STREAM_NAMES,
+    EmuKernelStream,
     EmuModulesStream,
     Memory64ListStream,
     MemoryInfoListStream,
@@ -122,6 +123,7 @@ class DumpView:
     memory: tuple[tuple[int, bytes], ...]  # every range with bytes, by address
     regions: tuple[MemoryRegion, ...]
     source: dict[str, object] = field(default_factory=dict)  # what emu's stream says the dump was made from
+    kernel_stream: bytes = b""  # EmuKernelStream as written (emu.dump.kernel_stream reads it)
 
     def read(self, address: int, size: int) -> bytes | None:
         """Bytes from one memory range of the dump, or None where the dump has none."""
@@ -263,7 +265,8 @@ class _Reader:
         if ModuleListStream in streams:
             self.where = "ModuleListStream"
             modules = self.module_list(streams[ModuleListStream], memory, regions, emu)
-        return DumpView(self.name, system, process_id, threads, modules, tuple(memory), tuple(regions), source)
+        kernel = streams.get(EmuKernelStream, b"")
+        return DumpView(self.name, system, process_id, threads, modules, tuple(memory), tuple(regions), source, kernel)
 
     def directory(self) -> dict[int, bytes]:
         if len(self.data) < MINIDUMP_HEADER.size:
@@ -454,8 +457,10 @@ def _module(
     inside = [(s, d) for s, d in memory if base <= s < base + size]
     headers = b""
     sections: list[Section] = []
+    symbols: dict[str, int] = {}
     if record is not None:
         name, exports, pdata = record.name, {n: base + rva for n, rva in record.exports.items()}, record.pdata
+        symbols = {n: base + rva for n, rva in record.symbols.items()}
         if record.headers:
             headers = read(base, PAGE) or b""
         for sec in record.sections:
@@ -473,6 +478,6 @@ def _module(
                     continue
             perms = next((r.perms for r in regions if r.base <= start < r.base + r.size), "r")
             sections.append(Section(f"mem_{start - base:x}", start - base, data, perms, len(data)))
-    image = Image(name=name, base=base, sections=sections, exports=dict(exports), symbols=dict(exports))
+    image = Image(name=name, base=base, sections=sections, exports=dict(exports), symbols={**symbols, **exports})
     image.headers, image.pdata, image.path = headers, pdata, path
     return ModuleInfo(name, base, size, dict(exports), image)

@@ -1,8 +1,18 @@
 """Minidump streams beyond the basic ones: the full CONTEXT, ThreadInfoList, HandleData.
 
 Layouts from MS ``minidumpapiset.h`` (MINIDUMP_THREAD_INFO_LIST, MINIDUMP_THREAD_INFO,
-MINIDUMP_HANDLE_DATA_STREAM, MINIDUMP_HANDLE_DESCRIPTOR) and ``winnt.h`` (CONTEXT,
-XMM_SAVE_AREA32), as the MS docs pages of those names give them.
+MINIDUMP_HANDLE_DATA_STREAM, MINIDUMP_HANDLE_DESCRIPTOR_2, MINIDUMP_HANDLE_OBJECT_INFORMATION)
+and ``winnt.h`` (CONTEXT, XMM_SAVE_AREA32), as the MS docs pages of those names give them.
+
+HandleData: ``minidumpapiset.h`` names the kinds of per-object information
+(MINIDUMP_HANDLE_OBJECT_INFORMATION_TYPE) but says it "does not control nor describe the
+actual data". emu writes what the native query of each object returns, laid out as WRK
+``public/sdk/inc/ntexapi.h`` declares it: MiniEventInformation1 is EVENT_BASIC_INFORMATION
+(EventType: NotificationEvent 0 or SynchronizationEvent 1; EventState), MiniMutantInformation1
+is MUTANT_BASIC_INFORMATION (CurrentCount, OwnedByCaller, AbandonedState) and
+MiniMutantInformation2 is MUTANT_OWNER_INFORMATION (the owner's CLIENT_ID). A mutant's
+CurrentCount is its dispatcher header's SignalState (WRK ``ex/mutant.c`` NtQueryMutant reads
+KeReadStateMutant): 1 when free, 1 - n when its owner holds it n times (``ke/mutntobj.c``).
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from emu.dump.format import (
     INITIAL_MXCSR,
     Layout,
 )
+from emu.kernel.objects import Event, Mutant, ObjectTable
 from emu.winnt import KGDT64_R3_CMTEB, KGDT64_R3_CODE, KGDT64_R3_DATA, STATUS_PENDING
 
 if TYPE_CHECKING:
@@ -52,9 +63,22 @@ MINIDUMP_THREAD_INFO = Layout("MINIDUMP_THREAD_INFO", 64, (
 MINIDUMP_HANDLE_DATA_STREAM = Layout("MINIDUMP_HANDLE_DATA_STREAM", 16, (
     ("SizeOfHeader", "I"), ("SizeOfDescriptor", "I"), ("NumberOfDescriptors", "I"), ("Reserved", "I"),
 ))  # fmt: skip
-MINIDUMP_HANDLE_DESCRIPTOR = Layout("MINIDUMP_HANDLE_DESCRIPTOR", 32, (
+MINIDUMP_HANDLE_DESCRIPTOR_2 = Layout("MINIDUMP_HANDLE_DESCRIPTOR_2", 40, (
     ("Handle", "Q"), ("TypeNameRva", "I"), ("ObjectNameRva", "I"), ("Attributes", "I"),
-    ("GrantedAccess", "I"), ("HandleCount", "I"), ("PointerCount", "I"),
+    ("GrantedAccess", "I"), ("HandleCount", "I"), ("PointerCount", "I"), ("ObjectInfoRva", "I"), ("Reserved0", "I"),
+))  # fmt: skip
+MINIDUMP_HANDLE_OBJECT_INFORMATION = Layout("MINIDUMP_HANDLE_OBJECT_INFORMATION", 12, (
+    ("NextInfoRva", "I"), ("InfoType", "I"), ("SizeOfInfo", "I"),
+))  # fmt: skip
+# MINIDUMP_HANDLE_OBJECT_INFORMATION_TYPE (minidumpapiset.h)
+MiniMutantInformation1, MiniMutantInformation2, MiniEventInformation1 = 2, 3, 6
+NOTIFICATION_EVENT, SYNCHRONIZATION_EVENT = 0, 1  # EVENT_TYPE (wdm.h)
+EVENT_BASIC_INFORMATION = Layout("EVENT_BASIC_INFORMATION", 8, (("EventType", "I"), ("EventState", "i")))
+MUTANT_BASIC_INFORMATION = Layout("MUTANT_BASIC_INFORMATION", 8, (
+    ("CurrentCount", "i"), ("OwnedByCaller", "B"), ("AbandonedState", "B"), ("_padding", "H"),
+))  # fmt: skip
+MUTANT_OWNER_INFORMATION = Layout("MUTANT_OWNER_INFORMATION", 16, (
+    ("ClientId.UniqueProcess", "Q"), ("ClientId.UniqueThread", "Q"),
 ))  # fmt: skip
 XMM_SAVE_AREA = 0x100  # CONTEXT.FltSave
 FLT_CONTROL_WORD, FLT_MXCSR_MASK = XMM_SAVE_AREA + 0x0, XMM_SAVE_AREA + 0x1C
@@ -88,21 +112,58 @@ def thread_info_list(threads: list[tuple[int, int]]) -> bytes:
     )
 
 
-def handle_data(objects: tuple[ObjectSpec, ...], string: Callable[[str], int]) -> bytes:
-    """HandleDataStream for the scenario's events and mutants; ``string`` stores a MINIDUMP_STRING, giving its RVA.
+def handle_data(
+    objects: tuple[ObjectSpec, ...], add: Callable[[bytes], int], state: ObjectTable | None,
+    client_id: Callable[[int], tuple[int, int]],
+) -> bytes:  # fmt: skip
+    """HandleDataStream for the scenario's events and mutants, as MINIDUMP_HANDLE_DESCRIPTOR_2.
 
+    ``add`` stores a blob in the file and gives its RVA. With ``state`` (the kernel model's
+    objects at the dumped state) each descriptor points to its object's information (see
+    the module notes); ``client_id`` gives a thread index's (UniqueProcess, UniqueThread).
     Type names are the object manager's ("Event", "Mutant"); emu's objects are unnamed
     (ObjectNameRva 0), as an event created without a name is.
     """
     head = MINIDUMP_HANDLE_DATA_STREAM.pack({
-        "SizeOfHeader": MINIDUMP_HANDLE_DATA_STREAM.size, "SizeOfDescriptor": MINIDUMP_HANDLE_DESCRIPTOR.size,
+        "SizeOfHeader": MINIDUMP_HANDLE_DATA_STREAM.size, "SizeOfDescriptor": MINIDUMP_HANDLE_DESCRIPTOR_2.size,
         "NumberOfDescriptors": len(objects),
     })  # fmt: skip
     body = b""
     for o in sorted(objects, key=lambda o: o.handle):
         event = o.kind == "event"
-        body += MINIDUMP_HANDLE_DESCRIPTOR.pack({
-            "Handle": o.handle, "TypeNameRva": string("Event" if event else "Mutant"),
+        now = state.objects.get(o.handle) if state is not None else None
+        info = 0
+        if isinstance(now, Event):
+            kind = NOTIFICATION_EVENT if now.manual_reset else SYNCHRONIZATION_EVENT
+            info = _info(add, [(MiniEventInformation1, EVENT_BASIC_INFORMATION.pack(
+                {"EventType": kind, "EventState": int(now.signaled)}))])  # fmt: skip
+        elif isinstance(now, Mutant):
+            owner = client_id(now.owner) if now.owner is not None else (0, 0)
+            info = _info(add, [
+                (MiniMutantInformation1, MUTANT_BASIC_INFORMATION.pack({"CurrentCount": 1 - now.count})),
+                (MiniMutantInformation2, MUTANT_OWNER_INFORMATION.pack(
+                    {"ClientId.UniqueProcess": owner[0], "ClientId.UniqueThread": owner[1]})),
+            ])  # fmt: skip
+        body += MINIDUMP_HANDLE_DESCRIPTOR_2.pack({
+            "Handle": o.handle, "TypeNameRva": add(minidump_string("Event" if event else "Mutant")),
             "GrantedAccess": EVENT_ALL_ACCESS if event else MUTANT_ALL_ACCESS, "HandleCount": 1, "PointerCount": 1,
+            "ObjectInfoRva": info,
         })  # fmt: skip
     return head + body
+
+
+def _info(add: Callable[[bytes], int], infos: list[tuple[int, bytes]]) -> int:
+    """A chain of MINIDUMP_HANDLE_OBJECT_INFORMATION, each followed by its raw data; the first one's RVA."""
+    nxt = 0
+    for kind, raw in reversed(infos):  # the last first, so each knows where the next one is
+        nxt = add(
+            MINIDUMP_HANDLE_OBJECT_INFORMATION.pack({"NextInfoRva": nxt, "InfoType": kind, "SizeOfInfo": len(raw)})
+            + raw
+        )
+    return nxt
+
+
+def minidump_string(text: str) -> bytes:
+    """MINIDUMP_STRING: Length in bytes (without the terminator), then UTF-16LE and a null WCHAR."""
+    raw = text.encode("utf-16-le")
+    return len(raw).to_bytes(4, "little") + raw + b"\0\0"

@@ -9,10 +9,12 @@ section names and unwind data of each module, because images emu assembles have 
 export directory to read them from.
 
 Each thread is written as it is at the state: the context and stack of its latest state
-up to that one (see :func:`threads_at`). Only user-mode contexts go in: a dump cannot tell
-that a thread is in kernel mode, and nothing else from the kernel model is written. Image
-memory is the images as loaded (writes to their data sections during the run are not
-recorded per state). The same state always gives the same bytes: no clock, no host paths.
+up to that one (see :func:`threads_at`). Only user-mode contexts go in the ThreadList: a
+dump cannot tell that a thread is in kernel mode. Without a captured process, image memory
+is the images as loaded (writes to their data sections during the run are not recorded per
+state); with one (``live``, :mod:`emu.dump.live`: what ``emu dump`` and ``emu corpus``
+write) every region holds its bytes as they were, and ``EmuKernelStream`` the kernel
+model's side. The same state always gives the same bytes: no clock, no host paths.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from emu.dump.format import (
     VER_PLATFORM_WIN32_NT,
     VS_FFI_SIGNATURE,
     VS_FFI_STRUCVERSION,
+    EmuKernelStream,
     EmuModulesStream,
     Memory64ListStream,
     MemoryInfoListStream,
@@ -61,9 +64,17 @@ from emu.dump.format import (
     SystemInfoStream,
     ThreadListStream,
 )
-from emu.dump.memory import Region, image_regions, process_regions, stack_regions
+from emu.dump.kernel_stream import encode
+from emu.dump.memory import Region, image_regions, live_regions, process_regions, stack_regions
 from emu.dump.modules import emu_stream
-from emu.dump.streams import HandleDataStream, ThreadInfoListStream, context_bytes, handle_data, thread_info_list
+from emu.dump.streams import (
+    HandleDataStream,
+    ThreadInfoListStream,
+    context_bytes,
+    handle_data,
+    minidump_string,
+    thread_info_list,
+)
 from emu.errors import DumpError
 from emu.loader.image import Image
 from emu.loader.pe import nt_header_u32
@@ -71,6 +82,7 @@ from emu.winnt import IMAGE_NT_CHECKSUM, IMAGE_NT_TIME_DATE_STAMP
 from emu.writing import write_atomic
 
 if TYPE_CHECKING:
+    from emu.dump.live import LiveState
     from emu.engine import RunResult
     from emu.kernel import KThread
     from emu.trace import State
@@ -139,12 +151,6 @@ def _pe_stamps(headers: bytes) -> tuple[int, int]:
     return nt_header_u32(headers, IMAGE_NT_CHECKSUM), nt_header_u32(headers, IMAGE_NT_TIME_DATE_STAMP)
 
 
-def minidump_string(text: str) -> bytes:
-    """MINIDUMP_STRING: Length in bytes (without the terminator), then UTF-16LE and a null WCHAR."""
-    raw = text.encode("utf-16-le")
-    return len(raw).to_bytes(4, "little") + raw + b"\0\0"
-
-
 def _memory_info(r: Region) -> bytes:
     return MINIDUMP_MEMORY_INFO.pack({
         "BaseAddress": r.start, "AllocationBase": r.allocation_base, "RegionSize": r.size, "State": MEM_COMMIT,
@@ -168,7 +174,7 @@ class _File:
 
 def write_minidump(
     run: RunResult, state: State, path: str | Path | None = None, *, memory64: bool = True, full: bool = False,
-    process: list[Region] | None = None,
+    process: list[Region] | None = None, live: LiveState | None = None,
 ) -> bytes:  # fmt: skip
     """A minidump of ``state`` (a state of ``run``); written atomically to ``path`` when given.
 
@@ -176,26 +182,35 @@ def write_minidump(
     udmp-parser reads) or MemoryListStream (what MiniDumpNormal uses). ``full`` writes
     every committed byte emu knows (see :mod:`emu.dump.memory`). ``process`` is
     :func:`~emu.dump.memory.process_regions` of the run, when the caller has it already
-    (it builds the process again).
+    (it builds the process again). ``live`` is the process captured at this state
+    (:func:`emu.dump.live.capture`): then the memory is the process's own bytes then, the
+    HandleDataStream carries the objects' states and ``EmuKernelStream`` the kernel model's
+    side, so that ``emu run --from-dump`` goes on from the dump exactly.
 
     Raises:
-        DumpError: the state is not one of ``run``'s, or its thread is not part of the run.
+        DumpError: the state is not one of ``run``'s, its thread is not part of the run, or
+            ``live`` was captured at another state.
     """
     dumped = threads_at(run, state)
     images = sorted(run.images, key=lambda i: i.base)
-    regions = [r for img in images for r in image_regions(img)]
-    regions += process if process is not None else process_regions(run, full)
-    for t, shown in dumped:
-        regions += stack_regions(shown.context.rsp, shown.stack, t.stack_limit, t.stack_base, full)
+    if live is not None:
+        if live.state != state.id:
+            raise DumpError(f"state s{state.id}: the captured process is at s{live.state}")
+        regions = live_regions(run, live, {t.stack_limit: shown.context.rsp for t, shown in dumped}, full)
+    else:
+        regions = [r for img in images for r in image_regions(img)]
+        regions += process if process is not None else process_regions(run, full)
+        for t, shown in dumped:
+            regions += stack_regions(shown.context.rsp, shown.stack, t.stack_limit, t.stack_base, full)
     regions.sort(key=lambda r: r.start)
     ranges = [r for r in regions if r.data]
     threads = [
         _Thread(thread_id(shown.thread), t.teb, shown, _stack_range(ranges, t.stack_limit), _start_address(t))
         for t, shown in dumped
     ]
-    first = _layout(run, state, threads, images, regions, ranges, 0, memory64)
+    first = _layout(run, state, threads, images, regions, ranges, 0, memory64, live)
     data_base = len(first.buf) + (-len(first.buf) % 16)
-    f = _layout(run, state, threads, images, regions, ranges, data_base, memory64)
+    f = _layout(run, state, threads, images, regions, ranges, data_base, memory64, live)
     f.add(b"".join(r.data or b"" for r in ranges), 16)
     out = bytes(f.buf)
     if path is not None:
@@ -228,7 +243,7 @@ def _stack_range(ranges: list[Region], allocation: int) -> int | None:
 
 def _layout(
     run: RunResult, state: State, threads: list[_Thread], images: list[Image], regions: list[Region],
-    ranges: list[Region], data_base: int, memory64: bool,
+    ranges: list[Region], data_base: int, memory64: bool, live: LiveState | None,
 ) -> _File:  # fmt: skip
     """Everything but the memory bytes, which go at ``data_base`` (known after a first pass)."""
     f = _File()
@@ -238,7 +253,7 @@ def _layout(
         streams.append((kind, len(data), f.add(data)))
 
     objects = run.scenario.objects
-    count = 9 if objects else 8
+    count = 8 + bool(objects) + (live is not None)
     f.add(MINIDUMP_HEADER.pack({
         "Signature": MINIDUMP_SIGNATURE, "Version": MINIDUMP_VERSION, "NumberOfStreams": count,
         "StreamDirectoryRva": MINIDUMP_HEADER.size, "Flags": MiniDumpWithFullMemoryInfo,
@@ -305,9 +320,15 @@ def _layout(
     }))  # fmt: skip
     stream(ThreadInfoListStream, thread_info_list([(t.tid, t.start) for t in threads]))
     if objects:
-        stream(HandleDataStream, handle_data(objects, lambda text: f.add(minidump_string(text), 4)))
+        state_of = live.objects if live is not None else None
+        stream(
+            HandleDataStream,
+            handle_data(objects, lambda b: f.add(b, 4), state_of, lambda i: (PROCESS_ID, thread_id(i))),
+        )
     source = {"scenario": run.scenario.name, "profile": profile.name, "state": state.id}
     stream(EmuModulesStream, emu_stream(images, source))
+    if live is not None:
+        stream(EmuKernelStream, encode(live.kernel))
 
     for i, (kind, size, rva) in enumerate(streams):
         at = directory + i * MINIDUMP_DIRECTORY.size

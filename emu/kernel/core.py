@@ -192,6 +192,10 @@ class Kernel:
             ssn = regs[0] & 0xFFFF_FFFF
             name = self.names.get(ssn)
         if name == NT_CALLBACK_RETURN:
+            if not thread.callback_stack:
+                # NtCallbackReturn with no callback on the thread (ReactOS, Wine): served from its entry.
+                self._sysret_now(thread, regs, via, STATUS_NO_CALLBACK_ACTIVE, name, "", reuse_stack=True)
+                return
             self._complete_callback(thread, regs)
             return
         if name is None:

@@ -109,6 +109,17 @@ class Recorder:
              None, None, False, ())
         )  # fmt: skip
 
+    def restored(self, thread: KThread, mode: Mode, regs: tuple[int, ...], service: str | None, pending: bool) -> None:
+        """A thread's first state in a run that starts from a dump: as the dump shows it (no transition into it)."""
+        cbs = thread.callback_stack
+        thread.state_id = len(self.trace.raw_states)
+        thread.mode = mode
+        frames = tuple((f.api, f.activation.spec.name) for f in cbs)
+        self.trace.raw_states.append(
+            (thread.state_id, thread.tid, mode, regs, self.capture(thread, regs[_RSP]), thread.stack_base, len(cbs),
+             service, cbs[-1].api if cbs else None, pending, frames)
+        )  # fmt: skip
+
     def syscall(
         self, thread: KThread, regs: tuple[int, ...], name: str | None, ssn: int, service: str | None,
         pending: bool, detail: str,

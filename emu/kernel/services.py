@@ -352,12 +352,25 @@ class Activation:
 
     def fork(self) -> Activation:
         """A twin at the same point, rebuilt by replaying the journal into a fresh generator."""
-        ctx = _JournalContext(self.ctx._ctx, list(self.ctx.reads))
-        twin = Activation(self.spec, ctx, list(self.args))
-        for value in self.sent:
-            twin.step(value)
-        ctx.replaying = False
-        return twin
+        return Activation.replay(self.spec, self.ctx._ctx, self.args, self.sent, self.ctx.reads)
+
+    @classmethod
+    def replay(
+        cls,
+        spec: ServiceSpec,
+        ctx: ServiceContext,
+        args: Sequence[int],
+        sent: Sequence[Sent],
+        reads: Sequence[bytes | None],
+    ) -> Activation:
+        """An activation rebuilt from a journal: a fresh generator is sent ``sent`` again, its
+        reads answered from ``reads`` and its writes skipped (the memory already holds them)."""
+        journal = _JournalContext(ctx, list(reads))
+        act = cls(spec, journal, list(args))
+        for value in sent:
+            act.step(value)
+        journal.replaying = False
+        return act
 
     def position(self) -> tuple[object, ...]:
         return (self.spec.name, tuple(self.args), tuple(repr(v) for v in self.sent), tuple(self.ctx.reads))

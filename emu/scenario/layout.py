@@ -183,6 +183,7 @@ def _expect_schema() -> JSON:
     return {"description": "exactly one kind of expectation, and an optional note", "oneOf": one}
 
 
+START = Table({"dump": Key("a minidump file, relative to the scenario", Text())})
 CALLBACK_TABLE_HELP = 'a table {from = "module!export", size, <index> = "module!label"}'
 TOP = Table(
     {
@@ -194,8 +195,7 @@ TOP = Table(
         "thread": Key(
             f"a table {THREAD_ONE.listing}, or an array of tables [[thread]] {THREAD.listing}",
             Schema({"oneOf": [THREAD_ONE.schema(), _array(THREAD_MANY.schema(), 1)]}),
-            required=True,
-        ),
+        ),  # required unless [start] dump gives the threads (emu.scenario.parse checks that)
         "object": Key(f"an array of tables [[object]] {OBJECT.listing}", Schema(_array(OBJECT.schema()))),
         "kernel_callback_table": Key(
             CALLBACK_TABLE_HELP,
@@ -228,6 +228,9 @@ TOP = Table(
         "memory": Key(f"an array of tables [[memory]] {MEMORY.listing}", Schema(_array(MEMORY.schema()))),
         "ntdll": Key(f"a table {NTDLL.listing}: a PE ntdll instead of the built-in one", Schema(NTDLL.schema())),
         "pe": Key(f"an array of tables [[pe]] {PE.listing}: PE modules to load", Schema(_array(PE.schema()))),
+        "start": Key(
+            'a table {dump = "x.dmp"}: start from a minidump instead of the threads\' entries', Schema(START.schema())
+        ),
     }
 )
 

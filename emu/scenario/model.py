@@ -212,6 +212,7 @@ class Scenario:
     # [machine] exceptions: "deliver" turns a fault into a Windows exception (KiUserExceptionDispatcher);
     # "stop" keeps the old behaviour, the run stops at the first fault.
     exceptions: Literal["deliver", "stop"] = "deliver"
+    start_dump: str | None = None  # [start] dump: a minidump the run starts from (emu.dump.start), resolved
 
     def line_of(self, *path: str | int) -> int | None:
         return _line_of(self.source, path)

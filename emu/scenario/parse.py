@@ -23,6 +23,7 @@ from emu.scenario.layout import (
     PE,
     PROFILE,
     SCENARIO,
+    START,
     THREAD_MANY,
     THREAD_ONE,
     TOP,
@@ -38,7 +39,7 @@ from emu.scenario.model import (
     Scenario,
     ThreadSpec,
 )
-from emu.scenario.reader import _NAME, _Reader
+from emu.scenario.reader import _NAME, _kind, _Reader
 from emu.scenario.refs import _callback_table, _check_ref, _labels
 from emu.scenario.steps import _services
 
@@ -79,7 +80,7 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
     except RecursionError:  # tomllib recurses once per nesting level
         raise ScenarioError(file, "", "not readable: arrays or tables nested too deeply") from None
     r = _Reader(file, text)
-    r.table(doc, (), TOP_KEYS, ("scenario", "thread"))
+    r.table(doc, (), TOP_KEYS, ("scenario",))
 
     head = r.table(doc["scenario"], ("scenario",), SCENARIO.allowed, SCENARIO.required)
     name = r.str_(head, "name", ("scenario",))
@@ -103,14 +104,18 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
     if exceptions not in ("deliver", "stop"):
         raise r.fail(("machine", "exceptions"), f'expected "deliver" or "stop", got {exceptions!r}')
     files = _Files(r, file, allow)
+    start = r.table(doc.get("start", {}), ("start",), START.allowed)
+    start_dump = files.file(start["dump"], ("start", "dump")) if "dump" in start else None
+    if start_dump is None and "thread" not in doc:
+        raise r.fail((), f"missing required key 'thread' ({TOP_KEYS['thread']})")
     ntdll = files.pe(doc["ntdll"], ("ntdll",), "ntdll") if "ntdll" in doc else None
     pe = files.pe_list(doc.get("pe", []))
 
     budgets = _budgets(r, r.table(doc.get("budgets", {}), ("budgets",), BUDGETS.allowed))
 
-    if "module" not in doc and not pe:
+    if "module" not in doc and not pe and start_dump is None:
         raise r.fail((), f"missing required key 'module' ({TOP.allowed['module']}, or [[pe]] files)")
-    modules = _modules(r, doc.get("module", []), allow_empty=bool(pe))
+    modules = _modules(r, doc.get("module", []), allow_empty=bool(pe) or start_dump is not None)
     taken = {m.name.lower() for m in modules}
     for i, spec in enumerate(pe):
         # A [[pe]] named win32u replaces the built-in win32u (its stubs give the win32k SSNs).
@@ -120,12 +125,14 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
     labels = {(m.name, lab) for m in modules for lab in _labels(m)}
     external = tuple(spec.name for spec in pe)
 
-    threads = _threads(r, doc["thread"], modules, labels, external)
-    entry, argument = threads[0].entry, threads[0].argument
+    threads = _threads(r, doc["thread"], modules, labels, external) if "thread" in doc else ()
+    entry, argument = (threads[0].entry, threads[0].argument) if threads else ("", 0)
     objects = _objects(r, doc.get("object", []), threads)
 
     table, size, table_from = _callback_table(r, doc.get("kernel_callback_table", {}), modules, labels, external)
     # With a PE ntdll the service numbers come from its code, known only once it is loaded.
+    if start_dump is not None and "kernel_callback_table" not in doc:
+        size = 0  # the table is the dump's own (PEB.KernelCallbackTable in its memory)
     services = _services(
         r, doc.get("services", {}), profile, size or MAX_TABLE,
         check_numbers=ntdll is None and not any(p.name.lower() == "win32u" for p in pe),
@@ -140,6 +147,7 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
         budgets=budgets, expectations=expectations, system_call=system_call, memory=memory, ntdll=ntdll, pe=pe,
         unbound_imports="trap" if unbound == "trap" else "error", threads=threads, objects=objects, source=text,
         preempt_at_callback_return=preempt, exceptions="stop" if exceptions == "stop" else "deliver",
+        start_dump=start_dump,
         profile_overrides=frozenset(doc.get("profile") or ()) if isinstance(doc.get("profile"), dict) else frozenset(),
     )  # fmt: skip
 
@@ -156,6 +164,23 @@ class _Files:
         if not isinstance(obj, list):
             raise self.r.fail(("pe",), "expected an array of tables [[pe]] {path, name, base}")
         return tuple(self.pe(m, ("pe", i), None) for i, m in enumerate(obj))
+
+    def file(self, value: Any, path: tuple[str | int, ...]) -> str:
+        """A file the scenario names: relative to its folder, inside an allowed folder, readable."""
+        r = self.r
+        if not isinstance(value, str):
+            raise r.fail(path, f"expected a file name (a string), got {_kind(value)}")
+        target = (self.folder / value).resolve()
+        if not any(target == a or a in target.parents for a in self.allowed):
+            raise r.fail(path, f"{target} is outside the scenario's folder {self.folder}: pass --allow-path to read it")
+        if not target.is_file():
+            raise r.fail(path, f"{target} does not exist or is not a file")
+        try:
+            with target.open("rb"):
+                pass
+        except OSError as e:
+            raise r.fail(path, f"cannot read {target} ({e.strerror or e})") from None
+        return str(target)
 
     def pe(self, obj: Any, path: tuple[str | int, ...], fixed_name: str | None) -> PeSpec:
         r = self.r
