@@ -26,6 +26,7 @@ LESSONS = [
     "05_exploring_kernel_choices",
     "06_write_and_score_a_detector",
     "07_what_a_debugger_sees",
+    "08_exceptions_and_callbacks",
 ]
 
 # The answer cells as a learner who solved the exercise would write them.
@@ -37,6 +38,7 @@ SOLUTIONS = {
     "05_exploring_kernel_choices": "answer = (18, 3)  # your answer here: (distinct states, callback-return pending)",
     "06_write_and_score_a_detector": "answer = 3  # your answer here: false positives of `naive` on hard_after_callback_return",
     "07_what_a_debugger_sees": 'answer = "s13"  # your answer here',
+    "08_exceptions_and_callbacks": "answer = (1, 0x20)  # your answer here: ExceptionInformation as a tuple",
 }
 
 
