@@ -114,15 +114,17 @@ def test_forty_choices_finish_within_budgets_under_one_gigabyte(tmp_path: Path) 
     scenario = tmp_path / "forty.toml"
     scenario.write_text(FORTY.format(budgets="wall_time = 8"))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    # The child writes its own peak RSS (ru_maxrss of RUSAGE_SELF, KiB on Linux) to a file:
-    # RUSAGE_CHILDREN here would also count every earlier test's subprocesses.
+    # The child writes its own peak RSS to a file: VmHWM of /proc/self/status (KiB), the high-water
+    # mark of its own address space. getrusage() would not do: Linux keeps ru_maxrss across fork
+    # and exec (the forking test runner's size) and RUSAGE_CHILDREN counts every earlier subprocess.
     peak_file = tmp_path / "peak"
     wrapper = (
-        "import resource, runpy, sys\n"
+        "import runpy, sys\n"
         "sys.argv = ['emu', 'explore', sys.argv[2]]\n"
         "try:\n    runpy.run_module('emu.cli', run_name='__main__')\n"
         "finally:\n"
-        "    open(sys.argv_peak, 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n"
+        "    hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
+        "    open(sys.argv_peak, 'w').write(hwm[0])\n"
     ).replace("sys.argv_peak", repr(str(peak_file)))
     done = subprocess.run(
         [sys.executable, "-c", wrapper, "-", str(scenario)],
