@@ -27,7 +27,7 @@ from emu.errors import (
 )
 from emu.kernel import Kernel, KernelHooks, KThread, Recorder
 from emu.kernel.objects import Event, Mutant
-from emu.kernel.rtl import BuiltinRtl
+from emu.kernel.rtl import BUILTIN_TRAPS_END, BuiltinRtl
 from emu.loader.binding import ImportTraps, bind_imports
 from emu.loader.callback_table import peb_callback_table
 from emu.loader.image import PAGE, AssemblyError, Image, Symbolizer, image_from_assembly
@@ -171,10 +171,7 @@ class Process:
             self.machine, self.profile, registry, recorder, dispatcher, b.callback_depth, self.ssn_table, hooks
         )
         self.kernel.visible = lambda name: name in shared
-        self.kernel.exceptions = scenario.exceptions
-        self.kernel.exception_dispatcher = self.ntdll.export("KiUserExceptionDispatcher")
-        # The built-in ntdll's exception routines do part of their work in Python (emu.kernel.rtl).
-        self.rtl = None if self.foreign else BuiltinRtl(self.kernel, self.ntdll, self.images)
+        self._deliver_exceptions()
         many = len(specs) > 1
         self.entries: list[int] = []
         modes: list[str] = []
@@ -235,6 +232,15 @@ class Process:
                     self.images[i], _ = bind_imports(image, self.images, mode, self.traps)
                 except ImageError as e:
                     raise ScenarioError(self.scenario.path, "", str(e)) from None
+
+    def _deliver_exceptions(self) -> None:
+        """Faults go to the loaded ntdll's KiUserExceptionDispatcher (or stop the run, per
+        ``[machine] exceptions``). emu's built-in ntdll does part of its exception work in
+        Python behind traps (:mod:`emu.kernel.rtl`); a foreign ntdll runs all of its own."""
+        self.kernel.exceptions = self.scenario.exceptions
+        self.kernel.exception_dispatcher = self.ntdll.export("KiUserExceptionDispatcher")
+        builtin = BUILTIN_TRAPS_END in self.ntdll.symbols
+        self.rtl = BuiltinRtl(self.kernel, self.ntdll, self.images) if builtin else None
 
     def describe(self) -> str:
         """What the run models, for report headers: the profile, or the foreign images and the profile."""

@@ -244,7 +244,6 @@ ExceptionHandler = Callable[[Trap], bool]
 
 # Where emu puts the one instruction that drops the CPU to CPL 3 (mapped for that moment only).
 _SYSRET_PAGE = 0x1000
-_MSR_EFER, _MSR_STAR = MSR_EFER, MSR_STAR
 _EFER_SCE = 1
 
 
@@ -295,8 +294,8 @@ class Machine:
         uc = self.uc
         uc.mem_map(_SYSRET_PAGE, PAGE, UC_PROT_EXEC | UC_PROT_READ)
         uc.mem_write(_SYSRET_PAGE, b"\x48\x0f\x07")  # sysretq
-        uc.reg_write(x86.UC_X86_REG_MSR, (_MSR_EFER, uc.reg_read(x86.UC_X86_REG_MSR, _MSR_EFER) | _EFER_SCE))
-        uc.reg_write(x86.UC_X86_REG_MSR, (_MSR_STAR, 0x23 << 48 | 0x10 << 32))
+        uc.reg_write(x86.UC_X86_REG_MSR, (MSR_EFER, uc.reg_read(x86.UC_X86_REG_MSR, MSR_EFER) | _EFER_SCE))
+        uc.reg_write(x86.UC_X86_REG_MSR, (MSR_STAR, 0x23 << 48 | 0x10 << 32))
         uc.reg_write(x86.UC_X86_REG_RCX, _SYSRET_PAGE + 3)  # where sysret goes: the `until` address
         uc.reg_write(x86.UC_X86_REG_R11, 0x202)
         uc.emu_start(_SYSRET_PAGE, _SYSRET_PAGE + 3, count=1)

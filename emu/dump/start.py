@@ -36,7 +36,6 @@ from emu.engine import Process, RunResult
 from emu.errors import BudgetExceeded, DumpError, EmuError, ImageError, MachineFault, UnimplementedImport
 from emu.kernel import Kernel, KernelHooks, KThread, Recorder, ServiceRegistry, sched
 from emu.kernel.objects import Event, Mutant
-from emu.kernel.rtl import BuiltinRtl
 from emu.kernel.thread import ThreadServiceContext
 from emu.loader.image import PAGE, Image, Symbolizer, page_align
 from emu.loader.stubs import guess_dispatcher_convention, service_table
@@ -85,12 +84,9 @@ class DumpProcess(Process):
             self.machine, self.profile, registry, recorder, dispatcher, b.callback_depth, ssn_table, self.hooks
         )
         self.kernel.visible = lambda name: name in shared
-        self.kernel.exceptions = scenario.exceptions
-        self.kernel.exception_dispatcher = self.ntdll.export("KiUserExceptionDispatcher")
-        # emu's built-in ntdll does part of its exception work in Python behind traps (emu.kernel.rtl).
-        # Its vectored-handler lists live there, not in the dump: a dump does not carry them yet.
-        builtin = "RtlpEmuTrapsEnd__" in self.ntdll.symbols
-        self.rtl = BuiltinRtl(self.kernel, self.ntdll, self.images) if builtin else None
+        # The built-in ntdll's vectored-handler lists live in emu.kernel.rtl, not in the dump:
+        # a dump does not carry them yet.
+        self._deliver_exceptions()
         self.stack_regions: list[tuple[int, int, str]] = []
         self._first: list[tuple[KThread, UserContext, str | None, bool]] = []  # each thread's first record
         threads = self._threads_from_doc(doc, registry) if doc is not None else self._threads_at_contexts()

@@ -78,6 +78,8 @@ if TYPE_CHECKING:
     from emu.kernel.core import Kernel
     from emu.machine import Machine
 
+# The label after the built-in ntdll's last trap: present only in emu's own ntdll.
+BUILTIN_TRAPS_END = "RtlpEmuTrapsEnd__"
 MAX_FRAMES = 4096  # a walk past this many frames is a broken stack
 HANDLER_SLOTS = 64  # vectored handlers per list (the model's table)
 # The walk's block in RtlDispatchException's / RtlUnwindEx's frame (ntdll_exceptions.asm).
@@ -119,7 +121,7 @@ class BuiltinRtl:
         self.raise_status_body = ntdll.symbols["RtlpRaiseStatus"]
         self.handlers[self.raise_status] = self.jump_to_raise_status
         begin = ntdll.symbols["RtlLookupFunctionEntry"]
-        end = ntdll.symbols["RtlpEmuTrapsEnd__"]
+        end = ntdll.symbols[BUILTIN_TRAPS_END]
         self.machine.add_code_hook(begin, end, self._hit)
         self.machine.add_code_hook(self.raise_status, self.raise_status + 1, self._hit)
         # The vectored handler lists: two lists of (handle, handler) in call order.
