@@ -1,0 +1,306 @@
+"""What a debugger needs from a built process: registers, memory, breakpoints, run and step.
+
+:class:`DebugTarget` sits over a :class:`~emu.engine.Process` (its machine, kernel and run
+loop) and knows nothing of GDB's wire format. Running goes through the process's own loop
+(:meth:`Process.drive`), so the kernel model serves every ``syscall`` as in ``emu run``:
+stepping over a ``syscall`` lands where the model sends the thread (after the instruction
+with RAX = the status, in ``KiUserCallbackDispatcher`` for a callback, on another thread
+after a switch), and the transitions it records are reported with the stop.
+
+Breakpoints and single steps are Unicorn code hooks (a hook on one address stops the CPU
+before that instruction runs), not ``int3`` bytes: guest memory stays as the scenario built
+it, and reads show the real bytes.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from unicorn import UC_HOOK_CODE, UcError
+from unicorn import x86_const as x86
+
+from emu.context import REGISTER_NAMES
+from emu.debug.registers import REGISTERS, Reg
+from emu.engine import Process, RunResult
+from emu.errors import BudgetExceeded, EmuError, KernelError, MachineFault, UnimplementedImport
+from emu.kernel import KThread
+from emu.trace import Transition
+
+# Signals GDB shows for a stop (GDB's own numbering, include/gdb/signals.def, equal to Linux's).
+SIGINT, SIGTRAP, SIGABRT, SIGSEGV, SIGXCPU = (
+    int(signal.SIGINT), int(signal.SIGTRAP), int(signal.SIGABRT), int(signal.SIGSEGV), int(signal.SIGXCPU),
+)  # fmt: skip
+
+_UC: dict[str, int] = {
+    **{n: getattr(x86, f"UC_X86_REG_{n.upper()}") for n in REGISTER_NAMES if n != "rflags"},
+    "eflags": x86.UC_X86_REG_EFLAGS,
+    **{n: getattr(x86, f"UC_X86_REG_{n.upper()}") for n in ("cs", "ss", "ds", "es", "fs", "gs", "mxcsr")},
+    **{f"st{i}": getattr(x86, f"UC_X86_REG_FP{i}") for i in range(8)},
+    **{f"xmm{i}": getattr(x86, f"UC_X86_REG_XMM{i}") for i in range(16)},
+    "fctrl": x86.UC_X86_REG_FPCW, "fstat": x86.UC_X86_REG_FPSW, "ftag": x86.UC_X86_REG_FPTAG,
+    "fioff": x86.UC_X86_REG_FIP, "fop": x86.UC_X86_REG_FOP,
+    "fs_base": x86.UC_X86_REG_FS_BASE, "gs_base": x86.UC_X86_REG_GS_BASE,
+}  # fmt: skip
+# What a debugger may change on the CPU: the integer, vector and segment-base registers.
+_WRITABLE = frozenset(
+    (*REGISTER_NAMES, "eflags", "mxcsr", "fs_base", "gs_base", *(f"xmm{i}" for i in range(16)))
+) - {"rflags"}
+_CONTEXT = {n: i for i, n in enumerate(REGISTER_NAMES)} | {"eflags": REGISTER_NAMES.index("rflags")}
+_MEMORY_CHUNK = 0x1000
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why the target stopped: the thread stopped with a signal, or the process ended.
+
+    ``kind`` "signal": thread ``tid`` stopped (``reason`` "break", "step", "interrupt",
+    "fault", "budget"); "exited": every thread ended, ``code`` is thread 0's exit status;
+    "terminated": the run ended by a fault, a budget or a deadlock (``signal``).
+    ``message`` says it in one line; ``transitions`` are those recorded on the way.
+    """
+
+    kind: Literal["signal", "exited", "terminated"]
+    signal: int = SIGTRAP
+    tid: int = 0
+    reason: str = ""
+    code: int = 0
+    message: str = ""
+    transitions: tuple[Transition, ...] = ()
+
+
+class DebugTarget:
+    """A process under a debugger: stopped until :meth:`resume` runs it.
+
+    ``process`` must be freshly built (not run); thread 0 is put on the CPU at its start.
+    """
+
+    def __init__(self, process: Process) -> None:
+        self.process = process
+        self.machine = process.machine
+        self.kernel = process.kernel
+        self.uc = process.machine.uc
+        self.breakpoints: dict[int, int] = {}  # address -> Unicorn hook handle
+        self.ended: Stop | None = None  # set once the run is over; every later resume reports it
+        self.error: EmuError | None = None
+        self.stop = "stopped"  # like RunResult.stop once the run ends: "exit", "fault", "budget", "deadlock"
+        self._reason: str | None = None
+        self._skip: int | None = None
+        self._stepped = 0
+        self._interrupt = threading.Event()
+        self.kernel.continue_thread(process.thread)
+
+    # --- threads ------------------------------------------------------------------------
+    def threads(self) -> list[KThread]:
+        return [self.kernel.threads[t] for t in sorted(self.kernel.threads)]
+
+    @property
+    def current(self) -> int:
+        """The thread on the CPU (the last one that ran once the process ended)."""
+        t = self.kernel.current
+        return t.tid if t is not None else 0
+
+    def describe_thread(self, tid: int) -> str:
+        """A thread's name and state, for GDB's ``info threads``."""
+        t = self.kernel.threads.get(tid)
+        if t is None:
+            return ""
+        if t.terminated:
+            state = "terminated" if t.exit_status is None else f"exited {t.exit_status:#x}"
+        elif t.suspended is not None:
+            state = "waiting" if t.suspended.kind == "blocked" else "ready (at a system call)"
+        elif tid == self.current:
+            state = "on the CPU"
+        else:
+            state = "ready" if t.started else "not started"
+        depth = len(t.callback_stack)
+        return f"{t.name}, {state}" + (f", {depth} callback(s) deep" if depth else "")
+
+    def alive(self, tid: int) -> bool:
+        t = self.kernel.threads.get(tid)
+        return t is not None and not t.terminated
+
+    # --- registers ----------------------------------------------------------------------
+    def _on_cpu(self, tid: int) -> bool:
+        return tid == self.current and self.ended is None
+
+    def register(self, tid: int, number: int) -> bytes | None:
+        """A register's bytes (little-endian) for a thread; None where its value is not known
+        (the x87 and vector registers of a thread that is off the CPU)."""
+        if not 0 <= number < len(REGISTERS):
+            return None
+        reg = REGISTERS[number]
+        if self._on_cpu(tid):
+            return _encode(reg, self.uc.reg_read(_UC[reg.name]) if reg.name in _UC else 0)
+        t = self.kernel.threads.get(tid)
+        if t is None:
+            return None
+        if reg.name in _CONTEXT:
+            return _encode(reg, self._saved_context(t)[_CONTEXT[reg.name]])
+        if reg.name == "gs_base":
+            return _encode(reg, t.teb)  # GS holds the TEB in user mode (MS docs, "x64 architecture")
+        if reg.name in ("cs", "ss", "ds", "es", "fs", "gs", "fs_base"):
+            return _encode(reg, self.uc.reg_read(_UC[reg.name]))  # the same for every user thread
+        return None
+
+    def _saved_context(self, t: KThread) -> tuple[int, ...]:
+        """The user context of a thread that is off the CPU, as the kernel model keeps it."""
+        if t.suspended is not None:
+            return tuple(t.suspended.trap.ctx)
+        if not t.started:
+            return tuple(t.entry_context)
+        return self.kernel.recorder.context_of(t.state_id)
+
+    def write_register(self, tid: int, number: int, data: bytes) -> bool:
+        """Set a register of the thread on the CPU; False for another thread or a read-only one."""
+        if not self._on_cpu(tid) or not 0 <= number < len(REGISTERS):
+            return False
+        reg = REGISTERS[number]
+        if reg.name not in _WRITABLE or len(data) != reg.size:
+            return False
+        self.uc.reg_write(_UC[reg.name], int.from_bytes(data, "little"))
+        return True
+
+    # --- memory -------------------------------------------------------------------------
+    def read_memory(self, address: int, size: int) -> bytes:
+        """As many bytes from ``address`` on as are mapped (empty if the first one is not)."""
+        out = bytearray()
+        while len(out) < size:
+            at = address + len(out)
+            n = min(size - len(out), _MEMORY_CHUNK - at % _MEMORY_CHUNK)
+            try:
+                out += self.machine.read(at, n)
+            except (UcError, OverflowError):
+                break
+        return bytes(out)
+
+    def write_memory(self, address: int, data: bytes) -> bool:
+        """Write guest memory (read-only pages too, as a debugger may); False if any of it is unmapped."""
+        if not data:
+            return True
+        try:
+            self.machine.write(address, data)
+        except (UcError, OverflowError):
+            return False
+        self._forget_code(address, address + len(data))  # translated code from the old bytes
+        return True
+
+    # --- breakpoints --------------------------------------------------------------------
+    def add_breakpoint(self, address: int) -> bool:
+        if address in self.breakpoints:
+            return True
+        try:
+            self.breakpoints[address] = self.uc.hook_add(UC_HOOK_CODE, self._on_break, None, address, address)
+        except (UcError, OverflowError):
+            return False
+        self._forget_code(address, address + 1)
+        return True
+
+    def remove_breakpoint(self, address: int) -> bool:
+        handle = self.breakpoints.pop(address, None)
+        if handle is not None:
+            self.uc.hook_del(handle)
+            self._forget_code(address, address + 1)
+        return True
+
+    def _forget_code(self, begin: int, end: int) -> None:
+        # Unicorn decides at translation whether an instruction calls code hooks: drop what was translated.
+        self.uc.ctl_remove_cache(begin, end)
+
+    def _on_break(self, uc: object, address: int, size: int, user_data: object) -> None:
+        if self._skip == address:
+            self._skip = None  # the instruction the resume starts on
+            return
+        self._reason = self._reason or "break"
+        self.machine.request_stop()
+
+    def _on_step(self, uc: object, address: int, size: int, user_data: object) -> None:
+        self._stepped += 1
+        if self._stepped > 1:
+            self._reason = "step"
+            self.machine.request_stop()
+
+    # --- running ------------------------------------------------------------------------
+    def interrupt(self) -> None:
+        """Stop a resume in progress (from another thread: a client's Ctrl-C)."""
+        self._interrupt.set()
+        self.machine.request_stop()
+
+    def _stopped(self) -> bool:
+        if self._interrupt.is_set():
+            self._reason = self._reason or "interrupt"
+        return self._reason is not None
+
+    def resume(self, step: bool = False, on_wait: Callable[[], None] | None = None) -> Stop:
+        """Run the process until a breakpoint, the next instruction (``step``), an interrupt,
+        or its end. Threads switch as the kernel model schedules them."""
+        if self.ended is not None:
+            return self.ended
+        self._reason = None
+        self._interrupt.clear()
+        rip = int(self.uc.reg_read(x86.UC_X86_REG_RIP))
+        self._skip = rip if rip in self.breakpoints else None
+        before = len(self.process.trace)
+        hook = None
+        if step:
+            self._stepped = 0
+            hook = self.uc.hook_add(UC_HOOK_CODE, self._on_step)
+            self.uc.ctl_flush_tb()
+        outcome: Stop
+        try:
+            how = self.process.drive(None, stop=self._stopped)
+            if how == "stopped":
+                reason = self._reason or "interrupt"
+                sig = SIGINT if reason == "interrupt" else SIGTRAP
+                outcome = Stop("signal", sig, self.current, reason)
+            else:
+                outcome = self._end(how)
+        except (MachineFault, UnimplementedImport) as e:
+            self.kernel.record_fault(self.kernel.current or self.process.thread, e)
+            outcome = self._fail(e, "fault", SIGSEGV)
+        except BudgetExceeded as e:
+            outcome = self._fail(e, "budget", SIGXCPU)
+        except KernelError as e:
+            outcome = self._fail(e, "fault", SIGABRT)
+        finally:
+            if hook is not None:
+                self.uc.hook_del(hook)
+                self.uc.ctl_flush_tb()
+        new = tuple(self.process.trace.transitions[before:])
+        return Stop(outcome.kind, outcome.signal, outcome.tid, outcome.reason, outcome.code, outcome.message, new)
+
+    def _fail(self, error: EmuError, stop: str, sig: int) -> Stop:
+        """The run stopped on an error: GDB sees the thread stop with a signal now, and the
+        process terminated with it on the next resume."""
+        self.error, self.stop = error, stop
+        self.ended = Stop("terminated", sig, self.current, stop, message=str(error))
+        return Stop("signal", sig, self.current, stop, message=str(error))
+
+    def _end(self, how: str) -> Stop:
+        self.stop = how
+        if how == "deadlock":
+            chains = "; ".join(self.kernel.deadlock)
+            self.ended = Stop("terminated", SIGABRT, self.current, how, message=f"deadlock: {chains}")
+        else:
+            status = self.kernel.threads[0].exit_status if 0 in self.kernel.threads else None
+            self.ended = Stop("exited", code=status or 0, tid=self.current, reason=how)
+        return self.ended
+
+    def result(self) -> RunResult:
+        """What ran so far, as ``emu run`` reports it."""
+        p, k = self.process, self.kernel
+        return RunResult(
+            scenario=p.scenario, trace=p.trace, images=p.images, threads=dict(k.threads), error=self.error,
+            max_depth=k.max_depth, stop=self.stop if self.ended is not None else "stopped",
+            notes=list(p.notes), deadlock=list(k.deadlock), details=list(p.details), system=p.describe(),
+        )  # fmt: skip
+
+
+def _encode(reg: Reg, value: object) -> bytes:
+    if isinstance(value, tuple):  # an x87 register: (64-bit mantissa, 16-bit sign and exponent)
+        mantissa, exponent = value
+        return int(mantissa).to_bytes(8, "little") + (int(exponent) & 0xFFFF).to_bytes(2, "little")
+    return (int(value) & ((1 << reg.bits) - 1)).to_bytes(reg.size, "little")  # type: ignore[call-overload]
