@@ -19,6 +19,7 @@ from typing import TextIO
 from emu import __version__, interrupts
 from emu.api import Run, run
 from emu.cli import corpus as cli_corpus
+from emu.cli import debug as cli_debug
 from emu.cli import dump as cli_dump
 from emu.cli import explore as cli_explore
 from emu.cli import image as cli_image
@@ -267,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_dump.add_parser(sub)
     cli_corpus.add_parser(sub)
     cli_score.add_parser(sub)
+    cli_debug.add_parser(sub)
     for (
         command
     ) in sub.choices.values():  # `emu run --allow-path DIR FILE` works as well as `emu --allow-path DIR run FILE`
@@ -295,7 +297,7 @@ def guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namespace,
     subcommand itself where it can (``explore`` prints its partial summary).
     """
     note = None
-    if command != "explore" and sys.stderr.isatty():  # explore has its own progress line
+    if command not in ("explore", "debug") and sys.stderr.isatty():  # explore: its own progress line; debug: waits
         note = threading.Timer(STILL_RUNNING, _still_running, (command,))
         note.daemon = True
         note.start()

@@ -206,6 +206,10 @@ class DebugTarget:
             self._forget_code(address, address + 1)
         return True
 
+    def remove_all_breakpoints(self) -> None:
+        for address in list(self.breakpoints):
+            self.remove_breakpoint(address)
+
     def _forget_code(self, begin: int, end: int) -> None:
         # Unicorn decides at translation whether an instruction calls code hooks: drop what was translated.
         self.uc.ctl_remove_cache(begin, end)
