@@ -20,7 +20,7 @@ PACKAGE = ROOT / "emu"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("emu", "emu.cli", "emu.testing"),
     ("emu.api",),
-    ("emu.views", "emu.dump", "emu.expect"),
+    ("emu.views", "emu.dump", "emu.expect", "emu.debug"),
     ("emu.detection",),
     ("emu.exploration", "emu.graph"),
     ("emu.engine", "emu.process_start", "emu.process_services"),

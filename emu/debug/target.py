@@ -29,6 +29,7 @@ from emu.engine import Process, RunResult
 from emu.errors import BudgetExceeded, EmuError, KernelError, MachineFault, UnimplementedImport
 from emu.kernel import KThread
 from emu.trace import Transition
+from emu.winnt import status_name
 
 # Signals GDB shows for a stop (GDB's own numbering, include/gdb/signals.def, equal to Linux's).
 SIGINT, SIGTRAP, SIGABRT, SIGSEGV, SIGXCPU = (
@@ -290,7 +291,8 @@ class DebugTarget:
             self.ended = Stop("terminated", SIGABRT, self.current, how, message=f"deadlock: {chains}")
         else:
             status = self.kernel.threads[0].exit_status if 0 in self.kernel.threads else None
-            self.ended = Stop("exited", code=status or 0, tid=self.current, reason=how)
+            said = "" if status is None else f"; {self.kernel.threads[0].name} exited with {status_name(status)}"
+            self.ended = Stop("exited", code=status or 0, tid=self.current, reason=how, message=f"every thread ended{said}")
         return self.ended
 
     def result(self) -> RunResult:
