@@ -65,7 +65,15 @@ def emu_debug(scenario: Path, *extra: str) -> Iterator[Server]:
 
 
 def gdb(port: int, *commands: str) -> str:
-    args = [GDB or "gdb", "-batch", "-nx", "-ex", "set architecture i386:x86-64", "-ex", f"target remote 127.0.0.1:{port}"]
+    args = [
+        GDB or "gdb",
+        "-batch",
+        "-nx",
+        "-ex",
+        "set architecture i386:x86-64",
+        "-ex",
+        f"target remote 127.0.0.1:{port}",
+    ]
     for c in commands:
         args += ["-ex", c]
     done = subprocess.run(args, capture_output=True, text=True, timeout=WAIT, check=False)
@@ -93,7 +101,7 @@ def syscall_in(stub: int, scenario: Path = ROUNDTRIP) -> int:
 
     p = build(scenario)
     code = p.machine.read(stub, 0x20)
-    return next(i.address for i in Cs(CS_ARCH_X86, CS_MODE_64).disasm(code, stub) if i.mnemonic == "syscall")
+    return next(int(i.address) for i in Cs(CS_ARCH_X86, CS_MODE_64).disasm(code, stub) if i.mnemonic == "syscall")
 
 
 @needs_gdb
@@ -133,7 +141,7 @@ def test_stepping_into_the_callback_lands_in_the_dispatcher() -> None:
     with emu_debug(ROUNDTRIP) as server:
         out = gdb(server.port, f"break *{enter:#x}", "continue", "info registers rsp", "stepi",
                   "info registers rip rsp", "monitor trace 2", "kill")  # fmt: skip
-        code, stdout, stderr = server.finish()
+        code, _, stderr = server.finish()
     assert register(out, "rip") == [a["dispatcher"]], out
     before, after = register(out, "rsp")
     assert after < before, "the callout frame goes below the syscall's stack"

@@ -61,13 +61,7 @@ def cmd_debug(args: argparse.Namespace) -> int:
     r = Run.of(target.result())
     _print_table(r, sys.stdout)
     if target.ended is None:
-        rip = target.process.trace.symbolize(int(target.uc.reg_read(_rip_id())))
+        rip = target.process.trace.symbolize(target.rip())
         log(f"{how} by gdb at {rip}: the run did not end, expectations not checked")
         return EXIT_OK
     return _finish(r, sys.stderr)
-
-
-def _rip_id() -> int:
-    from unicorn import x86_const
-
-    return int(x86_const.UC_X86_REG_RIP)

@@ -7,8 +7,6 @@ transitions recorded so far, and the loaded images' symbols.
 
 from __future__ import annotations
 
-from unicorn import x86_const
-
 from emu.debug.target import DebugTarget
 from emu.trace import Transition
 from emu.winnt import status_name
@@ -22,7 +20,6 @@ monitor commands (emu):
   where [ADDR]     an address (RIP by default) as module!symbol+offset
   regions          the mapped memory regions
 """
-_RIP = x86_const.UC_X86_REG_RIP
 
 
 def transition_line(t: Transition) -> str:
@@ -61,12 +58,14 @@ def run(target: DebugTarget, command: str) -> str:
         return f"{args[0]} = {found:#x}\n" if found is not None else f"{args[0]}: no such symbol\n"
     if name == "where":
         try:
-            address = int(args[0], 0) if args else int(target.uc.reg_read(_RIP))
+            address = int(args[0], 0) if args else target.rip()
         except ValueError:
             return f"where: {args[0]!r} is not an address\n"
         return f"{address:#x} = {sym(address)}\n"
     if name == "regions":
-        return "".join(f"  {r.start:#014x}-{r.end:#014x} {r.perms or '-':<3} {r.label}\n" for r in target.machine.regions)
+        return "".join(
+            f"  {r.start:#014x}-{r.end:#014x} {r.perms or '-':<3} {r.label}\n" for r in target.machine.regions
+        )
     if name == "status" and len(args) == 1:
         try:
             return f"{status_name(int(args[0], 0))}\n"
@@ -84,4 +83,3 @@ def _symbol(target: DebugTarget, ref: str) -> int | None:
         if address is not None:
             return address
     return None
-

@@ -47,9 +47,7 @@ _UC: dict[str, int] = {
     "fs_base": x86.UC_X86_REG_FS_BASE, "gs_base": x86.UC_X86_REG_GS_BASE,
 }  # fmt: skip
 # What a debugger may change on the CPU: the integer, vector and segment-base registers.
-_WRITABLE = frozenset(
-    (*REGISTER_NAMES, "eflags", "mxcsr", "fs_base", "gs_base", *(f"xmm{i}" for i in range(16)))
-) - {"rflags"}
+_WRITABLE = frozenset((*REGISTER_NAMES, "eflags", "mxcsr", "fs_base", "gs_base", *(f"xmm{i}" for i in range(16))))
 _CONTEXT = {n: i for i, n in enumerate(REGISTER_NAMES)} | {"eflags": REGISTER_NAMES.index("rflags")}
 _MEMORY_CHUNK = 0x1000
 
@@ -119,6 +117,10 @@ class DebugTarget:
             state = "ready" if t.started else "not started"
         depth = len(t.callback_stack)
         return f"{t.name}, {state}" + (f", {depth} callback(s) deep" if depth else "")
+
+    def rip(self) -> int:
+        """RIP of the thread on the CPU."""
+        return int(self.uc.reg_read(x86.UC_X86_REG_RIP))
 
     def alive(self, tid: int) -> bool:
         t = self.kernel.threads.get(tid)
@@ -215,6 +217,9 @@ class DebugTarget:
         # Unicorn decides at translation whether an instruction calls code hooks: drop what was translated.
         self.uc.ctl_remove_cache(begin, end)
 
+    def _forget_all_code(self) -> None:
+        self.uc.ctl_flush_tb()  # type: ignore[attr-defined]  # unicorn >= 2.0.1; its stubs lack it
+
     def _on_break(self, uc: object, address: int, size: int, user_data: object) -> None:
         if self._skip == address:
             self._skip = None  # the instruction the resume starts on
@@ -246,14 +251,14 @@ class DebugTarget:
             return self.ended
         self._reason = None
         self._interrupt.clear()
-        rip = int(self.uc.reg_read(x86.UC_X86_REG_RIP))
+        rip = self.rip()
         self._skip = rip if rip in self.breakpoints else None
         before = len(self.process.trace)
         hook = None
         if step:
             self._stepped = 0
             hook = self.uc.hook_add(UC_HOOK_CODE, self._on_step)
-            self.uc.ctl_flush_tb()
+            self._forget_all_code()
         outcome: Stop
         try:
             how = self.process.drive(None, stop=self._stopped)
@@ -273,7 +278,7 @@ class DebugTarget:
         finally:
             if hook is not None:
                 self.uc.hook_del(hook)
-                self.uc.ctl_flush_tb()
+                self._forget_all_code()
         new = tuple(self.process.trace.transitions[before:])
         return Stop(outcome.kind, outcome.signal, outcome.tid, outcome.reason, outcome.code, outcome.message, new)
 
@@ -292,7 +297,9 @@ class DebugTarget:
         else:
             status = self.kernel.threads[0].exit_status if 0 in self.kernel.threads else None
             said = "" if status is None else f"; {self.kernel.threads[0].name} exited with {status_name(status)}"
-            self.ended = Stop("exited", code=status or 0, tid=self.current, reason=how, message=f"every thread ended{said}")
+            self.ended = Stop(
+                "exited", code=status or 0, tid=self.current, reason=how, message=f"every thread ended{said}"
+            )
         return self.ended
 
     def result(self) -> RunResult:
@@ -309,4 +316,5 @@ def _encode(reg: Reg, value: object) -> bytes:
     if isinstance(value, tuple):  # an x87 register: (64-bit mantissa, 16-bit sign and exponent)
         mantissa, exponent = value
         return int(mantissa).to_bytes(8, "little") + (int(exponent) & 0xFFFF).to_bytes(2, "little")
-    return (int(value) & ((1 << reg.bits) - 1)).to_bytes(reg.size, "little")  # type: ignore[call-overload]
+    number = value if isinstance(value, int) else 0
+    return (number & ((1 << reg.bits) - 1)).to_bytes(reg.size, "little")
