@@ -237,3 +237,14 @@ def test_a_malformed_address_is_one_line_and_exit_2() -> None:
     assert done.stderr.strip().splitlines() == [
         "emu debug: --gdb 'localhost': expected [HOST]:PORT with PORT 0..65535 (e.g. :1234)"
     ]
+
+
+@needs_gdb
+def test_detach_runs_the_rest_and_checks_the_expectations() -> None:
+    a = addresses()
+    with emu_debug(ROUNDTRIP) as server:
+        out = gdb(server.port, f"break *{a['on_message']:#x}", "continue", "detach")
+        code, stdout, stderr = server.finish()
+    assert "[Inferior 1 (Remote target) detached]" in out, out
+    assert "expectations: 4 of 4 hold" in stdout, stdout + stderr
+    assert code == 0

@@ -16,6 +16,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from emu.api import build
 from emu.debug.gdbstub import GdbStub
@@ -32,6 +34,17 @@ GDB_AMD64 = [
     "rip", "eflags", "cs", "ss", "ds", "es", "fs", "gs", *(f"st{i}" for i in range(8)),
     "fctrl", "fstat", "ftag", "fiseg", "fioff", "foseg", "fooff", "fop", *(f"xmm{i}" for i in range(16)), "mxcsr",
 ]  # fmt: skip
+
+
+# Packet heads with fields the stub parses; the tails are random.
+PACKET_STARTS = [
+    b"m", b"M", b"X", b"p", b"P", b"G", b"g", b"H", b"T", b"Z", b"z", b"q", b"Q", b"v", b"qXfer:features:read:target.xml:",
+    b"qRcmd,", b"qThreadExtraInfo,", b"vCont;", b"C", b"S", b"?",
+]  # fmt: skip
+
+
+def _with_tail(head: bytes) -> st.SearchStrategy[bytes]:
+    return st.binary(max_size=24).map(lambda tail: head + tail)
 
 
 @pytest.fixture
@@ -173,3 +186,20 @@ def test_ctrl_c_from_the_client_stops_a_spinning_guest(tmp_path: Path) -> None:
             proc.communicate()
     assert proc.returncode == 0, err
     assert "killed by gdb at app!main" in err
+
+
+def test_detach_lets_the_run_finish_without_the_debugger(stub: GdbStub) -> None:
+    on_message = stub.target.process.resolve("app!on_message", ())
+    assert stub.handle(b"Z0,%x,1" % on_message) == b"OK"
+    assert stub.handle(b"D;1") == b"OK" and stub.detached and stub.done
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.binary(max_size=40) | st.sampled_from(PACKET_STARTS).flatmap(_with_tail), max_size=6))
+def test_any_packet_gets_a_reply_and_never_an_exception(stub: GdbStub, packets: list[bytes]) -> None:
+    for p in packets:
+        reply = stub.handle(p)
+        assert reply is None or isinstance(reply, bytes)
+    framable = [p for p in packets if b"#" not in p and b"$" not in p]  # GDB escapes these two in binary data
+    events = Reader().feed(b"".join(frame(p) for p in framable))
+    assert [(e.kind, e.payload) for e in events] == [("packet", p) for p in framable]

@@ -72,10 +72,11 @@ class GdbStub:
         if head == b"G":
             return self._write_all(bytes.fromhex(p[1:].decode()))
         if head == b"p":
-            data = self.target.register(self._thread(), int(p[1:], 16))
-            if data is None:
-                return b"x" * (2 * REGISTERS[int(p[1:], 16)].size) if int(p[1:], 16) < len(REGISTERS) else b"E00"
-            return data.hex().encode()
+            number = int(p[1:], 16)
+            if not 0 <= number < len(REGISTERS):
+                return b"E00"
+            data = self.target.register(self._thread(), number)
+            return b"x" * (2 * REGISTERS[number].size) if data is None else data.hex().encode()
         if head == b"P":
             number, value = p[1:].split(b"=", 1)
             ok = self.target.write_register(self._thread(), int(number, 16), bytes.fromhex(value.decode()))
