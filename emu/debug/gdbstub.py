@@ -78,8 +78,8 @@ class GdbStub:
             data = self.target.register(self._thread(), number)
             return b"x" * (2 * REGISTERS[number].size) if data is None else data.hex().encode()
         if head == b"P":
-            number, value = p[1:].split(b"=", 1)
-            ok = self.target.write_register(self._thread(), int(number, 16), bytes.fromhex(value.decode()))
+            which, value = p[1:].split(b"=", 1)
+            ok = self.target.write_register(self._thread(), int(which, 16), bytes.fromhex(value.decode()))
             return b"OK" if ok else b"E01"
         if head == b"m":
             address, length = _address_length(p[1:])
