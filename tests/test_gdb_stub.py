@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import asm_scenario
 from emu.api import build
 from emu.debug.gdbstub import GdbStub
 from emu.debug.registers import G_SIZE, NUMBER, REGISTERS, target_xml
@@ -203,3 +204,35 @@ def test_any_packet_gets_a_reply_and_never_an_exception(stub: GdbStub, packets: 
     framable = [p for p in packets if b"#" not in p and b"$" not in p]  # GDB escapes these two in binary data
     events = Reader().feed(b"".join(frame(p) for p in framable))
     assert [(e.kind, e.payload) for e in events] == [("packet", p) for p in framable]
+
+
+LOOP3 = """
+main:
+    mov ecx, 3
+again:
+    nop
+second:
+    nop
+    dec ecx
+    jnz again
+    ret
+"""
+
+
+def test_breakpoints_set_on_code_that_already_ran_are_hit(tmp_path: Path) -> None:
+    # Unicorn decides when it translates a block which instructions call code hooks; a
+    # breakpoint on an instruction already translated must still stop the next time round.
+    scenario = tmp_path / "loop.toml"
+    scenario.write_text(asm_scenario(LOOP3))
+    stub = GdbStub(DebugTarget(build(scenario)))
+    target = stub.target
+    again, second = (target.process.resolve(f"app!{n}", ()) for n in ("again", "second"))
+    assert stub.handle(b"Z0,%x,1" % second) == b"OK"
+    assert stub.handle(b"c") == b"T05thread:1;swbreak:;" and target.rip() == second
+    assert stub.handle(b"Z0,%x,1" % again) == b"OK"
+    assert stub.handle(b"c") == b"T05thread:1;swbreak:;" and target.rip() == again
+    assert stub.handle(b"c") == b"T05thread:1;swbreak:;" and target.rip() == second
+    assert stub.handle(b"z0,%x,1" % second) == b"OK"
+    assert stub.handle(b"c") == b"T05thread:1;swbreak:;" and target.rip() == again  # the third round
+    assert stub.handle(b"z0,%x,1" % again) == b"OK"
+    assert stub.handle(b"c")[:1] == b"W"  # type: ignore[index]
