@@ -7,20 +7,23 @@ stepping over a ``syscall`` lands where the model sends the thread (after the in
 with RAX = the status, in ``KiUserCallbackDispatcher`` for a callback, on another thread
 after a switch), and the transitions it records are reported with the stop.
 
-Breakpoints and single steps are Unicorn code hooks (a hook on one address stops the CPU
-before that instruction runs), not ``int3`` bytes: guest memory stays as the scenario built
-it, and reads show the real bytes.
+A single step is one run of the CPU with an instruction count of one; breakpoints are
+Unicorn exits (the CPU stops at one before the instruction runs). Neither lets a hook of the
+next instruction run before the stop, so emu's own Python traps act once, as in ``emu run``,
+and no ``int3`` byte is written into the code: memory reads show the real bytes.
+
+The target drives a :class:`~emu.engine.Process`; anything with the same machine, kernel,
+trace and ``drive`` (a stepping session over one) can stand in for it.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from unicorn import UC_HOOK_CODE, UcError
+from unicorn import UcError
 from unicorn import x86_const as x86
 
 from emu.context import REGISTER_NAMES
@@ -28,6 +31,7 @@ from emu.debug.registers import REGISTERS, Reg
 from emu.engine import Process, RunResult
 from emu.errors import BudgetExceeded, EmuError, KernelError, MachineFault, UnimplementedImport
 from emu.kernel import KThread
+from emu.machine import NEVER, Trap
 from emu.trace import Transition
 from emu.winnt import status_name
 
@@ -82,13 +86,11 @@ class DebugTarget:
         self.machine = process.machine
         self.kernel = process.kernel
         self.uc = process.machine.uc
-        self.breakpoints: dict[int, int] = {}  # address -> Unicorn hook handle
+        self.breakpoints: set[int] = set()
         self.ended: Stop | None = None  # set once the run is over; every later resume reports it
         self.error: EmuError | None = None
         self.stop = "stopped"  # like RunResult.stop once the run ends: "exit", "fault", "budget", "deadlock"
         self._reason: str | None = None
-        self._skip: int | None = None
-        self._stepped = 0
         self._interrupt = threading.Event()
         self.kernel.continue_thread(process.thread)
 
@@ -193,45 +195,25 @@ class DebugTarget:
 
     # --- breakpoints --------------------------------------------------------------------
     def add_breakpoint(self, address: int) -> bool:
-        if address in self.breakpoints:
-            return True
-        try:
-            self.breakpoints[address] = self.uc.hook_add(UC_HOOK_CODE, self._on_break, None, address, address)
-        except (UcError, OverflowError):
+        if not 0 <= address < 1 << 64:
             return False
-        self._forget_code(address, address + 1)
+        self.breakpoints.add(address)
         return True
 
     def remove_breakpoint(self, address: int) -> bool:
-        handle = self.breakpoints.pop(address, None)
-        if handle is not None:
-            self.uc.hook_del(handle)
-            self._forget_code(address, address + 1)
+        self.breakpoints.discard(address)
         return True
 
     def remove_all_breakpoints(self) -> None:
-        for address in list(self.breakpoints):
-            self.remove_breakpoint(address)
+        self.breakpoints.clear()
 
     def _forget_code(self, begin: int, end: int) -> None:
-        # Unicorn decides at translation whether an instruction calls code hooks: drop what was translated.
+        # Unicorn translates code once: drop what it translated from bytes that changed.
         self.uc.ctl_remove_cache(begin, end)
 
     def _forget_all_code(self) -> None:
+        # Unicorn checks for exits when it translates an instruction: translate again.
         self.uc.ctl_flush_tb()  # type: ignore[attr-defined]  # unicorn >= 2.0.1; its stubs lack it
-
-    def _on_break(self, uc: object, address: int, size: int, user_data: object) -> None:
-        if self._skip == address:
-            self._skip = None  # the instruction the resume starts on
-            return
-        self._reason = self._reason or "break"
-        self.machine.request_stop()
-
-    def _on_step(self, uc: object, address: int, size: int, user_data: object) -> None:
-        self._stepped += 1
-        if self._stepped > 1:
-            self._reason = "step"
-            self.machine.request_stop()
 
     # --- running ------------------------------------------------------------------------
     def interrupt(self) -> None:
@@ -244,24 +226,17 @@ class DebugTarget:
             self._reason = self._reason or "interrupt"
         return self._reason is not None
 
-    def resume(self, step: bool = False, on_wait: Callable[[], None] | None = None) -> Stop:
+    def resume(self, step: bool = False) -> Stop:
         """Run the process until a breakpoint, the next instruction (``step``), an interrupt,
         or its end. Threads switch as the kernel model schedules them."""
         if self.ended is not None:
             return self.ended
         self._reason = None
         self._interrupt.clear()
-        rip = self.rip()
-        self._skip = rip if rip in self.breakpoints else None
         before = len(self.process.trace)
-        hook = None
-        if step:
-            self._stepped = 0
-            hook = self.uc.hook_add(UC_HOOK_CODE, self._on_step)
-            self._forget_all_code()
         outcome: Stop
         try:
-            how = self.process.drive(None, stop=self._stopped)
+            how = self._run(step)
             if how == "stopped":
                 reason = self._reason or "interrupt"
                 sig = SIGINT if reason == "interrupt" else SIGTRAP
@@ -275,12 +250,84 @@ class DebugTarget:
             outcome = self._fail(e, "budget", SIGXCPU)
         except KernelError as e:
             outcome = self._fail(e, "fault", SIGABRT)
-        finally:
-            if hook is not None:
-                self.uc.hook_del(hook)
-                self._forget_all_code()
         new = tuple(self.process.trace.transitions[before:])
         return Stop(outcome.kind, outcome.signal, outcome.tid, outcome.reason, outcome.code, outcome.message, new)
+
+    def _run(self, step: bool) -> str:
+        """ "stopped" (``_reason`` says why), or how the run ended ("exit", "deadlock")."""
+        if step or self.rip() in self.breakpoints:
+            how = self._step()  # off the breakpoint first: the CPU would stop on it at once
+            if step or how != "stopped":
+                return how
+            if self.rip() in self.breakpoints:
+                self._reason = "break"
+                return how
+            if self._interrupt.is_set():
+                self._reason = "interrupt"
+                return how
+            self._reason = None
+        return self._continue()
+
+    def _step(self) -> str:
+        """One instruction of the thread on the CPU, served by the kernel model if it enters it.
+
+        Unicorn's instruction count runs before every other hook of an instruction, so the
+        CPU stops before the next instruction's hooks (emu's Python traps) have done anything.
+        A fault the kernel turns into an exception stops at the handler's first instruction.
+        """
+        machine = self.machine
+        deliver = machine.exception_handler
+
+        def deliver_then_stop(trap: Trap) -> bool:
+            went_on = deliver is not None and deliver(trap)
+            if went_on:
+                machine.request_stop()
+            return went_on
+
+        machine.exception_handler = deliver_then_stop
+        try:
+            machine.run(self.rip(), 1, None)
+        finally:
+            machine.exception_handler = deliver
+        self._reason = "step"
+        return self._settle()
+
+    def _settle(self) -> str:
+        """Put a thread on the CPU if the one that ran cannot go on, as ``Process.drive`` does
+        between two runs of the CPU: "stopped" when one can run, else how the run ended."""
+        kernel = self.kernel
+        while True:
+            t = kernel.current
+            if t is not None and t.running:
+                return "stopped"
+            if kernel.deadlock:
+                return "deadlock"
+            nxt = kernel.next_thread
+            if nxt is None:
+                return "exit"
+            kernel.continue_thread(nxt)
+
+    def _continue(self) -> str:
+        """Run until a breakpoint, an interrupt or the end. Breakpoints are Unicorn exits: the
+        CPU stops at one before any hook of that instruction runs (emu's Python traps included)."""
+        exits = sorted(self.breakpoints)
+        if exits:
+            self.uc.ctl_exits_enabled(True)
+            self.uc.ctl_set_exits([NEVER, *exits])
+            self._forget_all_code()
+        try:
+            return self.process.drive(None, stop=self._stopped)
+        except BudgetExceeded as e:
+            # The engine takes a stop nobody requested for the end of the instruction budget;
+            # at an exit it is a breakpoint (a budget that ends on one exactly reads as one too).
+            if e.budget == "instructions" and self.rip() in self.breakpoints:
+                self._reason = "break"
+                return "stopped"
+            raise
+        finally:
+            if exits:
+                self.uc.ctl_exits_enabled(False)
+                self._forget_all_code()
 
     def _fail(self, error: EmuError, stop: str, sig: int) -> Stop:
         """The run stopped on an error: GDB sees the thread stop with a signal now, and the
