@@ -236,3 +236,24 @@ def test_breakpoints_set_on_code_that_already_ran_are_hit(tmp_path: Path) -> Non
     assert stub.handle(b"c") == b"T05thread:1;swbreak:;" and target.rip() == again  # the third round
     assert stub.handle(b"z0,%x,1" % again) == b"OK"
     assert stub.handle(b"c")[:1] == b"W"  # type: ignore[index]
+
+
+def test_stepping_a_plain_syscall_returns_after_it_with_the_status() -> None:
+    # syscall_basic: the scripted NtClose fails with STATUS_INVALID_HANDLE (0xC0000008,
+    # MS-ERREF 2.3.1). SYSRET returns to the instruction after `syscall` with RAX = the status,
+    # RCX = that RIP and R11 = RFLAGS as SYSCALL saved them (Intel SDM vol. 2B SYSCALL/SYSRET).
+    from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+
+    process = build(ROOT / "scenarios" / "syscall_basic.toml")
+    stub = GdbStub(DebugTarget(process))
+    close = process.resolve("ntdll!NtClose", ())
+    code = process.machine.read(close, 0x20)
+    syscall = next(int(i.address) for i in Cs(CS_ARCH_X86, CS_MODE_64).disasm(code, close) if i.mnemonic == "syscall")
+    assert stub.handle(b"Z0,%x,1" % syscall) == b"OK"
+    assert stub.handle(b"c") == b"T05thread:1;swbreak:;"
+    flags = stub.handle(b"p%x" % NUMBER["eflags"])
+    assert stub.handle(b"s") == b"T05thread:1;"
+    assert stub.target.rip() == syscall + 2
+    assert stub.handle(b"p0") == (0xC0000008).to_bytes(8, "little").hex().encode()
+    assert stub.handle(b"p%x" % NUMBER["rcx"]) == (syscall + 2).to_bytes(8, "little").hex().encode()
+    assert stub.handle(b"p%x" % NUMBER["r11"]) == flags + b"00000000"
