@@ -252,6 +252,7 @@ def test_stepping_a_plain_syscall_returns_after_it_with_the_status() -> None:
     assert stub.handle(b"Z0,%x,1" % syscall) == b"OK"
     assert stub.handle(b"c") == b"T05thread:1;swbreak:;"
     flags = stub.handle(b"p%x" % NUMBER["eflags"])
+    assert flags is not None
     assert stub.handle(b"s") == b"T05thread:1;"
     assert stub.target.rip() == syscall + 2
     assert stub.handle(b"p0") == (0xC0000008).to_bytes(8, "little").hex().encode()
