@@ -26,6 +26,7 @@ import pytest
 
 from conftest import asm_scenario
 from emu.api import build
+from emu.debug.target import DebugTarget
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDTRIP = ROOT / "scenarios" / "callback_roundtrip.toml"
@@ -102,6 +103,15 @@ def syscall_in(stub: int, scenario: Path = ROUNDTRIP) -> int:
     p = build(scenario)
     code = p.machine.read(stub, 0x20)
     return next(int(i.address) for i in Cs(CS_ARCH_X86, CS_MODE_64).disasm(code, stub) if i.mnemonic == "syscall")
+
+
+def callout_frame() -> tuple[int, int]:
+    """Where the kernel model puts the UCALLOUT_FRAME in callback_roundtrip, and the dispatcher."""
+    process = build(ROUNDTRIP)
+    target = DebugTarget(process)
+    target.add_breakpoint(process.resolve("app!on_message", ()))
+    target.resume()
+    return target.kernel.threads[0].callback_stack[0].user_frame, process.resolve("ntdll!KiUserCallbackDispatcher", ())
 
 
 @needs_gdb
@@ -248,3 +258,16 @@ def test_detach_runs_the_rest_and_checks_the_expectations() -> None:
     assert "[Inferior 1 (Remote target) detached]" in out, out
     assert "expectations: 4 of 4 hold" in stdout, stdout + stderr
     assert code == 0
+
+
+@needs_gdb
+def test_gdb_watch_sees_the_kernel_model_write_the_callout_frame() -> None:
+    # The UCALLOUT_FRAME's ApiNumber (ULONG at +0x2C, WRK/ReactOS) is written by the kernel
+    # model while it serves NtUserMessageCall: GDB's watchpoint stops in the dispatcher.
+    frame_at, dispatcher = callout_frame()
+    with emu_debug(ROUNDTRIP) as server:
+        out = gdb(server.port, f"watch *(int*){frame_at + 0x2C:#x}", "continue", "info registers rip", "kill")
+        server.finish()
+    assert "Hardware watchpoint 1" in out, out
+    assert re.search(r"Old value = 0\s+New value = 2\b", out), out
+    assert register(out, "rip") == [dispatcher]

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_gdb_remote import callout_frame
 
 from conftest import asm_scenario
 from emu.api import build
@@ -141,7 +142,7 @@ def test_step_continue_breakpoint_and_unknown_packets(stub: GdbStub) -> None:
     assert stub.handle(b"c") == b"T05thread:1;swbreak:;"
     assert target.rip() == on_message
     assert stub.handle(b"z0,%x,1" % on_message) == b"OK"
-    assert stub.handle(b"Z2,%x,8" % on_message) == b""  # watchpoints: not supported
+    assert stub.handle(b"Z9,%x,8" % on_message) == b""  # no such kind: not supported
     assert stub.handle(b"qRcmd," + b"sym app!on_message".hex().encode()) == (
         f"app!on_message = {on_message:#x}\n".encode().hex().encode()
     )
@@ -154,6 +155,15 @@ def test_step_continue_breakpoint_and_unknown_packets(stub: GdbStub) -> None:
 
 
 LOOP = '[scenario]\nname = "spin"\n[[module]]\nname = "app"\ncode = "main: jmp main"\n[thread]\nentry = "app!main"\n'
+
+
+def _recv_until(conn: socket.socket, end: bytes) -> bytes:
+    got = b""
+    while not got.endswith(end):
+        chunk = conn.recv(64)
+        assert chunk, f"the stub closed the connection after {got!r}"
+        got += chunk
+    return got
 
 
 def test_ctrl_c_from_the_client_stops_a_spinning_guest(tmp_path: Path) -> None:
@@ -170,16 +180,12 @@ def test_ctrl_c_from_the_client_stops_a_spinning_guest(tmp_path: Path) -> None:
         port = int(proc.stderr.readline().rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=120) as conn:
             conn.sendall(frame(b"QStartNoAckMode"))
-            assert conn.recv(64).endswith(frame(b"OK"))
+            _recv_until(conn, b"+" + frame(b"OK"))
             conn.sendall(frame(b"c"))
             conn.sendall(b"\x03")
-            reply = b""
-            while not reply.endswith(frame(b"T02thread:1;")):
-                chunk = conn.recv(64)
-                assert chunk, reply
-                reply += chunk
+            _recv_until(conn, frame(b"T02thread:1;"))
             conn.sendall(frame(b"vKill;1"))
-            assert conn.recv(64) == frame(b"OK")
+            _recv_until(conn, frame(b"OK"))
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -258,3 +264,25 @@ def test_stepping_a_plain_syscall_returns_after_it_with_the_status() -> None:
     assert stub.handle(b"p0") == (0xC0000008).to_bytes(8, "little").hex().encode()
     assert stub.handle(b"p%x" % NUMBER["rcx"]) == (syscall + 2).to_bytes(8, "little").hex().encode()
     assert stub.handle(b"p%x" % NUMBER["r11"]) == flags + b"00000000"
+
+
+def test_a_write_watchpoint_sees_the_kernel_model_write_the_callout_frame() -> None:
+    # KeUserModeCallback copies the UCALLOUT_FRAME onto the user stack before it enters
+    # KiUserCallbackDispatcher (WRK ke/amd64/callout.asm); its ApiNumber is the ULONG at
+    # +0x2C (WRK/ReactOS UCALLOUT_FRAME: four home slots, Buffer, Length, ApiNumber).
+    frame_at, dispatcher = callout_frame()
+    stub = GdbStub(DebugTarget(build(ROUNDTRIP)))
+    assert stub.handle(b"Z2,%x,4" % (frame_at + 0x2C)) == b"OK"
+    assert stub.handle(b"c") == b"T05thread:1;watch:%x;" % (frame_at + 0x2C)
+    assert stub.target.rip() == dispatcher
+    assert stub.handle(b"m%x,4" % (frame_at + 0x2C)) == b"02000000"
+    assert stub.handle(b"z2,%x,4" % (frame_at + 0x2C)) == b"OK"
+    assert stub.handle(b"c")[:1] == b"W"  # type: ignore[index]
+
+
+def test_a_read_watchpoint_stops_after_the_dispatcher_reads_the_api_number() -> None:
+    frame_at, dispatcher = callout_frame()
+    stub = GdbStub(DebugTarget(build(ROUNDTRIP)))
+    assert stub.handle(b"Z3,%x,4" % (frame_at + 0x2C)) == b"OK"
+    assert stub.handle(b"c") == b"T05thread:1;rwatch:%x;" % (frame_at + 0x2C)
+    assert dispatcher < stub.target.rip() < dispatcher + 0x40  # inside KiUserCallbackDispatcher

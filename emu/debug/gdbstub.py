@@ -2,7 +2,7 @@
 
 :class:`GdbStub` answers one packet at a time (GDB manual, "Remote Protocol": ``?``, ``g``/
 ``G``, ``p``/``P``, ``m``/``M``/``X``, ``c``/``s``/``C``/``S``, ``vCont``, ``Z0``/``z0``,
-``qXfer:features:read``, threads with ``qfThreadInfo``, ``Hg``, ``T``, ``qThreadExtraInfo``,
+watchpoints ``Z2``-``Z4``, ``qXfer:features:read``, threads with ``qfThreadInfo``, ``Hg``, ``T``, ``qThreadExtraInfo``,
 ``k``/``D``, ``monitor`` commands with ``qRcmd``). A packet it does not know gets the empty
 reply, which the protocol defines as "not supported"; a malformed one gets ``E01``. GDB
 thread ids are emu's thread ids plus one (GDB reserves 0 for "any thread").
@@ -28,6 +28,7 @@ _SUPPORTED = (
     f"PacketSize={MAX_PACKET:x};qXfer:features:read+;swbreak+;hwbreak+;QStartNoAckMode+;vContSupported+"
 ).encode()
 Log = Callable[[str], None]
+_WATCH_KINDS = {b"2": "watch", b"3": "rwatch", b"4": "awatch"}  # Z2 write, Z3 read, Z4 access
 
 
 class GdbStub:
@@ -195,15 +196,23 @@ class GdbStub:
         return b"OK" if self.target.write_memory(address, data) else b"E01"
 
     def _breakpoint(self, p: bytes) -> bytes:
-        kind, address, _ = p[1:].split(b",", 2)
-        if kind not in (b"0", b"1"):  # software and hardware breakpoints; watchpoints are not supported
-            return b""
-        at = int(address, 16)
+        kind, address, size = p[1:].split(b",", 2)
+        at, length = int(address, 16), int(size.split(b";")[0], 16)
         if not 0 <= at < _ADDRESS_LIMIT:
             return b"E01"
-        if p[:1] == b"Z":
-            return b"OK" if self.target.add_breakpoint(at) else b"E01"
-        return b"OK" if self.target.remove_breakpoint(at) else b"E01"
+        insert = p[:1] == b"Z"
+        if kind in (b"0", b"1"):  # software and hardware breakpoints: both are Unicorn exits
+            ok = self.target.add_breakpoint(at) if insert else self.target.remove_breakpoint(at)
+            return b"OK" if ok else b"E01"
+        watch = _WATCH_KINDS.get(kind)
+        if watch is None:
+            return b""
+        ok = (
+            self.target.add_watchpoint(watch, at, length)
+            if insert
+            else self.target.remove_watchpoint(watch, at, length)
+        )
+        return b"OK" if ok else b"E01"
 
     # --- running ------------------------------------------------------------------------
     def _resume(self, step: bool) -> bytes:
@@ -221,8 +230,10 @@ class GdbStub:
             return b"W%02x" % (stop.code & 0xFF)
         if stop.kind == "terminated":
             return b"X%02x" % stop.signal
-        swbreak = b"swbreak:;" if stop.reason == "break" else b""
-        return b"T%02xthread:%x;%s" % (stop.signal, stop.tid + 1, swbreak)
+        why = b"swbreak:;" if stop.reason == "break" else b""
+        if stop.watch is not None:
+            why = b"%s:%x;" % (stop.watch[0].encode(), stop.watch[1])
+        return b"T%02xthread:%x;%s" % (stop.signal, stop.tid + 1, why)
 
 
 def _thread_id(text: bytes) -> int:

@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass
 from typing import Literal
 
-from unicorn import UcError
+from unicorn import UC_HOOK_MEM_READ, UcError
 from unicorn import x86_const as x86
 
 from emu.context import REGISTER_NAMES
@@ -73,6 +73,7 @@ class Stop:
     code: int = 0
     message: str = ""
     transitions: tuple[Transition, ...] = ()
+    watch: tuple[str, int] | None = None  # ("watch" | "rwatch" | "awatch", address) for a watchpoint
 
 
 class DebugTarget:
@@ -87,6 +88,8 @@ class DebugTarget:
         self.kernel = process.kernel
         self.uc = process.machine.uc
         self.breakpoints: set[int] = set()
+        self.watchpoints: set[tuple[str, int, int]] = set()  # (kind, address, length)
+        self._watch_hit: tuple[str, int] | None = None
         self.ended: Stop | None = None  # set once the run is over; every later resume reports it
         self.error: EmuError | None = None
         self.stop = "stopped"  # like RunResult.stop once the run ends: "exit", "fault", "budget", "deadlock"
@@ -207,6 +210,18 @@ class DebugTarget:
     def remove_all_breakpoints(self) -> None:
         self.breakpoints.clear()
 
+    def add_watchpoint(self, kind: str, address: int, length: int) -> bool:
+        """Stop after an instruction that writes (``watch``: the bytes changed, by the CPU or by
+        the kernel model), reads (``rwatch``) or touches (``awatch``) the range."""
+        if kind not in ("watch", "rwatch", "awatch") or not 0 < length <= 0x1000 or not 0 <= address < 1 << 64:
+            return False
+        self.watchpoints.add((kind, address, length))
+        return True
+
+    def remove_watchpoint(self, kind: str, address: int, length: int) -> bool:
+        self.watchpoints.discard((kind, address, length))
+        return True
+
     def _forget_code(self, begin: int, end: int) -> None:
         # Unicorn translates code once: drop what it translated from bytes that changed.
         self.uc.ctl_remove_cache(begin, end)
@@ -240,7 +255,9 @@ class DebugTarget:
             if how == "stopped":
                 reason = self._reason or "interrupt"
                 sig = SIGINT if reason == "interrupt" else SIGTRAP
-                outcome = Stop("signal", sig, self.current, reason)
+                outcome = Stop(
+                    "signal", sig, self.current, reason, watch=self._watch_hit if reason == "watch" else None
+                )
             else:
                 outcome = self._end(how)
         except (MachineFault, UnimplementedImport) as e:
@@ -251,7 +268,8 @@ class DebugTarget:
         except KernelError as e:
             outcome = self._fail(e, "fault", SIGABRT)
         new = tuple(self.process.trace.transitions[before:])
-        return Stop(outcome.kind, outcome.signal, outcome.tid, outcome.reason, outcome.code, outcome.message, new)
+        o = outcome
+        return Stop(o.kind, o.signal, o.tid, o.reason, o.code, o.message, new, o.watch)
 
     def _run(self, step: bool) -> str:
         """ "stopped" (``_reason`` says why), or how the run ended ("exit", "deadlock")."""
@@ -266,7 +284,7 @@ class DebugTarget:
                 self._reason = "interrupt"
                 return how
             self._reason = None
-        return self._continue()
+        return self._watch() if self.watchpoints else self._continue()
 
     def _step(self) -> str:
         """One instruction of the thread on the CPU, served by the kernel model if it enters it.
@@ -306,6 +324,45 @@ class DebugTarget:
             if nxt is None:
                 return "exit"
             kernel.continue_thread(nxt)
+
+    def _watch(self) -> str:
+        """Continue one instruction at a time while watchpoints are set: reads by the CPU come
+        from Unicorn's memory hooks, writes from comparing the bytes after each instruction
+        (so a write the kernel model makes while it serves a system call is seen too)."""
+        hooks = []
+        for kind, address, length in self.watchpoints:
+            if kind in ("rwatch", "awatch"):
+                hooks.append(self.uc.hook_add(UC_HOOK_MEM_READ, self._on_read, kind, address, address + length - 1))
+        writes = [(kind, address, length) for kind, address, length in self.watchpoints if kind != "rwatch"]
+        try:
+            while True:
+                before = [self.read_memory(address, length) for _, address, length in writes]
+                self._watch_hit = None
+                how = self._step()
+                if how != "stopped":
+                    return how
+                for (kind, address, length), old in zip(writes, before):
+                    if self._watch_hit is None and self.read_memory(address, length) != old:
+                        self._watch_hit = (kind, address)
+                if self._watch_hit is not None:
+                    self._reason = "watch"
+                elif self.rip() in self.breakpoints:
+                    self._reason = "break"
+                elif self._interrupt.is_set():
+                    self._reason = "interrupt"
+                else:
+                    continue
+                return how
+        finally:
+            for h in hooks:
+                self.uc.hook_del(h)
+
+    def _on_read(self, uc: object, access: int, address: int, size: int, value: int, kind: str) -> None:
+        if self._watch_hit is None:
+            hit = next(
+                (a for k, a, n in self.watchpoints if k == kind and a < address + size and address < a + n), address
+            )
+            self._watch_hit = (kind, hit)
 
     def _continue(self) -> str:
         """Run until a breakpoint, an interrupt or the end. Breakpoints are Unicorn exits: the
