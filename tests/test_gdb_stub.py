@@ -286,3 +286,12 @@ def test_a_read_watchpoint_stops_after_the_dispatcher_reads_the_api_number() -> 
     assert stub.handle(b"Z3,%x,4" % (frame_at + 0x2C)) == b"OK"
     assert stub.handle(b"c") == b"T05thread:1;rwatch:%x;" % (frame_at + 0x2C)
     assert dispatcher < stub.target.rip() < dispatcher + 0x40  # inside KiUserCallbackDispatcher
+
+
+def test_after_a_detach_a_spinning_guest_stops_on_its_wall_time_budget(tmp_path: Path) -> None:
+    scenario = tmp_path / "spin.toml"
+    scenario.write_text(LOOP.replace("[[module]]", "[budgets]\nwall_time = 0.2\n[[module]]"))
+    target = DebugTarget(build(scenario))
+    stop = target.finish()
+    assert (stop.kind, stop.reason, target.stop) == ("signal", "budget", "budget")
+    assert "budget 'wall_time' exceeded" in stop.message

@@ -134,6 +134,8 @@ class GdbStub:
             if annex != b"target.xml":
                 return b"E00"
             offset, length = (int(x, 16) for x in span.split(b",", 1))
+            if offset < 0 or length < 0:
+                return b"E00"
             chunk = self._xml[offset : offset + length]
             return (b"l" if offset + length >= len(self._xml) else b"m") + escape(chunk)
         if name == b"qRcmd":
@@ -325,8 +327,7 @@ class _Session:
                         break
                 # acks and a Ctrl-C while stopped need no answer
         if self.stub.detached:
-            self.target.remove_all_breakpoints()
-            self.target.resume()
+            self.target.finish()
         return self.stub
 
     def _answer(self, payload: bytes) -> bytes | None:

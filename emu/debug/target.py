@@ -207,9 +207,6 @@ class DebugTarget:
         self.breakpoints.discard(address)
         return True
 
-    def remove_all_breakpoints(self) -> None:
-        self.breakpoints.clear()
-
     def add_watchpoint(self, kind: str, address: int, length: int) -> bool:
         """Stop after an instruction that writes (``watch``: the bytes changed, by the CPU or by
         the kernel model), reads (``rwatch``) or touches (``awatch``) the range."""
@@ -241,9 +238,17 @@ class DebugTarget:
             self._reason = self._reason or "interrupt"
         return self._reason is not None
 
-    def resume(self, step: bool = False) -> Stop:
+    def finish(self) -> Stop:
+        """Run to the end without the debugger (it detached): no breakpoints, no watchpoints,
+        and the scenario's wall-time budget, as ``emu run`` has it."""
+        self.breakpoints.clear()
+        self.watchpoints.clear()
+        return self.resume(wall_time=self.process.scenario.budgets.wall_time)
+
+    def resume(self, step: bool = False, wall_time: float | None = None) -> Stop:
         """Run the process until a breakpoint, the next instruction (``step``), an interrupt,
-        or its end. Threads switch as the kernel model schedules them."""
+        or its end. Threads switch as the kernel model schedules them. ``wall_time``: seconds
+        before the run stops on its budget (None: no limit while a debugger waits)."""
         if self.ended is not None:
             return self.ended
         self._reason = None
@@ -251,7 +256,7 @@ class DebugTarget:
         before = len(self.process.trace)
         outcome: Stop
         try:
-            how = self._run(step)
+            how = self._run(step, wall_time)
             if how == "stopped":
                 reason = self._reason or "interrupt"
                 sig = SIGINT if reason == "interrupt" else SIGTRAP
@@ -271,7 +276,7 @@ class DebugTarget:
         o = outcome
         return Stop(o.kind, o.signal, o.tid, o.reason, o.code, o.message, new, o.watch)
 
-    def _run(self, step: bool) -> str:
+    def _run(self, step: bool, wall_time: float | None) -> str:
         """ "stopped" (``_reason`` says why), or how the run ended ("exit", "deadlock")."""
         if step or self.rip() in self.breakpoints:
             how = self._step()  # off the breakpoint first: the CPU would stop on it at once
@@ -284,7 +289,7 @@ class DebugTarget:
                 self._reason = "interrupt"
                 return how
             self._reason = None
-        return self._watch() if self.watchpoints else self._continue()
+        return self._watch() if self.watchpoints else self._continue(wall_time)
 
     def _step(self) -> str:
         """One instruction of the thread on the CPU, served by the kernel model if it enters it.
@@ -364,7 +369,7 @@ class DebugTarget:
             )
             self._watch_hit = (kind, hit)
 
-    def _continue(self) -> str:
+    def _continue(self, wall_time: float | None) -> str:
         """Run until a breakpoint, an interrupt or the end. Breakpoints are Unicorn exits: the
         CPU stops at one before any hook of that instruction runs (emu's Python traps included)."""
         exits = sorted(self.breakpoints)
@@ -373,7 +378,7 @@ class DebugTarget:
             self.uc.ctl_set_exits([NEVER, *exits])
             self._forget_all_code()
         try:
-            return self.process.drive(None, stop=self._stopped)
+            return self.process.drive(wall_time, stop=self._stopped)
         except BudgetExceeded as e:
             # The engine takes a stop nobody requested for the end of the instruction budget;
             # at an exit it is a breakpoint (a budget that ends on one exactly reads as one too).
