@@ -295,3 +295,27 @@ def test_after_a_detach_a_spinning_guest_stops_on_its_wall_time_budget(tmp_path:
     stop = target.finish()
     assert (stop.kind, stop.reason, target.stop) == ("signal", "budget", "budget")
     assert "budget 'wall_time' exceeded" in stop.message
+
+
+def _monitor(stub: GdbStub, command: str) -> str:
+    reply = stub.handle(b"qRcmd," + command.encode().hex().encode())
+    assert reply is not None
+    return bytes.fromhex(reply.decode()).decode()
+
+
+def test_monitor_commands_show_the_kernel_model(stub: GdbStub) -> None:
+    on_message = stub.target.process.resolve("app!on_message", ())
+    assert "callbacks" in _monitor(stub, "help")
+    assert _monitor(stub, "callbacks") == "thread0: no callback in progress\n"
+    assert _monitor(stub, "trace") == "no transitions yet\n"
+    stub.handle(b"Z0,%x,1" % on_message)
+    stub.handle(b"c")
+    assert _monitor(stub, "threads") == "* 1: thread0, on the CPU, 1 callback(s) deep\n"
+    assert _monitor(stub, "trace 1").startswith("emu: step 1: thread 0 callback NtUserMessageCall")
+    assert _monitor(stub, "where") == f"{on_message:#x} = app!on_message\n"
+    assert _monitor(stub, "sym nowhere!nothing") == "nowhere!nothing: no such symbol\n"
+    # STATUS_INVALID_HANDLE is 0xC0000008 (MS-ERREF 2.3.1).
+    assert _monitor(stub, "status 0xc0000008") == "STATUS_INVALID_HANDLE\n"
+    assert "KUSER_SHARED_DATA" in _monitor(stub, "regions")
+    assert _monitor(stub, "frobnicate").startswith("unknown monitor command 'frobnicate'")
+    assert _monitor(stub, "where zz") == "where: 'zz' is not an address\n"

@@ -19,6 +19,7 @@ monitor commands (emu):
   sym NAME         the address of a symbol (app!on_message, ZwCallbackReturn)
   where [ADDR]     an address (RIP by default) as module!symbol+offset
   regions          the mapped memory regions
+  status CODE      an NTSTATUS by name (0xc0000008 -> STATUS_INVALID_HANDLE)
 """
 
 
