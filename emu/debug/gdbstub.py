@@ -261,7 +261,8 @@ def serve(target: DebugTarget, host: str, port: int, log: Log, once: bool = Fals
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((host, port))
         listener.listen(1)
-        log(f"waiting for gdb on {host}:{listener.getsockname()[1]}")
+        shown = f"[{host}]" if ":" in host else host
+        log(f"waiting for gdb on {shown}:{listener.getsockname()[1]}")
         while True:
             conn, peer = listener.accept()
             log(f"gdb connected from {peer[0]}:{peer[1]}")
