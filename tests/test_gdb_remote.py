@@ -275,3 +275,16 @@ def test_gdb_watch_sees_the_kernel_model_write_the_callout_frame() -> None:
     assert "Hardware watchpoint 1" in out, out
     assert re.search(r"Old value = 0\s+New value = 2\b", out), out
     assert register(out, "rip") == [dispatcher]
+
+
+def test_a_port_in_use_is_one_line_and_exit_2() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "emu.cli", "debug", str(ROUNDTRIP), "--gdb", f"127.0.0.1:{port}"],
+            cwd=ROOT, capture_output=True, text=True, timeout=WAIT, check=False,
+        )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [f"emu debug: cannot listen on 127.0.0.1:{port}: Address already in use"]
