@@ -12,7 +12,7 @@ def test_readme_starts_with_the_two_commands(root: Path) -> None:
     lines = (root / "README.md").read_text().splitlines()
     assert lines[3] == "pip install -e . && emu run scenarios/callback_roundtrip.toml"
     assert lines[4] == (
-        "apt-get update && apt-get install -y gcc-mingw-w64-x86-64 g++ && pip install -e '.[test]' && "
+        "apt-get update && apt-get install -y gcc-mingw-w64-x86-64 g++ gdb && pip install -e '.[test]' && "
         "python -m venv .venv-dumpulator && .venv-dumpulator/bin/pip install 'dumpulator==0.2.6' && python -m pytest -q"
     )
     ci = (root / ".ci" / "run").read_text()
