@@ -9,11 +9,18 @@ The public API is small::
     r.detections          # states where the thread is at ZwCallbackReturn (the seed's state)
     r.graph.to_graphml()  # the state graph
     emu.score(my_detector, "scenarios/")  # a detector's confusion matrix vs the ground truth
+    s = emu.open("scenarios/callback_roundtrip.toml")  # a Session: step, inspect, snapshot
+    s.step(); s.regs.rip; s.finish()                    # ... and the same Run as emu.run
+
+``emu.detect``, ``emu.score`` and ``emu.explore`` are modules you can call
+(:mod:`emu.callable_module`): ``emu.detect(run)`` calls the function, ``import emu.detect
+as d`` gives the module with the rest of its names (``d.view_of``).
 """
 
+from typing import TYPE_CHECKING
+
 from emu.api import Run, run
-from emu.detection.score import score
-from emu.detection.view import Detection, ThreadView, detect
+from emu.detection.view import Detection, ThreadView
 from emu.errors import (
     BudgetExceeded,
     DumpError,
@@ -23,11 +30,22 @@ from emu.errors import (
     MachineFault,
     ModelBug,
     ScenarioError,
+    SnapshotError,
     UnimplementedService,
 )
-from emu.exploration.explorer import Exploration, explore
+from emu.exploration.explorer import Exploration
 from emu.graph import StateGraph
 from emu.scenario import Scenario, load_scenario
+from emu.session import Session
+from emu.session import open_session as open
+from emu.session_snapshot import Snapshot
+
+if TYPE_CHECKING:  # what a type checker sees of the three callable modules: their functions
+    from emu.detection.score import score
+    from emu.detection.view import detect
+    from emu.exploration.explorer import explore
+else:
+    from emu import detect, explore, score
 
 __version__ = "0.1.0"
 
@@ -44,6 +62,9 @@ __all__ = [
     "Run",
     "Scenario",
     "ScenarioError",
+    "Session",
+    "SnapshotError",
+    "Snapshot",
     "StateGraph",
     "ThreadView",
     "UnimplementedService",
@@ -51,6 +72,7 @@ __all__ = [
     "detect",
     "explore",
     "load_scenario",
+    "open",
     "run",
     "score",
 ]  # fmt: skip
