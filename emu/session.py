@@ -11,8 +11,8 @@ gives the trace ``emu.run`` gives, byte for byte.
 
 >>> import emu
 >>> s = emu.Session("scenarios/callback_roundtrip.toml")
->>> [t.kind for t in s.step()]
-['syscall']
+>>> [t.kind for t in s.step()]   # NtUserMessageCall enters the kernel, which calls back
+['syscall', 'callback']
 >>> s.run_to("ntdll!ZwCallbackReturn")
 [...]
 >>> s.symbol(s.regs.rip)
@@ -25,7 +25,9 @@ gives the trace ``emu.run`` gives, byte for byte.
 
 A step ends where the CPU can stop: between two instructions. The kernel model handles a
 system call in one go, so a service that returns at once records its ``syscall`` and its
-``sysret`` in one step; :meth:`Session.step` returns every transition it recorded.
+``sysret`` in one step, and one that calls back its ``syscall`` and the ``callback``;
+:meth:`Session.step` returns every transition it recorded. Budgets apply as in
+:func:`emu.run`, except that ``instructions`` counts from where the session last stopped.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ class Registers:
     at once and are seen by the next instruction the session runs.
     """
 
+    _session: Session
+
     def __init__(self, session: Session) -> None:
         object.__setattr__(self, "_session", session)
 
@@ -115,7 +119,8 @@ class Registers:
 
     def context(self) -> UserContext:
         """All 18 at once, as the trace records them."""
-        return self._session.process.machine.regs.context()
+        ctx: UserContext = self._session.process.machine.regs.context()
+        return ctx
 
     def __iter__(self) -> Iterator[tuple[str, int]]:
         return iter(zip(REGISTER_NAMES, self.context()))

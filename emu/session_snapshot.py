@@ -220,6 +220,7 @@ def restore(session: Session, snap: Snapshot) -> None:
     session.cow.restore(snap.pages)
     state = snap.kernel if own and snap.kernel is not None else _kernel_state(session, snap._kernel_doc())
     load_kernel(k, state)
+    p.thread = k.threads[p.thread.tid]  # the first thread, as restored (not the object built)
     if own and snap.context is not None:
         m.uc.context_restore(snap.context)
     _set_cpu(session, snap.cpu)
@@ -275,7 +276,7 @@ def _kernel_state(session: Session, d: dict[str, Any]) -> KernelState:
     def fail(why: str) -> NoReturn:
         raise SnapshotError(f"{where}: the snapshot's kernel model does not fit this scenario: {why}")
 
-    profile = {"name": k.profile.name, "dispatcher": k.profile.dispatcher, "ssn": {}}
+    profile: dict[str, object] = {"name": k.profile.name, "dispatcher": k.profile.dispatcher, "ssn": {}}
     state = {"id": 0, "kind": "initial", "thread": 0}
     full = live_doc(k, state, profile, d["threads"], d["current"])
     full["objects"] = d["objects"]
