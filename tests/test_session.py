@@ -119,11 +119,14 @@ def test_detect_score_and_explore_are_both_modules_and_functions(root: Path) -> 
 
     assert isinstance(d, types.ModuleType) and isinstance(sc, types.ModuleType) and isinstance(x, types.ModuleType)
     r = emu.run(root / "scenarios" / "callback_roundtrip.toml")
-    view = d.view_of(r, r.trace.state(r.detections[0].state))
+    state = r.detections[0].state
+    assert state is not None
+    view = d.view_of(r, r.trace.state(state))
     assert d.detect_callback_return_pending(view) is not None
     assert emu.detect(view) == d.detect(view)
-    assert [e.state for e in emu.detect(r)] == [e.state for e in r.detections]
-    assert emu.explore is x and x.explore is not None and sc.score is not None
+    found = emu.detect(r)
+    assert isinstance(found, list) and [e.state for e in found] == [e.state for e in r.detections]
+    assert vars(emu)["explore"] is x and x.explore is not None and sc.score is not None
     import emu.cli.main as cli_main
 
     assert isinstance(cli_main, types.ModuleType) and callable(cli_main)
