@@ -21,7 +21,7 @@ from __future__ import annotations
 import base64
 import html
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,22 +236,32 @@ class Stepper:
             while self.step() is not None:
                 pass
 
-        actions = {"Step": self.step, "Instruction": self.step_instruction, "Back": self.back,
+        actions: dict[str, Callable[[], object]] = {"Step": self.step, "Instruction": self.step_instruction, "Back": self.back,
                    "Restart": self.restart, "To the end": to_end}  # fmt: skip
+
+        def handler(act: Callable[[], object]) -> Callable[[object], None]:
+            def clicked(_button: object) -> None:
+                act()
+                refresh()
+
+            return clicked
+
         for label, button in buttons.items():
-            button.on_click(lambda _b, act=actions[label]: (act(), refresh()))
+            button.on_click(handler(actions[label]))
         refresh()
         box = w.VBox([w.HBox(list(buttons.values())), title, picture, w.HBox([regs, w.VBox([stack, callbacks])])])
         box.stepper = self  # the notebook can reach the session through the widget
         return box
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import HTML, display
-
+    def show(self) -> Any:
+        """The widget, or without ipywidgets the current :class:`Panel` (HTML in a notebook)."""
         try:
-            display(self.widget())
-        except ImportError:  # no ipywidgets: the current step, as a static page
-            display(HTML(self.panel().html))
+            return self.widget()
+        except ImportError:
+            return self.panel()
+
+    def _repr_html_(self) -> str:
+        return self.panel().html
 
 
 def _describe(t: Transition, s: Session) -> str:
