@@ -139,3 +139,50 @@ def test_no_package_attribute_hides_one_of_its_modules() -> None:
         module = importlib.import_module(info.name)
         parent, _, leaf = info.name.rpartition(".")
         assert getattr(importlib.import_module(parent), leaf) is module, f"{parent}.{leaf} is not the module"
+
+
+def test_the_readme_python_api_example_prints_what_its_comments_say(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = (root / "README.md").read_text()
+    section = text[text.index("## Python API") :]
+    code = section[
+        section.index("```python\n") + len("```python\n") : section.index("```\n", section.index("```python"))
+    ]
+    monkeypatch.chdir(root)
+    exec(compile(code.replace('"roundtrip.snap"', repr(str(tmp_path / "rt.snap"))), "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    promised = [line.split("# ", 1)[1].split(":")[0] for line in code.splitlines() if line.startswith("print(")]
+    assert printed == promised
+    assert (tmp_path / "rt.snap").stat().st_size > 0
+
+
+def test_every_dotted_emu_name_in_the_prose_resolves(root: Path) -> None:
+    """README, docs and notebooks name modules and functions as ``emu.x.y``: each one imports."""
+    import json
+    import re
+
+    texts = {p.name: p.read_text() for p in [root / "README.md", *root.glob("docs/*.md")]}
+    for nb in sorted((root / "notebooks").glob("*.ipynb")):
+        cells = json.loads(nb.read_text())["cells"]
+        texts[nb.name] = "\n".join("".join(c["source"]) for c in cells)
+
+    def resolves(name: str) -> bool:
+        parts = name.split(".")
+        for i in range(len(parts), 0, -1):
+            try:
+                obj: object = importlib.import_module(".".join(parts[:i]))
+            except ImportError:
+                continue
+            for part in parts[i:]:
+                if not hasattr(obj, part):
+                    return False
+                obj = getattr(obj, part)
+            return True
+        return False
+
+    named = {
+        (where, m.group(0)) for where, text in texts.items() for m in re.finditer(r"(?<![\w/])emu(?:\.\w+)+", text)
+    }
+    broken = sorted((where, name) for where, name in named if not resolves(name))
+    assert not broken, broken
