@@ -17,6 +17,7 @@ The public API is small::
 as d`` gives the module with the rest of its names (``d.view_of``).
 """
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from emu.api import Run, run
@@ -37,7 +38,6 @@ from emu.exploration.explorer import Exploration
 from emu.graph import StateGraph
 from emu.scenario import Scenario, load_scenario
 from emu.session import Session
-from emu.session import open_session as open
 from emu.session_snapshot import Snapshot
 
 if TYPE_CHECKING:  # what a type checker sees of the three callable modules: their functions
@@ -48,6 +48,15 @@ else:
     from emu import detect, explore, score
 
 __version__ = "0.1.0"
+
+
+def open(scenario: Scenario | str | Path) -> Session:
+    """Build a scenario (or a scenario file) into a :class:`Session`, ready to step.
+
+    Not in ``__all__``: ``from emu import *`` leaves the builtin ``open`` alone.
+    """
+    return Session(scenario)
+
 
 __all__ = [
     "BudgetExceeded",
@@ -72,7 +81,6 @@ __all__ = [
     "detect",
     "explore",
     "load_scenario",
-    "open",
     "run",
     "score",
 ]  # fmt: skip

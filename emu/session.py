@@ -53,7 +53,7 @@ from emu.trace import State, Trace, Transition
 if TYPE_CHECKING:
     from emu.session_snapshot import Snapshot
 
-__all__ = ["Frame", "Registers", "Session", "open_session"]
+__all__ = ["Frame", "Registers", "Session"]
 
 Predicate = Callable[["Session"], bool]
 
@@ -150,6 +150,9 @@ class Session:
         self.stop: str | None = None  # why the run ended ("exit", "fault", ...); None while it can go on
         self._result: RunResult | None = None
         self._skip_break: int | None = None
+        self._breakpoints: dict[int, int] = {}  # address -> Unicorn hook handle
+        self._armed: set[int] = set()  # the breakpoints the current run stops at
+        self.hit: int | None = None  # the breakpoint the last cont() or run_to() stopped at
         self.token = object()  # names this session's in-memory snapshots
         # Copy-on-write page tracking, as the explorer uses it: snapshots keep only written pages.
         self.cow = self.process.machine.enable_cow()
@@ -272,26 +275,59 @@ class Session:
 
     def run_to(self, where: str | int) -> list[Transition]:
         """Run until the CPU is about to execute ``where`` (``module!symbol[+0xoff]`` or an address),
-        as a breakpoint does; returns the transitions recorded on the way."""
+        as a one-time breakpoint does; returns the transitions recorded on the way."""
         address = self.address(where)
-        hit: list[bool] = []
-        machine = self.process.machine
-
-        def breakpoint_hit(uc: object, at: int, size: int, user_data: object) -> None:
-            if self._skip_break == at:
-                self._skip_break = None  # the instruction the session stands on: run it first
-                return
-            hit.append(True)
-            machine.request_stop()
-
-        if self.started and self.regs.rip == address:
-            self._skip_break = address
-        handle = machine.uc.hook_add(UC_HOOK_CODE, breakpoint_hit, None, address, address)
+        temporary = address not in self._breakpoints
+        if temporary:
+            self.add_breakpoint(address)
         try:
-            return self._go(lambda: bool(hit))
+            return self._to_breakpoint({address})
         finally:
-            machine.uc.hook_del(handle)
+            if temporary:
+                self.remove_breakpoint(address)
+
+    # --- breakpoints (what a debugger's "continue" stops at) ------------------------------
+    def add_breakpoint(self, where: str | int) -> int:
+        """Stop :meth:`cont` before the instruction at ``where``; returns its address. A hook on
+        that one address: code elsewhere runs at full speed."""
+        address = self.address(where)
+        if address not in self._breakpoints:
+            uc = self.process.machine.uc
+            self._breakpoints[address] = uc.hook_add(UC_HOOK_CODE, self._breakpoint_hit, None, address, address)
+        return address
+
+    def remove_breakpoint(self, where: str | int) -> None:
+        handle = self._breakpoints.pop(self.address(where), None)
+        if handle is not None:
+            self.process.machine.uc.hook_del(handle)
+
+    @property
+    def breakpoints(self) -> list[int]:
+        return sorted(self._breakpoints)
+
+    def cont(self) -> list[Transition]:
+        """Run until a breakpoint (:attr:`hit` says which) or the end; returns the transitions on the way."""
+        return self._to_breakpoint(set(self._breakpoints))
+
+    def _to_breakpoint(self, armed: set[int]) -> list[Transition]:
+        self.hit = None
+        if self.started and not self.done and self.regs.rip in armed:
+            self._skip_break = self.regs.rip  # the instruction the session stands on runs first
+        self._armed = armed
+        try:
+            return self._go(lambda: self.hit is not None, first=False)
+        finally:
+            self._armed = set()
             self._skip_break = None
+
+    def _breakpoint_hit(self, uc: object, at: int, size: int, user_data: object) -> None:
+        if at not in self._armed:
+            return  # a step, or a run to somewhere else: breakpoints do not stop it
+        if self._skip_break == at:
+            self._skip_break = None
+            return
+        self.hit = at
+        self.process.machine.request_stop()
 
     def finish(self) -> Run:
         """Run to the end and return the :class:`~emu.api.Run` ``emu.run`` would have returned."""
@@ -361,8 +397,3 @@ class Session:
     def __repr__(self) -> str:
         where = "not started" if not self.started else self.stop or f"at {self.symbol(self.regs.rip)}"
         return f"<Session {self.scenario.name}: {self.position} transitions, {where}>"
-
-
-def open_session(scenario: Scenario | str | Path) -> Session:
-    """Build a scenario into a :class:`Session` without running it (``emu.open``)."""
-    return Session(scenario)

@@ -111,6 +111,29 @@ def test_run_until_a_predicate_and_to_a_state(root: Path, shipped_runs: dict[str
     assert s.threads[0].name == "thread0" and s.thread is s.threads[0]
 
 
+def test_breakpoints_stop_cont_each_time_and_nothing_else(root: Path, shipped_runs: dict[str, Run]) -> None:
+    path = root / "scenarios" / "nested_callbacks.toml"
+    s = Session(path)
+    stub = s.add_breakpoint("ntdll!ZwCallbackReturn")
+    depths = []
+    while True:
+        s.cont()
+        if s.hit is None:
+            break
+        assert s.regs.rip == stub
+        depths.append(len(s.callback_stack()))
+    # Callbacks nest three deep and return innermost first: each NtCallbackReturn pops one frame.
+    assert depths == [3, 2, 1]
+    assert s.done and recorded(s.finish()) == recorded(shipped_runs["nested_callbacks"])
+    stepped = Session(path)
+    stepped.add_breakpoint(stub)
+    while not stepped.done:
+        stepped.step()  # steps do not stop at breakpoints
+    assert recorded(stepped.finish()) == recorded(shipped_runs["nested_callbacks"])
+    stepped.remove_breakpoint(stub)
+    assert stepped.breakpoints == []
+
+
 # --- module names and function names ---------------------------------------------------------
 def test_detect_score_and_explore_are_both_modules_and_functions(root: Path) -> None:
     import emu.detect as d
