@@ -149,3 +149,23 @@ def test_a_damaged_document_is_one_line(root: Path, tmp_path: Path) -> None:
         z.writestr("memory.bin", memory)
     with pytest.raises(SnapshotError, match=r"bad\.zip: damaged snapshot\.json"):
         Snapshot.load(tmp_path / "bad.zip")
+
+
+def test_a_session_that_starts_from_a_dump_steps_and_restores_too(root: Path, tmp_path: Path) -> None:
+    import dataclasses
+
+    from emu.cli.main import main
+    from emu.scenario import load_scenario
+
+    path = root / "scenarios" / "nested_callbacks.toml"
+    assert main(["dump", str(path), "--state", "pending", "-o", str(tmp_path / "p.dmp")]) == 0
+    scenario = dataclasses.replace(load_scenario(path), start_dump=str(tmp_path / "p.dmp"), expectations=())
+    ref = emu.run(scenario)
+    s = Session(scenario)
+    s.step()
+    snap = s.snapshot()
+    assert recorded(s.finish()) == recorded(ref)
+    snap.save(tmp_path / "d.snap")
+    fresh = Session(scenario)
+    fresh.restore(Snapshot.load(tmp_path / "d.snap"))
+    assert recorded(fresh.finish()) == recorded(ref)
