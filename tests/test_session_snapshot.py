@@ -169,3 +169,23 @@ def test_a_session_that_starts_from_a_dump_steps_and_restores_too(root: Path, tm
     fresh = Session(scenario)
     fresh.restore(Snapshot.load(tmp_path / "d.snap"))
     assert recorded(fresh.finish()) == recorded(ref)
+
+
+def test_emu_run_goes_on_from_a_snapshot_file_and_refuses_foreign_ones_with_exit_2(
+    root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from emu.cli.main import main
+
+    nested, roundtrip = root / "scenarios" / "nested_callbacks.toml", root / "scenarios" / "callback_roundtrip.toml"
+    s = Session(nested)
+    s.run_to("ntdll!ZwCallbackReturn")
+    s.snapshot().save(tmp_path / "n.snap")
+    assert main(["run", "--json", str(nested)]) == 0
+    whole = capsys.readouterr().out
+    assert main(["run", "--json", str(nested), "--from-snapshot", str(tmp_path / "n.snap")]) == 0
+    assert capsys.readouterr().out == whole
+    (tmp_path / "bad.snap").write_bytes(b"not a zip")
+    for snap in ("n.snap", "bad.snap"):
+        assert main(["run", str(roundtrip), "--from-snapshot", str(tmp_path / snap)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(str(tmp_path / snap)), err
