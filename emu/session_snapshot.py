@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from unicorn import x86_const as x86
 
+from emu.context import REGISTER_NAMES
 from emu.dump.kernel_stream import KernelDoc, live_doc, objects_doc, thread_doc
 from emu.errors import EmuError, SnapshotError
 from emu.kernel.fork import KernelState, load_kernel, save_kernel
@@ -59,8 +60,7 @@ __all__ = ["Snapshot", "scenario_digest"]
 
 SNAPSHOT_FORMAT = "emu-snapshot"
 SNAPSHOT_VERSION = 1
-_GPRS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
-         "r15", "rip", "rflags", "gs_base", "fs_base", "mxcsr")  # fmt: skip
+_GPRS = (*REGISTER_NAMES, "gs_base", "fs_base", "mxcsr")  # the user context, then what it leaves out
 _XMM = tuple(f"xmm{n}" for n in range(16))
 _S_STACK, _S_CONTEXT, _S_CALLBACKS = (RawState._fields.index(f) for f in ("stack", "context", "callbacks"))
 _T_DATA, _T_WOKE = (RawTransition._fields.index(f) for f in ("data", "woke"))
@@ -248,8 +248,8 @@ def _cpu(session: Session) -> dict[str, int]:
 
 def _set_cpu(session: Session, cpu: dict[str, int]) -> None:
     m = session.process.machine
-    m.regs.write(_GPRS[:18], [cpu[n] for n in _GPRS[:18]])
-    for name in (*_GPRS[18:], *_XMM):
+    m.regs.write(REGISTER_NAMES, [cpu[n] for n in REGISTER_NAMES])
+    for name in (*_GPRS[len(REGISTER_NAMES) :], *_XMM):
         m.uc.reg_write(getattr(x86, f"UC_X86_REG_{name.upper()}"), cpu[name])
 
 
