@@ -92,10 +92,19 @@ class Registers:
     def __setattr__(self, name: str, value: int) -> None:
         self[name] = value
 
+    def _unstarted(self) -> KThread | None:
+        """The first thread while it has not run yet: its registers are its entry context."""
+        s = self._session
+        t = s.thread
+        return t if not s.started and not t.started else None
+
     def __getitem__(self, name: str) -> int:
         m = self._session.process.machine
         name = name.lower()
         if name in REGISTER_NAMES:
+            t = self._unstarted()
+            if t is not None:
+                return int(getattr(t.entry_context, name))
             return int(m.regs.read((name,))[0])
         value = m.register(name)
         if value is None:
@@ -105,7 +114,10 @@ class Registers:
     def __setitem__(self, name: str, value: int) -> None:
         m = self._session.process.machine
         name = name.lower()
-        if name == "rip":
+        t = self._unstarted()
+        if t is not None and name in REGISTER_NAMES:
+            t.entry_context = t.entry_context._replace(**{name: value & 0xFFFF_FFFF_FFFF_FFFF})
+        elif name == "rip":
             m.jump(value)
         elif name in REGISTER_NAMES:
             m.regs.write((name,), (value,))
@@ -119,6 +131,9 @@ class Registers:
 
     def context(self) -> UserContext:
         """All 18 at once, as the trace records them."""
+        t = self._unstarted()
+        if t is not None:
+            return t.entry_context
         ctx: UserContext = self._session.process.machine.regs.context()
         return ctx
 

@@ -209,3 +209,12 @@ def test_every_dotted_emu_name_in_the_prose_resolves(root: Path) -> None:
     }
     broken = sorted((where, name) for where, name in named if not resolves(name))
     assert not broken, broken
+
+
+def test_before_the_first_step_the_registers_are_the_thread_s_entry_context(root: Path) -> None:
+    s = emu.open(root / "scenarios" / "syscall_basic.toml")
+    assert s.regs.context() == s.trace.state(0).context
+    assert s.symbol(s.regs.rip) == "ntdll!RtlUserThreadStart"
+    s.regs.rbx = 0x5151  # nonvolatile: the thread start leaves it alone for one instruction
+    s.step_instruction()
+    assert s.regs.rbx == 0x5151
