@@ -168,6 +168,7 @@ class Session:
         self._breakpoints: dict[int, int] = {}  # address -> Unicorn hook handle
         self._armed: set[int] = set()  # the breakpoints the current run stops at
         self.hit: int | None = None  # the breakpoint the last cont() or run_to() stopped at
+        self._raised: Exception | None = None  # what a run_until predicate raised, kept until the CPU stops
         self.token = object()  # names this session's in-memory snapshots
         # Copy-on-write page tracking, as the explorer uses it: snapshots keep only written pages.
         self.cow = self.process.machine.enable_cow()
@@ -281,7 +282,9 @@ class Session:
 
     def run_until(self, predicate: Predicate) -> list[Transition]:
         """Run until ``predicate(session)`` holds, asked after each recorded transition (and
-        before running at all); returns the transitions recorded on the way."""
+        before running at all); returns the transitions recorded on the way. If the predicate
+        raises, the session stops at the next instruction boundary and the exception is raised
+        from here, the session intact."""
         return self._go(lambda: predicate(self))
 
     def run_to_state(self, state: int) -> list[Transition]:
@@ -377,13 +380,18 @@ class Session:
 
     # --- the machinery --------------------------------------------------------------------
     def _observe(self, sid: int, thread: KThread) -> None:
-        until = self._until
-        if until is not None and until():
+        if self._stop_wanted():
             self.process.machine.request_stop()
 
     def _stop_wanted(self) -> bool:
         until = self._until
-        return until is not None and until()
+        if until is None or self._raised is not None:
+            return self._raised is not None
+        try:
+            return until()
+        except Exception as e:  # a predicate's own error: stop here, raise it once the kernel is done
+            self._raised = e
+            return True
 
     def _start(self) -> None:
         self.started = True
@@ -407,6 +415,9 @@ class Session:
             self._until = None
         if stop not in ("stopped", "instructions", "choice"):
             self.error, self.stop = error, stop
+        raised, self._raised = self._raised, None
+        if raised is not None:
+            raise raised
         return self.process.trace.transitions[mark:]
 
     def __repr__(self) -> str:

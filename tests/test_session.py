@@ -218,3 +218,17 @@ def test_before_the_first_step_the_registers_are_the_thread_s_entry_context(root
     s.regs.rbx = 0x5151  # nonvolatile: the thread start leaves it alone for one instruction
     s.step_instruction()
     assert s.regs.rbx == 0x5151
+
+
+def test_a_predicate_that_raises_stops_the_session_intact(root: Path, shipped_runs: dict[str, Run]) -> None:
+    s = Session(root / "scenarios" / "nested_callbacks.toml")
+
+    def broken(session: Session) -> bool:
+        if session.callback_stack():
+            raise ZeroDivisionError("the predicate's own bug")
+        return False
+
+    with pytest.raises(ZeroDivisionError, match="own bug"):
+        s.run_until(broken)
+    assert len(s.callback_stack()) == 1 and not s.done
+    assert recorded(s.finish()) == recorded(shipped_runs["nested_callbacks"])
