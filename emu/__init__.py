@@ -9,11 +9,19 @@ The public API is small::
     r.detections          # states where the thread is at ZwCallbackReturn (the seed's state)
     r.graph.to_graphml()  # the state graph
     emu.score(my_detector, "scenarios/")  # a detector's confusion matrix vs the ground truth
+    s = emu.open("scenarios/callback_roundtrip.toml")  # a Session: step, inspect, snapshot
+    s.step(); s.regs.rip; s.finish()                    # ... and the same Run as emu.run
+
+``emu.detect``, ``emu.score`` and ``emu.explore`` are modules you can call
+(:mod:`emu.callable_module`): ``emu.detect(run)`` calls the function, ``import emu.detect
+as d`` gives the module with the rest of its names (``d.view_of``).
 """
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 from emu.api import Run, run
-from emu.detection.score import score
-from emu.detection.view import Detection, ThreadView, detect
+from emu.detection.view import Detection, ThreadView
 from emu.errors import (
     BudgetExceeded,
     DumpError,
@@ -23,13 +31,32 @@ from emu.errors import (
     MachineFault,
     ModelBug,
     ScenarioError,
+    SnapshotError,
     UnimplementedService,
 )
-from emu.exploration.explorer import Exploration, explore
+from emu.exploration.explorer import Exploration
 from emu.graph import StateGraph
 from emu.scenario import Scenario, load_scenario
+from emu.session import Session
+from emu.session_snapshot import Snapshot
+
+if TYPE_CHECKING:  # what a type checker sees of the three callable modules: their functions
+    from emu.detection.score import score
+    from emu.detection.view import detect
+    from emu.exploration.explorer import explore
+else:
+    from emu import detect, explore, score
 
 __version__ = "0.1.0"
+
+
+def open(scenario: Scenario | str | Path) -> Session:
+    """Build a scenario (or a scenario file) into a :class:`Session`, ready to step.
+
+    Not in ``__all__``: ``from emu import *`` leaves the builtin ``open`` alone.
+    """
+    return Session(scenario)
+
 
 __all__ = [
     "BudgetExceeded",
@@ -44,6 +71,9 @@ __all__ = [
     "Run",
     "Scenario",
     "ScenarioError",
+    "Session",
+    "Snapshot",
+    "SnapshotError",
     "StateGraph",
     "ThreadView",
     "UnimplementedService",

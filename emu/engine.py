@@ -353,45 +353,59 @@ class Process:
 
     # --- running --------------------------------------------------------------------
     def run(self) -> RunResult:
-        kernel = self.kernel
-        error: EmuError | None = None
-        stop = "exit"
         # The hot path allocates many small records and no cycles; the cyclic collector
         # rescanning the growing trace would cost more than the run itself.
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            kernel.continue_thread(self.thread)
-            stop = self.drive(self.scenario.budgets.wall_time)
-        except MachineFault as e:
-            kernel.record_fault(kernel.current or self.thread, e)
-            error, stop = e, "fault"
-        except BudgetExceeded as e:
-            error, stop = e, "budget"
-        except UnimplementedImport as e:
-            kernel.record_fault(kernel.current or self.thread, e)
-            error, stop = e, "fault"
-        except KernelError as e:
-            error, stop = e, "fault"
+            self.kernel.continue_thread(self.thread)
+            error, stop = self.advance(self.scenario.budgets.wall_time)
         finally:
             if gc_was_enabled:
                 gc.enable()
+        return self.result(error, stop)
+
+    def advance(
+        self, wall_time: float | None, stop: Callable[[], bool] | None = None, instructions: int | None = None
+    ) -> tuple[EmuError | None, str]:
+        """:meth:`drive`, with the errors that end a run kept as data: (error, stop reason).
+        A fault is recorded on the thread it stopped (the trace's last transition)."""
+        kernel = self.kernel
+        try:
+            return None, self.drive(wall_time, stop, instructions)
+        except (MachineFault, UnimplementedImport) as e:
+            kernel.record_fault(kernel.current or self.thread, e)
+            return e, "fault"
+        except BudgetExceeded as e:
+            return e, "budget"
+        except KernelError as e:
+            return e, "fault"
+
+    def result(self, error: EmuError | None, stop: str) -> RunResult:
+        """The run as it stands: the trace so far, the threads, why it stopped."""
+        kernel = self.kernel
         return RunResult(
             scenario=self.scenario, trace=self.trace, images=self.images, threads=dict(kernel.threads),
             error=error, max_depth=kernel.max_depth, stop=stop, notes=list(self.notes),
             deadlock=list(kernel.deadlock), details=list(self.details), system=self.describe(),
         )  # fmt: skip
 
-    def drive(self, wall_time: float | None, stop: Callable[[], bool] | None = None) -> str:
+    def drive(
+        self, wall_time: float | None, stop: Callable[[], bool] | None = None, instructions: int | None = None
+    ) -> str:
         """Run threads until none can: "exit", "deadlock", "choice" (an explorer decides next),
-        or "stopped" (``stop``, by default the hooks', said so after some user code ran).
+        or "stopped" (``stop``, by default the hooks', said so after some user code ran or
+        a thread was put on the CPU).
 
-        ``wall_time=None`` leaves the clock to a Watchdog. Raises BudgetExceeded when a
-        thread runs out of instructions or time, MachineFault when it faults.
+        ``wall_time=None`` leaves the clock to a Watchdog. ``instructions``: run at most that
+        many at a time and return "instructions" when they are done (a debugger's single
+        step) instead of the budget's error. Raises BudgetExceeded when a thread runs out of
+        instructions or time, MachineFault when it faults.
         """
         kernel, machine, b = self.kernel, self.machine, self.scenario.budgets
         stop_requested = stop or self.hooks.stop
         deadline = None if wall_time is None else time.perf_counter() + wall_time
+        count = (b.instructions or 0) if instructions is None else instructions
         while True:
             if kernel.pending_choice is not None:
                 return "choice"
@@ -399,8 +413,10 @@ class Process:
             if t is not None and t.running:
                 rip = machine.regs.read(("rip",))[0]
                 left = None if deadline is None else max(0.001, deadline - time.perf_counter())
-                info = machine.run(rip, b.instructions or 0, left)
+                info = machine.run(rip, count, left)
                 if info.reason != "requested" and t.running and kernel.pending_choice is None:
+                    if instructions is not None and info.reason == "instructions":
+                        return "instructions"
                     where = self.trace.symbolize(machine.regs.read(("rip",))[0])
                     if info.reason == "timeout":
                         raise BudgetExceeded("wall_time", f"{b.wall_time:g} s", where)
@@ -414,6 +430,8 @@ class Process:
             if nxt is None:
                 return "exit"
             kernel.continue_thread(nxt)
+            if stop_requested():
+                return "stopped"
 
 
 def _reaches_entry(scenario: Scenario) -> str | None:

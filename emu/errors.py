@@ -99,5 +99,9 @@ class OutputError(EmuError):
     """An output file cannot be written: names the path and the reason."""
 
 
+class SnapshotError(EmuError):
+    """A snapshot file cannot be loaded here: not emu's, another emu version, another scenario."""
+
+
 class DumpError(EmuError):
     """A minidump cannot be written or read."""

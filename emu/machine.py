@@ -376,6 +376,8 @@ class Machine:
     def protect(self, start: int, size: int, perms: str, label: str) -> None:
         """Change a mapped range's protection (a whole region), as NtProtectVirtualMemory would."""
         self.uc.mem_protect(start, size, _prot(perms))
+        if self.cow is not None:
+            self.cow.reprotect(start, size, perms)
         self.regions = sorted(
             [r for r in self.regions if r.start != start] + [Region(start, size, perms, label)], key=lambda r: r.start
         )

@@ -105,6 +105,23 @@ class CowMemory:
             if page not in self.dirty and self._prot(page) is not None:
                 self._touch(page)
 
+    def reprotect(self, start: int, size: int, perms: str) -> None:
+        """A whole region's protection changed (the kernel made a guard page ``rw``): track its
+        pages from now on if it is writable, forget them if not (the bytes stay as they are)."""
+        end = start + size
+        self._ranges = [r for r in self._ranges if not (r[0] == start and r[1] == end)]
+        if "w" in perms:
+            prot = UC_PROT_READ | UC_PROT_WRITE | (UC_PROT_EXEC if "x" in perms else 0)
+            self._ranges.append((start, end, prot))
+            for page in range(start, end, PAGE):
+                self.uc.mem_protect(page, PAGE, prot if page in self.dirty else prot & ~UC_PROT_WRITE)
+
+    def adopt(self, pages: Iterable[int]) -> None:
+        """Keep the original bytes of ``pages`` before a snapshot from elsewhere overwrites them."""
+        for page in pages:
+            if page not in self.base:
+                self.base[page] = bytes(self.uc.mem_read(page, PAGE))
+
     def _protect(self, pages: Iterable[int]) -> None:
         for page in pages:
             prot = self._prot(page)

@@ -26,6 +26,7 @@ from emu.cli import image as cli_image
 from emu.cli import plot as cli_plot
 from emu.cli import score as cli_score
 from emu.cli.exit_codes import EXIT_EXPECT, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED
+from emu.cli.snapshot import from_snapshot
 from emu.errors import BudgetExceeded, EmuError
 from emu.scenario import load_scenario
 from emu.writing import refuse_overwrite, write_atomic
@@ -167,7 +168,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     expected = bool(scenario.expectations)
     if args.from_dump:
         scenario = cli_dump.from_dump(scenario, args.from_dump)
-    r = run(scenario)
+    r = from_snapshot(scenario, args.from_snapshot) if args.from_snapshot else run(scenario)
     if args.from_dump and expected:
         r.notes.append(
             f"from {args.from_dump}: the scenario's [[expect]] entries describe a run from its start; not checked"
@@ -243,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--from-dump", metavar="FILE.dmp",
         help="start from a minidump (its memory, modules, threads and emu's kernel state); the scenario's services serve what comes next",
+    )  # fmt: skip
+    r.add_argument(
+        "--from-snapshot", metavar="SNAP",
+        help="go on from a snapshot file of this scenario (emu.Session.snapshot().save): the report is the whole run, its start included",
     )  # fmt: skip
     r.set_defaults(func=cmd_run)
     d = sub.add_parser("detect", help="report states where the thread is at ZwCallbackReturn (the seed's state)")
