@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Literal
 from emu.context import KTrapFrame, UserContext
 from emu.kernel.objects import Message
 from emu.kernel.services import Activation, CallbackResult, Choice, ScriptActivation, Sent
+from emu.kernel.symbolic import Symbolic
 from emu.trace import Mode
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ class PendingChoice:
     trap: KTrapFrame | None
     resumed: bool
     note: str
-    choice: Choice
+    choice: Choice | Symbolic  # Symbolic: the explorer resumes with a concrete value (emu.symbolic)
     at_entry: bool = False  # a scheduling choice at this thread's system call entry
 
 
