@@ -63,7 +63,7 @@ def witness_json(vars_: tuple[Var, ...] | list[Var], values: dict[str, int]) -> 
     for v in vars_:
         if v.name in values:
             val = values[v.name]
-            out[v.name] = f"{val:#010x}" if v.where == "status" else val.to_bytes(v.size, "little").hex(" ")
+            out[v.name] = f"{val:#010x}" if v.where == "status" else val.to_bytes(v.size, "little").hex()
     return out
 
 
