@@ -22,6 +22,7 @@ from typing import Any
 import capstone
 import z3
 from capstone import x86 as cx
+from unicorn import UcError
 
 from emu.symbolic.regs import ALIASES, CF, OF, SF, UC_FS_BASE, UC_GS_BASE, UC_IDS, UC_RFLAGS, ZF
 from emu.symbolic.store import Expr, Flags, Store
@@ -106,7 +107,10 @@ class Executor:
             else:
                 e = st.mem.get(where)
                 if e is not None:
-                    st.mem[where] = (e[0], self.uc.mem_read(where, 1)[0])
+                    try:
+                        st.mem[where] = (e[0], self.uc.mem_read(where, 1)[0])
+                    except UcError:  # the write faulted: nothing was written there
+                        del st.mem[where]
         self._unfilled.clear()
 
     def _on_code(self, uc: Any, address: int, size: int, user_data: object) -> None:
