@@ -371,7 +371,7 @@ class Driver:
     def _vars(self, d: str) -> list[Var]:
         return [self.var_info[name] for name, _ in self.witnesses.get(d, ()) if name in self.var_info]
 
-    def summary(self, graph: StateGraph) -> dict[str, object]:
+    def summary(self, graph: StateGraph, faults: list[tuple[str, str]]) -> dict[str, object]:
         from emu.exploration.explorer import Explorer
 
         lean = graph.lean
@@ -379,22 +379,24 @@ class Driver:
             ({"state": Explorer._name(graph, d), "message": m} for (d, _, m) in self.reports),
             key=lambda r: (_order(r["state"]), r["message"]),
         )
-        pending = []
-        for n in graph.pending():
-            a = lean.nodes[n]
-            d = a.get("digest")
-            pending.append(
-                {
-                    "state": n,
-                    "reached_when": a.get("path_condition", "true"),
-                    "witness": witness_json(self._vars(d), dict(self.witnesses.get(d, ()))),
-                }
-            )
+
+        def described(nodes: list[str]) -> list[dict[str, object]]:
+            out: list[dict[str, object]] = []
+            for n in nodes:
+                a = lean.nodes[n]
+                d = a.get("digest")
+                w = witness_json(self._vars(d), dict(self.witnesses.get(d, ())))
+                out.append({"state": n, "reached_when": a.get("path_condition", "true"), "witness": w})
+            return out
+
+        deadlocks = [n for n, a in lean.nodes(data=True) if "deadlock" in a]
         return {
             "variables": sorted(self.var_info),
             "incomplete": len(reports),
             "reports": reports,
-            "pending": pending,
+            "pending": described(graph.pending()),
+            "deadlocks": described(deadlocks),
+            "faults": described(sorted({r for r, _ in faults}, key=_order)),
         }
 
 
