@@ -194,7 +194,9 @@ def _run_witness(scenario: Scenario, items: list[str]) -> Run:
     if answer.errors:
         raise ScenarioError(scenario.path, "--witness", "; ".join(answer.errors))
     if answer.unused():
-        raise ScenarioError(scenario.path, "--witness", f"the run asked for no value named {', '.join(answer.unused())}")
+        raise ScenarioError(
+            scenario.path, "--witness", f"the run asked for no value named {', '.join(answer.unused())}"
+        )
     return r
 
 

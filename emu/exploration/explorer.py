@@ -137,11 +137,10 @@ class Explorer:
         self.progress = progress
         # Every choice suspends (the explorer decides); each state is digested as it is recorded;
         # a path stops at a merge; the trace spans every path, so distinct states are budgeted here.
-        self.symbolic: Driver | None = None
-        sym = {"symbolic": lambda t, r: self.symbolic.answer(t, r) if self.symbolic else r.default}
+        self.symbolic: Driver | None = None  # symbolic values, when the scenario declares some
         hooks = KernelHooks(
             choose=suspend, observe=self._observe, stop=self._at_merge, budget_states=False,
-            **(sym if has_symbolic(scenario) else {}),  # type: ignore[arg-type]
+            symbolic=self._answer_symbolic,
         )  # fmt: skip
         self.process = Process(scenario, hooks=hooks)
         self.kernel = self.process.kernel
@@ -166,6 +165,9 @@ class Explorer:
         self.fault_digests: list[tuple[str, str]] = []  # (state digest, message), after run()
         if has_symbolic(scenario):
             self.symbolic = Driver(self, scenario.budgets.solver_time)
+
+    def _answer_symbolic(self, thread: KThread, request: Symbolic) -> int | None:
+        return self.symbolic.answer(thread, request) if self.symbolic is not None else request.default
 
     # --- state identity -------------------------------------------------------------
     def _at_merge(self) -> bool:

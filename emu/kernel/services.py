@@ -238,11 +238,15 @@ class ScriptActivation:
         sym = self.pending_symbolic
         if sym is not None:
             if not isinstance(value, int):
-                raise ModelBug(f"service {self.spec.name} asked for symbolic {sym.symbolic if isinstance(sym, UserCallback) else sym.name} and got {value!r}")
+                raise ModelBug(
+                    f"service {self.spec.name} asked for symbolic {sym.symbolic if isinstance(sym, UserCallback) else sym.name} and got {value!r}"
+                )
             self.pending_symbolic = None
             if isinstance(sym, SymbolicReturn):
                 return value & 0xFFFF_FFFF
-            return UserCallback(sym.api, value.to_bytes(len(sym.data), "little"), sym.by_depth, sym.message, sym.symbolic)
+            return UserCallback(
+                sym.api, value.to_bytes(len(sym.data), "little"), sym.by_depth, sym.message, sym.symbolic
+            )
         if isinstance(value, str):
             if self.pending is None:
                 # The kernel hands an option only to the activation whose choice is pending.

@@ -102,7 +102,9 @@ class Budgets:
     instructions: int | None = field(default=None, metadata=key("an integer", Integer(1, 10**12)))
     wall_time: float = field(default=20.0, metadata=key("seconds", Seconds(3600)))  # per run, or a whole exploration
     # Exploration with symbolic values: seconds the solver may spend in all (emu.symbolic).
-    solver_time: float = field(default=10.0, metadata=key("seconds the solver may spend (symbolic values)", Seconds(3600)))
+    solver_time: float = field(
+        default=10.0, metadata=key("seconds the solver may spend (symbolic values)", Seconds(3600))
+    )
     callback_depth: int = field(default=1024, metadata=key("an integer", Integer(1, 1 << 20)))
     # states recorded by a run, or distinct states found by an exploration
     states: int = field(

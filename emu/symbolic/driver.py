@@ -360,7 +360,7 @@ class Driver:
     # --- results ----------------------------------------------------------------------------
     def annotate(self, graph: Any) -> None:
         """Give every node its path condition and a witness (graph attributes)."""
-        for n, a in graph.nodes(data=True):
+        for _, a in graph.nodes(data=True):
             d = a.get("digest")
             pc = self.conditions.get(d)
             if pc is None or not self.witnesses.get(d):

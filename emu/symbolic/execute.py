@@ -36,6 +36,13 @@ _CC = {
 }  # fmt: skip
 
 
+# The flags each condition reads (Intel SDM vol. 1, appendix B, "EFLAGS condition codes").
+_NEEDS = {
+    "e": "z", "ne": "z", "s": "s", "ns": "s", "b": "c", "ae": "c", "o": "o", "no": "o",
+    "be": "cz", "a": "cz", "l": "so", "ge": "so", "le": "zso", "g": "zso",
+}  # fmt: skip
+
+
 class Unsupported(Exception):
     """An instruction or flag the executor cannot express; the operands get concretized."""
 
@@ -210,7 +217,7 @@ class Executor:
             rest += self.reg(insn.reg_name(m.base))[1]
         if m.index and not self._tainted(insn.reg_name(m.index)):
             rest += self.reg(insn.reg_name(m.index))[1] * m.scale
-        return rest & ((1 << 64) - 1)
+        return int(rest) & ((1 << 64) - 1)
 
     def mem_address(self, op: Any, insn: Any) -> int:
         """The operand's address; a symbolic one is fixed to its concrete value (the driver
@@ -314,8 +321,7 @@ class Executor:
             if m in ("inc", "dec"):
                 old = self.store.flags
                 cf = old.cf if old is not None else None  # inc/dec leave CF alone
-                a, b = (e, one) if m == "inc" else (e, one)
-                of = _add_of(a, b, res) if m == "inc" else _sub_of(a, b, res)
+                of = _add_of(e, one, res) if m == "inc" else _sub_of(e, one, res)
                 self.store.flags = Flags(res == 0, res < 0, cf, of)
             elif m == "neg":
                 self.store.flags = Flags(res == 0, res < 0, e != 0, e == z3.BitVecVal(1 << (bits - 1), bits))
@@ -393,7 +399,12 @@ class Executor:
     def _arith(self, insn: Any, m: str, ops: Any) -> None:
         a, ca, bits = self.read(ops[0], insn)
         b, cb, bbits = self.read(ops[1], insn)
-        if m in ("xor", "sub") and ops[0].type == cx.X86_OP_REG and ops[1].type == cx.X86_OP_REG and ops[0].reg == ops[1].reg:
+        if (
+            m in ("xor", "sub")
+            and ops[0].type == cx.X86_OP_REG
+            and ops[1].type == cx.X86_OP_REG
+            and ops[0].reg == ops[1].reg
+        ):
             a = b = None  # xor r, r / sub r, r: zero whatever r held
         if a is None and b is None:
             if m not in ("cmp", "test"):
@@ -419,7 +430,7 @@ class Executor:
             self.write(ops[0], insn, res)
 
     def _shift(self, insn: Any, m: str, ops: Any) -> None:
-        e, c, bits = self.read(ops[0], insn)
+        e, _, bits = self.read(ops[0], insn)
         if len(ops) > 1:
             ce, count, _ = self.read(ops[1], insn)
             if ce is not None:
@@ -494,17 +505,35 @@ class Executor:
                 return table[cc]
         if f.op == "test":
             r = f.a
-            table = {"e": r == 0, "ne": r != 0, "s": r < 0, "ns": r >= 0, "l": r < 0, "ge": r >= 0, "le": r <= 0, "g": r > 0}
+            table = {
+                "e": r == 0,
+                "ne": r != 0,
+                "s": r < 0,
+                "ns": r >= 0,
+                "l": r < 0,
+                "ge": r >= 0,
+                "le": r <= 0,
+                "g": r > 0,
+            }
             if cc in table:
                 return table[cc]
-        zf, sf, cf, of = (self._flag(n) for n in ("zf", "sf", "cf", "of")) if cc not in ("e", "ne", "s", "ns") else (
-            self._flag("zf") if cc in ("e", "ne") else None, self._flag("sf") if cc in ("s", "ns") else None, None, None)
-        out = {
-            "e": lambda: zf, "ne": lambda: z3.Not(zf), "s": lambda: sf, "ns": lambda: z3.Not(sf),
-            "b": lambda: cf, "ae": lambda: z3.Not(cf), "be": lambda: z3.Or(cf, zf), "a": lambda: z3.And(z3.Not(cf), z3.Not(zf)),
-            "o": lambda: of, "no": lambda: z3.Not(of), "l": lambda: sf != of, "ge": lambda: sf == of,
-            "le": lambda: z3.Or(zf, sf != of), "g": lambda: z3.And(z3.Not(zf), sf == of),
-        }[cc]()  # fmt: skip
+        need = _NEEDS[cc]
+        zf, sf, cf, of = (self._flag(n) if n[0] in need else None for n in ("zf", "sf", "cf", "of"))
+        if cc in ("e", "ne", "s", "ns", "b", "ae", "o", "no"):
+            flag = {"e": zf, "ne": zf, "s": sf, "ns": sf, "b": cf, "ae": cf, "o": of, "no": of}[cc]
+            out = flag if cc in ("e", "s", "b", "o") else z3.Not(flag)
+        elif cc == "be":
+            out = z3.Or(cf, zf)
+        elif cc == "a":
+            out = z3.And(z3.Not(cf), z3.Not(zf))
+        elif cc == "l":
+            out = sf != of
+        elif cc == "ge":
+            out = sf == of
+        elif cc == "le":
+            out = z3.Or(zf, sf != of)
+        else:  # g
+            out = z3.And(z3.Not(zf), sf == of)
         s = z3.simplify(out)
         return None if z3.is_true(s) or z3.is_false(s) else out
 

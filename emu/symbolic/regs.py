@@ -22,10 +22,7 @@ _LEGACY = {
 def _table() -> dict[str, tuple[str, int, int]]:
     out: dict[str, tuple[str, int, int]] = {}
     for r in GPR:
-        if r in _LEGACY:
-            d, w, b, h = _LEGACY[r]
-        else:
-            d, w, b, h = f"{r}d", f"{r}w", f"{r}b", ""
+        d, w, b, h = _LEGACY.get(r, (f"{r}d", f"{r}w", f"{r}b", ""))
         out[r] = (r, 0, 64)
         out[d] = (r, 0, 32)
         out[w] = (r, 0, 16)
