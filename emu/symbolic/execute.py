@@ -90,6 +90,8 @@ class Executor:
         live = self.store.live
         if live and self.hook is None:
             self.hook = self.uc.hook_add(capstone_hook_kind(), self._on_code)
+            # Code translated before has no call to the hook compiled in: translate it again.
+            self.uc.ctl_flush_tb()
             if running:
                 self.machine.request_stop()
         elif not live and self.hook is not None:
