@@ -39,7 +39,9 @@ def test_bfs_and_dfs_give_byte_identical_exports(path: Path) -> None:
 
 
 SINGLE_PATH = [
-    p for p in SCENARIOS if p not in CHOICE_SCENARIOS and "[[thread]]" not in p.read_text() and "symbolic =" not in p.read_text()
+    p
+    for p in SCENARIOS
+    if p not in CHOICE_SCENARIOS and "[[thread]]" not in p.read_text() and "symbolic =" not in p.read_text()
 ]
 
 

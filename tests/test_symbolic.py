@@ -138,7 +138,7 @@ table:
     .quad case2
     .quad case3
 """,
-        table="[kernel_callback_table]\n2 = \"app!pick\"",
+        table='[kernel_callback_table]\n2 = "app!pick"',
         services='[services.NtUserMessageCall]\nsteps = [{ kind = "callback", api = 2, data = { symbolic = 1, name = "b" } }, '
         '{ kind = "return", status = "callback" }]',
     )
