@@ -26,7 +26,7 @@ def _explore(text: str, strategy: str = "bfs") -> Exploration:
 def _run_with(path: Path | str, witness: dict[str, str]) -> Run:
     scenario = parse_scenario(Path(path).read_text(), str(path)) if isinstance(path, Path) else path
     hooks, answer = witness_hooks(witness)
-    r = Run.of(build(scenario, hooks).run())  # type: ignore[arg-type]
+    r = Run.of(build(scenario, hooks).run())
     assert not answer.errors and not answer.unused(), (answer.errors, answer.unused())
     return r
 

@@ -38,14 +38,15 @@ def _run(code: str, a: int, b: int) -> tuple[Machine, Executor, list[Any], list[
         lambda e, v, site, text: branches.append(e == v),
         lambda used, site, text: fixed.append(text),
     )
-    m.uc.reg_write(UC_IDS["rax"], a)
-    m.uc.reg_write(UC_IDS["rbx"], b)
-    m.uc.reg_write(UC_IDS["rcx"], 0x1111_2222_3333_4444)
-    m.uc.reg_write(UC_IDS["rdx"], 0x5555_6666_7777_8888)
-    m.uc.reg_write(UC_IDS["rsp"], STACK + 0x800)
+    uc: Any = m.uc  # the binding's methods are untyped
+    uc.reg_write(UC_IDS["rax"], a)
+    uc.reg_write(UC_IDS["rbx"], b)
+    uc.reg_write(UC_IDS["rcx"], 0x1111_2222_3333_4444)
+    uc.reg_write(UC_IDS["rdx"], 0x5555_6666_7777_8888)
+    uc.reg_write(UC_IDS["rsp"], STACK + 0x800)
     ex.store.regs = {"rax": (A, a), "rbx": (B, b)}
     ex.sync_hook(False)
-    m.uc.emu_start(BASE, BASE + len(blob) - 1)  # stops before the last nop; its hook call filled the values
+    uc.emu_start(BASE, BASE + len(blob) - 1)  # stops before the last nop; its hook call filled the values
     ex.fill()
     return m, ex, branches, fixed
 
@@ -74,14 +75,15 @@ DATA = [
 @pytest.mark.parametrize("code", DATA)
 def test_expressions_evaluate_to_what_the_cpu_computed(code: str) -> None:
     for a, b in VALUES:
-        m, ex, branches, fixed = _run(code, a, b)
+        m, ex, _, fixed = _run(code, a, b)
+        uc: Any = m.uc
         assert not fixed, fixed
         for reg, (e, conc) in ex.store.regs.items():
-            cpu = m.uc.reg_read(UC_IDS[reg])
+            cpu = uc.reg_read(UC_IDS[reg])
             assert conc == cpu
             assert _value(e, a, b) == cpu, (code, reg, hex(a), hex(b))
         for addr, (e, conc) in ex.store.mem.items():
-            assert _value(e, a, b) == m.uc.mem_read(addr, 1)[0] == conc, (code, hex(addr))
+            assert _value(e, a, b) == uc.mem_read(addr, 1)[0] == conc, (code, hex(addr))
 
 
 FLAG_SETTERS = [
@@ -97,7 +99,7 @@ def test_branch_conditions_agree_with_the_cpus_flags(setter: str) -> None:
     for cc in CONDITIONS:
         constant: set[bool] = set()  # outcomes where emu saw no decision (the condition cannot vary)
         for a, b in VALUES:
-            m, ex, branches, fixed = _run(f"{setter}\nj{cc} there\nnop\nthere:\nnop", a, b)
+            _, ex, branches, fixed = _run(f"{setter}\nj{cc} there\nnop\nthere:\nnop", a, b)
             if fixed:  # a flag emu does not model (OF after a shift by more than 1): reported, not guessed
                 assert "OF" in fixed[0] and setter == "shl eax, 4", fixed
                 continue
@@ -111,6 +113,6 @@ def test_branch_conditions_agree_with_the_cpus_flags(setter: str) -> None:
 
 
 def test_a_symbolic_address_is_fixed_to_the_concrete_one() -> None:
-    m, ex, branches, fixed = _run("and eax, 0xF0\nmov ecx, dword ptr [rsp + rax - 0x400]", 0x35, 0)
+    _, _, branches, _ = _run("and eax, 0xF0\nmov ecx, dword ptr [rsp + rax - 0x400]", 0x35, 0)
     (c,) = branches
     assert _holds(c, 0x35, 0) and not _holds(c, 0x45, 0)

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 import networkx as nx
 
@@ -37,8 +37,11 @@ from emu.kernel.symbolic import Symbolic
 from emu.machine import Watchdog
 from emu.scenario import Scenario, load_scenario
 from emu.snapshot import PageSnapshot
-from emu.symbolic import Driver, Pick, has_symbolic
+from emu.symbolic import has_symbolic, make_driver
 from emu.trace import State
+
+if TYPE_CHECKING:
+    from emu.symbolic.driver import Driver
 
 Strategy = Literal["bfs", "dfs"]
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -164,7 +167,7 @@ class Explorer:
         self._rss_base = 0  # the process's resident memory when the exploration began
         self.fault_digests: list[tuple[str, str]] = []  # (state digest, message), after run()
         if has_symbolic(scenario):
-            self.symbolic = Driver(self, scenario.budgets.solver_time)
+            self.symbolic = make_driver(self, scenario)
 
     def _answer_symbolic(self, thread: KThread, request: Symbolic) -> int | None:
         return self.symbolic.answer(thread, request) if self.symbolic is not None else request.default
@@ -311,7 +314,7 @@ class Explorer:
             try:
                 self._restore(fork)
                 mark = len(self.trace.raw_states)
-                if isinstance(option, Pick) and self.symbolic is not None:
+                if not isinstance(option, str) and self.symbolic is not None:  # a symbolic value (Pick)
                     self.kernel.resume(self.symbolic.begin(option))
                 else:
                     self.kernel.resume(option)

@@ -4,10 +4,26 @@ states (:mod:`emu.symbolic.driver`)."""
 
 from __future__ import annotations
 
-from emu.scenario import CallbackStep, ChoiceStep, ReturnStep, Scenario, Step
-from emu.symbolic.driver import Driver, Pick, witness_json
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["Driver", "Pick", "has_symbolic", "witness_json"]
+from emu.errors import ScenarioError
+from emu.scenario import CallbackStep, ChoiceStep, ReturnStep, Scenario, Step
+
+if TYPE_CHECKING:
+    from emu.symbolic.driver import Driver
+
+__all__ = ["has_symbolic", "make_driver"]
+
+
+def make_driver(explorer: Any, scenario: Scenario) -> Driver:
+    """The explorer's symbolic side (z3 is imported here: an optional dependency, ``emu[symbolic]``)."""
+    try:
+        from emu.symbolic.driver import Driver
+    except ImportError as e:
+        raise ScenarioError(
+            scenario.path, "services", f"symbolic values need the z3 solver ({e}): pip install 'emu[symbolic]'"
+        ) from None
+    return Driver(explorer, scenario.budgets.solver_time)
 
 
 def has_symbolic(scenario: Scenario) -> bool:

@@ -97,6 +97,7 @@ class Executor:
         elif not live and self.hook is not None:
             self.uc.hook_del(self.hook)
             self.hook = None
+            self.uc.ctl_flush_tb()
 
     def fill(self) -> None:
         """Record the concrete values written by the last instruction followed (the CPU has run it)."""
@@ -140,6 +141,14 @@ class Executor:
             self._step(insn)
         except Unsupported as e:
             self._generic(insn, str(e))
+        if not (st.regs or st.mem or st.flags) and not any(k == "p" for k, _ in self._unfilled):
+            # Nothing symbolic is live any more: drop the hook so concrete code runs at full
+            # speed. The CPU stops before this instruction and runs it again without the hook.
+            self._unfilled.clear()
+            self.uc.hook_del(self.hook)
+            self.hook = None
+            self.uc.ctl_flush_tb()
+            self.machine.request_stop()
 
     # --- reading and writing locations --------------------------------------------------
     def reg(self, name: str) -> tuple[Expr | None, int]:
