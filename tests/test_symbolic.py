@@ -270,3 +270,10 @@ def test_scenarios_without_symbolic_values_install_no_symbolic_side() -> None:
     exp = explore(ROOT / "scenarios" / "choice_status.toml")
     assert exp.symbolic is None
     assert "path_condition" not in exp.graph.to_graphml()
+
+
+def test_workers_refuse_symbolic_scenarios_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from emu.cli.main import main
+
+    assert main(["explore", str(ROOT / "scenarios" / "symbolic_status.toml"), "--workers", "2"]) == 2
+    assert "one worker" in capsys.readouterr().err

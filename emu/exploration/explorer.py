@@ -282,7 +282,8 @@ class Explorer:
         result.faults = name_faults(result.graph, self.fault_digests)
         result.deadlocks = sorted((self._name(result.graph, d) for d in self.deadlocks), key=_node_order)
         if self.symbolic is not None:
-            result.symbolic = self.symbolic.summary(result.graph, result.faults)
+            graph = result.graph
+            result.symbolic = self.symbolic.summary(graph, result.faults, lambda d: self._name(graph, d))
         result.elapsed = time.perf_counter() - start
         return result
 

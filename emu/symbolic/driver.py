@@ -19,6 +19,7 @@ symbolic state: every input satisfying its path condition reaches it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -371,12 +372,14 @@ class Driver:
     def _vars(self, d: str) -> list[Var]:
         return [self.var_info[name] for name, _ in self.witnesses.get(d, ()) if name in self.var_info]
 
-    def summary(self, graph: StateGraph, faults: list[tuple[str, str]]) -> dict[str, object]:
-        from emu.exploration.explorer import Explorer
-
+    def summary(
+        self, graph: StateGraph, faults: list[tuple[str, str]], name: Callable[[str], str]
+    ) -> dict[str, object]:
+        """Variables, incomplete reports, and each pending, deadlocked or faulting state's
+        condition and witness; ``name`` gives a digest's node id."""
         lean = graph.lean
         reports = sorted(
-            ({"state": Explorer._name(graph, d), "message": m} for (d, _, m) in self.reports),
+            ({"state": name(d), "message": m} for (d, _, m) in self.reports),
             key=lambda r: (_order(r["state"]), r["message"]),
         )
 
