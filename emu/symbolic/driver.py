@@ -153,7 +153,7 @@ class Driver:
         elif kind == "sysret":
             st.regs = {k: v for k, v in st.saved.pop((thread.tid, raw.depth), {}).items() if k not in SYSRET_CLOBBERS}
             st.flags = None
-            self._introduce(thread, raw)
+            self._introduce(thread, "sysret")
             masked_regs = dict(st.regs)
         elif kind in ("callback", "exception", "continue", "unwind", "exit", "fault"):
             if kind == "exception" and st.regs:
@@ -161,8 +161,7 @@ class Driver:
                     [(e, c) for e, c in st.regs.values() if c is not None], raw.context[16], "exception dispatch"
                 )
             st.regs, st.flags = {}, None
-            if kind == "callback":
-                self._introduce(thread, raw)
+            self._introduce(thread, kind)
             masked_regs = {}
         self._prune(thread, raw)
         ex.sync_hook(self.machine in interrupts.running)
@@ -218,17 +217,22 @@ class Driver:
         st.saved[(thread.tid, raw.depth)] = dict(st.regs)
         st.regs, st.flags = {}, None
 
-    def _introduce(self, thread: KThread, raw: RawState) -> None:
+    def _introduce(self, thread: KThread, kind: str) -> None:
+        """The thread's first state after a symbolic request: a status arrives in RAX at the
+        sysret, an input in the callout's buffer at the callback. Any other crossing (the
+        kernel refused the callback, the thread ended) leaves the value unused."""
         st = self.store
         if st.intro is None or st.intro[1] != thread.tid:
             return
         var, _ = st.intro
         st.intro = None
-        if var.where == "status":
-            e = z3.ZeroExt(32, var.expr())
-            st.regs["rax"] = (e, raw.context[0])
+        if var.where == "status" and kind == "sysret":
+            # The concrete status went into EAX, zero-extended (emu.kernel.core sysret).
+            rax = self.machine.regs.read(("rax",))[0]
+            if rax == var.value:
+                st.regs["rax"] = (z3.ZeroExt(32, var.expr()), rax)
             return
-        if not thread.callback_stack:
+        if var.where != "data" or kind != "callback" or not thread.callback_stack:
             return
         buffer = thread.callback_stack[-1].user_frame + UCALLOUT_FRAME_SIZE
         data = self.machine.read(buffer, var.size)
