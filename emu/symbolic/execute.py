@@ -78,7 +78,7 @@ class Executor:
         self.store = Store()
         self.md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
         self.md.detail = True
-        self._cache: dict[tuple[int, bytes], Any] = {}
+        self._cache: dict[tuple[int, int], _Decoded] = {}
         self._unfilled: list[tuple[str, Any]] = []
         self.hook: int | None = None
         self.instructions = 0  # instructions followed symbolically (for the benchmark)
@@ -129,18 +129,20 @@ class Executor:
         st = self.store
         if not (st.regs or st.mem or st.flags):
             return
-        code = bytes(uc.mem_read(address, size))
-        insn = self._cache.get((address, code))
-        if insn is None:
-            insn = next(self.md.disasm(code, address), None)
+        # Decoded once per address and length: code is not rewritten under the hook.
+        info = self._cache.get((address, size))
+        if info is None:
+            insn = next(self.md.disasm(bytes(uc.mem_read(address, size)), address), None)
             if insn is None:
                 return
-            self._cache[(address, code)] = insn
+            info = self._cache[(address, size)] = _Decoded.of(insn)
         self.instructions += 1
+        if self._untouched(info):
+            return
         try:
-            self._step(insn)
+            self._step(info.insn)
         except Unsupported as e:
-            self._generic(insn, str(e))
+            self._generic(info.insn, str(e))
         if not (st.regs or st.mem or st.flags) and not any(k == "p" for k, _ in self._unfilled):
             # Nothing symbolic is live any more: drop the hook so concrete code runs at full
             # speed. The CPU stops before this instruction and runs it again without the hook.
@@ -149,6 +151,27 @@ class Executor:
             self.hook = None
             self.uc.ctl_flush_tb()
             self.machine.request_stop()
+
+    def _untouched(self, info: _Decoded) -> bool:
+        """The fast path: an instruction that reads nothing symbolic only makes what it writes
+        concrete (a partial write to a symbolic register keeps the rest: the slow path)."""
+        st = self.store
+        regs = st.regs
+        if info.memory and st.mem:
+            return False
+        if info.reads_flags and st.flags is not None:
+            return False
+        for r in info.reads:
+            if r in regs:
+                return False
+        for r in info.partial:
+            if r in regs:
+                return False
+        for r in info.writes:
+            regs.pop(r, None)
+        if info.writes_flags:
+            st.flags = None
+        return True
 
     # --- reading and writing locations --------------------------------------------------
     def reg(self, name: str) -> tuple[Expr | None, int]:
@@ -592,6 +615,41 @@ class Executor:
         for op in mem_ops:
             if op.access & capstone.CS_AC_WRITE:
                 self.store_mem(self.address(op, insn)[1], op.size, None)
+
+
+# Instructions that touch the stack (or strings) without a memory operand capstone lists.
+_IMPLICIT_MEMORY = ("push", "pop", "call", "ret", "leave", "enter", "movs", "stos", "lods", "cmps", "scas", "xlat")
+
+
+class _Decoded:
+    """An instruction with what the fast path needs: the 64-bit registers it reads and writes."""
+
+    __slots__ = ("insn", "memory", "partial", "reads", "reads_flags", "writes", "writes_flags")
+
+    def __init__(self, insn: Any, reads: tuple[str, ...], writes: tuple[str, ...], partial: tuple[str, ...],
+                 reads_flags: bool, writes_flags: bool, memory: bool) -> None:  # fmt: skip
+        self.insn, self.reads, self.writes, self.partial = insn, reads, writes, partial
+        self.reads_flags, self.writes_flags, self.memory = reads_flags, writes_flags, memory
+
+    @classmethod
+    def of(cls, insn: Any) -> _Decoded:
+        reads, writes = insn.regs_access()
+        rnames = [insn.reg_name(r) for r in reads]
+        wnames = [insn.reg_name(r) for r in writes]
+        memory = any(op.type == cx.X86_OP_MEM for op in insn.operands) or insn.mnemonic.startswith(
+            (*_IMPLICIT_MEMORY, "rep")
+        )
+        full = tuple(ALIASES[n][0] for n in wnames if n in ALIASES and ALIASES[n][2] >= 32)
+        partial = tuple(ALIASES[n][0] for n in wnames if n in ALIASES and ALIASES[n][2] < 32)
+        return cls(
+            insn,
+            tuple(ALIASES[n][0] for n in rnames if n in ALIASES),
+            full,
+            partial,
+            "rflags" in rnames or "eflags" in rnames,
+            "rflags" in wnames or "eflags" in wnames,
+            memory,
+        )
 
 
 def _merge(old: Expr, part: Expr, lo: int, bits: int) -> Expr:
