@@ -277,3 +277,27 @@ def test_workers_refuse_symbolic_scenarios_in_one_line(capsys: pytest.CaptureFix
 
     assert main(["explore", str(ROOT / "scenarios" / "symbolic_status.toml"), "--workers", "2"]) == 2
     assert "one worker" in capsys.readouterr().err
+
+
+def test_symbolic_registers_at_an_exception_are_fixed_and_reported() -> None:
+    """KiDispatchException copies the registers into a CONTEXT record as plain bytes: a symbolic
+    register live there is fixed to the run's value, and the report names the faulting instruction."""
+    text = asm_scenario(
+        """
+main:
+    push rbx
+    sub rsp, 0x20
+    call NtClose
+    mov ebx, eax
+    xor ecx, ecx
+    mov dword ptr [rcx], eax
+    add rsp, 0x20
+    pop rbx
+    ret
+""",
+        services='[services.NtClose]\nsteps = [{ kind = "return", status = { symbolic = "st" } }]',
+    )
+    exp = _explore(text)
+    (report,) = _sym(exp)["reports"]
+    assert "exception dispatch" in report["message"] and "app!main+0xf" in report["message"]
+    assert exp.paths == 1
