@@ -84,6 +84,7 @@ class Driver:
         self.conditions: dict[str, tuple[Step, ...]] = {}
         self.witnesses: dict[str, tuple[tuple[str, int], ...]] = {}
         self.var_info: dict[str, Var] = {}
+        self._pairs: tuple[tuple[Var, ...], list[tuple[Expr, Expr]]] = ((), [])
 
     @property
     def store(self) -> Store:
@@ -260,14 +261,11 @@ class Driver:
         self.store.notes = (*self.store.notes, message)
 
     def _holds(self, cond: Any) -> bool:
-        pairs: list[tuple[Expr, Expr]] = []
-        for v in self.store.vars:
-            syms = v.syms
-            if len(syms) == 1:
-                pairs.append((syms[0], z3.BitVecVal(v.value, 32)))
-            else:
-                raw = v.value.to_bytes(v.size, "little")
-                pairs += [(s, z3.BitVecVal(raw[i], 8)) for i, s in enumerate(syms)]
+        """Does ``cond`` hold for this path's values (the run's concrete inputs)?"""
+        vars_ = self.store.vars
+        if self._pairs[0] != vars_:
+            self._pairs = (vars_, [p for v in vars_ for p in v.values()])
+        pairs = self._pairs[1]
         return bool(z3.is_true(z3.simplify(z3.substitute(cond, *pairs)))) if pairs else True
 
     def _decide(self, site: int) -> tuple[int, bool]:
@@ -365,12 +363,13 @@ class Driver:
     # --- results ----------------------------------------------------------------------------
     def annotate(self, graph: Any) -> None:
         """Give every node its path condition and a witness (graph attributes)."""
+        cache: dict[int, str] = {}
         for _, a in graph.nodes(data=True):
             d = a.get("digest")
             pc = self.conditions.get(d)
             if pc is None or not self.witnesses.get(d):
                 continue
-            a["path_condition"] = path_condition([s.cond for s in pc])
+            a["path_condition"] = path_condition([s.cond for s in pc], cache)
             a["witness"] = " ".join(f"{k}={v}" for k, v in witness_json(self._vars(d), dict(self.witnesses[d])).items())
 
     def _vars(self, d: str) -> list[Var]:

@@ -21,6 +21,10 @@ Cond = Any  # a z3 boolean expression
 SYSRET_CLOBBERS = ("rax", "rcx", "r11")
 
 
+# z3 variables by (name, kind, size): making one costs more than looking it up.
+_SYMS: dict[tuple[str, str, int], tuple[Expr, ...]] = {}
+
+
 @dataclass(frozen=True)
 class Var:
     """A symbolic value introduced on a path: a status (one 32-bit variable) or input bytes (one per byte)."""
@@ -34,9 +38,23 @@ class Var:
 
     @property
     def syms(self) -> tuple[Expr, ...]:
-        if self.where == "status":
-            return (z3.BitVec(self.name, 32),)
-        return tuple(z3.BitVec(f"{self.name}[{i}]", 8) for i in range(self.size))
+        key = (self.name, self.where, self.size)
+        out = _SYMS.get(key)
+        if out is None:
+            if self.where == "status":
+                out = (z3.BitVec(self.name, 32),)
+            else:
+                out = tuple(z3.BitVec(f"{self.name}[{i}]", 8) for i in range(self.size))
+            _SYMS[key] = out
+        return out
+
+    def values(self) -> list[tuple[Expr, Expr]]:
+        """Each z3 variable with this path's value (for substitution)."""
+        syms = self.syms
+        if len(syms) == 1:
+            return [(syms[0], z3.BitVecVal(self.value, 32))]
+        raw = self.value.to_bytes(self.size, "little")
+        return [(s, z3.BitVecVal(raw[i], 8)) for i, s in enumerate(syms)]
 
     def expr(self) -> Expr:
         """The whole value as one bit-vector (data: little-endian)."""

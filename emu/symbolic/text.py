@@ -97,7 +97,7 @@ def _slice(e: Any) -> str | None:
         return None
     found = []
     for p in parts:
-        m = _BYTE.match(str(p)) if z3.is_app(p) and p.decl().kind() == z3.Z3_OP_UNINTERPRETED else None
+        m = _BYTE.match(p.decl().name()) if z3.is_app(p) and p.decl().kind() == z3.Z3_OP_UNINTERPRETED else None
         if m is None:
             return None
         found.append((m.group(1), int(m.group(2))))
@@ -109,6 +109,18 @@ def _slice(e: Any) -> str | None:
     return f"{found[0][0]}[{lo}:{lo + len(idx)}]"
 
 
-def path_condition(conds: list[Any]) -> str:
-    """A whole path condition; "true" when nothing was asked of the symbolic values."""
-    return " and ".join(condition(c) for c in conds) if conds else "true"
+def path_condition(conds: list[Any], cache: dict[int, str] | None = None) -> str:
+    """A whole path condition; "true" when nothing was asked of the symbolic values. ``cache``
+    keeps each constraint's text by its z3 id (paths share their prefixes)."""
+    if not conds:
+        return "true"
+    if cache is None:
+        return " and ".join(condition(c) for c in conds)
+    out = []
+    for c in conds:
+        key = c.get_id()
+        text = cache.get(key)
+        if text is None:
+            text = cache[key] = condition(c)
+        out.append(text)
+    return " and ".join(out)
