@@ -320,6 +320,8 @@ class Explorer:
                 else:
                     self.kernel.resume(option)
                 self._segment(result)
+                if self.symbolic is not None:
+                    self.symbolic.finish_segment()
                 self._replaying = False
                 result.forked_states += len(self.trace.raw_states) - mark
                 self._after_segment(result, work, fork.depth + 1, fork.path + (str(option),))

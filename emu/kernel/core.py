@@ -316,7 +316,7 @@ class Kernel:
             # ProbeForWrite of the frame fails: KeUserModeCallback returns the exception code.
             return STATUS_ACCESS_VIOLATION, "the callout frame does not fit on the user stack"
         self.machine.write(out.lowest, out.block)
-        thread.callback_stack.append(CallbackFrame(act, trap, req.api, out.frame, req.message))
+        thread.callback_stack.append(CallbackFrame(act, trap, req.api, out.frame, req.message, out.buffer))
         self.max_depth = max(self.max_depth, len(thread.callback_stack))
         self.machine.regs.set_context(out.entry._replace(rip=self.dispatcher - self._entry_len))
         self.machine.zero_xmm(out.xmm_zero)

@@ -45,6 +45,7 @@ class CallbackFrame:
     api: int
     user_frame: int  # address of the UCALLOUT_FRAME on the user stack
     message_id: int | None = None  # the sent message this callback handles, if any
+    buffer: int = 0  # where the callback's input was copied on the user stack
 
 
 @dataclass(frozen=True)

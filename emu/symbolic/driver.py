@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 import z3
 
 from emu import interrupts
+from emu.context import REGISTER_NAMES
 from emu.kernel.symbolic import Symbolic
 from emu.symbolic.execute import Executor
 from emu.symbolic.regs import GPR
 from emu.symbolic.store import SYSRET_CLOBBERS, Expr, Step, Store, Var
 from emu.symbolic.text import condition, path_condition
-from emu.winnt import UCALLOUT_FRAME_SIZE
 
 if TYPE_CHECKING:
     from emu.graph import StateGraph
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 MAX_TARGETS = 16  # other values looked for at a symbolic address or jump target
 QUERY_SECONDS = 2.0  # at most, per solver query (and never past the solver_time budget)
-_CTX_INDEX = {r: i for i, r in enumerate(("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"))}  # fmt: skip
+_CTX_INDEX = {r: i for i, r in enumerate(REGISTER_NAMES)}  # a register's place in a state's context
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,16 @@ class Driver:
         st.intro = (var, pending.tid if pending is not None else -1)
         self.explorer._replaying = st.replay_until >= st.decisions
         return pick.value
+
+    def finish_segment(self) -> None:
+        """A segment ended: a path planned to take another side must have reached that decision
+        (or be waiting at a symbolic request on the way); otherwise the run went elsewhere."""
+        st = self.store
+        pending = self.kernel.pending_choice
+        if st.replay_until >= st.decisions and not (pending is not None and isinstance(pending.choice, Symbolic)):
+            site = st.expect[1] if st.expect is not None else -1
+            self._report(site, f"the run ended before decision {st.replay_until}, where it was to take another side")
+            st.replay_until = -1
 
     def on_state(self, sid: int, thread: KThread, raw: RawState) -> tuple[tuple[int, ...], bytes, bytes]:
         """A state was recorded: update the taint for the crossing; the context, stack and extra
@@ -235,7 +245,7 @@ class Driver:
             return
         if var.where != "data" or kind != "callback" or not thread.callback_stack:
             return
-        buffer = thread.callback_stack[-1].user_frame + UCALLOUT_FRAME_SIZE
+        buffer = thread.callback_stack[-1].buffer
         data = self.machine.read(buffer, var.size)
         for i, s in enumerate(var.syms):
             st.mem[buffer + i] = (s, data[i])
