@@ -11,7 +11,8 @@ import pytest
 import z3
 
 from emu.machine import Machine
-from emu.symbolic.execute import _CC, Executor
+from emu.symbolic.execute import Executor
+from emu.symbolic.flags import CONDITIONS as SUFFIXES
 from emu.symbolic.regs import UC_IDS
 
 BASE, STACK = 0x10000, 0x20000
@@ -104,7 +105,7 @@ def test_branch_conditions_agree_with_the_cpus_flags(setter: str) -> None:
                 assert "OF" in fixed[0] and setter == "shl eax, 4", fixed
                 continue
             if not branches:
-                constant.add(ex._cc_concrete(_CC[cc]))
+                constant.add(ex._cc_concrete(SUFFIXES[cc]))
                 continue
             assert len(branches) == 1, (setter, cc)
             assert _holds(branches[0], a, b), (setter, cc, hex(a), hex(b))

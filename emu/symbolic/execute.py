@@ -24,27 +24,12 @@ import z3
 from capstone import x86 as cx
 from unicorn import UcError
 
+from emu.symbolic.decode import Decoded
+from emu.symbolic.flags import CONDITIONS, Unsupported, add_overflow, condition, holds, sub_overflow
 from emu.symbolic.regs import ALIASES, CF, OF, SF, UC_FS_BASE, UC_GS_BASE, UC_IDS, UC_RFLAGS, ZF
 from emu.symbolic.store import Expr, Flags, Store
 
 _ARITH = {"add", "sub", "and", "or", "xor", "cmp", "test"}
-_CC = {
-    "o": "o", "no": "no", "b": "b", "c": "b", "nae": "b", "ae": "ae", "nb": "ae", "nc": "ae",
-    "e": "e", "z": "e", "ne": "ne", "nz": "ne", "be": "be", "na": "be", "a": "a", "nbe": "a",
-    "s": "s", "ns": "ns", "p": "p", "pe": "p", "np": "np", "po": "np", "l": "l", "nge": "l",
-    "ge": "ge", "nl": "ge", "le": "le", "ng": "le", "g": "g", "nle": "g",
-}  # fmt: skip
-
-
-# The flags each condition reads (Intel SDM vol. 1, appendix B, "EFLAGS condition codes").
-_NEEDS = {
-    "e": "z", "ne": "z", "s": "s", "ns": "s", "b": "c", "ae": "c", "o": "o", "no": "o",
-    "be": "cz", "a": "cz", "l": "so", "ge": "so", "le": "zso", "g": "zso",
-}  # fmt: skip
-
-
-class Unsupported(Exception):
-    """An instruction or flag the executor cannot express; the operands get concretized."""
 
 
 def _bv(e: Expr | None, conc: int, bits: int) -> Expr:
@@ -78,7 +63,7 @@ class Executor:
         self.store = Store()
         self.md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
         self.md.detail = True
-        self._cache: dict[tuple[int, int], _Decoded] = {}
+        self._cache: dict[tuple[int, int], Decoded] = {}
         self._unfilled: list[tuple[str, Any]] = []
         self.hook: int | None = None
         self.instructions = 0  # instructions followed symbolically (for the benchmark)
@@ -135,7 +120,7 @@ class Executor:
             insn = next(self.md.disasm(bytes(uc.mem_read(address, size)), address), None)
             if insn is None:
                 return
-            info = self._cache[(address, size)] = _Decoded.of(insn)
+            info = self._cache[(address, size)] = Decoded.of(insn)
         self.instructions += 1
         if self._untouched(info):
             return
@@ -152,7 +137,7 @@ class Executor:
             self.uc.ctl_flush_tb()
             self.machine.request_stop()
 
-    def _untouched(self, info: _Decoded) -> bool:
+    def _untouched(self, info: Decoded) -> bool:
         """The fast path: an instruction that reads nothing symbolic only makes what it writes
         concrete (a partial write to a symbolic register keeps the rest: the slow path)."""
         st = self.store
@@ -355,7 +340,7 @@ class Executor:
             if m in ("inc", "dec"):
                 old = self.store.flags
                 cf = old.cf if old is not None else None  # inc/dec leave CF alone
-                of = _add_of(e, one, res) if m == "inc" else _sub_of(e, one, res)
+                of = add_overflow(e, one, res) if m == "inc" else sub_overflow(e, one, res)
                 self.store.flags = Flags(res == 0, res < 0, cf, of)
             elif m == "neg":
                 self.store.flags = Flags(res == 0, res < 0, e != 0, e == z3.BitVecVal(1 << (bits - 1), bits))
@@ -408,22 +393,22 @@ class Executor:
             if e is not None:
                 self.fix(e, c, insn.address, "return address")
             return
-        if m.startswith("j") and m[1:] in _CC:
-            cond = self._cond(_CC[m[1:]], insn)
+        if m.startswith("j") and m[1:] in CONDITIONS:
+            cond = self._cond(CONDITIONS[m[1:]], insn)
             if cond is not None:
-                taken = bool(self._cc_concrete(_CC[m[1:]]))
+                taken = bool(self._cc_concrete(CONDITIONS[m[1:]]))
                 self.branch(cond if taken else z3.Not(cond), insn.address, f"{m} {insn.op_str}")
             return
-        if m.startswith("set") and m[3:] in _CC:
-            cond = self._cond(_CC[m[3:]], insn)
+        if m.startswith("set") and m[3:] in CONDITIONS:
+            cond = self._cond(CONDITIONS[m[3:]], insn)
             self.write(ops[0], insn, None if cond is None else z3.If(cond, z3.BitVecVal(1, 8), z3.BitVecVal(0, 8)))
             return
-        if m.startswith("cmov") and m[4:] in _CC:
-            cond = self._cond(_CC[m[4:]], insn)
+        if m.startswith("cmov") and m[4:] in CONDITIONS:
+            cond = self._cond(CONDITIONS[m[4:]], insn)
             d, cd, bits = self.read(ops[0], insn)
             s, cs, _ = self.read(ops[1], insn)
             if cond is None:
-                taken = self._cc_concrete(_CC[m[4:]])
+                taken = self._cc_concrete(CONDITIONS[m[4:]])
                 self.write(ops[0], insn, s if taken else d)
                 return
             self.write(ops[0], insn, z3.If(cond, _bv(s, cs, bits), _bv(d, cd, bits)))
@@ -451,10 +436,10 @@ class Executor:
             eb = z3.SignExt(bits - bbits, eb)
         if m in ("add",):
             res = ea + eb
-            flags = Flags(res == 0, res < 0, z3.ULT(res, ea), _add_of(ea, eb, res))
+            flags = Flags(res == 0, res < 0, z3.ULT(res, ea), add_overflow(ea, eb, res))
         elif m in ("sub", "cmp"):
             res = ea - eb
-            flags = Flags(res == 0, res < 0, z3.ULT(ea, eb), _sub_of(ea, eb, res), "cmp", ea, eb)
+            flags = Flags(res == 0, res < 0, z3.ULT(ea, eb), sub_overflow(ea, eb, res), "cmp", ea, eb)
         else:
             res = {"and": ea & eb, "test": ea & eb, "or": ea | eb, "xor": ea ^ eb}[m]
             no = z3.BoolVal(False)
@@ -512,73 +497,12 @@ class Executor:
             self.fix(e, c, insn.address, f"target of {insn.mnemonic} {insn.op_str}")
 
     # --- conditions -----------------------------------------------------------------------
-    def _flag(self, name: str) -> Any:
-        f = self.store.flags
-        v = getattr(f, name) if f is not None else None
-        if isinstance(v, str):
-            raise Unsupported(v)
-        if v is None:
-            bit = {"zf": ZF, "sf": SF, "cf": CF, "of": OF}[name]
-            return z3.BoolVal(bool(self.uc.reg_read(UC_RFLAGS) & bit))
-        return v
-
     def _cond(self, cc: str, insn: Any) -> Any:
         """The condition as a z3 Bool, or None when it is concrete."""
-        f = self.store.flags
-        if f is None:
-            return None
-        if cc in ("p", "np"):
-            raise Unsupported("the parity flag of a symbolic result (not modelled)")
-        if f.op == "cmp":
-            a, b = f.a, f.b
-            table = {
-                "e": a == b, "ne": a != b, "b": z3.ULT(a, b), "ae": z3.UGE(a, b), "be": z3.ULE(a, b),
-                "a": z3.UGT(a, b), "l": a < b, "ge": a >= b, "le": a <= b, "g": a > b,
-            }  # fmt: skip
-            if cc in table:
-                return table[cc]
-        if f.op == "test":
-            r = f.a
-            table = {
-                "e": r == 0,
-                "ne": r != 0,
-                "s": r < 0,
-                "ns": r >= 0,
-                "l": r < 0,
-                "ge": r >= 0,
-                "le": r <= 0,
-                "g": r > 0,
-            }
-            if cc in table:
-                return table[cc]
-        need = _NEEDS[cc]
-        zf, sf, cf, of = (self._flag(n) if n[0] in need else None for n in ("zf", "sf", "cf", "of"))
-        if cc in ("e", "ne", "s", "ns", "b", "ae", "o", "no"):
-            flag = {"e": zf, "ne": zf, "s": sf, "ns": sf, "b": cf, "ae": cf, "o": of, "no": of}[cc]
-            out = flag if cc in ("e", "s", "b", "o") else z3.Not(flag)
-        elif cc == "be":
-            out = z3.Or(cf, zf)
-        elif cc == "a":
-            out = z3.And(z3.Not(cf), z3.Not(zf))
-        elif cc == "l":
-            out = sf != of
-        elif cc == "ge":
-            out = sf == of
-        elif cc == "le":
-            out = z3.Or(zf, sf != of)
-        else:  # g
-            out = z3.And(z3.Not(zf), sf == of)
-        s = z3.simplify(out)
-        return None if z3.is_true(s) or z3.is_false(s) else out
+        return condition(self.store.flags, cc, self.uc.reg_read(UC_RFLAGS))
 
     def _cc_concrete(self, cc: str) -> bool:
-        fl = self.uc.reg_read(UC_RFLAGS)
-        zf, sf, cf, of = bool(fl & ZF), bool(fl & SF), bool(fl & CF), bool(fl & OF)
-        return {
-            "e": zf, "ne": not zf, "s": sf, "ns": not sf, "b": cf, "ae": not cf, "be": cf or zf,
-            "a": not cf and not zf, "o": of, "no": not of, "l": sf != of, "ge": sf == of,
-            "le": zf or sf != of, "g": not zf and sf == of, "p": bool(fl & 4), "np": not fl & 4,
-        }[cc]  # fmt: skip
+        return holds(cc, self.uc.reg_read(UC_RFLAGS))
 
     # --- everything else ------------------------------------------------------------------
     def _generic(self, insn: Any, why: str) -> None:
@@ -617,41 +541,6 @@ class Executor:
                 self.store_mem(self.address(op, insn)[1], op.size, None)
 
 
-# Instructions that touch the stack (or strings) without a memory operand capstone lists.
-_IMPLICIT_MEMORY = ("push", "pop", "call", "ret", "leave", "enter", "movs", "stos", "lods", "cmps", "scas", "xlat")
-
-
-class _Decoded:
-    """An instruction with what the fast path needs: the 64-bit registers it reads and writes."""
-
-    __slots__ = ("insn", "memory", "partial", "reads", "reads_flags", "writes", "writes_flags")
-
-    def __init__(self, insn: Any, reads: tuple[str, ...], writes: tuple[str, ...], partial: tuple[str, ...],
-                 reads_flags: bool, writes_flags: bool, memory: bool) -> None:  # fmt: skip
-        self.insn, self.reads, self.writes, self.partial = insn, reads, writes, partial
-        self.reads_flags, self.writes_flags, self.memory = reads_flags, writes_flags, memory
-
-    @classmethod
-    def of(cls, insn: Any) -> _Decoded:
-        reads, writes = insn.regs_access()
-        rnames = [insn.reg_name(r) for r in reads]
-        wnames = [insn.reg_name(r) for r in writes]
-        memory = any(op.type == cx.X86_OP_MEM for op in insn.operands) or insn.mnemonic.startswith(
-            (*_IMPLICIT_MEMORY, "rep")
-        )
-        full = tuple(ALIASES[n][0] for n in wnames if n in ALIASES and ALIASES[n][2] >= 32)
-        partial = tuple(ALIASES[n][0] for n in wnames if n in ALIASES and ALIASES[n][2] < 32)
-        return cls(
-            insn,
-            tuple(ALIASES[n][0] for n in rnames if n in ALIASES),
-            full,
-            partial,
-            "rflags" in rnames or "eflags" in rnames,
-            "rflags" in wnames or "eflags" in wnames,
-            memory,
-        )
-
-
 def _merge(old: Expr, part: Expr, lo: int, bits: int) -> Expr:
     """``old`` (64 bits) with bits lo..lo+bits-1 replaced by ``part``."""
     parts = []
@@ -661,14 +550,6 @@ def _merge(old: Expr, part: Expr, lo: int, bits: int) -> Expr:
     if lo:
         parts.append(z3.Extract(lo - 1, 0, old))
     return z3.Concat(*parts)
-
-
-def _add_of(a: Expr, b: Expr, r: Expr) -> Any:
-    return ((~(a ^ b)) & (a ^ r)) < 0
-
-
-def _sub_of(a: Expr, b: Expr, r: Expr) -> Any:
-    return ((a ^ b) & (a ^ r)) < 0
 
 
 def capstone_hook_kind() -> int:
