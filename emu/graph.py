@@ -103,7 +103,8 @@ class StateGraph:
         attrs = node_attrs(d["state"], self.symbolize)
         if "digest" in d:
             attrs["digest"] = d["digest"]
-        for key in ("deadlock", "wait_chains"):
+        # path_condition and witness: states of an exploration with symbolic values (emu.symbolic)
+        for key in ("deadlock", "wait_chains", "path_condition", "witness"):
             if key in d:
                 attrs[key] = d[key]
         return attrs

@@ -9,6 +9,7 @@ from emu.kernel import ServiceRegistry, UserCallback, builtin_services
 from emu.kernel.objects import ReleaseMutant, SendMessage, SetEvent, Wait
 from emu.kernel.services import ChoiceStep as KChoiceStep
 from emu.kernel.services import ScriptReturn, ScriptStep, get_message_service
+from emu.kernel.symbolic import SymbolicReturn
 from emu.loader.image import Image
 from emu.loader.stubs import compare_with_profile, guess_dispatcher_convention, service_table
 from emu.process_start import file_name, missing_export
@@ -48,7 +49,7 @@ def script_steps(steps: tuple[Step, ...], threads: dict[str, int], handles: dict
     out: list[ScriptStep] = []
     for st in steps:
         if isinstance(st, CallbackStep):
-            out.append(UserCallback(st.api, st.data, st.by_depth))
+            out.append(UserCallback(st.api, st.data, st.by_depth, symbolic=st.symbolic))
         elif isinstance(st, ChoiceStep):
             options = tuple((n, tuple(script_steps(o, threads, handles))) for n, o in st.options)
             out.append(KChoiceStep(st.name, st.default, options))
@@ -61,6 +62,8 @@ def script_steps(steps: tuple[Step, ...], threads: dict[str, int], handles: dict
                 out.append(SetEvent(handles[st.target]))
             else:
                 out.append(ReleaseMutant(handles[st.target]))
+        elif st.symbolic is not None:
+            out.append(SymbolicReturn(st.symbolic.name, st.symbolic.domain, st.status or 0))
         elif st.output:
             out.append(ScriptReturn(st.status, st.output))  # type: ignore[arg-type]
         else:

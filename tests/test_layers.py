@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("emu.api",),
     ("emu.views", "emu.dump", "emu.expect", "emu.debug"),
     ("emu.detection",),
-    ("emu.exploration", "emu.graph"),
+    ("emu.exploration", "emu.symbolic", "emu.graph"),
     ("emu.engine", "emu.process_start", "emu.process_services"),
     ("emu.kernel", "emu.machine", "emu.snapshot", "emu.trace"),
     ("emu.loader", "emu.runtime", "emu.scenario", "emu.address_space"),

@@ -27,7 +27,8 @@ LESSONS = [
     "06_write_and_score_a_detector",
     "07_what_a_debugger_sees",
     "08_exceptions_and_callbacks",
-    "09_stepping_through_a_callback",
+    "09_which_inputs_reach_the_seed_state",
+    "10_stepping_through_a_callback",
 ]
 
 # The answer cells as a learner who solved the exercise would write them.
@@ -40,7 +41,8 @@ SOLUTIONS = {
     "06_write_and_score_a_detector": "answer = 3  # your answer here: false positives of `naive` on hard_after_callback_return",
     "07_what_a_debugger_sees": 'answer = "s13"  # your answer here',
     "08_exceptions_and_callbacks": "answer = (1, 0x20)  # your answer here: ExceptionInformation as a tuple",
-    "09_stepping_through_a_callback": 'answer = "r8"  # your answer here: a register name',
+    "09_which_inputs_reach_the_seed_state": 'answer = "st < 0"  # your answer here: the deadlocks\' path condition',
+    "10_stepping_through_a_callback": 'answer = "r8"  # your answer here: a register name',
 }
 
 

@@ -9,7 +9,7 @@ import sys
 from emu.cli.exit_codes import EXIT_EXPECT, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED
 from emu.errors import ScenarioError
 from emu.expect import check_exploration
-from emu.exploration.explorer import Explorer
+from emu.exploration.explorer import Exploration, Explorer
 from emu.scenario import load_scenario
 from emu.views.explain import explain, find_node, render
 from emu.writing import refuse_overwrite, write_atomic
@@ -76,10 +76,15 @@ def cmd_explore(args: argparse.Namespace) -> int:
         )
         for n in exp.pending:
             sys.stdout.write(f"  pending: {n}  {exp.graph.attrs(n)['label']}\n")
+            _reached(exp, n)
         for n in exp.deadlocks:
             sys.stdout.write(f"  deadlock: {n}  {exp.graph.attrs(n)['deadlock']}\n")
+            _reached(exp, n)
         for node, message in exp.faults:
             sys.stdout.write(f"  stopped at {node}: {message}\n")
+        if exp.symbolic is not None:
+            for r in exp.symbolic["reports"]:  # type: ignore[attr-defined]
+                sys.stdout.write(f"  incomplete at {r['state']}: {r['message']}\n")
         if exp.stopped_by:
             why = "interrupted by Ctrl-C" if interrupted else f"budget '{exp.stopped_by}' reached"
             sys.stdout.write(f"  incomplete: {why}, {exp.unexplored} option(s) unexplored\n")
@@ -95,6 +100,13 @@ def cmd_explore(args: argparse.Namespace) -> int:
         sys.stderr.write(f"{exp.scenario.path}: exploration stopped by budget '{exp.stopped_by}'\n")
         return EXIT_STOPPED
     return EXIT_EXPECT if any(not o.passed for o in outcomes) else EXIT_OK
+
+
+def _reached(exp: Exploration, node: str) -> None:
+    """With symbolic values: the state's path condition and witness (emu.symbolic)."""
+    a = exp.graph.attrs(node)
+    if "path_condition" in a:
+        sys.stdout.write(f"      reached when {a['path_condition']}; witness: {a.get('witness') or '-'}\n")
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

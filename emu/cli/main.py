@@ -27,8 +27,8 @@ from emu.cli import plot as cli_plot
 from emu.cli import score as cli_score
 from emu.cli.exit_codes import EXIT_EXPECT, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED
 from emu.cli.snapshot import from_snapshot
-from emu.errors import BudgetExceeded, EmuError
-from emu.scenario import load_scenario
+from emu.errors import BudgetExceeded, EmuError, ScenarioError
+from emu.scenario import Scenario, load_scenario
 from emu.writing import refuse_overwrite, write_atomic
 
 
@@ -168,7 +168,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     expected = bool(scenario.expectations)
     if args.from_dump:
         scenario = cli_dump.from_dump(scenario, args.from_dump)
-    r = from_snapshot(scenario, args.from_snapshot) if args.from_snapshot else run(scenario)
+    if args.from_snapshot:
+        r = from_snapshot(scenario, args.from_snapshot)
+    elif args.witness:
+        r = _run_witness(scenario, args.witness)
+    else:
+        r = run(scenario)
     if args.from_dump and expected:
         r.notes.append(
             f"from {args.from_dump}: the scenario's [[expect]] entries describe a run from its start; not checked"
@@ -178,6 +183,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         _print_table(r, sys.stdout, args.verbose)
     return _finish(r, sys.stderr, args.verbose)
+
+
+def _run_witness(scenario: Scenario, items: list[str]) -> Run:
+    """A run whose symbolic values take a witness's values (emu.symbolic.witness)."""
+    from emu.api import build
+    from emu.symbolic.witness import WitnessError, parse_witness, witness_hooks
+
+    try:
+        hooks, answer = witness_hooks(parse_witness(items))
+    except WitnessError as e:
+        raise ScenarioError(scenario.path, "--witness", str(e)) from None
+    r = Run.of(build(scenario, hooks).run())
+    if answer.errors:
+        raise ScenarioError(scenario.path, "--witness", "; ".join(answer.errors))
+    if answer.unused():
+        raise ScenarioError(
+            scenario.path, "--witness", f"the run asked for no value named {', '.join(answer.unused())}"
+        )
+    return r
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
@@ -248,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--from-snapshot", metavar="SNAP",
         help="go on from a snapshot file of this scenario (emu.Session.snapshot().save): the report is the whole run, its start included",
+    )  # fmt: skip
+    r.add_argument(
+        "--witness", action="append", default=[], metavar="NAME=VALUE",
+        help="a value for a symbolic declaration (as `emu explore --json` lists them); repeatable",
     )  # fmt: skip
     r.set_defaults(func=cmd_run)
     d = sub.add_parser("detect", help="report states where the thread is at ZwCallbackReturn (the seed's state)")

@@ -34,7 +34,7 @@ each level; below the first, the option of the choice that opened it), or a Pyth
 service's journal, ``{"kind": "python", "service": name, "args": [...], "sent": [<value>...],
 "reads": ["hex" or null, ...]}`` (replayed into a fresh generator, as forks do). A value sent into a
 service is ``null``, ``{"option": name}``, ``{"status": s, "output": "hex"}`` or
-``{"message": [id, sender, receiver, api, "hex"]}``. Scripts are looked up by name in the
+``{"message": [id, sender, receiver, api, "hex"]}`` or ``{"value": n}`` (a symbolic request's value). Scripts are looked up by name in the
 scenario the run from the dump uses, so that the scenario serves what comes next.
 """
 
@@ -76,6 +76,8 @@ def _value(v: Sent | Message) -> object:
         return None
     if isinstance(v, str):
         return {"option": v}
+    if isinstance(v, int):
+        return {"value": v}  # a symbolic request's concrete value (emu.kernel.symbolic)
     if isinstance(v, CallbackResult):
         return {"status": v.status, "output": v.output.hex(), "result": v.result, "length": v.length}
     return {"message": [v.id, v.sender, v.receiver, v.api, v.data.hex()]}
@@ -250,6 +252,8 @@ class KernelDoc:
         d = self.table_of(v, where)
         if "option" in d:
             return self.text(d, "option", where)
+        if "value" in d:
+            return self.number(d, "value", where)
         if "message" in d:
             m = d["message"]
             if not (isinstance(m, list) and len(m) == 5 and all(_int(x) for x in m[:4])):

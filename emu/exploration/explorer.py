@@ -23,7 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 import networkx as nx
 
@@ -33,10 +33,15 @@ from emu.graph import EdgeInfo, StateGraph
 from emu.kernel import KernelHooks, KThread, sched
 from emu.kernel.fork import KernelState, digest_key, load_kernel, save_kernel
 from emu.kernel.hooks import suspend
+from emu.kernel.symbolic import Symbolic
 from emu.machine import Watchdog
 from emu.scenario import Scenario, load_scenario
 from emu.snapshot import PageSnapshot
+from emu.symbolic import has_symbolic, make_driver
 from emu.trace import State
+
+if TYPE_CHECKING:
+    from emu.symbolic.driver import Driver
 
 Strategy = Literal["bfs", "dfs"]
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -67,6 +72,7 @@ class Fork:
     depth: int  # choices taken on the way here
     node: str  # the digest of the state the choice is made in
     path: tuple[str, ...] = ()  # the options taken from the start to here
+    symbolic: Any = None  # the path's symbolic store (emu.symbolic), when the scenario declares values
 
 
 @dataclass
@@ -85,6 +91,7 @@ class Exploration:
     elapsed: float = 0.0
     forked_states: int = 0  # states recorded after a fork (each came from a restored copy)
     snapshot_bytes: int = 0  # memory held by page snapshots (dirty pages only)
+    symbolic: dict[str, object] | None = None  # conditions, witnesses, incomplete reports (emu.symbolic)
 
     @property
     def states(self) -> int:
@@ -118,6 +125,7 @@ class Exploration:
             "unexplored": self.unexplored,
             "deadlocks": len(self.deadlocks),
             "faults": [{"node": n, "message": m} for n, m in self.faults],
+            **({} if self.symbolic is None else {"symbolic": self.symbolic}),
         }
 
 
@@ -132,7 +140,11 @@ class Explorer:
         self.progress = progress
         # Every choice suspends (the explorer decides); each state is digested as it is recorded;
         # a path stops at a merge; the trace spans every path, so distinct states are budgeted here.
-        hooks = KernelHooks(choose=suspend, observe=self._observe, stop=self._at_merge, budget_states=False)
+        self.symbolic: Driver | None = None  # symbolic values, when the scenario declares some
+        hooks = KernelHooks(
+            choose=suspend, observe=self._observe, stop=self._at_merge, budget_states=False,
+            symbolic=self._answer_symbolic,
+        )  # fmt: skip
         self.process = Process(scenario, hooks=hooks)
         self.kernel = self.process.kernel
         self.machine = self.process.machine
@@ -154,6 +166,11 @@ class Explorer:
         self._next_check = 0.0  # when to look at memory and write progress next
         self._rss_base = 0  # the process's resident memory when the exploration began
         self.fault_digests: list[tuple[str, str]] = []  # (state digest, message), after run()
+        if has_symbolic(scenario):
+            self.symbolic = make_driver(self, scenario)
+
+    def _answer_symbolic(self, thread: KThread, request: Symbolic) -> int | None:
+        return self.symbolic.answer(thread, request) if self.symbolic is not None else request.default
 
     # --- state identity -------------------------------------------------------------
     def _at_merge(self) -> bool:
@@ -162,10 +179,14 @@ class Explorer:
     def _observe(self, sid: int, thread: KThread) -> None:
         raw = self.trace.raw_state(sid)
         h = hashlib.blake2b(digest_size=12)
+        context, stack, extra = raw.context, raw.stack, b""
+        if self.symbolic is not None:  # symbolic values: their locations masked, the path condition added
+            context, stack, extra = self.symbolic.on_state(sid, thread, raw)
         # tid, mode, registers; then depth, service, api, pending, callback frames; then the
         # stack from RSP up (bytes below RSP are dead: the x64 ABI has no red zone).
-        h.update(repr((raw.thread, raw.mode, raw.context, raw.kernel_view())).encode())
-        h.update(raw.stack)
+        h.update(repr((raw.thread, raw.mode, context, raw.kernel_view())).encode())
+        h.update(stack)
+        h.update(extra)
         # Every thread's kernel side (waits, callback stacks), the objects, and the live
         # stacks of the threads that are not moving: the whole process is the state.
         h.update(repr(digest_key(self.kernel, thread)).encode())
@@ -174,6 +195,8 @@ class Explorer:
                 h.update(self._stack_of(other))
         h.update(self.cow.digest(self._stacks))
         d = h.hexdigest()
+        if self.symbolic is not None:
+            self.symbolic.seen(d)
         if len(self.digests) != sid:
             raise ModelBug(f"explorer lost track of states ({len(self.digests)} digests for state {sid})")
         self.digests.append(d)
@@ -238,8 +261,9 @@ class Explorer:
                 self._walk(result, work, split)
             else:
                 root = Fork(
-                    self.machine.uc.context_save(), self.cow.take(), save_kernel(self.kernel), 0, self._last or "", ()
-                )
+                    self.machine.uc.context_save(), self.cow.take(), save_kernel(self.kernel), 0, self._last or "", (),
+                    self.symbolic.save() if self.symbolic is not None else None,
+                )  # fmt: skip
                 for prefix in prefixes:
                     self._descend(result, root, prefix)
             if self.machine.watchdog_fired and result.stopped_by is None:
@@ -257,6 +281,9 @@ class Explorer:
         self.fault_digests = list(result.faults)  # by digest: parallel workers are merged by digest
         result.faults = name_faults(result.graph, self.fault_digests)
         result.deadlocks = sorted((self._name(result.graph, d) for d in self.deadlocks), key=_node_order)
+        if self.symbolic is not None:
+            graph = result.graph
+            result.symbolic = self.symbolic.summary(graph, result.faults, lambda d: self._name(graph, d))
         result.elapsed = time.perf_counter() - start
         return result
 
@@ -288,10 +315,16 @@ class Explorer:
             try:
                 self._restore(fork)
                 mark = len(self.trace.raw_states)
-                self.kernel.resume(option)
+                if not isinstance(option, str) and self.symbolic is not None:  # a symbolic value (Pick)
+                    self.kernel.resume(self.symbolic.begin(option))
+                else:
+                    self.kernel.resume(option)
                 self._segment(result)
+                if self.symbolic is not None:
+                    self.symbolic.finish_segment()
+                self._replaying = False
                 result.forked_states += len(self.trace.raw_states) - mark
-                self._after_segment(result, work, fork.depth + 1, fork.path + (option,))
+                self._after_segment(result, work, fork.depth + 1, fork.path + (str(option),))
             except KeyboardInterrupt:
                 result.unexplored += len(work) + 1  # the option being followed is not finished either
                 raise
@@ -339,8 +372,12 @@ class Explorer:
             self._known.update(self._segment_seen)
 
     def _after_segment(
-        self, result: Exploration, work: deque[tuple[Fork, str]], depth: int, path: tuple[str, ...]
+        self, result: Exploration, work: deque[tuple[Fork, Any]], depth: int, path: tuple[str, ...]
     ) -> None:
+        sym = self.symbolic
+        if sym is not None and sym.queued:  # inputs that take other sides of symbolic decisions
+            work.extend(sym.queued)
+            sym.queued.clear()
         pending = self.kernel.pending_choice
         if self._merged_at is not None or pending is None:
             result.paths += 1
@@ -355,10 +392,14 @@ class Explorer:
             self.kernel.pending_choice = None
             return
         fork = Fork(
-            self.machine.uc.context_save(), self.cow.take(), save_kernel(self.kernel), depth, self._last or "", path
-        )
+            self.machine.uc.context_save(), self.cow.take(), save_kernel(self.kernel), depth, self._last or "", path,
+            sym.save() if sym is not None else None,
+        )  # fmt: skip
         result.forks += 1
         result.snapshot_bytes += fork.memory.own_bytes
+        if sym is not None and isinstance(pending.choice, Symbolic):
+            work.append((fork, sym.at_request(fork)))  # this path's value; the solver adds the others
+            return
         options = list(pending.choice.options)
         work.extend((fork, o) for o in (options if self.strategy == "bfs" else reversed(options)))
 
@@ -366,6 +407,8 @@ class Explorer:
         self.machine.uc.context_restore(fork.cpu)
         self.cow.restore(fork.memory)
         load_kernel(self.kernel, fork.kernel)
+        if self.symbolic is not None:
+            self.symbolic.load(fork.symbolic)
         current = self.kernel.current
         if current is not None:
             self.machine.set_gs_base(current.teb)
@@ -423,6 +466,8 @@ class Explorer:
                 g.edges[u, v]["also"] = g.edges[u, v].get("also", ()) + (info,)
                 continue
             g.add_edge(u, v, edge=info)
+        if self.symbolic is not None:
+            self.symbolic.annotate(g)
         return StateGraph(g, sym)
 
     def _label(self, d: str) -> str:

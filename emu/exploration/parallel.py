@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from emu.errors import EmuError
+from emu.errors import EmuError, ScenarioError
 from emu.exploration.explorer import Exploration, Explorer, Strategy, _node_order, name_faults
 from emu.scenario import Scenario, load_scenario
+from emu.symbolic import has_symbolic
 from emu.trace import State
 
 Backend = Literal["processes", "ray"]
@@ -75,6 +76,10 @@ def explore_parallel(
         _require_ray()
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario)
+    if has_symbolic(scenario):
+        # Work items at symbolic values restart from forks inside a worker: they cannot be
+        # handed to another process as option paths.
+        raise ScenarioError(scenario.path, "services", "symbolic values are explored with one worker (no --workers)")
     start = time.perf_counter()
     coordinator = Explorer(scenario, strategy)
     head = coordinator.run(split=max(2, workers * split_factor))

@@ -30,6 +30,7 @@ from emu.kernel.services import (
     TerminateThread,
     UserCallback,
 )
+from emu.kernel.symbolic import Symbolic
 from emu.kernel.thread import CallbackFrame, KThread, PendingChoice, ThreadServiceContext
 from emu.machine import Machine, Trap
 from emu.profile import Profile
@@ -242,6 +243,15 @@ class Kernel:
                     return
                 req = act.step(option)
                 continue
+            if isinstance(req, Symbolic):
+                value = self.hooks.symbolic(thread, req)
+                if value is None:
+                    # Suspend as at a choice: the explorer forks here and resumes with each value.
+                    self.pending_choice = PendingChoice(thread.tid, act, trap, resumed, note, req)
+                    self.machine.request_stop()
+                    return
+                req = act.step(value)
+                continue
             if isinstance(req, int):
                 if act.remark:
                     note = (note + "; " if note else "") + act.remark
@@ -306,7 +316,7 @@ class Kernel:
             # ProbeForWrite of the frame fails: KeUserModeCallback returns the exception code.
             return STATUS_ACCESS_VIOLATION, "the callout frame does not fit on the user stack"
         self.machine.write(out.lowest, out.block)
-        thread.callback_stack.append(CallbackFrame(act, trap, req.api, out.frame, req.message))
+        thread.callback_stack.append(CallbackFrame(act, trap, req.api, out.frame, req.message, out.buffer))
         self.max_depth = max(self.max_depth, len(thread.callback_stack))
         self.machine.regs.set_context(out.entry._replace(rip=self.dispatcher - self._entry_len))
         self.machine.zero_xmm(out.xmm_zero)
@@ -372,8 +382,8 @@ class Kernel:
         elif s.activation is not None:
             self._drive(thread, s.activation, s.trap, s.wake, s.resumed, None, s.note)
 
-    def resume(self, option: str) -> None:
-        """Continue the suspended service with ``option`` (outside any hook: RIP is written as is)."""
+    def resume(self, option: str | int) -> None:
+        """Continue the suspended service with ``option`` (a symbolic request: a value) (outside any hook)."""
         pending = self.pending_choice
         if pending is None:
             raise ModelBug("no choice is pending")
@@ -387,7 +397,7 @@ class Kernel:
                     self._dispatch(thread, tuple(pending.trap.ctx), pending.trap.via)
                     return
                 thread.suspended = sched.Suspended("entry", pending.trap)
-            sched.take(self, option)
+            sched.take(self, str(option))
             return
         self.current = thread
         if pending.trap is None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from emu.kernel.services import Choice
+from emu.kernel.symbolic import Symbolic
 
 if TYPE_CHECKING:
     from emu.kernel.thread import KThread
@@ -25,6 +26,11 @@ def take_default(thread: KThread, choice: Choice) -> str | None:
 def suspend(thread: KThread, choice: Choice) -> str | None:
     """Exploration: suspend at every choice; the explorer forks and resumes with each option."""
     return None
+
+
+def declared_default(thread: KThread, request: Symbolic) -> int | None:
+    """A single run: a symbolic value takes the default its declaration gives."""
+    return request.default
 
 
 def never() -> bool:
@@ -47,3 +53,6 @@ class KernelHooks:
     observe: Callable[[int, KThread], None] | None = None
     stop: Callable[[], bool] = never
     budget_states: bool = True
+    # Answers a symbolic value (emu.kernel.symbolic) with a concrete one, or None to suspend
+    # the service there as at a choice (an explorer forks and resumes with each value).
+    symbolic: Callable[[KThread, Symbolic], int | None] = declared_default

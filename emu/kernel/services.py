@@ -36,6 +36,7 @@ from emu.kernel.objects import (
     Wait,
 )
 from emu.kernel.result import OutputUse, use_output
+from emu.kernel.symbolic import Symbolic, SymbolicReturn
 from emu.winnt import STATUS_INVALID_HANDLE
 
 OBJECT_REQUEST_TYPES = (Wait, SetEvent, ReleaseMutant, SendMessage, ReceiveMessage, ReplyMessage)
@@ -90,6 +91,7 @@ class UserCallback:
     data: bytes = b""
     by_depth: tuple[int, ...] = ()
     message: int | None = None  # the sent message this callback delivers (win32k's SendMessage)
+    symbolic: str = ""  # the name of a symbolic input (``data`` holds its default bytes)
 
     def api_at(self, depth: int) -> int:
         return self.by_depth[min(depth, len(self.by_depth) - 1)] if self.by_depth else self.api
@@ -151,8 +153,9 @@ class Choice:
     default: str
 
 
-Request = UserCallback | TerminateThread | Choice | ObjectRequest
-Sent = CallbackResult | str | Message | None  # a callback's or wait's result, a chosen option, a received message
+Request = UserCallback | TerminateThread | Choice | ObjectRequest | Symbolic
+# a callback's or wait's result, a chosen option, a received message, a symbolic value's concrete value
+Sent = CallbackResult | str | Message | int | None
 
 
 @dataclass(frozen=True)
@@ -188,7 +191,7 @@ class ScriptReturn:
 # A script step: a callback, an object request (wait, set, release, send), a status to
 # return, None (return the last callback's status), a return that uses the callback's
 # result first, or a choice between step lists.
-ScriptStep = UserCallback | int | None | ScriptReturn | ChoiceStep | ObjectRequest
+ScriptStep = UserCallback | int | None | ScriptReturn | ChoiceStep | ObjectRequest | SymbolicReturn
 
 
 @dataclass(frozen=True)
@@ -218,7 +221,7 @@ class ServiceSpec:
 class ScriptActivation:
     """A running scripted service: a stack of (steps, index) positions. Forking copies it."""
 
-    __slots__ = ("ctx", "last", "pending", "remark", "spec", "stack")
+    __slots__ = ("ctx", "last", "pending", "pending_symbolic", "remark", "spec", "stack")
 
     def __init__(
         self, spec: ServiceSpec, stack: list[tuple[tuple[ScriptStep, ...], int]], ctx: ServiceContext | None = None
@@ -228,9 +231,22 @@ class ScriptActivation:
         self.ctx = ctx
         self.last: CallbackResult | None = None
         self.pending: ChoiceStep | None = None
+        self.pending_symbolic: UserCallback | SymbolicReturn | None = None  # asked for a symbolic value
         self.remark = ""  # one line for the trace about the step just taken (a probe or copy)
 
     def step(self, value: Sent) -> Request | int:
+        sym = self.pending_symbolic
+        if sym is not None:
+            if not isinstance(value, int):
+                raise ModelBug(
+                    f"service {self.spec.name} asked for symbolic {sym.symbolic if isinstance(sym, UserCallback) else sym.name} and got {value!r}"
+                )
+            self.pending_symbolic = None
+            if isinstance(sym, SymbolicReturn):
+                return value & 0xFFFF_FFFF
+            return UserCallback(
+                sym.api, value.to_bytes(len(sym.data), "little"), sym.by_depth, sym.message, sym.symbolic
+            )
         if isinstance(value, str):
             if self.pending is None:
                 # The kernel hands an option only to the activation whose choice is pending.
@@ -248,6 +264,12 @@ class ScriptActivation:
                 continue
             self.stack[-1] = (steps, i + 1)
             st = steps[i]
+            if isinstance(st, UserCallback) and st.symbolic:
+                self.pending_symbolic = st
+                return Symbolic(st.symbolic, 8 * len(st.data), "data", (), int.from_bytes(st.data, "little"))
+            if isinstance(st, SymbolicReturn):
+                self.pending_symbolic = st
+                return st.request()
             if isinstance(st, (UserCallback, *OBJECT_REQUEST_TYPES)):
                 return st
             if isinstance(st, ChoiceStep):
@@ -270,13 +292,14 @@ class ScriptActivation:
 
     def fork(self) -> ScriptActivation:
         twin = ScriptActivation(self.spec, list(self.stack), self.ctx)
-        twin.last, twin.pending = self.last, self.pending
+        twin.last, twin.pending, twin.pending_symbolic = self.last, self.pending, self.pending_symbolic
         return twin
 
     def position(self) -> tuple[object, ...]:
         """What identifies this activation's progress (for state digests)."""
         last = None if self.last is None else (self.last.status, self.last.output)
-        return (self.spec.name, tuple(i for _, i in self.stack), len(self.stack), last)
+        out = (self.spec.name, tuple(i for _, i in self.stack), len(self.stack), last)
+        return out if self.pending_symbolic is None else (*out, self.pending_symbolic)
 
 
 class _JournalContext:
@@ -344,7 +367,7 @@ class Activation:
         except StopIteration as stop:
             self._done = True
             return _status(self.spec.name, stop.value)
-        if not isinstance(req, (UserCallback, TerminateThread, Choice, *OBJECT_REQUEST_TYPES)):
+        if not isinstance(req, (UserCallback, TerminateThread, Choice, Symbolic, *OBJECT_REQUEST_TYPES)):
             raise KernelError(
                 f"service {self.spec.name} yielded {req!r}; expected UserCallback, Choice or TerminateThread"
             )

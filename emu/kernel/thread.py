@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Literal
 from emu.context import KTrapFrame, UserContext
 from emu.kernel.objects import Message
 from emu.kernel.services import Activation, CallbackResult, Choice, ScriptActivation, Sent
+from emu.kernel.symbolic import Symbolic
 from emu.trace import Mode
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class CallbackFrame:
     api: int
     user_frame: int  # address of the UCALLOUT_FRAME on the user stack
     message_id: int | None = None  # the sent message this callback handles, if any
+    buffer: int = 0  # where the callback's input was copied on the user stack
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class PendingChoice:
     trap: KTrapFrame | None
     resumed: bool
     note: str
-    choice: Choice
+    choice: Choice | Symbolic  # Symbolic: the explorer resumes with a concrete value (emu.symbolic)
     at_entry: bool = False  # a scheduling choice at this thread's system call entry
 
 

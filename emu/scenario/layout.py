@@ -13,6 +13,7 @@ from emu.scenario.expectations import EXPECTATIONS, NOTE
 from emu.scenario.keys import JSON, Boolean, HexBytes, Integer, Key, Schema, Status, Table, Text, table_of
 from emu.scenario.model import OUTPUT_USES, Budgets, MemorySpec, ModuleSpec, ObjectSpec, PeSpec, ThreadSpec
 from emu.scenario.reader import _ID
+from emu.scenario.symbolic import DATA_SCHEMA, STATUS_SCHEMA
 
 MAX_TABLE = 4096  # emu's cap on KernelCallbackTable entries (not a Windows limit)
 
@@ -107,14 +108,21 @@ STEPS: dict[str, Table] = {
                 Schema({"anyOf": [API.schema(), _array(API.schema(), 1)]}),
                 required=True,
             ),
-            "data": Key("hex bytes", HexBytes()),
+            "data": Key(
+                "hex bytes, or { symbolic = N } (N symbolic bytes)",
+                Schema({"anyOf": [HexBytes().schema(), DATA_SCHEMA]}),
+            ),
             "text": Key("a string sent as bytes", Text()),
         }
     ),
     "return": Table(
         {
             "kind": _kind("return"),
-            "status": Key('an NTSTATUS or "callback"', Status(("callback",)), True),
+            "status": Key(
+                'an NTSTATUS, "callback", or { symbolic = "name" }',
+                Schema({"anyOf": [Status(("callback",)).schema(), STATUS_SCHEMA]}),
+                True,
+            ),
             "output": Key(
                 '"probe" or "copy": use the last callback\'s Result first (a fault: STATUS_ACCESS_VIOLATION)',
                 Text(words=OUTPUT_USES),

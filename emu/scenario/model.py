@@ -33,6 +33,7 @@ class CallbackStep:
     data: bytes = b""
     kind: Literal["callback"] = "callback"
     by_depth: tuple[int, ...] = ()
+    symbolic: str = ""  # ``data = { symbolic = N }``: the input's name; ``data`` holds its default bytes
 
 
 # What a return step may do with the last callback's Result first (emu.kernel.result does it).
@@ -50,6 +51,15 @@ class ReturnStep:
     status: int | None
     kind: Literal["return"] = "return"
     output: str = ""
+    symbolic: SymbolicStatus | None = None  # ``status = { symbolic = "st" }``: ``status`` is its default
+
+
+@dataclass(frozen=True)
+class SymbolicStatus:
+    """A status declared symbolic: its name and the values it may take (empty: any NTSTATUS)."""
+
+    name: str
+    domain: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,10 @@ class Budgets:
     # counted, since Unicorn's counting slows user code about 2.5x; wall_time still bounds it.
     instructions: int | None = field(default=None, metadata=key("an integer", Integer(1, 10**12)))
     wall_time: float = field(default=20.0, metadata=key("seconds", Seconds(3600)))  # per run, or a whole exploration
+    # Exploration with symbolic values: seconds the solver may spend in all (emu.symbolic).
+    solver_time: float = field(
+        default=10.0, metadata=key("seconds the solver may spend (symbolic values)", Seconds(3600))
+    )
     callback_depth: int = field(default=1024, metadata=key("an integer", Integer(1, 1 << 20)))
     # states recorded by a run, or distinct states found by an exploration
     states: int = field(

@@ -358,6 +358,9 @@ def _budgets(r: _Reader, b: dict[str, Any]) -> Budgets:
     for name, k in BUDGETS.keys.items():
         if name == "wall_time":
             continue
+        if isinstance(k.shape, Seconds):  # solver_time
+            values[name] = k.shape.read(r, b, name, path, getattr(Budgets, name))
+            continue
         default = getattr(Budgets, name)
         if default is None:  # instructions: not counted unless given
             values[name] = _integer(k).read(r, b, name, path, 0) or None

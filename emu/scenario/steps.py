@@ -8,6 +8,7 @@ from emu.profile import Profile
 from emu.scenario.layout import API, SERVICE, SSN, STEP_KINDS, STEPS
 from emu.scenario.model import OUTPUT_USES, CallbackStep, ChoiceStep, ObjectStep, ReturnStep, ServiceScript, Step
 from emu.scenario.reader import _NAME, _dotted, _kind, _Reader
+from emu.scenario.symbolic import read_data, read_status
 
 
 def _services(
@@ -108,6 +109,11 @@ class _StepReader:
         r = self.r
         r.table(st, sp, STEPS["return"].allowed, STEPS["return"].required)
         v = st["status"]
+        if isinstance(v, dict):
+            default, decl = read_status(r, v, sp + ("status",))
+            if "output" in st:
+                raise r.fail(sp + ("output",), "a symbolic status cannot also use the callback's output")
+            return ReturnStep(default, symbolic=decl)
         status = None if v == "callback" else r.status(v, sp + ("status",), ('"callback"',))
         output = r.str_(st, "output", sp, "")
         if "output" in st and output not in OUTPUT_USES:
@@ -129,6 +135,9 @@ class _StepReader:
                 )
         if "data" in st and "text" in st:
             raise r.fail(sp, "give either 'data' or 'text', not both")
+        if isinstance(st.get("data"), dict):
+            data, name = read_data(r, st["data"], sp + ("data",))
+            return CallbackStep(apis[0], data, by_depth=tuple(apis) if isinstance(raw, list) else (), symbolic=name)
         data = r.hexdata(st["data"], sp + ("data",)) if "data" in st else r.str_(st, "text", sp, "").encode()
         return CallbackStep(apis[0], data, by_depth=tuple(apis) if isinstance(raw, list) else ())
 

@@ -132,6 +132,9 @@ def render(exp: Exploration, node: str, steps: list[Step], starts: list[str] | N
     """The path as text; ``starts`` (the trace's ``thread_starts``) says how each thread began."""
     g = exp.graph.nx
     out = [f"{node}: {g.nodes[node]['label']}", f"reached from n0 in {len(steps)} transition(s)"]
+    if "path_condition" in g.nodes[node]:  # symbolic values (emu.symbolic)
+        out.append(f"reached when {g.nodes[node]['path_condition']}")
+        out.append(f"witness: {g.nodes[node].get('witness', '') or '(no symbolic value yet)'}")
     out += [f"thread start: {line}" for line in starts or ()]
     out.append("")
     for i, s in enumerate(steps, 1):

@@ -1,0 +1,41 @@
+"""Values the kernel hands to user mode that a scenario declares symbolic.
+
+A service asks for one with a :class:`Symbolic` request (a scripted return whose status is
+declared ``{ symbolic = "st" }``, or a callback whose input is ``{ symbolic = 16 }``). The
+caller's :class:`~emu.kernel.hooks.KernelHooks` answers with a concrete value: a single run
+takes the declared default (or a witness's value); an explorer suspends the service there,
+forks, and resumes it with each value a solver finds (:mod:`emu.symbolic`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class Symbolic:
+    """A request for a symbolic value: a status (32 bits) or a callback's input (``bits`` = 8 x bytes).
+
+    ``domain``: the values allowed (empty: any value of that width); ``default``: the value a
+    single run takes. ``options`` is empty so code that lists a choice's options sees none.
+    """
+
+    name: str
+    bits: int
+    where: Literal["status", "data"]
+    domain: tuple[int, ...] = ()
+    default: int = 0
+    options: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SymbolicReturn:
+    """A scripted return whose status is symbolic."""
+
+    name: str
+    domain: tuple[int, ...] = ()
+    default: int = 0
+
+    def request(self) -> Symbolic:
+        return Symbolic(self.name, 32, "status", self.domain, self.default)
