@@ -271,7 +271,9 @@ class Session:
 
     def step_instruction(self, count: int = 1) -> list[Transition]:
         """Run ``count`` instructions (fewer if the run ends); returns the transitions they caused.
-        A `syscall` is one instruction: the kernel model's whole transition happens inside it."""
+        A `syscall` is one instruction: the kernel model's whole transition happens inside it; an
+        instruction that faults into an exception handler stops at the handler's first instruction;
+        a built-in ntdll trap (:mod:`emu.kernel.rtl`) does its work and its ``ret`` in one."""
         mark = self.position
         for _ in range(count):
             if self.done:
