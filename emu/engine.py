@@ -366,13 +366,18 @@ class Process:
         return self.result(error, stop)
 
     def advance(
-        self, wall_time: float | None, stop: Callable[[], bool] | None = None, instructions: int | None = None
+        self,
+        wall_time: float | None,
+        stop: Callable[[], bool] | None = None,
+        instructions: int | None = None,
+        run: Callable[[], str] | None = None,
     ) -> tuple[EmuError | None, str]:
         """:meth:`drive`, with the errors that end a run kept as data: (error, stop reason).
-        A fault is recorded on the thread it stopped (the trace's last transition)."""
+        A fault is recorded on the thread it stopped (the trace's last transition).
+        ``run``: another way to run the process (a step, to a breakpoint: :mod:`emu.debug.control`)."""
         kernel = self.kernel
         try:
-            return None, self.drive(wall_time, stop, instructions)
+            return None, run() if run is not None else self.drive(wall_time, stop, instructions)
         except (MachineFault, UnimplementedImport) as e:
             kernel.record_fault(kernel.current or self.thread, e)
             return e, "fault"

@@ -38,10 +38,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from unicorn import UC_HOOK_CODE, UcError
+from unicorn import UcError
 
 from emu.api import Run, build
 from emu.context import REGISTER_NAMES, UserContext
+from emu.debug.control import drive_to, step
 from emu.dump.start import DumpProcess
 from emu.engine import Process, RunResult
 from emu.errors import EmuError
@@ -164,9 +165,7 @@ class Session:
         self.error: EmuError | None = None
         self.stop: str | None = None  # why the run ended ("exit", "fault", ...); None while it can go on
         self._result: RunResult | None = None
-        self._skip_break: int | None = None
-        self._breakpoints: dict[int, int] = {}  # address -> Unicorn hook handle
-        self._armed: set[int] = set()  # the breakpoints the current run stops at
+        self._breakpoints: set[int] = set()
         self.hit: int | None = None  # the breakpoint the last cont() or run_to() stopped at
         self._raised: Exception | None = None  # what a run_until predicate raised, kept until the CPU stops
         self.token = object()  # names this session's in-memory snapshots
@@ -272,12 +271,14 @@ class Session:
 
     def step_instruction(self, count: int = 1) -> list[Transition]:
         """Run ``count`` instructions (fewer if the run ends); returns the transitions they caused.
-        A `syscall` is one instruction: the kernel model's whole transition happens inside it."""
+        A `syscall` is one instruction: the kernel model's whole transition happens inside it; an
+        instruction that faults into an exception handler stops at the handler's first instruction;
+        a built-in ntdll trap (:mod:`emu.kernel.rtl`) does its work and its ``ret`` in one."""
         mark = self.position
         for _ in range(count):
             if self.done:
                 break
-            self._go(lambda: True, instructions=1, first=False)
+            self._go(lambda: False, run=lambda: step(self.process))
         return self.process.trace.transitions[mark:]
 
     def run_until(self, predicate: Predicate) -> list[Transition]:
@@ -306,18 +307,15 @@ class Session:
 
     # --- breakpoints (what a debugger's "continue" stops at) ------------------------------
     def add_breakpoint(self, where: str | int) -> int:
-        """Stop :meth:`cont` before the instruction at ``where``; returns its address. A hook on
-        that one address: code elsewhere runs at full speed."""
+        """Stop :meth:`cont` before the instruction at ``where``; returns its address. A Unicorn
+        exit (:mod:`emu.debug.control`): the CPU stops before any hook of that instruction runs,
+        so a breakpoint on one of emu's Python traps leaves the run unchanged."""
         address = self.address(where)
-        if address not in self._breakpoints:
-            uc = self.process.machine.uc
-            self._breakpoints[address] = uc.hook_add(UC_HOOK_CODE, self._breakpoint_hit, None, address, address)
+        self._breakpoints.add(address)
         return address
 
     def remove_breakpoint(self, where: str | int) -> None:
-        handle = self._breakpoints.pop(self.address(where), None)
-        if handle is not None:
-            self.process.machine.uc.hook_del(handle)
+        self._breakpoints.discard(self.address(where))
 
     @property
     def breakpoints(self) -> list[int]:
@@ -329,23 +327,16 @@ class Session:
 
     def _to_breakpoint(self, armed: set[int]) -> list[Transition]:
         self.hit = None
+        mark = self.position
         if self.started and not self.done and self.regs.rip in armed:
-            self._skip_break = self.regs.rip  # the instruction the session stands on runs first
-        self._armed = armed
-        try:
-            return self._go(lambda: self.hit is not None, first=False)
-        finally:
-            self._armed = set()
-            self._skip_break = None
-
-    def _breakpoint_hit(self, uc: object, at: int, size: int, user_data: object) -> None:
-        if at not in self._armed:
-            return  # a step, or a run to somewhere else: breakpoints do not stop it
-        if self._skip_break == at:
-            self._skip_break = None
-            return
-        self.hit = at
-        self.process.machine.request_stop()
+            # The instruction the session stands on runs first: the CPU would stop on it at once.
+            self._go(lambda: False, run=lambda: step(self.process))
+            if not self.done and self.regs.rip in armed:
+                self.hit = self.regs.rip
+        if self.hit is None:
+            wall = self.scenario.budgets.wall_time
+            self._go(lambda: False, run=lambda: drive_to(self.process, armed, wall))
+        return self.process.trace.transitions[mark:]
 
     def finish(self) -> Run:
         """Run to the end and return the :class:`~emu.api.Run` ``emu.run`` would have returned."""
@@ -402,18 +393,22 @@ class Session:
             return
         p.kernel.continue_thread(p.thread)
 
-    def _go(self, until: Callable[[], bool], instructions: int | None = None, first: bool = True) -> list[Transition]:
+    def _go(self, until: Callable[[], bool], run: Callable[[], str] | None = None) -> list[Transition]:
+        """Run until ``until()`` holds (asked first, then after each recorded transition), or as
+        ``run`` runs the process (:mod:`emu.debug.control`: a step, to a breakpoint)."""
         mark = self.position
         if not self.started:
             self._start()
-        if self.done or (first and until()):
+        if self.done or until():
             return self.process.trace.transitions[mark:]
         self._until = until
         try:
-            error, stop = self.process.advance(self.scenario.budgets.wall_time, instructions=instructions)
+            error, stop = self.process.advance(self.scenario.budgets.wall_time, run=run)
         finally:
             self._until = None
-        if stop not in ("stopped", "instructions", "choice"):
+        if stop == "break":
+            self.hit = self.regs.rip
+        elif stop not in ("stopped", "choice"):
             self.error, self.stop = error, stop
         raised, self._raised = self._raised, None
         if raised is not None:

@@ -27,11 +27,11 @@ from unicorn import UC_HOOK_MEM_READ, UcError
 from unicorn import x86_const as x86
 
 from emu.context import REGISTER_NAMES
+from emu.debug.control import drive_to, step
 from emu.debug.registers import REGISTERS, Reg
 from emu.engine import Process, RunResult
 from emu.errors import BudgetExceeded, EmuError, KernelError, MachineFault, UnimplementedImport
 from emu.kernel import KThread
-from emu.machine import NEVER, Trap
 from emu.trace import Transition
 from emu.winnt import status_name
 
@@ -223,10 +223,6 @@ class DebugTarget:
         # Unicorn translates code once: drop what it translated from bytes that changed.
         self.uc.ctl_remove_cache(begin, end)
 
-    def _forget_all_code(self) -> None:
-        # Unicorn checks for exits when it translates an instruction: translate again.
-        self.uc.ctl_flush_tb()  # type: ignore[attr-defined]  # unicorn >= 2.0.1; its stubs lack it
-
     # --- running ------------------------------------------------------------------------
     def interrupt(self) -> None:
         """Stop a resume in progress (from another thread: a client's Ctrl-C)."""
@@ -292,43 +288,10 @@ class DebugTarget:
         return self._watch() if self.watchpoints else self._continue(wall_time)
 
     def _step(self) -> str:
-        """One instruction of the thread on the CPU, served by the kernel model if it enters it.
-
-        Unicorn's instruction count runs before every other hook of an instruction, so the
-        CPU stops before the next instruction's hooks (emu's Python traps) have done anything.
-        A fault the kernel turns into an exception stops at the handler's first instruction.
-        """
-        machine = self.machine
-        deliver = machine.exception_handler
-
-        def deliver_then_stop(trap: Trap) -> bool:
-            went_on = deliver is not None and deliver(trap)
-            if went_on:
-                machine.request_stop()
-            return went_on
-
-        machine.exception_handler = deliver_then_stop
-        try:
-            machine.run(self.rip(), 1, None)
-        finally:
-            machine.exception_handler = deliver
+        """One instruction (:func:`emu.debug.control.step`): "stopped" or how the run ended."""
+        how = step(self.process)
         self._reason = "step"
-        return self._settle()
-
-    def _settle(self) -> str:
-        """Put a thread on the CPU if the one that ran cannot go on, as ``Process.drive`` does
-        between two runs of the CPU: "stopped" when one can run, else how the run ended."""
-        kernel = self.kernel
-        while True:
-            t = kernel.current
-            if t is not None and t.running:
-                return "stopped"
-            if kernel.deadlock:
-                return "deadlock"
-            nxt = kernel.next_thread
-            if nxt is None:
-                return "exit"
-            kernel.continue_thread(nxt)
+        return how
 
     def _watch(self) -> str:
         """Continue one instruction at a time while watchpoints are set: reads by the CPU come
@@ -370,26 +333,12 @@ class DebugTarget:
             self._watch_hit = (kind, hit)
 
     def _continue(self, wall_time: float | None) -> str:
-        """Run until a breakpoint, an interrupt or the end. Breakpoints are Unicorn exits: the
-        CPU stops at one before any hook of that instruction runs (emu's Python traps included)."""
-        exits = sorted(self.breakpoints)
-        if exits:
-            self.uc.ctl_exits_enabled(True)
-            self.uc.ctl_set_exits([NEVER, *exits])
-            self._forget_all_code()
-        try:
-            return self.process.drive(wall_time, stop=self._stopped)
-        except BudgetExceeded as e:
-            # The engine takes a stop nobody requested for the end of the instruction budget;
-            # at an exit it is a breakpoint (a budget that ends on one exactly reads as one too).
-            if e.budget == "instructions" and self.rip() in self.breakpoints:
-                self._reason = "break"
-                return "stopped"
-            raise
-        finally:
-            if exits:
-                self.uc.ctl_exits_enabled(False)
-                self._forget_all_code()
+        """Run until a breakpoint, an interrupt or the end (:func:`emu.debug.control.drive_to`)."""
+        how = drive_to(self.process, self.breakpoints, wall_time, stop=self._stopped)
+        if how == "break":
+            self._reason = "break"
+            return "stopped"
+        return how
 
     def _fail(self, error: EmuError, stop: str, sig: int) -> Stop:
         """The run stopped on an error: GDB sees the thread stop with a signal now, and the
