@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from emu.errors import ExtensionError, ScenarioError
@@ -67,18 +67,18 @@ __all__ = [
 Services = ServiceRegistry | str  # a registry, or "package.module:name" naming one
 
 
-def load(ref: str, folder: str | Path | None = None) -> ServiceRegistry:
+def load(ref: str, folders: Sequence[str | Path] = ()) -> ServiceRegistry:
     """Import ``"package.module:name"`` and return that ServiceRegistry.
 
-    ``folder`` (a scenario's own) is searched first for the module. Raises ExtensionError,
-    one line, when the module cannot be imported or the name is not a registry.
+    ``folders`` (a scenario's own, the working folder) are searched first for the module.
+    Raises ExtensionError, one line, when the module cannot be imported or the name is not
+    a registry.
     """
     module_name, colon, attr = ref.partition(":")
     if not colon or not module_name or not attr:
         raise ExtensionError("service", f"services {ref!r}: expected 'package.module:name'")
-    added = str(Path(folder).resolve()) if folder is not None else None
-    if added is not None:
-        sys.path.insert(0, added)
+    added = [str(Path(f).resolve()) for f in folders]
+    sys.path[:0] = added
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -88,8 +88,8 @@ def load(ref: str, folder: str | Path | None = None) -> ServiceRegistry:
             "service", f"services {ref!r}: importing {module_name} raised {type(e).__name__}: {e}"
         ) from None
     finally:
-        if added is not None and sys.path and sys.path[0] == added:
-            del sys.path[0]
+        if sys.path[: len(added)] == added:
+            del sys.path[: len(added)]
     registry = getattr(module, attr, None)
     if not isinstance(registry, ServiceRegistry):
         got = "nothing" if registry is None else type(registry).__name__
@@ -109,7 +109,7 @@ def services_for(scenario: Scenario, given: Services | None = None) -> ServiceRe
                 scenario.line_of("python", "services"),
             )  # fmt: skip
         try:
-            parts.append(load(ref, Path(scenario.path).parent))
+            parts.append(load(ref, (Path(scenario.path).parent, Path.cwd())))
         except ExtensionError as e:
             raise ScenarioError(
                 scenario.path, "python.services", str(e), scenario.line_of("python", "services")

@@ -25,6 +25,7 @@ from emu.cli import image as cli_image
 from emu.cli import plot as cli_plot
 from emu.cli import score as cli_score
 from emu.cli.exit_codes import EXIT_EXPECT, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED
+from emu.cli.python import add_python_options, with_python
 from emu.errors import BudgetExceeded, EmuError
 from emu.scenario import load_scenario
 from emu.writing import refuse_overwrite, write_atomic
@@ -162,7 +163,7 @@ def _finish(r: Run, err: TextIO, verbose: bool = False) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    scenario = load_scenario(args.scenario, args.allow_path)
+    scenario = with_python(load_scenario(args.scenario, args.allow_path), args)
     expected = bool(scenario.expectations)
     if args.from_dump:
         scenario = cli_dump.from_dump(scenario, args.from_dump)
@@ -243,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--from-dump", metavar="FILE.dmp",
         help="start from a minidump (its memory, modules, threads and emu's kernel state); the scenario's services serve what comes next",
     )  # fmt: skip
+    add_python_options(r)
     r.set_defaults(func=cmd_run)
     d = sub.add_parser("detect", help="report states where the thread is at ZwCallbackReturn (the seed's state)")
     d.add_argument("scenario", nargs="?")

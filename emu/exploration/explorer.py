@@ -15,6 +15,7 @@ breadth-first walk from the start with edges in sorted order.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import os
@@ -28,13 +29,14 @@ from typing import Any, Literal, TextIO
 import networkx as nx
 
 from emu.engine import Process
-from emu.errors import BudgetExceeded, KernelError, MachineFault, ModelBug, UnimplementedImport
+from emu.errors import BudgetExceeded, ExtensionError, KernelError, MachineFault, ModelBug, UnimplementedImport
 from emu.graph import EdgeInfo, StateGraph
 from emu.kernel import KernelHooks, KThread, sched
 from emu.kernel.fork import KernelState, digest_key, load_kernel, save_kernel
 from emu.kernel.hooks import suspend
 from emu.machine import Watchdog
 from emu.scenario import Scenario, load_scenario
+from emu.services import Services
 from emu.snapshot import PageSnapshot
 from emu.trace import State
 
@@ -124,7 +126,10 @@ class Exploration:
 class Explorer:
     """Runs one scenario's machine through every option of every choice, within budgets."""
 
-    def __init__(self, scenario: Scenario, strategy: Strategy = "bfs", progress: TextIO | None = None) -> None:
+    def __init__(
+        self, scenario: Scenario, strategy: Strategy = "bfs", progress: TextIO | None = None,
+        services: Services | None = None,
+    ) -> None:  # fmt: skip
         if strategy not in ("bfs", "dfs"):
             raise ValueError(f"unknown strategy {strategy!r} (bfs or dfs)")
         self.scenario = scenario
@@ -133,7 +138,7 @@ class Explorer:
         # Every choice suspends (the explorer decides); each state is digested as it is recorded;
         # a path stops at a merge; the trace spans every path, so distinct states are budgeted here.
         hooks = KernelHooks(choose=suspend, observe=self._observe, stop=self._at_merge, budget_states=False)
-        self.process = Process(scenario, hooks=hooks)
+        self.process = Process(scenario, hooks=hooks, services=services)
         self.kernel = self.process.kernel
         self.machine = self.process.machine
         self.trace = self.process.trace
@@ -333,7 +338,7 @@ class Explorer:
         except UnimplementedImport as e:
             self.kernel.record_fault(self.kernel.current or thread, e)
             result.faults.append((self._last or "", str(e)))
-        except (BudgetExceeded, KernelError) as e:
+        except (BudgetExceeded, KernelError, ExtensionError) as e:
             result.faults.append((self._last or "", str(e)))
         if not self._replaying:
             self._known.update(self._segment_seen)
@@ -452,14 +457,19 @@ def _edge_sort(key: tuple[object, ...]) -> tuple[str, ...]:
 
 
 def explore(
-    scenario: Scenario | str | Path, strategy: Strategy = "bfs", progress: bool | TextIO = False
-) -> Exploration:
+    scenario: Scenario | str | Path, strategy: Strategy = "bfs", progress: bool | TextIO = False, *,
+    services: Services | None = None, allow_python: bool = False,
+) -> Exploration:  # fmt: skip
     """Explore every option of every choice in a scenario (a Scenario or a path).
 
-    ``progress=True`` writes a progress line to stderr when it is a terminal.
+    ``progress=True`` writes a progress line to stderr when it is a terminal. ``services``
+    add Python system services (:mod:`emu.services`); they fork with the machine at each
+    choice. ``allow_python`` lets the scenario's ``[python]`` table load Python.
     """
     if not isinstance(scenario, Scenario):
-        scenario = load_scenario(scenario)
+        scenario = load_scenario(scenario, allow_python=allow_python)
+    elif allow_python:
+        scenario = dataclasses.replace(scenario, allow_python=True)
     stream: TextIO | None
     if progress is True:
         stream = sys.stderr if sys.stderr.isatty() else None
@@ -467,4 +477,4 @@ def explore(
         stream = None
     else:
         stream = progress
-    return Explorer(scenario, strategy, stream).run()
+    return Explorer(scenario, strategy, stream, services).run()
