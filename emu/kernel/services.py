@@ -137,9 +137,6 @@ class ServiceContext(Protocol):
     def write(self, address: int, data: bytes) -> None: ...
 
 
-ServiceGen = Generator["Request", Any, int]
-
-
 @dataclass(frozen=True)
 class Choice:
     """Ask the kernel which way to go: one of ``options`` by name.
@@ -155,6 +152,7 @@ class Choice:
 
 Request = UserCallback | TerminateThread | Choice | ObjectRequest
 Sent = CallbackResult | str | Message | None  # a callback's or wait's result, a chosen option, a received message
+ServiceGen = Generator[Request, Any, int]  # what a generator service is, for its return annotation
 
 
 @dataclass(frozen=True)
