@@ -31,7 +31,8 @@ What can be hooked:
 - ``thread_switch()``: another thread going on the CPU.
 
 Addresses are integers or ``"module!symbol"``; a range is ``(begin, end)`` (end
-excluded) or a ``range``. Hooks cost nothing while none is attached: each kind of hook is
+excluded), a ``range``, or a module's name (its whole image). An instruction hook that
+stops the run leaves RIP at its instruction, not yet run. Hooks cost nothing while none is attached: each kind of hook is
 registered only when one of that kind is given. A callback that raises stops the run with
 ``run.stop == "hook"`` and one line naming it (``run.error``), the trace so far kept.
 """
@@ -51,6 +52,7 @@ from emu.vocabulary import KINDS
 if TYPE_CHECKING:
     from emu.engine import Process
     from emu.kernel import KThread
+    from emu.loader.image import Image
 
 __all__ = ["Halt", "Hit", "Hooks"]
 
@@ -155,13 +157,20 @@ class Hit:
             raise ExtensionError("hook", f"hook {self.hook}: this hit is not attached to a run")
         return self._attached
 
+    @property
+    def rip(self) -> int:
+        """The user RIP the event happened at: the transition's, else the CPU's now."""
+        if self.transition is not None:
+            return self.transition.rip
+        return self._run().process.machine.register("rip") or 0
+
     def note(self, text: str) -> None:
         """Record one line into the trace (``run.trace.notes``)."""
-        self._run().note(self.hook, text)
+        self._run().note(self.hook, text, self.rip)
 
     def stop(self, reason: str = "") -> None:
         """End the run cleanly once the current instruction or kernel step is done."""
-        self._run().stop(self.hook, reason or f"{self.kind} hook")
+        self._run().stop(self.hook, reason or f"{self.kind} hook", self.rip)
 
     def register(self, name: str) -> int:
         """A register of the CPU now (``"rip"``, ``"rcx"``, ...)."""
@@ -178,7 +187,11 @@ class Hit:
         return self._run().process.trace.symbolize(address)
 
 
-def _bounds(where: Where, resolve: Callable[[Address], int]) -> tuple[int, int]:
+def _bounds(where: Where, resolve: Callable[[Address], int], images: list[Image]) -> tuple[int, int]:
+    if isinstance(where, str) and "!" not in where:
+        image = next((img for img in images if img.name.lower() == where.lower()), None)
+        if image is not None:
+            return image.base, image.end
     if isinstance(where, range):
         return where.start, where.stop
     if isinstance(where, tuple):
@@ -203,7 +216,7 @@ class Attached:
         for e in entries:
             if e.where is None:
                 continue
-            begin, end = _bounds(e.where, self._resolve)
+            begin, end = _bounds(e.where, self._resolve, process.images)
             if e.kind in ("instruction", "fetch"):
                 machine.add_code_hook(begin, end, self._code_hook(e))
             elif e.kind in ("read", "write"):
@@ -238,20 +251,14 @@ class Attached:
         raise ExtensionError("hook", f"hook address {at!r} names no symbol in the loaded images")
 
     # --- what the hooks do to the run -----------------------------------------------------
-    def _where(self) -> tuple[int | None, int]:
-        cur = self.process.kernel.current
-        rip = self.process.machine.register("rip") or 0
-        return (None if cur is None else cur.tid), rip
-
-    def note(self, by: str, text: str) -> None:
-        tid, rip = self._where()
+    def note(self, by: str, text: str, rip: int) -> None:
         trace = self.process.trace
-        trace.notes.append(TraceNote(len(trace.raw_transitions), tid, rip, by, text))
+        trace.notes.append(TraceNote(len(trace.raw_transitions), self._current(), rip, by, text))
 
-    def stop(self, by: str, reason: str) -> None:
+    def stop(self, by: str, reason: str, rip: int) -> None:
         if self.halt.halted:
             return
-        self.note(by, f"stopped: {reason}")
+        self.note(by, f"stopped: {reason}", rip)
         self.halt.halted, self.halt.reason, self.halt.by = True, reason, by
         self.process.machine.request_stop()
 
@@ -262,13 +269,13 @@ class Attached:
         try:
             entry.func(hit)
         except Exception as e:
-            rip = self._where()[1]
+            rip = hit.rip
             first = str(e).splitlines()[0] if str(e) else ""
             message = (
                 f"hook {hit.hook} ({entry.kind}) raised {type(e).__name__}{': ' + first if first else ''} "
                 f"at {self.process.trace.symbolize(rip)}"
             )
-            self.note(hit.hook, message)
+            self.note(hit.hook, message, rip)
             self.halt.halted, self.halt.failure = True, ExtensionError("hook", message)
             self.process.machine.request_stop()
 
