@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import asm_scenario
 from emu.api import build, run
 from emu.errors import ExtensionError
 from emu.hooks import Hit, Hooks
 from emu.kernel.services import UserCallback
 from emu.scenario import parse_scenario
 from emu.services import HANDLE, ULONG, ServiceRegistry
-from tests.conftest import asm_scenario
 
 
 def test_instruction_hook_by_symbol_sees_the_callback_arguments(root: Path) -> None:

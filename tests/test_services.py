@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from conftest import asm_scenario
 from emu.api import run
 from emu.cli.main import main
 from emu.errors import ExtensionError, ScenarioError
@@ -17,7 +18,6 @@ from emu.exploration.explorer import explore
 from emu.kernel.services import Activation, ServiceGen, _JournalContext
 from emu.scenario import parse_scenario
 from emu.services import HANDLE, ULONG, ULONG_PTR, CallbackResult, Choice, Ptr, ServiceRegistry, UserCallback
-from tests.conftest import asm_scenario
 
 # Two NtQuerySystemInformation calls on one 4-byte cell on the stack; main returns the
 # second call's status. The ntdll stubs take the arguments in RCX (moved to R10), RDX, R8, R9.
