@@ -168,7 +168,7 @@ class Process:
         tids = {t.name: i for i, t in enumerate(specs)}
         registry, shared = registry_for(scenario, tids)
         table = file_name(self.ntdll) if self.foreign else f"profile {self.profile.name}"
-        shared = bind(registry, shared, services_for(scenario, services), scenario, self.ssn_table, table)
+        shared = bind(registry, shared, services_for(scenario, services), scenario, self.ssn_table, table, self.notes)
         self.halt = Halt()  # a hook's request to stop, or its failure (emu.hooks)
         dispatcher = self.ntdll.export("KiUserCallbackDispatcher")
         if dispatcher is None:

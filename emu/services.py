@@ -29,9 +29,10 @@ Giving services to a run: ``emu.run(scenario, services=registry)``, ``emu.explor
 services=registry)``, ``emu run FILE --services package.module:registry --allow-python``,
 or a scenario's ``[python] services = "package.module:registry"`` (run only with
 ``--allow-python`` / ``allow_python=True``: a scenario is data unless its reader allows
-more). A Python service replaces a built-in one of the same name; one the scenario also
-scripts in ``[services.*]`` is refused, and so is one whose name has no service number in
-the loaded ntdll/win32u (or, with the built-in ntdll, the profile): one line, at build.
+more). A Python service replaces a built-in one of the same name, and the scenario's own
+``[services.*]`` script of that name (the run's notes say so). One whose name has no
+service number in the loaded ntdll/win32u (or, with the built-in ntdll, the profile) is
+refused: one line, at build.
 """
 
 from __future__ import annotations
@@ -133,23 +134,20 @@ def services_for(scenario: Scenario, given: Services | None = None) -> ServiceRe
 
 def bind(
     registry: ServiceRegistry, shared: frozenset[str], python: ServiceRegistry | None, scenario: Scenario,
-    numbers: Mapping[str, int], table: str,
+    numbers: Mapping[str, int], table: str, notes: list[str],
 ) -> frozenset[str]:  # fmt: skip
     """Add the run's Python services to the kernel's ``registry``; the services an explorer
     may interleave threads at, with them (a Python service may touch anything).
 
     ``numbers`` is the run's service table and ``table`` says where it comes from (for the
-    error): a name with no number there could never be called, so it is refused.
+    error): a name with no number there could never be called, so it is refused. A Python
+    service replaces the scenario's script of the same name, said in ``notes``.
     """
     if python is None:
         return shared
     for spec in python.specs():
         if spec.name in scenario.services:
-            raise ExtensionError(
-                "service",
-                f"service {spec.name} is both a Python service and scripted in [services.{spec.name}] of "
-                f"{scenario.path}: keep one",
-            )
+            notes.append(f"the Python service {spec.name} replaces the scenario's [services.{spec.name}] script")
         if spec.name not in numbers:
             raise ExtensionError(
                 "service",

@@ -198,11 +198,15 @@ def test_a_name_without_a_service_number_is_refused_at_build() -> None:
     assert run(numbered, services=registry).error is None
 
 
-def test_a_python_service_and_a_scripted_one_of_the_same_name_are_refused() -> None:
-    services = '[services.NtQuerySystemInformation]\nsteps = [{ kind = "return", status = 0 }]'
+def test_a_python_service_replaces_the_scenarios_script_and_says_so() -> None:
+    services = '[services.NtQuerySystemInformation]\nsteps = [{ kind = "return", status = 7 }]'
     scenario = parse_scenario(asm_scenario(COUNTER, services=services), "t.toml")
-    with pytest.raises(ExtensionError, match=r"NtQuerySystemInformation is both a Python service and scripted"):
-        run(scenario, services=counter_registry())
+    assert run(scenario).exit_status == 7
+    r = run(scenario, services=counter_registry())
+    assert r.exit_status == 2
+    assert r.notes == [
+        "the Python service NtQuerySystemInformation replaces the scenario's [services.NtQuerySystemInformation] script"
+    ]
 
 
 def test_a_service_that_raises_stops_the_run_and_keeps_the_trace() -> None:

@@ -80,7 +80,9 @@ class DumpProcess(Process):
         registry, shared = self._services()
         ssn_table = self._profile()
         where = f"{Path(self.dump_path).name}'s service table"
-        shared = set(bind(registry, frozenset(shared), services_for(scenario, services), scenario, ssn_table, where))
+        shared = set(
+            bind(registry, frozenset(shared), services_for(scenario, services), scenario, ssn_table, where, self.notes)
+        )
         dispatcher = self.ntdll.export("KiUserCallbackDispatcher")
         if dispatcher is None:
             self._fail("ModuleListStream", "ntdll exports no KiUserCallbackDispatcher (every callback enters it)")
