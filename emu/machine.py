@@ -279,7 +279,7 @@ class Machine:
         self.watchdog_fired = False
         self._trap: Trap | None = None
         self.exception_handler: ExceptionHandler | None = None
-        # Called with (address, data) before each write the kernel model makes (emu.hooks); None: no cost.
+        # Called with (address, data) after each write the kernel model makes (emu.hooks); None: no cost.
         self.write_watch: Callable[[int, bytes], None] | None = None
         self._enter_user_mode()
         self.uc.hook_add(
@@ -400,11 +400,11 @@ class Machine:
 
     def write(self, address: int, data: bytes) -> None:
         """Write user memory from the host (the kernel model, the loader); Unicorn's hooks never see it."""
-        if self.write_watch is not None:
-            self.write_watch(address, data)
         if self.cow is not None:
             self.cow.on_host_write(address, len(data))
         self.uc.mem_write(address, bytes(data))
+        if self.write_watch is not None:
+            self.write_watch(address, data)
 
     def read_u64(self, address: int) -> int:
         return int.from_bytes(self.uc.mem_read(address, 8), "little")
