@@ -128,6 +128,21 @@ def test_transition_hooks_see_each_record_as_it_is_appended(root: Path) -> None:
     assert callbacks  # the scenario calls back
 
 
+def test_exception_transitions_reach_a_hook(root: Path) -> None:
+    hooks = Hooks()
+    codes: list[int | None] = []
+
+    @hooks.transition("exception")
+    def on_exception(hit: Hit) -> None:
+        assert hit.transition is not None
+        codes.append(hit.transition.status)
+
+    r = run(root / "scenarios/exception_handled_av.toml", hooks=hooks)
+    assert r.error is None
+    assert codes and set(codes) == {0xC0000005}  # STATUS_ACCESS_VIOLATION (ntstatus.h)
+    assert codes == [t.status for t in r.trace.transitions if t.kind == "exception"]
+
+
 def test_thread_switch_hook(root: Path) -> None:
     hooks = Hooks()
     switches: list[tuple[int | None, int | None]] = []

@@ -136,6 +136,23 @@ def test_a_service_with_state_forks_correctly_in_the_explorer() -> None:
     assert first == [1, 2, 2, 3, 3, 4]
 
 
+def test_a_service_that_raises_on_one_branch_ends_that_path_as_a_fault() -> None:
+    registry = ServiceRegistry()
+
+    @registry.syscall("NtQuerySystemInformation")
+    def query(ctx: Any, Class: ULONG, Info: Ptr) -> ServiceGen:
+        step = yield Choice("step", ("ok", "broken"), "ok")
+        if step == "broken":
+            raise RuntimeError("this branch is unfinished")
+        return 0
+
+    exp = explore(parse_scenario(asm_scenario(COUNTER), "t.toml"), services=registry)
+    assert exp.complete
+    messages = sorted({m for _, m in exp.faults})
+    assert messages == ["service NtQuerySystemInformation raised RuntimeError: this branch is unfinished"]
+    assert exit_statuses(exp.graph) == [0]  # ok, ok: the one path that finishes
+
+
 def test_activation_fork_replays_what_the_service_was_sent_and_read() -> None:
     memory = {0x1000: b"\x07\x00\x00\x00"}
     writes: list[tuple[int, bytes]] = []

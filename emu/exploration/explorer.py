@@ -293,7 +293,8 @@ class Explorer:
             try:
                 self._restore(fork)
                 mark = len(self.trace.raw_states)
-                self.kernel.resume(option)
+                if not self._resume(result, option, fork.node):
+                    continue
                 self._segment(result)
                 result.forked_states += len(self.trace.raw_states) - mark
                 self._after_segment(result, work, fork.depth + 1, fork.path + (option,))
@@ -316,7 +317,8 @@ class Explorer:
                 if self.kernel.pending_choice is None:
                     return  # the path ended before the prefix did: nothing below to explore here
                 self._segment_seen.clear()
-                self.kernel.resume(option)
+                if not self._resume(result, option, self._last or ""):
+                    return
                 self._segment(result)
         finally:
             self._replaying = False
@@ -324,6 +326,15 @@ class Explorer:
         work: deque[tuple[Fork, str]] = deque()
         self._after_segment(result, work, len(prefix), prefix)
         self._walk(result, work)
+
+    def _resume(self, result: Exploration, option: str, node: str) -> bool:
+        """Continue the suspended service with ``option``; False when it fails there (a fault of the path)."""
+        try:
+            self.kernel.resume(option)
+        except (KernelError, ExtensionError) as e:
+            result.faults.append((node, str(e)))
+            return False
+        return True
 
     def _segment(self, result: Exploration) -> None:
         """Run the process (every thread, in turn) until a choice, the end of the path, a merge or a fault."""
