@@ -13,6 +13,8 @@ import pytest
 from conftest import asm_scenario
 from emu.api import run
 from emu.cli.main import main
+from emu.dump import write_minidump
+from emu.dump.live import capture_state
 from emu.errors import ExtensionError, ScenarioError
 from emu.exploration.explorer import explore
 from emu.kernel.services import Activation, ServiceGen, _JournalContext
@@ -280,3 +282,19 @@ def test_cli_services_need_allow_python(tmp_path: Path, capsys: pytest.CaptureFi
     assert "thread exit status: 0x00000002" in capsys.readouterr().out
     assert main(["explore", "s.toml", "--services", f"{module}:registry", "--allow-python", "--json"]) == 0
     assert '"paths": 4' in capsys.readouterr().out
+
+
+def test_a_run_from_a_dump_takes_the_scenarios_python_services(tmp_path: Path) -> None:
+    # Dumped after the first call's sysret: the count (1) is in the dumped stack, so the
+    # second call, served by the Python service again, makes it 2.
+    module = write_module(tmp_path)
+    text = asm_scenario(COUNTER, extra=f'[python]\nservices = "{module}:registry"')
+    scenario = parse_scenario(text, str(tmp_path / "t.toml"), allow_python=True)
+    first = run(scenario)
+    after_first = first.trace.transitions[1]
+    assert (after_first.kind, after_first.status) == ("sysret", 1)
+    again, live = capture_state(scenario, after_first.dst)
+    write_minidump(again, again.trace.state(after_first.dst), tmp_path / "p.dmp", live=live)
+    r = run(dataclasses.replace(scenario, start_dump=str(tmp_path / "p.dmp")))
+    assert r.error is None and r.exit_status == 2
+    assert [(t.kind, t.status) for t in r.trace.transitions if t.kind == "sysret"] == [("sysret", 2)]
