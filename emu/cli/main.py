@@ -194,7 +194,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from emu.detection.view import detect_run
 
     check_observer(args.observer)
-    r = run(load_scenario(args.scenario, args.allow_path))
+    r = run(with_python(load_scenario(args.scenario, args.allow_path), args))
     found = r.detections if args.observer == "kernel-debugger" else detect_run(r, observer=args.observer)
     dets = [d.as_dict() for d in found]
     if args.json:
@@ -211,7 +211,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 def cmd_graph(args: argparse.Namespace) -> int:
     out = Path(args.output)
     refuse_overwrite(out, args.force)
-    r = run(load_scenario(args.scenario, args.allow_path))
+    r = run(with_python(load_scenario(args.scenario, args.allow_path), args))
     write_atomic(out, r.graph.render(out))
     sys.stdout.write(f"wrote {out} ({len(r.graph)} states, {r.graph.lean.number_of_edges()} transitions)\n")
     return _finish(r, sys.stderr)
@@ -257,11 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="kernel-debugger (every state, the default) or user-context (only the states GetThreadContext, "
         "a suspend or a minidump writer can catch, with the base trap frame's context)",
     )
+    add_python_options(d)
     d.set_defaults(func=cmd_detect)
     g = sub.add_parser("graph", help="export the state graph (.graphml, .json, .dot)")
     g.add_argument("scenario")
     g.add_argument("-o", "--output", required=True)
     g.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    add_python_options(g)
     g.set_defaults(func=cmd_graph)
     cli_explore.add_parsers(sub)
     cli_image.add_parser(sub)
