@@ -33,7 +33,10 @@ What can be hooked:
 Addresses are integers or ``"module!symbol"``; a range is ``(begin, end)`` (end
 excluded), a ``range``, or a module's name (its whole image). An instruction hook that
 stops the run leaves RIP at its instruction, not yet run. Hooks cost nothing while none is attached: each kind of hook is
-registered only when one of that kind is given. A callback that raises stops the run with
+registered only when one of that kind is given. Instruction and fetch hooks are bound to
+their range when Unicorn translates code; a read or write hook makes Unicorn check user
+code's memory accesses against its range as they happen, which costs something even where
+the range is never touched. A callback that raises stops the run with
 ``run.stop == "hook"`` and one line naming it (``run.error``), the trace so far kept.
 """
 
@@ -46,7 +49,7 @@ from typing import TYPE_CHECKING, Literal, TypeAlias
 from unicorn import Uc
 
 from emu.errors import ExtensionError
-from emu.trace import RawTransition, TraceNote, Transition
+from emu.trace import T_KIND, TraceNote, Transition
 from emu.vocabulary import KINDS
 
 if TYPE_CHECKING:
@@ -312,9 +315,9 @@ class Attached:
 
     def _on_transition(self) -> None:
         trace = self.process.trace
-        raw = RawTransition._make(trace.raw_transitions[-1])
-        record: Transition | None = None
+        kind = trace.raw_transitions[-1][T_KIND]
         for e in self._transitions:
-            if raw.kind in e.kinds:
-                record = record or raw.typed(trace.symbolize)
-                self._call(e, Hit("transition", e.name, raw.thread, raw.rip, 0, transition=record))
+            if kind in e.kinds:
+                # The trace's own typed record, built once and kept: the run's view reuses it.
+                record = trace.transitions[-1]
+                self._call(e, Hit("transition", e.name, record.thread, record.rip, 0, transition=record))
