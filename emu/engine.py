@@ -69,7 +69,7 @@ class RunResult:
     threads: dict[int, KThread]
     error: EmuError | None = None
     max_depth: int = 0
-    stop: str = "exit"  # "exit", "fault", "budget", "deadlock"
+    stop: str = "exit"  # "exit", "fault", "budget", "deadlock"; "hook" or "service" (emu.hooks, emu.services)
     deadlock: list[str] = field(default_factory=list)  # wait chains when the threads ended waiting on each other
     notes: list[str] = field(default_factory=list)  # e.g. SSNs where the loaded ntdll and the profile disagree
     details: list[str] = field(default_factory=list)  # the long form of some notes (``emu run --verbose``)
