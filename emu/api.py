@@ -8,6 +8,7 @@ first use: ``emu.run`` and the ``emu`` command both go through :func:`run`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
@@ -18,8 +19,10 @@ from emu.engine import Process, RunResult
 from emu.engine import build as build_from_modules
 from emu.expect import Outcome, check
 from emu.graph import StateGraph
+from emu.hooks import Hooks
 from emu.kernel import KernelHooks
 from emu.scenario import Scenario, load_scenario
+from emu.services import Services
 
 __all__ = ["Run", "run"]
 
@@ -51,22 +54,44 @@ class Run(RunResult):
         return all(o.passed for o in self.outcomes)
 
 
-def run(scenario: Scenario | str | Path) -> Run:
+def run(
+    scenario: Scenario | str | Path, *, hooks: Hooks | None = None, services: Services | None = None,
+    allow_python: bool = False,
+) -> Run:  # fmt: skip
     """Load (if given a path), build and run a scenario.
+
+    ``hooks`` (:class:`emu.hooks.Hooks`) watch the run; ``services`` (:mod:`emu.services`: a
+    ServiceRegistry or ``"package.module:name"``) add Python system services;
+    ``allow_python`` lets the scenario's own ``[python]`` table load Python.
 
     Example (from the repository root)::
 
         r = run("scenarios/callback_roundtrip.toml")
         [d.rip for d in r.detections]   # ['ntdll!ZwCallbackReturn+0x14']
     """
-    return Run.of(build(scenario).run())
+    return Run.of(build(scenario, hooks=hooks, services=services, allow_python=allow_python).run())
 
 
-def build(scenario: Scenario | str | Path, hooks: KernelHooks | None = None) -> Process:
+def build(
+    scenario: Scenario | str | Path, hooks: Hooks | KernelHooks | None = None, *,
+    services: Services | None = None, allow_python: bool = False,
+) -> Process:  # fmt: skip
     """Build the process for a scenario (a Scenario or a path) without running it: from its
-    ``[start] dump`` when it names one (:mod:`emu.dump.start`), else from its modules and threads."""
+    ``[start] dump`` when it names one (:mod:`emu.dump.start`), else from its modules and threads.
+
+    ``hooks`` is either emu-level :class:`~emu.hooks.Hooks` (attached to the built process)
+    or the kernel's :class:`~emu.kernel.KernelHooks` (who answers choices, who watches states).
+    """
     if not isinstance(scenario, Scenario):
-        scenario = load_scenario(scenario)
+        scenario = load_scenario(scenario, allow_python=allow_python)
+    elif allow_python and not scenario.allow_python:
+        scenario = dataclasses.replace(scenario, allow_python=True)
+    steer = hooks if isinstance(hooks, KernelHooks) else None
+    process: Process
     if scenario.start_dump is not None:
-        return DumpProcess(scenario, scenario.start_dump, hooks)
-    return build_from_modules(scenario, hooks)
+        process = DumpProcess(scenario, scenario.start_dump, steer, services)
+    else:
+        process = build_from_modules(scenario, steer, services)
+    if isinstance(hooks, Hooks) and len(hooks):
+        hooks.attach(process)
+    return process

@@ -19,12 +19,14 @@ from emu.address_space import MODULE_BASE, MODULE_STRIDE, PEB_ADDRESS, WIN32U_BA
 from emu.errors import (
     BudgetExceeded,
     EmuError,
+    ExtensionError,
     ImageError,
     KernelError,
     MachineFault,
     ScenarioError,
     UnimplementedImport,
 )
+from emu.hooks import Halt
 from emu.kernel import Kernel, KernelHooks, KThread, Recorder
 from emu.kernel.objects import Event, Mutant
 from emu.kernel.rtl import BUILTIN_TRAPS_END, BuiltinRtl
@@ -39,6 +41,7 @@ from emu.process_start import ThreadStart, file_name, probe_start
 from emu.runtime import NTDLL_BASE, build_ntdll, build_win32u
 from emu.runtime.pe_image import with_pe_headers
 from emu.scenario import PeSpec, Scenario, ThreadSpec, load_scenario
+from emu.services import Services, bind, services_for
 from emu.trace import Trace
 from emu.winnt import (
     KUSER_NT_BUILD_NUMBER,
@@ -66,7 +69,7 @@ class RunResult:
     threads: dict[int, KThread]
     error: EmuError | None = None
     max_depth: int = 0
-    stop: str = "exit"  # "exit", "fault", "budget", "deadlock"
+    stop: str = "exit"  # "exit", "fault", "budget", "deadlock"; "hook" or "service" (emu.hooks, emu.services)
     deadlock: list[str] = field(default_factory=list)  # wait chains when the threads ended waiting on each other
     notes: list[str] = field(default_factory=list)  # e.g. SSNs where the loaded ntdll and the profile disagree
     details: list[str] = field(default_factory=list)  # the long form of some notes (``emu run --verbose``)
@@ -92,9 +95,13 @@ class RunResult:
 class Process:
     """A scenario built into a machine, a kernel and threads, ready to run."""
 
-    def __init__(self, scenario: Scenario, start: str | None = None, hooks: KernelHooks | None = None) -> None:
+    def __init__(
+        self, scenario: Scenario, start: str | None = None, hooks: KernelHooks | None = None,
+        services: Services | None = None,
+    ) -> None:  # fmt: skip
         """Build the process; ``start`` forces every thread's start mode (the start probe uses it);
-        ``hooks`` steer the run (who answers choices, who watches states, when to stop)."""
+        ``hooks`` steer the run (who answers choices, who watches states, when to stop);
+        ``services`` are Python services besides the scenario's own (:mod:`emu.services`)."""
         if scenario.start_dump is not None:
             raise ScenarioError(
                 scenario.path, "start.dump", "this scenario starts from a dump: `emu run` runs it, `emu explore` cannot",
@@ -160,6 +167,9 @@ class Process:
         specs = scenario.threads or (ThreadSpec("thread0", scenario.entry, scenario.argument),)
         tids = {t.name: i for i, t in enumerate(specs)}
         registry, shared = registry_for(scenario, tids)
+        table = file_name(self.ntdll) if self.foreign else f"profile {self.profile.name}"
+        shared = bind(registry, shared, services_for(scenario, services), scenario, self.ssn_table, table, self.notes)
+        self.halt = Halt()  # a hook's request to stop, or its failure (emu.hooks)
         dispatcher = self.ntdll.export("KiUserCallbackDispatcher")
         if dispatcher is None:
             raise self.thread_start.missing("KiUserCallbackDispatcher", "every kernel-to-user callback enters it")
@@ -385,10 +395,16 @@ class Process:
             return e, "budget"
         except KernelError as e:
             return e, "fault"
+        except ExtensionError as e:
+            return e, e.kind
 
     def result(self, error: EmuError | None, stop: str) -> RunResult:
         """The run as it stands: the trace so far, the threads, why it stopped."""
         kernel = self.kernel
+        if self.halt.failure is not None:
+            error, stop = self.halt.failure, "hook"
+        elif stop == "stopped" and self.halt.reason is not None:
+            stop = "hook"
         return RunResult(
             scenario=self.scenario, trace=self.trace, images=self.images, threads=dict(kernel.threads),
             error=error, max_depth=kernel.max_depth, stop=stop, notes=list(self.notes),
@@ -411,7 +427,10 @@ class Process:
         stop_requested = stop or self.hooks.stop
         deadline = None if wall_time is None else time.perf_counter() + wall_time
         count = (b.instructions or 0) if instructions is None else instructions
+        halt = self.halt
         while True:
+            if halt.halted:
+                return "stopped"
             if kernel.pending_choice is not None:
                 return "choice"
             t = kernel.current
@@ -426,7 +445,7 @@ class Process:
                     if info.reason == "timeout":
                         raise BudgetExceeded("wall_time", f"{b.wall_time:g} s", where)
                     raise BudgetExceeded("instructions", b.instructions or 0, where)
-                if stop_requested():
+                if stop_requested() or halt.halted:
                     return "stopped"
                 continue
             if kernel.deadlock:
@@ -449,9 +468,11 @@ def _overlaps(a: Image, b: Image) -> bool:
     return a.base < b.end and b.base < a.end
 
 
-def build(scenario: Scenario | str | Path, hooks: KernelHooks | None = None) -> Process:
+def build(
+    scenario: Scenario | str | Path, hooks: KernelHooks | None = None, services: Services | None = None
+) -> Process:
     """Build the process for a scenario (a Scenario or a path) from its modules and threads,
     without running it. A ``[start] dump`` scenario is built by :func:`emu.api.build`."""
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario)
-    return Process(scenario, hooks=hooks)
+    return Process(scenario, hooks=hooks, services=services)

@@ -75,8 +75,20 @@ class UnimplementedService(KernelError):
         super().__init__(
             f"system service {name} (SSN {ssn:#x}) is not implemented: give it steps in the "
             f"scenario ([services.{name}]) or register a Python service with "
-            f"@registry.service({name!r})"
+            f"@registry.syscall({name!r})"
         )
+
+
+class ExtensionError(EmuError):
+    """A Python service or hook given to a run raised, or cannot be loaded or bound.
+
+    ``kind`` is "service" or "hook"; a run it stops has ``stop == kind`` and keeps its trace.
+    The message names the service or hook and the cause, on one line.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        self.kind = kind
+        super().__init__(message)
 
 
 class BudgetExceeded(EmuError):

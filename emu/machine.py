@@ -35,8 +35,10 @@ from unicorn import (
     UC_HOOK_INTR,
     UC_HOOK_MEM_FETCH_PROT,
     UC_HOOK_MEM_FETCH_UNMAPPED,
+    UC_HOOK_MEM_READ,
     UC_HOOK_MEM_READ_PROT,
     UC_HOOK_MEM_READ_UNMAPPED,
+    UC_HOOK_MEM_WRITE,
     UC_HOOK_MEM_WRITE_PROT,
     UC_HOOK_MEM_WRITE_UNMAPPED,
     UC_MEM_FETCH_PROT,
@@ -277,6 +279,8 @@ class Machine:
         self.watchdog_fired = False
         self._trap: Trap | None = None
         self.exception_handler: ExceptionHandler | None = None
+        # Called with (address, data) after each write the kernel model makes (emu.hooks); None: no cost.
+        self.write_watch: Callable[[int, bytes], None] | None = None
         self._enter_user_mode()
         self.uc.hook_add(
             UC_HOOK_MEM_READ_UNMAPPED
@@ -397,9 +401,12 @@ class Machine:
         return ctypes.string_at(self._mem_buf, size)
 
     def write(self, address: int, data: bytes) -> None:
+        """Write user memory from the host (the kernel model, the loader); Unicorn's hooks never see it."""
         if self.cow is not None:
             self.cow.on_host_write(address, len(data))
         self.uc.mem_write(address, bytes(data))
+        if self.write_watch is not None:
+            self.write_watch(address, data)
 
     def read_u64(self, address: int) -> int:
         return int.from_bytes(self.uc.mem_read(address, 8), "little")
@@ -420,6 +427,12 @@ class Machine:
     def add_code_hook(self, begin: int, end: int, callback: Callable[[Uc, int, int, object], None]) -> None:
         """A hook on instructions in [begin, end) only: free everywhere else."""
         self.uc.hook_add(UC_HOOK_CODE, callback, None, begin, end - 1)
+
+    def add_memory_hook(
+        self, write: bool, begin: int, end: int, callback: Callable[[Uc, int, int, int, int, object], None]
+    ) -> None:
+        """A hook on user code's reads (or writes) of [begin, end): accesses starting there, nowhere else."""
+        self.uc.hook_add(UC_HOOK_MEM_WRITE if write else UC_HOOK_MEM_READ, callback, None, begin, end - 1)
 
     def zero_xmm(self, numbers: Sequence[int]) -> None:
         """Zero XMM registers by number (the kernel scrubbing them on its way to user mode)."""

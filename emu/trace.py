@@ -172,6 +172,17 @@ if RawState._fields != State._fields or RawTransition._fields != tuple(
     raise ImportError("emu.trace: RawState/RawTransition no longer match State/Transition")
 
 
+class TraceNote(NamedTuple):
+    """A line a hook (:mod:`emu.hooks`) wrote into the trace: after ``after`` transitions,
+    on ``thread`` (None before any thread runs), at user RIP ``rip``; ``by`` names the hook."""
+
+    after: int
+    thread: int | None
+    rip: int
+    by: str
+    text: str
+
+
 class Trace:
     """The states and transitions of one run, in the order they happened.
 
@@ -190,6 +201,7 @@ class Trace:
         ] = []  # per thread, how it started ("thread0: ntdll!RtlUserThreadStart -> app!main")
         self._states: list[State] = []
         self._transitions: list[Transition] = []
+        self.notes: list[TraceNote] = []  # what hooks recorded, in order (emu.hooks)
 
     @property
     def states(self) -> list[State]:

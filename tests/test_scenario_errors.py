@@ -24,7 +24,7 @@ from emu.winnt import STATUS_BY_NAME
 BASE_PATH = Path(__file__).resolve().parent.parent / "scenarios" / "callback_roundtrip.toml"
 BASE = BASE_PATH.read_text(encoding="utf-8")
 
-TOP_KEYS = "scenario, profile, machine, budgets, module, thread, object, kernel_callback_table, services, expect, memory, ntdll, pe, start"
+TOP_KEYS = "scenario, profile, machine, budgets, module, thread, object, kernel_callback_table, services, expect, memory, ntdll, pe, start, python"
 EXPECT_KINDS = "detections, detection, exit_status, max_depth, sysret, callback_output, transitions, fault, deadlock, wait_chain, truths, explored_truths, explored_states, explored_merges, explored_pending, explored_deadlocks, explored_wait_chain"
 STEPS_MULTILINE = """steps = [
     { kind = "callback", api = 2, text = "WM_PAINT" },

@@ -7,6 +7,7 @@ import json
 import sys
 
 from emu.cli.exit_codes import EXIT_EXPECT, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED
+from emu.cli.python import add_python_options, with_python
 from emu.errors import ScenarioError
 from emu.expect import check_exploration
 from emu.exploration.explorer import Exploration, Explorer
@@ -38,16 +39,19 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "--workers", type=positive_int, default=1, help="explore with this many worker processes (same graph)"
     )
     e.add_argument("--backend", choices=("processes", "ray"), default="processes", help="where workers run")
+    add_python_options(e)
     e.set_defaults(func=cmd_explore)
     x = sub.add_parser("explain", help="the transitions from the start to a state, with code and registers")
     x.add_argument("scenario")
     x.add_argument("state", help="a node id from `emu explore` (n4), a digest prefix, or 'pending'")
+    add_python_options(x)
     x.set_defaults(func=cmd_explain)
 
 
-def _explorer(path: str, strategy: str, progress: bool, allow: list[str]) -> Explorer:
+def _explorer(path: str, strategy: str, progress: bool, allow: list[str], args: argparse.Namespace) -> Explorer:
     stream = sys.stderr if progress and sys.stderr.isatty() else None
-    return Explorer(load_scenario(path, allow), "dfs" if strategy == "dfs" else "bfs", stream)
+    scenario = with_python(load_scenario(path, allow), args)
+    return Explorer(scenario, "dfs" if strategy == "dfs" else "bfs", stream)
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
@@ -56,10 +60,10 @@ def cmd_explore(args: argparse.Namespace) -> int:
     if getattr(args, "workers", 1) > 1 or getattr(args, "backend", "processes") == "ray":
         from emu.exploration.parallel import explore_parallel
 
-        scenario = load_scenario(args.scenario, getattr(args, "allow_path", []))
+        scenario = with_python(load_scenario(args.scenario, getattr(args, "allow_path", [])), args)
         exp = explore_parallel(scenario, max(1, args.workers), args.backend, "dfs" if args.strategy == "dfs" else "bfs")
     else:
-        exp = _explorer(args.scenario, args.strategy, not args.no_progress, getattr(args, "allow_path", [])).run()
+        exp = _explorer(args.scenario, args.strategy, not args.no_progress, getattr(args, "allow_path", []), args).run()
     outcomes = check_exploration(exp)
     interrupted = exp.stopped_by == "interrupted"
     if args.output and not interrupted:  # a partial graph is not written over the user's file
@@ -110,7 +114,7 @@ def _reached(exp: Exploration, node: str) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    explorer = _explorer(args.scenario, "bfs", False, getattr(args, "allow_path", []))
+    explorer = _explorer(args.scenario, "bfs", False, getattr(args, "allow_path", []), args)
     exp = explorer.run()
     try:
         node = find_node(exp, args.state)

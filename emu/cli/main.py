@@ -26,6 +26,7 @@ from emu.cli import image as cli_image
 from emu.cli import plot as cli_plot
 from emu.cli import score as cli_score
 from emu.cli.exit_codes import EXIT_EXPECT, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED
+from emu.cli.python import add_python_options, with_python
 from emu.cli.snapshot import from_snapshot
 from emu.errors import BudgetExceeded, EmuError, ScenarioError
 from emu.scenario import Scenario, load_scenario
@@ -164,7 +165,7 @@ def _finish(r: Run, err: TextIO, verbose: bool = False) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    scenario = load_scenario(args.scenario, args.allow_path)
+    scenario = with_python(load_scenario(args.scenario, args.allow_path), args)
     expected = bool(scenario.expectations)
     if args.from_dump:
         scenario = cli_dump.from_dump(scenario, args.from_dump)
@@ -219,7 +220,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from emu.detection.view import detect_run
 
     check_observer(args.observer)
-    r = run(load_scenario(args.scenario, args.allow_path))
+    r = run(with_python(load_scenario(args.scenario, args.allow_path), args))
     found = r.detections if args.observer == "kernel-debugger" else detect_run(r, observer=args.observer)
     dets = [d.as_dict() for d in found]
     if args.json:
@@ -236,7 +237,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 def cmd_graph(args: argparse.Namespace) -> int:
     out = Path(args.output)
     refuse_overwrite(out, args.force)
-    r = run(load_scenario(args.scenario, args.allow_path))
+    r = run(with_python(load_scenario(args.scenario, args.allow_path), args))
     write_atomic(out, r.graph.render(out))
     sys.stdout.write(f"wrote {out} ({len(r.graph)} states, {r.graph.lean.number_of_edges()} transitions)\n")
     return _finish(r, sys.stderr)
@@ -277,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--witness", action="append", default=[], metavar="NAME=VALUE",
         help="a value for a symbolic declaration (as `emu explore --json` lists them); repeatable",
     )  # fmt: skip
+    add_python_options(r)
     r.set_defaults(func=cmd_run)
     d = sub.add_parser("detect", help="report states where the thread is at ZwCallbackReturn (the seed's state)")
     d.add_argument("scenario", nargs="?")
@@ -289,11 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="kernel-debugger (every state, the default) or user-context (only the states GetThreadContext, "
         "a suspend or a minidump writer can catch, with the base trap frame's context)",
     )
+    add_python_options(d)
     d.set_defaults(func=cmd_detect)
     g = sub.add_parser("graph", help="export the state graph (.graphml, .json, .dot)")
     g.add_argument("scenario")
     g.add_argument("-o", "--output", required=True)
     g.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    add_python_options(g)
     g.set_defaults(func=cmd_graph)
     cli_explore.add_parsers(sub)
     cli_image.add_parser(sub)

@@ -34,6 +34,7 @@ from emu.dump.kernel_stream import KernelDoc
 from emu.dump.read import DumpThread, read_minidump
 from emu.engine import Process, RunResult
 from emu.errors import BudgetExceeded, DumpError, EmuError, ImageError, MachineFault, UnimplementedImport
+from emu.hooks import Halt
 from emu.kernel import Kernel, KernelHooks, KThread, Recorder, ServiceRegistry, sched
 from emu.kernel.objects import Event, Mutant
 from emu.kernel.thread import ThreadServiceContext
@@ -42,6 +43,7 @@ from emu.loader.stubs import guess_dispatcher_convention, service_table
 from emu.machine import Machine
 from emu.process_services import registry_for
 from emu.scenario import Scenario
+from emu.services import Services, bind, services_for
 from emu.trace import Trace
 from emu.winnt import KUSER_SHARED_DATA, TEB_STACK_BASE, TEB_STACK_LIMIT
 
@@ -51,9 +53,12 @@ RUNNING_KINDS = ("syscall", "sysret", "callback", "callback_return")  # the stat
 class DumpProcess(Process):
     """A process built from a minidump, ready to run under the scenario's kernel model."""
 
-    def __init__(self, scenario: Scenario, dump: str | Path, hooks: KernelHooks | None = None) -> None:
+    def __init__(
+        self, scenario: Scenario, dump: str | Path, hooks: KernelHooks | None = None, services: Services | None = None
+    ) -> None:
         self.scenario = scenario
         self.hooks = hooks or KernelHooks()
+        self.halt = Halt()
         self.notes: list[str] = []
         self.details: list[str] = []
         self.dump_path = str(dump)
@@ -74,6 +79,10 @@ class DumpProcess(Process):
         self._map_memory()
         registry, shared = self._services()
         ssn_table = self._profile()
+        where = f"{Path(self.dump_path).name}'s service table"
+        shared = set(
+            bind(registry, frozenset(shared), services_for(scenario, services), scenario, ssn_table, where, self.notes)
+        )
         dispatcher = self.ntdll.export("KiUserCallbackDispatcher")
         if dispatcher is None:
             self._fail("ModuleListStream", "ntdll exports no KiUserCallbackDispatcher (every callback enters it)")

@@ -15,6 +15,7 @@ breadth-first walk from the start with edges in sorted order.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import os
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO
 import networkx as nx
 
 from emu.engine import Process
-from emu.errors import BudgetExceeded, KernelError, MachineFault, ModelBug, UnimplementedImport
+from emu.errors import BudgetExceeded, ExtensionError, KernelError, MachineFault, ModelBug, UnimplementedImport
 from emu.graph import EdgeInfo, StateGraph
 from emu.kernel import KernelHooks, KThread, sched
 from emu.kernel.fork import KernelState, digest_key, load_kernel, save_kernel
@@ -36,12 +37,13 @@ from emu.kernel.hooks import suspend
 from emu.kernel.symbolic import Symbolic
 from emu.machine import Watchdog
 from emu.scenario import Scenario, load_scenario
+from emu.services import Services
 from emu.snapshot import PageSnapshot
 from emu.symbolic import has_symbolic, make_driver
 from emu.trace import State
 
 if TYPE_CHECKING:
-    from emu.symbolic.driver import Driver
+    from emu.symbolic.driver import Driver, Pick
 
 Strategy = Literal["bfs", "dfs"]
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -132,7 +134,10 @@ class Exploration:
 class Explorer:
     """Runs one scenario's machine through every option of every choice, within budgets."""
 
-    def __init__(self, scenario: Scenario, strategy: Strategy = "bfs", progress: TextIO | None = None) -> None:
+    def __init__(
+        self, scenario: Scenario, strategy: Strategy = "bfs", progress: TextIO | None = None,
+        services: Services | None = None,
+    ) -> None:  # fmt: skip
         if strategy not in ("bfs", "dfs"):
             raise ValueError(f"unknown strategy {strategy!r} (bfs or dfs)")
         self.scenario = scenario
@@ -145,7 +150,7 @@ class Explorer:
             choose=suspend, observe=self._observe, stop=self._at_merge, budget_states=False,
             symbolic=self._answer_symbolic,
         )  # fmt: skip
-        self.process = Process(scenario, hooks=hooks)
+        self.process = Process(scenario, hooks=hooks, services=services)
         self.kernel = self.process.kernel
         self.machine = self.process.machine
         self.trace = self.process.trace
@@ -315,10 +320,9 @@ class Explorer:
             try:
                 self._restore(fork)
                 mark = len(self.trace.raw_states)
-                if not isinstance(option, str) and self.symbolic is not None:  # a symbolic value (Pick)
-                    self.kernel.resume(self.symbolic.begin(option))
-                else:
-                    self.kernel.resume(option)
+                if not self._resume(result, option, fork.node):
+                    self._replaying = False
+                    continue
                 self._segment(result)
                 if self.symbolic is not None:
                     self.symbolic.finish_segment()
@@ -344,7 +348,8 @@ class Explorer:
                 if self.kernel.pending_choice is None:
                     return  # the path ended before the prefix did: nothing below to explore here
                 self._segment_seen.clear()
-                self.kernel.resume(option)
+                if not self._resume(result, option, self._last or ""):
+                    return
                 self._segment(result)
         finally:
             self._replaying = False
@@ -352,6 +357,19 @@ class Explorer:
         work: deque[tuple[Fork, str]] = deque()
         self._after_segment(result, work, len(prefix), prefix)
         self._walk(result, work)
+
+    def _resume(self, result: Exploration, option: str | Pick, node: str) -> bool:
+        """Continue the suspended service with ``option`` (a symbolic value's side: a Pick);
+        False when it fails there (a fault of the path)."""
+        try:
+            if not isinstance(option, str) and self.symbolic is not None:
+                self.kernel.resume(self.symbolic.begin(option))
+            else:
+                self.kernel.resume(option)
+        except (KernelError, ExtensionError) as e:
+            result.faults.append((node, str(e)))
+            return False
+        return True
 
     def _segment(self, result: Exploration) -> None:
         """Run the process (every thread, in turn) until a choice, the end of the path, a merge or a fault."""
@@ -366,7 +384,7 @@ class Explorer:
         except UnimplementedImport as e:
             self.kernel.record_fault(self.kernel.current or thread, e)
             result.faults.append((self._last or "", str(e)))
-        except (BudgetExceeded, KernelError) as e:
+        except (BudgetExceeded, KernelError, ExtensionError) as e:
             result.faults.append((self._last or "", str(e)))
         if not self._replaying:
             self._known.update(self._segment_seen)
@@ -497,14 +515,19 @@ def _edge_sort(key: tuple[object, ...]) -> tuple[str, ...]:
 
 
 def explore(
-    scenario: Scenario | str | Path, strategy: Strategy = "bfs", progress: bool | TextIO = False
-) -> Exploration:
+    scenario: Scenario | str | Path, strategy: Strategy = "bfs", progress: bool | TextIO = False, *,
+    services: Services | None = None, allow_python: bool = False,
+) -> Exploration:  # fmt: skip
     """Explore every option of every choice in a scenario (a Scenario or a path).
 
-    ``progress=True`` writes a progress line to stderr when it is a terminal.
+    ``progress=True`` writes a progress line to stderr when it is a terminal. ``services``
+    add Python system services (:mod:`emu.services`); they fork with the machine at each
+    choice. ``allow_python`` lets the scenario's ``[python]`` table load Python.
     """
     if not isinstance(scenario, Scenario):
-        scenario = load_scenario(scenario)
+        scenario = load_scenario(scenario, allow_python=allow_python)
+    elif allow_python:
+        scenario = dataclasses.replace(scenario, allow_python=True)
     stream: TextIO | None
     if progress is True:
         stream = sys.stderr if sys.stderr.isatty() else None
@@ -512,4 +535,4 @@ def explore(
         stream = None
     else:
         stream = progress
-    return Explorer(scenario, strategy, stream).run()
+    return Explorer(scenario, strategy, stream, services).run()

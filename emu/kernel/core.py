@@ -104,6 +104,8 @@ class Kernel:
         # Faults become Windows exceptions ("deliver") or stop the run ("stop", [machine] exceptions).
         self.exceptions = "deliver"
         self.exception_dispatcher: int | None = None  # the loaded ntdll's KiUserExceptionDispatcher
+        # Called with (previous, next) when another thread goes on the CPU (emu.hooks); None: no cost.
+        self.on_switch: Callable[[KThread, KThread], None] | None = None
         machine.install(self.on_syscall, self.on_interrupt)
         machine.exception_handler = self.on_trap
 
@@ -364,6 +366,9 @@ class Kernel:
     # --- threads switching (the rules are emu.kernel.sched) ------------------------------
     def continue_thread(self, thread: KThread) -> None:
         """Put a thread on the CPU (outside any hook) and carry on with its kernel work, if any."""
+        previous = self.current
+        if self.on_switch is not None and previous is not None and previous is not thread:
+            self.on_switch(previous, thread)
         self.current = thread
         self.next_thread = None
         self._entry_len = 0

@@ -7,13 +7,15 @@ generator that may ``yield`` requests to the kernel (:class:`UserCallback`,
 
     registry = ServiceRegistry()
 
-    @registry.service("NtUserMessageCall")
+    @registry.syscall("NtUserMessageCall")
     def message_call(ctx, hwnd: HANDLE, msg: ULONG):
         result = yield UserCallback(api=2, data=b"hello")
         return result.status
 
 Registration checks the signature (names, types, duplicates) at once, not at the
-first call.
+first call; building a process checks that each name has a service number there
+(:func:`emu.services.bind`). A service that raises stops the run with one line naming it
+(:class:`~emu.errors.ExtensionError`), the trace so far kept.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from emu.errors import KernelError, ModelBug
+from emu.errors import EmuError, ExtensionError, KernelError, ModelBug
 from emu.kernel.objects import (
     Message,
     ObjectRequest,
@@ -137,9 +139,6 @@ class ServiceContext(Protocol):
     def write(self, address: int, data: bytes) -> None: ...
 
 
-ServiceGen = Generator["Request", Any, int]
-
-
 @dataclass(frozen=True)
 class Choice:
     """Ask the kernel which way to go: one of ``options`` by name.
@@ -156,6 +155,7 @@ class Choice:
 Request = UserCallback | TerminateThread | Choice | ObjectRequest | Symbolic
 # a callback's or wait's result, a chosen option, a received message, a symbolic value's concrete value
 Sent = CallbackResult | str | Message | int | None
+ServiceGen = Generator[Request, Any, int]  # what a generator service is, for its return annotation
 
 
 @dataclass(frozen=True)
@@ -355,7 +355,12 @@ class Activation:
             func = self.spec.func
             if func is None:
                 raise KernelError(f"service {self.spec.name} has no implementation")
-            out = func(self.ctx, *self.args)
+            try:
+                out = func(self.ctx, *self.args)
+            except (EmuError, ModelBug):
+                raise
+            except Exception as e:
+                raise _failed(self.spec.name, e) from e
             if not inspect.isgenerator(out):
                 self._done = True
                 return _status(self.spec.name, out)
@@ -367,6 +372,10 @@ class Activation:
         except StopIteration as stop:
             self._done = True
             return _status(self.spec.name, stop.value)
+        except (EmuError, ModelBug):
+            raise
+        except Exception as e:
+            raise _failed(self.spec.name, e) from e
         if not isinstance(req, (UserCallback, TerminateThread, Choice, Symbolic, *OBJECT_REQUEST_TYPES)):
             raise KernelError(
                 f"service {self.spec.name} yielded {req!r}; expected UserCallback, Choice or TerminateThread"
@@ -399,6 +408,12 @@ class Activation:
         return (self.spec.name, tuple(self.args), tuple(repr(v) for v in self.sent), tuple(self.ctx.reads))
 
 
+def _failed(name: str, e: Exception) -> ExtensionError:
+    """A Python service's own exception, as the one line that stops the run."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    return ExtensionError("service", f"service {name} raised {type(e).__name__}{': ' + text if text else ''}")
+
+
 def _status(name: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise KernelError(f"service {name} returned {value!r}; expected an NTSTATUS (int)")
@@ -411,14 +426,24 @@ class ServiceRegistry:
     def __init__(self) -> None:
         self._specs: dict[str, ServiceSpec] = {}
 
-    def service(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Decorator: register ``func`` as the implementation of ``name``."""
+    def syscall(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator: register ``func`` as the implementation of system service ``name``."""
 
         def register(func: Callable[..., Any]) -> Callable[..., Any]:
             self.add(name, func)
             return func
 
         return register
+
+    service = syscall  # the older spelling
+
+    def specs(self) -> list[ServiceSpec]:
+        """The registered services, by name."""
+        return [self._specs[n] for n in sorted(self._specs)]
+
+    def put(self, spec: ServiceSpec) -> None:
+        """Register ``spec`` (from another registry), replacing a service of the same name."""
+        self._specs[spec.name] = spec
 
     def add(self, name: str, func: Callable[..., Any], doc: str = "") -> ServiceSpec:
         if not name.startswith("Nt"):
@@ -474,26 +499,26 @@ class ServiceRegistry:
 def builtin_services(registry: ServiceRegistry) -> ServiceRegistry:
     """Register the services every run has (NtCallbackReturn is the kernel's own)."""
 
-    @registry.service("NtWaitForSingleObject")
+    @registry.syscall("NtWaitForSingleObject")
     def wait_for_single_object(ctx: ServiceContext, Handle: HANDLE, Alertable: ULONG, Timeout: Ptr) -> ServiceGen:
         """Wait until the object is signalled; with a Timeout, the wait may also expire (a choice)."""
         # MS docs ZwWaitForSingleObject: a NULL Timeout waits forever.
         result = yield Wait(Handle, timeout=Timeout != 0)
         return result.status if isinstance(result, CallbackResult) else 0
 
-    @registry.service("NtSetEvent")
+    @registry.syscall("NtSetEvent")
     def set_event(ctx: ServiceContext, EventHandle: HANDLE, PreviousState: Ptr) -> ServiceGen:
         """Signal an event (MS docs ZwSetEvent)."""
         result = yield SetEvent(EventHandle)
         return result.status if isinstance(result, CallbackResult) else 0
 
-    @registry.service("NtReleaseMutant")
+    @registry.syscall("NtReleaseMutant")
     def release_mutant(ctx: ServiceContext, MutantHandle: HANDLE, PreviousCount: Ptr) -> ServiceGen:
         """Release a mutant the caller owns (ReactOS ntoskrnl/ex/mutant.c)."""
         result = yield ReleaseMutant(MutantHandle)
         return result.status if isinstance(result, CallbackResult) else 0
 
-    @registry.service("NtTerminateThread")
+    @registry.syscall("NtTerminateThread")
     def terminate_thread(ctx: ServiceContext, ThreadHandle: HANDLE, ExitStatus: NTSTATUS) -> ServiceGen:
         """End the calling thread (only NtCurrentThread(), handle -2, is modelled)."""
         # MS docs ZwTerminateThread; NtCurrentThread() is (HANDLE)-2 (wdm.h).
@@ -508,7 +533,7 @@ def builtin_services(registry: ServiceRegistry) -> ServiceRegistry:
 def get_message_service(registry: ServiceRegistry) -> ServiceRegistry:
     """NtUserGetMessage as win32k handles sent messages: deliver one by a callback, then reply."""
 
-    @registry.service("NtUserGetMessage")
+    @registry.syscall("NtUserGetMessage")
     def get_message(ctx: ServiceContext, Msg: Ptr, Hwnd: HANDLE, MinFilter: ULONG, MaxFilter: ULONG) -> ServiceGen:
         """Wait for a message sent by another thread, call it back (its api), reply with the status."""
         # win32k delivers a sent message to the receiving thread through a user-mode callback

@@ -192,6 +192,15 @@ def _expect_schema() -> JSON:
 
 
 START = Table({"dump": Key("a minidump file, relative to the scenario", Text())})
+PYTHON_REF = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+PYTHON = Table(
+    {
+        "services": Key(
+            '"package.module:name", a ServiceRegistry of Python services (run only with --allow-python)',
+            Text(pattern=PYTHON_REF),
+        )
+    }
+)
 CALLBACK_TABLE_HELP = 'a table {from = "module!export", size, <index> = "module!label"}'
 TOP = Table(
     {
@@ -239,6 +248,7 @@ TOP = Table(
         "start": Key(
             'a table {dump = "x.dmp"}: start from a minidump instead of the threads\' entries', Schema(START.schema())
         ),
+        "python": Key(f"a table {PYTHON.listing}: Python code the run loads", Schema(PYTHON.schema())),
     }
 )
 

@@ -227,6 +227,10 @@ class Scenario:
     # "stop" keeps the old behaviour, the run stops at the first fault.
     exceptions: Literal["deliver", "stop"] = "deliver"
     start_dump: str | None = None  # [start] dump: a minidump the run starts from (emu.dump.start), resolved
+    # [python] services: "package.module:name" of a ServiceRegistry (emu.services). Loading
+    # it runs host Python, so a build refuses unless allow_python is set (--allow-python).
+    python_services: tuple[str, ...] = ()
+    allow_python: bool = False
 
     def line_of(self, *path: str | int) -> int | None:
         return _line_of(self.source, path)

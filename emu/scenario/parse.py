@@ -22,6 +22,8 @@ from emu.scenario.layout import (
     OBJECT,
     PE,
     PROFILE,
+    PYTHON,
+    PYTHON_REF,
     SCENARIO,
     START,
     THREAD_MANY,
@@ -46,11 +48,13 @@ from emu.scenario.steps import _services
 TOP_KEYS = TOP.allowed
 
 
-def load_scenario(path: str | Path, allow: Sequence[str | Path] = ()) -> Scenario:
+def load_scenario(path: str | Path, allow: Sequence[str | Path] = (), allow_python: bool = False) -> Scenario:
     """Read and validate a scenario file.
 
     Files the scenario names (PE images) must lie in the scenario's folder or below it,
     or under one of the ``allow`` folders (``--allow-path`` on the command line).
+    ``allow_python`` lets a build import the Python its ``[python]`` table names
+    (``--allow-python``); reading the file never runs it.
 
     Raises:
         ScenarioError: one line naming the file, the key path and what was expected.
@@ -65,10 +69,12 @@ def load_scenario(path: str | Path, allow: Sequence[str | Path] = ()) -> Scenari
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ScenarioError(file, "", f"not UTF-8 text (byte {e.start})") from None
-    return parse_scenario(text, file, allow)
+    return parse_scenario(text, file, allow, allow_python)
 
 
-def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Path] = ()) -> Scenario:
+def parse_scenario(
+    text: str, file: str = "<scenario>", allow: Sequence[str | Path] = (), allow_python: bool = False
+) -> Scenario:
     """Validate scenario text (see :func:`load_scenario`); relative paths are from ``file``'s folder."""
     try:
         doc = tomllib.loads(text)
@@ -140,6 +146,8 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
     )  # fmt: skip
     expectations = _expectations(r, doc.get("expect", []))
     memory = _memory(r, doc.get("memory", []))
+    python = r.table(doc.get("python", {}), ("python",), PYTHON.allowed)
+    python_services = _python_ref(r, python)
     return Scenario(
         path=file, name=name, description=description, profile=profile, modules=modules, entry=entry,
         argument=argument, callback_table=table, callback_table_size=size, callback_table_from=table_from,
@@ -147,9 +155,19 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
         budgets=budgets, expectations=expectations, system_call=system_call, memory=memory, ntdll=ntdll, pe=pe,
         unbound_imports="trap" if unbound == "trap" else "error", threads=threads, objects=objects, source=text,
         preempt_at_callback_return=preempt, exceptions="stop" if exceptions == "stop" else "deliver",
-        start_dump=start_dump,
+        start_dump=start_dump, python_services=python_services, allow_python=allow_python,
         profile_overrides=frozenset(doc.get("profile") or ()) if isinstance(doc.get("profile"), dict) else frozenset(),
     )  # fmt: skip
+
+
+def _python_ref(r: _Reader, python: dict[str, object]) -> tuple[str, ...]:
+    """[python] services: a "package.module:name" reference, checked for shape only (nothing is imported)."""
+    if "services" not in python:
+        return ()
+    ref = r.str_(python, "services", ("python",))
+    if not re.fullmatch(PYTHON_REF, ref):
+        raise r.fail(("python", "services"), f'expected "package.module:name", got {ref!r}')
+    return (ref,)
 
 
 class _Files:
