@@ -362,10 +362,10 @@ class Explorer:
         """Continue the suspended service with ``option`` (a symbolic value's side: a Pick);
         False when it fails there (a fault of the path)."""
         try:
-            if not isinstance(option, str) and self.symbolic is not None:
-                self.kernel.resume(self.symbolic.begin(option))
-            else:
+            if isinstance(option, str):
                 self.kernel.resume(option)
+            elif self.symbolic is not None:
+                self.kernel.resume(self.symbolic.begin(option))
         except (KernelError, ExtensionError) as e:
             result.faults.append((node, str(e)))
             return False
