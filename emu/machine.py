@@ -19,6 +19,7 @@ changing privilege, so the CPU never leaves CPL 3.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -245,6 +246,7 @@ ExceptionHandler = Callable[[Trap], bool]
 # Where emu puts the one instruction that drops the CPU to CPL 3 (mapped for that moment only).
 _SYSRET_PAGE = 0x1000
 _EFER_SCE = 1
+_SYSCALL_HOOK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)  # uc_cb_insn_syscall_t
 
 
 @dataclass
@@ -275,6 +277,10 @@ class Machine:
         self._cow_retry = False
         self.cow: CowMemory | None = None
         self.watchdog_fired = False
+        self._hook_error: BaseException | None = None  # raised by a hook registered without the binding
+        self._keep: list[object] = []  # ctypes callbacks Unicorn holds pointers to
+        # Regions whose bytes live in memory emu owns (mapped with uc_mem_map_ptr): start -> buffer.
+        self.host: dict[int, mmap.mmap] = {}
         self._trap: Trap | None = None
         self.exception_handler: ExceptionHandler | None = None
         self._enter_user_mode()
@@ -336,7 +342,10 @@ class Machine:
         return self.uc.reg_read(x86.UC_X86_REG_CS), self.uc.reg_read(x86.UC_X86_REG_SS)
 
     # --- memory ---------------------------------------------------------------------
-    def map(self, start: int, size: int, perms: str, label: str, data: bytes = b"") -> Region:
+    def map(self, start: int, size: int, perms: str, label: str, data: bytes = b"", host: bool = False) -> Region:
+        """Map a region. ``host``: its bytes live in a buffer emu owns (``self.host[start]``),
+        which Python reads with a slice instead of a call into Unicorn (thread stacks: the
+        recorder copies them at every transition)."""
         size = page_align(max(size, len(data), 1))
         if start % PAGE:
             raise ImageError(f"{label}: start {start:#x} is not page-aligned")
@@ -345,7 +354,13 @@ class Machine:
                 raise ImageError(
                     f"{label} at {start:#x}..{start + size:#x} overlaps {r.label} at {r.start:#x}..{r.end:#x}"
                 )
-        self.uc.mem_map(start, size, _prot(perms))
+        if host:
+            # Private, so a forked worker gets its own copy (an anonymous mmap is shared by default).
+            buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self.uc.mem_map_ptr(start, size, _prot(perms), ctypes.addressof(ctypes.c_char.from_buffer(buf)))
+            self.host[start] = buf
+        else:
+            self.uc.mem_map(start, size, _prot(perms))
         if data:
             self.uc.mem_write(start, bytes(data))
         region = Region(start, size, perms, label)
@@ -369,9 +384,17 @@ class Machine:
         """A stack with a no-access guard page below it; returns (limit, base)."""
         start = self._next_alloc
         self.map(start, PAGE, "", f"{label} guard")
-        region = self.map(start + PAGE, size, "rw", label)
+        region = self.map(start + PAGE, size, "rw", label, host=True)
         self._next_alloc = region.end + PAGE
         return region.start, region.end
+
+    def host_view(self, start: int, end: int) -> tuple[mmap.mmap, int] | None:
+        """The buffer holding [start, end) and the offset of ``start`` in it, when one host
+        region holds the whole range (else None: read it with :meth:`read`)."""
+        for base, buf in self.host.items():
+            if base <= start and end <= base + len(buf):
+                return buf, base
+        return None
 
     def protect(self, start: int, size: int, perms: str, label: str) -> None:
         """Change a mapped range's protection (a whole region), as NtProtectVirtualMemory would."""
@@ -470,12 +493,16 @@ class Machine:
 
     def _run(self, begin: int, instructions: int, timeout: float | None, start: float) -> StopInfo:
         while True:
+            if self.watchdog_fired:
+                break  # the deadline passed while Python ran (between two emu_start calls)
             self._trap = None
             self._cow_retry = False
             us = 0 if timeout is None else max(1, int((timeout - (time.perf_counter() - start)) * 1_000_000))
             try:
                 self.uc.emu_start(begin, NEVER, timeout=us, count=instructions)
+                self._raise_hook_error()
             except UcError as e:
+                self._raise_hook_error()
                 if self._cow_retry:
                     begin = self.regs.read(("rip",))[0]
                     continue
@@ -507,6 +534,12 @@ class Machine:
             return StopInfo("timeout", elapsed)
         return StopInfo("instructions", elapsed)
 
+    def _raise_hook_error(self) -> None:
+        error = self._hook_error
+        if error is not None:
+            self._hook_error = None
+            raise error
+
     def _deliver(self, trap: Trap) -> int:
         """Hand a fault to the exception handler: where the CPU goes on, or MachineFault."""
         self._clear_exception_state()
@@ -528,8 +561,34 @@ class Machine:
         Unicorn calls ``on_syscall(uc, user_data)`` with RIP at the `syscall` itself and
         ``on_interrupt(uc, intno, user_data)`` with RIP past the `int`. Without a handler a
         `syscall` does nothing and an interrupt stops the CPU with an error.
+
+        The `syscall` hook is registered with ``uc_hook_add`` itself rather than through the
+        binding, whose wrapper adds two Python calls to every system call; what the handler
+        raises stops the CPU and :meth:`run` raises it, as the binding would.
         """
-        self.uc.hook_add(UC_HOOK_INSN, on_syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
+        lib = self.regs._lib
+        if lib is None:  # pragma: no cover - other binding layouts
+            self.uc.hook_add(UC_HOOK_INSN, on_syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
+        else:
+            stop = lib.uc_emu_stop
+
+            def entry(handle: int, user_data: int) -> None:
+                try:
+                    on_syscall(None, None)  # type: ignore[arg-type]
+                except BaseException as e:  # re-raised by run(), after Unicorn has stopped
+                    if self._hook_error is None:
+                        self._hook_error = e
+                    stop(handle)
+
+            callback = _SYSCALL_HOOK(entry)
+            hook = ctypes.c_size_t()
+            status = lib.uc_hook_add(
+                self._handle, ctypes.byref(hook), UC_HOOK_INSN, callback, None,
+                ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(x86.UC_X86_INS_SYSCALL),
+            )  # fmt: skip
+            if status != UC_ERR_OK:
+                raise UcError(status)
+            self._keep.append(callback)
         self.uc.hook_add(UC_HOOK_INTR, on_interrupt)
 
     def _fault_hook(self, uc: Uc, access: int, address: int, size: int, value: int, user_data: object) -> bool:
@@ -553,17 +612,28 @@ NEVER = 0xFFFF_FFFF_FFFF_F000  # an `until` no user code reaches (kernel space):
 
 
 class Watchdog:
-    """Stops a machine once a deadline passes, across many short runs (one thread, not one per run)."""
+    """Stops a machine once a deadline passes, across many short runs (one thread, not one per run).
+
+    Once the deadline has passed it sets ``machine.watchdog_fired`` (``Machine.run`` then
+    starts no more guest code) and stops the CPU again every ``REPEAT`` seconds until the
+    block ends: a stop that lands while Python runs between two ``emu_start`` calls is lost.
+    """
+
+    REPEAT = 0.02
 
     def __init__(self, machine: Machine, seconds: float) -> None:
         self.machine = machine
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, args=(seconds,), daemon=True)
+        self._thread = threading.Thread(target=self._watch, args=(seconds,), name="emu-watchdog", daemon=True)
 
     def _watch(self, seconds: float) -> None:
-        if not self._done.wait(seconds):
-            self.machine.watchdog_fired = True
+        if self._done.wait(seconds):
+            return
+        self.machine.watchdog_fired = True
+        while True:
             self.machine.uc.emu_stop()
+            if self._done.wait(self.REPEAT):
+                return
 
     def __enter__(self) -> Watchdog:
         self.machine.watchdog_fired = False

@@ -64,6 +64,8 @@ class Recorder:
         self.output_bytes = 0
         self.observe = observe
         self._threads: dict[int, KThread] = {}
+        # Per stack base: the host buffer holding that stack and where it starts (None, 0: none).
+        self._stacks: dict[int, tuple[object, int]] = {}
         self.wakes_pending = False  # some thread's wait was satisfied since the last transition
 
     def attach(self, threads: dict[int, KThread]) -> None:
@@ -94,10 +96,22 @@ class Recorder:
         return bool(self.trace.raw_states[state_id][S_PENDING])
 
     def capture(self, thread: KThread, rsp: int) -> bytes:
-        """The user stack from RSP to its base, as a debugger could read it."""
-        if not thread.stack_limit <= rsp < thread.stack_base:
+        """The user stack from RSP to its base, as a debugger could read it.
+
+        A stack the machine keeps in a host buffer (:meth:`Machine.allocate_stack`) is one
+        slice of that buffer; any other goes through Unicorn.
+        """
+        base = thread.stack_base
+        if not thread.stack_limit <= rsp < base:
             return b""
-        return read_or_none(self.machine, rsp, thread.stack_base - rsp) or b""
+        view = self._stacks.get(base)
+        if view is None:
+            view = self._stacks[base] = self.machine.host_view(thread.stack_limit, base) or (None, 0)
+        buf, start = view
+        if buf is not None and rsp >= start:
+            stack: bytes = buf[rsp - start : base - start]  # type: ignore[index]
+            return stack
+        return read_or_none(self.machine, rsp, base - rsp) or b""
 
     # --- one method per kind of crossing ----------------------------------------------------
     def initial(self, thread: KThread) -> None:
