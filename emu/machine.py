@@ -19,6 +19,7 @@ changing privilege, so the CPU never leaves CPL 3.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import threading
 import time
@@ -152,6 +153,17 @@ class RegisterFile:
             fn(handle, ids, ptrs, n)
 
         return write
+
+    def bound(self, names: tuple[str, ...]) -> tuple[Callable[[], object], Callable[[], object], Any]:
+        """For the hottest paths: a call taking no arguments that reads ``names`` into the
+        returned ctypes array (or, after the array is filled, writes them from it) in one C
+        call with no Python frame: (read, write, array)."""
+        ids, vals, ptrs, n = self._batch(names)
+        if self._lib is None:  # pragma: no cover - other binding layouts
+            raise NotImplementedError("bound register access needs the C API")
+        read = functools.partial(self._lib.uc_reg_read_batch, self._handle, ids, ptrs, n)
+        write = functools.partial(self._lib.uc_reg_write_batch, self._handle, ids, ptrs, n)
+        return read, write, vals  # type: ignore[return-value]
 
     def read(self, names: tuple[str, ...]) -> list[int]:
         if self._lib is None:

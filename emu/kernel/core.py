@@ -87,6 +87,8 @@ class Kernel:
         self._constants: dict[str, int] = {
             n: c for n in registry.names() if (spec := registry.get(n)) is not None and (c := spec.constant) is not None
         }
+        # The same, without NtCallbackReturn (always served by the kernel): the syscall hook's fast path.
+        self._returns = {n: c for n, c in self._constants.items() if n != NT_CALLBACK_RETURN}
         self.current: KThread | None = None
         self.max_depth = 0
         self.user_writes = 0  # bumped by service writes: a sysret state may reuse the entry's stack bytes
@@ -98,6 +100,9 @@ class Kernel:
         self.visible: Callable[[str | None], bool] = _everywhere
         self._entry_len = 2  # bytes Unicorn adds to a RIP written in the current hook
         self._read_all = machine.regs.reader(_ALL)
+        # The syscall hook's own access: one C call each, no Python frame (emu.machine.RegisterFile.bound).
+        self._fill_all, _, self._all_vals = machine.regs.bound(_ALL)
+        _, self._put_sysret, self._sysret_vals = machine.regs.bound(_SYSRET)
         self._write_sysret = machine.regs.writer(_SYSRET)
         self._write_rax = machine.regs.writer(("rax",))
         # Faults become Windows exceptions ("deliver") or stop the run ("stop", [machine] exceptions).
@@ -120,13 +125,29 @@ class Kernel:
 
     # --- entry --------------------------------------------------------------------------
     def on_syscall(self, uc: object = None, user_data: object = None) -> None:
-        vals = self._read_all()
+        self._fill_all()
+        vals: list[int] = self._all_vals[:]
         # Intel SDM vol. 2B SYSCALL: RCX <- RIP of the next instruction, R11 <- RFLAGS.
         rip = vals[16] + 2
         vals[1] = vals[16] = rip
         vals[11] = vals[17]
         self._entry_len = 2  # Unicorn adds the instruction length to a RIP written here
-        self._enter(tuple(vals), "syscall")
+        regs = tuple(vals)
+        thread = self.current
+        if not self._multithreaded and thread is not None and self.recorder.observe is None:
+            ssn = vals[0] & 0xFFFF_FFFF
+            name = self.names.get(ssn)
+            status = self._returns.get(name)  # type: ignore[arg-type]
+            if status is not None:
+                # The hot path: a service that only returns a status, one thread, nobody
+                # watching. SYSRET puts RAX = status and the SYSCALL clobbers back (RCX,
+                # R11); the user state after it has the stack bytes the entry state has.
+                thread.trap_frame = None
+                self._sysret_vals[:] = (status, rip, regs[11])
+                self._put_sysret()
+                self.recorder.syscall_sysret(thread, regs, name, ssn, status)  # type: ignore[arg-type]
+                return
+        self._enter(regs, "syscall")
 
     def on_interrupt(self, uc: object, intno: int, user_data: object = None) -> None:
         vals = tuple(self._read_all())  # RIP is already past the `int` instruction

@@ -148,6 +148,46 @@ class Recorder:
         """Kernel → user with the service's status (``stack``: bytes known to be unchanged)."""
         self._add("sysret", thread, "user", regs, service, ssn, status, None, None, False, note, b"", stack)
 
+    def syscall_sysret(self, thread: KThread, regs: tuple[int, ...], name: str, ssn: int, status: int) -> None:
+        """A system call whose service returned ``status`` at once, with no observer: the
+        records :meth:`syscall` then :meth:`sysret` (with the entry's stack bytes) would
+        append, in one call (the hot path of a single-threaded run)."""
+        trace = self.trace
+        states, transitions = trace.raw_states, trace.raw_transitions
+        sid = len(states)
+        rip, rsp = regs[_RIP], regs[_RSP]
+        if sid >= self._state_limit and self.state_budget is not None:
+            raise BudgetExceeded("states", self.state_budget, trace.symbolize(rip))
+        tid, base, step = thread.tid, thread.stack_base, len(transitions)
+        view = self._stacks.get(base)
+        if view is not None and view[0] is not None and view[1] <= rsp < base:
+            stack: bytes = view[0][rsp - view[1] : base - view[1]]  # type: ignore[index]  # capture(), inlined
+        else:
+            stack = self.capture(thread, rsp)
+        self.output_bytes += len(stack)
+        if self.output_bytes > self._output_limit and self.output_budget is not None:
+            raise BudgetExceeded("output_bytes", self.output_budget, trace.symbolize(rip))
+        cbs = thread.callback_stack
+        if cbs:
+            depth, api, service = len(cbs), cbs[-1].api, cbs[-1].activation.spec.name
+            frames = tuple([(f.api, f.activation.spec.name) for f in cbs])
+        else:
+            depth, api, service, frames = 0, None, None, ()
+        woke = self._woken() if self.wakes_pending else ()
+        states.append((sid, tid, "kernel", regs, stack, base, depth, name, api, False, frames))
+        transitions.append((step, "syscall", tid, thread.state_id, sid, name, ssn, rip, rsp, depth, None, None, "",
+                            b"", woke))  # fmt: skip
+        thread.state_id = sid
+        thread.mode = "kernel"
+        if sid + 1 >= self._state_limit and self.state_budget is not None:
+            raise BudgetExceeded("states", self.state_budget, trace.symbolize(rip))
+        states.append((sid + 1, tid, "user", (status, *regs[1:]), stack, base, depth, service, api, False, frames))
+        transitions.append((step + 1, "sysret", tid, sid, sid + 1, name, ssn, rip, rsp, depth, status, None, "",
+                            b"", ()))  # fmt: skip
+        thread.state_id = sid + 1
+        thread.mode = "user"
+        thread.resuming = None
+
     def callback(self, thread: KThread, regs: tuple[int, ...], service: str, api: int, note: str) -> None:
         """Kernel → user at KiUserCallbackDispatcher."""
         self._add("callback", thread, "user", regs, service, None, None, api, service, False, note, b"", None)
