@@ -18,6 +18,7 @@ changing privilege, so the CPU never leaves CPL 3.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import functools
 import mmap
@@ -179,8 +180,11 @@ class RegisterFile:
                 self._uc.reg_write(_REG_IDS[name], v)
             return
         ids, vals, ptrs, n = self._batch(names)
-        for i, v in enumerate(values):
-            vals[i] = v & 0xFFFF_FFFF_FFFF_FFFF  # type: ignore[index]
+        if len(values) == n:
+            vals[:] = values  # type: ignore[index]  # c_uint64 keeps the low 64 bits, as the mask did
+        else:
+            for i, v in enumerate(values):
+                vals[i] = v & 0xFFFF_FFFF_FFFF_FFFF  # type: ignore[index]
         if self._lib.uc_reg_write_batch(self._handle, ids, ptrs, n) != UC_ERR_OK:
             raise UcError(1)
 
@@ -278,6 +282,7 @@ class Machine:
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self.regs = RegisterFile(self.uc)
         self.regions: list[Region] = []
+        self._index: tuple[list[Region], list[int], list[int]] | None = None  # region_at's search index
         self._next_alloc = self.ALLOC_BASE
         self.symbolize: Callable[[int], str] = lambda a: f"{a:#x}"
         # Direct uc_mem_read into one reusable buffer: the binding allocates a buffer per call.
@@ -416,10 +421,13 @@ class Machine:
         )
 
     def region_at(self, address: int) -> Region | None:
-        for r in self.regions:
-            if r.start <= address < r.end:
-                return r
-        return None
+        regions = self.regions
+        index = self._index
+        if index is None or index[0] is not regions or len(index[1]) != len(regions):
+            # Regions are sorted and never overlap (map, protect): a binary search over their starts.
+            index = self._index = (regions, [r.start for r in regions], [r.end for r in regions])
+        i = bisect.bisect_right(index[1], address) - 1
+        return regions[i] if i >= 0 and address < index[2][i] else None
 
     def read(self, address: int, size: int) -> bytes:
         """Bytes of user memory; raises UcError if any of it is unmapped."""

@@ -103,6 +103,8 @@ class Kernel:
         # The syscall hook's own access: one C call each, no Python frame (emu.machine.RegisterFile.bound).
         self._fill_all, _, self._all_vals = machine.regs.bound(_ALL)
         _, self._put_sysret, self._sysret_vals = machine.regs.bound(_SYSRET)
+        self._write_all = machine.regs.writer(_ALL)
+        self._overflow: dict[int, str | None] = {}  # callback depth -> kernel_stack_overflow's answer (profile fixed)
         self._write_sysret = machine.regs.writer(_SYSRET)
         self._write_rax = machine.regs.writer(("rax",))
         # Faults become Windows exceptions ("deliver") or stop the run ("stop", [machine] exceptions).
@@ -304,9 +306,12 @@ class Kernel:
     def _sysret_resumed(self, thread: KThread, trap: KTrapFrame, status: int, service: str, note: str) -> None:
         """Return from a service that called back: its own syscall's trap frame is restored
         (ReactOS NtCallbackReturn restores Thread->TrapFrame), RAX = status."""
-        ctx = trap.ctx._replace(rax=status)
-        self.machine.regs.set_context(ctx._replace(rip=ctx.rip - self._entry_len))
-        self.recorder.sysret(thread, tuple(ctx), service, self.ssn_table.get(service), status, note)
+        v = list(trap.ctx)
+        v[0] = status  # RAX
+        regs = tuple(v)
+        v[16] -= self._entry_len  # RIP, as Unicorn will advance it
+        self._write_all(v)
+        self.recorder.sysret(thread, regs, service, self.ssn_table.get(service), status, note)
 
     # --- callbacks ----------------------------------------------------------------------
     def _callback(
@@ -314,7 +319,10 @@ class Kernel:
     ) -> tuple[int, str] | None:
         """Enter KiUserCallbackDispatcher, or say why KeUserModeCallback fails: (status, reason)."""
         depth = len(thread.callback_stack)
-        overflow = kernel_stack_overflow(self.profile, depth)
+        if depth in self._overflow:
+            overflow = self._overflow[depth]
+        else:
+            overflow = self._overflow[depth] = kernel_stack_overflow(self.profile, depth)
         if overflow is not None:
             return STATUS_STACK_OVERFLOW, overflow
         if self.callback_depth_budget is not None and depth >= self.callback_depth_budget:
@@ -328,8 +336,11 @@ class Kernel:
             return STATUS_ACCESS_VIOLATION, "the callout frame does not fit on the user stack"
         self.machine.write(out.lowest, out.block)
         thread.callback_stack.append(CallbackFrame(act, trap, req.api, out.frame, req.message))
-        self.max_depth = max(self.max_depth, len(thread.callback_stack))
-        self.machine.regs.set_context(out.entry._replace(rip=self.dispatcher - self._entry_len))
+        if depth >= self.max_depth:
+            self.max_depth = depth + 1
+        v = list(out.entry)
+        v[16] -= self._entry_len  # RIP, as Unicorn will advance it
+        self._write_all(v)
         self.machine.zero_xmm(out.xmm_zero)
         self.recorder.callback(thread, tuple(out.entry), act.spec.name, req.api, note)
         return None

@@ -240,7 +240,12 @@ class Recorder:
         if sid >= self._state_limit and self.state_budget is not None:
             raise BudgetExceeded("states", self.state_budget, trace.symbolize(regs[_RIP]))
         if stack is None:
-            stack = self.capture(thread, regs[_RSP])
+            rsp = regs[_RSP]
+            view = self._stacks.get(thread.stack_base)
+            if view is not None and view[0] is not None and view[1] <= rsp < thread.stack_base:
+                stack = view[0][rsp - view[1] : thread.stack_base - view[1]]  # type: ignore[index]  # capture(), inlined
+            else:
+                stack = self.capture(thread, rsp)
             self.output_bytes += len(stack)
             if self.output_bytes > self._output_limit and self.output_budget is not None:
                 raise BudgetExceeded("output_bytes", self.output_budget, trace.symbolize(regs[_RIP]))

@@ -215,6 +215,10 @@ class ServiceSpec:
         return Activation(self, _JournalContext(ctx), args)
 
 
+# Steps a script hands to the kernel as they are (a callback, an object request).
+_HANDED_TO_KERNEL = (UserCallback, *OBJECT_REQUEST_TYPES)
+
+
 class ScriptActivation:
     """A running scripted service: a stack of (steps, index) positions. Forking copies it."""
 
@@ -248,7 +252,7 @@ class ScriptActivation:
                 continue
             self.stack[-1] = (steps, i + 1)
             st = steps[i]
-            if isinstance(st, (UserCallback, *OBJECT_REQUEST_TYPES)):
+            if isinstance(st, _HANDED_TO_KERNEL):
                 return st
             if isinstance(st, ChoiceStep):
                 self.pending = st
@@ -276,7 +280,7 @@ class ScriptActivation:
     def position(self) -> tuple[object, ...]:
         """What identifies this activation's progress (for state digests)."""
         last = None if self.last is None else (self.last.status, self.last.output)
-        return (self.spec.name, tuple(i for _, i in self.stack), len(self.stack), last)
+        return (self.spec.name, tuple([i for _, i in self.stack]), len(self.stack), last)
 
 
 class _JournalContext:
