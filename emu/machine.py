@@ -115,7 +115,7 @@ class RegisterFile:
         except (ImportError, AttributeError):  # pragma: no cover - other binding layouts
             self._lib = None
         self._batches: dict[tuple[str, ...], tuple[object, object, object, int]] = {}
-        self._wide: dict[tuple[int, ...], tuple[Any, Any, int, object]] = {}
+        self._wide: dict[tuple[int, ...], tuple[Any, object]] = {}
         self._all = tuple(REGISTER_NAMES)
 
     def _batch(self, names: tuple[str, ...]) -> tuple[object, object, object, int]:
@@ -195,15 +195,21 @@ class RegisterFile:
             for i in ids:
                 self._uc.reg_write(i, 0)
             return
+        if self._zeroer(ids)() != UC_ERR_OK:
+            raise UcError(1)
+
+    def _zeroer(self, ids: tuple[int, ...]) -> Callable[[], int]:
+        """A call with no Python frame that zeroes the registers ``ids`` (see :meth:`zero_wide`)."""
         b = self._wide.get(ids)
         if b is None:
             zero = ctypes.create_string_buffer(16)
             n = len(ids)
-            b = self._wide[ids] = (
-                (ctypes.c_int * n)(*ids), (ctypes.c_void_p * n)(*[ctypes.addressof(zero)] * n), n, zero,
+            call = functools.partial(
+                self._lib.uc_reg_write_batch, self._handle, (ctypes.c_int * n)(*ids),
+                (ctypes.c_void_p * n)(*[ctypes.addressof(zero)] * n), n,
             )  # fmt: skip
-        if self._lib.uc_reg_write_batch(self._handle, b[0], b[1], b[2]) != UC_ERR_OK:
-            raise UcError(1)
+            b = self._wide[ids] = (call, zero)
+        return b[0]  # type: ignore[no-any-return]
 
     def context(self) -> UserContext:
         return UserContext._make(self.read(self._all))
@@ -298,6 +304,8 @@ class Machine:
         self._keep: list[object] = []  # ctypes callbacks Unicorn holds pointers to
         # Regions whose bytes live in memory emu owns (mapped with uc_mem_map_ptr): start -> buffer.
         self.host: dict[int, mmap.mmap] = {}
+        self._host_code: set[int] = set()  # host regions some part of which is executable
+        self._zero_xmm: dict[tuple[int, ...], Callable[[], int]] = {}
         self._trap: Trap | None = None
         self.exception_handler: ExceptionHandler | None = None
         self._enter_user_mode()
@@ -376,6 +384,8 @@ class Machine:
             buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             self.uc.mem_map_ptr(start, size, _prot(perms), ctypes.addressof(ctypes.c_char.from_buffer(buf)))
             self.host[start] = buf
+            if "x" in perms:
+                self._host_code.add(start)
         else:
             self.uc.mem_map(start, size, _prot(perms))
         if data:
@@ -416,6 +426,8 @@ class Machine:
     def protect(self, start: int, size: int, perms: str, label: str) -> None:
         """Change a mapped range's protection (a whole region), as NtProtectVirtualMemory would."""
         self.uc.mem_protect(start, size, _prot(perms))
+        if "x" in perms:
+            self._host_code.update(b for b, buf in self.host.items() if b < start + size and start < b + len(buf))
         self.regions = sorted(
             [r for r in self.regions if r.start != start] + [Region(start, size, perms, label)], key=lambda r: r.start
         )
@@ -440,6 +452,13 @@ class Machine:
     def write(self, address: int, data: bytes) -> None:
         if self.cow is not None:
             self.cow.on_host_write(address, len(data))
+        end = address + len(data)
+        for base, buf in self.host.items():
+            if base <= address and end <= base + len(buf):
+                if base in self._host_code:
+                    break  # Unicorn must see writes to code it may have translated
+                buf[address - base : end - base] = data
+                return
         self.uc.mem_write(address, bytes(data))
 
     def read_u64(self, address: int) -> int:
@@ -464,10 +483,18 @@ class Machine:
 
     def zero_xmm(self, numbers: Sequence[int]) -> None:
         """Zero XMM registers by number (the kernel scrubbing them on its way to user mode)."""
-        ids = _XMM_SETS.get(tuple(numbers))
-        if ids is None:
-            ids = _XMM_SETS[tuple(numbers)] = tuple(_XMM[n] for n in numbers)
-        self.regs.zero_wide(ids)
+        key = numbers if isinstance(numbers, tuple) else tuple(numbers)
+        call = self._zero_xmm.get(key)
+        if call is None:
+            ids = _XMM_SETS.get(key)
+            if ids is None:
+                ids = _XMM_SETS[key] = tuple(_XMM[n] for n in key)
+            if self.regs._lib is None:  # pragma: no cover - other binding layouts
+                self.regs.zero_wide(ids)
+                return
+            call = self._zero_xmm[key] = self.regs._zeroer(ids)
+        if call() != UC_ERR_OK:
+            raise UcError(1)
 
     def jump(self, rip: int) -> None:
         """Set RIP from a code hook: the CPU goes on there instead of running the hooked instruction

@@ -103,7 +103,7 @@ class Kernel:
         # The syscall hook's own access: one C call each, no Python frame (emu.machine.RegisterFile.bound).
         self._fill_all, _, self._all_vals = machine.regs.bound(_ALL)
         _, self._put_sysret, self._sysret_vals = machine.regs.bound(_SYSRET)
-        self._write_all = machine.regs.writer(_ALL)
+        _, self._put_all, self._all_out = machine.regs.bound(_ALL)
         self._overflow: dict[int, str | None] = {}  # callback depth -> kernel_stack_overflow's answer (profile fixed)
         self._write_sysret = machine.regs.writer(_SYSRET)
         self._write_rax = machine.regs.writer(("rax",))
@@ -310,7 +310,8 @@ class Kernel:
         v[0] = status  # RAX
         regs = tuple(v)
         v[16] -= self._entry_len  # RIP, as Unicorn will advance it
-        self._write_all(v)
+        self._all_out[:] = v
+        self._put_all()
         self.recorder.sysret(thread, regs, service, self.ssn_table.get(service), status, note)
 
     # --- callbacks ----------------------------------------------------------------------
@@ -340,7 +341,8 @@ class Kernel:
             self.max_depth = depth + 1
         v = list(out.entry)
         v[16] -= self._entry_len  # RIP, as Unicorn will advance it
-        self._write_all(v)
+        self._all_out[:] = v
+        self._put_all()
         self.machine.zero_xmm(out.xmm_zero)
         self.recorder.callback(thread, tuple(out.entry), act.spec.name, req.api, note)
         return None
