@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from emu.cli.exit_codes import EXIT_EXPECT, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED
 from emu.errors import ScenarioError
-from emu.expect import check_exploration
-from emu.exploration.explorer import Explorer
 from emu.scenario import load_scenario
-from emu.views.explain import explain, find_node, render
 from emu.writing import refuse_overwrite, write_atomic
+
+if TYPE_CHECKING:  # the explorer (networkx) is loaded by the commands that use it
+    from emu.exploration.explorer import Explorer
 
 
 def positive_int(text: str) -> int:
@@ -46,11 +47,15 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _explorer(path: str, strategy: str, progress: bool, allow: list[str]) -> Explorer:
+    from emu.exploration.explorer import Explorer
+
     stream = sys.stderr if progress and sys.stderr.isatty() else None
     return Explorer(load_scenario(path, allow), "dfs" if strategy == "dfs" else "bfs", stream)
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
+    from emu.expect import check_exploration
+
     if args.output:
         refuse_overwrite(args.output, args.force)
     if getattr(args, "workers", 1) > 1 or getattr(args, "backend", "processes") == "ray":
@@ -98,6 +103,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from emu.views.explain import explain, find_node, render
+
     explorer = _explorer(args.scenario, "bfs", False, getattr(args, "allow_path", []))
     exp = explorer.run()
     try:
