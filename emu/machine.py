@@ -73,6 +73,7 @@ _REG_IDS: dict[str, int] = {
 }
 
 _XMM: tuple[int, ...] = tuple(getattr(x86, f"UC_X86_REG_XMM{n}") for n in range(16))
+XMM_IDS = _XMM  # Unicorn's ids of XMM0-15, by number
 _XMM_SETS: dict[tuple[int, ...], tuple[int, ...]] = {}  # XMM numbers -> Unicorn register ids
 
 _ACCESS = {
@@ -116,6 +117,7 @@ class RegisterFile:
             self._lib = None
         self._batches: dict[tuple[str, ...], tuple[object, object, object, int]] = {}
         self._wide: dict[tuple[int, ...], tuple[Any, object]] = {}
+        self._buffers: list[object] = []
         self._all = tuple(REGISTER_NAMES)
 
     def _batch(self, names: tuple[str, ...]) -> tuple[object, object, object, int]:
@@ -165,6 +167,25 @@ class RegisterFile:
         read = functools.partial(self._lib.uc_reg_read_batch, self._handle, ids, ptrs, n)
         write = functools.partial(self._lib.uc_reg_write_batch, self._handle, ids, ptrs, n)
         return read, write, vals  # type: ignore[return-value]
+
+    def bound_zeroing(self, names: tuple[str, ...], wide: tuple[int, ...]) -> tuple[Callable[[], object], Any]:
+        """Like :meth:`bound`'s write, and the same C call also zeroes the 128-bit registers
+        ``wide`` (Unicorn ids): (write, array to fill first)."""
+        key = (*names, *(f"#{i}" for i in wide))
+        b = self._batches.get(key)
+        if b is None:
+            n, m = len(names), len(wide)
+            vals = (ctypes.c_uint64 * n)()
+            zero = ctypes.create_string_buffer(16)
+            base = ctypes.addressof(vals)
+            ids = (ctypes.c_int * (n + m))(*[_REG_IDS[x] for x in names], *wide)
+            ptrs = (ctypes.c_void_p * (n + m))(*[base + 8 * i for i in range(n)], *[ctypes.addressof(zero)] * m)
+            b = self._batches[key] = (ids, vals, ptrs, n + m)
+            self._buffers.append(zero)  # the pointers name it: keep it alive
+        if self._lib is None:  # pragma: no cover - other binding layouts
+            raise NotImplementedError("bound register access needs the C API")
+        ids, vals, ptrs, count = b
+        return functools.partial(self._lib.uc_reg_write_batch, self._handle, ids, ptrs, count), vals
 
     def read(self, names: tuple[str, ...]) -> list[int]:
         if self._lib is None:

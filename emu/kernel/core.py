@@ -11,6 +11,7 @@ are :mod:`emu.kernel.sched`; saving and loading for forks are :mod:`emu.kernel.f
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from emu.context import REGISTER_NAMES, KTrapFrame, UserContext
 from emu.errors import BudgetExceeded, EmuError, ModelBug, UnimplementedService
@@ -31,7 +32,7 @@ from emu.kernel.services import (
     UserCallback,
 )
 from emu.kernel.thread import CallbackFrame, KThread, PendingChoice, ThreadServiceContext
-from emu.machine import Machine, Trap
+from emu.machine import XMM_IDS, Machine, Trap
 from emu.profile import Profile
 from emu.winnt import (
     STATUS_ACCESS_VIOLATION,
@@ -104,7 +105,8 @@ class Kernel:
         self._fill_all, _, self._all_vals = machine.regs.bound(_ALL)
         _, self._put_sysret, self._sysret_vals = machine.regs.bound(_SYSRET)
         _, self._put_all, self._all_out = machine.regs.bound(_ALL)
-        self._overflow: dict[int, str | None] = {}  # callback depth -> kernel_stack_overflow's answer (profile fixed)
+        self._overflow: dict[int, str | None] = {}
+        self._put_entry: dict[tuple[int, ...], tuple[Callable[[], object], Any]] = {}  # per set of XMM zeroed  # callback depth -> kernel_stack_overflow's answer (profile fixed)
         self._write_sysret = machine.regs.writer(_SYSRET)
         self._write_rax = machine.regs.writer(("rax",))
         # Faults become Windows exceptions ("deliver") or stop the run ("stop", [machine] exceptions).
@@ -339,11 +341,14 @@ class Kernel:
         thread.callback_stack.append(CallbackFrame(act, trap, req.api, out.frame, req.message))
         if depth >= self.max_depth:
             self.max_depth = depth + 1
-        v = list(out.entry)
+        v = [*out.entry]
         v[16] -= self._entry_len  # RIP, as Unicorn will advance it
-        self._all_out[:] = v
-        self._put_all()
-        self.machine.zero_xmm(out.xmm_zero)
+        put = self._put_entry.get(out.xmm_zero)
+        if put is None:
+            ids = tuple(XMM_IDS[i] for i in out.xmm_zero)
+            put = self._put_entry[out.xmm_zero] = self.machine.regs.bound_zeroing(_ALL, ids)
+        put[1][:] = v
+        put[0]()  # the registers, and the XMM registers the kernel scrubs, in one C call
         self.recorder.callback(thread, tuple(out.entry), act.spec.name, req.api, note)
         return None
 
