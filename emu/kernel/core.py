@@ -361,7 +361,7 @@ class Kernel:
         service = thread.callback_stack[-1].activation.spec.name
         # The seed's state: the user side sits at ZwCallbackReturn while the kernel completes the callback.
         self.recorder.syscall(thread, regs, NT_CALLBACK_RETURN, ssn, service, True, _VIA[via])
-        if sched.yield_at_entry(self, thread, regs, via, NT_CALLBACK_RETURN):
+        if self._multithreaded and sched.yield_at_entry(self, thread, regs, via, NT_CALLBACK_RETURN):
             return
         self._complete_callback(thread, regs)
 

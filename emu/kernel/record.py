@@ -169,8 +169,11 @@ class Recorder:
             raise BudgetExceeded("output_bytes", self.output_budget, trace.symbolize(rip))
         cbs = thread.callback_stack
         if cbs:
-            depth, api, service = len(cbs), cbs[-1].api, cbs[-1].activation.spec.name
-            frames = tuple([(f.api, f.activation.spec.name) for f in cbs])
+            top = cbs[-1]
+            frames = top.chain
+            if frames is None or len(frames) != len(cbs):
+                frames = top.chain = tuple([(f.api, f.activation.spec.name) for f in cbs])
+            depth, api, service = len(frames), top.api, top.activation.spec.name
         else:
             depth, api, service, frames = 0, None, None, ()
         woke = self._woken() if self.wakes_pending else ()
@@ -234,9 +237,16 @@ class Recorder:
         trace = self.trace
         sid = len(trace.raw_states)
         cbs = thread.callback_stack
-        depth = len(cbs)
-        if service is None and cbs and mode == "user":
-            service = cbs[-1].activation.spec.name
+        if cbs:
+            top = cbs[-1]
+            frames = top.chain
+            if frames is None or len(frames) != len(cbs):
+                frames = top.chain = tuple([(f.api, f.activation.spec.name) for f in cbs])
+            depth, api_top = len(frames), top.api
+            if service is None and mode == "user":
+                service = top.activation.spec.name
+        else:
+            depth, api_top, frames = 0, None, ()
         if sid >= self._state_limit and self.state_budget is not None:
             raise BudgetExceeded("states", self.state_budget, trace.symbolize(regs[_RIP]))
         if stack is None:
@@ -249,13 +259,11 @@ class Recorder:
             self.output_bytes += len(stack)
             if self.output_bytes > self._output_limit and self.output_budget is not None:
                 raise BudgetExceeded("output_bytes", self.output_budget, trace.symbolize(regs[_RIP]))
-        frames = tuple([(f.api, f.activation.spec.name) for f in cbs]) if cbs else ()
         woke = self._woken() if self.wakes_pending else ()
         # Plain tuples in the RawState / RawTransition field order (emu.trace names the fields).
-        trace.raw_states.append((
-            sid, thread.tid, mode, regs, stack, thread.stack_base, depth, service, cbs[-1].api if cbs else None,
-            pending, frames,
-        ))  # fmt: skip
+        trace.raw_states.append(
+            (sid, thread.tid, mode, regs, stack, thread.stack_base, depth, service, api_top, pending, frames)
+        )
         trace.raw_transitions.append((
             len(trace.raw_transitions), kind, thread.tid, thread.state_id, sid, name, ssn, regs[_RIP], regs[_RSP],
             depth, status, api, detail, data, woke,

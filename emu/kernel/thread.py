@@ -44,6 +44,9 @@ class CallbackFrame:
     api: int
     user_frame: int  # address of the UCALLOUT_FRAME on the user stack
     message_id: int | None = None  # the sent message this callback handles, if any
+    # (api, service) of every frame from the outermost up to this one, as a state records
+    # them: computed by the recorder the first time this frame is on top (emu.kernel.record).
+    chain: tuple[tuple[int, str], ...] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
