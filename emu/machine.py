@@ -412,8 +412,7 @@ class Machine:
         if data:
             self.uc.mem_write(start, bytes(data))
         region = Region(start, size, perms, label)
-        self.regions.append(region)
-        self.regions.sort(key=lambda r: r.start)
+        self.regions = sorted([*self.regions, region], key=lambda r: r.start)  # a new list: region_at's index follows
         return region
 
     def map_image(self, image: Image) -> None:
@@ -454,13 +453,12 @@ class Machine:
         )
 
     def region_at(self, address: int) -> Region | None:
-        regions = self.regions
         index = self._index
-        if index is None or index[0] is not regions or len(index[1]) != len(regions):
+        if index is None or index[0] is not self.regions:
             # Regions are sorted and never overlap (map, protect): a binary search over their starts.
-            index = self._index = (regions, [r.start for r in regions], [r.end for r in regions])
+            index = self._index = (self.regions, [r.start for r in self.regions], [r.end for r in self.regions])
         i = bisect.bisect_right(index[1], address) - 1
-        return regions[i] if i >= 0 and address < index[2][i] else None
+        return index[0][i] if i >= 0 and address < index[2][i] else None
 
     def read(self, address: int, size: int) -> bytes:
         """Bytes of user memory; raises UcError if any of it is unmapped."""

@@ -334,7 +334,9 @@ class Kernel:
             req = UserCallback(req.api_at(len(thread.callback_stack)), req.data, message=req.message)
         out = lay_out(self.profile, trap.ctx, req.api, bytes(req.data), self.dispatcher)
         old = trap.ctx.rsp
-        if out.lowest < thread.stack_limit or not self.machine.readable(out.lowest, old - out.lowest):
+        r = self.machine.region_at(out.lowest)  # the frame usually fits in the stack's own region
+        fits = r is not None and old <= r.end and "r" in r.perms
+        if out.lowest < thread.stack_limit or not (fits or self.machine.readable(out.lowest, old - out.lowest)):
             # ProbeForWrite of the frame fails: KeUserModeCallback returns the exception code.
             return STATUS_ACCESS_VIOLATION, "the callout frame does not fit on the user stack"
         self.machine.write(out.lowest, out.block)
