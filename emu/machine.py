@@ -113,7 +113,13 @@ class RegisterFile:
 
             self._lib = binding.uclib
             self._handle = uc._uch
-        except (ImportError, AttributeError):  # pragma: no cover - other binding layouts
+            # The same two functions without the binding's argtypes: converting each argument
+            # through them costs more than the call itself. Every argument passed here is a
+            # ctypes object or a small int (the handle a c_void_p, arrays by address, a count).
+            plain = ctypes.CDLL(binding.uclib._name)
+            self._read_batch = plain.uc_reg_read_batch
+            self._write_batch = plain.uc_reg_write_batch
+        except (ImportError, AttributeError, OSError):  # pragma: no cover - other binding layouts
             self._lib = None
         self._batches: dict[tuple[str, ...], tuple[object, object, object, int]] = {}
         self._wide: dict[tuple[int, ...], tuple[Any, object]] = {}
@@ -136,7 +142,7 @@ class RegisterFile:
         if self._lib is None:
             return lambda: self.read(names)
         ids, vals, ptrs, n = self._batch(names)
-        fn, handle = self._lib.uc_reg_read_batch, self._handle
+        fn, handle = self._read_batch, self._handle
 
         def read() -> list[int]:
             fn(handle, ids, ptrs, n)
@@ -149,7 +155,7 @@ class RegisterFile:
         if self._lib is None:
             return lambda values: self.write(names, values)
         ids, vals, ptrs, n = self._batch(names)
-        fn, handle = self._lib.uc_reg_write_batch, self._handle
+        fn, handle = self._write_batch, self._handle
 
         def write(values: Sequence[int]) -> None:
             vals[:] = values  # type: ignore[index]
@@ -164,8 +170,8 @@ class RegisterFile:
         ids, vals, ptrs, n = self._batch(names)
         if self._lib is None:  # pragma: no cover - other binding layouts
             raise NotImplementedError("bound register access needs the C API")
-        read = functools.partial(self._lib.uc_reg_read_batch, self._handle, ids, ptrs, n)
-        write = functools.partial(self._lib.uc_reg_write_batch, self._handle, ids, ptrs, n)
+        read = functools.partial(self._read_batch, self._handle, ids, ptrs, n)
+        write = functools.partial(self._write_batch, self._handle, ids, ptrs, n)
         return read, write, vals  # type: ignore[return-value]
 
     def bound_zeroing(self, names: tuple[str, ...], wide: tuple[int, ...]) -> tuple[Callable[[], object], Any]:
@@ -185,13 +191,13 @@ class RegisterFile:
         if self._lib is None:  # pragma: no cover - other binding layouts
             raise NotImplementedError("bound register access needs the C API")
         ids, vals, ptrs, count = b
-        return functools.partial(self._lib.uc_reg_write_batch, self._handle, ids, ptrs, count), vals
+        return functools.partial(self._write_batch, self._handle, ids, ptrs, count), vals
 
     def read(self, names: tuple[str, ...]) -> list[int]:
         if self._lib is None:
             return [self._uc.reg_read(_REG_IDS[n]) for n in names]
         ids, vals, ptrs, n = self._batch(names)
-        if self._lib.uc_reg_read_batch(self._handle, ids, ptrs, n) != UC_ERR_OK:
+        if self._read_batch(self._handle, ids, ptrs, n) != UC_ERR_OK:
             raise UcError(1)
         return vals[:]  # type: ignore[index]
 
@@ -206,7 +212,7 @@ class RegisterFile:
         else:
             for i, v in enumerate(values):
                 vals[i] = v & 0xFFFF_FFFF_FFFF_FFFF  # type: ignore[index]
-        if self._lib.uc_reg_write_batch(self._handle, ids, ptrs, n) != UC_ERR_OK:
+        if self._write_batch(self._handle, ids, ptrs, n) != UC_ERR_OK:
             raise UcError(1)
 
     def zero_wide(self, ids: tuple[int, ...]) -> None:
@@ -226,7 +232,7 @@ class RegisterFile:
             zero = ctypes.create_string_buffer(16)
             n = len(ids)
             call = functools.partial(
-                self._lib.uc_reg_write_batch, self._handle, (ctypes.c_int * n)(*ids),
+                self._write_batch, self._handle, (ctypes.c_int * n)(*ids),
                 (ctypes.c_void_p * n)(*[ctypes.addressof(zero)] * n), n,
             )  # fmt: skip
             b = self._wide[ids] = (call, zero)
