@@ -43,14 +43,15 @@ class Callout(NamedTuple):
 
 
 _AT = {name: i for i, name in enumerate(REGISTER_NAMES)}  # a register's place in a UserContext
-_ZERO_VOLATILE = tuple(_AT[n] for n in ("rdx", "r8", "r9", "r10"))
 _ZERO_REACTOS = tuple(
     _AT[n] for n in ("rax", "rdx", "r8", "r9", "r10", "rbx", "rdi", "rsi", "rbp", "r12", "r13", "r14", "r15")
 )
-_RCX, _RSP, _R8, _R9, _R10, _R11, _RIP, _RFLAGS = (
-    _AT[n] for n in ("rcx", "rsp", "r8", "r9", "r10", "r11", "rip", "rflags")
+_RCX, _RDX, _RSP, _R8, _R9, _R10, _R11, _RIP, _RFLAGS = (
+    _AT[n] for n in ("rcx", "rdx", "rsp", "r8", "r9", "r10", "r11", "rip", "rflags")
 )
 _M64 = 0xFFFF_FFFF_FFFF_FFFF
+_XMM_LOW, _XMM_ALL = tuple(range(6)), tuple(range(16))  # XMM registers scrubbed: 0-5 (WRK), all (ReactOS)
+_context = tuple.__new__  # UserContext from a list of 18 values, without _make's length check
 
 
 def entry_registers(
@@ -72,7 +73,7 @@ def entry_registers(
       R8-R10 and the non-volatile RBX, RDI, RSI, RBP, R12-R15 zero, XMM0-15 zero, R11 =
       EFLAGS_IF_MASK (0x200), RSP from the trap frame.
     """
-    v = list(trap)  # the trap frame's registers, changed in place (cheaper than namedtuple _replace)
+    v = [*trap]  # the trap frame's registers, changed in place (cheaper than namedtuple _replace)
     v[_RSP] = rsp
     v[_RIP] = v[_RCX] = dispatcher
     policy = profile.dispatcher_registers
@@ -82,16 +83,15 @@ def entry_registers(
         # SYSRET loads RFLAGS from R11 with bit 1 (reserved) set (Intel SDM vol. 2B SYSRET).
         v[_R11] = RFLAGS_IF
         v[_RFLAGS] = RFLAGS_IF | RFLAGS_RESERVED
-        return UserContext._make(v), tuple(range(16))
+        return _context(UserContext, v), _XMM_ALL
     v[_R11] = v[_RFLAGS] = trap.rflags
-    v[_R10] = 0
     if policy == "windows10":
-        for i in _ZERO_VOLATILE:
-            v[i] = 0
+        v[_RDX] = v[_R8] = v[_R9] = v[_R10] = 0
     else:
+        v[_R10] = 0
         v[_R8] = rsp
         v[_R9] = trap.rbp
-    return UserContext._make(v), tuple(range(6))
+    return _context(UserContext, v), _XMM_LOW
 
 
 def kernel_stack_overflow(profile: Profile, depth: int) -> str | None:

@@ -55,6 +55,10 @@ _CONTEXT_SERVICES = {
 }
 
 
+_context = tuple.__new__  # a UserContext from 18 register values, without _make's length check
+_NO_OUTPUT = record_output(None, 0, 0, 0)[1]  # type: ignore[arg-type]  # what the trace says of an empty result
+
+
 def _everywhere(name: str | None) -> bool:
     return True
 
@@ -249,7 +253,7 @@ class Kernel:
             # user-mode state after sysret has the stack bytes the entry state has.
             self._sysret_now(thread, regs, via, req, name, "", reuse_stack=True)
             return
-        self._drive(thread, act, KTrapFrame(UserContext._make(regs), via), None, False, req)
+        self._drive(thread, act, KTrapFrame(_context(UserContext, regs), via), None, False, req)
 
     # --- service driving ----------------------------------------------------------------
     def _drive(
@@ -308,7 +312,7 @@ class Kernel:
     def _sysret_resumed(self, thread: KThread, trap: KTrapFrame, status: int, service: str, note: str) -> None:
         """Return from a service that called back: its own syscall's trap frame is restored
         (ReactOS NtCallbackReturn restores Thread->TrapFrame), RAX = status."""
-        v = list(trap.ctx)
+        v = [*trap.ctx]
         v[0] = status  # RAX
         regs = tuple(v)
         v[16] -= self._entry_len  # RIP, as Unicorn will advance it
@@ -374,7 +378,10 @@ class Kernel:
         # KeUserModeCallback's caller and return the callback's Status unchanged; copying is
         # the caller's business (emu.kernel.result). The trace keeps what the bytes held now.
         result_ptr, length, status = regs[10], regs[2] & 0xFFFF_FFFF, regs[8] & 0xFFFF_FFFF
-        output, detail = record_output(self.machine, result_ptr, length, self.profile.callback_output_limit)
+        if length:
+            output, detail = record_output(self.machine, result_ptr, length, self.profile.callback_output_limit)
+        else:
+            output, detail = b"", _NO_OUTPUT
         thread.resuming = (top.activation.position(), status, output, result_ptr, length)
         self.recorder.callback_return(thread, tuple(top.trap.ctx), service, status, top.api, detail, output)
         result = CallbackResult(status, output, result_ptr, length)
