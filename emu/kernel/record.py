@@ -10,6 +10,7 @@ here too, since recording is what they limit.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from unicorn import UcError
 
@@ -64,8 +65,8 @@ class Recorder:
         self.output_bytes = 0
         self.observe = observe
         self._threads: dict[int, KThread] = {}
-        # Per stack base: the host buffer holding that stack and where it starts (None, 0: none).
-        self._stacks: dict[int, tuple[object, int]] = {}
+        # Per stack base: the host buffer holding that stack and where it starts (empty: none).
+        self._stacks: dict[int, tuple[()] | tuple[Any, int]] = {}
         self.wakes_pending = False  # some thread's wait was satisfied since the last transition
 
     def attach(self, threads: dict[int, KThread]) -> None:
@@ -106,10 +107,9 @@ class Recorder:
             return b""
         view = self._stacks.get(base)
         if view is None:
-            view = self._stacks[base] = self.machine.host_view(thread.stack_limit, base) or (None, 0)
-        buf, start = view
-        if buf is not None and rsp >= start:
-            stack: bytes = buf[rsp - start : base - start]  # type: ignore[index]
+            view = self._stacks[base] = self.machine.host_view(thread.stack_limit, base) or ()
+        if view and rsp >= view[1]:
+            stack: bytes = view[0][rsp - view[1] : base - view[1]]
             return stack
         return read_or_none(self.machine, rsp, base - rsp) or b""
 
@@ -160,8 +160,8 @@ class Recorder:
             raise BudgetExceeded("states", self.state_budget, trace.symbolize(rip))
         tid, base, step = thread.tid, thread.stack_base, len(transitions)
         view = self._stacks.get(base)
-        if view is not None and view[0] is not None and view[1] <= rsp < base:
-            stack: bytes = view[0][rsp - view[1] : base - view[1]]  # type: ignore[index]  # capture(), inlined
+        if view and view[1] <= rsp < base:
+            stack: bytes = view[0][rsp - view[1] : base - view[1]]  # capture(), inlined
         else:
             stack = self.capture(thread, rsp)
         self.output_bytes += len(stack)
@@ -250,10 +250,10 @@ class Recorder:
         if sid >= self._state_limit and self.state_budget is not None:
             raise BudgetExceeded("states", self.state_budget, trace.symbolize(regs[_RIP]))
         if stack is None:
-            rsp = regs[_RSP]
-            view = self._stacks.get(thread.stack_base)
-            if view is not None and view[0] is not None and view[1] <= rsp < thread.stack_base:
-                stack = view[0][rsp - view[1] : thread.stack_base - view[1]]  # type: ignore[index]  # capture(), inlined
+            rsp, base = regs[_RSP], thread.stack_base
+            view = self._stacks.get(base)
+            if view and view[1] <= rsp < base:
+                stack = view[0][rsp - view[1] : base - view[1]]  # capture(), inlined
             else:
                 stack = self.capture(thread, rsp)
             self.output_bytes += len(stack)
