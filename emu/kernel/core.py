@@ -155,7 +155,46 @@ class Kernel:
                 self._put_sysret()
                 self.recorder.syscall_sysret(thread, regs, name, ssn, status)  # type: ignore[arg-type]
                 return
+            if name == NT_CALLBACK_RETURN and thread.callback_stack:
+                thread.trap_frame = None
+                self._return_from_callback(thread, regs, ssn)
+                return
         self._enter(regs, "syscall")
+
+    def _return_from_callback(self, thread: KThread, regs: tuple[int, ...], ssn: int) -> None:
+        """NtCallbackReturn completing a frame, one thread, nobody watching (the syscall hook's
+        second fast path): what :meth:`_callback_return`, :meth:`_complete_callback`,
+        :meth:`_drive` and :meth:`_sysret_resumed` do, in one call when the service that
+        called back then returns a status at once; anything else carries on in :meth:`_drive`."""
+        cbs = thread.callback_stack
+        top = cbs[-1]
+        act = top.activation
+        service = act.spec.name
+        recorder = self.recorder
+        # The seed's state: the user side sits at ZwCallbackReturn while the kernel completes the callback.
+        recorder.syscall(thread, regs, NT_CALLBACK_RETURN, ssn, service, True, "")
+        cbs.pop()
+        # As _complete_callback (WRK ke/amd64/callout.asm NtCallbackReturn).
+        result_ptr, length, status = regs[10], regs[2] & 0xFFFF_FFFF, regs[8] & 0xFFFF_FFFF
+        if length:
+            output, detail = record_output(self.machine, result_ptr, length, self.profile.callback_output_limit)
+        else:
+            output, detail = b"", _NO_OUTPUT
+        thread.resuming = (act.position(), status, output, result_ptr, length)
+        trap = top.trap
+        recorder.callback_return(thread, tuple(trap.ctx), service, status, top.api, detail, output)
+        req = act.step(CallbackResult(status, output, result_ptr, length))
+        if not isinstance(req, int) or act.remark:
+            self._drive(thread, act, trap, None, True, req)
+            return
+        # As _sysret_resumed: the service's own syscall's trap frame comes back, RAX = status.
+        v = [*trap.ctx]
+        v[0] = req
+        back = tuple(v)
+        v[16] -= self._entry_len  # RIP, as Unicorn will advance it
+        self._all_out[:] = v
+        self._put_all()
+        recorder.sysret(thread, back, service, self.ssn_table.get(service), req, "")
 
     def on_interrupt(self, uc: object, intno: int, user_data: object = None) -> None:
         vals = tuple(self._read_all())  # RIP is already past the `int` instruction
