@@ -172,7 +172,7 @@ class RegisterFile:
             raise NotImplementedError("bound register access needs the C API")
         read = functools.partial(self._read_batch, self._handle, ids, ptrs, n)
         write = functools.partial(self._write_batch, self._handle, ids, ptrs, n)
-        return read, write, vals  # type: ignore[return-value]
+        return read, write, vals
 
     def bound_zeroing(self, names: tuple[str, ...], wide: tuple[int, ...]) -> tuple[Callable[[], object], Any]:
         """Like :meth:`bound`'s write, and the same C call also zeroes the 128-bit registers
@@ -181,17 +181,19 @@ class RegisterFile:
         b = self._batches.get(key)
         if b is None:
             n, m = len(names), len(wide)
-            vals = (ctypes.c_uint64 * n)()
+            out = (ctypes.c_uint64 * n)()
             zero = ctypes.create_string_buffer(16)
-            base = ctypes.addressof(vals)
-            ids = (ctypes.c_int * (n + m))(*[_REG_IDS[x] for x in names], *wide)
-            ptrs = (ctypes.c_void_p * (n + m))(*[base + 8 * i for i in range(n)], *[ctypes.addressof(zero)] * m)
-            b = self._batches[key] = (ids, vals, ptrs, n + m)
+            at = ctypes.addressof(out)
+            b = self._batches[key] = (
+                (ctypes.c_int * (n + m))(*[_REG_IDS[x] for x in names], *wide),
+                out,
+                (ctypes.c_void_p * (n + m))(*[at + 8 * i for i in range(n)], *[ctypes.addressof(zero)] * m),
+                n + m,
+            )
             self._buffers.append(zero)  # the pointers name it: keep it alive
         if self._lib is None:  # pragma: no cover - other binding layouts
             raise NotImplementedError("bound register access needs the C API")
-        ids, vals, ptrs, count = b
-        return functools.partial(self._write_batch, self._handle, ids, ptrs, count), vals
+        return functools.partial(self._write_batch, self._handle, b[0], b[2], b[3]), b[1]
 
     def read(self, names: tuple[str, ...]) -> list[int]:
         if self._lib is None:
@@ -236,7 +238,7 @@ class RegisterFile:
                 (ctypes.c_void_p * n)(*[ctypes.addressof(zero)] * n), n,
             )  # fmt: skip
             b = self._wide[ids] = (call, zero)
-        return b[0]  # type: ignore[no-any-return]
+        return b[0]
 
     def context(self) -> UserContext:
         return UserContext._make(self.read(self._all))

@@ -15,9 +15,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from emu.api import Run, run
 from emu.cli.exit_codes import EXIT_INPUT, EXIT_OK

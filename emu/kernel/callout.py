@@ -127,7 +127,7 @@ def _frame_struct() -> struct.Struct:
     for off, code in fields:
         fmt += f"{off - at}x{code}" if off > at else code
         at = off + struct.calcsize(code)
-    fmt += f"{UCALLOUT_FRAME_SIZE - at}x" if UCALLOUT_FRAME_SIZE > at else ""
+    fmt += f"{UCALLOUT_FRAME_SIZE - at}x" if at < UCALLOUT_FRAME_SIZE else ""
     return struct.Struct(fmt)
 
 

@@ -109,8 +109,9 @@ class Kernel:
         self._fill_all, _, self._all_vals = machine.regs.bound(_ALL)
         _, self._put_sysret, self._sysret_vals = machine.regs.bound(_SYSRET)
         _, self._put_all, self._all_out = machine.regs.bound(_ALL)
-        self._overflow: dict[int, str | None] = {}
-        self._put_entry: dict[tuple[int, ...], tuple[Callable[[], object], Any]] = {}  # per set of XMM zeroed  # callback depth -> kernel_stack_overflow's answer (profile fixed)
+        self._overflow: dict[int, str | None] = {}  # callback depth -> kernel_stack_overflow's answer (profile fixed)
+        # Per set of XMM registers scrubbed: the write entering KiUserCallbackDispatcher, and its array.
+        self._put_entry: dict[tuple[int, ...], tuple[Callable[[], object], Any]] = {}
         self._write_sysret = machine.regs.writer(_SYSRET)
         self._write_rax = machine.regs.writer(("rax",))
         # Faults become Windows exceptions ("deliver") or stop the run ("stop", [machine] exceptions).
