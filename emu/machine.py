@@ -444,7 +444,7 @@ class Machine:
         return region.start, region.end
 
     def host_view(self, start: int, end: int) -> tuple[mmap.mmap, int] | None:
-        """The buffer holding [start, end) and the offset of ``start`` in it, when one host
+        """The buffer holding [start, end) and the address of its first byte, when one host
         region holds the whole range (else None: read it with :meth:`read`)."""
         for base, buf in self.host.items():
             if base <= start and end <= base + len(buf):
