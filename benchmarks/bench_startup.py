@@ -7,6 +7,13 @@ the top-level entries of Python's own import log, the log's overhead included), 
 heaviest third-party packages; and ``python -c pass`` gives the interpreter's own start.
 The runs are interleaved and the medians kept; the goal is in ``goals.py``.
 
+Every child may cache compiled bytecode, as after ``pip install`` (which compiles it) and as
+Python does by default: the cache lives in a temporary directory (``PYTHONPYCACHEPREFIX``,
+so the checkout stays clean), filled by one untimed run first, even when this process was
+started with ``PYTHONDONTWRITEBYTECODE``. The detail line also gives, for comparison, the
+cold start with ``PYTHONDONTWRITEBYTECODE=1`` and no cache prefix: the checkout's own modules
+compiled from source at every start (unless a ``__pycache__`` beside them holds them).
+
 Run::
 
     python benchmarks/bench_startup.py [--runs R] [--scenario PATH]
@@ -18,6 +25,7 @@ import argparse
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,9 +36,25 @@ from measuring import ROOT, Row
 SCENARIO = ROOT / "scenarios" / "callback_roundtrip.toml"
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
+_CACHE: list[str] = []  # the bytecode cache directory, made on first use
+
+
+def _env(cached: bool) -> dict[str, str]:
+    env = measuring.child_env()
+    if cached:
+        if not _CACHE:
+            _CACHE.append(tempfile.mkdtemp(prefix="emu-bench-pycache-"))
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = _CACHE[0]
+    else:  # as the checkout runs when nothing may write bytecode: its own modules compiled each time
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        env.pop("PYTHONPYCACHEPREFIX", None)
+    return env
+
+
+def _run(args: list[str], cached: bool = True) -> subprocess.CompletedProcess[str]:
     out = subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=measuring.child_env(), check=False
+        [sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=_env(cached), check=False
     )
     if out.returncode != 0:
         tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -38,10 +62,11 @@ def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
     return out
 
 
-def cold_start(scenario: Path) -> float:
-    """Seconds from starting ``python -m emu.cli run SCENARIO`` to its exit."""
+def cold_start(scenario: Path, cached: bool = True) -> float:
+    """Seconds from starting ``python -m emu.cli run SCENARIO`` to its exit (``cached``: with
+    compiled bytecode from earlier runs, else compiling every module from source)."""
     t0 = time.perf_counter()
-    _run(["-m", "emu.cli", "run", str(scenario)])
+    _run(["-m", "emu.cli", "run", str(scenario)], cached)
     return time.perf_counter() - t0
 
 
@@ -87,9 +112,11 @@ def interpreter_start() -> float:
 
 def measure_cold_start(runs: int, scenario: Path = SCENARIO) -> Row:
     """``emu run``'s cold start per run; imports and the bare interpreter beside it."""
-    cold, imports, bare = measuring.paired(
-        runs, lambda: cold_start(scenario), lambda: import_times(scenario), lambda: interpreter_start()
-    )
+    cold_start(scenario)  # untimed: fills the bytecode cache, as installing does
+    cold, imports, bare, compiling = measuring.paired(
+        runs, lambda: cold_start(scenario), lambda: import_times(scenario), lambda: interpreter_start(),
+        lambda: cold_start(scenario, cached=False),
+    )  # fmt: skip
     imported = statistics.median(t for t, _ in imports)
     share = imported / statistics.median(cold)
     heaviest: dict[str, list[float]] = {}
@@ -99,7 +126,8 @@ def measure_cold_start(runs: int, scenario: Path = SCENARIO) -> Row:
     top = sorted(((statistics.median(ts), n) for n, ts in heaviest.items() if n != "emu"), reverse=True)[:3]
     detail = (
         f"imports {imported:.3f} s ({share:.0%} of it; heaviest: {', '.join(f'{n} {t:.3f} s' for t, n in top)});"
-        f" the bare interpreter starts in {statistics.median(bare):.3f} s; `emu run {scenario.relative_to(ROOT)}`"
+        f" the bare interpreter starts in {statistics.median(bare):.3f} s; with no bytecode written"
+        f" (PYTHONDONTWRITEBYTECODE=1) {statistics.median(compiling):.3f} s; `emu run {scenario.relative_to(ROOT)}`"
     )
     return Row(COLD_START, "s", cold, detail=detail)
 

@@ -18,34 +18,59 @@ as d`` gives the module with the rest of its names (``d.view_of``).
 """
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from emu.api import Run, run
-from emu.detection.view import Detection, ThreadView
-from emu.errors import (
-    BudgetExceeded,
-    DumpError,
-    EmuError,
-    ImageError,
-    KernelError,
-    MachineFault,
-    ModelBug,
-    ScenarioError,
-    SnapshotError,
-    UnimplementedService,
-)
-from emu.exploration.explorer import Exploration
-from emu.graph import StateGraph
-from emu.scenario import Scenario, load_scenario
-from emu.session import Session
-from emu.session_snapshot import Snapshot
-
-if TYPE_CHECKING:  # what a type checker sees of the three callable modules: their functions
+if TYPE_CHECKING:  # what a type checker sees; at run time each name is imported on first use
+    from emu.api import Run, run
     from emu.detection.score import score
-    from emu.detection.view import detect
-    from emu.exploration.explorer import explore
-else:
-    from emu import detect, explore, score
+    from emu.detection.view import Detection, ThreadView, detect
+    from emu.errors import (
+        BudgetExceeded,
+        DumpError,
+        EmuError,
+        ImageError,
+        KernelError,
+        MachineFault,
+        ModelBug,
+        ScenarioError,
+        SnapshotError,
+        UnimplementedService,
+    )
+    from emu.exploration.explorer import Exploration, explore
+    from emu.graph import StateGraph
+    from emu.scenario import Scenario, load_scenario
+    from emu.session import Session
+    from emu.session_snapshot import Snapshot
+
+# Where each public name lives: imported on first use, so `import emu` (and the `emu` command,
+# which needs few of them) does not load networkx, capstone or the dump writer up front.
+# "detect", "score" and "explore" are the callable modules themselves (emu.callable_module).
+_HOMES = {
+    "Run": "emu.api", "run": "emu.api",
+    "Detection": "emu.detection.view", "ThreadView": "emu.detection.view",
+    "BudgetExceeded": "emu.errors", "DumpError": "emu.errors", "EmuError": "emu.errors",
+    "ImageError": "emu.errors", "KernelError": "emu.errors", "MachineFault": "emu.errors",
+    "ModelBug": "emu.errors", "ScenarioError": "emu.errors", "SnapshotError": "emu.errors",
+    "UnimplementedService": "emu.errors",
+    "Exploration": "emu.exploration.explorer",
+    "StateGraph": "emu.graph", "Scenario": "emu.scenario", "load_scenario": "emu.scenario",
+    "Session": "emu.session", "Snapshot": "emu.session_snapshot",
+}  # fmt: skip
+_CALLABLE_MODULES = frozenset({"detect", "score", "explore"})
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name in _CALLABLE_MODULES:
+        return importlib.import_module(f"emu.{name}")  # importing it sets the attribute too
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'emu' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 
@@ -55,6 +80,8 @@ def open(scenario: Scenario | str | Path) -> Session:
 
     Not in ``__all__``: ``from emu import *`` leaves the builtin ``open`` alone.
     """
+    from emu.session import Session
+
     return Session(scenario)
 
 

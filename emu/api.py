@@ -12,17 +12,19 @@ import dataclasses
 from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from emu.detection.view import Detection, detect_run
-from emu.dump.start import DumpProcess
 from emu.engine import Process, RunResult
 from emu.engine import build as build_from_modules
-from emu.expect import Outcome, check
-from emu.graph import StateGraph
 from emu.hooks import Hooks
 from emu.kernel import KernelHooks
 from emu.scenario import Scenario, load_scenario
 from emu.services import Services
+
+if TYPE_CHECKING:  # imported where used: a run that needs no graph loads no networkx
+    from emu.detection.view import Detection
+    from emu.expect import Outcome
+    from emu.graph import StateGraph
 
 __all__ = ["Run", "run"]
 
@@ -39,14 +41,20 @@ class Run(RunResult):
 
     @cached_property
     def graph(self) -> StateGraph:
+        from emu.graph import StateGraph
+
         return StateGraph.from_trace(self.trace)
 
     @cached_property
     def detections(self) -> list[Detection]:
+        from emu.detection.view import detect_run
+
         return detect_run(self)
 
     @cached_property
     def outcomes(self) -> list[Outcome]:
+        from emu.expect import check
+
         return check(self, self.detections)
 
     @property
@@ -89,6 +97,8 @@ def build(
     steer = hooks if isinstance(hooks, KernelHooks) else None
     process: Process
     if scenario.start_dump is not None:
+        from emu.dump.start import DumpProcess
+
         process = DumpProcess(scenario, scenario.start_dump, steer, services)
     else:
         process = build_from_modules(scenario, steer, services)

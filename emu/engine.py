@@ -10,7 +10,6 @@ the state graph, the detections and the scenario's expectations on top.
 from __future__ import annotations
 
 import gc
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from emu.loader.callback_table import peb_callback_table
 from emu.loader.image import PAGE, AssemblyError, Image, Symbolizer, image_from_assembly
 from emu.loader.loader_data import build_loader_data, main_image
 from emu.loader.pe import load_pe
-from emu.machine import Machine
+from emu.machine import Machine, Watchdog
 from emu.process_services import registry_for, service_numbers
 from emu.process_start import ThreadStart, file_name, probe_start
 from emu.runtime import NTDLL_BASE, build_ntdll, build_win32u
@@ -418,14 +417,21 @@ class Process:
         or "stopped" (``stop``, by default the hooks', said so after some user code ran or
         a thread was put on the CPU).
 
-        ``wall_time=None`` leaves the clock to a Watchdog. ``instructions``: run at most that
-        many at a time and return "instructions" when they are done (a debugger's single
-        step) instead of the budget's error. Raises BudgetExceeded when a thread runs out of
-        instructions or time, MachineFault when it faults.
+        ``wall_time=None`` leaves the clock to a Watchdog the caller holds; otherwise one is
+        held here (a thread that stops the CPU at the deadline: Unicorn's own ``timeout=``
+        would start a thread polling the clock at every ``emu_start``). ``instructions``: run
+        at most that many at a time and return "instructions" when they are done (a debugger's
+        single step) instead of the budget's error. Raises BudgetExceeded when a thread runs
+        out of instructions or time, MachineFault when it faults.
         """
+        if wall_time is None:
+            return self._drive(stop, instructions)
+        with Watchdog(self.machine, wall_time):
+            return self._drive(stop, instructions)
+
+    def _drive(self, stop: Callable[[], bool] | None, instructions: int | None) -> str:
         kernel, machine, b = self.kernel, self.machine, self.scenario.budgets
         stop_requested = stop or self.hooks.stop
-        deadline = None if wall_time is None else time.perf_counter() + wall_time
         count = (b.instructions or 0) if instructions is None else instructions
         halt = self.halt
         while True:
@@ -436,8 +442,7 @@ class Process:
             t = kernel.current
             if t is not None and t.running:
                 rip = machine.regs.read(("rip",))[0]
-                left = None if deadline is None else max(0.001, deadline - time.perf_counter())
-                info = machine.run(rip, count, left)
+                info = machine.run(rip, count, None)
                 if info.reason != "requested" and t.running and kernel.pending_choice is None:
                     if instructions is not None and info.reason == "instructions":
                         return "instructions"

@@ -18,7 +18,10 @@ changing privilege, so the CPU never leaves CPL 3.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
+import functools
+import mmap
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -72,6 +75,7 @@ _REG_IDS: dict[str, int] = {
 }
 
 _XMM: tuple[int, ...] = tuple(getattr(x86, f"UC_X86_REG_XMM{n}") for n in range(16))
+XMM_IDS = _XMM  # Unicorn's ids of XMM0-15, by number
 _XMM_SETS: dict[tuple[int, ...], tuple[int, ...]] = {}  # XMM numbers -> Unicorn register ids
 
 _ACCESS = {
@@ -111,10 +115,17 @@ class RegisterFile:
 
             self._lib = binding.uclib
             self._handle = uc._uch
-        except (ImportError, AttributeError):  # pragma: no cover - other binding layouts
+            # The same two functions without the binding's argtypes: converting each argument
+            # through them costs more than the call itself. Every argument passed here is a
+            # ctypes object or a small int (the handle a c_void_p, arrays by address, a count).
+            plain = ctypes.CDLL(binding.uclib._name)
+            self._read_batch = plain.uc_reg_read_batch
+            self._write_batch = plain.uc_reg_write_batch
+        except (ImportError, AttributeError, OSError):  # pragma: no cover - other binding layouts
             self._lib = None
         self._batches: dict[tuple[str, ...], tuple[object, object, object, int]] = {}
-        self._wide: dict[tuple[int, ...], tuple[Any, Any, int, object]] = {}
+        self._wide: dict[tuple[int, ...], tuple[Any, object]] = {}
+        self._buffers: list[object] = []
         self._all = tuple(REGISTER_NAMES)
 
     def _batch(self, names: tuple[str, ...]) -> tuple[object, object, object, int]:
@@ -133,7 +144,7 @@ class RegisterFile:
         if self._lib is None:
             return lambda: self.read(names)
         ids, vals, ptrs, n = self._batch(names)
-        fn, handle = self._lib.uc_reg_read_batch, self._handle
+        fn, handle = self._read_batch, self._handle
 
         def read() -> list[int]:
             fn(handle, ids, ptrs, n)
@@ -146,7 +157,7 @@ class RegisterFile:
         if self._lib is None:
             return lambda values: self.write(names, values)
         ids, vals, ptrs, n = self._batch(names)
-        fn, handle = self._lib.uc_reg_write_batch, self._handle
+        fn, handle = self._write_batch, self._handle
 
         def write(values: Sequence[int]) -> None:
             vals[:] = values  # type: ignore[index]
@@ -154,11 +165,43 @@ class RegisterFile:
 
         return write
 
+    def bound(self, names: tuple[str, ...]) -> tuple[Callable[[], object], Callable[[], object], Any]:
+        """For the hottest paths: a call taking no arguments that reads ``names`` into the
+        returned ctypes array (or, after the array is filled, writes them from it) in one C
+        call with no Python frame: (read, write, array)."""
+        ids, vals, ptrs, n = self._batch(names)
+        if self._lib is None:  # pragma: no cover - other binding layouts
+            raise NotImplementedError("bound register access needs the C API")
+        read = functools.partial(self._read_batch, self._handle, ids, ptrs, n)
+        write = functools.partial(self._write_batch, self._handle, ids, ptrs, n)
+        return read, write, vals
+
+    def bound_zeroing(self, names: tuple[str, ...], wide: tuple[int, ...]) -> tuple[Callable[[], object], Any]:
+        """Like :meth:`bound`'s write, and the same C call also zeroes the 128-bit registers
+        ``wide`` (Unicorn ids): (write, array to fill first)."""
+        key = (*names, *(f"#{i}" for i in wide))
+        b = self._batches.get(key)
+        if b is None:
+            n, m = len(names), len(wide)
+            out = (ctypes.c_uint64 * n)()
+            zero = ctypes.create_string_buffer(16)
+            at = ctypes.addressof(out)
+            b = self._batches[key] = (
+                (ctypes.c_int * (n + m))(*[_REG_IDS[x] for x in names], *wide),
+                out,
+                (ctypes.c_void_p * (n + m))(*[at + 8 * i for i in range(n)], *[ctypes.addressof(zero)] * m),
+                n + m,
+            )
+            self._buffers.append(zero)  # the pointers name it: keep it alive
+        if self._lib is None:  # pragma: no cover - other binding layouts
+            raise NotImplementedError("bound register access needs the C API")
+        return functools.partial(self._write_batch, self._handle, b[0], b[2], b[3]), b[1]
+
     def read(self, names: tuple[str, ...]) -> list[int]:
         if self._lib is None:
             return [self._uc.reg_read(_REG_IDS[n]) for n in names]
         ids, vals, ptrs, n = self._batch(names)
-        if self._lib.uc_reg_read_batch(self._handle, ids, ptrs, n) != UC_ERR_OK:
+        if self._read_batch(self._handle, ids, ptrs, n) != UC_ERR_OK:
             raise UcError(1)
         return vals[:]  # type: ignore[index]
 
@@ -168,9 +211,12 @@ class RegisterFile:
                 self._uc.reg_write(_REG_IDS[name], v)
             return
         ids, vals, ptrs, n = self._batch(names)
-        for i, v in enumerate(values):
-            vals[i] = v & 0xFFFF_FFFF_FFFF_FFFF  # type: ignore[index]
-        if self._lib.uc_reg_write_batch(self._handle, ids, ptrs, n) != UC_ERR_OK:
+        if len(values) == n:
+            vals[:] = values  # type: ignore[index]  # c_uint64 keeps the low 64 bits, as the mask did
+        else:
+            for i, v in enumerate(values):
+                vals[i] = v & 0xFFFF_FFFF_FFFF_FFFF  # type: ignore[index]
+        if self._write_batch(self._handle, ids, ptrs, n) != UC_ERR_OK:
             raise UcError(1)
 
     def zero_wide(self, ids: tuple[int, ...]) -> None:
@@ -180,15 +226,21 @@ class RegisterFile:
             for i in ids:
                 self._uc.reg_write(i, 0)
             return
+        if self._zeroer(ids)() != UC_ERR_OK:
+            raise UcError(1)
+
+    def _zeroer(self, ids: tuple[int, ...]) -> Callable[[], int]:
+        """A call with no Python frame that zeroes the registers ``ids`` (see :meth:`zero_wide`)."""
         b = self._wide.get(ids)
         if b is None:
             zero = ctypes.create_string_buffer(16)
             n = len(ids)
-            b = self._wide[ids] = (
-                (ctypes.c_int * n)(*ids), (ctypes.c_void_p * n)(*[ctypes.addressof(zero)] * n), n, zero,
+            call = functools.partial(
+                self._write_batch, self._handle, (ctypes.c_int * n)(*ids),
+                (ctypes.c_void_p * n)(*[ctypes.addressof(zero)] * n), n,
             )  # fmt: skip
-        if self._lib.uc_reg_write_batch(self._handle, b[0], b[1], b[2]) != UC_ERR_OK:
-            raise UcError(1)
+            b = self._wide[ids] = (call, zero)
+        return b[0]
 
     def context(self) -> UserContext:
         return UserContext._make(self.read(self._all))
@@ -247,6 +299,7 @@ ExceptionHandler = Callable[[Trap], bool]
 # Where emu puts the one instruction that drops the CPU to CPL 3 (mapped for that moment only).
 _SYSRET_PAGE = 0x1000
 _EFER_SCE = 1
+_SYSCALL_HOOK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)  # uc_cb_insn_syscall_t
 
 
 @dataclass
@@ -266,6 +319,7 @@ class Machine:
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self.regs = RegisterFile(self.uc)
         self.regions: list[Region] = []
+        self._index: tuple[list[Region], list[int], list[int]] | None = None  # region_at's search index
         self._next_alloc = self.ALLOC_BASE
         self.symbolize: Callable[[int], str] = lambda a: f"{a:#x}"
         # Direct uc_mem_read into one reusable buffer: the binding allocates a buffer per call.
@@ -277,6 +331,12 @@ class Machine:
         self._cow_retry = False
         self.cow: CowMemory | None = None
         self.watchdog_fired = False
+        self._hook_error: BaseException | None = None  # raised by a hook registered without the binding
+        self._keep: list[object] = []  # ctypes callbacks Unicorn holds pointers to
+        # Regions whose bytes live in memory emu owns (mapped with uc_mem_map_ptr): start -> buffer.
+        self.host: dict[int, mmap.mmap] = {}
+        self._host_code: set[int] = set()  # host regions some part of which is executable
+        self._zero_xmm: dict[tuple[int, ...], Callable[[], int]] = {}
         self._trap: Trap | None = None
         self.exception_handler: ExceptionHandler | None = None
         # Called with (address, data) after each write the kernel model makes (emu.hooks); None: no cost.
@@ -340,7 +400,10 @@ class Machine:
         return self.uc.reg_read(x86.UC_X86_REG_CS), self.uc.reg_read(x86.UC_X86_REG_SS)
 
     # --- memory ---------------------------------------------------------------------
-    def map(self, start: int, size: int, perms: str, label: str, data: bytes = b"") -> Region:
+    def map(self, start: int, size: int, perms: str, label: str, data: bytes = b"", host: bool = False) -> Region:
+        """Map a region. ``host``: its bytes live in a buffer emu owns (``self.host[start]``),
+        which Python reads with a slice instead of a call into Unicorn (thread stacks: the
+        recorder copies them at every transition)."""
         size = page_align(max(size, len(data), 1))
         if start % PAGE:
             raise ImageError(f"{label}: start {start:#x} is not page-aligned")
@@ -349,12 +412,19 @@ class Machine:
                 raise ImageError(
                     f"{label} at {start:#x}..{start + size:#x} overlaps {r.label} at {r.start:#x}..{r.end:#x}"
                 )
-        self.uc.mem_map(start, size, _prot(perms))
+        if host:
+            # Private, so a forked worker gets its own copy (an anonymous mmap is shared by default).
+            buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self.uc.mem_map_ptr(start, size, _prot(perms), ctypes.addressof(ctypes.c_char.from_buffer(buf)))
+            self.host[start] = buf
+            if "x" in perms:
+                self._host_code.add(start)
+        else:
+            self.uc.mem_map(start, size, _prot(perms))
         if data:
             self.uc.mem_write(start, bytes(data))
         region = Region(start, size, perms, label)
-        self.regions.append(region)
-        self.regions.sort(key=lambda r: r.start)
+        self.regions = sorted([*self.regions, region], key=lambda r: r.start)  # a new list: region_at's index follows
         return region
 
     def map_image(self, image: Image) -> None:
@@ -373,24 +443,36 @@ class Machine:
         """A stack with a no-access guard page below it; returns (limit, base)."""
         start = self._next_alloc
         self.map(start, PAGE, "", f"{label} guard")
-        region = self.map(start + PAGE, size, "rw", label)
+        region = self.map(start + PAGE, size, "rw", label, host=True)
         self._next_alloc = region.end + PAGE
         return region.start, region.end
+
+    def host_view(self, start: int, end: int) -> tuple[mmap.mmap, int] | None:
+        """The buffer holding [start, end) and the address of its first byte, when one host
+        region holds the whole range (else None: read it with :meth:`read`)."""
+        for base, buf in self.host.items():
+            if base <= start and end <= base + len(buf):
+                return buf, base
+        return None
 
     def protect(self, start: int, size: int, perms: str, label: str) -> None:
         """Change a mapped range's protection (a whole region), as NtProtectVirtualMemory would."""
         self.uc.mem_protect(start, size, _prot(perms))
         if self.cow is not None:
             self.cow.reprotect(start, size, perms)
+        if "x" in perms:
+            self._host_code.update(b for b, buf in self.host.items() if b < start + size and start < b + len(buf))
         self.regions = sorted(
             [r for r in self.regions if r.start != start] + [Region(start, size, perms, label)], key=lambda r: r.start
         )
 
     def region_at(self, address: int) -> Region | None:
-        for r in self.regions:
-            if r.start <= address < r.end:
-                return r
-        return None
+        index = self._index
+        if index is None or index[0] is not self.regions:
+            # Regions are sorted and never overlap (map, protect): a binary search over their starts.
+            index = self._index = (self.regions, [r.start for r in self.regions], [r.end for r in self.regions])
+        i = bisect.bisect_right(index[1], address) - 1
+        return index[0][i] if i >= 0 and address < index[2][i] else None
 
     def read(self, address: int, size: int) -> bytes:
         """Bytes of user memory; raises UcError if any of it is unmapped."""
@@ -404,6 +486,13 @@ class Machine:
         """Write user memory from the host (the kernel model, the loader); Unicorn's hooks never see it."""
         if self.cow is not None:
             self.cow.on_host_write(address, len(data))
+        end = address + len(data)
+        for base, buf in self.host.items():
+            if base <= address and end <= base + len(buf):
+                if base in self._host_code:
+                    break  # Unicorn must see writes to code it may have translated
+                buf[address - base : end - base] = data
+                return
         self.uc.mem_write(address, bytes(data))
         if self.write_watch is not None:
             self.write_watch(address, data)
@@ -436,10 +525,18 @@ class Machine:
 
     def zero_xmm(self, numbers: Sequence[int]) -> None:
         """Zero XMM registers by number (the kernel scrubbing them on its way to user mode)."""
-        ids = _XMM_SETS.get(tuple(numbers))
-        if ids is None:
-            ids = _XMM_SETS[tuple(numbers)] = tuple(_XMM[n] for n in numbers)
-        self.regs.zero_wide(ids)
+        key = numbers if isinstance(numbers, tuple) else tuple(numbers)
+        call = self._zero_xmm.get(key)
+        if call is None:
+            ids = _XMM_SETS.get(key)
+            if ids is None:
+                ids = _XMM_SETS[key] = tuple(_XMM[n] for n in key)
+            if self.regs._lib is None:  # pragma: no cover - other binding layouts
+                self.regs.zero_wide(ids)
+                return
+            call = self._zero_xmm[key] = self.regs._zeroer(ids)
+        if call() != UC_ERR_OK:
+            raise UcError(1)
 
     def jump(self, rip: int) -> None:
         """Set RIP from a code hook: the CPU goes on there instead of running the hooked instruction
@@ -485,12 +582,16 @@ class Machine:
 
     def _run(self, begin: int, instructions: int, timeout: float | None, start: float) -> StopInfo:
         while True:
+            if self.watchdog_fired:
+                break  # the deadline passed while Python ran (between two emu_start calls)
             self._trap = None
             self._cow_retry = False
             us = 0 if timeout is None else max(1, int((timeout - (time.perf_counter() - start)) * 1_000_000))
             try:
                 self.uc.emu_start(begin, NEVER, timeout=us, count=instructions)
+                self._raise_hook_error()
             except UcError as e:
+                self._raise_hook_error()
                 if self._cow_retry:
                     begin = self.regs.read(("rip",))[0]
                     continue
@@ -522,6 +623,12 @@ class Machine:
             return StopInfo("timeout", elapsed)
         return StopInfo("instructions", elapsed)
 
+    def _raise_hook_error(self) -> None:
+        error = self._hook_error
+        if error is not None:
+            self._hook_error = None
+            raise error
+
     def _deliver(self, trap: Trap) -> int:
         """Hand a fault to the exception handler: where the CPU goes on, or MachineFault."""
         self._clear_exception_state()
@@ -543,8 +650,34 @@ class Machine:
         Unicorn calls ``on_syscall(uc, user_data)`` with RIP at the `syscall` itself and
         ``on_interrupt(uc, intno, user_data)`` with RIP past the `int`. Without a handler a
         `syscall` does nothing and an interrupt stops the CPU with an error.
+
+        The `syscall` hook is registered with ``uc_hook_add`` itself rather than through the
+        binding, whose wrapper adds two Python calls to every system call; what the handler
+        raises stops the CPU and :meth:`run` raises it, as the binding would.
         """
-        self.uc.hook_add(UC_HOOK_INSN, on_syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
+        lib = self.regs._lib
+        if lib is None:  # pragma: no cover - other binding layouts
+            self.uc.hook_add(UC_HOOK_INSN, on_syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
+        else:
+            stop = lib.uc_emu_stop
+
+            def entry(handle: int, user_data: int) -> None:
+                try:
+                    on_syscall(None, None)  # type: ignore[arg-type]
+                except BaseException as e:  # re-raised by run(), after Unicorn has stopped
+                    if self._hook_error is None:
+                        self._hook_error = e
+                    stop(handle)
+
+            callback = _SYSCALL_HOOK(entry)
+            hook = ctypes.c_size_t()
+            status = lib.uc_hook_add(
+                self._handle, ctypes.byref(hook), UC_HOOK_INSN, callback, None,
+                ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(x86.UC_X86_INS_SYSCALL),
+            )  # fmt: skip
+            if status != UC_ERR_OK:
+                raise UcError(status)
+            self._keep.append(callback)
         self.uc.hook_add(UC_HOOK_INTR, on_interrupt)
 
     def _fault_hook(self, uc: Uc, access: int, address: int, size: int, value: int, user_data: object) -> bool:
@@ -568,17 +701,28 @@ NEVER = 0xFFFF_FFFF_FFFF_F000  # an `until` no user code reaches (kernel space):
 
 
 class Watchdog:
-    """Stops a machine once a deadline passes, across many short runs (one thread, not one per run)."""
+    """Stops a machine once a deadline passes, across many short runs (one thread, not one per run).
+
+    Once the deadline has passed it sets ``machine.watchdog_fired`` (``Machine.run`` then
+    starts no more guest code) and stops the CPU again every ``REPEAT`` seconds until the
+    block ends: a stop that lands while Python runs between two ``emu_start`` calls is lost.
+    """
+
+    REPEAT = 0.02
 
     def __init__(self, machine: Machine, seconds: float) -> None:
         self.machine = machine
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, args=(seconds,), daemon=True)
+        self._thread = threading.Thread(target=self._watch, args=(seconds,), name="emu-watchdog", daemon=True)
 
     def _watch(self, seconds: float) -> None:
-        if not self._done.wait(seconds):
-            self.machine.watchdog_fired = True
+        if self._done.wait(seconds):
+            return
+        self.machine.watchdog_fired = True
+        while True:
             self.machine.uc.emu_stop()
+            if self._done.wait(self.REPEAT):
+                return
 
     def __enter__(self) -> Watchdog:
         self.machine.watchdog_fired = False

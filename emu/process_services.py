@@ -11,7 +11,6 @@ from emu.kernel.services import ChoiceStep as KChoiceStep
 from emu.kernel.services import ScriptReturn, ScriptStep, get_message_service
 from emu.kernel.symbolic import SymbolicReturn
 from emu.loader.image import Image
-from emu.loader.stubs import compare_with_profile, guess_dispatcher_convention, service_table
 from emu.process_start import file_name, missing_export
 from emu.profile import Profile
 from emu.scenario import CallbackStep, ChoiceStep, ObjectStep, Scenario, Step
@@ -130,6 +129,8 @@ def service_numbers(
     table: dict[str, int] = {} if foreign else dict(profile.ssn)
     coded: list[Image] = [ntdll] if foreign else []
     coded += [img for img in images if img.name.lower() == "win32u" and img.path is not None]
+    if coded:  # reading stubs takes capstone: loaded only when there is foreign code to read
+        from emu.loader.stubs import compare_with_profile, guess_dispatcher_convention, service_table
     for img in coded:
         found = service_table(img)
         table.update(found)

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from emu.address_space import KERNEL32_BASE, MODULE_STRIDE, PEB_ADDRESS, PROCESS_ID, STACK_SIZE, TEB_ADDRESS, thread_id
 from emu.context import UserContext
 from emu.errors import ScenarioError
 from emu.kernel import KThread
 from emu.loader.image import Image, Symbolizer
-from emu.loader.startup import InitThunk, find_init_thunk
 from emu.machine import Machine
 from emu.runtime import build_kernel32
 from emu.scenario import Scenario, ThreadSpec
@@ -35,6 +35,9 @@ from emu.winnt import (
     TEB_STACK_BASE,
     TEB_STACK_LIMIT,
 )
+
+if TYPE_CHECKING:
+    from emu.loader.startup import InitThunk
 
 __all__ = ["ThreadStart", "file_name", "missing_export", "probe_start"]
 
@@ -117,6 +120,8 @@ class ThreadStart:
         as the Windows loader does (see :mod:`emu.loader.startup`); the images must be mapped."""
         if not self.foreign:
             return None
+        from emu.loader.startup import find_init_thunk  # capstone: loaded for a foreign ntdll only
+
         found = find_init_thunk(self.ntdll)
         k32 = self.kernel32()
         thunk = k32.export("BaseThreadInitThunk") if k32 is not None else None

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from emu.cli.exit_codes import EXIT_OK
-from emu.dump.corpus import write_corpus
 from emu.scenario import load_scenario
 
 
@@ -26,6 +25,8 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_corpus(args: argparse.Namespace) -> int:
+    from emu.dump.corpus import write_corpus  # the dump writer and the explorer: loaded when used
+
     scenarios = [load_scenario(p, getattr(args, "allow_path", [])) for p in args.scenarios]
     out = Path(args.output)
 

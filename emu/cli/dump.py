@@ -15,20 +15,17 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from emu.api import Run, run
 from emu.cli.exit_codes import EXIT_INPUT, EXIT_OK
-from emu.detection.view import Detection, detect_callback_return_pending
-from emu.dump import read_minidump, write_minidump
-from emu.dump.live import capture_state
-from emu.dump.write import threads_at
 from emu.errors import DumpError, EmuError
-from emu.exploration.explorer import Explorer
 from emu.scenario import Scenario, load_scenario
 from emu.trace import State
-from emu.views.explain import find_node, state_number
 from emu.writing import refuse_overwrite
+
+if TYPE_CHECKING:  # the dump reader and writer, the detector and the explorer load when a command uses them
+    from emu.detection.view import Detection
 
 
 def add_parser(sub: Any) -> None:
@@ -53,6 +50,8 @@ def add_parser(sub: Any) -> None:
 def find_state(r: Run, spec: str) -> State:
     """The state ``spec`` names: ``s3`` or ``3`` (a state of the run), ``n3`` (a node of
     ``emu explore``'s graph, when the run passes through it), or ``pending`` (the first)."""
+    from emu.views.explain import state_number
+
     states = r.trace.states
     where = f"{r.scenario.path}: --state {spec!r}"
     if spec == "pending":
@@ -72,6 +71,9 @@ def find_state(r: Run, spec: str) -> State:
 
 def _run_state_of_node(r: Run, number: int, where: str) -> State:
     """The run's state equal to node ``n<number>`` of the explored graph (everything but the id)."""
+    from emu.exploration.explorer import Explorer
+    from emu.views.explain import find_node
+
     exp = Explorer(r.scenario).run()
     try:
         node = find_node(exp, f"n{number}")
@@ -88,6 +90,10 @@ def _run_state_of_node(r: Run, number: int, where: str) -> State:
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
+    from emu.dump import write_minidump
+    from emu.dump.live import capture_state
+    from emu.dump.write import threads_at
+
     try:
         out = Path(args.output)
         refuse_overwrite(out, args.force)
@@ -110,6 +116,9 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 def detect_dump(path: str | Path) -> list[Detection]:
     """Run the ZwCallbackReturn detector on every thread of a minidump (``state`` is None)."""
+    from emu.detection.view import detect_callback_return_pending
+    from emu.dump import read_minidump
+
     return [d for v in read_minidump(path).threads() if (d := detect_callback_return_pending(v)) is not None]
 
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from emu.cli.exit_codes import EXIT_EXPECT, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED
 from emu.cli.python import add_python_options, with_python
 from emu.errors import ScenarioError
-from emu.expect import check_exploration
-from emu.exploration.explorer import Exploration, Explorer
 from emu.scenario import load_scenario
-from emu.views.explain import explain, find_node, render
 from emu.writing import refuse_overwrite, write_atomic
+
+if TYPE_CHECKING:  # the explorer (networkx) is loaded by the commands that use it
+    from emu.exploration.explorer import Exploration, Explorer
 
 
 def positive_int(text: str) -> int:
@@ -49,12 +50,16 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _explorer(path: str, strategy: str, progress: bool, allow: list[str], args: argparse.Namespace) -> Explorer:
+    from emu.exploration.explorer import Explorer
+
     stream = sys.stderr if progress and sys.stderr.isatty() else None
     scenario = with_python(load_scenario(path, allow), args)
     return Explorer(scenario, "dfs" if strategy == "dfs" else "bfs", stream)
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
+    from emu.expect import check_exploration
+
     if args.output:
         refuse_overwrite(args.output, args.force)
     if getattr(args, "workers", 1) > 1 or getattr(args, "backend", "processes") == "ray":
@@ -114,6 +119,8 @@ def _reached(exp: Exploration, node: str) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from emu.views.explain import explain, find_node, render
+
     explorer = _explorer(args.scenario, "bfs", False, getattr(args, "allow_path", []), args)
     exp = explorer.run()
     try:

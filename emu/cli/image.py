@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from emu.cli.exit_codes import EXIT_OK
-from emu.loader.image import Image
-from emu.loader.pe import load_pe
-from emu.loader.stubs import compare_with_profile, guess_dispatcher_convention, recover_stubs, service_table
 from emu.profile import get_profile, profile_names
+
+if TYPE_CHECKING:
+    from emu.loader.image import Image
 
 
 def address(text: str) -> int:
@@ -47,6 +47,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 def describe(image: Image, profile: str | None = None) -> dict[str, Any]:
     """The report ``emu image`` prints, as plain data (addresses as hex strings)."""
+    from emu.loader.stubs import compare_with_profile, guess_dispatcher_convention, recover_stubs, service_table
+
     stubs = {s.name: s for s in recover_stubs(image)}
     ordinal_of = image.export_ordinals
     exports: list[dict[str, Any]] = []
@@ -126,6 +128,8 @@ def _print(report: dict[str, Any], out: TextIO) -> None:
 
 def cmd_image(args: argparse.Namespace) -> int:
     """Print the report for ``args.file``; ImageError propagates to ``emu``'s main (exit 2)."""
+    from emu.loader.pe import load_pe
+
     report = describe(load_pe(args.file, base=args.base), args.profile)
     if args.json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")

@@ -21,7 +21,6 @@ from pathlib import Path
 from emu.cli.exit_codes import EXIT_EXPECT as EXIT_MISMATCH
 from emu.cli.exit_codes import EXIT_INPUT, EXIT_OK
 from emu.detection.observers import KERNEL_DEBUGGER, OBSERVERS, SEED, TRUTHS, check_observer, check_truth
-from emu.detection.score import score
 from emu.errors import EmuError, ModelBug
 
 DEFAULT_DETECTOR = "emu.detection.signals:combined_detector"
@@ -105,6 +104,8 @@ def load_detector(spec: str) -> Callable[..., object]:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from emu.detection.score import score
+
     try:
         detector = load_detector(args.detector)
         check_observer(args.observer)

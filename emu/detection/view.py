@@ -20,9 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
-
-import capstone
+from typing import TYPE_CHECKING, Any
 
 from emu.context import UserContext
 from emu.loader.image import Image
@@ -190,7 +188,7 @@ def _hex(value: int | None) -> str | None:
     return None if value is None else f"{value:#x}"
 
 
-_md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+_disassemblers: list[Any] = []  # capstone's, made on first use (importing capstone is not free)
 
 
 def syscall_sites(view: ThreadView, start: int, end: int) -> list[int]:
@@ -198,8 +196,12 @@ def syscall_sites(view: ThreadView, start: int, end: int) -> list[int]:
     code = view.read(start, end - start)
     if code is None:
         return []
+    if not _disassemblers:
+        import capstone
+
+        _disassemblers.append(capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64))
     out = []
-    for insn in _md.disasm(code, start):
+    for insn in _disassemblers[0].disasm(code, start):
         if insn.mnemonic == "syscall" or (insn.mnemonic == "int" and insn.op_str.lower() in ("0x2e", "46")):
             out.append(insn.address + insn.size)
     return out

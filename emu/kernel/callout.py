@@ -7,9 +7,10 @@ they return and records the crossing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import struct
+from typing import NamedTuple
 
-from emu.context import UserContext
+from emu.context import REGISTER_NAMES, UserContext
 from emu.profile import Profile
 from emu.winnt import (
     KERNEL_STACK_CONTROL_LENGTH,
@@ -30,8 +31,7 @@ from emu.winnt import (
 )
 
 
-@dataclass(frozen=True)
-class Callout:
+class Callout(NamedTuple):
     """One callout frame laid out on the user stack."""
 
     frame: int  # the UCALLOUT_FRAME (RSP at the dispatcher under the "stack" convention)
@@ -42,10 +42,16 @@ class Callout:
     xmm_zero: tuple[int, ...] = ()  # XMM registers zeroed on the way out (their numbers)
 
 
-_ZERO_VOLATILE = dict.fromkeys(("rdx", "r8", "r9", "r10"), 0)
-_ZERO_REACTOS = dict.fromkeys(
-    ("rax", "rdx", "r8", "r9", "r10", "rbx", "rdi", "rsi", "rbp", "r12", "r13", "r14", "r15"), 0
+_AT = {name: i for i, name in enumerate(REGISTER_NAMES)}  # a register's place in a UserContext
+_ZERO_REACTOS = tuple(
+    _AT[n] for n in ("rax", "rdx", "r8", "r9", "r10", "rbx", "rdi", "rsi", "rbp", "r12", "r13", "r14", "r15")
 )
+_RCX, _RDX, _RSP, _R8, _R9, _R10, _R11, _RIP, _RFLAGS = (
+    _AT[n] for n in ("rcx", "rdx", "rsp", "r8", "r9", "r10", "r11", "rip", "rflags")
+)
+_M64 = 0xFFFF_FFFF_FFFF_FFFF
+_XMM_LOW, _XMM_ALL = tuple(range(6)), tuple(range(16))  # XMM registers scrubbed: 0-5 (WRK), all (ReactOS)
+_context = tuple.__new__  # UserContext from a list of 18 values, without _make's length check
 
 
 def entry_registers(
@@ -67,15 +73,25 @@ def entry_registers(
       R8-R10 and the non-volatile RBX, RDI, RSI, RBP, R12-R15 zero, XMM0-15 zero, R11 =
       EFLAGS_IF_MASK (0x200), RSP from the trap frame.
     """
-    base = trap._replace(rsp=rsp, rip=dispatcher, rcx=dispatcher)
+    v = [*trap]  # the trap frame's registers, changed in place (cheaper than namedtuple _replace)
+    v[_RSP] = rsp
+    v[_RIP] = v[_RCX] = dispatcher
     policy = profile.dispatcher_registers
     if policy == "reactos":
+        for i in _ZERO_REACTOS:
+            v[i] = 0
         # SYSRET loads RFLAGS from R11 with bit 1 (reserved) set (Intel SDM vol. 2B SYSRET).
-        return base._replace(r11=RFLAGS_IF, rflags=RFLAGS_IF | RFLAGS_RESERVED, **_ZERO_REACTOS), tuple(range(16))
-    entry = base._replace(r11=trap.rflags, rflags=trap.rflags, r10=0)
+        v[_R11] = RFLAGS_IF
+        v[_RFLAGS] = RFLAGS_IF | RFLAGS_RESERVED
+        return _context(UserContext, v), _XMM_ALL
+    v[_R11] = v[_RFLAGS] = trap.rflags
     if policy == "windows10":
-        return entry._replace(**_ZERO_VOLATILE), tuple(range(6))
-    return entry._replace(r8=rsp, r9=trap.rbp), tuple(range(6))
+        v[_RDX] = v[_R8] = v[_R9] = v[_R10] = 0
+    else:
+        v[_R10] = 0
+        v[_R8] = rsp
+        v[_R9] = trap.rbp
+    return _context(UserContext, v), _XMM_LOW
 
 
 def kernel_stack_overflow(profile: Profile, depth: int) -> str | None:
@@ -100,6 +116,24 @@ def kernel_stack_overflow(profile: Profile, depth: int) -> str | None:
     )
 
 
+def _frame_struct() -> struct.Struct:
+    """The UCALLOUT_FRAME's fields emu fills, at their offsets (the rest zero): Buffer, Length,
+    ApiNumber, then the MACHINE_FRAME's Rip, SegCs, EFlags, Rsp and SegSs."""
+    fields = (
+        (UCALLOUT_BUFFER, "Q"), (UCALLOUT_LENGTH, "I"), (UCALLOUT_API_NUMBER, "I"), (UCALLOUT_MF_RIP, "Q"),
+        (UCALLOUT_MF_SEGCS, "Q"), (UCALLOUT_MF_EFLAGS, "Q"), (UCALLOUT_MF_RSP, "Q"), (UCALLOUT_MF_SEGSS, "Q"),
+    )  # fmt: skip
+    fmt, at = "<", 0
+    for off, code in fields:
+        fmt += f"{off - at}x{code}" if off > at else code
+        at = off + struct.calcsize(code)
+    fmt += f"{UCALLOUT_FRAME_SIZE - at}x" if at < UCALLOUT_FRAME_SIZE else ""
+    return struct.Struct(fmt)
+
+
+_FRAME = _frame_struct()
+
+
 def place_frame(profile: Profile, old_rsp: int, length: int) -> int:
     """Where the UCALLOUT_FRAME goes below the trap frame's RSP (the input right above it).
 
@@ -120,18 +154,15 @@ def lay_out(profile: Profile, trap: UserContext, api: int, data: bytes, dispatch
     old = trap.rsp
     frame = place_frame(profile, old, len(data))
     buffer = frame + UCALLOUT_FRAME_SIZE
-    block = bytearray(UCALLOUT_FRAME_SIZE)
-    for off, val, size in (
-        (UCALLOUT_BUFFER, buffer, 8), (UCALLOUT_LENGTH, len(data), 4), (UCALLOUT_API_NUMBER, api, 4),
-        (UCALLOUT_MF_RIP, trap.rip, 8), (UCALLOUT_MF_SEGCS, KGDT64_R3_CODE, 8),
-        (UCALLOUT_MF_EFLAGS, trap.rflags, 8), (UCALLOUT_MF_RSP, old, 8), (UCALLOUT_MF_SEGSS, KGDT64_R3_DATA, 8),
-    ):  # fmt: skip
-        block[off : off + size] = (val & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+    block = _FRAME.pack(
+        buffer & _M64, len(data) & 0xFFFF_FFFF, api & 0xFFFF_FFFF, trap.rip & _M64, KGDT64_R3_CODE,
+        trap.rflags & _M64, old & _M64, KGDT64_R3_DATA,
+    )  # fmt: skip
     if profile.dispatcher == "stack":
         entry, xmm = entry_registers(profile, trap, frame, dispatcher)
-        return Callout(frame, buffer, frame, bytes(block) + data, entry, xmm)
+        return Callout(frame, buffer, frame, block + data, entry, xmm)
     # "registers" convention (Wine 8 and earlier, dlls/ntdll/unix/signal_x86_64.c
     # call_user_mode_callback): entered like a call, ECX = api, RDX = buffer, R8D = length, a
     # (zero) return address at [RSP]; the model keeps the other registers as they were.
     entry = trap._replace(rsp=frame - 8, rip=dispatcher, rcx=api, rdx=buffer, r8=len(data))
-    return Callout(frame, buffer, frame - 8, bytes(8) + bytes(block) + data, entry)
+    return Callout(frame, buffer, frame - 8, bytes(8) + block + data, entry)

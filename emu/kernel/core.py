@@ -11,6 +11,7 @@ are :mod:`emu.kernel.sched`; saving and loading for forks are :mod:`emu.kernel.f
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from emu.context import REGISTER_NAMES, KTrapFrame, UserContext
 from emu.errors import BudgetExceeded, EmuError, ModelBug, UnimplementedService
@@ -32,7 +33,7 @@ from emu.kernel.services import (
 )
 from emu.kernel.symbolic import Symbolic
 from emu.kernel.thread import CallbackFrame, KThread, PendingChoice, ThreadServiceContext
-from emu.machine import Machine, Trap
+from emu.machine import XMM_IDS, Machine, Trap
 from emu.profile import Profile
 from emu.winnt import (
     STATUS_ACCESS_VIOLATION,
@@ -53,6 +54,10 @@ _CONTEXT_SERVICES = {
     "NtRaiseException": exception.nt_raise_exception,
     "NtTerminateProcess": exception.nt_terminate_process,
 }
+
+
+_context = tuple.__new__  # a UserContext from 18 register values, without _make's length check
+_NO_OUTPUT = record_output(None, 0, 0, 0)[1]  # type: ignore[arg-type]  # what the trace says of an empty result
 
 
 def _everywhere(name: str | None) -> bool:
@@ -88,6 +93,8 @@ class Kernel:
         self._constants: dict[str, int] = {
             n: c for n in registry.names() if (spec := registry.get(n)) is not None and (c := spec.constant) is not None
         }
+        # The same, without NtCallbackReturn (always served by the kernel): the syscall hook's fast path.
+        self._returns = {n: c for n, c in self._constants.items() if n != NT_CALLBACK_RETURN}
         self.current: KThread | None = None
         self.max_depth = 0
         self.user_writes = 0  # bumped by service writes: a sysret state may reuse the entry's stack bytes
@@ -99,6 +106,13 @@ class Kernel:
         self.visible: Callable[[str | None], bool] = _everywhere
         self._entry_len = 2  # bytes Unicorn adds to a RIP written in the current hook
         self._read_all = machine.regs.reader(_ALL)
+        # The syscall hook's own access: one C call each, no Python frame (emu.machine.RegisterFile.bound).
+        self._fill_all, _, self._all_vals = machine.regs.bound(_ALL)
+        _, self._put_sysret, self._sysret_vals = machine.regs.bound(_SYSRET)
+        _, self._put_all, self._all_out = machine.regs.bound(_ALL)
+        self._overflow: dict[int, str | None] = {}  # callback depth -> kernel_stack_overflow's answer (profile fixed)
+        # Per set of XMM registers scrubbed: the write entering KiUserCallbackDispatcher, and its array.
+        self._put_entry: dict[tuple[int, ...], tuple[Callable[[], object], Any]] = {}
         self._write_sysret = machine.regs.writer(_SYSRET)
         self._write_rax = machine.regs.writer(("rax",))
         # Faults become Windows exceptions ("deliver") or stop the run ("stop", [machine] exceptions).
@@ -123,13 +137,68 @@ class Kernel:
 
     # --- entry --------------------------------------------------------------------------
     def on_syscall(self, uc: object = None, user_data: object = None) -> None:
-        vals = self._read_all()
+        self._fill_all()
+        vals: list[int] = self._all_vals[:]
         # Intel SDM vol. 2B SYSCALL: RCX <- RIP of the next instruction, R11 <- RFLAGS.
         rip = vals[16] + 2
         vals[1] = vals[16] = rip
         vals[11] = vals[17]
         self._entry_len = 2  # Unicorn adds the instruction length to a RIP written here
-        self._enter(tuple(vals), "syscall")
+        regs = tuple(vals)
+        thread = self.current
+        if not self._multithreaded and thread is not None and self.recorder.observe is None:
+            ssn = vals[0] & 0xFFFF_FFFF
+            name = self.names.get(ssn)
+            status = self._returns.get(name)  # type: ignore[arg-type]
+            if status is not None:
+                # The hot path: a service that only returns a status, one thread, nobody
+                # watching. SYSRET puts RAX = status and the SYSCALL clobbers back (RCX,
+                # R11); the user state after it has the stack bytes the entry state has.
+                thread.trap_frame = None
+                self._sysret_vals[:] = (status, rip, regs[11])
+                self._put_sysret()
+                self.recorder.syscall_sysret(thread, regs, name, ssn, status)  # type: ignore[arg-type]
+                return
+            if name == NT_CALLBACK_RETURN and thread.callback_stack:
+                thread.trap_frame = None
+                self._return_from_callback(thread, regs, ssn)
+                return
+        self._enter(regs, "syscall")
+
+    def _return_from_callback(self, thread: KThread, regs: tuple[int, ...], ssn: int) -> None:
+        """NtCallbackReturn completing a frame, one thread, nobody watching (the syscall hook's
+        second fast path): what :meth:`_callback_return`, :meth:`_complete_callback`,
+        :meth:`_drive` and :meth:`_sysret_resumed` do, in one call when the service that
+        called back then returns a status at once; anything else carries on in :meth:`_drive`."""
+        cbs = thread.callback_stack
+        top = cbs[-1]
+        act = top.activation
+        service = act.spec.name
+        recorder = self.recorder
+        # The seed's state: the user side sits at ZwCallbackReturn while the kernel completes the callback.
+        recorder.syscall(thread, regs, NT_CALLBACK_RETURN, ssn, service, True, "")
+        cbs.pop()
+        # As _complete_callback (WRK ke/amd64/callout.asm NtCallbackReturn).
+        result_ptr, length, status = regs[10], regs[2] & 0xFFFF_FFFF, regs[8] & 0xFFFF_FFFF
+        if length:
+            output, detail = record_output(self.machine, result_ptr, length, self.profile.callback_output_limit)
+        else:
+            output, detail = b"", _NO_OUTPUT
+        thread.resuming = (act.position(), status, output, result_ptr, length)
+        trap = top.trap
+        recorder.callback_return(thread, tuple(trap.ctx), service, status, top.api, detail, output)
+        req = act.step(CallbackResult(status, output, result_ptr, length))
+        if not isinstance(req, int) or act.remark:
+            self._drive(thread, act, trap, None, True, req)
+            return
+        # As _sysret_resumed: the service's own syscall's trap frame comes back, RAX = status.
+        v = [*trap.ctx]
+        v[0] = req
+        back = tuple(v)
+        v[16] -= self._entry_len  # RIP, as Unicorn will advance it
+        self._all_out[:] = v
+        self._put_all()
+        recorder.sysret(thread, back, service, self.ssn_table.get(service), req, "")
 
     def on_interrupt(self, uc: object, intno: int, user_data: object = None) -> None:
         vals = tuple(self._read_all())  # RIP is already past the `int` instruction
@@ -227,7 +296,7 @@ class Kernel:
             # user-mode state after sysret has the stack bytes the entry state has.
             self._sysret_now(thread, regs, via, req, name, "", reuse_stack=True)
             return
-        self._drive(thread, act, KTrapFrame(UserContext._make(regs), via), None, False, req)
+        self._drive(thread, act, KTrapFrame(_context(UserContext, regs), via), None, False, req)
 
     # --- service driving ----------------------------------------------------------------
     def _drive(
@@ -295,9 +364,13 @@ class Kernel:
     def _sysret_resumed(self, thread: KThread, trap: KTrapFrame, status: int, service: str, note: str) -> None:
         """Return from a service that called back: its own syscall's trap frame is restored
         (ReactOS NtCallbackReturn restores Thread->TrapFrame), RAX = status."""
-        ctx = trap.ctx._replace(rax=status)
-        self.machine.regs.set_context(ctx._replace(rip=ctx.rip - self._entry_len))
-        self.recorder.sysret(thread, tuple(ctx), service, self.ssn_table.get(service), status, note)
+        v = [*trap.ctx]
+        v[0] = status  # RAX
+        regs = tuple(v)
+        v[16] -= self._entry_len  # RIP, as Unicorn will advance it
+        self._all_out[:] = v
+        self._put_all()
+        self.recorder.sysret(thread, regs, service, self.ssn_table.get(service), status, note)
 
     # --- callbacks ----------------------------------------------------------------------
     def _callback(
@@ -305,7 +378,10 @@ class Kernel:
     ) -> tuple[int, str] | None:
         """Enter KiUserCallbackDispatcher, or say why KeUserModeCallback fails: (status, reason)."""
         depth = len(thread.callback_stack)
-        overflow = kernel_stack_overflow(self.profile, depth)
+        if depth in self._overflow:
+            overflow = self._overflow[depth]
+        else:
+            overflow = self._overflow[depth] = kernel_stack_overflow(self.profile, depth)
         if overflow is not None:
             return STATUS_STACK_OVERFLOW, overflow
         if self.callback_depth_budget is not None and depth >= self.callback_depth_budget:
@@ -314,14 +390,23 @@ class Kernel:
             req = UserCallback(req.api_at(len(thread.callback_stack)), req.data, message=req.message)
         out = lay_out(self.profile, trap.ctx, req.api, bytes(req.data), self.dispatcher)
         old = trap.ctx.rsp
-        if out.lowest < thread.stack_limit or not self.machine.readable(out.lowest, old - out.lowest):
+        r = self.machine.region_at(out.lowest)  # the frame usually fits in the stack's own region
+        fits = r is not None and old <= r.end and "r" in r.perms
+        if out.lowest < thread.stack_limit or not (fits or self.machine.readable(out.lowest, old - out.lowest)):
             # ProbeForWrite of the frame fails: KeUserModeCallback returns the exception code.
             return STATUS_ACCESS_VIOLATION, "the callout frame does not fit on the user stack"
         self.machine.write(out.lowest, out.block)
         thread.callback_stack.append(CallbackFrame(act, trap, req.api, out.frame, req.message, out.buffer))
-        self.max_depth = max(self.max_depth, len(thread.callback_stack))
-        self.machine.regs.set_context(out.entry._replace(rip=self.dispatcher - self._entry_len))
-        self.machine.zero_xmm(out.xmm_zero)
+        if depth >= self.max_depth:
+            self.max_depth = depth + 1
+        v = [*out.entry]
+        v[16] -= self._entry_len  # RIP, as Unicorn will advance it
+        put = self._put_entry.get(out.xmm_zero)
+        if put is None:
+            ids = tuple(XMM_IDS[i] for i in out.xmm_zero)
+            put = self._put_entry[out.xmm_zero] = self.machine.regs.bound_zeroing(_ALL, ids)
+        put[1][:] = v
+        put[0]()  # the registers, and the XMM registers the kernel scrubs, in one C call
         self.recorder.callback(thread, tuple(out.entry), act.spec.name, req.api, note)
         return None
 
@@ -334,7 +419,7 @@ class Kernel:
         service = thread.callback_stack[-1].activation.spec.name
         # The seed's state: the user side sits at ZwCallbackReturn while the kernel completes the callback.
         self.recorder.syscall(thread, regs, NT_CALLBACK_RETURN, ssn, service, True, _VIA[via])
-        if sched.yield_at_entry(self, thread, regs, via, NT_CALLBACK_RETURN):
+        if self._multithreaded and sched.yield_at_entry(self, thread, regs, via, NT_CALLBACK_RETURN):
             return
         self._complete_callback(thread, regs)
 
@@ -345,7 +430,10 @@ class Kernel:
         # KeUserModeCallback's caller and return the callback's Status unchanged; copying is
         # the caller's business (emu.kernel.result). The trace keeps what the bytes held now.
         result_ptr, length, status = regs[10], regs[2] & 0xFFFF_FFFF, regs[8] & 0xFFFF_FFFF
-        output, detail = record_output(self.machine, result_ptr, length, self.profile.callback_output_limit)
+        if length:
+            output, detail = record_output(self.machine, result_ptr, length, self.profile.callback_output_limit)
+        else:
+            output, detail = b"", _NO_OUTPUT
         thread.resuming = (top.activation.position(), status, output, result_ptr, length)
         self.recorder.callback_return(thread, tuple(top.trap.ctx), service, status, top.api, detail, output)
         result = CallbackResult(status, output, result_ptr, length)

@@ -10,6 +10,7 @@ here too, since recording is what they limit.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from unicorn import UcError
 
@@ -64,6 +65,8 @@ class Recorder:
         self.output_bytes = 0
         self.observe = observe
         self._threads: dict[int, KThread] = {}
+        # Per stack base: the host buffer holding that stack and where it starts (empty: none).
+        self._stacks: dict[int, tuple[()] | tuple[Any, int]] = {}
         self.wakes_pending = False  # some thread's wait was satisfied since the last transition
 
     def attach(self, threads: dict[int, KThread]) -> None:
@@ -94,10 +97,21 @@ class Recorder:
         return bool(self.trace.raw_states[state_id][S_PENDING])
 
     def capture(self, thread: KThread, rsp: int) -> bytes:
-        """The user stack from RSP to its base, as a debugger could read it."""
-        if not thread.stack_limit <= rsp < thread.stack_base:
+        """The user stack from RSP to its base, as a debugger could read it.
+
+        A stack the machine keeps in a host buffer (:meth:`Machine.allocate_stack`) is one
+        slice of that buffer; any other goes through Unicorn.
+        """
+        base = thread.stack_base
+        if not thread.stack_limit <= rsp < base:
             return b""
-        return read_or_none(self.machine, rsp, thread.stack_base - rsp) or b""
+        view = self._stacks.get(base)
+        if view is None:
+            view = self._stacks[base] = self.machine.host_view(thread.stack_limit, base) or ()
+        if view and rsp >= view[1]:
+            stack: bytes = view[0][rsp - view[1] : base - view[1]]
+            return stack
+        return read_or_none(self.machine, rsp, base - rsp) or b""
 
     # --- one method per kind of crossing ----------------------------------------------------
     def initial(self, thread: KThread) -> None:
@@ -133,6 +147,49 @@ class Recorder:
     ) -> None:  # fmt: skip
         """Kernel → user with the service's status (``stack``: bytes known to be unchanged)."""
         self._add("sysret", thread, "user", regs, service, ssn, status, None, None, False, note, b"", stack)
+
+    def syscall_sysret(self, thread: KThread, regs: tuple[int, ...], name: str, ssn: int, status: int) -> None:
+        """A system call whose service returned ``status`` at once, with no observer: the
+        records :meth:`syscall` then :meth:`sysret` (with the entry's stack bytes) would
+        append, in one call (the hot path of a single-threaded run)."""
+        trace = self.trace
+        states, transitions = trace.raw_states, trace.raw_transitions
+        sid = len(states)
+        rip, rsp = regs[_RIP], regs[_RSP]
+        if sid >= self._state_limit and self.state_budget is not None:
+            raise BudgetExceeded("states", self.state_budget, trace.symbolize(rip))
+        tid, base, step = thread.tid, thread.stack_base, len(transitions)
+        view = self._stacks.get(base)
+        if view and view[1] <= rsp < base:
+            stack: bytes = view[0][rsp - view[1] : base - view[1]]  # capture(), inlined
+        else:
+            stack = self.capture(thread, rsp)
+        self.output_bytes += len(stack)
+        if self.output_bytes > self._output_limit and self.output_budget is not None:
+            raise BudgetExceeded("output_bytes", self.output_budget, trace.symbolize(rip))
+        cbs = thread.callback_stack
+        if cbs:
+            top = cbs[-1]
+            frames = top.chain
+            if frames is None or len(frames) != len(cbs):
+                frames = top.chain = tuple([(f.api, f.activation.spec.name) for f in cbs])
+            depth, api, service = len(frames), top.api, top.activation.spec.name
+        else:
+            depth, api, service, frames = 0, None, None, ()
+        woke = self._woken() if self.wakes_pending else ()
+        states.append((sid, tid, "kernel", regs, stack, base, depth, name, api, False, frames))
+        transitions.append((step, "syscall", tid, thread.state_id, sid, name, ssn, rip, rsp, depth, None, None, "",
+                            b"", woke))  # fmt: skip
+        thread.state_id = sid
+        thread.mode = "kernel"
+        if sid + 1 >= self._state_limit and self.state_budget is not None:
+            raise BudgetExceeded("states", self.state_budget, trace.symbolize(rip))
+        states.append((sid + 1, tid, "user", (status, *regs[1:]), stack, base, depth, service, api, False, frames))
+        transitions.append((step + 1, "sysret", tid, sid, sid + 1, name, ssn, rip, rsp, depth, status, None, "",
+                            b"", ()))  # fmt: skip
+        thread.state_id = sid + 1
+        thread.mode = "user"
+        thread.resuming = None
 
     def callback(self, thread: KThread, regs: tuple[int, ...], service: str, api: int, note: str) -> None:
         """Kernel → user at KiUserCallbackDispatcher."""
@@ -180,23 +237,33 @@ class Recorder:
         trace = self.trace
         sid = len(trace.raw_states)
         cbs = thread.callback_stack
-        depth = len(cbs)
-        if service is None and cbs and mode == "user":
-            service = cbs[-1].activation.spec.name
+        if cbs:
+            top = cbs[-1]
+            frames = top.chain
+            if frames is None or len(frames) != len(cbs):
+                frames = top.chain = tuple([(f.api, f.activation.spec.name) for f in cbs])
+            depth, api_top = len(frames), top.api
+            if service is None and mode == "user":
+                service = top.activation.spec.name
+        else:
+            depth, api_top, frames = 0, None, ()
         if sid >= self._state_limit and self.state_budget is not None:
             raise BudgetExceeded("states", self.state_budget, trace.symbolize(regs[_RIP]))
         if stack is None:
-            stack = self.capture(thread, regs[_RSP])
+            rsp, base = regs[_RSP], thread.stack_base
+            view = self._stacks.get(base)
+            if view and view[1] <= rsp < base:
+                stack = view[0][rsp - view[1] : base - view[1]]  # capture(), inlined
+            else:
+                stack = self.capture(thread, rsp)
             self.output_bytes += len(stack)
             if self.output_bytes > self._output_limit and self.output_budget is not None:
                 raise BudgetExceeded("output_bytes", self.output_budget, trace.symbolize(regs[_RIP]))
-        frames = tuple([(f.api, f.activation.spec.name) for f in cbs]) if cbs else ()
         woke = self._woken() if self.wakes_pending else ()
         # Plain tuples in the RawState / RawTransition field order (emu.trace names the fields).
-        trace.raw_states.append((
-            sid, thread.tid, mode, regs, stack, thread.stack_base, depth, service, cbs[-1].api if cbs else None,
-            pending, frames,
-        ))  # fmt: skip
+        trace.raw_states.append(
+            (sid, thread.tid, mode, regs, stack, thread.stack_base, depth, service, api_top, pending, frames)
+        )
         trace.raw_transitions.append((
             len(trace.raw_transitions), kind, thread.tid, thread.state_id, sid, name, ssn, regs[_RIP], regs[_RSP],
             depth, status, api, detail, data, woke,

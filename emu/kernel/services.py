@@ -218,6 +218,10 @@ class ServiceSpec:
         return Activation(self, _JournalContext(ctx), args)
 
 
+# Steps a script hands to the kernel as they are (a callback, an object request).
+_HANDED_TO_KERNEL = (UserCallback, *OBJECT_REQUEST_TYPES)
+
+
 class ScriptActivation:
     """A running scripted service: a stack of (steps, index) positions. Forking copies it."""
 
@@ -270,7 +274,7 @@ class ScriptActivation:
             if isinstance(st, SymbolicReturn):
                 self.pending_symbolic = st
                 return st.request()
-            if isinstance(st, (UserCallback, *OBJECT_REQUEST_TYPES)):
+            if isinstance(st, _HANDED_TO_KERNEL):
                 return st
             if isinstance(st, ChoiceStep):
                 self.pending = st
@@ -298,7 +302,7 @@ class ScriptActivation:
     def position(self) -> tuple[object, ...]:
         """What identifies this activation's progress (for state digests)."""
         last = None if self.last is None else (self.last.status, self.last.output)
-        out = (self.spec.name, tuple(i for _, i in self.stack), len(self.stack), last)
+        out = (self.spec.name, tuple([i for _, i in self.stack]), len(self.stack), last)
         return out if self.pending_symbolic is None else (*out, self.pending_symbolic)
 
 

@@ -46,6 +46,9 @@ class CallbackFrame:
     user_frame: int  # address of the UCALLOUT_FRAME on the user stack
     message_id: int | None = None  # the sent message this callback handles, if any
     buffer: int = 0  # where the callback's input was copied on the user stack
+    # (api, service) of every frame from the outermost up to this one, as a state records
+    # them: computed by the recorder the first time this frame is on top (emu.kernel.record).
+    chain: tuple[tuple[int, str], ...] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,15 @@ Two keystone pitfalls shape this module (keystone-engine 0.9.2):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import pickle
 import re
 import select
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from keystone import KS_ARCH_X86, KS_ERR_ASM_SYMBOL_MISSING, KS_MODE_64, Ks, KsError
 
@@ -147,9 +149,23 @@ _FILL = re.compile(
 )
 
 
+_OWN_TEXT: contextvars.ContextVar[bool] = contextvars.ContextVar("emu_own_assembly", default=False)
+
+
+@contextlib.contextmanager
+def own_text() -> Iterator[None]:
+    """Assemble emu's own runtime in this process: the forked child and its deadline guard
+    against text a user wrote, and a fork costs more than assembling emu's ntdll."""
+    token = _OWN_TEXT.set(True)
+    try:
+        yield
+    finally:
+        _OWN_TEXT.reset(token)
+
+
 def _ks_asm(text: str, base: int) -> list[int]:
     """keystone's asm, in a forked child with a deadline; KsError comes back as KsError."""
-    if not hasattr(os, "fork"):  # pragma: no cover - non-POSIX hosts: no guard
+    if not hasattr(os, "fork") or _OWN_TEXT.get():  # non-POSIX hosts: no guard; emu's own text needs none
         return list(Ks(KS_ARCH_X86, KS_MODE_64).asm(text, base)[0] or [])
     read_fd, write_fd = os.pipe()
     pid = os.fork()

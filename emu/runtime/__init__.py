@@ -16,6 +16,7 @@ import dataclasses
 import functools
 from importlib import resources
 
+from emu.loader.asm import own_text
 from emu.loader.image import Image, image_from_assembly
 from emu.profile import Profile
 from emu.runtime.pe_image import with_pe_headers
@@ -123,19 +124,23 @@ def build_kernel32(base: int, terminate_thread: int) -> Image:
 @functools.lru_cache(maxsize=32)
 def _kernel32(base: int, terminate_thread: int) -> Image:
     source = resources.files("emu.runtime").joinpath("kernel32.asm").read_text()
-    image = image_from_assembly(
-        "kernel32", base, source, resolve=lambda name: terminate_thread if name == "NtTerminateThread" else None
-    )
+    with own_text():
+        image = image_from_assembly(
+            "kernel32", base, source, resolve=lambda name: terminate_thread if name == "NtTerminateThread" else None
+        )
     return with_pe_headers(image, "kernel32.dll")
 
 
 # The runtime is the same for every run of a profile: assemble it once per process.
 @functools.lru_cache(maxsize=32)
 def _ntdll(source: str, data: str, dispatcher: str, base: int) -> Image:
-    image = image_from_assembly("ntdll", base, source, data)
+    with own_text():
+        image = image_from_assembly("ntdll", base, source, data)
     return with_pe_headers(with_unwind_data(image, dispatcher), "ntdll.dll")
 
 
 @functools.lru_cache(maxsize=32)
 def _win32u(source: str, base: int) -> Image:
-    return with_pe_headers(image_from_assembly("win32u", base, source), "win32u.dll")
+    with own_text():
+        image = image_from_assembly("win32u", base, source)
+    return with_pe_headers(image, "win32u.dll")

@@ -1,0 +1,69 @@
+"""`emu run` loads only what the scenario needs: no LIEF without a PE, no networkx without a graph.
+
+Each check runs a fresh interpreter (an import made by an earlier test would hide a regression)
+and looks at ``sys.modules`` after the work is done: what was imported, not how long it took.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = ("lief", "networkx", "matplotlib", "ray")
+
+
+def _loaded_after(code: str) -> dict[str, object]:
+    """Run ``code`` in a fresh interpreter; it leaves its answer in ``out``: the answer and the heavy modules loaded."""
+    program = (
+        "import io, json, sys, contextlib\n"
+        f"out = None\n{code}\n"
+        f"print(json.dumps({{'out': out, 'loaded': [m for m in {HEAVY!r} if m in sys.modules]}}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, object] = json.loads(done.stdout.splitlines()[-1])
+    return result
+
+
+def test_emu_run_without_pe_or_graph_loads_no_lief_and_no_networkx() -> None:
+    got = _loaded_after(
+        "from emu.cli import main\n"
+        "buf = io.StringIO()\n"
+        "with contextlib.redirect_stdout(buf):\n"
+        "    code = main(['run', 'scenarios/callback_roundtrip.toml'])\n"
+        "out = [code, 'detections (1)' in buf.getvalue()]\n"
+    )
+    assert got["out"] == [0, True]  # the run really happened, detection included
+    assert got["loaded"] == []
+
+
+def test_import_emu_loads_nothing_heavy_until_a_name_is_used() -> None:
+    got = _loaded_after("import emu\nout = sorted(emu.__all__)\n")
+    assert "run" in got["out"] and "StateGraph" in got["out"]  # type: ignore[operator]
+    assert got["loaded"] == []
+    got = _loaded_after("import emu\nout = emu.StateGraph.__name__\n")
+    assert got["out"] == "StateGraph"
+    assert got["loaded"] == ["networkx"]  # the graph brings networkx with it, when asked for
+
+
+def test_emu_graph_still_builds_the_graph() -> None:
+    got = _loaded_after(
+        "from emu.api import run\n"
+        "r = run('scenarios/callback_roundtrip.toml')\n"
+        "out = [len(r.graph), r.graph.lean.number_of_edges()]\n"
+    )
+    counts = got["out"]
+    assert isinstance(counts, list) and len(counts) == 2 and min(counts) > 0  # states, transitions
+    assert got["loaded"] == ["networkx"]
+
+
+def test_unknown_attribute_of_emu_is_an_attribute_error() -> None:
+    got = _loaded_after(
+        "import emu\ntry:\n    emu.no_such_name\n    out = 'found'\nexcept AttributeError as e:\n    out = str(e)\n"
+    )
+    assert got["out"] == "module 'emu' has no attribute 'no_such_name'"
