@@ -17,6 +17,8 @@ The public API is small::
 as d`` gives the module with the rest of its names (``d.view_of``).
 """
 
+from __future__ import annotations
+
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 

@@ -488,12 +488,12 @@ class Machine:
             self.cow.on_host_write(address, len(data))
         end = address + len(data)
         for base, buf in self.host.items():
-            if base <= address and end <= base + len(buf):
-                if base in self._host_code:
-                    break  # Unicorn must see writes to code it may have translated
+            # Unicorn must see writes to code it may have translated: those go through it.
+            if base <= address and end <= base + len(buf) and base not in self._host_code:
                 buf[address - base : end - base] = data
-                return
-        self.uc.mem_write(address, bytes(data))
+                break
+        else:
+            self.uc.mem_write(address, bytes(data))
         if self.write_watch is not None:
             self.write_watch(address, data)
 
