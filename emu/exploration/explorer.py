@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -36,6 +37,7 @@ from emu.kernel.hooks import suspend
 from emu.machine import Watchdog
 from emu.scenario import Scenario, load_scenario
 from emu.snapshot import PageSnapshot
+from emu.context import UserContext
 from emu.trace import State
 
 Strategy = Literal["bfs", "dfs"]
@@ -67,6 +69,12 @@ class Fork:
     depth: int  # choices taken on the way here
     node: str  # the digest of the state the choice is made in
     path: tuple[str, ...] = ()  # the options taken from the start to here
+    left: list[int] = field(default_factory=lambda: [0])  # options not yet followed (the work list's count)
+
+    @property
+    def records(self) -> tuple[int, ...]:
+        """The trace records (state ids) the saved threads name: kept while this fork may be restored."""
+        return tuple(t.state_id for t in self.kernel.threads.values())
 
 
 @dataclass
@@ -138,7 +146,12 @@ class Explorer:
         self.machine = self.process.machine
         self.trace = self.process.trace
         self.cow = self.machine.enable_cow()
-        self.digests: list[str] = []  # digest of each raw state in the trace (it only grows)
+        self.root: str | None = None  # the start state's digest
+        self._count = 0  # states observed (the trace's state ids are 0 .. _count - 1)
+        # Trace records are dropped once no saved fork nor live thread names them (only the
+        # digests, nodes and edges are kept): state id -> forks on the work list naming it.
+        self._held: dict[int, int] = {}
+        self._ints: dict[int, int] = {}  # one int object per register value seen, shared by all states
         self._last: str | None = None  # the latest state of the path being run
         self._known: set[str] = set()  # states some finished segment went through
         self.deadlocks: dict[str, list[str]] = {}  # state -> wait chains, where no thread can run
@@ -160,12 +173,12 @@ class Explorer:
         return self._merged_at is not None
 
     def _observe(self, sid: int, thread: KThread) -> None:
-        raw = self.trace.raw_state(sid)
+        raw = self.trace.raw_states[sid]  # RawState layout
         h = hashlib.blake2b(digest_size=12)
         # tid, mode, registers; then depth, service, api, pending, callback frames; then the
         # stack from RSP up (bytes below RSP are dead: the x64 ABI has no red zone).
-        h.update(repr((raw.thread, raw.mode, raw.context, raw.kernel_view())).encode())
-        h.update(raw.stack)
+        h.update(repr((raw[1], raw[2], raw[3], (raw[6], raw[7], raw[8], raw[9], raw[10]))).encode())
+        h.update(raw[4])
         # Every thread's kernel side (waits, callback stacks), the objects, and the live
         # stacks of the threads that are not moving: the whole process is the state.
         h.update(repr(digest_key(self.kernel, thread)).encode())
@@ -174,26 +187,61 @@ class Explorer:
                 h.update(self._stack_of(other))
         h.update(self.cow.digest(self._stacks))
         d = h.hexdigest()
-        if len(self.digests) != sid:
-            raise ModelBug(f"explorer lost track of states ({len(self.digests)} digests for state {sid})")
-        self.digests.append(d)
+        if self._count != sid:
+            raise ModelBug(f"explorer lost track of states ({self._count} observed before state {sid})")
+        self._count += 1
         if self._merged_at is not None:
             return  # past a merge: the rest of this path is explored elsewhere
         if d not in self.nodes:
-            self.nodes[d] = self.trace.states[sid]
+            self.nodes[d] = self._typed(raw)
             if len(self.kernel.threads) > 1:
                 chains = sched.wait_chains(self.kernel)
                 if chains:
                     self.chains[d] = chains
         if self._last is not None:
-            t = self.trace.raw_transition(-1)
+            t = self.trace.raw_transitions[-1]  # RawTransition layout
             # (src, dst, kind, service, ssn, status, api, detail), between consecutive states of the process
-            self.edges[(self._last, d, t.kind, t.service, t.ssn, t.status, t.api, t.detail)] = None
+            self.edges[(self._last, d, t[1], t[5], t[6], t[10], t[11], t[12])] = None
         self._last = d
         if not self._replaying and (d in self._known or d in self._segment_seen):
             self._merged_at = sid  # a known state: its future is explored elsewhere
             self.machine.request_stop()
         self._segment_seen.add(d)
+
+    def _typed(self, raw: tuple[Any, ...]) -> State:
+        """A node's record, its register values shared with every other state's that are equal
+        (addresses recur from state to state; one int object each saves ~32 bytes a register)."""
+        ints = self._ints
+        ctx = UserContext._make([ints.setdefault(v, v) for v in raw[3]])
+        return State(raw[0], raw[1], raw[2], ctx, *raw[4:])
+
+    # --- trace records: kept only while named -----------------------------------------
+    def _forget(self, since: int) -> None:
+        """Drop the records of the states recorded since ``since`` that no thread names now (a fork
+        made at this point holds the ones that do), and every transition record."""
+        states = self.trace.raw_states
+        live = {t.state_id for t in self.kernel.threads.values()}
+        for sid in range(since, len(states)):
+            if sid not in live and sid not in self._held:
+                states[sid] = None
+        self.trace.raw_transitions.clear()  # edges were taken as they were recorded
+
+    def _hold(self, fork: Fork) -> None:
+        for sid in fork.records:
+            self._held[sid] = self._held.get(sid, 0) + 1
+
+    def _release(self, sids: Iterable[int]) -> None:
+        """Records no longer named by a fork: dropped unless a live thread names them."""
+        held = self._held
+        live = {t.state_id for t in self.kernel.threads.values()}
+        for sid in sids:
+            n = held.get(sid, 0) - 1
+            if n > 0:
+                held[sid] = n
+                continue
+            held.pop(sid, None)
+            if sid not in live:
+                self.trace.raw_states[sid] = None
 
     def _stack_of(self, t: KThread) -> bytes:
         ctx = t.suspended.trap.ctx if t.suspended is not None else (None if t.started else t.entry_context)
@@ -226,20 +274,22 @@ class Explorer:
             watchdog.__enter__()
             # Each thread's initial state was recorded as it was added: together they are the start.
             first = len(self.trace.raw_states) - 1
-            self.digests.extend([""] * first)
+            self._count = first
             self._observe(first, self.process.thread)
-            self.digests[:first] = [self.digests[first]] * first
-            self._known.add(self.digests[first])
+            self.root = self._last
+            self._known.add(self._last or "")
             if prefixes is None:
                 self.kernel.continue_thread(self.process.thread)
                 work: deque[tuple[Fork, str]] = deque()
                 self._segment(result)
                 self._after_segment(result, work, 0, ())
+                self._forget(0)
                 self._walk(result, work, split)
             else:
                 root = Fork(
                     self.machine.uc.context_save(), self.cow.take(), save_kernel(self.kernel), 0, self._last or "", ()
                 )
+                self._hold(root)  # every prefix starts here: never released
                 for prefix in prefixes:
                     self._descend(result, root, prefix)
             if self.machine.watchdog_fired and result.stopped_by is None:
@@ -292,6 +342,10 @@ class Explorer:
                 self._segment(result)
                 result.forked_states += len(self.trace.raw_states) - mark
                 self._after_segment(result, work, fork.depth + 1, fork.path + (option,))
+                self._forget(mark)
+                fork.left[0] -= 1
+                if not fork.left[0]:
+                    self._release(fork.records)
             except KeyboardInterrupt:
                 result.unexplored += len(work) + 1  # the option being followed is not finished either
                 raise
@@ -300,6 +354,7 @@ class Explorer:
     def _descend(self, result: Exploration, root: Fork, prefix: tuple[str, ...]) -> None:
         """Replay ``prefix`` (one option per choice) from the start, then explore everything below."""
         self._restore(root)
+        mark = len(self.trace.raw_states)
         first = self.kernel.threads[0]  # the restored copy, not the process's original object
         # States on the way down are neither merges nor "explored": only their one branch is taken here.
         self._replaying = True
@@ -318,6 +373,7 @@ class Explorer:
             self._segment_seen.clear()
         work: deque[tuple[Fork, str]] = deque()
         self._after_segment(result, work, len(prefix), prefix)
+        self._forget(mark)
         self._walk(result, work)
 
     def _segment(self, result: Exploration) -> None:
@@ -360,12 +416,16 @@ class Explorer:
         result.forks += 1
         result.snapshot_bytes += fork.memory.own_bytes
         options = list(pending.choice.options)
+        fork.left[0] = len(options)
+        self._hold(fork)
         work.extend((fork, o) for o in (options if self.strategy == "bfs" else reversed(options)))
 
     def _restore(self, fork: Fork) -> None:
         self.machine.uc.context_restore(fork.cpu)
         self.cow.restore(fork.memory)
+        named = [t.state_id for t in self.kernel.threads.values()]
         load_kernel(self.kernel, fork.kernel)
+        self._release_unheld(named)
         current = self.kernel.current
         if current is not None:
             self.machine.set_gs_base(current.teb)
@@ -377,6 +437,13 @@ class Explorer:
         self._last = fork.node
         self._merged_at = None
         self._segment_seen.clear()
+
+    def _release_unheld(self, sids: Iterable[int]) -> None:
+        """Records the threads just replaced named: dropped unless a fork or a live thread names them."""
+        live = {t.state_id for t in self.kernel.threads.values()}
+        for sid in sids:
+            if sid not in self._held and sid not in live:
+                self.trace.raw_states[sid] = None
 
     def _report(self, result: Exploration, work: deque[tuple[Fork, str]]) -> None:
         if self.progress is not None:
@@ -394,7 +461,7 @@ class Explorer:
         out_edges: dict[str, list[tuple[object, ...]]] = {}
         for key in self.edges:
             out_edges.setdefault(str(key[0]), []).append(key)
-        root = self.digests[0] if self.digests else None
+        root = self.root
         order: dict[str, int] = {}
         queue = deque([root] if root else [])
         if root:
