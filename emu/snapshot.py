@@ -140,6 +140,9 @@ class CowMemory:
 
     def prefault(self, address: int, size: int) -> None:
         """Make tracked pages writable ahead of the guest's first write (no fault, no restart)."""
+        hot = self.hot
+        if (address & ~(PAGE - 1)) in hot and ((address + max(size, 1) - 1) & ~(PAGE - 1)) in hot:
+            return  # both ends are hot (a prefault covers a page or two): already writable
         if not self.on_write_fault(address, size):
             return
         self.faults -= 1  # not a fault taken

@@ -426,12 +426,14 @@ class Explorer:
         named = [t.state_id for t in self.kernel.threads.values()]
         load_kernel(self.kernel, fork.kernel)
         self._release_unheld(named)
+        # The saved context holds GS base: write it only if the restored current thread's TEB differs
+        # (a register write through the binding costs more than the batched read).
+        rsp, gs = self.machine.regs.read(("rsp", "gs_base"))
         current = self.kernel.current
-        if current is not None:
+        if current is not None and gs != current.teb:
             self.machine.set_gs_base(current.teb)
         # The next segment will almost surely push onto the stack: open its page now
         # rather than taking a copy-on-write fault and restarting the CPU for it.
-        rsp = self.machine.regs.read(("rsp",))[0]
         self.cow.prefault(rsp - 0x100, 0x100)
         # The trace only grows: the restored threads' state ids still name their states.
         self._last = fork.node
@@ -459,8 +461,10 @@ class Explorer:
             self.progress.write("\r" + " " * 72 + "\r")
         sym = self.trace.symbolize
         out_edges: dict[str, list[tuple[object, ...]]] = {}
+        sort_key: dict[tuple[object, ...], tuple[str, ...]] = {}  # each edge's sort key, computed once
         for key in self.edges:
             out_edges.setdefault(str(key[0]), []).append(key)
+            sort_key[key] = _edge_sort(key)
         root = self.root
         order: dict[str, int] = {}
         queue = deque([root] if root else [])
@@ -468,22 +472,28 @@ class Explorer:
             order[root] = 0
         while queue:
             d = queue.popleft()
-            for key in sorted(out_edges.get(d, []), key=lambda k: (_edge_sort(k), self._label(str(k[1])), str(k[1]))):
+            out = out_edges.get(d)
+            if not out:
+                continue
+            if len(out) > 1:
+                out.sort(key=lambda k: (sort_key[k], self._label(str(k[1])), str(k[1])))
+            for key in out:
                 dst = str(key[1])
                 if dst not in order:
                     order[dst] = len(order)
                     queue.append(dst)
         g = nx.DiGraph()
-        for d, i in sorted(order.items(), key=lambda kv: kv[1]):
-            g.add_node(f"n{i}", state=self.nodes[d], digest=d)
+        names = {d: f"n{i}" for d, i in order.items()}  # order's insertion order is the numbering
+        for d, name in names.items():
+            g.add_node(name, state=self.nodes[d], digest=d)
             if d in self.deadlocks:
-                g.nodes[f"n{i}"]["deadlock"] = "; ".join(self.deadlocks[d])
+                g.nodes[name]["deadlock"] = "; ".join(self.deadlocks[d])
             if d in self.chains:
-                g.nodes[f"n{i}"]["wait_chains"] = "; ".join(self.chains[d])
-        for key in sorted(self.edges, key=lambda k: (order[str(k[0])], order[str(k[1])], _edge_sort(k))):
+                g.nodes[name]["wait_chains"] = "; ".join(self.chains[d])
+        for key in sorted(self.edges, key=lambda k: (order[str(k[0])], order[str(k[1])], sort_key[k])):
             kind, service, ssn, status, api, detail = key[2:]
             info = EdgeInfo(str(kind), service, ssn, status, api, str(detail or ""))  # type: ignore[arg-type]
-            u, v = f"n{order[str(key[0])]}", f"n{order[str(key[1])]}"
+            u, v = names[str(key[0])], names[str(key[1])]
             if g.has_edge(u, v):
                 # Two different transitions between the same two states: keep the first
                 # (in canonical order) and say so.
