@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -46,6 +46,8 @@ CHECK_EVERY = 0.1  # seconds between looks at resident memory (and progress line
 # Building the canonical graph after the walk costs about 65 µs per state (measured on a
 # 2-core VM); the walk stops early enough to leave twice that.
 GRAPH_SECONDS_PER_STATE = 130e-6
+# With a shared seen-set, choice states are claimed this many at a time (one message each).
+CLAIM_BATCH = 64
 
 
 def resident_bytes() -> int:
@@ -167,6 +169,11 @@ class Explorer:
         self._next_check = 0.0  # when to look at memory and write progress next
         self._rss_base = 0  # the process's resident memory when the exploration began
         self.fault_digests: list[tuple[str, str]] = []  # (state digest, message), after run()
+        self.fork_nodes: list[str] = []  # the states forked at, in order
+        # Parallel workers: a shared seen-set of choice states (see emu.exploration.parallel).
+        # Given a batch of digests it answers, for each, whether this caller is the first.
+        self.claims: Callable[[list[str]], list[bool]] | None = None
+        self._unclaimed: list[tuple[Fork, list[str]]] = []
 
     # --- state identity -------------------------------------------------------------
     def _at_merge(self) -> bool:
@@ -250,11 +257,15 @@ class Explorer:
         return self.machine.read(ctx.rsp, t.stack_base - ctx.rsp)
 
     # --- the walk ---------------------------------------------------------------------
-    def run(self, prefixes: list[tuple[str, ...]] | None = None, split: int | None = None) -> Exploration:
+    def run(
+        self, prefixes: list[tuple[str, ...]] | None = None, split: int | None = None, graph: bool = True
+    ) -> Exploration:
         """Explore, from the start or (``prefixes``) below the states those option paths lead to.
 
         ``split``: stop widening once that many options wait on the work list and leave
         them, as option paths from the start, in ``self.frontier`` (for parallel workers).
+        ``graph=False``: leave the result's graph empty (a parallel worker's nodes and edges
+        are merged, and the graph built, by the coordinator).
         """
         b = self.scenario.budgets
         start = time.perf_counter()
@@ -300,7 +311,8 @@ class Explorer:
         finally:
             watchdog.__exit__()
         try:
-            result.graph = self._graph()
+            if graph:
+                result.graph = self._graph()
         finally:
             if gc_was_enabled:
                 gc.enable()
@@ -312,7 +324,10 @@ class Explorer:
 
     def _walk(self, result: Exploration, work: deque[tuple[Fork, str]], split: int | None = None) -> None:
         b = self.scenario.budgets
-        while work:
+        while work or self._unclaimed:
+            if self._unclaimed and (not work or len(self._unclaimed) >= CLAIM_BATCH):
+                self._settle(result, work)
+                continue
             if split is not None and len(work) >= split:
                 self.frontier = [fork.path + (option,) for fork, option in work]
                 return
@@ -349,7 +364,7 @@ class Explorer:
             except KeyboardInterrupt:
                 result.unexplored += len(work) + 1  # the option being followed is not finished either
                 raise
-        result.unexplored += len(work)
+        result.unexplored += len(work) + sum(len(options) for _, options in self._unclaimed)
 
     def _descend(self, result: Exploration, root: Fork, prefix: tuple[str, ...]) -> None:
         """Replay ``prefix`` (one option per choice) from the start, then explore everything below."""
@@ -413,12 +428,32 @@ class Explorer:
         fork = Fork(
             self.machine.uc.context_save(), self.cow.take(), save_kernel(self.kernel), depth, self._last or "", path
         )
-        result.forks += 1
-        result.snapshot_bytes += fork.memory.own_bytes
         options = list(pending.choice.options)
         fork.left[0] = len(options)
         self._hold(fork)
+        if self.claims is not None:
+            self._unclaimed.append((fork, options))  # forked once the shared seen-set says it is ours
+            return
+        self._add_fork(result, work, fork, options)
+
+    def _add_fork(self, result: Exploration, work: deque[tuple[Fork, str]], fork: Fork, options: list[str]) -> None:
+        result.forks += 1
+        result.snapshot_bytes += fork.memory.own_bytes
+        self.fork_nodes.append(fork.node)
         work.extend((fork, o) for o in (options if self.strategy == "bfs" else reversed(options)))
+
+    def _settle(self, result: Exploration, work: deque[tuple[Fork, str]]) -> None:
+        """Claim the waiting choice states in the shared seen-set, in one message: follow the
+        options of those this worker won; another worker follows the rest (the same future)."""
+        waiting, self._unclaimed = self._unclaimed, []
+        assert self.claims is not None
+        won = self.claims([fork.node for fork, _ in waiting])
+        for (fork, options), mine in zip(waiting, won, strict=True):
+            if mine:
+                self._add_fork(result, work, fork, options)
+            else:
+                result.paths += 1  # the path ends at a state explored elsewhere: a merge
+                self._release(fork.records)
 
     def _restore(self, fork: Fork) -> None:
         self.machine.uc.context_restore(fork.cpu)

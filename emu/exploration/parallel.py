@@ -5,9 +5,13 @@ hands them out as option paths from the start. Each worker builds its own machin
 the scenario, replays its paths (one option per choice) and explores everything below
 them. Workers return states by digest and edges by their digest endpoints; the union is
 the same set of nodes and edges a single process finds, and the export numbers nodes by
-a canonical walk, so the files are byte-identical. (Workers do not share which states
-they have already seen, so a state below two paths is explored twice: more work, the
-same graph.)
+a canonical walk, so the files are byte-identical.
+
+Workers share which choice states are taken (:mod:`emu.exploration.claims`): before
+forking at a choice, a worker claims the state in a seen-set split into shards by digest;
+only the first claimant forks it, so a state reached below two paths is forked once, as
+in one process. The shards live in the coordinating process (served to worker processes
+by a manager thread) or, on Ray, in actors, one shard per worker.
 
 Ray is optional: ``backend="ray"`` uses an existing cluster (``ray.init(address=...)``
 done by the caller) or starts a local one.
@@ -15,16 +19,19 @@ done by the caller) or starts a local one.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from emu.errors import EmuError
+from emu.exploration.claims import RaySeenSet, SeenServer, SeenSet, SeenShard
 from emu.exploration.explorer import Exploration, Explorer, Strategy, _node_order, name_faults
+from emu.graph import StateGraph
 from emu.scenario import Scenario, load_scenario
 from emu.trace import State
 
@@ -51,10 +58,15 @@ class Part:
     stopped_by: str | None
 
 
-def explore_prefixes(scenario: Scenario, strategy: Strategy, prefixes: list[tuple[str, ...]]) -> Part:
-    """A worker's job: explore below each option path (a module-level function, so it pickles)."""
+def explore_prefixes(
+    scenario: Scenario, strategy: Strategy, prefixes: list[tuple[str, ...]], seen: SeenSet | None = None
+) -> Part:
+    """A worker's job: explore below each option path (a module-level function, so it pickles);
+    ``seen``: the seen-set shared with the other workers."""
     ex = Explorer(scenario, strategy)
-    res = ex.run(prefixes=prefixes)
+    if seen is not None:
+        ex.claims = seen.connect()
+    res = ex.run(prefixes=prefixes, graph=False)
     return Part(
         dict(ex.nodes), list(ex.edges), dict(ex.deadlocks), dict(ex.chains), list(ex.fault_digests),
         res.forks, res.paths, res.forked_states, res.unexplored, res.stopped_by,
@@ -76,21 +88,28 @@ def explore_parallel(
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario)
     start = time.perf_counter()
-    coordinator = Explorer(scenario, strategy)
-    head = coordinator.run(split=max(2, workers * split_factor))
-    prefixes = sorted(coordinator.frontier)
-    if not prefixes:
-        return head
-    chunks = [prefixes[i::workers] for i in range(workers) if prefixes[i::workers]]
-    parts = _run_ray(scenario, strategy, chunks) if backend == "ray" else _run_processes(scenario, strategy, chunks)
-    for part in parts:
-        for d, state in part.nodes.items():
-            coordinator.nodes.setdefault(d, state)
-        for key in part.edges:
-            coordinator.edges[key] = None
-        coordinator.deadlocks.update(part.deadlocks)
-        coordinator.chains.update(part.chains)
-    graph = coordinator._graph()
+    pool = _Pool(workers) if backend == "processes" else None  # its workers start while the head runs
+    try:
+        coordinator = Explorer(scenario, strategy)
+        head = coordinator.run(split=max(2, workers * split_factor), graph=False)
+        prefixes = sorted(coordinator.frontier)
+        chunks = [prefixes[i::workers] for i in range(workers) if prefixes[i::workers]]
+        if not chunks:
+            parts: list[Part] = []
+        elif pool is not None:
+            parts = pool.run(scenario, strategy, chunks, coordinator.fork_nodes)
+        else:
+            parts = _run_ray(scenario, strategy, chunks, coordinator.fork_nodes)
+    finally:
+        if pool is not None:
+            pool.close()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # the merge and the graph allocate many small objects, none of them cyclic garbage
+    try:
+        graph = _merge(coordinator, parts)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     result = Exploration(scenario, strategy, graph)
     result.forks = head.forks + sum(p.forks for p in parts)
     result.paths = head.paths + sum(p.paths for p in parts)
@@ -104,12 +123,45 @@ def explore_parallel(
     return result
 
 
-def _run_processes(scenario: Scenario, strategy: Strategy, chunks: list[list[tuple[str, ...]]]) -> list[Part]:
-    # "spawn": a fresh interpreter per worker, so no Unicorn state is inherited across fork().
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=len(chunks), mp_context=ctx) as pool:
-        futures = [pool.submit(explore_prefixes, scenario, strategy, chunk) for chunk in chunks]
+def _merge(coordinator: Explorer, parts: list[Part]) -> StateGraph:
+    """Every worker's states and edges into the coordinator's; the canonical graph of the union."""
+    nodes, edges = coordinator.nodes, coordinator.edges
+    for part in parts:
+        for d, state in part.nodes.items():
+            nodes.setdefault(d, state)
+        edges.update(dict.fromkeys(part.edges))
+        coordinator.deadlocks.update(part.deadlocks)
+        coordinator.chains.update(part.chains)
+    return coordinator._graph()
+
+
+def _warm() -> None:
+    """A no-op job: a worker imports emu (the slow part of its start) before the real work."""
+    import emu.exploration.explorer  # noqa: F401
+
+
+class _Pool:
+    """Worker processes, started at once, and the seen-set they share."""
+
+    def __init__(self, workers: int) -> None:
+        # "spawn": a fresh interpreter per worker, so no Unicorn state is inherited across fork().
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        self.warming: list[Future[None]] = [self.pool.submit(_warm) for _ in range(workers)]
+        self.server: SeenServer | None = None
+
+    def run(
+        self, scenario: Scenario, strategy: Strategy, chunks: list[list[tuple[str, ...]]], taken: list[str]
+    ) -> list[Part]:
+        self.server = SeenServer()
+        self.server.shards[0].claim(taken)  # the coordinator's own forks are taken
+        seen = self.server.handle
+        futures = [self.pool.submit(explore_prefixes, scenario, strategy, chunk, seen) for chunk in chunks]
         return [f.result() for f in futures]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.server is not None:
+            self.server.close()
 
 
 def _require_ray() -> None:
@@ -117,12 +169,22 @@ def _require_ray() -> None:
         raise BackendUnavailable("backend 'ray' needs Ray installed: pip install 'emu[ray]'")
 
 
-def _run_ray(scenario: Scenario, strategy: Strategy, chunks: list[list[tuple[str, ...]]]) -> list[Part]:
+def _run_ray(
+    scenario: Scenario, strategy: Strategy, chunks: list[list[tuple[str, ...]]], taken: list[str]
+) -> list[Part]:
     try:
         import ray
     except ImportError as e:  # an optional extra
         raise BackendUnavailable(f"backend 'ray' needs Ray installed (pip install 'emu[ray]'): {e}") from None
     if not ray.is_initialized():
         ray.init(num_cpus=max(1, len(chunks)), include_dashboard=False, log_to_driver=False)
+    # The shards are small actors (no CPU reserved: they answer between the workers' batches).
+    shard: Any = ray.remote(num_cpus=0)(SeenShard)
+    seen = RaySeenSet(tuple(shard.remote() for _ in chunks))
+    seen.connect()(taken)  # the coordinator's own forks are taken
     task: Any = ray.remote(explore_prefixes)
-    return list(ray.get([task.remote(scenario, strategy, chunk) for chunk in chunks]))
+    try:
+        return list(ray.get([task.remote(scenario, strategy, chunk, seen) for chunk in chunks]))
+    finally:
+        for actor in seen.actors:
+            ray.kill(actor)
