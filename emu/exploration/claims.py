@@ -12,6 +12,7 @@ batch becomes one message per shard that owns part of it.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -116,10 +117,8 @@ class SeenServer:
 
     def close(self) -> None:
         self._closing = True
-        try:  # wake the accepting thread so it sees the flag
+        with contextlib.suppress(OSError):  # wake the accepting thread so it sees the flag
             Client(self._listener.address, authkey=self._authkey).close()
-        except OSError:
-            pass
         self._accepting.join(timeout=5)
         self._listener.close()
 

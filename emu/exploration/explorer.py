@@ -21,23 +21,25 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
 import networkx as nx
 
+from emu.context import UserContext
 from emu.engine import Process
 from emu.errors import BudgetExceeded, KernelError, MachineFault, ModelBug, UnimplementedImport
-from emu.graph import EdgeInfo, StateGraph
+from emu.exploration.canonical import canonical_graph, name_faults, node_name, node_order
+from emu.exploration.records import RecordKeeper
+from emu.graph import StateGraph
 from emu.kernel import KernelHooks, KThread, sched
 from emu.kernel.fork import KernelState, digest_key, load_kernel, save_kernel
 from emu.kernel.hooks import suspend
 from emu.machine import Watchdog
 from emu.scenario import Scenario, load_scenario
 from emu.snapshot import PageSnapshot
-from emu.context import UserContext
 from emu.trace import State
 
 Strategy = Literal["bfs", "dfs"]
@@ -151,8 +153,8 @@ class Explorer:
         self.root: str | None = None  # the start state's digest
         self._count = 0  # states observed (the trace's state ids are 0 .. _count - 1)
         # Trace records are dropped once no saved fork nor live thread names them (only the
-        # digests, nodes and edges are kept): state id -> forks on the work list naming it.
-        self._held: dict[int, int] = {}
+        # digests, nodes and edges are kept).
+        self.records = RecordKeeper(self.trace, self.kernel)
         self._ints: dict[int, int] = {}  # one int object per register value seen, shared by all states
         self._last: str | None = None  # the latest state of the path being run
         self._known: set[str] = set()  # states some finished segment went through
@@ -222,34 +224,6 @@ class Explorer:
         ctx = UserContext._make([ints.setdefault(v, v) for v in raw[3]])
         return State(raw[0], raw[1], raw[2], ctx, *raw[4:])
 
-    # --- trace records: kept only while named -----------------------------------------
-    def _forget(self, since: int) -> None:
-        """Drop the records of the states recorded since ``since`` that no thread names now (a fork
-        made at this point holds the ones that do), and every transition record."""
-        states = self.trace.raw_states
-        live = {t.state_id for t in self.kernel.threads.values()}
-        for sid in range(since, len(states)):
-            if sid not in live and sid not in self._held:
-                states[sid] = None
-        self.trace.raw_transitions.clear()  # edges were taken as they were recorded
-
-    def _hold(self, fork: Fork) -> None:
-        for sid in fork.records:
-            self._held[sid] = self._held.get(sid, 0) + 1
-
-    def _release(self, sids: Iterable[int]) -> None:
-        """Records no longer named by a fork: dropped unless a live thread names them."""
-        held = self._held
-        live = {t.state_id for t in self.kernel.threads.values()}
-        for sid in sids:
-            n = held.get(sid, 0) - 1
-            if n > 0:
-                held[sid] = n
-                continue
-            held.pop(sid, None)
-            if sid not in live:
-                self.trace.raw_states[sid] = None
-
     def _stack_of(self, t: KThread) -> bytes:
         ctx = t.suspended.trap.ctx if t.suspended is not None else (None if t.started else t.entry_context)
         if ctx is None or t.terminated or not t.stack_limit <= ctx.rsp < t.stack_base:
@@ -294,13 +268,13 @@ class Explorer:
                 work: deque[tuple[Fork, str]] = deque()
                 self._segment(result)
                 self._after_segment(result, work, 0, ())
-                self._forget(0)
+                self.records.forget(0)
                 self._walk(result, work, split)
             else:
                 root = Fork(
                     self.machine.uc.context_save(), self.cow.take(), save_kernel(self.kernel), 0, self._last or "", ()
                 )
-                self._hold(root)  # every prefix starts here: never released
+                self.records.hold(root.records)  # every prefix starts here: never released
                 for prefix in prefixes:
                     self._descend(result, root, prefix)
             if self.machine.watchdog_fired and result.stopped_by is None:
@@ -318,7 +292,7 @@ class Explorer:
                 gc.enable()
         self.fault_digests = list(result.faults)  # by digest: parallel workers are merged by digest
         result.faults = name_faults(result.graph, self.fault_digests)
-        result.deadlocks = sorted((self._name(result.graph, d) for d in self.deadlocks), key=_node_order)
+        result.deadlocks = sorted((self._name(result.graph, d) for d in self.deadlocks), key=node_order)
         result.elapsed = time.perf_counter() - start
         return result
 
@@ -357,10 +331,10 @@ class Explorer:
                 self._segment(result)
                 result.forked_states += len(self.trace.raw_states) - mark
                 self._after_segment(result, work, fork.depth + 1, fork.path + (option,))
-                self._forget(mark)
+                self.records.forget(mark)
                 fork.left[0] -= 1
                 if not fork.left[0]:
-                    self._release(fork.records)
+                    self.records.release(fork.records)
             except KeyboardInterrupt:
                 result.unexplored += len(work) + 1  # the option being followed is not finished either
                 raise
@@ -388,7 +362,7 @@ class Explorer:
             self._segment_seen.clear()
         work: deque[tuple[Fork, str]] = deque()
         self._after_segment(result, work, len(prefix), prefix)
-        self._forget(mark)
+        self.records.forget(mark)
         self._walk(result, work)
 
     def _segment(self, result: Exploration) -> None:
@@ -430,7 +404,7 @@ class Explorer:
         )
         options = list(pending.choice.options)
         fork.left[0] = len(options)
-        self._hold(fork)
+        self.records.hold(fork.records)
         if self.claims is not None:
             self._unclaimed.append((fork, options))  # forked once the shared seen-set says it is ours
             return
@@ -453,14 +427,14 @@ class Explorer:
                 self._add_fork(result, work, fork, options)
             else:
                 result.paths += 1  # the path ends at a state explored elsewhere: a merge
-                self._release(fork.records)
+                self.records.release(fork.records)
 
     def _restore(self, fork: Fork) -> None:
         self.machine.uc.context_restore(fork.cpu)
         self.cow.restore(fork.memory)
         named = [t.state_id for t in self.kernel.threads.values()]
         load_kernel(self.kernel, fork.kernel)
-        self._release_unheld(named)
+        self.records.replaced(named)
         # The saved context holds GS base: write it only if the restored current thread's TEB differs
         # (a register write through the binding costs more than the batched read).
         rsp, gs = self.machine.regs.read(("rsp", "gs_base"))
@@ -475,13 +449,6 @@ class Explorer:
         self._merged_at = None
         self._segment_seen.clear()
 
-    def _release_unheld(self, sids: Iterable[int]) -> None:
-        """Records the threads just replaced named: dropped unless a fork or a live thread names them."""
-        live = {t.state_id for t in self.kernel.threads.values()}
-        for sid in sids:
-            if sid not in self._held and sid not in live:
-                self.trace.raw_states[sid] = None
-
     def _report(self, result: Exploration, work: deque[tuple[Fork, str]]) -> None:
         if self.progress is not None:
             mib = resident_bytes() >> 20
@@ -494,73 +461,11 @@ class Explorer:
     def _graph(self) -> StateGraph:
         if self.progress is not None:
             self.progress.write("\r" + " " * 72 + "\r")
-        sym = self.trace.symbolize
-        out_edges: dict[str, list[tuple[object, ...]]] = {}
-        sort_key: dict[tuple[object, ...], tuple[str, ...]] = {}  # each edge's sort key, computed once
-        for key in self.edges:
-            out_edges.setdefault(str(key[0]), []).append(key)
-            sort_key[key] = _edge_sort(key)
-        root = self.root
-        order: dict[str, int] = {}
-        queue = deque([root] if root else [])
-        if root:
-            order[root] = 0
-        while queue:
-            d = queue.popleft()
-            out = out_edges.get(d)
-            if not out:
-                continue
-            if len(out) > 1:
-                out.sort(key=lambda k: (sort_key[k], self._label(str(k[1])), str(k[1])))
-            for key in out:
-                dst = str(key[1])
-                if dst not in order:
-                    order[dst] = len(order)
-                    queue.append(dst)
-        g = nx.DiGraph()
-        names = {d: f"n{i}" for d, i in order.items()}  # order's insertion order is the numbering
-        for d, name in names.items():
-            g.add_node(name, state=self.nodes[d], digest=d)
-            if d in self.deadlocks:
-                g.nodes[name]["deadlock"] = "; ".join(self.deadlocks[d])
-            if d in self.chains:
-                g.nodes[name]["wait_chains"] = "; ".join(self.chains[d])
-        for key in sorted(self.edges, key=lambda k: (order[str(k[0])], order[str(k[1])], sort_key[k])):
-            kind, service, ssn, status, api, detail = key[2:]
-            info = EdgeInfo(str(kind), service, ssn, status, api, str(detail or ""))  # type: ignore[arg-type]
-            u, v = names[str(key[0])], names[str(key[1])]
-            if g.has_edge(u, v):
-                # Two different transitions between the same two states: keep the first
-                # (in canonical order) and say so.
-                g.edges[u, v]["also"] = g.edges[u, v].get("also", ()) + (info,)
-                continue
-            g.add_edge(u, v, edge=info)
-        return StateGraph(g, sym)
-
-    def _label(self, d: str) -> str:
-        s = self.nodes[d]
-        return f"{s.mode}|{s.depth}|{s.rip:#x}"
+        return canonical_graph(self.root, self.nodes, self.edges, self.deadlocks, self.chains, self.trace.symbolize)
 
     @staticmethod
     def _name(graph: StateGraph, digest: str) -> str:
-        for n, a in graph.lean.nodes(data=True):
-            if a.get("digest") == digest:
-                return str(n)
-        return digest
-
-
-def name_faults(graph: StateGraph, faults: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Faults found at state digests, named by ``graph``'s node ids, in node order (deduplicated)."""
-    named = {(Explorer._name(graph, d), m) for d, m in faults}
-    return sorted(named, key=lambda f: (_node_order(f[0]), f[1]))
-
-
-def _node_order(name: str) -> tuple[int, str]:
-    return (int(name[1:]), name) if name[1:].isdigit() else (1 << 62, name)
-
-
-def _edge_sort(key: tuple[object, ...]) -> tuple[str, ...]:
-    return tuple("" if v is None else str(v) for v in key[2:])
+        return node_name(graph, digest)
 
 
 def explore(

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from emu.errors import EmuError
+from emu.exploration.canonical import name_faults, node_order
 from emu.exploration.claims import RaySeenSet, SeenServer, SeenSet, SeenShard
-from emu.exploration.explorer import Exploration, Explorer, Strategy, _node_order, name_faults
+from emu.exploration.explorer import Exploration, Explorer, Strategy
 from emu.graph import StateGraph
 from emu.scenario import Scenario, load_scenario
 from emu.trace import State
@@ -66,11 +67,24 @@ def explore_prefixes(
     ex = Explorer(scenario, strategy)
     if seen is not None:
         ex.claims = seen.connect()
-    res = ex.run(prefixes=prefixes, graph=False)
-    return Part(
-        dict(ex.nodes), list(ex.edges), dict(ex.deadlocks), dict(ex.chains), list(ex.fault_digests),
-        res.forks, res.paths, res.forked_states, res.unexplored, res.stopped_by,
-    )  # fmt: skip
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # nothing cyclic is made here; a collection would walk every state found
+    try:
+        res = ex.run(prefixes=prefixes, graph=False)
+        part = Part(
+            ex.nodes, list(ex.edges), ex.deadlocks, ex.chains, list(ex.fault_digests),
+            res.forks, res.paths, res.forked_states, res.unexplored, res.stopped_by,
+        )  # fmt: skip
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    # Freeing the machine and its trace after the result is sent, not before: a worker's
+    # previous explorer goes when the next job starts (or the worker exits).
+    _last[:] = [ex]
+    return part
+
+
+_last: list[Explorer] = []
 
 
 def explore_parallel(
@@ -116,7 +130,7 @@ def explore_parallel(
     result.forked_states = head.forked_states + sum(p.forked_states for p in parts)
     result.unexplored = head.unexplored + sum(p.unexplored for p in parts)
     result.stopped_by = head.stopped_by or next((p.stopped_by for p in parts if p.stopped_by), None)
-    result.deadlocks = sorted((Explorer._name(graph, d) for d in coordinator.deadlocks), key=_node_order)
+    result.deadlocks = sorted((Explorer._name(graph, d) for d in coordinator.deadlocks), key=node_order)
     # Faults are kept by state digest until here: node ids exist only in the merged graph.
     result.faults = name_faults(graph, coordinator.fault_digests + [f for p in parts for f in p.faults])
     result.elapsed = time.perf_counter() - start
@@ -159,7 +173,8 @@ class _Pool:
         return [f.result() for f in futures]
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        # Not waiting for the workers to exit: they only free memory now.
+        self.pool.shutdown(wait=False, cancel_futures=True)
         if self.server is not None:
             self.server.close()
 
