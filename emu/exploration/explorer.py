@@ -284,6 +284,7 @@ class Explorer:
             result.stopped_by = "interrupted"
         finally:
             watchdog.__exit__()
+        self._known = set()  # only the walk needs it: its memory goes to the graph built next
         try:
             if graph:
                 result.graph = self._graph()
