@@ -30,9 +30,17 @@ def canonical_graph(
     """The states reachable from ``root`` over ``edges``, numbered n0, n1, ... canonically."""
     out_edges: dict[str, list[EdgeKey]] = {}
     sort_key: dict[EdgeKey, tuple[str, ...]] = {}  # each edge's sort key, computed once
+    # Few distinct transitions recur over many edges: one sort key and one (frozen) EdgeInfo each.
+    kinds: dict[tuple[object, ...], tuple[tuple[str, ...], EdgeInfo]] = {}
     for key in edges:
         out_edges.setdefault(str(key[0]), []).append(key)
-        sort_key[key] = edge_sort(key)
+        tail = key[2:]
+        known = kinds.get(tail)
+        if known is None:
+            kind, service, ssn, status, api, detail = tail
+            info = EdgeInfo(str(kind), service, ssn, status, api, str(detail or ""))  # type: ignore[arg-type]
+            known = kinds[tail] = (edge_sort(key), info)
+        sort_key[key] = known[0]
 
     def label(d: str) -> str:
         s = nodes[d]
@@ -66,8 +74,7 @@ def canonical_graph(
     # is the edge, the others are listed under "also".
     edge_attrs: dict[tuple[str, str], dict[str, object]] = {}
     for key in sorted(sort_key, key=lambda k: (order[str(k[0])], order[str(k[1])], sort_key[k])):
-        kind, service, ssn, status, api, detail = key[2:]
-        info = EdgeInfo(str(kind), service, ssn, status, api, str(detail or ""))  # type: ignore[arg-type]
+        info = kinds[key[2:]][1]
         uv = (names[str(key[0])], names[str(key[1])])
         known = edge_attrs.get(uv)
         if known is None:
