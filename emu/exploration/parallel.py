@@ -23,7 +23,8 @@ import gc
 import importlib.util
 import multiprocessing
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +33,6 @@ from emu.errors import EmuError
 from emu.exploration.canonical import name_faults, node_order
 from emu.exploration.claims import RaySeenSet, SeenServer, SeenSet, SeenShard
 from emu.exploration.explorer import Exploration, Explorer, Strategy
-from emu.graph import StateGraph
 from emu.scenario import Scenario, load_scenario
 from emu.trace import State
 
@@ -103,25 +103,30 @@ def explore_parallel(
         scenario = load_scenario(scenario)
     start = time.perf_counter()
     pool = _Pool(workers) if backend == "processes" else None  # its workers start while the head runs
+    gc_was_enabled = gc.isenabled()
     try:
         coordinator = Explorer(scenario, strategy)
         head = coordinator.run(split=max(2, workers * split_factor), graph=False)
         prefixes = sorted(coordinator.frontier)
-        chunks = [prefixes[i::workers] for i in range(workers) if prefixes[i::workers]]
+        # Jobs of a few paths each, handed to whichever worker is free (paths lead to subtrees of
+        # very different sizes); each finished job is merged while the others still run.
+        jobs = max(1, min(len(prefixes), workers * split_factor))
+        chunks = [prefixes[i::jobs] for i in range(jobs) if prefixes[i::jobs]]
+        gc.disable()  # merging allocates many small objects, none of them cyclic garbage
+
+        def absorb(part: Part) -> None:
+            _absorb(coordinator, part)
+
         if not chunks:
             parts: list[Part] = []
         elif pool is not None:
-            parts = pool.run(scenario, strategy, chunks, coordinator.fork_nodes)
+            parts = pool.run(scenario, strategy, chunks, coordinator.fork_nodes, absorb)
         else:
-            parts = _run_ray(scenario, strategy, chunks, coordinator.fork_nodes)
+            parts = _run_ray(scenario, strategy, chunks, coordinator.fork_nodes, absorb)
+        graph = coordinator._graph()
     finally:
         if pool is not None:
             pool.close()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # the merge and the graph allocate many small objects, none of them cyclic garbage
-    try:
-        graph = _merge(coordinator, parts)
-    finally:
         if gc_was_enabled:
             gc.enable()
     result = Exploration(scenario, strategy, graph)
@@ -137,16 +142,14 @@ def explore_parallel(
     return result
 
 
-def _merge(coordinator: Explorer, parts: list[Part]) -> StateGraph:
-    """Every worker's states and edges into the coordinator's; the canonical graph of the union."""
-    nodes, edges = coordinator.nodes, coordinator.edges
-    for part in parts:
-        for d, state in part.nodes.items():
-            nodes.setdefault(d, state)
-        edges.update(dict.fromkeys(part.edges))
-        coordinator.deadlocks.update(part.deadlocks)
-        coordinator.chains.update(part.chains)
-    return coordinator._graph()
+def _absorb(coordinator: Explorer, part: Part) -> None:
+    """A worker's states and edges into the coordinator's (a union: the order does not matter)."""
+    nodes = coordinator.nodes
+    for d, state in part.nodes.items():
+        nodes.setdefault(d, state)
+    coordinator.edges.update(dict.fromkeys(part.edges))
+    coordinator.deadlocks.update(part.deadlocks)
+    coordinator.chains.update(part.chains)
 
 
 def _warm() -> None:
@@ -164,12 +167,16 @@ class _Pool:
         self.server: SeenServer | None = None
 
     def run(
-        self, scenario: Scenario, strategy: Strategy, chunks: list[list[tuple[str, ...]]], taken: list[str]
-    ) -> list[Part]:
+        self, scenario: Scenario, strategy: Strategy, chunks: list[list[tuple[str, ...]]], taken: list[str],
+        absorb: Callable[[Part], None],
+    ) -> list[Part]:  # fmt: skip
+        """Every chunk's part, in chunk order; each is passed to ``absorb`` as soon as it is back."""
         self.server = SeenServer()
         self.server.shards[0].claim(taken)  # the coordinator's own forks are taken
         seen = self.server.handle
         futures = [self.pool.submit(explore_prefixes, scenario, strategy, chunk, seen) for chunk in chunks]
+        for f in as_completed(futures):
+            absorb(f.result())
         return [f.result() for f in futures]
 
     def close(self) -> None:
@@ -185,8 +192,9 @@ def _require_ray() -> None:
 
 
 def _run_ray(
-    scenario: Scenario, strategy: Strategy, chunks: list[list[tuple[str, ...]]], taken: list[str]
-) -> list[Part]:
+    scenario: Scenario, strategy: Strategy, chunks: list[list[tuple[str, ...]]], taken: list[str],
+    absorb: Callable[[Part], None],
+) -> list[Part]:  # fmt: skip
     try:
         import ray
     except ImportError as e:  # an optional extra
@@ -199,7 +207,14 @@ def _run_ray(
     seen.connect()(taken)  # the coordinator's own forks are taken
     task: Any = ray.remote(explore_prefixes)
     try:
-        return list(ray.get([task.remote(scenario, strategy, chunk, seen) for chunk in chunks]))
+        refs = [task.remote(scenario, strategy, chunk, seen) for chunk in chunks]
+        got: dict[Any, Part] = {}
+        waiting = list(refs)
+        while waiting:
+            done, waiting = ray.wait(waiting, num_returns=1)
+            got[done[0]] = part = ray.get(done[0])
+            absorb(part)
+        return [got[r] for r in refs]
     finally:
         for actor in seen.actors:
             ray.kill(actor)
