@@ -204,7 +204,11 @@ class CowMemory:
         for page in sorted(self.current.touched.union(live)):
             if any(start <= page < end for start, end in ranges):
                 continue
-            data = bytes(self.uc.mem_read(page, PAGE)) if page in self.dirty or page in self.hot else self.current.page(page)
+            data = (
+                bytes(self.uc.mem_read(page, PAGE))
+                if page in self.dirty or page in self.hot
+                else self.current.page(page)
+            )
             if data is None or data == self.base.get(page):
                 continue  # written, but back to the original bytes
             h.update(page.to_bytes(8, "little"))

@@ -76,11 +76,11 @@ def canonical_graph(
     for key in sorted(sort_key, key=lambda k: (order[str(k[0])], order[str(k[1])], sort_key[k])):
         info = kinds[key[2:]][1]
         uv = (names[str(key[0])], names[str(key[1])])
-        known = edge_attrs.get(uv)
-        if known is None:
+        first = edge_attrs.get(uv)
+        if first is None:
             edge_attrs[uv] = {"edge": info}
         else:
-            known["also"] = known.get("also", ()) + (info,)  # type: ignore[operator]
+            first["also"] = first.get("also", ()) + (info,)  # type: ignore[operator]
     g = nx.DiGraph()
     g.add_nodes_from(node_rows)
     g.add_edges_from((u, v, a) for (u, v), a in edge_attrs.items())

@@ -42,16 +42,12 @@ class SeenShard:
         return len(self._seen)
 
 
-class _Claimer(Protocol):
-    def __call__(self, shard: int, digests: list[str]) -> list[bool]: ...
-
-
 def shard_of(digest: str, shards: int) -> int:
     """The shard owning a digest: its leading 32 bits, modulo the number of shards."""
     return int(digest[:8], 16) % shards if shards > 1 else 0
 
 
-def sharded(shards: int, ask: _Claimer) -> Callable[[list[str]], list[bool]]:
+def sharded(shards: int, ask: Callable[[int, list[str]], list[bool]]) -> Callable[[list[str]], list[bool]]:
     """A claim function over ``shards`` shards; ``ask(shard, digests)`` sends one shard its part."""
 
     def claim(digests: list[str]) -> list[bool]:
