@@ -126,7 +126,8 @@ class CowMemory:
         if any(p is None for p in prots):
             return False  # a page that is really read-only: a genuine fault
         for page, prot in zip(pages, prots, strict=True):
-            if page in self.hot:
+            if page in self.hot:  # written again after something made it read-only: open it, as before
+                self.uc.mem_protect(page, PAGE, prot)
                 continue
             self._touch(page)
             self.uc.mem_protect(page, PAGE, prot)
