@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from emu.cli.main import main
-from emu.exploration.explorer import explore
+from emu.exploration.explorer import Exploration, explore
 from emu.exploration.parallel import explore_parallel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -15,17 +15,24 @@ SCENARIO = ROOT / "scenarios" / "threads_deadlock_sometimes.toml"
 
 
 @pytest.fixture(scope="module")
-def single() -> str:
-    return explore(SCENARIO).graph.to_graphml()
+def one() -> Exploration:
+    return explore(SCENARIO)
 
 
-def test_worker_processes_give_the_single_process_graph(single: str) -> None:
+@pytest.fixture(scope="module")
+def single(one: Exploration) -> str:
+    return one.graph.to_graphml()
+
+
+def test_worker_processes_give_the_single_process_graph(single: str, one: Exploration) -> None:
     exp = explore_parallel(SCENARIO, workers=2)
     assert exp.graph.to_graphml() == single
     assert len(exp.deadlocks) == 2 and exp.complete
+    # The workers share the states they fork at: each is forked once, as in one process.
+    assert exp.forks == one.forks
 
 
-def test_a_local_ray_instance_gives_the_same_graph(single: str) -> None:
+def test_a_local_ray_instance_gives_the_same_graph(single: str, one: Exploration) -> None:
     import ray  # the test extra installs it
 
     try:
@@ -33,6 +40,7 @@ def test_a_local_ray_instance_gives_the_same_graph(single: str) -> None:
     finally:
         ray.shutdown()
     assert exp.graph.to_graphml() == single
+    assert exp.forks == one.forks
 
 
 def test_explore_cli_with_workers(tmp_path: Path, capsys: pytest.CaptureFixture[str], single: str) -> None:

@@ -22,15 +22,19 @@ import os
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 import networkx as nx
 
+from emu.context import UserContext
 from emu.engine import Process
 from emu.errors import BudgetExceeded, ExtensionError, KernelError, MachineFault, ModelBug, UnimplementedImport
-from emu.graph import EdgeInfo, StateGraph
+from emu.exploration.canonical import canonical_graph, name_faults, node_name, node_order
+from emu.exploration.records import RecordKeeper
+from emu.graph import StateGraph
 from emu.kernel import KernelHooks, KThread, sched
 from emu.kernel.fork import KernelState, digest_key, load_kernel, save_kernel
 from emu.kernel.hooks import suspend
@@ -40,7 +44,7 @@ from emu.scenario import Scenario, load_scenario
 from emu.services import Services
 from emu.snapshot import PageSnapshot
 from emu.symbolic import has_symbolic, make_driver
-from emu.trace import State
+from emu.trace import RawState, State
 
 if TYPE_CHECKING:
     from emu.symbolic.driver import Driver, Pick
@@ -51,6 +55,8 @@ CHECK_EVERY = 0.1  # seconds between looks at resident memory (and progress line
 # Building the canonical graph after the walk costs about 65 µs per state (measured on a
 # 2-core VM); the walk stops early enough to leave twice that.
 GRAPH_SECONDS_PER_STATE = 130e-6
+# With a shared seen-set, choice states are claimed this many at a time (one message each).
+CLAIM_BATCH = 64
 
 
 def resident_bytes() -> int:
@@ -75,6 +81,12 @@ class Fork:
     node: str  # the digest of the state the choice is made in
     path: tuple[str, ...] = ()  # the options taken from the start to here
     symbolic: Any = None  # the path's symbolic store (emu.symbolic), when the scenario declares values
+    left: list[int] = field(default_factory=lambda: [0])  # options not yet followed (the work list's count)
+
+    @property
+    def records(self) -> tuple[int, ...]:
+        """The trace records (state ids) the saved threads name: kept while this fork may be restored."""
+        return tuple(t.state_id for t in self.kernel.threads.values())
 
 
 @dataclass
@@ -155,7 +167,12 @@ class Explorer:
         self.machine = self.process.machine
         self.trace = self.process.trace
         self.cow = self.machine.enable_cow()
-        self.digests: list[str] = []  # digest of each raw state in the trace (it only grows)
+        self.root: str | None = None  # the start state's digest
+        self._count = 0  # states observed (the trace's state ids are 0 .. _count - 1)
+        # Trace records are dropped once no saved fork nor live thread names them (only the
+        # digests, nodes and edges are kept).
+        self.records = RecordKeeper(self.trace, self.kernel)
+        self._ints: dict[int, int] = {}  # one int object per register value seen, shared by all states
         self._last: str | None = None  # the latest state of the path being run
         self._known: set[str] = set()  # states some finished segment went through
         self.deadlocks: dict[str, list[str]] = {}  # state -> wait chains, where no thread can run
@@ -171,6 +188,11 @@ class Explorer:
         self._next_check = 0.0  # when to look at memory and write progress next
         self._rss_base = 0  # the process's resident memory when the exploration began
         self.fault_digests: list[tuple[str, str]] = []  # (state digest, message), after run()
+        self.fork_nodes: list[str] = []  # the states forked at, in order
+        # Parallel workers: a shared seen-set of choice states (see emu.exploration.parallel).
+        # Given a batch of digests it answers, for each, whether this caller is the first.
+        self.claims: Callable[[list[str]], list[bool]] | None = None
+        self._unclaimed: list[tuple[Fork, list[str]]] = []
         if has_symbolic(scenario):
             self.symbolic = make_driver(self, scenario)
 
@@ -182,16 +204,17 @@ class Explorer:
         return self._merged_at is not None
 
     def _observe(self, sid: int, thread: KThread) -> None:
-        raw = self.trace.raw_state(sid)
+        raw = self.trace.raw_states[sid]  # RawState layout
         h = hashlib.blake2b(digest_size=12)
-        context, stack, extra = raw.context, raw.stack, b""
+        context, stack, extra = raw[3], raw[4], b""
         if self.symbolic is not None:  # symbolic values: their locations masked, the path condition added
-            context, stack, extra = self.symbolic.on_state(sid, thread, raw)
+            context, stack, extra = self.symbolic.on_state(sid, thread, RawState._make(raw))
         # tid, mode, registers; then depth, service, api, pending, callback frames; then the
         # stack from RSP up (bytes below RSP are dead: the x64 ABI has no red zone).
-        h.update(repr((raw.thread, raw.mode, context, raw.kernel_view())).encode())
+        h.update(repr((raw[1], raw[2], context, (raw[6], raw[7], raw[8], raw[9], raw[10]))).encode())
         h.update(stack)
-        h.update(extra)
+        if extra:
+            h.update(extra)
         # Every thread's kernel side (waits, callback stacks), the objects, and the live
         # stacks of the threads that are not moving: the whole process is the state.
         h.update(repr(digest_key(self.kernel, thread)).encode())
@@ -202,26 +225,33 @@ class Explorer:
         d = h.hexdigest()
         if self.symbolic is not None:
             self.symbolic.seen(d)
-        if len(self.digests) != sid:
-            raise ModelBug(f"explorer lost track of states ({len(self.digests)} digests for state {sid})")
-        self.digests.append(d)
+        if self._count != sid:
+            raise ModelBug(f"explorer lost track of states ({self._count} observed before state {sid})")
+        self._count += 1
         if self._merged_at is not None:
             return  # past a merge: the rest of this path is explored elsewhere
         if d not in self.nodes:
-            self.nodes[d] = self.trace.states[sid]
+            self.nodes[d] = self._typed(raw)
             if len(self.kernel.threads) > 1:
                 chains = sched.wait_chains(self.kernel)
                 if chains:
                     self.chains[d] = chains
         if self._last is not None:
-            t = self.trace.raw_transition(-1)
+            t = self.trace.raw_transitions[-1]  # RawTransition layout
             # (src, dst, kind, service, ssn, status, api, detail), between consecutive states of the process
-            self.edges[(self._last, d, t.kind, t.service, t.ssn, t.status, t.api, t.detail)] = None
+            self.edges[(self._last, d, t[1], t[5], t[6], t[10], t[11], t[12])] = None
         self._last = d
         if not self._replaying and (d in self._known or d in self._segment_seen):
             self._merged_at = sid  # a known state: its future is explored elsewhere
             self.machine.request_stop()
         self._segment_seen.add(d)
+
+    def _typed(self, raw: tuple[Any, ...]) -> State:
+        """A node's record, its register values shared with every other state's that are equal
+        (addresses recur from state to state; one int object each saves ~32 bytes a register)."""
+        ints = self._ints
+        ctx = UserContext._make([ints.setdefault(v, v) for v in raw[3]])
+        return State(raw[0], raw[1], raw[2], ctx, *raw[4:])
 
     def _stack_of(self, t: KThread) -> bytes:
         ctx = t.suspended.trap.ctx if t.suspended is not None else (None if t.started else t.entry_context)
@@ -230,11 +260,15 @@ class Explorer:
         return self.machine.read(ctx.rsp, t.stack_base - ctx.rsp)
 
     # --- the walk ---------------------------------------------------------------------
-    def run(self, prefixes: list[tuple[str, ...]] | None = None, split: int | None = None) -> Exploration:
+    def run(
+        self, prefixes: list[tuple[str, ...]] | None = None, split: int | None = None, graph: bool = True
+    ) -> Exploration:
         """Explore, from the start or (``prefixes``) below the states those option paths lead to.
 
         ``split``: stop widening once that many options wait on the work list and leave
         them, as option paths from the start, in ``self.frontier`` (for parallel workers).
+        ``graph=False``: leave the result's graph empty (a parallel worker's nodes and edges
+        are merged, and the graph built, by the coordinator).
         """
         b = self.scenario.budgets
         start = time.perf_counter()
@@ -254,21 +288,23 @@ class Explorer:
             watchdog.__enter__()
             # Each thread's initial state was recorded as it was added: together they are the start.
             first = len(self.trace.raw_states) - 1
-            self.digests.extend([""] * first)
+            self._count = first
             self._observe(first, self.process.thread)
-            self.digests[:first] = [self.digests[first]] * first
-            self._known.add(self.digests[first])
+            self.root = self._last
+            self._known.add(self._last or "")
             if prefixes is None:
                 self.kernel.continue_thread(self.process.thread)
                 work: deque[tuple[Fork, str]] = deque()
                 self._segment(result)
                 self._after_segment(result, work, 0, ())
+                self.records.forget(0)
                 self._walk(result, work, split)
             else:
                 root = Fork(
                     self.machine.uc.context_save(), self.cow.take(), save_kernel(self.kernel), 0, self._last or "", (),
                     self.symbolic.save() if self.symbolic is not None else None,
                 )  # fmt: skip
+                self.records.hold(root.records)  # every prefix starts here: never released
                 for prefix in prefixes:
                     self._descend(result, root, prefix)
             if self.machine.watchdog_fired and result.stopped_by is None:
@@ -278,23 +314,28 @@ class Explorer:
             result.stopped_by = "interrupted"
         finally:
             watchdog.__exit__()
+        self._known = set()  # only the walk needs it: its memory goes to the graph built next
         try:
-            result.graph = self._graph()
+            if graph:
+                result.graph = self._graph()
         finally:
             if gc_was_enabled:
                 gc.enable()
         self.fault_digests = list(result.faults)  # by digest: parallel workers are merged by digest
         result.faults = name_faults(result.graph, self.fault_digests)
-        result.deadlocks = sorted((self._name(result.graph, d) for d in self.deadlocks), key=_node_order)
+        result.deadlocks = sorted((self._name(result.graph, d) for d in self.deadlocks), key=node_order)
         if self.symbolic is not None:
-            graph = result.graph
-            result.symbolic = self.symbolic.summary(graph, result.faults, lambda d: self._name(graph, d))
+            g = result.graph
+            result.symbolic = self.symbolic.summary(g, result.faults, lambda d: self._name(g, d))
         result.elapsed = time.perf_counter() - start
         return result
 
     def _walk(self, result: Exploration, work: deque[tuple[Fork, str]], split: int | None = None) -> None:
         b = self.scenario.budgets
-        while work:
+        while work or self._unclaimed:
+            if self._unclaimed and (not work or len(self._unclaimed) >= CLAIM_BATCH):
+                self._settle(result, work)
+                continue
             if split is not None and len(work) >= split:
                 self.frontier = [fork.path + (option,) for fork, option in work]
                 return
@@ -329,14 +370,19 @@ class Explorer:
                 self._replaying = False
                 result.forked_states += len(self.trace.raw_states) - mark
                 self._after_segment(result, work, fork.depth + 1, fork.path + (str(option),))
+                self.records.forget(mark)
+                fork.left[0] -= 1
+                if not fork.left[0]:
+                    self.records.release(fork.records)
             except KeyboardInterrupt:
                 result.unexplored += len(work) + 1  # the option being followed is not finished either
                 raise
-        result.unexplored += len(work)
+        result.unexplored += len(work) + sum(len(options) for _, options in self._unclaimed)
 
     def _descend(self, result: Exploration, root: Fork, prefix: tuple[str, ...]) -> None:
         """Replay ``prefix`` (one option per choice) from the start, then explore everything below."""
         self._restore(root)
+        mark = len(self.trace.raw_states)
         first = self.kernel.threads[0]  # the restored copy, not the process's original object
         # States on the way down are neither merges nor "explored": only their one branch is taken here.
         self._replaying = True
@@ -356,6 +402,7 @@ class Explorer:
             self._segment_seen.clear()
         work: deque[tuple[Fork, str]] = deque()
         self._after_segment(result, work, len(prefix), prefix)
+        self.records.forget(mark)
         self._walk(result, work)
 
     def _resume(self, result: Exploration, option: str | Pick, node: str) -> bool:
@@ -413,26 +460,57 @@ class Explorer:
             self.machine.uc.context_save(), self.cow.take(), save_kernel(self.kernel), depth, self._last or "", path,
             sym.save() if sym is not None else None,
         )  # fmt: skip
-        result.forks += 1
-        result.snapshot_bytes += fork.memory.own_bytes
+        self.records.hold(fork.records)
         if sym is not None and isinstance(pending.choice, Symbolic):
-            work.append((fork, sym.at_request(fork)))  # this path's value; the solver adds the others
+            # The solver adds this fork's other sides later: its count never reaches zero, so the
+            # records it names are kept.
+            fork.left[0] = -1
+            self._add_fork(result, work, fork, [sym.at_request(fork)])  # this path's value first
             return
         options = list(pending.choice.options)
+        fork.left[0] = len(options)
+        if self.claims is not None:
+            self._unclaimed.append((fork, options))  # forked once the shared seen-set says it is ours
+            return
+        self._add_fork(result, work, fork, options)
+
+    def _add_fork(
+        self, result: Exploration, work: deque[tuple[Fork, Any]], fork: Fork, options: Sequence[str | Pick]
+    ) -> None:
+        result.forks += 1
+        result.snapshot_bytes += fork.memory.own_bytes
+        self.fork_nodes.append(fork.node)
         work.extend((fork, o) for o in (options if self.strategy == "bfs" else reversed(options)))
+
+    def _settle(self, result: Exploration, work: deque[tuple[Fork, str]]) -> None:
+        """Claim the waiting choice states in the shared seen-set, in one message: follow the
+        options of those this worker won; another worker follows the rest (the same future)."""
+        waiting, self._unclaimed = self._unclaimed, []
+        assert self.claims is not None
+        won = self.claims([fork.node for fork, _ in waiting])
+        for (fork, options), mine in zip(waiting, won, strict=True):
+            if mine:
+                self._add_fork(result, work, fork, options)
+            else:
+                result.paths += 1  # the path ends at a state explored elsewhere: a merge
+                self.records.release(fork.records)
 
     def _restore(self, fork: Fork) -> None:
         self.machine.uc.context_restore(fork.cpu)
         self.cow.restore(fork.memory)
+        named = [t.state_id for t in self.kernel.threads.values()]
         load_kernel(self.kernel, fork.kernel)
         if self.symbolic is not None:
             self.symbolic.load(fork.symbolic)
+        self.records.replaced(named)
+        # The saved context holds GS base: write it only if the restored current thread's TEB differs
+        # (a register write through the binding costs more than the batched read).
+        rsp, gs = self.machine.regs.read(("rsp", "gs_base"))
         current = self.kernel.current
-        if current is not None:
+        if current is not None and gs != current.teb:
             self.machine.set_gs_base(current.teb)
         # The next segment will almost surely push onto the stack: open its page now
         # rather than taking a copy-on-write fault and restarting the CPU for it.
-        rsp = self.machine.regs.read(("rsp",))[0]
         self.cow.prefault(rsp - 0x100, 0x100)
         # The trace only grows: the restored threads' state ids still name their states.
         self._last = fork.node
@@ -451,67 +529,14 @@ class Explorer:
     def _graph(self) -> StateGraph:
         if self.progress is not None:
             self.progress.write("\r" + " " * 72 + "\r")
-        sym = self.trace.symbolize
-        out_edges: dict[str, list[tuple[object, ...]]] = {}
-        for key in self.edges:
-            out_edges.setdefault(str(key[0]), []).append(key)
-        root = self.digests[0] if self.digests else None
-        order: dict[str, int] = {}
-        queue = deque([root] if root else [])
-        if root:
-            order[root] = 0
-        while queue:
-            d = queue.popleft()
-            for key in sorted(out_edges.get(d, []), key=lambda k: (_edge_sort(k), self._label(str(k[1])), str(k[1]))):
-                dst = str(key[1])
-                if dst not in order:
-                    order[dst] = len(order)
-                    queue.append(dst)
-        g = nx.DiGraph()
-        for d, i in sorted(order.items(), key=lambda kv: kv[1]):
-            g.add_node(f"n{i}", state=self.nodes[d], digest=d)
-            if d in self.deadlocks:
-                g.nodes[f"n{i}"]["deadlock"] = "; ".join(self.deadlocks[d])
-            if d in self.chains:
-                g.nodes[f"n{i}"]["wait_chains"] = "; ".join(self.chains[d])
-        for key in sorted(self.edges, key=lambda k: (order[str(k[0])], order[str(k[1])], _edge_sort(k))):
-            kind, service, ssn, status, api, detail = key[2:]
-            info = EdgeInfo(str(kind), service, ssn, status, api, str(detail or ""))  # type: ignore[arg-type]
-            u, v = f"n{order[str(key[0])]}", f"n{order[str(key[1])]}"
-            if g.has_edge(u, v):
-                # Two different transitions between the same two states: keep the first
-                # (in canonical order) and say so.
-                g.edges[u, v]["also"] = g.edges[u, v].get("also", ()) + (info,)
-                continue
-            g.add_edge(u, v, edge=info)
+        graph = canonical_graph(self.root, self.nodes, self.edges, self.deadlocks, self.chains, self.trace.symbolize)
         if self.symbolic is not None:
-            self.symbolic.annotate(g)
-        return StateGraph(g, sym)
-
-    def _label(self, d: str) -> str:
-        s = self.nodes[d]
-        return f"{s.mode}|{s.depth}|{s.rip:#x}"
+            self.symbolic.annotate(graph.lean)
+        return graph
 
     @staticmethod
     def _name(graph: StateGraph, digest: str) -> str:
-        for n, a in graph.lean.nodes(data=True):
-            if a.get("digest") == digest:
-                return str(n)
-        return digest
-
-
-def name_faults(graph: StateGraph, faults: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Faults found at state digests, named by ``graph``'s node ids, in node order (deduplicated)."""
-    named = {(Explorer._name(graph, d), m) for d, m in faults}
-    return sorted(named, key=lambda f: (_node_order(f[0]), f[1]))
-
-
-def _node_order(name: str) -> tuple[int, str]:
-    return (int(name[1:]), name) if name[1:].isdigit() else (1 << 62, name)
-
-
-def _edge_sort(key: tuple[object, ...]) -> tuple[str, ...]:
-    return tuple("" if v is None else str(v) for v in key[2:])
+        return node_name(graph, digest)
 
 
 def explore(

@@ -5,9 +5,13 @@ hands them out as option paths from the start. Each worker builds its own machin
 the scenario, replays its paths (one option per choice) and explores everything below
 them. Workers return states by digest and edges by their digest endpoints; the union is
 the same set of nodes and edges a single process finds, and the export numbers nodes by
-a canonical walk, so the files are byte-identical. (Workers do not share which states
-they have already seen, so a state below two paths is explored twice: more work, the
-same graph.)
+a canonical walk, so the files are byte-identical.
+
+Workers share which choice states are taken (:mod:`emu.exploration.claims`): before
+forking at a choice, a worker claims the state in a seen-set split into shards by digest;
+only the first claimant forks it, so a state reached below two paths is forked once, as
+in one process. The shards live in the coordinating process (served to worker processes
+by a manager thread) or, on Ray, in actors, one shard per worker.
 
 Ray is optional: ``backend="ray"`` uses an existing cluster (``ray.init(address=...)``
 done by the caller) or starts a local one.
@@ -15,16 +19,20 @@ done by the caller) or starts a local one.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from emu.errors import EmuError, ScenarioError
-from emu.exploration.explorer import Exploration, Explorer, Strategy, _node_order, name_faults
+from emu.exploration.canonical import name_faults, node_order
+from emu.exploration.claims import RaySeenSet, SeenServer, SeenSet, SeenShard
+from emu.exploration.explorer import Exploration, Explorer, Strategy
 from emu.scenario import Scenario, load_scenario
 from emu.symbolic import has_symbolic
 from emu.trace import State
@@ -52,14 +60,32 @@ class Part:
     stopped_by: str | None
 
 
-def explore_prefixes(scenario: Scenario, strategy: Strategy, prefixes: list[tuple[str, ...]]) -> Part:
-    """A worker's job: explore below each option path (a module-level function, so it pickles)."""
+def explore_prefixes(
+    scenario: Scenario, strategy: Strategy, prefixes: list[tuple[str, ...]], seen: SeenSet | None = None
+) -> Part:
+    """A worker's job: explore below each option path (a module-level function, so it pickles);
+    ``seen``: the seen-set shared with the other workers."""
     ex = Explorer(scenario, strategy)
-    res = ex.run(prefixes=prefixes)
-    return Part(
-        dict(ex.nodes), list(ex.edges), dict(ex.deadlocks), dict(ex.chains), list(ex.fault_digests),
-        res.forks, res.paths, res.forked_states, res.unexplored, res.stopped_by,
-    )  # fmt: skip
+    if seen is not None:
+        ex.claims = seen.connect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # nothing cyclic is made here; a collection would walk every state found
+    try:
+        res = ex.run(prefixes=prefixes, graph=False)
+        part = Part(
+            ex.nodes, list(ex.edges), ex.deadlocks, ex.chains, list(ex.fault_digests),
+            res.forks, res.paths, res.forked_states, res.unexplored, res.stopped_by,
+        )  # fmt: skip
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    # Freeing the machine and its trace after the result is sent, not before: a worker's
+    # previous explorer goes when the next job starts (or the worker exits).
+    _last[:] = [ex]
+    return part
+
+
+_last: list[Explorer] = []
 
 
 def explore_parallel(
@@ -81,40 +107,88 @@ def explore_parallel(
         # handed to another process as option paths.
         raise ScenarioError(scenario.path, "services", "symbolic values are explored with one worker (no --workers)")
     start = time.perf_counter()
-    coordinator = Explorer(scenario, strategy)
-    head = coordinator.run(split=max(2, workers * split_factor))
-    prefixes = sorted(coordinator.frontier)
-    if not prefixes:
-        return head
-    chunks = [prefixes[i::workers] for i in range(workers) if prefixes[i::workers]]
-    parts = _run_ray(scenario, strategy, chunks) if backend == "ray" else _run_processes(scenario, strategy, chunks)
-    for part in parts:
-        for d, state in part.nodes.items():
-            coordinator.nodes.setdefault(d, state)
-        for key in part.edges:
-            coordinator.edges[key] = None
-        coordinator.deadlocks.update(part.deadlocks)
-        coordinator.chains.update(part.chains)
-    graph = coordinator._graph()
+    pool = _Pool(workers) if backend == "processes" else None  # its workers start while the head runs
+    gc_was_enabled = gc.isenabled()
+    try:
+        coordinator = Explorer(scenario, strategy)
+        head = coordinator.run(split=max(2, workers * split_factor), graph=False)
+        prefixes = sorted(coordinator.frontier)
+        # Jobs of a few paths each, handed to whichever worker is free (paths lead to subtrees of
+        # very different sizes); each finished job is merged while the others still run.
+        jobs = max(1, min(len(prefixes), workers * split_factor))
+        chunks = [prefixes[i::jobs] for i in range(jobs) if prefixes[i::jobs]]
+        gc.disable()  # merging allocates many small objects, none of them cyclic garbage
+
+        def absorb(part: Part) -> None:
+            _absorb(coordinator, part)
+
+        if not chunks:
+            parts: list[Part] = []
+        elif pool is not None:
+            parts = pool.run(scenario, strategy, chunks, coordinator.fork_nodes, absorb)
+        else:
+            parts = _run_ray(scenario, strategy, chunks, coordinator.fork_nodes, absorb)
+        graph = coordinator._graph()
+    finally:
+        if pool is not None:
+            pool.close()
+        if gc_was_enabled:
+            gc.enable()
     result = Exploration(scenario, strategy, graph)
     result.forks = head.forks + sum(p.forks for p in parts)
     result.paths = head.paths + sum(p.paths for p in parts)
     result.forked_states = head.forked_states + sum(p.forked_states for p in parts)
     result.unexplored = head.unexplored + sum(p.unexplored for p in parts)
     result.stopped_by = head.stopped_by or next((p.stopped_by for p in parts if p.stopped_by), None)
-    result.deadlocks = sorted((Explorer._name(graph, d) for d in coordinator.deadlocks), key=_node_order)
+    result.deadlocks = sorted((Explorer._name(graph, d) for d in coordinator.deadlocks), key=node_order)
     # Faults are kept by state digest until here: node ids exist only in the merged graph.
     result.faults = name_faults(graph, coordinator.fault_digests + [f for p in parts for f in p.faults])
     result.elapsed = time.perf_counter() - start
     return result
 
 
-def _run_processes(scenario: Scenario, strategy: Strategy, chunks: list[list[tuple[str, ...]]]) -> list[Part]:
-    # "spawn": a fresh interpreter per worker, so no Unicorn state is inherited across fork().
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=len(chunks), mp_context=ctx) as pool:
-        futures = [pool.submit(explore_prefixes, scenario, strategy, chunk) for chunk in chunks]
+def _absorb(coordinator: Explorer, part: Part) -> None:
+    """A worker's states and edges into the coordinator's (a union: the order does not matter)."""
+    nodes = coordinator.nodes
+    for d, state in part.nodes.items():
+        nodes.setdefault(d, state)
+    coordinator.edges.update(dict.fromkeys(part.edges))
+    coordinator.deadlocks.update(part.deadlocks)
+    coordinator.chains.update(part.chains)
+
+
+def _warm() -> None:
+    """A no-op job: a worker imports emu (the slow part of its start) before the real work."""
+    import emu.exploration.explorer  # noqa: F401
+
+
+class _Pool:
+    """Worker processes, started at once, and the seen-set they share."""
+
+    def __init__(self, workers: int) -> None:
+        # "spawn": a fresh interpreter per worker, so no Unicorn state is inherited across fork().
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        self.warming: list[Future[None]] = [self.pool.submit(_warm) for _ in range(workers)]
+        self.server: SeenServer | None = None
+
+    def run(
+        self, scenario: Scenario, strategy: Strategy, chunks: list[list[tuple[str, ...]]], taken: list[str],
+        absorb: Callable[[Part], None],
+    ) -> list[Part]:  # fmt: skip
+        """Every chunk's part, in chunk order; each is passed to ``absorb`` as soon as it is back."""
+        self.server = SeenServer()
+        self.server.shards[0].claim(taken)  # the coordinator's own forks are taken
+        seen = self.server.handle
+        futures = [self.pool.submit(explore_prefixes, scenario, strategy, chunk, seen) for chunk in chunks]
+        for f in as_completed(futures):
+            absorb(f.result())
         return [f.result() for f in futures]
+
+    def close(self) -> None:
+        # Not waiting for the workers to exit: they only free memory now.
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.server is not None:
+            self.server.close()
 
 
 def _require_ray() -> None:
@@ -122,12 +196,30 @@ def _require_ray() -> None:
         raise BackendUnavailable("backend 'ray' needs Ray installed: pip install 'emu[ray]'")
 
 
-def _run_ray(scenario: Scenario, strategy: Strategy, chunks: list[list[tuple[str, ...]]]) -> list[Part]:
+def _run_ray(
+    scenario: Scenario, strategy: Strategy, chunks: list[list[tuple[str, ...]]], taken: list[str],
+    absorb: Callable[[Part], None],
+) -> list[Part]:  # fmt: skip
     try:
         import ray
     except ImportError as e:  # an optional extra
         raise BackendUnavailable(f"backend 'ray' needs Ray installed (pip install 'emu[ray]'): {e}") from None
     if not ray.is_initialized():
         ray.init(num_cpus=max(1, len(chunks)), include_dashboard=False, log_to_driver=False)
+    # The shards are small actors (no CPU reserved: they answer between the workers' batches).
+    shard: Any = ray.remote(num_cpus=0)(SeenShard)
+    seen = RaySeenSet(tuple(shard.remote() for _ in chunks))
+    seen.connect()(taken)  # the coordinator's own forks are taken
     task: Any = ray.remote(explore_prefixes)
-    return list(ray.get([task.remote(scenario, strategy, chunk) for chunk in chunks]))
+    try:
+        refs = [task.remote(scenario, strategy, chunk, seen) for chunk in chunks]
+        got: dict[Any, Part] = {}
+        waiting = list(refs)
+        while waiting:
+            done, waiting = ray.wait(waiting, num_returns=1)
+            got[done[0]] = part = ray.get(done[0])
+            absorb(part)
+        return [got[r] for r in refs]
+    finally:
+        for actor in seen.actors:
+            ray.kill(actor)

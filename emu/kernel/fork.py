@@ -8,15 +8,16 @@ loaded any number of times.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from emu.kernel.objects import ObjectTable
-from emu.kernel.thread import KThread, PendingChoice, ThreadServiceContext
+from emu.kernel.thread import CallbackFrame, KThread, PendingChoice, ThreadServiceContext
 
 if TYPE_CHECKING:
     from emu.kernel.core import Kernel
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -78,15 +79,38 @@ def digest_key(kernel: Kernel, thread: KThread) -> tuple[object, ...]:
     return (thread.tid, tuple(threads), pending, kernel.objects.key(), nxt)
 
 
+# Copies are shallow, field for field, through the instance dictionary: ``dataclasses.replace``
+# walks the fields and calls ``__init__`` each time, several times slower on a path the
+# explorer takes twice per fork (save, then load for every option). The fields not reset
+# here are immutable (ints, strings, tuples, frozen trap frames and contexts).
+def _shallow(obj: _T) -> _T:
+    twin: _T = object.__new__(type(obj))
+    twin.__dict__.update(obj.__dict__)
+    return twin
+
+
 def _copy_pending(p: PendingChoice | None) -> PendingChoice | None:
     if p is not None and p.activation is not None:
-        p = dataclasses.replace(p, activation=p.activation.fork())
+        twin = _shallow(p)
+        object.__setattr__(twin, "activation", p.activation.fork())  # a frozen dataclass
+        return twin
     return p
 
 
+def _copy_frame(f: CallbackFrame) -> CallbackFrame:
+    twin = _shallow(f)
+    twin.activation = f.activation.fork()
+    return twin
+
+
 def _copy_thread(t: KThread) -> KThread:
-    frames = [dataclasses.replace(f, activation=f.activation.fork()) for f in t.callback_stack]
+    twin = _shallow(t)
+    twin.callback_stack = [_copy_frame(f) for f in t.callback_stack] if t.callback_stack else []
+    twin.service_ctx = None
     s = t.suspended
     if s is not None:
-        s = dataclasses.replace(s, activation=None if s.activation is None else s.activation.fork())
-    return dataclasses.replace(t, callback_stack=frames, service_ctx=None, suspended=s)
+        s = _shallow(s)
+        if s.activation is not None:
+            s.activation = s.activation.fork()
+        twin.suspended = s
+    return twin
