@@ -65,6 +65,12 @@ EXCEPTION_COLLIDED_DISPOSITION = 3  # ExceptionCollidedUnwind
 VEH_CONTINUE_EXECUTION = 0xFFFF_FFFF  # EXCEPTION_CONTINUE_EXECUTION (-1) as a 32-bit LONG
 VEH_CONTINUE_SEARCH = 0
 
+# --- RTL_VECTORED_HANDLER_ENTRY (ReactOS sdk/lib/rtl/vectoreh.c): ListEntry, VectoredHandler, Refs
+VEH_FLINK, VEH_BLINK, VEH_HANDLER, VEH_REFS = 0x00, 0x08, 0x10, 0x18
+VEH_ENTRY_SIZE = 0x20
+VEH_ENTRIES = 64  # the built-in ntdll's pool of entries (both lists together; Windows uses the heap)
+LIST_FLINK, LIST_BLINK = 0x00, 0x08  # LIST_ENTRY
+
 # --- DISPATCHER_CONTEXT (x64, winnt.h; MS docs "x64 exception handling": language-specific handler)
 DC_CONTROL_PC, DC_IMAGE_BASE, DC_FUNCTION_ENTRY, DC_ESTABLISHER_FRAME = 0x00, 0x08, 0x10, 0x18
 DC_TARGET_IP, DC_CONTEXT_RECORD, DC_LANGUAGE_HANDLER, DC_HANDLER_DATA = 0x20, 0x28, 0x30, 0x38

@@ -203,6 +203,9 @@ class Kernel:
             self._sysret_now(thread, regs, via, STATUS_INVALID_SYSTEM_SERVICE, None, "")
             return
         spec = self.registry.get(name)
+        if spec is None and name in _CONTEXT_SERVICES:
+            _CONTEXT_SERVICES[name](self, thread, regs, via, ssn, False)
+            return
         if spec is None:
             raise UnimplementedService(ssn, name)
         constant = self._constants.get(name)

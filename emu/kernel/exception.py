@@ -244,12 +244,22 @@ def on_trap(kernel: Kernel, trap: Trap) -> bool:
         commit_guard_page(kernel, thread, raised.guard_page)
     ext = machine.extended_state()
     ctx = Context(regs._replace(rip=raised.rip, rflags=raised.rflags), ext.xmm, ext.mxcsr)
-    kernel.recorder.exception(thread, tuple(ctx.regs), raised.record.code, f"{raised.description}; first chance")
-    if raised.fast_fail:
-        terminate_process(kernel, thread, raised.record.code, "fast fail: the process ends, no handler runs")
-        return True
-    dispatch_to_user(kernel, thread, raised.record, ctx, first_chance=True, rip_adjust=0)
+    thread.raising = (raised.record.to_bytes(), raised.fast_fail)
+    try:
+        kernel.recorder.exception(thread, tuple(ctx.regs), raised.record.code, f"{raised.description}; first chance")
+    finally:
+        thread.raising = None
+    deliver(kernel, thread, raised.record, ctx, raised.fast_fail)
     return True
+
+
+def deliver(kernel: Kernel, thread: KThread, record: ExceptionRecord, ctx: Context, fast_fail: bool) -> None:
+    """A fault's exception, once the kernel has it: to the user-mode dispatcher, or (a fast
+    fail) straight to the end of the process."""
+    if fast_fail:
+        terminate_process(kernel, thread, record.code, "fast fail: the process ends, no handler runs")
+        return
+    dispatch_to_user(kernel, thread, record, ctx, first_chance=True, rip_adjust=0)
 
 
 def commit_guard_page(kernel: Kernel, thread: KThread, guard: int) -> None:
@@ -369,11 +379,14 @@ def terminate_process(kernel: Kernel, thread: KThread, status: int, detail: str)
 
 
 # --- system services -------------------------------------------------------------------------
-def nt_continue(kernel: Kernel, thread: KThread, regs: tuple[int, ...], via: str, ssn: int) -> None:
+def nt_continue(
+    kernel: Kernel, thread: KThread, regs: tuple[int, ...], via: str, ssn: int, entered: bool = True
+) -> None:
     """NtContinue(ContextRecord, TestAlert): the thread goes on with the CONTEXT's registers
     (KeContextToKframes, WRK exceptn.c: control, integer and floating state as ContextFlags
     say, EFlags sanitized, CS/SS forced to the user selectors). APCs are not modelled."""
-    kernel.recorder.syscall(thread, regs, "NtContinue", ssn, "NtContinue", False, _via(via))
+    if entered:  # False: the entry is recorded already (a run from a dump of it)
+        kernel.recorder.syscall(thread, regs, "NtContinue", ssn, "NtContinue", False, _via(via))
     raw = read_or_none(kernel.machine, regs[10], CONTEXT_SIZE)
     if raw is None:
         kernel.sysret_status(thread, regs, via, STATUS_ACCESS_VIOLATION, "NtContinue")
@@ -395,11 +408,14 @@ def _apply_context(kernel: Kernel, trap: UserContext, c: Context) -> UserContext
     return new
 
 
-def nt_raise_exception(kernel: Kernel, thread: KThread, regs: tuple[int, ...], via: str, ssn: int) -> None:
+def nt_raise_exception(
+    kernel: Kernel, thread: KThread, regs: tuple[int, ...], via: str, ssn: int, entered: bool = True
+) -> None:
     """NtRaiseException(ExceptionRecord, ContextRecord, FirstChance): KiRaiseException copies both
     (at most 15 parameters, else STATUS_INVALID_PARAMETER), makes the CONTEXT the thread's state
     and dispatches the exception from user mode (WRK ke/raisexcp.c, exceptn.c)."""
-    kernel.recorder.syscall(thread, regs, "NtRaiseException", ssn, "NtRaiseException", False, _via(via))
+    if entered:  # False: the entry is recorded already (a run from a dump of it)
+        kernel.recorder.syscall(thread, regs, "NtRaiseException", ssn, "NtRaiseException", False, _via(via))
     rec_raw = read_or_none(kernel.machine, regs[10], EXCEPTION_RECORD_SIZE)
     ctx_raw = read_or_none(kernel.machine, regs[2], CONTEXT_SIZE)
     if rec_raw is None or ctx_raw is None:
@@ -416,10 +432,13 @@ def nt_raise_exception(kernel: Kernel, thread: KThread, regs: tuple[int, ...], v
     dispatch_to_user(kernel, thread, record, Context(state, ext.xmm, ext.mxcsr), first, kernel.entry_len)
 
 
-def nt_terminate_process(kernel: Kernel, thread: KThread, regs: tuple[int, ...], via: str, ssn: int) -> None:
+def nt_terminate_process(
+    kernel: Kernel, thread: KThread, regs: tuple[int, ...], via: str, ssn: int, entered: bool = True
+) -> None:
     """NtTerminateProcess(ProcessHandle, ExitStatus) for the current process (NtCurrentProcess(),
     handle -1, or NULL: MS docs ZwTerminateProcess): every thread ends with ExitStatus."""
-    kernel.recorder.syscall(thread, regs, "NtTerminateProcess", ssn, "NtTerminateProcess", False, _via(via))
+    if entered:  # False: the entry is recorded already (a run from a dump of it)
+        kernel.recorder.syscall(thread, regs, "NtTerminateProcess", ssn, "NtTerminateProcess", False, _via(via))
     if regs[10] not in (0, 0xFFFF_FFFF_FFFF_FFFF):
         kernel.sysret_status(thread, regs, via, STATUS_INVALID_HANDLE, "NtTerminateProcess")
         return

@@ -10,8 +10,10 @@ between two traps; every routine's state is in its caller's stack frame (the ass
 
 The guest-visible behaviour follows ReactOS ``sdk/lib/rtl/amd64/except.c``, ``unwind.c`` and
 ``rtl/vectoreh.c``, and MS docs "x64 exception handling" for the DISPATCHER_CONTEXT handlers get.
-Vectored handler lists live in a table of the model's own (Windows keeps them on the heap,
-encoded with RtlEncodePointer; emu has no heap): a handle is the address of the entry.
+The vectored handler lists are LIST_ENTRY lists in ntdll's .data, as ReactOS ``vectoreh.c``
+keeps them; the entries come from a pool next to the heads where Windows takes them from the
+heap (emu has no heap), and hold the handler as passed where Windows stores it encoded with
+RtlEncodePointer. A handle is the address of the entry.
 """
 
 from __future__ import annotations
@@ -61,6 +63,14 @@ from emu.ntcontext import (
     EXCEPTION_STACK_INVALID,
     EXCEPTION_TARGET_UNWIND,
     EXCEPTION_UNWINDING,
+    LIST_BLINK,
+    LIST_FLINK,
+    VEH_BLINK,
+    VEH_ENTRIES,
+    VEH_ENTRY_SIZE,
+    VEH_FLINK,
+    VEH_HANDLER,
+    VEH_REFS,
     Context,
     ExceptionRecord,
 )
@@ -81,7 +91,6 @@ if TYPE_CHECKING:
 # The label after the built-in ntdll's last trap: present only in emu's own ntdll.
 BUILTIN_TRAPS_END = "RtlpEmuTrapsEnd__"
 MAX_FRAMES = 4096  # a walk past this many frames is a broken stack
-HANDLER_SLOTS = 64  # vectored handlers per list (the model's table)
 # The walk's block in RtlDispatchException's / RtlUnwindEx's frame (ntdll_exceptions.asm).
 B_DC, B_CONTEXT = 0x00, 0x50
 B_RECORD, B_CONTEXT_RECORD, B_NESTED, B_STATE, B_RAISE = 0x520, 0x528, 0x530, 0x538, 0x540
@@ -124,10 +133,9 @@ class BuiltinRtl:
         end = ntdll.symbols[BUILTIN_TRAPS_END]
         self.machine.add_code_hook(begin, end, self._hit)
         self.machine.add_code_hook(self.raise_status, self.raise_status + 1, self._hit)
-        # The vectored handler lists: two lists of (handle, handler) in call order.
-        self.vectored: tuple[list[tuple[int, int]], list[tuple[int, int]]] = ([], [])
-        self._handle_base = self.machine.allocate(2 * HANDLER_SLOTS * 0x20, "rw", "ntdll vectored handler entries")
-        self._free = [self._handle_base + 0x20 * i for i in range(2 * HANDLER_SLOTS)]
+        # The vectored handler lists: LIST_ENTRY heads and a pool of entries in ntdll's .data.
+        self.vectored_heads = (ntdll.symbols["RtlpVectoredExceptionList"], ntdll.symbols["RtlpVectoredContinueList"])
+        self.vectored_pool = ntdll.symbols["RtlpVectoredHandlerEntries"]
 
     # --- plumbing ------------------------------------------------------------------------------
     def _hit(self, uc: object, address: int, size: int, user_data: object) -> None:
@@ -146,6 +154,10 @@ class BuiltinRtl:
 
     def _u64(self, address: int) -> int:
         raw = read_or_none(self.machine, address, 8)
+        return int.from_bytes(raw, "little") if raw is not None else 0
+
+    def _u32(self, address: int) -> int:
+        raw = read_or_none(self.machine, address, 4)
         return int.from_bytes(raw, "little") if raw is not None else 0
 
     def _read(self, address: int, size: int) -> bytes | None:
@@ -228,41 +240,62 @@ class BuiltinRtl:
         ctx = Context(regs, ext.xmm, ext.mxcsr, CONTEXT_FULL | CONTEXT_SEGMENTS)
         self._write(address, ctx.to_bytes())
 
+    # --- the vectored handler lists (in ntdll's .data: emu.runtime's _VECTORED_DATA) -------------
+    def _entries(self, which: int) -> list[int]:
+        """The entries of list ``which`` (0 exception, 1 continue), following Flink from the head."""
+        head = self.vectored_heads[which]
+        out: list[int] = []
+        entry = self._u64(head + LIST_FLINK)
+        while entry not in (head, 0) and len(out) < VEH_ENTRIES:
+            out.append(entry)
+            entry = self._u64(entry + VEH_FLINK)
+        return out
+
     def add_vectored(self, which: int) -> None:
         """PVOID RtlAddVectoredExceptionHandler / RtlAddVectoredContinueHandler(First, Handler):
-        a handle for the new entry, first or last in the list (MS docs AddVectoredExceptionHandler)."""
+        a handle for the new entry, first or last in the list (MS docs AddVectoredExceptionHandler;
+        ReactOS vectoreh.c RtlpAddVectoredHandler: the handle is the entry's address)."""
         regs = self._regs()
-        if not self._free or not regs.rdx:
-            self._ret(0)
+        pool = self.vectored_pool
+        entry = next(
+            (
+                e
+                for e in range(pool, pool + VEH_ENTRIES * VEH_ENTRY_SIZE, VEH_ENTRY_SIZE)
+                if not self._u32(e + VEH_REFS)
+            ),
+            0,
+        )
+        if not entry or not regs.rdx:
+            self._ret(0)  # the heap allocation failed (here: the pool is used up)
             return
-        handle = self._free.pop(0)
-        self._write(handle, struct.pack("<QQ", regs.rdx, which))
-        entry = (handle, int(regs.rdx))
-        lst = self.vectored[which]
-        if regs.rcx & 0xFFFF_FFFF:
-            lst.insert(0, entry)
-        else:
-            lst.append(entry)
-        self._ret(handle)
+        head = self.vectored_heads[which]
+        if regs.rcx & 0xFFFF_FFFF:  # InsertHeadList
+            prev, nxt = head, self._u64(head + LIST_FLINK)
+        else:  # InsertTailList
+            prev, nxt = self._u64(head + LIST_BLINK), head
+        self._write(entry, struct.pack("<QQQI", nxt, prev, regs.rdx, 1))
+        self._write(prev + LIST_FLINK, struct.pack("<Q", entry))
+        self._write(nxt + LIST_BLINK, struct.pack("<Q", entry))
+        self._ret(entry)
 
     def remove_vectored(self, which: int) -> None:
         """ULONG RtlRemoveVectored*Handler(Handle): non-zero when the handle was in the list."""
-        regs = self._regs()
-        lst = self.vectored[which]
-        for i, (handle, _) in enumerate(lst):
-            if handle == regs.rcx:
-                del lst[i]
-                self._free.append(handle)
-                self._ret(1)
-                return
-        self._ret(0)
+        handle = self._regs().rcx
+        if handle not in self._entries(which):
+            self._ret(0)
+            return
+        prev, nxt = self._u64(handle + VEH_BLINK), self._u64(handle + VEH_FLINK)
+        self._write(prev + LIST_FLINK, struct.pack("<Q", nxt))  # RemoveEntryList
+        self._write(nxt + LIST_BLINK, struct.pack("<Q", prev))
+        self._write(handle, bytes(VEH_ENTRY_SIZE))  # back to the pool (RtlFreeHeap)
+        self._ret(1)
 
     def get_vectored(self) -> None:
         """The Index-th handler of list ``List`` (0 exception, 1 continue), or NULL past the end."""
         regs = self._regs()
-        lst = self.vectored[regs.rcx & 1]
+        entries = self._entries(regs.rcx & 1)
         i = regs.rdx & 0xFFFF_FFFF
-        self._ret(lst[i][1] if i < len(lst) else 0)
+        self._ret(self._u64(entries[i] + VEH_HANDLER) if i < len(entries) else 0)
 
     # --- RtlDispatchException's walk --------------------------------------------------------------
     def dispatch_next_frame(self) -> None:

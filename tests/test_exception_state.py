@@ -1,0 +1,136 @@
+"""The exception model's state lives where Windows keeps it, so forks and dumps carry it.
+
+The vectored handler lists are LIST_ENTRY lists in ntdll's data (ReactOS sdk/lib/rtl/vectoreh.c:
+RtlpVectoredExceptionList / RtlpVectoredContinueList, entries {ListEntry, VectoredHandler, Refs});
+MS docs AddVectoredExceptionHandler: First != 0 puts the handler first, 0 last; the return value is
+a handle, RemoveVectoredExceptionHandler returns non-zero when it was registered. A stack's guard
+page is committed PAGE_READWRITE | PAGE_GUARD (WRK mm/acceschk.c MiCheckForUserStackOverflow),
+which MINIDUMP_MEMORY_INFO.Protect reports (MS docs MEMORY_BASIC_INFORMATION).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+from conftest import asm_scenario
+from emu.api import run
+from emu.dump import read_minidump, write_minidump
+from emu.dump.live import capture, provisional_run
+from emu.engine import build
+from emu.scenario import load_scenario, parse_scenario
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGE_GUARD = 0x100  # winnt.h
+
+CODE = """
+main:
+    sub rsp, 0x28
+    lea rdx, [rip + veh_a]
+    xor ecx, ecx
+    call RtlAddVectoredExceptionHandler       ; [a]
+    mov qword ptr [rip + handle_a], rax
+    lea rdx, [rip + veh_b]
+    mov ecx, 1
+    call RtlAddVectoredExceptionHandler       ; [b, a]
+    lea rdx, [rip + veh_c]
+    xor ecx, ecx
+    call RtlAddVectoredExceptionHandler       ; [b, a, c]
+    mov qword ptr [rip + handle_c], rax
+    lea rdx, [rip + veh_a]
+    xor ecx, ecx
+    call RtlAddVectoredContinueHandler        ; the other list: [a]
+    mov rcx, qword ptr [rip + handle_a]
+    call RtlRemoveVectoredExceptionHandler    ; [b, c]
+    mov qword ptr [rip + removed_once], rax
+    mov rcx, qword ptr [rip + handle_a]
+    call RtlRemoveVectoredExceptionHandler    ; no longer registered
+    mov qword ptr [rip + removed_twice], rax
+    add rsp, 0x28
+    ret
+veh_a:
+    xor eax, eax
+    ret
+veh_b:
+    xor eax, eax
+    ret
+veh_c:
+    xor eax, eax
+    ret
+"""
+DATA = """
+handle_a:
+    .quad 0
+handle_c:
+    .quad 0
+removed_once:
+    .quad 0
+removed_twice:
+    .quad 0
+"""
+
+
+def _walk(read: Callable[[int], int], head: int) -> list[int]:
+    """The VectoredHandler of each entry, following Flink from ``head``; checks Blink on the way."""
+    out, prev, entry = [], head, read(head)
+    while entry != head:
+        assert read(entry + 8) == prev
+        out.append(read(entry + 0x10))
+        prev, entry = entry, read(entry)
+        assert len(out) < 16
+    assert read(head + 8) == prev
+    return out
+
+
+def test_vectored_handler_lists_are_lists_in_ntdll_memory() -> None:
+    process = build(parse_scenario(asm_scenario(CODE, data=DATA), "t.toml"))
+    result = process.run()
+    assert result.error is None, result.error
+    app = next(i for i in process.images if i.name == "app")
+    ntdll = process.ntdll
+    m = process.machine
+    a, b, c = (app.symbols[n] for n in ("veh_a", "veh_b", "veh_c"))
+    exception_list = ntdll.symbols["RtlpVectoredExceptionList"]
+    continue_list = ntdll.symbols["RtlpVectoredContinueList"]
+    assert _walk(m.read_u64, exception_list) == [b, c]
+    assert _walk(m.read_u64, continue_list) == [a]
+    assert m.read_u64(app.symbols["removed_once"]) & 0xFFFF_FFFF != 0
+    assert m.read_u64(app.symbols["removed_twice"]) & 0xFFFF_FFFF == 0
+    # The handle is the entry: c's handle is the list's last entry.
+    assert m.read_u64(exception_list + 8) == m.read_u64(app.symbols["handle_c"])
+
+
+def test_a_dump_carries_the_vectored_handlers_and_the_guard_page(tmp_path: Path) -> None:
+    """Dumps of exception_stack_overflow: before anything ran (s0) the stack's guard page is there;
+    at the overflow (s1, the fault recorded in the kernel) the handler's entry is in ntdll's list
+    and the guard page is stack now; runs from both end as the original did."""
+    path = ROOT / "scenarios" / "exception_stack_overflow.toml"
+    sc = load_scenario(path)
+    original = run(sc)
+    assert [t.kind for t in original.trace.transitions][:2] == ["exception", "exception"]
+
+    def sink(process: object, live: object) -> None:
+        pr = provisional_run(process)  # type: ignore[arg-type]
+        f = tmp_path / f"s{live.state}.dmp"  # type: ignore[attr-defined]
+        write_minidump(pr, pr.trace.state(live.state), f, live=live)  # type: ignore[attr-defined, arg-type]
+
+    capture(sc, lambda sid: sid in (0, 1), sink)
+    before, at = read_minidump(tmp_path / "s0.dmp"), read_minidump(tmp_path / "s1.dmp")
+    guards = [r for r in before.regions if r.protect & PAGE_GUARD]
+    assert len(guards) == 1 and guards[0].size == 0x1000 and guards[0].protect & 0xFF == 0x04  # PAGE_READWRITE
+    assert not [r for r in at.regions if r.protect & PAGE_GUARD]
+    assert any(r.base == guards[0].base and r.protect == 0x04 for r in at.regions)  # committed read/write
+    ntdll = next(m.image for m in at.modules if m.image.name == "ntdll")
+    app = next(m.image for m in at.modules if m.image.name == "app")
+
+    def read_u64(address: int) -> int:
+        for start, data in at.memory:
+            if start <= address <= start + len(data) - 8:
+                return int.from_bytes(data[address - start : address - start + 8], "little")
+        raise AssertionError(f"{address:#x} is not in the dump")
+
+    assert _walk(read_u64, ntdll.symbols["RtlpVectoredExceptionList"]) == [app.symbols["veh"]]
+    for state in (0, 1):
+        again = run(dataclasses.replace(sc, start_dump=str(tmp_path / f"s{state}.dmp"), expectations=()))
+        assert again.exit_status == original.exit_status == 0xC00000FD, state  # STATUS_STACK_OVERFLOW
