@@ -365,9 +365,10 @@ class Machine:
         self._next_alloc = region.end + PAGE  # an unmapped page between allocations
         return start
 
-    def allocate_stack(self, size: int, label: str) -> tuple[int, int]:
-        """A stack with a no-access guard page below it; returns (limit, base)."""
-        start = self._next_alloc
+    def allocate_stack(self, size: int, label: str, reserve: int = PAGE) -> tuple[int, int]:
+        """A stack with a no-access guard page below it and ``reserve`` bytes left unmapped below
+        that (the first reserved page is the gap every allocation leaves); returns (limit, base)."""
+        start = self._next_alloc + reserve - PAGE
         self.map(start, PAGE, "", f"{label} guard")
         region = self.map(start + PAGE, size, "rw", label)
         self._next_alloc = region.end + PAGE

@@ -14,11 +14,14 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from conftest import asm_scenario
 from emu.api import run
 from emu.dump import read_minidump, write_minidump
 from emu.dump.live import capture, provisional_run
 from emu.engine import build
+from emu.errors import ScenarioError
 from emu.scenario import load_scenario, parse_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,3 +137,82 @@ def test_a_dump_carries_the_vectored_handlers_and_the_guard_page(tmp_path: Path)
     for state in (0, 1):
         again = run(dataclasses.replace(sc, start_dump=str(tmp_path / f"s{state}.dmp"), expectations=()))
         assert again.exit_status == original.exit_status == 0xC00000FD, state  # STATUS_STACK_OVERFLOW
+
+
+# Recursion that overflows twice: the vectored handler counts its calls, keeps the address of the
+# overflow (ExceptionInformation[1]) and resumes app!main, which recurses again.
+OVERFLOW_TWICE = """
+main:
+    sub rsp, 0x28
+    lea rdx, [rip + veh]
+    mov ecx, 1
+    call RtlAddVectoredExceptionHandler
+    mov qword ptr [rip + saved_rsp], rsp
+    call recurse
+again:
+    mov rsp, qword ptr [rip + saved_rsp]
+    call recurse
+    add rsp, 0x28
+    ret
+recurse:
+    sub rsp, 0x38
+    call recurse
+veh:
+    inc qword ptr [rip + calls]
+    mov rax, qword ptr [rcx]
+    mov edx, dword ptr [rax]
+    mov qword ptr [rip + code], rdx
+    mov rdx, qword ptr [rax + 0x28]
+    mov qword ptr [rip + address], rdx
+    mov rax, qword ptr [rcx + 8]
+    mov rdx, qword ptr [rip + saved_rsp]
+    mov qword ptr [rax + 0x98], rdx
+    lea rdx, [rip + again]
+    mov qword ptr [rax + 0xf8], rdx
+    mov eax, -1
+    ret
+"""
+OVERFLOW_DATA = """
+saved_rsp:
+    .quad 0
+calls:
+    .quad 0
+code:
+    .quad 0
+address:
+    .quad 0
+"""
+
+
+def test_the_guard_page_moves_down_then_two_overflows_behave_as_on_windows() -> None:
+    """WRK MiCheckForUserStackOverflow with three reserved pages below the guard page G (D is
+    TEB.DeallocationStack, D = G - 3 pages): touching G commits it and makes G - 1 page the guard
+    page, silently; touching that one leaves no room for another (NextPage - PAGE <= D), so D + 1
+    page is committed, StackLimit = D + 1 page, and the fault is STATUS_STACK_OVERFLOW at the second
+    guard page. The second overflow reaches D, reserved: an access violation with no room for the
+    exception frame, so the process ends with STATUS_ACCESS_VIOLATION (KiDispatchException's second
+    chance) and the handler is not called again."""
+    text = asm_scenario(OVERFLOW_TWICE, data=OVERFLOW_DATA, extra="[machine]\nstack_reserve = 0x3000\n")
+    process = build(parse_scenario(text, "t.toml"))
+    thread = process.kernel.threads[0]
+    page = 0x1000
+    guard = thread.stack_limit - page
+    bottom = guard - 3 * page
+    assert process.machine.read_u64(thread.teb + 0x1478) == bottom  # TEB.DeallocationStack
+    result = process.run()
+    app = next(i for i in process.images if i.name == "app")
+    seen = {n: process.machine.read_u64(app.symbols[n]) for n in ("calls", "code", "address")}
+    assert seen["calls"] == 1
+    assert seen["code"] == 0xC00000FD  # STATUS_STACK_OVERFLOW
+    assert guard - page <= seen["address"] < guard  # the guard page it had moved to
+    assert thread.stack_limit == bottom + page
+    assert process.machine.read_u64(thread.teb + 0x10) == bottom + page  # NT_TIB.StackLimit
+    assert result.threads[0].exit_status == 0xC0000005  # STATUS_ACCESS_VIOLATION
+    kinds = [t.kind for t in result.trace.transitions]
+    assert kinds.count("exception") == 3 and kinds[-1] == "exit"  # two for the overflow, one for the AV
+
+
+def test_stack_reserve_must_be_whole_pages() -> None:
+    text = asm_scenario("main:\n ret\n", extra="[machine]\nstack_reserve = 0x1800\n")
+    with pytest.raises(ScenarioError, match=r"stack_reserve.*multiple of 0x1000"):
+        parse_scenario(text, "t.toml")

@@ -101,6 +101,9 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
         raise r.fail(("machine", "unbound_imports"), f'expected "error" or "trap", got {unbound!r}')
     preempt = Boolean().read(r, machine, "preempt_at_callback_return", ("machine",))
     exceptions = r.str_(machine, "exceptions", ("machine",), "deliver")
+    stack_reserve = _integer(MACHINE.keys["stack_reserve"]).read(r, machine, "stack_reserve", ("machine",), 0x1000)
+    if stack_reserve % 0x1000:
+        raise r.fail(("machine", "stack_reserve"), f"expected a multiple of 0x1000 (a page), got {stack_reserve:#x}")
     if exceptions not in ("deliver", "stop"):
         raise r.fail(("machine", "exceptions"), f'expected "deliver" or "stop", got {exceptions!r}')
     files = _Files(r, file, allow)
@@ -147,6 +150,7 @@ def parse_scenario(text: str, file: str = "<scenario>", allow: Sequence[str | Pa
         budgets=budgets, expectations=expectations, system_call=system_call, memory=memory, ntdll=ntdll, pe=pe,
         unbound_imports="trap" if unbound == "trap" else "error", threads=threads, objects=objects, source=text,
         preempt_at_callback_return=preempt, exceptions="stop" if exceptions == "stop" else "deliver",
+        stack_reserve=stack_reserve,
         start_dump=start_dump,
         profile_overrides=frozenset(doc.get("profile") or ()) if isinstance(doc.get("profile"), dict) else frozenset(),
     )  # fmt: skip
