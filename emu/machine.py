@@ -351,6 +351,8 @@ class Machine:
         region = Region(start, size, perms, label)
         self.regions.append(region)
         self.regions.sort(key=lambda r: r.start)
+        if self.cow is not None:
+            self.cow.on_layout(start, size, perms)
         return region
 
     def map_image(self, image: Image) -> None:
@@ -380,6 +382,8 @@ class Machine:
         self.regions = sorted(
             [r for r in self.regions if r.start != start] + [Region(start, size, perms, label)], key=lambda r: r.start
         )
+        if self.cow is not None:
+            self.cow.on_layout(start, size, perms)
 
     def region_at(self, address: int) -> Region | None:
         for r in self.regions:

@@ -7,6 +7,11 @@ guest write to a page faults, the machine saves the page's original bytes, makes
 writable again and re-executes the instruction (Unicorn's faults are precise: the
 instruction has no effect yet). A snapshot stores only the pages written since its
 parent, so memory per fork is proportional to dirty pages, not to the address space.
+
+A snapshot also holds the machine's region list when it differs from its parent's: a
+stack's guard page turns into ordinary stack and the guard moves down a page when a thread
+overflows or grows its stack (emu.kernel.stack_guard), so restoring a state from before
+that maps, unmaps and protects pages back as they were, guard pages included.
 """
 
 from __future__ import annotations
@@ -20,17 +25,28 @@ from unicorn import UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE
 from emu.loader.image import PAGE
 
 if TYPE_CHECKING:
-    from emu.machine import Machine
+    from emu.machine import Machine, Region
+
+
+def _uc_prot(perms: str) -> int:
+    return (
+        (UC_PROT_READ if "r" in perms else 0)
+        | (UC_PROT_WRITE if "w" in perms else 0)
+        | (UC_PROT_EXEC if "x" in perms else 0)
+    )
 
 
 class PageSnapshot:
     """An immutable layer of page contents over its parent; ``touched`` is every page in the chain."""
 
-    __slots__ = ("delta", "depth", "parent", "touched")
+    __slots__ = ("delta", "depth", "layout", "parent", "touched")
 
-    def __init__(self, parent: PageSnapshot | None, delta: dict[int, bytes]) -> None:
+    def __init__(
+        self, parent: PageSnapshot | None, delta: dict[int, bytes], layout: tuple[Region, ...] | None = None
+    ) -> None:
         self.parent = parent
         self.delta = delta
+        self.layout = layout  # the machine's regions (None: as the machine had them when tracking began)
         self.touched: frozenset[int] = (parent.touched if parent else frozenset()) | frozenset(delta)
         self.depth: int = parent.depth + 1 if parent else 0
 
@@ -60,9 +76,11 @@ class CowMemory:
         self.current = PageSnapshot(None, {})
         self.faults = 0
         self._ranges: list[tuple[int, int, int]] = []  # (start, end, writable prot)
+        self._layout: tuple[Region, ...] | None = None  # None: the regions tracking began with
+        self._initial = tuple(machine.regions)
         for r in machine.regions:
             if "w" in r.perms:
-                prot = UC_PROT_READ | UC_PROT_WRITE | (UC_PROT_EXEC if "x" in r.perms else 0)
+                prot = _uc_prot(r.perms)
                 self._ranges.append((r.start, r.end, prot))
                 self.uc.mem_protect(r.start, r.size, prot & ~UC_PROT_WRITE)
 
@@ -111,21 +129,72 @@ class CowMemory:
             if prot is not None:
                 self.uc.mem_protect(page, PAGE, prot & ~UC_PROT_WRITE)
 
+    def on_layout(self, start: int, size: int, perms: str) -> None:
+        """The machine mapped or re-protected [start, start+size) while tracking: its pages are
+        tracked from now on if writable (read-only until their first write), else not at all."""
+        end = start + size
+        kept: list[tuple[int, int, int]] = []
+        for lo, hi, prot in self._ranges:
+            if hi <= start or lo >= end:
+                kept.append((lo, hi, prot))
+                continue
+            if lo < start:
+                kept.append((lo, start, prot))
+            if hi > end:
+                kept.append((end, hi, prot))
+        if "w" in perms:
+            prot = _uc_prot(perms)
+            kept.append((start, end, prot))
+            for page in range(start, end, PAGE):
+                self.uc.mem_protect(page, PAGE, prot if page in self.dirty else prot & ~UC_PROT_WRITE)
+        self._ranges = sorted(kept)
+        self._layout = tuple(self.machine.regions)
+
     def take(self) -> PageSnapshot:
         """Freeze the pages written since the last take/restore into a new layer."""
         delta = {p: bytes(self.uc.mem_read(p, PAGE)) for p in sorted(self.dirty)}
         self._protect(self.dirty)
         self.dirty.clear()
-        self.current = PageSnapshot(self.current, delta)
+        self.current = PageSnapshot(self.current, delta, self._layout)
         return self.current
+
+    def _apply_layout(self, layout: tuple[Region, ...] | None) -> set[int]:
+        """Map, unmap and protect regions back to ``layout``; the pages mapped afresh (zeros now)."""
+        target = layout if layout is not None else self._initial
+        machine = self.machine
+        now = {r.start: r for r in machine.regions}
+        want = {r.start: r for r in target}
+        fresh: set[int] = set()
+        for start, r in now.items():
+            if start not in want or want[start].size != r.size:
+                self.uc.mem_unmap(r.start, r.size)
+        for start, r in want.items():
+            old = now.get(start)
+            if old is None or old.size != r.size:
+                self.uc.mem_map(r.start, r.size, _uc_prot(r.perms))
+                fresh.update(range(r.start, r.end, PAGE))
+        machine.regions = list(target)
+        self._ranges = sorted((r.start, r.end, _uc_prot(r.perms)) for r in target if "w" in r.perms)
+        for r in target:  # tracked pages read-only again, the others as the region says
+            prot = _uc_prot(r.perms)
+            self.uc.mem_protect(r.start, r.size, prot & ~UC_PROT_WRITE if "w" in r.perms else prot)
+        self._layout = layout
+        return fresh
 
     def restore(self, snap: PageSnapshot) -> int:
         """Make memory equal to ``snap``; returns how many pages were rewritten."""
         cur = self.current
+        fresh: set[int] = set()
+        relaid = snap.layout is not self._layout
+        if relaid:
+            fresh = self._apply_layout(snap.layout)
         written = 0
-        for page in sorted(cur.touched | self.dirty | snap.touched):
-            want = snap.page(page) or self.base[page]
-            if page not in self.dirty and (cur.page(page) or self.base[page]) is want:
+        for page in sorted(cur.touched | self.dirty | snap.touched | fresh):
+            if relaid and self.machine.region_at(page) is None:
+                self.dirty.discard(page)
+                continue  # not mapped in the restored layout
+            want = snap.page(page) or self.base.get(page) or bytes(PAGE)
+            if page not in self.dirty and page not in fresh and (cur.page(page) or self.base[page]) is want:
                 continue
             self.uc.mem_write(page, want)
             written += 1

@@ -22,6 +22,7 @@ from emu.dump import read_minidump, write_minidump
 from emu.dump.live import capture, provisional_run
 from emu.engine import build
 from emu.errors import ScenarioError
+from emu.exploration.explorer import explore
 from emu.scenario import load_scenario, parse_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -216,3 +217,61 @@ def test_stack_reserve_must_be_whole_pages() -> None:
     text = asm_scenario("main:\n ret\n", extra="[machine]\nstack_reserve = 0x1800\n")
     with pytest.raises(ScenarioError, match=r"stack_reserve.*multiple of 0x1000"):
         parse_scenario(text, "t.toml")
+
+
+EXPLORE_OVERFLOW = """
+main:
+    sub rsp, 0x28
+    lea rdx, [rip + veh]
+    mov ecx, 1
+    call RtlAddVectoredExceptionHandler
+    mov qword ptr [rip + saved_rsp], rsp
+    mov rcx, 0x44
+    call NtClose                  ; a choice: both options go on the same way
+    call recurse
+done:
+    mov eax, dword ptr [rip + code]
+    add rsp, 0x28
+    ret
+recurse:
+    sub rsp, 0x38
+    call recurse
+veh:
+    mov rax, qword ptr [rcx]
+    mov edx, dword ptr [rax]
+    mov dword ptr [rip + code], edx
+    mov rax, qword ptr [rcx + 8]
+    mov rdx, qword ptr [rip + saved_rsp]
+    mov qword ptr [rax + 0x98], rdx
+    lea rdx, [rip + done]
+    mov qword ptr [rax + 0xf8], rdx
+    mov eax, -1
+    ret
+"""
+CHOICE = """
+[services.NtClose]
+steps = [
+    { kind = "choice", name = "result", default = "success", options = { success = [{ kind = "return", status = "STATUS_SUCCESS" }], failure = [{ kind = "return", status = "STATUS_INVALID_HANDLE" }] } },
+]
+"""
+
+
+def test_exploration_restores_the_guard_page_for_each_branch() -> None:
+    """Both branches of the choice overflow the stack; the second one runs from a copy restored
+    from before the first overflowed, so its guard page (and the pages the stack grew into, with
+    [machine] stack_reserve) must be as they were then: it overflows the same way,
+    STATUS_STACK_OVERFLOW at the same address, not an access violation below a guard page the
+    first branch had used up."""
+    text = asm_scenario(
+        EXPLORE_OVERFLOW, data="saved_rsp:\n .quad 0\ncode:\n .quad 0\n", services=CHOICE,
+        extra="[machine]\nstack_reserve = 0x3000\n",
+    )  # fmt: skip
+    exp = explore(parse_scenario(text, "t.toml"))
+    assert exp.paths == 2 and not exp.faults
+    edges = [d for _, _, d in exp.graph.nx.edges(data=True)]
+    exits = sorted(str(d.get("status")) for d in edges if d.get("kind") == "exit")
+    assert exits == ["STATUS_STACK_OVERFLOW", "STATUS_STACK_OVERFLOW"]
+    faults = {
+        str(d.get("detail")) for d in edges if d.get("kind") == "exception" and "first chance" in str(d.get("detail"))
+    }
+    assert len(faults) == 1 and "stack overflow" in next(iter(faults))
