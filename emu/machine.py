@@ -226,6 +226,7 @@ class Trap:
     access: str = ""
     address: int = 0
     region: str = ""
+    context: UserContext | None = None  # the registers to deliver it with, when the hook saw them first
 
 
 @dataclass(frozen=True)
@@ -516,6 +517,8 @@ class Machine:
         """Hand a fault to the exception handler: where the CPU goes on, or MachineFault."""
         self._clear_exception_state()
         self._trap = None
+        if trap.context is not None:
+            self.regs.set_context(trap.context)
         if self.exception_handler is None or not self.exception_handler(trap):
             where = self.symbolize(trap.rip)
             raise MachineFault(trap.message, trap.rip, where)

@@ -275,3 +275,78 @@ def test_exploration_restores_the_guard_page_for_each_branch() -> None:
         str(d.get("detail")) for d in edges if d.get("kind") == "exception" and "first chance" in str(d.get("detail"))
     }
     assert len(faults) == 1 and "stack overflow" in next(iter(faults))
+
+
+# A handler that saves what it saw (ExceptionCode, ExceptionAddress, Context.Rax/Rcx/Rdi) and
+# resumes past the faulting instruction (its length in app!skip).
+IO_BODY = """
+main:
+    sub rsp, 0x28
+    lea rdx, [rip + veh]
+    mov ecx, 1
+    call RtlAddVectoredExceptionHandler
+    mov rax, 0x1122334455667788
+    mov edx, 0x80
+    mov ecx, 3
+    lea rdi, [rip + buffer]
+    lea rsi, [rip + buffer]
+fault:
+    {insn}
+after:
+    mov eax, dword ptr [rip + code]
+    add rsp, 0x28
+    ret
+veh:
+    mov rax, qword ptr [rcx]
+    mov edx, dword ptr [rax]
+    mov dword ptr [rip + code], edx
+    mov rdx, qword ptr [rax + 0x10]
+    mov qword ptr [rip + address], rdx
+    mov rax, qword ptr [rcx + 8]
+    mov rdx, qword ptr [rax + 0x78]
+    mov qword ptr [rip + ctx_rax], rdx
+    mov rdx, qword ptr [rax + 0x80]
+    mov qword ptr [rip + ctx_rcx], rdx
+    mov rdx, qword ptr [rax + 0xb0]
+    mov qword ptr [rip + ctx_rdi], rdx
+    lea rdx, [rip + after]
+    mov qword ptr [rax + 0xf8], rdx
+    mov eax, -1
+    ret
+"""
+IO_DATA = """
+code:
+    .quad 0
+address:
+    .quad 0
+ctx_rax:
+    .quad 0
+ctx_rcx:
+    .quad 0
+ctx_rdi:
+    .quad 0
+buffer:
+    .quad 0x5A5A5A5A5A5A5A5A
+"""
+
+
+@pytest.mark.parametrize(
+    "insn", ["in al, dx", "in eax, dx", "in al, 0x80", "out dx, al", "out 0x80, eax", "insb", "rep insd", "outsb",
+             "rep outsw"],
+)  # fmt: skip
+def test_port_io_at_cpl3_is_a_privileged_instruction(insn: str) -> None:
+    """User code has IOPL 0 and no I/O permission bitmap on Windows x64: every in/out/ins/outs is
+    a #GP (Intel SDM vol. 1 19.5), STATUS_PRIVILEGED_INSTRUCTION at the instruction (WRK decode.c
+    KiOp_Priv), with the registers and memory as before it (except the element `ins` would have
+    stored: Unicorn zeroes it first, see emu.kernel.port_io)."""
+    process = build(parse_scenario(asm_scenario(IO_BODY.format(insn=insn), data=IO_DATA), "t.toml"))
+    result = process.run()
+    app = next(i for i in process.images if i.name == "app")
+    seen = {n: process.machine.read_u64(app.symbols[n]) for n in ("code", "address", "ctx_rax", "ctx_rcx", "ctx_rdi")}
+    assert result.threads[0].exit_status == 0xC0000096, insn
+    assert seen["code"] == 0xC0000096 and seen["address"] == app.symbols["fault"]
+    assert (seen["ctx_rax"], seen["ctx_rcx"], seen["ctx_rdi"]) == (0x1122334455667788, 3, app.symbols["buffer"])
+    kept = 0x5A5A5A5A5A5A5A5A
+    if "ins" in insn:
+        kept &= ~((1 << (8 * (4 if insn.endswith("d") else 1))) - 1)
+    assert process.machine.read_u64(app.symbols["buffer"]) == kept

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from emu.context import REGISTER_NAMES, KTrapFrame, UserContext
 from emu.errors import BudgetExceeded, EmuError, ModelBug, UnimplementedService
-from emu.kernel import exception, sched
+from emu.kernel import exception, port_io, sched
 from emu.kernel.callout import kernel_stack_overflow, lay_out
 from emu.kernel.hooks import KernelHooks
 from emu.kernel.objects import ObjectTable, ReceiveMessage, ReleaseMutant, ReplyMessage, SendMessage, SetEvent, Wait
@@ -104,6 +104,7 @@ class Kernel:
         self.exceptions = "deliver"
         self.exception_dispatcher: int | None = None  # the loaded ntdll's KiUserExceptionDispatcher
         machine.install(self.on_syscall, self.on_interrupt)
+        port_io.install(machine)
         machine.exception_handler = self.on_trap
 
     # --- threads ------------------------------------------------------------------------
