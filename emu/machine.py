@@ -71,6 +71,12 @@ _REG_IDS: dict[str, int] = {
 
 _XMM: tuple[int, ...] = tuple(getattr(x86, f"UC_X86_REG_XMM{n}") for n in range(16))
 _XMM_SETS: dict[tuple[int, ...], tuple[int, ...]] = {}  # XMM numbers -> Unicorn register ids
+_X87_WORDS = (x86.UC_X86_REG_FPCW, x86.UC_X86_REG_FPSW, x86.UC_X86_REG_FPTAG)
+_X87_REGS = tuple(getattr(x86, f"UC_X86_REG_FP{n}") for n in range(8))  # R0..R7 (physical, not ST(i))
+# A thread's first floating-point state on x64 Windows (WRK ke/amd64/thredini.c,
+# KiInitializeContextThread: INITIAL_FPCSR and INITIAL_MXCSR): x87 control word 0x27F (all
+# exceptions masked, 53-bit precision), MXCSR 0x1F80 (all masked, round to nearest).
+INITIAL_FPCW, INITIAL_MXCSR = 0x27F, 0x1F80
 
 _ACCESS = {
     UC_MEM_READ_UNMAPPED: ("read", "unmapped"),
@@ -250,10 +256,12 @@ _EFER_SCE = 1
 
 @dataclass
 class ExtendedState:
-    """The vector state an exception's CONTEXT carries besides the general registers."""
+    """The vector state an exception's CONTEXT carries besides the general registers, and the
+    x87 state (control, status and tag words, then R0..R7 as (mantissa, exponent); None: leave it)."""
 
     xmm: list[int] = field(default_factory=lambda: [0] * 16)
-    mxcsr: int = 0x1F80
+    mxcsr: int = INITIAL_MXCSR
+    x87: tuple[tuple[int, int, int], tuple[tuple[int, int], ...]] | None = None
 
 
 class Machine:
@@ -302,6 +310,8 @@ class Machine:
         uc.emu_start(_SYSRET_PAGE, _SYSRET_PAGE + 3, count=1)
         uc.mem_unmap(_SYSRET_PAGE, PAGE)
         uc.reg_write(x86.UC_X86_REG_R11, 0)
+        uc.reg_write(x86.UC_X86_REG_FPCW, INITIAL_FPCW)
+        uc.reg_write(x86.UC_X86_REG_MXCSR, INITIAL_MXCSR)
         self._clean = uc.context_save()
 
     def _clear_exception_state(self) -> None:
@@ -320,12 +330,21 @@ class Machine:
         self.set_extended_state(ext)
 
     def extended_state(self) -> ExtendedState:
-        return ExtendedState([int(self.uc.reg_read(r)) for r in _XMM], int(self.uc.reg_read(x86.UC_X86_REG_MXCSR)))
+        uc = self.uc
+        words = tuple(int(uc.reg_read(r)) for r in _X87_WORDS)
+        x87 = ((words[0], words[1], words[2]), tuple(tuple(uc.reg_read(r)) for r in _X87_REGS))
+        return ExtendedState([int(uc.reg_read(r)) for r in _XMM], int(uc.reg_read(x86.UC_X86_REG_MXCSR)), x87)
 
     def set_extended_state(self, ext: ExtendedState) -> None:
         for r, v in zip(_XMM, ext.xmm):
             self.uc.reg_write(r, v)
         self.uc.reg_write(x86.UC_X86_REG_MXCSR, ext.mxcsr)
+        if ext.x87 is not None:
+            words, regs = ext.x87
+            for r, v in zip(_X87_WORDS, words):
+                self.uc.reg_write(r, v)
+            for r, pair in zip(_X87_REGS, regs):
+                self.uc.reg_write(r, pair)
 
     def register(self, name: str) -> int | None:
         """Any x86 register by its assembler name (``eax``, ``r8d``, ``ah``), or None if unknown."""

@@ -350,3 +350,96 @@ def test_port_io_at_cpl3_is_a_privileged_instruction(insn: str) -> None:
     if "ins" in insn:
         kept &= ~((1 << (8 * (4 if insn.endswith("d") else 1))) - 1)
     assert process.machine.read_u64(app.symbols["buffer"]) == kept
+
+
+FP_BODY = """
+main:
+    sub rsp, 0x28
+    lea rdx, [rip + veh]
+    mov ecx, 1
+    call RtlAddVectoredExceptionHandler
+    fninit
+    fldcw word ptr [rip + fcw_set]
+    ldmxcsr dword ptr [rip + mxcsr_set]
+    fld1                                   ; ST(0) = 1.0
+fault:
+    ud2
+    fnstcw word ptr [rip + fcw_after]      ; after NtContinue: the CONTEXT's state
+    stmxcsr dword ptr [rip + mxcsr_after]
+    add rsp, 0x28
+    ret
+veh:
+    fnstcw word ptr [rip + fcw_entry]      ; the live state at the handler's entry
+    stmxcsr dword ptr [rip + mxcsr_entry]
+    fst qword ptr [rip + st0_entry]
+    mov rax, qword ptr [rcx + 8]           ; the CONTEXT
+    movzx edx, word ptr [rax + 0x100]      ; FltSave.ControlWord
+    mov dword ptr [rip + ctx_fcw], edx
+    movzx edx, byte ptr [rax + 0x104]      ; FltSave.TagWord (abridged)
+    mov dword ptr [rip + ctx_tag], edx
+    mov edx, dword ptr [rax + 0x118]       ; FltSave.MxCsr
+    mov dword ptr [rip + ctx_mxcsr], edx
+    mov rdx, qword ptr [rax + 0x120]       ; FltSave.FloatRegisters[0]: ST(0)'s mantissa
+    mov qword ptr [rip + ctx_st0], rdx
+    mov word ptr [rax + 0x100], 0x27f      ; resume with the default control word and MXCSR
+    mov dword ptr [rax + 0x118], 0x1f80
+    mov dword ptr [rax + 0x34], 0x1f80
+    add qword ptr [rax + 0xf8], 2          ; past the ud2
+    mov eax, -1
+    ret
+"""
+FP_DATA = """
+fcw_set:
+    .word 0x37f
+mxcsr_set:
+    .long 0x9fc0
+fcw_entry:
+    .quad 0
+mxcsr_entry:
+    .quad 0
+st0_entry:
+    .quad 0
+ctx_fcw:
+    .quad 0
+ctx_tag:
+    .quad 0
+ctx_mxcsr:
+    .quad 0
+ctx_st0:
+    .quad 0
+fcw_after:
+    .quad 0
+mxcsr_after:
+    .quad 0
+"""
+
+
+def test_floating_point_state_at_the_handler_and_after_ntcontinue() -> None:
+    """KiDispatchException changes only RSP, RIP, CS and TF in the trap frame (WRK
+    ke/amd64/exceptn.c): the handler starts with the faulting code's x87 control word, MXCSR and
+    registers, and the CONTEXT's FltSave (FXSAVE layout, Intel SDM vol. 1 10.5.1) holds them.
+    NtContinue puts the CONTEXT's floating-point state back (KeContextToKframes)."""
+    process = build(parse_scenario(asm_scenario(FP_BODY, data=FP_DATA), "t.toml"))
+    result = process.run()
+    assert result.error is None, result.error
+    app = next(i for i in process.images if i.name == "app")
+
+    def word(name: str, size: int = 4) -> int:
+        return int.from_bytes(process.machine.read(app.symbols[name], size), "little")
+
+    assert (word("fcw_entry", 2), word("mxcsr_entry")) == (0x37F, 0x9FC0)
+    assert word("st0_entry", 8) == 0x3FF0_0000_0000_0000  # 1.0 as a double
+    assert (word("ctx_fcw"), word("ctx_mxcsr")) == (0x37F, 0x9FC0)
+    assert word("ctx_tag") == 0x80  # one register in use: R7 (fld1 pushed onto TOP = 7)
+    assert word("ctx_st0", 8) == 0x8000_0000_0000_0000  # 1.0's 64-bit mantissa (explicit integer bit)
+    assert (word("fcw_after", 2), word("mxcsr_after")) == (0x27F, 0x1F80)
+
+
+def test_threads_start_with_windows_initial_floating_point_state() -> None:
+    """WRK ke/amd64/thredini.c: INITIAL_FPCSR 0x27F and INITIAL_MXCSR 0x1F80."""
+    code = "main:\n fnstcw word ptr [rip + fcw]\n stmxcsr dword ptr [rip + mx]\n ret\n"
+    process = build(parse_scenario(asm_scenario(code, data="fcw:\n .quad 0\nmx:\n .quad 0\n"), "t.toml"))
+    process.run()
+    app = next(i for i in process.images if i.name == "app")
+    assert process.machine.read_u64(app.symbols["fcw"]) == 0x27F
+    assert process.machine.read_u64(app.symbols["mx"]) == 0x1F80

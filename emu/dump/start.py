@@ -327,7 +327,7 @@ class DumpProcess(Process):
         k.current = thread
         self.machine.set_gs_base(thread.teb)
         ext = self.machine.extended_state()
-        ctx = Context(self.machine.regs.context(), ext.xmm, ext.mxcsr)
+        ctx = Context(self.machine.regs.context(), ext.xmm, ext.mxcsr, x87=ext.x87)
         deliver(k, thread, ExceptionRecord.from_bytes(record), ctx, fast_fail)
 
     def _stopped(self, stop: str, error: EmuError | None) -> RunResult:

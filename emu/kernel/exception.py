@@ -243,7 +243,7 @@ def on_trap(kernel: Kernel, trap: Trap) -> bool:
         raise MachineFault(raised.description, trap.rip, kernel.trace.symbolize(trap.rip))
     raised = classify(kernel, thread, trap, regs, overflow)
     ext = machine.extended_state()
-    ctx = Context(regs._replace(rip=raised.rip, rflags=raised.rflags), ext.xmm, ext.mxcsr)
+    ctx = Context(regs._replace(rip=raised.rip, rflags=raised.rflags), ext.xmm, ext.mxcsr, x87=ext.x87)
     thread.raising = (raised.record.to_bytes(), raised.fast_fail)
     try:
         kernel.recorder.exception(thread, tuple(ctx.regs), raised.record.code, f"{raised.description}; first chance")
@@ -318,7 +318,7 @@ def dispatch_to_user(
         return
     # ContextFlags as KiDispatchException captures them: CONTEXT_FULL | CONTEXT_DEBUG_REGISTERS |
     # CONTEXT_SEGMENTS (the debug registers are all zero here).
-    frame = Context(ctx.regs, ctx.xmm, ctx.mxcsr, CONTEXT_FULL | CONTEXT_SEGMENTS | 0x10)
+    frame = Context(ctx.regs, ctx.xmm, ctx.mxcsr, CONTEXT_FULL | CONTEXT_SEGMENTS | 0x10, ctx.x87)
     machine_frame = struct.pack("<5Q", ctx.regs.rip, USER_CS, ctx.regs.rflags & 0xFFFF_FFFF, ctx.regs.rsp, USER_SS)
     block = bytearray(end - context_at)
     block[0:CONTEXT_SIZE] = frame.to_bytes()
@@ -331,7 +331,10 @@ def dispatch_to_user(
     # CONTEXT, RIP at KiUserExceptionDispatcher and TF cleared (WRK exceptn.c).
     entry = ctx.regs._replace(rsp=context_at, rip=dispatcher, rflags=(ctx.regs.rflags & ~RFLAGS_TF) | 0x2)
     kernel.machine.regs.set_context(entry._replace(rip=dispatcher - rip_adjust))
-    kernel.machine.set_extended_state(ExtendedState(list(ctx.xmm), ctx.mxcsr))
+    # The floating-point state goes on as it was at the fault: KiDispatchException changes only
+    # RSP, RIP, CS and TF in the trap frame (WRK ke/amd64/exceptn.c), so the dispatcher and the
+    # handlers start with the faulting code's MXCSR, x87 control word and registers.
+    kernel.machine.set_extended_state(ExtendedState(list(ctx.xmm), ctx.mxcsr, ctx.x87))
     detail = f"{status_name(record.code)} at {sym(record.address)} to KiUserExceptionDispatcher"
     kernel.recorder.exception(thread, tuple(entry), record.code, detail, mode="user")
 
@@ -388,7 +391,7 @@ def _apply_context(kernel: Kernel, trap: UserContext, c: Context) -> UserContext
         new = new._replace(rip=c.regs.rip, rsp=c.regs.rsp, rflags=(c.regs.rflags & _USER_EFLAGS) | _RFLAGS_IF | 0x2)
     if c.flags & CONTEXT_FLOATING_POINT == CONTEXT_FLOATING_POINT:
         # SANITIZE_MXCSR: reserved bits cleared.
-        kernel.machine.set_extended_state(ExtendedState(list(c.xmm), c.mxcsr & 0xFFFF))
+        kernel.machine.set_extended_state(ExtendedState(list(c.xmm), c.mxcsr & 0xFFFF, c.x87))
     return new
 
 
@@ -413,7 +416,7 @@ def nt_raise_exception(
     state = _apply_context(kernel, UserContext._make(regs), ctx)
     ext = kernel.machine.extended_state()
     first = bool(regs[8] & 0xFF)
-    dispatch_to_user(kernel, thread, record, Context(state, ext.xmm, ext.mxcsr), first, kernel.entry_len)
+    dispatch_to_user(kernel, thread, record, Context(state, ext.xmm, ext.mxcsr, x87=ext.x87), first, kernel.entry_len)
 
 
 def nt_terminate_process(

@@ -237,7 +237,7 @@ class BuiltinRtl:
 
     def _write_context(self, address: int, regs: UserContext) -> None:
         ext = self.machine.extended_state()
-        ctx = Context(regs, ext.xmm, ext.mxcsr, CONTEXT_FULL | CONTEXT_SEGMENTS)
+        ctx = Context(regs, ext.xmm, ext.mxcsr, CONTEXT_FULL | CONTEXT_SEGMENTS, ext.x87)
         self._write(address, ctx.to_bytes())
 
     # --- the vectored handler lists (in ntdll's .data: emu.runtime's _VECTORED_DATA) -------------
@@ -439,7 +439,7 @@ class BuiltinRtl:
         for _ in range(MAX_FRAMES):
             pc = current.regs.rip
             entry = self._lookup(pc)
-            unwind_ctx = Context(current.regs, list(current.xmm), current.mxcsr, current.flags)
+            unwind_ctx = Context(current.regs, list(current.xmm), current.mxcsr, current.flags, current.x87)
             try:
                 if entry is None:
                     rsp = current.regs.rsp
@@ -483,7 +483,7 @@ class BuiltinRtl:
         regs = ctx.regs._replace(rip=self._u64(block + U_TARGET_IP), rax=self._u64(block + U_RETURN))
         thread = self.kernel.current
         self.machine.regs.set_context(regs)
-        self.machine.set_extended_state(ExtendedState(list(ctx.xmm), ctx.mxcsr))
+        self.machine.set_extended_state(ExtendedState(list(ctx.xmm), ctx.mxcsr, ctx.x87))
         self.machine.jump(regs.rip)
         if thread is not None:
             sym = self.kernel.trace.symbolize
