@@ -10,10 +10,9 @@ User code runs at CPL 3, as on Windows: the machine enters it once through ``sys
 (Intel SDM vol. 2B SYSRET: CS = STAR[63:48] + 16 | 3, SS = STAR[63:48] + 8 | 3), with
 STAR[63:48] = 0x23 as Windows sets it, so CS reads 0x33 and SS 0x2B (KGDT64_R3_CODE |
 RPL 3, KGDT64_R3_DATA | RPL 3) and privileged instructions (cli, hlt, wrmsr, mov crN,
-...) raise #GP instead of running. Not in/out: Unicorn runs them at CPL 3 whatever IOPL says
-(Intel SDM vol. 1, 18.5.1 wants #GP), and an instruction hook cannot stop the CPU before the
-rest of its translation block has run, so they still execute as no-ops. Unicorn hands `syscall` to the kernel's hook without
-changing privilege, so the CPU never leaves CPL 3.
+...) raise #GP instead of running. Not in/out: Unicorn runs them at CPL 3 whatever IOPL says,
+so :mod:`emu.kernel.port_io` turns them into the #GP. Unicorn hands `syscall` to the kernel's
+hook without changing privilege, so the CPU never leaves CPL 3.
 """
 
 from __future__ import annotations
@@ -233,6 +232,7 @@ class Trap:
     address: int = 0
     region: str = ""
     context: UserContext | None = None  # the registers to deliver it with, when the hook saw them first
+    undo: Callable[[], None] | None = None  # what the hook changed to stop the CPU, undone before delivery
 
 
 @dataclass(frozen=True)
@@ -536,6 +536,8 @@ class Machine:
         """Hand a fault to the exception handler: where the CPU goes on, or MachineFault."""
         self._clear_exception_state()
         self._trap = None
+        if trap.undo is not None:
+            trap.undo()
         if trap.context is not None:
             self.regs.set_context(trap.context)
         if self.exception_handler is None or not self.exception_handler(trap):
@@ -544,8 +546,10 @@ class Machine:
         return int(self.regs.read(("rip",))[0])
 
     def raise_trap(self, trap: Trap) -> None:
-        """From a hook: stop the CPU and hand ``trap`` to the exception handler (outside the hook)."""
-        self._trap = trap
+        """From a hook: stop the CPU and hand ``trap`` to the exception handler (outside the hook).
+        The first trap wins: what the CPU does before it stops is not delivered."""
+        if self._trap is None:
+            self._trap = trap
         self.uc.emu_stop()
 
     # --- hooks ----------------------------------------------------------------------
@@ -560,6 +564,8 @@ class Machine:
         self.uc.hook_add(UC_HOOK_INTR, on_interrupt)
 
     def _fault_hook(self, uc: Uc, access: int, address: int, size: int, value: int, user_data: object) -> bool:
+        if self._trap is not None:
+            return False  # a hook stopped the CPU already (emu.kernel.port_io): this access is not made
         if access == UC_MEM_WRITE_PROT and self.cow is not None and self.cow.on_write_fault(address, size):
             self._cow_retry = True
             return False  # stop before the write; run() resumes at the same instruction

@@ -6,6 +6,8 @@ threads no I/O access, so every port faults with #GP, which KiPreprocessFault na
 STATUS_PRIVILEGED_INSTRUCTION (WRK ke/amd64/decode.c lists in/out/ins/outs as KiOp_Priv).
 Unicorn performs the access instead (it keeps no I/O bitmap), so these hooks stop the CPU at
 the instruction and hand the machine a #GP there, with the registers as they were before it.
+Unicorn stops only after the next instruction has started, so until the #GP is delivered all
+memory is read-only: a store that instruction makes faults and is not made.
 One difference stays: for `ins`, Unicorn (as QEMU) stores a dummy zero at [RDI] before it
 reads the port, so that element of the destination is zero when the exception is delivered;
 on Windows it keeps its value.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from unicorn import UC_HOOK_INSN, Uc
+from unicorn import UC_HOOK_INSN, UC_PROT_WRITE, Uc
 from unicorn import x86_const as x86
 
 from emu.machine import Trap
@@ -50,7 +52,17 @@ class _PortHooks:
         string = i < len(code) and 0x6C <= code[i] <= 0x6F
         where = m.symbolize(ctx.rip)
         message = f"general protection fault (#GP): port I/O at CPL 3 with IOPL 0 at {where}"
-        m.raise_trap(Trap("interrupt", ctx.rip, message, GP_VECTOR, context=ctx))
+        regions = [(begin, end - begin + 1, prot) for begin, end, prot in m.uc.mem_regions()]
+        for begin, size, prot in regions:
+            if prot & UC_PROT_WRITE:
+                m.uc.mem_protect(begin, size, prot & ~UC_PROT_WRITE)
+
+        def undo() -> None:
+            for begin, size, prot in regions:
+                if prot & UC_PROT_WRITE:
+                    m.uc.mem_protect(begin, size, prot)
+
+        m.raise_trap(Trap("interrupt", ctx.rip, message, GP_VECTOR, context=ctx, undo=undo))
         return ctx.rip, string
 
     def on_in(self, uc: Uc, port: int, size: int, user_data: object) -> int:
