@@ -22,7 +22,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from unicorn import (
     UC_ARCH_X86,
@@ -56,20 +55,13 @@ from unicorn import (
 from unicorn import x86_const as x86
 
 from emu import interrupts
-from emu.context import REGISTER_NAMES, UserContext
+from emu.context import UserContext
 from emu.errors import ImageError, MachineFault
 from emu.loader.image import PAGE, Image, page_align
+from emu.registers import _REG_IDS, _XMM, _XMM_SETS, RegisterFile
 from emu.snapshot import CowMemory
 from emu.winnt import MSR_EFER, MSR_STAR
 
-_REG_IDS: dict[str, int] = {
-    **{n: getattr(x86, f"UC_X86_REG_{n.upper()}") for n in REGISTER_NAMES if n != "rflags"},
-    "rflags": x86.UC_X86_REG_RFLAGS,
-    "gs_base": x86.UC_X86_REG_GS_BASE,
-}
-
-_XMM: tuple[int, ...] = tuple(getattr(x86, f"UC_X86_REG_XMM{n}") for n in range(16))
-_XMM_SETS: dict[tuple[int, ...], tuple[int, ...]] = {}  # XMM numbers -> Unicorn register ids
 _X87_WORDS = (x86.UC_X86_REG_FPCW, x86.UC_X86_REG_FPSW, x86.UC_X86_REG_FPTAG)
 _X87_REGS = tuple(getattr(x86, f"UC_X86_REG_FP{n}") for n in range(8))  # R0..R7 (physical, not ST(i))
 # A thread's first floating-point state on x64 Windows (WRK ke/amd64/thredini.c,
@@ -96,108 +88,6 @@ def _prot(perms: str) -> int:
     if "x" in perms:
         p |= UC_PROT_EXEC
     return p
-
-
-class RegisterFile:
-    """Batched register access through the C API: one call for many registers.
-
-    The binding's ``reg_read`` costs about 1.3 µs per register and ``reg_read_batch``
-    more; ``uc_reg_read_batch`` through ctypes with preallocated arrays reads all 18
-    user registers in under 1 µs. Falls back to the binding if its internals move.
-    """
-
-    def __init__(self, uc: Uc) -> None:
-        self._uc = uc
-        self._lib = None
-        try:
-            from unicorn.unicorn_py3 import unicorn as binding
-
-            self._lib = binding.uclib
-            self._handle = uc._uch
-        except (ImportError, AttributeError):  # pragma: no cover - other binding layouts
-            self._lib = None
-        self._batches: dict[tuple[str, ...], tuple[object, object, object, int]] = {}
-        self._wide: dict[tuple[int, ...], tuple[Any, Any, int, object]] = {}
-        self._all = tuple(REGISTER_NAMES)
-
-    def _batch(self, names: tuple[str, ...]) -> tuple[object, object, object, int]:
-        b = self._batches.get(names)
-        if b is None:
-            n = len(names)
-            ids = (ctypes.c_int * n)(*[_REG_IDS[x] for x in names])
-            vals = (ctypes.c_uint64 * n)()
-            base = ctypes.addressof(vals)
-            ptrs = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
-            b = self._batches[names] = (ids, vals, ptrs, n)
-        return b
-
-    def reader(self, names: tuple[str, ...]) -> Callable[[], list[int]]:
-        """A function reading ``names`` in one C call (for hot paths: arrays bound once)."""
-        if self._lib is None:
-            return lambda: self.read(names)
-        ids, vals, ptrs, n = self._batch(names)
-        fn, handle = self._lib.uc_reg_read_batch, self._handle
-
-        def read() -> list[int]:
-            fn(handle, ids, ptrs, n)
-            return vals[:]  # type: ignore[index]
-
-        return read
-
-    def writer(self, names: tuple[str, ...]) -> Callable[[Sequence[int]], None]:
-        """A function writing ``names`` in one C call (values must fit in 64 bits)."""
-        if self._lib is None:
-            return lambda values: self.write(names, values)
-        ids, vals, ptrs, n = self._batch(names)
-        fn, handle = self._lib.uc_reg_write_batch, self._handle
-
-        def write(values: Sequence[int]) -> None:
-            vals[:] = values  # type: ignore[index]
-            fn(handle, ids, ptrs, n)
-
-        return write
-
-    def read(self, names: tuple[str, ...]) -> list[int]:
-        if self._lib is None:
-            return [self._uc.reg_read(_REG_IDS[n]) for n in names]
-        ids, vals, ptrs, n = self._batch(names)
-        if self._lib.uc_reg_read_batch(self._handle, ids, ptrs, n) != UC_ERR_OK:
-            raise UcError(1)
-        return vals[:]  # type: ignore[index]
-
-    def write(self, names: tuple[str, ...], values: Sequence[int]) -> None:
-        if self._lib is None:
-            for name, v in zip(names, values):
-                self._uc.reg_write(_REG_IDS[name], v)
-            return
-        ids, vals, ptrs, n = self._batch(names)
-        for i, v in enumerate(values):
-            vals[i] = v & 0xFFFF_FFFF_FFFF_FFFF  # type: ignore[index]
-        if self._lib.uc_reg_write_batch(self._handle, ids, ptrs, n) != UC_ERR_OK:
-            raise UcError(1)
-
-    def zero_wide(self, ids: tuple[int, ...]) -> None:
-        """Set 128-bit registers (XMM) to zero in one C call: every pointer names one zeroed
-        16-byte buffer, which uc_reg_write_batch only reads."""
-        if self._lib is None:
-            for i in ids:
-                self._uc.reg_write(i, 0)
-            return
-        b = self._wide.get(ids)
-        if b is None:
-            zero = ctypes.create_string_buffer(16)
-            n = len(ids)
-            b = self._wide[ids] = (
-                (ctypes.c_int * n)(*ids), (ctypes.c_void_p * n)(*[ctypes.addressof(zero)] * n), n, zero,
-            )  # fmt: skip
-        if self._lib.uc_reg_write_batch(self._handle, b[0], b[1], b[2]) != UC_ERR_OK:
-            raise UcError(1)
-
-    def context(self) -> UserContext:
-        return UserContext._make(self.read(self._all))
-
-    def set_context(self, ctx: UserContext) -> None:
-        self.write(self._all, ctx)
 
 
 @dataclass(frozen=True)
