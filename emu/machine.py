@@ -10,23 +10,20 @@ User code runs at CPL 3, as on Windows: the machine enters it once through ``sys
 (Intel SDM vol. 2B SYSRET: CS = STAR[63:48] + 16 | 3, SS = STAR[63:48] + 8 | 3), with
 STAR[63:48] = 0x23 as Windows sets it, so CS reads 0x33 and SS 0x2B (KGDT64_R3_CODE |
 RPL 3, KGDT64_R3_DATA | RPL 3) and privileged instructions (cli, hlt, wrmsr, mov crN,
-...) raise #GP instead of running. Not in/out: Unicorn runs them at CPL 3 whatever IOPL says
-(Intel SDM vol. 1, 18.5.1 wants #GP), and an instruction hook cannot stop the CPU before the
-rest of its translation block has run, so they still execute as no-ops. Unicorn hands `syscall` to the kernel's hook without
-changing privilege, so the CPU never leaves CPL 3.
+...) raise #GP instead of running. Not in/out: Unicorn runs them at CPL 3 whatever IOPL says,
+so :mod:`emu.kernel.port_io` turns them into the #GP. Unicorn hands `syscall` to the kernel's
+hook without changing privilege, so the CPU never leaves CPL 3.
 """
 
 from __future__ import annotations
 
 import bisect
 import ctypes
-import functools
 import mmap
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from unicorn import (
     UC_ARCH_X86,
@@ -62,21 +59,19 @@ from unicorn import (
 from unicorn import x86_const as x86
 
 from emu import interrupts
-from emu.context import REGISTER_NAMES, UserContext
+from emu.context import UserContext
 from emu.errors import ImageError, MachineFault
 from emu.loader.image import PAGE, Image, page_align
+from emu.registers import _REG_IDS, _XMM, _XMM_SETS, RegisterFile
 from emu.snapshot import CowMemory
 from emu.winnt import MSR_EFER, MSR_STAR
 
-_REG_IDS: dict[str, int] = {
-    **{n: getattr(x86, f"UC_X86_REG_{n.upper()}") for n in REGISTER_NAMES if n != "rflags"},
-    "rflags": x86.UC_X86_REG_RFLAGS,
-    "gs_base": x86.UC_X86_REG_GS_BASE,
-}
-
-_XMM: tuple[int, ...] = tuple(getattr(x86, f"UC_X86_REG_XMM{n}") for n in range(16))
-XMM_IDS = _XMM  # Unicorn's ids of XMM0-15, by number
-_XMM_SETS: dict[tuple[int, ...], tuple[int, ...]] = {}  # XMM numbers -> Unicorn register ids
+_X87_WORDS = (x86.UC_X86_REG_FPCW, x86.UC_X86_REG_FPSW, x86.UC_X86_REG_FPTAG)
+_X87_REGS = tuple(getattr(x86, f"UC_X86_REG_FP{n}") for n in range(8))  # R0..R7 (physical, not ST(i))
+# A thread's first floating-point state on x64 Windows (WRK ke/amd64/thredini.c,
+# KiInitializeContextThread: INITIAL_FPCSR and INITIAL_MXCSR): x87 control word 0x27F (all
+# exceptions masked, 53-bit precision), MXCSR 0x1F80 (all masked, round to nearest).
+INITIAL_FPCW, INITIAL_MXCSR = 0x27F, 0x1F80
 
 _ACCESS = {
     UC_MEM_READ_UNMAPPED: ("read", "unmapped"),
@@ -97,156 +92,6 @@ def _prot(perms: str) -> int:
     if "x" in perms:
         p |= UC_PROT_EXEC
     return p
-
-
-class RegisterFile:
-    """Batched register access through the C API: one call for many registers.
-
-    The binding's ``reg_read`` costs about 1.3 µs per register and ``reg_read_batch``
-    more; ``uc_reg_read_batch`` through ctypes with preallocated arrays reads all 18
-    user registers in under 1 µs. Falls back to the binding if its internals move.
-    """
-
-    def __init__(self, uc: Uc) -> None:
-        self._uc = uc
-        self._lib = None
-        try:
-            from unicorn.unicorn_py3 import unicorn as binding
-
-            self._lib = binding.uclib
-            self._handle = uc._uch
-            # The same two functions without the binding's argtypes: converting each argument
-            # through them costs more than the call itself. Every argument passed here is a
-            # ctypes object or a small int (the handle a c_void_p, arrays by address, a count).
-            plain = ctypes.CDLL(binding.uclib._name)
-            self._read_batch = plain.uc_reg_read_batch
-            self._write_batch = plain.uc_reg_write_batch
-        except (ImportError, AttributeError, OSError):  # pragma: no cover - other binding layouts
-            self._lib = None
-        self._batches: dict[tuple[str, ...], tuple[object, object, object, int]] = {}
-        self._wide: dict[tuple[int, ...], tuple[Any, object]] = {}
-        self._buffers: list[object] = []
-        self._all = tuple(REGISTER_NAMES)
-
-    def _batch(self, names: tuple[str, ...]) -> tuple[object, object, object, int]:
-        b = self._batches.get(names)
-        if b is None:
-            n = len(names)
-            ids = (ctypes.c_int * n)(*[_REG_IDS[x] for x in names])
-            vals = (ctypes.c_uint64 * n)()
-            base = ctypes.addressof(vals)
-            ptrs = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
-            b = self._batches[names] = (ids, vals, ptrs, n)
-        return b
-
-    def reader(self, names: tuple[str, ...]) -> Callable[[], list[int]]:
-        """A function reading ``names`` in one C call (for hot paths: arrays bound once)."""
-        if self._lib is None:
-            return lambda: self.read(names)
-        ids, vals, ptrs, n = self._batch(names)
-        fn, handle = self._read_batch, self._handle
-
-        def read() -> list[int]:
-            fn(handle, ids, ptrs, n)
-            return vals[:]  # type: ignore[index]
-
-        return read
-
-    def writer(self, names: tuple[str, ...]) -> Callable[[Sequence[int]], None]:
-        """A function writing ``names`` in one C call (values must fit in 64 bits)."""
-        if self._lib is None:
-            return lambda values: self.write(names, values)
-        ids, vals, ptrs, n = self._batch(names)
-        fn, handle = self._write_batch, self._handle
-
-        def write(values: Sequence[int]) -> None:
-            vals[:] = values  # type: ignore[index]
-            fn(handle, ids, ptrs, n)
-
-        return write
-
-    def bound(self, names: tuple[str, ...]) -> tuple[Callable[[], object], Callable[[], object], Any]:
-        """For the hottest paths: a call taking no arguments that reads ``names`` into the
-        returned ctypes array (or, after the array is filled, writes them from it) in one C
-        call with no Python frame: (read, write, array)."""
-        ids, vals, ptrs, n = self._batch(names)
-        if self._lib is None:  # pragma: no cover - other binding layouts
-            raise NotImplementedError("bound register access needs the C API")
-        read = functools.partial(self._read_batch, self._handle, ids, ptrs, n)
-        write = functools.partial(self._write_batch, self._handle, ids, ptrs, n)
-        return read, write, vals
-
-    def bound_zeroing(self, names: tuple[str, ...], wide: tuple[int, ...]) -> tuple[Callable[[], object], Any]:
-        """Like :meth:`bound`'s write, and the same C call also zeroes the 128-bit registers
-        ``wide`` (Unicorn ids): (write, array to fill first)."""
-        key = (*names, *(f"#{i}" for i in wide))
-        b = self._batches.get(key)
-        if b is None:
-            n, m = len(names), len(wide)
-            out = (ctypes.c_uint64 * n)()
-            zero = ctypes.create_string_buffer(16)
-            at = ctypes.addressof(out)
-            b = self._batches[key] = (
-                (ctypes.c_int * (n + m))(*[_REG_IDS[x] for x in names], *wide),
-                out,
-                (ctypes.c_void_p * (n + m))(*[at + 8 * i for i in range(n)], *[ctypes.addressof(zero)] * m),
-                n + m,
-            )
-            self._buffers.append(zero)  # the pointers name it: keep it alive
-        if self._lib is None:  # pragma: no cover - other binding layouts
-            raise NotImplementedError("bound register access needs the C API")
-        return functools.partial(self._write_batch, self._handle, b[0], b[2], b[3]), b[1]
-
-    def read(self, names: tuple[str, ...]) -> list[int]:
-        if self._lib is None:
-            return [self._uc.reg_read(_REG_IDS[n]) for n in names]
-        ids, vals, ptrs, n = self._batch(names)
-        if self._read_batch(self._handle, ids, ptrs, n) != UC_ERR_OK:
-            raise UcError(1)
-        return vals[:]  # type: ignore[index]
-
-    def write(self, names: tuple[str, ...], values: Sequence[int]) -> None:
-        if self._lib is None:
-            for name, v in zip(names, values):
-                self._uc.reg_write(_REG_IDS[name], v)
-            return
-        ids, vals, ptrs, n = self._batch(names)
-        if len(values) == n:
-            vals[:] = values  # type: ignore[index]  # c_uint64 keeps the low 64 bits, as the mask did
-        else:
-            for i, v in enumerate(values):
-                vals[i] = v & 0xFFFF_FFFF_FFFF_FFFF  # type: ignore[index]
-        if self._write_batch(self._handle, ids, ptrs, n) != UC_ERR_OK:
-            raise UcError(1)
-
-    def zero_wide(self, ids: tuple[int, ...]) -> None:
-        """Set 128-bit registers (XMM) to zero in one C call: every pointer names one zeroed
-        16-byte buffer, which uc_reg_write_batch only reads."""
-        if self._lib is None:
-            for i in ids:
-                self._uc.reg_write(i, 0)
-            return
-        if self._zeroer(ids)() != UC_ERR_OK:
-            raise UcError(1)
-
-    def _zeroer(self, ids: tuple[int, ...]) -> Callable[[], int]:
-        """A call with no Python frame that zeroes the registers ``ids`` (see :meth:`zero_wide`)."""
-        b = self._wide.get(ids)
-        if b is None:
-            zero = ctypes.create_string_buffer(16)
-            n = len(ids)
-            call = functools.partial(
-                self._write_batch, self._handle, (ctypes.c_int * n)(*ids),
-                (ctypes.c_void_p * n)(*[ctypes.addressof(zero)] * n), n,
-            )  # fmt: skip
-            b = self._wide[ids] = (call, zero)
-        return b[0]
-
-    def context(self) -> UserContext:
-        return UserContext._make(self.read(self._all))
-
-    def set_context(self, ctx: UserContext) -> None:
-        self.write(self._all, ctx)
 
 
 @dataclass(frozen=True)
@@ -280,6 +125,8 @@ class Trap:
     access: str = ""
     address: int = 0
     region: str = ""
+    context: UserContext | None = None  # the registers to deliver it with, when the hook saw them first
+    undo: Callable[[], None] | None = None  # what the hook changed to stop the CPU, undone before delivery
 
 
 @dataclass(frozen=True)
@@ -304,10 +151,12 @@ _SYSCALL_HOOK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)  # uc_c
 
 @dataclass
 class ExtendedState:
-    """The vector state an exception's CONTEXT carries besides the general registers."""
+    """The vector state an exception's CONTEXT carries besides the general registers, and the
+    x87 state (control, status and tag words, then R0..R7 as (mantissa, exponent); None: leave it)."""
 
     xmm: list[int] = field(default_factory=lambda: [0] * 16)
-    mxcsr: int = 0x1F80
+    mxcsr: int = INITIAL_MXCSR
+    x87: tuple[tuple[int, int, int], tuple[tuple[int, int], ...]] | None = None
 
 
 class Machine:
@@ -365,6 +214,8 @@ class Machine:
         uc.emu_start(_SYSRET_PAGE, _SYSRET_PAGE + 3, count=1)
         uc.mem_unmap(_SYSRET_PAGE, PAGE)
         uc.reg_write(x86.UC_X86_REG_R11, 0)
+        uc.reg_write(x86.UC_X86_REG_FPCW, INITIAL_FPCW)
+        uc.reg_write(x86.UC_X86_REG_MXCSR, INITIAL_MXCSR)
         self._clean = uc.context_save()
 
     def _clear_exception_state(self) -> None:
@@ -383,12 +234,21 @@ class Machine:
         self.set_extended_state(ext)
 
     def extended_state(self) -> ExtendedState:
-        return ExtendedState([int(self.uc.reg_read(r)) for r in _XMM], int(self.uc.reg_read(x86.UC_X86_REG_MXCSR)))
+        uc = self.uc
+        words = tuple(int(uc.reg_read(r)) for r in _X87_WORDS)
+        x87 = ((words[0], words[1], words[2]), tuple(tuple(uc.reg_read(r)) for r in _X87_REGS))
+        return ExtendedState([int(uc.reg_read(r)) for r in _XMM], int(uc.reg_read(x86.UC_X86_REG_MXCSR)), x87)
 
     def set_extended_state(self, ext: ExtendedState) -> None:
         for r, v in zip(_XMM, ext.xmm):
             self.uc.reg_write(r, v)
         self.uc.reg_write(x86.UC_X86_REG_MXCSR, ext.mxcsr)
+        if ext.x87 is not None:
+            words, regs = ext.x87
+            for r, v in zip(_X87_WORDS, words):
+                self.uc.reg_write(r, v)
+            for r, pair in zip(_X87_REGS, regs):
+                self.uc.reg_write(r, pair)
 
     def register(self, name: str) -> int | None:
         """Any x86 register by its assembler name (``eax``, ``r8d``, ``ah``), or None if unknown."""
@@ -425,6 +285,8 @@ class Machine:
             self.uc.mem_write(start, bytes(data))
         region = Region(start, size, perms, label)
         self.regions = sorted([*self.regions, region], key=lambda r: r.start)  # a new list: region_at's index follows
+        if self.cow is not None:
+            self.cow.on_layout(start, size, perms)
         return region
 
     def map_image(self, image: Image) -> None:
@@ -439,9 +301,10 @@ class Machine:
         self._next_alloc = region.end + PAGE  # an unmapped page between allocations
         return start
 
-    def allocate_stack(self, size: int, label: str) -> tuple[int, int]:
-        """A stack with a no-access guard page below it; returns (limit, base)."""
-        start = self._next_alloc
+    def allocate_stack(self, size: int, label: str, reserve: int = PAGE) -> tuple[int, int]:
+        """A stack with a no-access guard page below it and ``reserve`` bytes left unmapped below
+        that (the first reserved page is the gap every allocation leaves); returns (limit, base)."""
+        start = self._next_alloc + reserve - PAGE
         self.map(start, PAGE, "", f"{label} guard")
         region = self.map(start + PAGE, size, "rw", label, host=True)
         self._next_alloc = region.end + PAGE
@@ -458,13 +321,13 @@ class Machine:
     def protect(self, start: int, size: int, perms: str, label: str) -> None:
         """Change a mapped range's protection (a whole region), as NtProtectVirtualMemory would."""
         self.uc.mem_protect(start, size, _prot(perms))
-        if self.cow is not None:
-            self.cow.reprotect(start, size, perms)
         if "x" in perms:
             self._host_code.update(b for b, buf in self.host.items() if b < start + size and start < b + len(buf))
         self.regions = sorted(
             [r for r in self.regions if r.start != start] + [Region(start, size, perms, label)], key=lambda r: r.start
         )
+        if self.cow is not None:
+            self.cow.on_layout(start, size, perms)
 
     def region_at(self, address: int) -> Region | None:
         index = self._index
@@ -633,14 +496,20 @@ class Machine:
         """Hand a fault to the exception handler: where the CPU goes on, or MachineFault."""
         self._clear_exception_state()
         self._trap = None
+        if trap.undo is not None:
+            trap.undo()
+        if trap.context is not None:
+            self.regs.set_context(trap.context)
         if self.exception_handler is None or not self.exception_handler(trap):
             where = self.symbolize(trap.rip)
             raise MachineFault(trap.message, trap.rip, where)
         return int(self.regs.read(("rip",))[0])
 
     def raise_trap(self, trap: Trap) -> None:
-        """From a hook: stop the CPU and hand ``trap`` to the exception handler (outside the hook)."""
-        self._trap = trap
+        """From a hook: stop the CPU and hand ``trap`` to the exception handler (outside the hook).
+        The first trap wins: what the CPU does before it stops is not delivered."""
+        if self._trap is None:
+            self._trap = trap
         self.uc.emu_stop()
 
     # --- hooks ----------------------------------------------------------------------
@@ -681,6 +550,8 @@ class Machine:
         self.uc.hook_add(UC_HOOK_INTR, on_interrupt)
 
     def _fault_hook(self, uc: Uc, access: int, address: int, size: int, value: int, user_data: object) -> bool:
+        if self._trap is not None:
+            return False  # a hook stopped the CPU already (emu.kernel.port_io): this access is not made
         if access == UC_MEM_WRITE_PROT and self.cow is not None and self.cow.on_write_fault(address, size):
             self._cow_retry = True
             return False  # stop before the write; run() resumes at the same instruction

@@ -27,6 +27,9 @@ CTX_RSP = 0x98
 CTX_RIP = 0xF8
 CTX_FLTSAVE = 0x100  # XMM_SAVE_AREA32 (FXSAVE layout, 0x200 bytes)
 CTX_FLT_CONTROL_WORD = CTX_FLTSAVE + 0x00
+CTX_FLT_STATUS_WORD = CTX_FLTSAVE + 0x02
+CTX_FLT_TAG_WORD = CTX_FLTSAVE + 0x04  # the abridged tag: one bit per register, 1 = not empty
+CTX_FLT_REGISTERS = CTX_FLTSAVE + 0x20  # ST(0)..ST(7), 16 bytes each (80-bit values)
 CTX_FLT_MXCSR = CTX_FLTSAVE + 0x18
 CTX_FLT_MXCSR_MASK = CTX_FLTSAVE + 0x1C
 CTX_XMM0 = CTX_FLTSAVE + 0xA0  # Xmm0..Xmm15, 16 bytes each
@@ -65,6 +68,12 @@ EXCEPTION_COLLIDED_DISPOSITION = 3  # ExceptionCollidedUnwind
 VEH_CONTINUE_EXECUTION = 0xFFFF_FFFF  # EXCEPTION_CONTINUE_EXECUTION (-1) as a 32-bit LONG
 VEH_CONTINUE_SEARCH = 0
 
+# --- RTL_VECTORED_HANDLER_ENTRY (ReactOS sdk/lib/rtl/vectoreh.c): ListEntry, VectoredHandler, Refs
+VEH_FLINK, VEH_BLINK, VEH_HANDLER, VEH_REFS = 0x00, 0x08, 0x10, 0x18
+VEH_ENTRY_SIZE = 0x20
+VEH_ENTRIES = 64  # the built-in ntdll's pool of entries (both lists together; Windows uses the heap)
+LIST_FLINK, LIST_BLINK = 0x00, 0x08  # LIST_ENTRY
+
 # --- DISPATCHER_CONTEXT (x64, winnt.h; MS docs "x64 exception handling": language-specific handler)
 DC_CONTROL_PC, DC_IMAGE_BASE, DC_FUNCTION_ENTRY, DC_ESTABLISHER_FRAME = 0x00, 0x08, 0x10, 0x18
 DC_TARGET_IP, DC_CONTEXT_RECORD, DC_LANGUAGE_HANDLER, DC_HANDLER_DATA = 0x20, 0x28, 0x30, 0x38
@@ -79,7 +88,9 @@ MF_RIP, MF_SEGCS, MF_EFLAGS, MF_RSP, MF_SEGSS = 0x00, 0x08, 0x10, 0x18, 0x20
 # KGDT64_R3_DATA | 3, KGDT64_R3_CMTEB | 3 for FS).
 USER_CS, USER_SS, USER_FS = 0x33, 0x2B, 0x53
 MXCSR_DEFAULT = 0x1F80  # all exceptions masked, round to nearest (Intel SDM vol. 1, 10.2.3.1)
-FPU_CONTROL_DEFAULT = 0x027F  # x64 Windows' default x87 control word (64-bit precision, masked)
+FPU_CONTROL_DEFAULT = 0x027F  # x64 Windows' initial x87 control word (53-bit precision, all masked)
+# The x87 state: (control, status, tag words), then R0..R7 (physical registers) as (mantissa, exponent).
+X87State = tuple[tuple[int, int, int], tuple[tuple[int, int], ...]]
 
 
 @dataclass
@@ -90,6 +101,7 @@ class Context:
     xmm: list[int] = field(default_factory=lambda: [0] * 16)
     mxcsr: int = MXCSR_DEFAULT
     flags: int = CONTEXT_FULL | CONTEXT_SEGMENTS
+    x87: X87State | None = None  # None: the initial state (control word 0x27F, all registers empty)
 
     def to_bytes(self) -> bytes:
         buf = bytearray(CONTEXT_SIZE)
@@ -99,6 +111,15 @@ class Context:
         struct.pack_into("<16Q", buf, CTX_RAX, *(v & 0xFFFF_FFFF_FFFF_FFFF for v in self.regs[:16]))
         struct.pack_into("<Q", buf, CTX_RIP, self.regs.rip & 0xFFFF_FFFF_FFFF_FFFF)
         struct.pack_into("<H", buf, CTX_FLT_CONTROL_WORD, FPU_CONTROL_DEFAULT)
+        if self.x87 is not None:
+            # FXSAVE's layout (Intel SDM vol. 1, 10.5.1): the registers in stack order from ST(0).
+            (control, status, tag), regs = self.x87
+            top = (status >> 11) & 7
+            abridged = sum(1 << i for i in range(8) if (tag >> (2 * i)) & 3 != 3)
+            struct.pack_into("<HHB", buf, CTX_FLT_CONTROL_WORD, control, status, abridged)
+            for i in range(8):
+                mantissa, exponent = regs[(top + i) & 7]
+                struct.pack_into("<QH", buf, CTX_FLT_REGISTERS + 16 * i, mantissa, exponent)
         struct.pack_into("<II", buf, CTX_FLT_MXCSR, self.mxcsr, 0xFFFF)
         for i, v in enumerate(self.xmm):
             buf[CTX_XMM0 + 16 * i : CTX_XMM0 + 16 * (i + 1)] = (v & (1 << 128) - 1).to_bytes(16, "little")
@@ -111,7 +132,30 @@ class Context:
         (rip,) = struct.unpack_from("<Q", raw, CTX_RIP)
         (eflags,) = struct.unpack_from("<I", raw, CTX_EFLAGS)
         xmm = [int.from_bytes(raw[CTX_XMM0 + 16 * i : CTX_XMM0 + 16 * (i + 1)], "little") for i in range(16)]
-        return cls(UserContext._make((*gprs, rip, eflags)), xmm, mxcsr, flags)
+        return cls(UserContext._make((*gprs, rip, eflags)), xmm, mxcsr, flags, _x87_from(raw))
+
+
+def _x87_from(raw: bytes) -> X87State:
+    """The x87 state of a CONTEXT's FltSave, with the full tag word FXRSTOR rebuilds from the
+    abridged one and the values (Intel SDM vol. 1, 10.5.1.1: valid 00, zero 01, special 10, empty 11)."""
+    control, status, abridged = struct.unpack_from("<HHB", raw, CTX_FLT_CONTROL_WORD)
+    top = (status >> 11) & 7
+    regs: list[tuple[int, int]] = [(0, 0)] * 8
+    tag = 0
+    for i in range(8):
+        mantissa, exponent = struct.unpack_from("<QH", raw, CTX_FLT_REGISTERS + 16 * i)
+        phys = (top + i) & 7
+        regs[phys] = (mantissa, exponent)
+        if not abridged >> phys & 1:
+            kind = 3
+        elif exponent & 0x7FFF == 0:
+            kind = 1 if mantissa == 0 else 2
+        elif exponent & 0x7FFF == 0x7FFF or not mantissa >> 63:
+            kind = 2
+        else:
+            kind = 0
+        tag |= kind << (2 * phys)
+    return (control, status, tag), tuple(regs)
 
 
 def context_ex(buffer_size: int = CONTEXT_SIZE) -> bytes:

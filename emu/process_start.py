@@ -20,7 +20,8 @@ from emu.address_space import KERNEL32_BASE, MODULE_STRIDE, PEB_ADDRESS, PROCESS
 from emu.context import UserContext
 from emu.errors import ScenarioError
 from emu.kernel import KThread
-from emu.loader.image import Image, Symbolizer
+from emu.loader.image import PAGE, Image, Symbolizer
+from emu.loader.startup import InitThunk, find_init_thunk
 from emu.machine import Machine
 from emu.runtime import build_kernel32
 from emu.scenario import Scenario, ThreadSpec
@@ -28,6 +29,7 @@ from emu.winnt import (
     RFLAGS_IF,
     RFLAGS_RESERVED,
     TEB_CLIENT_ID,
+    TEB_DEALLOCATION_STACK,
     TEB_EXCEPTION_LIST,
     TEB_PEB,
     TEB_SELF,
@@ -120,7 +122,6 @@ class ThreadStart:
         as the Windows loader does (see :mod:`emu.loader.startup`); the images must be mapped."""
         if not self.foreign:
             return None
-        from emu.loader.startup import find_init_thunk  # capstone: loaded for a foreign ntdll only
 
         found = find_init_thunk(self.ntdll)
         k32 = self.kernel32()
@@ -172,13 +173,15 @@ class ThreadStart:
         and a return address into it sit on the stack, so returning ends the thread.
         """
         m = self.machine
-        limit, base = m.allocate_stack(STACK_SIZE, f"thread {index} stack")
+        reserve = self.scenario.stack_reserve
+        limit, base = m.allocate_stack(STACK_SIZE, f"thread {index} stack", reserve)
         self.stack_regions.append((limit, base, f"stack{index}"))
         teb = TEB_ADDRESS - index * TEB_SIZE
         t = bytearray(TEB_SIZE)
         for off, val in (
             (TEB_STACK_BASE, base), (TEB_STACK_LIMIT, limit), (TEB_SELF, teb),
             (TEB_CLIENT_ID, PROCESS_ID), (TEB_CLIENT_ID + 8, thread_id(index)), (TEB_PEB, PEB_ADDRESS),
+            (TEB_DEALLOCATION_STACK, limit - PAGE - reserve),
         ):  # fmt: skip
             t[off : off + 8] = val.to_bytes(8, "little")
         if self.foreign:

@@ -4,8 +4,7 @@ A snapshot holds what the run's future depends on: the CPU (general registers, R
 RFLAGS, the GS and FS bases, XMM0-15 and MXCSR), user memory (the pages written since
 the process was built, copy-on-write: :mod:`emu.snapshot`), the regions' protections,
 the kernel model (threads with their callback stacks and waits, objects, the current
-and next thread: :mod:`emu.kernel.fork`), the built-in ntdll's vectored handler lists,
-and the trace up to that point. Restoring one and running on records exactly what the
+and next thread: :mod:`emu.kernel.fork`), and the trace up to that point. Restoring one and running on records exactly what the
 run recorded after it was taken, byte for byte.
 
 >>> import emu
@@ -23,7 +22,7 @@ On disk (:meth:`Snapshot.save`, :meth:`Snapshot.load`) a snapshot is a zip archi
 two members, no pickled objects: ``snapshot.json`` (UTF-8 JSON, keys sorted: the format
 name and version, the emu version that wrote it, the scenario's name and digest, the CPU,
 the regions, the kernel model in the JSON of emu's minidump kernel stream
-(:mod:`emu.dump.kernel_stream`) with a few more fields, the vectored handler lists and the
+(:mod:`emu.dump.kernel_stream`) with a few more fields, and the
 trace's records) and ``memory.bin`` (the written pages, 4 KiB each, in the order
 ``snapshot.json`` lists their addresses). A file written by another emu version, or
 restored into a session of another scenario, is refused with one line
@@ -59,7 +58,7 @@ if TYPE_CHECKING:
 __all__ = ["Snapshot", "scenario_digest"]
 
 SNAPSHOT_FORMAT = "emu-snapshot"
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2  # 2: the vectored handler lists live in guest memory (no "rtl" member)
 _GPRS = (*REGISTER_NAMES, "gs_base", "fs_base", "mxcsr")  # the user context, then what it leaves out
 _XMM = tuple(f"xmm{n}" for n in range(16))
 _S_STACK, _S_CONTEXT, _S_CALLBACKS = (RawState._fields.index(f) for f in ("stack", "context", "callbacks"))
@@ -93,7 +92,6 @@ class Snapshot:
     pages: PageSnapshot
     states: tuple[tuple[Any, ...], ...]
     transitions: tuple[tuple[Any, ...], ...]
-    rtl: tuple[tuple[list[tuple[int, int]], list[tuple[int, int]]], list[int]] | None
     started: bool
     stop: str | None
     error: str | None
@@ -116,8 +114,6 @@ class Snapshot:
             "position": self.position, "cpu": self.cpu,
             "regions": [[r.start, r.size, r.perms, r.label] for r in self.regions],
             "pages": pages, "kernel": self._kernel_doc(),
-            "rtl": None if self.rtl is None else {"vectored": [list(map(list, v)) for v in self.rtl[0]],
-                                                  "free": self.rtl[1]},
             "trace": {"states": [_state_json(s) for s in self.states],
                       "transitions": [_transition_json(t) for t in self.transitions]},
             "session": {"started": self.started, "stop": self.stop, "error": self.error,
@@ -187,13 +183,10 @@ def take(session: Session) -> Snapshot:
     m, k = p.machine, p.kernel
     if k.pending_choice is not None:
         raise EmuError("a snapshot while a choice waits for an answer")  # a Session answers every choice
-    rtl = None
-    if p.rtl is not None:
-        rtl = (([*p.rtl.vectored[0]], [*p.rtl.vectored[1]]), list(p.rtl._free))
     trace = p.trace
     return Snapshot(
         session.scenario.name, session.digest, len(trace), _cpu(session), tuple(m.regions), session.cow.take(),
-        tuple(trace.raw_states), tuple(trace.raw_transitions), rtl, session.started, session.stop,
+        tuple(trace.raw_states), tuple(trace.raw_transitions), session.started, session.stop,
         None if session.error is None else str(session.error), k.recorder.output_bytes,
         kernel=save_kernel(k), owner=session.token, context=m.uc.context_save(),
     )  # fmt: skip
@@ -224,9 +217,6 @@ def restore(session: Session, snap: Snapshot) -> None:
     if own and snap.context is not None:
         m.uc.context_restore(snap.context)
     _set_cpu(session, snap.cpu)
-    if p.rtl is not None and snap.rtl is not None:
-        p.rtl.vectored = ([*snap.rtl[0][0]], [*snap.rtl[0][1]])
-        p.rtl._free = list(snap.rtl[1])
     trace = Trace(p.trace.symbolize)
     trace.thread_starts = list(p.trace.thread_starts)
     trace.raw_states = list(snap.states)
@@ -344,7 +334,6 @@ def _from_doc(doc: dict[str, Any], memory: bytes, where: str) -> Snapshot:
     if len(memory) != len(pages) * PAGE:
         raise ValueError(f"memory.bin holds {len(memory)} bytes for {len(pages)} pages")
     layer = PageSnapshot(None, {p: memory[i * PAGE : (i + 1) * PAGE] for i, p in enumerate(pages)})
-    rtl = doc["rtl"]
     sess = doc["session"]
     return Snapshot(
         str(doc["scenario"]["name"]), str(doc["scenario"]["digest"]), int(doc["position"]),
@@ -352,10 +341,6 @@ def _from_doc(doc: dict[str, Any], memory: bytes, where: str) -> Snapshot:
         tuple(Region(int(a), int(b), str(c), str(d)) for a, b, c, d in doc["regions"]), layer,
         tuple(_state_from(s) for s in doc["trace"]["states"]),
         tuple(_transition_from(t) for t in doc["trace"]["transitions"]),
-        None if rtl is None else (
-            tuple([(int(h), int(f)) for h, f in lst] for lst in rtl["vectored"]),  # type: ignore[arg-type]
-            [int(x) for x in rtl["free"]],
-        ),
         bool(sess["started"]), sess["stop"], sess["error"], int(sess["output_bytes"]),
         kernel_doc=doc["kernel"], source=where,
     )  # fmt: skip

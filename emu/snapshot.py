@@ -14,6 +14,12 @@ instead of being protected and faulted again every time. And a large writable re
 moved onto host memory emu owns (``mem_map_ptr``): the first protection change inside a
 region makes Unicorn split it, and for a region of its own memory the split copies the
 whole region (tens of milliseconds for 64 MiB) where a host-backed one only re-points.
+
+A snapshot also holds the machine's region list when it differs from its parent's: a
+stack's guard page turns into ordinary stack and the guard moves down a page when a thread
+overflows or grows its stack (emu.kernel.stack_guard), so restoring a state from before
+that protects (and, if the mapped ranges differ, maps and unmaps) pages back as they were,
+guard pages included.
 """
 
 from __future__ import annotations
@@ -29,17 +35,39 @@ from unicorn import UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE
 from emu.loader.image import PAGE
 
 if TYPE_CHECKING:
-    from emu.machine import Machine
+    from emu.machine import Machine, Region
+
+
+def _uc_prot(perms: str) -> int:
+    return (
+        (UC_PROT_READ if "r" in perms else 0)
+        | (UC_PROT_WRITE if "w" in perms else 0)
+        | (UC_PROT_EXEC if "x" in perms else 0)
+    )
+
+
+def _coverage(regions: Iterable[Region]) -> list[tuple[int, int]]:
+    """The address ranges mapped, adjacent regions joined."""
+    out: list[tuple[int, int]] = []
+    for r in sorted(regions, key=lambda r: r.start):
+        if out and out[-1][1] == r.start:
+            out[-1] = (out[-1][0], r.end)
+        else:
+            out.append((r.start, r.end))
+    return out
 
 
 class PageSnapshot:
     """An immutable layer of page contents over its parent; ``touched`` is every page in the chain."""
 
-    __slots__ = ("delta", "depth", "memo", "parent", "touched")
+    __slots__ = ("delta", "depth", "layout", "memo", "parent", "touched")
 
-    def __init__(self, parent: PageSnapshot | None, delta: dict[int, bytes]) -> None:
+    def __init__(
+        self, parent: PageSnapshot | None, delta: dict[int, bytes], layout: tuple[Region, ...] | None = None
+    ) -> None:
         self.parent = parent
         self.delta = delta
+        self.layout = layout  # the machine's regions (None: as the machine had them when tracking began)
         inherited = parent.touched if parent else frozenset()
         self.touched: frozenset[int] = inherited | delta.keys() if delta.keys() - inherited else inherited
         self.depth: int = parent.depth + 1 if parent else 0
@@ -82,9 +110,11 @@ class CowMemory:
         self.faults = 0
         self._host: list[mmap.mmap] = []  # host memory behind large regions (kept alive here)
         self._ranges: list[tuple[int, int, int]] = []  # (start, end, writable prot)
+        self._layout: tuple[Region, ...] | None = None  # None: the regions tracking began with
+        self._initial = tuple(machine.regions)
         for r in machine.regions:
             if "w" in r.perms:
-                prot = UC_PROT_READ | UC_PROT_WRITE | (UC_PROT_EXEC if "x" in r.perms else 0)
+                prot = _uc_prot(r.perms)
                 self._ranges.append((r.start, r.end, prot))
                 if r.size >= HOST_BACKED:
                     self._host_back(r.start, r.size, prot)
@@ -154,16 +184,26 @@ class CowMemory:
             if page not in self.dirty and page not in self.hot and self._prot(page) is not None:
                 self._touch(page)
 
-    def reprotect(self, start: int, size: int, perms: str) -> None:
-        """A whole region's protection changed (the kernel made a guard page ``rw``): track its
-        pages from now on if it is writable, forget them if not (the bytes stay as they are)."""
+    def on_layout(self, start: int, size: int, perms: str) -> None:
+        """The machine mapped or re-protected [start, start+size) while tracking: its pages are
+        tracked from now on if writable (read-only until their first write), else not at all."""
         end = start + size
-        self._ranges = [r for r in self._ranges if not (r[0] == start and r[1] == end)]
+        kept: list[tuple[int, int, int]] = []
+        for lo, hi, prot in self._ranges:
+            if hi <= start or lo >= end:
+                kept.append((lo, hi, prot))
+                continue
+            if lo < start:
+                kept.append((lo, start, prot))
+            if hi > end:
+                kept.append((end, hi, prot))
         if "w" in perms:
-            prot = UC_PROT_READ | UC_PROT_WRITE | (UC_PROT_EXEC if "x" in perms else 0)
-            self._ranges.append((start, end, prot))
+            prot = _uc_prot(perms)
+            kept.append((start, end, prot))
             for page in range(start, end, PAGE):
                 self.uc.mem_protect(page, PAGE, prot if page in self.dirty else prot & ~UC_PROT_WRITE)
+        self._ranges = sorted(kept)
+        self._layout = tuple(self.machine.regions)
 
     def adopt(self, pages: Iterable[int]) -> None:
         """Keep the original bytes of ``pages`` before a snapshot from elsewhere overwrites them."""
@@ -192,17 +232,52 @@ class CowMemory:
                 delta[p] = data
         self._protect(self.dirty)
         self.dirty.clear()
-        self.current = PageSnapshot(cur, dict(sorted(delta.items())) if self.hot else delta)
+        self.current = PageSnapshot(cur, dict(sorted(delta.items())) if self.hot else delta, self._layout)
         return self.current
+
+    def _apply_layout(self, layout: tuple[Region, ...] | None) -> set[int]:
+        """Protect (and, if the mapped ranges differ, map and unmap) regions back to ``layout``;
+        returns the pages mapped afresh (zeros now)."""
+        target = layout if layout is not None else self._initial
+        machine = self.machine
+        fresh: set[int] = set()
+        if _coverage(machine.regions) != _coverage(target):
+            # Ranges mapped or unmapped since: Unicorn's own memory, never a host-backed region
+            # (those are mapped once, when tracking begins, and keep their extent).
+            now = {r.start: r for r in machine.regions}
+            want = {r.start: r for r in target}
+            for start, r in now.items():
+                if start not in want or want[start].size != r.size:
+                    self.uc.mem_unmap(r.start, r.size)
+            for start, r in want.items():
+                old = now.get(start)
+                if old is None or old.size != r.size:
+                    self.uc.mem_map(r.start, r.size, _uc_prot(r.perms))
+                    fresh.update(range(r.start, r.end, PAGE))
+        machine.regions = list(target)
+        self._ranges = sorted((r.start, r.end, _uc_prot(r.perms)) for r in target if "w" in r.perms)
+        for r in target:  # tracked pages read-only again (hot ones reopen at their next write)
+            prot = _uc_prot(r.perms)
+            self.uc.mem_protect(r.start, r.size, prot & ~UC_PROT_WRITE if "w" in r.perms else prot)
+        self._layout = layout
+        return fresh
 
     def restore(self, snap: PageSnapshot) -> int:
         """Make memory equal to ``snap``; returns how many pages were rewritten."""
         cur = self.current
+        fresh: set[int] = set()
+        relaid = snap.layout is not self._layout
+        if relaid:
+            fresh = self._apply_layout(snap.layout)
         written = 0
         live = self._live()
-        for page in sorted(cur.touched | live | snap.touched):
-            want = snap.page(page) or self.base[page]
-            if page not in live and (cur.page(page) or self.base[page]) is want:
+        for page in sorted(cur.touched | live | snap.touched | fresh):
+            if relaid and self.machine.region_at(page) is None:
+                self.dirty.discard(page)
+                self.hot.discard(page)
+                continue  # not mapped in the restored layout
+            want = snap.page(page) or self.base.get(page) or bytes(PAGE)
+            if page not in live and page not in fresh and (cur.page(page) or self.base[page]) is want:
                 continue
             self.uc.mem_write(page, want)
             written += 1

@@ -84,6 +84,7 @@ TEB_SELF = 0x30  # NT_TIB.Self, read as gs:[0x30]
 TEB_CLIENT_ID = 0x40  # CLIENT_ID { UniqueProcess, UniqueThread }
 TEB_PEB = 0x60  # ProcessEnvironmentBlock, read as gs:[0x60]
 TEB_LAST_ERROR = 0x68
+TEB_DEALLOCATION_STACK = 0x1478  # the stack's reservation base (x64 TEB, Windows 10's layout)
 TEB_SIZE = 0x2000  # 0x1838 bytes on Windows 10, rounded to two pages
 
 PEB_BEING_DEBUGGED = 0x02

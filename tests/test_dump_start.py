@@ -119,14 +119,7 @@ def test_round_trip_on_wines_ntdll(real_bin: Path, tmp_path: Path) -> None:
             assert resumed.exit_status == original.exit_status
 
 
-# Known gap, pinned: a dump does not yet carry the exception model's state (the built-in ntdll's
-# vectored-handler lists kept in emu.kernel.rtl, the machine's fault bookkeeping), so a run from a
-# dump of a scenario that raises exceptions does not go on as the original did.
-_NO_EXCEPTION_STATE = pytest.mark.xfail(strict=True, reason="dumps do not carry the exception model's state yet")
-ROUND_TRIPS = [pytest.param(p, marks=_NO_EXCEPTION_STATE) if "exception" in p.stem else p for p in BUILTIN]
-
-
-@pytest.mark.parametrize("path", ROUND_TRIPS, ids=[p.stem for p in BUILTIN])
+@pytest.mark.parametrize("path", BUILTIN, ids=[p.stem for p in BUILTIN])
 def test_every_state_round_trips(path: Path, tmp_path: Path) -> None:
     """From the dump of any state, the run goes on exactly as the original did from that state."""
     sc = load_scenario(path)

@@ -63,12 +63,12 @@ def test_breakpoints_on_every_ntdll_symbol_leave_the_run_unchanged(path: Path, s
 def test_a_vectored_handler_added_under_a_breakpoint_is_added_once(root: Path, shipped_runs: dict[str, Run]) -> None:
     s = Session(root / "scenarios" / "exception_int3.toml")
     s.run_to("ntdll!RtlAddVectoredExceptionHandler")
-    assert s.process.rtl is not None and s.process.rtl.vectored == ([], [])  # stopped before the trap acted
+    assert s.process.rtl is not None and s.process.rtl.vectored_entries(0) == []  # stopped before the trap acted
     rsp, back = s.regs.rsp, s.read_u64(s.regs.rsp)
     assert s.step_instruction() == []
     # The call returned to its caller with a handle (MS docs, AddVectoredExceptionHandler:
     # "a handle to the exception handler"), popping its return address.
     assert (s.regs.rip, s.regs.rsp) == (back, rsp + 8) and s.symbol(back).startswith("app!")
-    added: list[tuple[int, int]] = s.process.rtl.vectored[0]
-    assert len(added) == 1 and s.regs.rax == added[0][0] != 0
+    added = s.process.rtl.vectored_entries(0)
+    assert len(added) == 1 and s.regs.rax == added[0] != 0
     _same(s, shipped_runs["exception_int3"])

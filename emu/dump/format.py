@@ -78,6 +78,7 @@ PAGE_EXECUTE = 0x10
 PAGE_EXECUTE_READ = 0x20
 PAGE_EXECUTE_READWRITE = 0x40
 PAGE_EXECUTE_WRITECOPY = 0x80  # AllocationProtect of an image mapping
+PAGE_GUARD = 0x100  # a modifier: the first touch raises STATUS_GUARD_PAGE_VIOLATION (a stack's guard page)
 PROTECT_BY_PERMS: dict[str, int] = {
     "": PAGE_NOACCESS,
     "r": PAGE_READONLY,

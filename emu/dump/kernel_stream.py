@@ -10,7 +10,10 @@ the dumped state exactly. UTF-8 JSON, keys sorted; registers as lists in UserCon
 
     {"format": "emu-kernel", "version": 1,
      "state": {"id": 3, "kind": "syscall", "thread": 0},    # the recorded state the dump is of
-                                                           # (a "fault" state adds "fault": the error)
+                                                           # (a "fault" state adds "fault": the error;
+                                                           # a fault in the kernel before its exception
+                                                           # is delivered adds "raising": {"record":
+                                                           # "<EXCEPTION_RECORD hex>", "fast_fail": false})
      "profile": {"name": "win10-22h2", "dispatcher": "stack", "ssn": {"NtCallbackReturn": 5, ...}},
      "current": 0, "max_depth": 1,
      "threads": [{"index": 0, "name": "thread0", "teb": ..., "stack_base": ..., "stack_limit": ...,
@@ -56,7 +59,10 @@ if TYPE_CHECKING:
 
 KERNEL_STREAM_FORMAT = "emu-kernel"
 KERNEL_STREAM_VERSION = 1
-STATE_KINDS = ("initial", "syscall", "sysret", "callback", "callback_return", "block", "exit", "fault")
+STATE_KINDS = (
+    "initial", "syscall", "sysret", "callback", "callback_return", "block", "exit", "fault", "exception", "continue",
+    "unwind",
+)  # fmt: skip
 VIAS = ("syscall", "int 2Eh")
 Fail = Callable[[str], NoReturn]
 Json = dict[str, object]
@@ -185,6 +191,14 @@ class KernelDoc:
         if not isinstance(fault, str):
             fail("state.fault must be a string")
         self.fault = fault
+        raising = state.get("raising")
+        self.raising: tuple[bytes, bool] | None = None
+        if raising is not None:
+            r = self.table_of(raising, "state.raising")
+            self.raising = (
+                self.hexbytes(r.get("record"), "state.raising.record"),
+                self.flag(r, "fast_fail", "state.raising"),
+            )
         traps = doc.get("traps", [])
         if not isinstance(traps, list) or not all(
             isinstance(t, list) and len(t) == 4 and _int(t[0]) and all(isinstance(x, str) for x in t[1:]) for t in traps

@@ -112,6 +112,9 @@ def take(process: Process, sid: int, thread: KThread | None, kind: str, popped: 
     state: Json = {"id": sid, "kind": kind, "thread": raw.thread}
     if kind == "fault":
         state["fault"] = trace.raw_transition(-1).detail  # the run stopped there, with this error
+    if thread is not None and thread.raising is not None:
+        # A fault recorded in the kernel: the exception it raises is delivered next.
+        state["raising"] = {"record": thread.raising[0].hex(), "fast_fail": thread.raising[1]}
     profile: Json = {"name": process.scenario.profile.name, "dispatcher": p.dispatcher, "ssn": dict(kernel.ssn_table)}
     current = None if thread is None or kernel.current is None else kernel.current.tid
     memory = tuple(

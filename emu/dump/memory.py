@@ -46,6 +46,7 @@ class Region:
     allocation_base: int
     kind: int  # MEM_IMAGE or MEM_PRIVATE
     data: bytes | None = None
+    guard: bool = False  # a stack's guard page: PAGE_GUARD, no bytes (a debugger cannot read it)
 
 
 def image_regions(image: Image) -> list[Region]:
@@ -90,6 +91,12 @@ def stack_regions(rsp: int, stack: bytes, limit: int, base: int, full: bool = Fa
     return out
 
 
+def _guard(start: int, size: int, label: str) -> list[Region]:
+    """A stack's guard page as Windows commits it: PAGE_READWRITE | PAGE_GUARD (WRK
+    mm/acceschk.c MiCheckForUserStackOverflow); other no-access ranges are left out."""
+    return [Region(start, size, "rw", start, MEM_PRIVATE, None, guard=True)] if label.endswith(" guard") else []
+
+
 def process_regions(run: RunResult, full: bool = False) -> list[Region]:
     """TEBs, PEB, KUSER_SHARED_DATA, loader data, KernelCallbackTable, scenario memory: from the process as built.
 
@@ -101,8 +108,11 @@ def process_regions(run: RunResult, full: bool = False) -> list[Region]:
     images = [(img.base, img.end) for img in run.images]
     out = []
     for r in machine.regions:
-        if any(lo <= r.start < hi for lo, hi in images) or not r.perms:
-            continue  # images come from the run's images; guard pages are not committed memory
+        if any(lo <= r.start < hi for lo, hi in images):
+            continue  # images come from the run's images
+        if not r.perms:
+            out += _guard(r.start, r.size, r.label)
+            continue
         if r.label.startswith("thread ") and r.label.endswith(" stack"):
             continue
         keep = full or not r.label.startswith("memory ")
@@ -111,11 +121,14 @@ def process_regions(run: RunResult, full: bool = False) -> list[Region]:
     return out
 
 
-def live_regions(run: RunResult, live: LiveState, stacks: dict[int, int], full: bool = False) -> list[Region]:
+def live_regions(
+    run: RunResult, live: LiveState, stacks: dict[tuple[int, int], int], full: bool = False
+) -> list[Region]:
     """Every committed region of the process as it was at the state (see :mod:`emu.dump.live`).
 
-    ``stacks`` maps the stack limit of each dumped thread to the RSP it is shown with: its
-    stack carries bytes from RSP's page up (all of it with ``full``). Stacks of threads the
+    ``stacks`` maps the stack (limit, base) of each dumped thread to the RSP it is shown with:
+    its stack carries bytes from RSP's page up (all of it with ``full``); the limit is the
+    thread's now, below the stack as allocated once an overflow committed its guard page. Stacks of threads the
     dump leaves out (ended ones) and guard pages are not written; images, TEBs, the PEB,
     KUSER_SHARED_DATA, loader data and the scenario's memory carry their bytes as they were.
     """
@@ -123,12 +136,13 @@ def live_regions(run: RunResult, live: LiveState, stacks: dict[int, int], full: 
     out: list[Region] = []
     for r in live.memory:
         if not r.perms:
-            continue  # a guard page: not committed memory
+            out += _guard(r.start, r.size, r.label)
+            continue
         base = next((lo for lo, hi in images if lo <= r.start < hi), None)
         if base is not None:
             out.append(Region(r.start, r.size, r.perms, base, MEM_IMAGE, r.data))
-        elif r.label.startswith("thread ") and r.label.endswith(" stack"):
-            rsp = stacks.get(r.start)
+        elif r.label.startswith("thread ") and " stack" in r.label:
+            rsp = next((v for (lo, hi), v in stacks.items() if lo <= r.start < hi), None)
             if rsp is None:
                 continue
             low = r.start if full or not r.start <= rsp < r.start + r.size else rsp & ~(PAGE - 1)

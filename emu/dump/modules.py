@@ -14,7 +14,9 @@ applications): UTF-8 JSON, keys sorted, addresses as RVAs::
                   "symbols": {"internal_label": 4352}}]}
 
 ``symbols`` (optional) names what the image knows besides its exports (a PE file's COFF
-symbols, say), so that a run started from the dump names addresses as the original did.
+symbols, say), so that a run started from the dump names addresses as the original did;
+internal labels (``NtClose__int2e``) come along too: they name no address, but they are how
+the kernel model finds the built-in ntdll's traps (:mod:`emu.kernel.rtl`) in the dumped ntdll.
 
 Dumps from elsewhere lack the stream; then :func:`pe_exports` reads the export directory
 from the dump's memory, when the dump holds the module's headers.
@@ -73,7 +75,7 @@ def emu_stream(images: Iterable[Image], source: dict[str, object]) -> bytes:
         }
         if img.pdata:
             record["pdata"] = img.pdata.hex()
-        extra = {n: a - img.base for n, a in sorted(img.symbols.items()) if n not in img.exports and "__" not in n}
+        extra = {n: a - img.base for n, a in sorted(img.symbols.items()) if n not in img.exports}
         if extra:
             record["symbols"] = extra
         modules.append(record)

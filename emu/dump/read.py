@@ -47,6 +47,7 @@ from emu.dump.format import (
     MINIDUMP_SYSTEM_INFO,
     MINIDUMP_THREAD,
     MINIDUMP_VERSION,
+    PAGE_GUARD,
     PERMS_BY_PROTECT,
     PROCESSOR_ARCHITECTURE_AMD64,
     STREAM_NAMES,
@@ -96,7 +97,12 @@ class MemoryRegion:
 
     @property
     def perms(self) -> str:
-        return PERMS_BY_PROTECT.get(self.protect & 0xFF, "r")
+        return "" if self.guard else PERMS_BY_PROTECT.get(self.protect & 0xFF, "r")
+
+    @property
+    def guard(self) -> bool:
+        """A guard page: no access until its first touch (emu maps it so)."""
+        return bool(self.protect & PAGE_GUARD)
 
 
 @dataclass(frozen=True)

@@ -36,18 +36,21 @@ from emu.engine import Process, RunResult
 from emu.errors import BudgetExceeded, DumpError, EmuError, ImageError, MachineFault, UnimplementedImport
 from emu.hooks import Halt
 from emu.kernel import Kernel, KernelHooks, KThread, Recorder, ServiceRegistry, sched
+from emu.kernel.exception import deliver
 from emu.kernel.objects import Event, Mutant
 from emu.kernel.thread import ThreadServiceContext
 from emu.loader.image import PAGE, Image, Symbolizer, page_align
 from emu.loader.stubs import guess_dispatcher_convention, service_table
 from emu.machine import Machine
+from emu.ntcontext import EXCEPTION_RECORD_SIZE, Context, ExceptionRecord
 from emu.process_services import registry_for
 from emu.scenario import Scenario
 from emu.services import Services, bind, services_for
 from emu.trace import Trace
 from emu.winnt import KUSER_SHARED_DATA, TEB_STACK_BASE, TEB_STACK_LIMIT
 
-RUNNING_KINDS = ("syscall", "sysret", "callback", "callback_return")  # the state's thread goes on at once
+# The state's thread goes on at once (after "exception" in the kernel, the kernel delivers it first).
+RUNNING_KINDS = ("syscall", "sysret", "callback", "callback_return", "exception", "continue", "unwind")
 
 
 class DumpProcess(Process):
@@ -93,8 +96,8 @@ class DumpProcess(Process):
             self.machine, self.profile, registry, recorder, dispatcher, b.callback_depth, ssn_table, self.hooks
         )
         self.kernel.visible = lambda name: name in shared
-        # The built-in ntdll's vectored-handler lists live in emu.kernel.rtl, not in the dump:
-        # a dump does not carry them yet.
+        # The built-in ntdll's traps are found by its labels in EmuModulesStream; its vectored
+        # handler lists are in its .data, so the dump's memory carries them.
         self._deliver_exceptions()
         self.stack_regions: list[tuple[int, int, str]] = []
         self._first: list[tuple[KThread, UserContext, str | None, bool]] = []  # each thread's first record
@@ -141,6 +144,7 @@ class DumpProcess(Process):
                     region = m.region_at(page)
                     page = region.end if region is not None else page + PAGE
             m.write(start, data)
+        self._label_guard_pages()
         if loose and view.regions:
             self.notes.append(f"{loose} memory range(s) of the dump lie outside its MemoryInfoList: mapped read-write")
         elif loose:
@@ -153,6 +157,17 @@ class DumpProcess(Process):
             raise BudgetExceeded(
                 "memory", self.scenario.budgets.memory, f"{self.dump_path}: {mapped} bytes mapped", "bytes"
             )
+
+    def _label_guard_pages(self) -> None:
+        """A thread's stack guard page (PAGE_GUARD right below its TEB's StackLimit) is named as
+        the original run named it, so that touching it is a stack overflow again."""
+        m = self.machine
+        for i, t in enumerate(self.view.thread_records):
+            if not m.readable(t.teb + TEB_STACK_LIMIT, 8):
+                continue
+            guard = m.region_at(m.read_u64(t.teb + TEB_STACK_LIMIT) - PAGE)
+            if guard is not None and any(r.guard and r.base == guard.start for r in self.view.regions):
+                m.protect(guard.start, guard.size, "", f"thread {i} stack guard")
 
     def _label(self, address: int) -> str:
         img = next((i for i in self.images if i.contains(address)), None)
@@ -306,7 +321,23 @@ class DumpProcess(Process):
             return self._stopped("fault", MachineFault(self.doc.fault or "the dumped thread faulted"))
         if self.idle:
             return self._stopped("deadlock" if self.kernel.deadlock else "exit", None)
+        if self.doc is not None and self.doc.raising is not None:
+            self._deliver_raised(*self.doc.raising)
         return super().run()
+
+    def _deliver_raised(self, record: bytes, fast_fail: bool) -> None:
+        """The dump is of a fault the kernel has recorded but not yet delivered: deliver it now,
+        as the original run did next (emu.kernel.exception.deliver)."""
+        k, thread = self.kernel, self.thread
+        if len(record) != EXCEPTION_RECORD_SIZE:
+            self._fail(
+                "EmuKernelStream", f"state.raising.record is {len(record)} bytes, expected {EXCEPTION_RECORD_SIZE}"
+            )
+        k.current = thread
+        self.machine.set_gs_base(thread.teb)
+        ext = self.machine.extended_state()
+        ctx = Context(self.machine.regs.context(), ext.xmm, ext.mxcsr, x87=ext.x87)
+        deliver(k, thread, ExceptionRecord.from_bytes(record), ctx, fast_fail)
 
     def _stopped(self, stop: str, error: EmuError | None) -> RunResult:
         k = self.kernel

@@ -46,6 +46,7 @@ from emu.dump.format import (
     MINIDUMP_THREAD,
     MINIDUMP_VERSION,
     PAGE_EXECUTE_WRITECOPY,
+    PAGE_GUARD,
     PAGE_READWRITE,
     PROCESSOR_ARCHITECTURE_AMD64,
     PROTECT_BY_PERMS,
@@ -155,7 +156,7 @@ def _memory_info(r: Region) -> bytes:
     return MINIDUMP_MEMORY_INFO.pack({
         "BaseAddress": r.start, "AllocationBase": r.allocation_base, "RegionSize": r.size, "State": MEM_COMMIT,
         "AllocationProtect": PAGE_EXECUTE_WRITECOPY if r.kind == MEM_IMAGE else PAGE_READWRITE,
-        "Protect": PROTECT_BY_PERMS.get(r.perms, PAGE_READWRITE), "Type": r.kind,
+        "Protect": PROTECT_BY_PERMS.get(r.perms, PAGE_READWRITE) | (PAGE_GUARD if r.guard else 0), "Type": r.kind,
     })  # fmt: skip
 
 
@@ -196,12 +197,17 @@ def write_minidump(
     if live is not None:
         if live.state != state.id:
             raise DumpError(f"state s{state.id}: the captured process is at s{live.state}")
-        regions = live_regions(run, live, {t.stack_limit: shown.context.rsp for t, shown in dumped}, full)
+        regions = live_regions(
+            run, live, {(t.stack_limit, t.stack_base): shown.context.rsp for t, shown in dumped}, full
+        )
     else:
         regions = [r for img in images for r in image_regions(img)]
         regions += process if process is not None else process_regions(run, full)
         for t, shown in dumped:
             regions += stack_regions(shown.context.rsp, shown.stack, t.stack_limit, t.stack_base, full)
+        # A guard page the run has committed since (a stack overflow) is stack now, not a guard.
+        stacks = [(t.stack_limit, t.stack_base) for t, _ in dumped]
+        regions = [r for r in regions if not (r.guard and any(lo <= r.start < hi for lo, hi in stacks))]
     regions.sort(key=lambda r: r.start)
     ranges = [r for r in regions if r.data]
     threads = [

@@ -1,6 +1,7 @@
 """The kernel model: service registry, system call dispatch and callback stacks."""
 
 from emu.context import KTrapFrame
+from emu.kernel.builtin_services import builtin_services
 from emu.kernel.core import Kernel
 from emu.kernel.hooks import KernelHooks
 from emu.kernel.record import Recorder
@@ -15,7 +16,6 @@ from emu.kernel.services import (
     ServiceRegistry,
     TerminateThread,
     UserCallback,
-    builtin_services,
 )
 from emu.kernel.thread import CallbackFrame, KThread
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from emu.context import REGISTER_NAMES, KTrapFrame, UserContext
 from emu.errors import BudgetExceeded, EmuError, ModelBug, UnimplementedService
-from emu.kernel import exception, sched
+from emu.kernel import exception, port_io, sched
 from emu.kernel.callout import kernel_stack_overflow, lay_out
 from emu.kernel.hooks import KernelHooks
 from emu.kernel.objects import ObjectTable, ReceiveMessage, ReleaseMutant, ReplyMessage, SendMessage, SetEvent, Wait
@@ -33,8 +33,9 @@ from emu.kernel.services import (
 )
 from emu.kernel.symbolic import Symbolic
 from emu.kernel.thread import CallbackFrame, KThread, PendingChoice, ThreadServiceContext
-from emu.machine import XMM_IDS, Machine, Trap
+from emu.machine import Machine, Trap
 from emu.profile import Profile
+from emu.registers import XMM_IDS
 from emu.winnt import (
     STATUS_ACCESS_VIOLATION,
     STATUS_INVALID_SYSTEM_SERVICE,
@@ -121,6 +122,7 @@ class Kernel:
         # Called with (previous, next) when another thread goes on the CPU (emu.hooks); None: no cost.
         self.on_switch: Callable[[KThread, KThread], None] | None = None
         machine.install(self.on_syscall, self.on_interrupt)
+        port_io.install(machine)
         machine.exception_handler = self.on_trap
 
     # --- threads ------------------------------------------------------------------------
@@ -275,6 +277,9 @@ class Kernel:
             self._sysret_now(thread, regs, via, STATUS_INVALID_SYSTEM_SERVICE, None, "")
             return
         spec = self.registry.get(name)
+        if spec is None and name in _CONTEXT_SERVICES:
+            _CONTEXT_SERVICES[name](self, thread, regs, via, ssn, False)
+            return
         if spec is None:
             raise UnimplementedService(ssn, name)
         constant = self._constants.get(name)

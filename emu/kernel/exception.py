@@ -19,6 +19,7 @@ from emu.context import UserContext
 from emu.errors import MachineFault
 from emu.kernel import sched
 from emu.kernel.record import read_or_none
+from emu.kernel.stack_guard import is_guard, touch_guard
 from emu.loader.image import PAGE
 from emu.machine import ExtendedState, Trap
 from emu.ntcontext import (
@@ -50,7 +51,6 @@ from emu.winnt import (
     STATUS_SINGLE_STEP,
     STATUS_STACK_BUFFER_OVERRUN,
     STATUS_STACK_OVERFLOW,
-    TEB_STACK_LIMIT,
     status_name,
 )
 
@@ -66,9 +66,6 @@ _RFLAGS_IF = 0x200
 # KiPageFault's load/store indicator (WRK trap.asm: error code bits W and I/D, `shr 1; and 9`);
 # MS docs EXCEPTION_RECORD: 0 read, 1 write, 8 user-mode DEP violation.
 _ACCESS_INDICATOR = {"read": 0, "write": 1, "execute": 8}
-# Stacks are laid out as [reserved page][guard page][committed stack] (emu.machine.allocate_stack
-# leaves the page below the guard unmapped): the reserve that stays uncommitted.
-_RESERVE_PAGES = 1
 
 
 @dataclass(frozen=True)
@@ -79,7 +76,6 @@ class Raised:
     rip: int
     rflags: int
     description: str
-    guard_page: int | None = None  # the stack guard page the fault touched (stack overflow)
     fast_fail: bool = False  # int 29h: no handler runs (the process ends at once)
 
 
@@ -154,22 +150,21 @@ def _divisor_is_zero(kernel: Kernel, code: bytes, regs: UserContext) -> bool:
     return True
 
 
-def classify(kernel: Kernel, thread: KThread, trap: Trap, regs: UserContext) -> Raised:
-    """The exception Windows raises for a fault (WRK trap.asm and decode.c), with the CONTEXT's RIP."""
+def classify(kernel: Kernel, thread: KThread, trap: Trap, regs: UserContext, overflow: bool = False) -> Raised:
+    """The exception Windows raises for a fault (WRK trap.asm and decode.c), with the CONTEXT's RIP;
+    ``overflow``: the fault touched the stack's guard page with no room left to move it down."""
     sym = kernel.trace.symbolize
     rip = trap.rip
     code = _read(kernel, rip, 16)
     where = sym(rip)
     if trap.kind == "memory":
         indicator = _ACCESS_INDICATOR.get(trap.access, 0)
-        guard = thread.stack_limit - PAGE
-        if guard <= trap.address < thread.stack_limit and trap.region.endswith("guard"):
-            # MiCheckForUserStackOverflow (WRK mm/acceschk.c): the guard page was touched and
-            # no reserve is left below it to move the guard to, so the guard page is committed
-            # for the handler and the fault becomes STATUS_STACK_OVERFLOW (KiPageFault passes
-            # the load/store indicator and the address as its two parameters).
+        if overflow:
+            # MiCheckForUserStackOverflow (WRK mm/acceschk.c, emu.kernel.stack_guard): no room was
+            # left to move the guard page down, so the fault becomes STATUS_STACK_OVERFLOW (KiPageFault
+            # passes the load/store indicator and the address as its two parameters).
             record = ExceptionRecord(STATUS_STACK_OVERFLOW, rip, (indicator, trap.address))
-            return Raised(record, rip, regs.rflags, f"stack overflow ({trap.message})", guard_page=guard)
+            return Raised(record, rip, regs.rflags, f"stack overflow ({trap.message})")
         record = ExceptionRecord(STATUS_ACCESS_VIOLATION, rip, (indicator, trap.address))
         what = {"read": "reading", "write": "writing", "execute": "executing"}.get(trap.access, "at")
         return Raised(record, rip, regs.rflags, f"access violation {what} {trap.address:#x} at {where}")
@@ -234,34 +229,37 @@ def on_trap(kernel: Kernel, trap: Trap) -> bool:
         return False
     machine = kernel.machine
     regs = machine.regs.context()
+    guard, overflow = thread.stack_limit - PAGE, False
+    if trap.kind == "memory" and guard <= trap.address < thread.stack_limit and is_guard(kernel, guard):
+        if touch_guard(kernel, thread, guard):
+            # The stack grew (STATUS_PAGE_FAULT_GUARD_PAGE): the access is retried, no exception.
+            machine.regs.write(("rip",), (trap.rip,))
+            return True
+        overflow = True
     if kernel.exceptions == "stop":
         if trap.kind == "memory":
             return False  # the machine's own message (as before exceptions were delivered)
-        raised = classify(kernel, thread, trap, regs)
+        raised = classify(kernel, thread, trap, regs, overflow)
         raise MachineFault(raised.description, trap.rip, kernel.trace.symbolize(trap.rip))
-    raised = classify(kernel, thread, trap, regs)
-    if raised.guard_page is not None:
-        commit_guard_page(kernel, thread, raised.guard_page)
+    raised = classify(kernel, thread, trap, regs, overflow)
     ext = machine.extended_state()
-    ctx = Context(regs._replace(rip=raised.rip, rflags=raised.rflags), ext.xmm, ext.mxcsr)
-    kernel.recorder.exception(thread, tuple(ctx.regs), raised.record.code, f"{raised.description}; first chance")
-    if raised.fast_fail:
-        terminate_process(kernel, thread, raised.record.code, "fast fail: the process ends, no handler runs")
-        return True
-    dispatch_to_user(kernel, thread, raised.record, ctx, first_chance=True, rip_adjust=0)
+    ctx = Context(regs._replace(rip=raised.rip, rflags=raised.rflags), ext.xmm, ext.mxcsr, x87=ext.x87)
+    thread.raising = (raised.record.to_bytes(), raised.fast_fail)
+    try:
+        kernel.recorder.exception(thread, tuple(ctx.regs), raised.record.code, f"{raised.description}; first chance")
+    finally:
+        thread.raising = None
+    deliver(kernel, thread, raised.record, ctx, raised.fast_fail)
     return True
 
 
-def commit_guard_page(kernel: Kernel, thread: KThread, guard: int) -> None:
-    """MiCheckForUserStackOverflow with no room left below the guard: the guard page becomes
-    ordinary read/write stack and TEB.StackLimit moves down to it (WRK mm/acceschk.c). The
-    page below stays reserved, so overflowing again is an access violation, as on Windows; a
-    program re-arms the guard itself (_resetstkoflw)."""
-    region = kernel.machine.region_at(guard)
-    label = region.label.removesuffix(" guard") if region is not None else f"thread {thread.tid} stack"
-    kernel.machine.protect(guard, PAGE, "rw", f"{label} (was its guard page)")
-    thread.stack_limit = guard
-    kernel.machine.write_u64(thread.teb + TEB_STACK_LIMIT, guard)
+def deliver(kernel: Kernel, thread: KThread, record: ExceptionRecord, ctx: Context, fast_fail: bool) -> None:
+    """A fault's exception, once the kernel has it: to the user-mode dispatcher, or (a fast
+    fail) straight to the end of the process."""
+    if fast_fail:
+        terminate_process(kernel, thread, record.code, "fast fail: the process ends, no handler runs")
+        return
+    dispatch_to_user(kernel, thread, record, ctx, first_chance=True, rip_adjust=0)
 
 
 def frame_layout(rsp: int) -> tuple[int, int, int]:
@@ -296,15 +294,16 @@ def dispatch_to_user(
     if dispatcher is None:
         terminate_process(kernel, thread, record.code, "the loaded ntdll exports no KiUserExceptionDispatcher")
         return
-    for _attempt in range(2):
+    for _attempt in range(4):
         context_at, record_at, frame_at = frame_layout(ctx.regs.rsp)
         end = frame_at + MACHINE_FRAME_SIZE
         guard = thread.stack_limit - PAGE
-        if context_at < thread.stack_limit and guard <= context_at and _is_guard(kernel, guard):
-            # Writing the frame touches the guard page: KiDispatchException's probe fails with
-            # STATUS_STACK_OVERFLOW, which it raises instead ("goto repeat"), keeping the address.
-            commit_guard_page(kernel, thread, guard)
-            record = ExceptionRecord(STATUS_STACK_OVERFLOW, record.address, (1, context_at))
+        if context_at < thread.stack_limit and guard <= context_at and is_guard(kernel, guard):
+            # Writing the frame touches the guard page (ProbeForWrite goes up from the frame's
+            # lowest page): the stack grows, or the probe fails with STATUS_STACK_OVERFLOW, which
+            # KiDispatchException raises instead ("goto repeat"), keeping the address.
+            if not touch_guard(kernel, thread, guard):
+                record = ExceptionRecord(STATUS_STACK_OVERFLOW, record.address, (1, context_at))
             continue
         if context_at < thread.stack_limit or not _writable(kernel, context_at, end - context_at):
             # The probe fails for another reason: second chance processing, the process ends.
@@ -319,7 +318,7 @@ def dispatch_to_user(
         return
     # ContextFlags as KiDispatchException captures them: CONTEXT_FULL | CONTEXT_DEBUG_REGISTERS |
     # CONTEXT_SEGMENTS (the debug registers are all zero here).
-    frame = Context(ctx.regs, ctx.xmm, ctx.mxcsr, CONTEXT_FULL | CONTEXT_SEGMENTS | 0x10)
+    frame = Context(ctx.regs, ctx.xmm, ctx.mxcsr, CONTEXT_FULL | CONTEXT_SEGMENTS | 0x10, ctx.x87)
     machine_frame = struct.pack("<5Q", ctx.regs.rip, USER_CS, ctx.regs.rflags & 0xFFFF_FFFF, ctx.regs.rsp, USER_SS)
     block = bytearray(end - context_at)
     block[0:CONTEXT_SIZE] = frame.to_bytes()
@@ -332,14 +331,12 @@ def dispatch_to_user(
     # CONTEXT, RIP at KiUserExceptionDispatcher and TF cleared (WRK exceptn.c).
     entry = ctx.regs._replace(rsp=context_at, rip=dispatcher, rflags=(ctx.regs.rflags & ~RFLAGS_TF) | 0x2)
     kernel.machine.regs.set_context(entry._replace(rip=dispatcher - rip_adjust))
-    kernel.machine.set_extended_state(ExtendedState(list(ctx.xmm), ctx.mxcsr))
+    # The floating-point state goes on as it was at the fault: KiDispatchException changes only
+    # RSP, RIP, CS and TF in the trap frame (WRK ke/amd64/exceptn.c), so the dispatcher and the
+    # handlers start with the faulting code's MXCSR, x87 control word and registers.
+    kernel.machine.set_extended_state(ExtendedState(list(ctx.xmm), ctx.mxcsr, ctx.x87))
     detail = f"{status_name(record.code)} at {sym(record.address)} to KiUserExceptionDispatcher"
     kernel.recorder.exception(thread, tuple(entry), record.code, detail, mode="user")
-
-
-def _is_guard(kernel: Kernel, page: int) -> bool:
-    region = kernel.machine.region_at(page)
-    return region is not None and region.label.endswith("guard")
 
 
 def _writable(kernel: Kernel, address: int, size: int) -> bool:
@@ -369,11 +366,14 @@ def terminate_process(kernel: Kernel, thread: KThread, status: int, detail: str)
 
 
 # --- system services -------------------------------------------------------------------------
-def nt_continue(kernel: Kernel, thread: KThread, regs: tuple[int, ...], via: str, ssn: int) -> None:
+def nt_continue(
+    kernel: Kernel, thread: KThread, regs: tuple[int, ...], via: str, ssn: int, entered: bool = True
+) -> None:
     """NtContinue(ContextRecord, TestAlert): the thread goes on with the CONTEXT's registers
     (KeContextToKframes, WRK exceptn.c: control, integer and floating state as ContextFlags
     say, EFlags sanitized, CS/SS forced to the user selectors). APCs are not modelled."""
-    kernel.recorder.syscall(thread, regs, "NtContinue", ssn, "NtContinue", False, _via(via))
+    if entered:  # False: the entry is recorded already (a run from a dump of it)
+        kernel.recorder.syscall(thread, regs, "NtContinue", ssn, "NtContinue", False, _via(via))
     raw = read_or_none(kernel.machine, regs[10], CONTEXT_SIZE)
     if raw is None:
         kernel.sysret_status(thread, regs, via, STATUS_ACCESS_VIOLATION, "NtContinue")
@@ -391,15 +391,18 @@ def _apply_context(kernel: Kernel, trap: UserContext, c: Context) -> UserContext
         new = new._replace(rip=c.regs.rip, rsp=c.regs.rsp, rflags=(c.regs.rflags & _USER_EFLAGS) | _RFLAGS_IF | 0x2)
     if c.flags & CONTEXT_FLOATING_POINT == CONTEXT_FLOATING_POINT:
         # SANITIZE_MXCSR: reserved bits cleared.
-        kernel.machine.set_extended_state(ExtendedState(list(c.xmm), c.mxcsr & 0xFFFF))
+        kernel.machine.set_extended_state(ExtendedState(list(c.xmm), c.mxcsr & 0xFFFF, c.x87))
     return new
 
 
-def nt_raise_exception(kernel: Kernel, thread: KThread, regs: tuple[int, ...], via: str, ssn: int) -> None:
+def nt_raise_exception(
+    kernel: Kernel, thread: KThread, regs: tuple[int, ...], via: str, ssn: int, entered: bool = True
+) -> None:
     """NtRaiseException(ExceptionRecord, ContextRecord, FirstChance): KiRaiseException copies both
     (at most 15 parameters, else STATUS_INVALID_PARAMETER), makes the CONTEXT the thread's state
     and dispatches the exception from user mode (WRK ke/raisexcp.c, exceptn.c)."""
-    kernel.recorder.syscall(thread, regs, "NtRaiseException", ssn, "NtRaiseException", False, _via(via))
+    if entered:  # False: the entry is recorded already (a run from a dump of it)
+        kernel.recorder.syscall(thread, regs, "NtRaiseException", ssn, "NtRaiseException", False, _via(via))
     rec_raw = read_or_none(kernel.machine, regs[10], EXCEPTION_RECORD_SIZE)
     ctx_raw = read_or_none(kernel.machine, regs[2], CONTEXT_SIZE)
     if rec_raw is None or ctx_raw is None:
@@ -413,13 +416,16 @@ def nt_raise_exception(kernel: Kernel, thread: KThread, regs: tuple[int, ...], v
     state = _apply_context(kernel, UserContext._make(regs), ctx)
     ext = kernel.machine.extended_state()
     first = bool(regs[8] & 0xFF)
-    dispatch_to_user(kernel, thread, record, Context(state, ext.xmm, ext.mxcsr), first, kernel.entry_len)
+    dispatch_to_user(kernel, thread, record, Context(state, ext.xmm, ext.mxcsr, x87=ext.x87), first, kernel.entry_len)
 
 
-def nt_terminate_process(kernel: Kernel, thread: KThread, regs: tuple[int, ...], via: str, ssn: int) -> None:
+def nt_terminate_process(
+    kernel: Kernel, thread: KThread, regs: tuple[int, ...], via: str, ssn: int, entered: bool = True
+) -> None:
     """NtTerminateProcess(ProcessHandle, ExitStatus) for the current process (NtCurrentProcess(),
     handle -1, or NULL: MS docs ZwTerminateProcess): every thread ends with ExitStatus."""
-    kernel.recorder.syscall(thread, regs, "NtTerminateProcess", ssn, "NtTerminateProcess", False, _via(via))
+    if entered:  # False: the entry is recorded already (a run from a dump of it)
+        kernel.recorder.syscall(thread, regs, "NtTerminateProcess", ssn, "NtTerminateProcess", False, _via(via))
     if regs[10] not in (0, 0xFFFF_FFFF_FFFF_FFFF):
         kernel.sysret_status(thread, regs, via, STATUS_INVALID_HANDLE, "NtTerminateProcess")
         return

@@ -84,6 +84,9 @@ class KThread:
     # In kernel mode after a callback returned: what the resuming service is about to get
     # (its position, the status and output). Part of the state's identity when exploring.
     resuming: tuple[object, ...] | None = None
+    # While the kernel records a fault, before it delivers the exception: the EXCEPTION_RECORD's
+    # bytes and whether it is a fast fail (a dump of that state carries them).
+    raising: tuple[bytes, bool] | None = None
     name: str = ""
     started: bool = False
     suspended: Suspended | None = None  # kernel work off the CPU (see emu.kernel.sched)

@@ -10,22 +10,27 @@ from __future__ import annotations
 
 import bisect
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from emu.context import UserContext
+from emu.loader.unwind_data import GPR, Reader, UnwindDataError, exception_directory, read_unwind_info
+from emu.winnt import (
+    UNW_FLAG_EHANDLER,
+    UNW_FLAG_UHANDLER,
+    UWOP_ALLOC_LARGE,
+    UWOP_ALLOC_SMALL,
+    UWOP_PUSH_MACHFRAME,
+    UWOP_PUSH_NONVOL,
+    UWOP_SAVE_NONVOL,
+    UWOP_SAVE_NONVOL_FAR,
+    UWOP_SAVE_XMM128,
+    UWOP_SAVE_XMM128_FAR,
+    UWOP_SET_FPREG,
+)
 
-Reader = Callable[[int, int], "bytes | None"]
-
-UWOP_PUSH_NONVOL, UWOP_ALLOC_LARGE, UWOP_ALLOC_SMALL, UWOP_SET_FPREG = 0, 1, 2, 3
-UWOP_SAVE_NONVOL, UWOP_SAVE_NONVOL_FAR, UWOP_EPILOG, UWOP_SPARE = 4, 5, 6, 7
-UWOP_SAVE_XMM128, UWOP_SAVE_XMM128_FAR, UWOP_PUSH_MACHFRAME = 8, 9, 10
-UNW_FLAG_EHANDLER, UNW_FLAG_UHANDLER, UNW_FLAG_CHAININFO = 1, 2, 4
-_SLOTS = (1, 2, 1, 1, 2, 3, 2, 3, 2, 3, 1)  # slots per op (ALLOC_LARGE with OpInfo 1 takes 3)
-# Register numbers in unwind codes: RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI, R8..R15 (MS docs),
-# which is UserContext's order.
-GPR = UserContext._fields[:16]
-_MASK = 0xFFFF_FFFF_FFFF_FFFF
+__all__ = [
+    "UNW_FLAG_EHANDLER", "UNW_FLAG_UHANDLER", "FunctionEntry", "Reader", "UnwindError", "Unwound", "exception_directory",
+    "lookup", "virtual_unwind",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -37,19 +42,6 @@ class FunctionEntry:
     begin: int
     end: int
     unwind: int
-
-
-def exception_directory(read: Reader, base: int) -> tuple[int, int] | None:
-    """(RVA, size) of a mapped PE image's exception directory (data directory 3), or None."""
-    head = read(base, 0x40)
-    if head is None or head[:2] != b"MZ":
-        return None
-    (lfanew,) = struct.unpack_from("<I", head, 0x3C)
-    nt = read(base + lfanew, 24 + 112 + 16 * 8)
-    if nt is None or nt[:4] != b"PE\0\0" or struct.unpack_from("<H", nt, 24)[0] != 0x20B:
-        return None
-    rva, size = struct.unpack_from("<II", nt, 24 + 112 + 3 * 8)
-    return (rva, size) if rva and size else None
 
 
 def lookup(read: Reader, images: list[tuple[int, int]], pc: int) -> FunctionEntry | None:
@@ -84,7 +76,7 @@ class Unwound:
     establisher: int  # the establisher frame
 
 
-class UnwindError(Exception):
+class UnwindError(UnwindDataError):
     """The unwind data or the stack cannot be read: the walk stops (a broken stack)."""
 
 
@@ -167,66 +159,50 @@ def virtual_unwind(
     establisher = regs["rsp"]
     machframe = False
     while True:
-        info = read(base + current.unwind, 4)
-        if info is None:
-            raise UnwindError(f"UNWIND_INFO at {base + current.unwind:#x} is not readable")
-        flags, prolog, count, frame = info[0] >> 3, info[1], info[2], info[3]
-        raw = read(base + current.unwind + 4, 2 * count + 2 * (count % 2) + 12) or b""
-        slots = [struct.unpack_from("<H", raw, 2 * k)[0] for k in range(count)]
-        frame_reg, frame_off = frame & 0xF, (frame >> 4) * 16
+        try:
+            info = read_unwind_info(read, base + current.unwind, base)
+        except UnwindDataError as e:
+            raise UnwindError(str(e)) from None
+        frame_reg, frame_off = info.frame_register, info.frame_offset * 16
         if first:
             establisher = regs["rsp"]
             if frame_reg:
-                set_at = next(
-                    (s & 0xFF for s in slots if (s >> 8) & 0xF == UWOP_SET_FPREG), 0
-                )  # CodeOffset of SET_FPREG
-                if offset >= prolog or offset >= set_at:
+                # CodeOffset of SET_FPREG: from there on the frame register holds the frame.
+                set_at = next((c.offset for c in info.codes if c.op == UWOP_SET_FPREG), 0)
+                if offset >= info.prolog_size or offset >= set_at:
                     establisher = regs[GPR[frame_reg]] - frame_off
-        k = 0
-        while k < count:
-            code_offset, op, op_info = slots[k] & 0xFF, (slots[k] >> 8) & 0xF, slots[k] >> 12
-            n = _SLOTS[op] if op < len(_SLOTS) else 1
-            if op == UWOP_ALLOC_LARGE and op_info == 1:
-                n = 3
-            if first and code_offset > offset and not (flags & UNW_FLAG_CHAININFO and not first):
-                k += n  # this prolog instruction has not run yet
-                continue
+        for code in info.codes:
+            if first and code.offset > offset:
+                continue  # this prolog instruction has not run yet
+            op = code.op
             if op == UWOP_PUSH_NONVOL:
-                regs[GPR[op_info]] = _u64(read, regs["rsp"])
+                regs[GPR[code.info]] = _u64(read, regs["rsp"])
                 regs["rsp"] += 8
-            elif op == UWOP_ALLOC_LARGE:
-                size = slots[k + 1] * 8 if op_info == 0 else slots[k + 1] | slots[k + 2] << 16
-                regs["rsp"] += size
-            elif op == UWOP_ALLOC_SMALL:
-                regs["rsp"] += op_info * 8 + 8
+            elif op in (UWOP_ALLOC_LARGE, UWOP_ALLOC_SMALL):
+                regs["rsp"] += code.value
             elif op == UWOP_SET_FPREG:
                 regs["rsp"] = regs[GPR[frame_reg]] - frame_off
             elif op in (UWOP_SAVE_NONVOL, UWOP_SAVE_NONVOL_FAR):
-                where = slots[k + 1] * 8 if op == UWOP_SAVE_NONVOL else slots[k + 1] | slots[k + 2] << 16
-                regs[GPR[op_info]] = _u64(read, regs["rsp"] + where)
+                regs[GPR[code.info]] = _u64(read, regs["rsp"] + code.value)
             elif op in (UWOP_SAVE_XMM128, UWOP_SAVE_XMM128_FAR):
-                where = slots[k + 1] * 16 if op == UWOP_SAVE_XMM128 else slots[k + 1] | slots[k + 2] << 16
-                value = read(regs["rsp"] + where, 16)
+                value = read(regs["rsp"] + code.value, 16)
                 if xmm is not None and value is not None:
-                    xmm[op_info] = int.from_bytes(value, "little")
+                    xmm[code.info] = int.from_bytes(value, "little")
             elif op == UWOP_PUSH_MACHFRAME:
                 # A machine frame (Rip, SegCs, EFlags, Rsp, SegSs), after an error code if OpInfo is 1.
-                at = regs["rsp"] + (8 if op_info else 0)
+                at = regs["rsp"] + (8 if code.info else 0)
                 regs["rip"] = _u64(read, at)
                 regs["rsp"] = _u64(read, at + 0x18)
                 machframe = True
-            k += n
-        if first and flags & (UNW_FLAG_EHANDLER | UNW_FLAG_UHANDLER) and flags & handler_type and offset >= prolog:
-            at = 4 + 2 * (count + count % 2)
-            (rva,) = struct.unpack_from("<I", raw, at - 4)
-            handler, handler_data = base + rva, base + current.unwind + at + 4
-        if flags & UNW_FLAG_CHAININFO:
-            at = 4 + 2 * (count + count % 2)
-            chained = read(base + current.unwind + at, 12)
-            if chained is None:
-                raise UnwindError("chained RUNTIME_FUNCTION is not readable")
-            b, e, u = struct.unpack("<III", chained)
-            current = FunctionEntry(base + current.unwind + at, base, b, e, u)
+        wanted = info.flags & (UNW_FLAG_EHANDLER | UNW_FLAG_UHANDLER) & handler_type
+        if first and wanted and offset >= info.prolog_size:
+            rva = read(info.tail, 4)
+            if rva is None:
+                raise UnwindError(f"exception handler RVA at {info.tail:#x} is not readable")
+            handler, handler_data = base + int.from_bytes(rva, "little"), info.tail + 4
+        if info.chained is not None:
+            c = info.chained
+            current = FunctionEntry(info.tail, base, c.begin - base, c.end - base, c.unwind - base)
             first = False
             continue
         break

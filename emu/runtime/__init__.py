@@ -18,6 +18,7 @@ from importlib import resources
 
 from emu.loader.asm import own_text
 from emu.loader.image import Image, image_from_assembly
+from emu.ntcontext import VEH_ENTRIES, VEH_ENTRY_SIZE
 from emu.profile import Profile
 from emu.runtime.pe_image import with_pe_headers
 from emu.runtime.unwind import with_unwind_data
@@ -90,7 +91,21 @@ def ntdll_data(profile: Profile) -> str:
     """The built-in ntdll's .data: what an exception escaping a callback does on this build
     (see dispatcher_handler.asm): 0 ends the process, 1 swallows the exception."""
     swallow = 1 if profile.callback_exception == "swallow" else 0
-    return f"RtlpCallbackExceptionPolicy:\n    .byte {swallow}\n"
+    return f"RtlpCallbackExceptionPolicy:\n    .byte {swallow}\n" + _VECTORED_DATA
+
+
+# The vectored handler lists, in ntdll's .data as Windows keeps them (ReactOS rtl/vectoreh.c:
+# RtlpVectoredExceptionList and RtlpVectoredContinueList, LIST_ENTRY heads that start empty,
+# pointing at themselves). Windows takes each entry from the process heap; emu has no heap, so
+# the entries come from a pool here, zero (free) until RtlAdd*Handler takes one (emu/kernel/rtl.py).
+_VECTORED_DATA = f"""    .balign 16, 0
+RtlpVectoredExceptionList:
+    .quad RtlpVectoredExceptionList, RtlpVectoredExceptionList
+RtlpVectoredContinueList:
+    .quad RtlpVectoredContinueList, RtlpVectoredContinueList
+RtlpVectoredHandlerEntries:
+    .space {VEH_ENTRIES * VEH_ENTRY_SIZE:#x}, 0
+"""
 
 
 def win32u_source(profile: Profile) -> str:

@@ -4,7 +4,8 @@
 ; here; the work that only reads and writes memory (looking up .pdata, virtual unwinding,
 ; the vectored handler lists, one step of a frame walk) runs in the kernel model's Python
 ; behind the traps at the end of this file (emu/kernel/rtl.py documents each one). All state
-; lives in these functions' stack frames, so a fork or a dump sees it as Windows would.
+; lives in these functions' stack frames and, for the vectored handler lists, in ntdll's .data,
+; so a fork or a dump sees it as Windows would.
 
 ; KiUserExceptionDispatcher: entered by the kernel, not called, with RSP at the CONTEXT
 ; (16-byte aligned), the CONTEXT_EX after it, the EXCEPTION_RECORD at RSP+0x4F0 and the

@@ -49,6 +49,11 @@ MACHINE = Table(
             '"deliver" (a fault becomes a Windows exception) or "stop" (the run stops at the first fault)',
             Text(words=("deliver", "stop")),
         ),
+        "stack_reserve": Key(
+            "bytes of each thread stack reserved below its guard page, a multiple of 0x1000 (default 0x1000):"
+            " the room its guard page moves down into as the stack grows",
+            Integer(0x1000, 0x100_0000),
+        ),
     }
 )
 _WORDS = PROFILE_CHOICES

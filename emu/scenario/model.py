@@ -226,6 +226,9 @@ class Scenario:
     # [machine] exceptions: "deliver" turns a fault into a Windows exception (KiUserExceptionDispatcher);
     # "stop" keeps the old behaviour, the run stops at the first fault.
     exceptions: Literal["deliver", "stop"] = "deliver"
+    # [machine] stack_reserve: each stack is [reserve][guard page][committed]; the guard page moves
+    # down into the reserve as the stack grows (emu.kernel.exception, MiCheckForUserStackOverflow).
+    stack_reserve: int = 0x1000
     start_dump: str | None = None  # [start] dump: a minidump the run starts from (emu.dump.start), resolved
     # [python] services: "package.module:name" of a ServiceRegistry (emu.services). Loading
     # it runs host Python, so a build refuses unless allow_python is set (--allow-python).

@@ -107,6 +107,9 @@ def parse_scenario(
         raise r.fail(("machine", "unbound_imports"), f'expected "error" or "trap", got {unbound!r}')
     preempt = Boolean().read(r, machine, "preempt_at_callback_return", ("machine",))
     exceptions = r.str_(machine, "exceptions", ("machine",), "deliver")
+    stack_reserve = _integer(MACHINE.keys["stack_reserve"]).read(r, machine, "stack_reserve", ("machine",), 0x1000)
+    if stack_reserve % 0x1000:
+        raise r.fail(("machine", "stack_reserve"), f"expected a multiple of 0x1000 (a page), got {stack_reserve:#x}")
     if exceptions not in ("deliver", "stop"):
         raise r.fail(("machine", "exceptions"), f'expected "deliver" or "stop", got {exceptions!r}')
     files = _Files(r, file, allow)
@@ -155,6 +158,7 @@ def parse_scenario(
         budgets=budgets, expectations=expectations, system_call=system_call, memory=memory, ntdll=ntdll, pe=pe,
         unbound_imports="trap" if unbound == "trap" else "error", threads=threads, objects=objects, source=text,
         preempt_at_callback_return=preempt, exceptions="stop" if exceptions == "stop" else "deliver",
+        stack_reserve=stack_reserve,
         start_dump=start_dump, python_services=python_services, allow_python=allow_python,
         profile_overrides=frozenset(doc.get("profile") or ()) if isinstance(doc.get("profile"), dict) else frozenset(),
     )  # fmt: skip
