@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from emu.errors import ScenarioError
 from emu.kernel import ServiceRegistry, UserCallback, builtin_services
-from emu.kernel.builtin_services import get_message_service
 from emu.kernel.objects import ReleaseMutant, SendMessage, SetEvent, Wait
 from emu.kernel.services import ChoiceStep as KChoiceStep
 from emu.kernel.services import ScriptReturn, ScriptStep
+from emu.kernel.standard_services import get_message_service
 from emu.kernel.symbolic import SymbolicReturn
 from emu.loader.image import Image
 from emu.process_start import file_name, missing_export

@@ -1,7 +1,6 @@
 """The kernel model: service registry, system call dispatch and callback stacks."""
 
 from emu.context import KTrapFrame
-from emu.kernel.builtin_services import builtin_services
 from emu.kernel.core import Kernel
 from emu.kernel.hooks import KernelHooks
 from emu.kernel.record import Recorder
@@ -17,6 +16,7 @@ from emu.kernel.services import (
     TerminateThread,
     UserCallback,
 )
+from emu.kernel.standard_services import builtin_services
 from emu.kernel.thread import CallbackFrame, KThread
 
 __all__ = [
