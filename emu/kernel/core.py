@@ -33,9 +33,10 @@ from emu.kernel.services import (
 )
 from emu.kernel.symbolic import Symbolic
 from emu.kernel.thread import CallbackFrame, KThread, PendingChoice, ThreadServiceContext
-from emu.machine import Machine, Trap
+from emu.machine import Machine
 from emu.profile import Profile
 from emu.registers import XMM_IDS
+from emu.trap import Trap
 from emu.winnt import (
     STATUS_ACCESS_VIOLATION,
     STATUS_INVALID_SYSTEM_SERVICE,
@@ -310,23 +311,14 @@ class Kernel:
     ) -> None:  # fmt: skip
         req = first if first is not None else act.step(value)
         while True:
-            if isinstance(req, Choice):
-                option = self.hooks.choose(thread, req)
-                if option is None:
-                    # Suspend here: the explorer forks the machine and resumes with each option.
+            if isinstance(req, (Choice, Symbolic)):
+                answer = self.hooks.choose(thread, req) if isinstance(req, Choice) else self.hooks.symbolic(thread, req)
+                if answer is None:
+                    # Suspend here: the explorer forks the machine and resumes with each option (or value).
                     self.pending_choice = PendingChoice(thread.tid, act, trap, resumed, note, req)
                     self.machine.request_stop()
                     return
-                req = act.step(option)
-                continue
-            if isinstance(req, Symbolic):
-                value = self.hooks.symbolic(thread, req)
-                if value is None:
-                    # Suspend as at a choice: the explorer forks here and resumes with each value.
-                    self.pending_choice = PendingChoice(thread.tid, act, trap, resumed, note, req)
-                    self.machine.request_stop()
-                    return
-                req = act.step(value)
+                req = act.step(answer)
                 continue
             if isinstance(req, int):
                 if act.remark:
