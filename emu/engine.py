@@ -34,7 +34,7 @@ from emu.loader.callback_table import peb_callback_table
 from emu.loader.image import PAGE, AssemblyError, Image, Symbolizer, image_from_assembly
 from emu.loader.loader_data import build_loader_data, main_image
 from emu.loader.pe import load_pe
-from emu.machine import Machine, Watchdog
+from emu.machine import Machine
 from emu.process_services import registry_for, service_numbers
 from emu.process_start import ThreadStart, file_name, probe_start
 from emu.runtime import NTDLL_BASE, build_ntdll, build_win32u
@@ -42,6 +42,7 @@ from emu.runtime.pe_image import with_pe_headers
 from emu.scenario import PeSpec, Scenario, ThreadSpec, load_scenario
 from emu.services import Services, bind, services_for
 from emu.trace import Trace
+from emu.watchdog import Watchdog
 from emu.winnt import (
     KUSER_NT_BUILD_NUMBER,
     KUSER_NT_MAJOR_VERSION,

@@ -20,10 +20,8 @@ from __future__ import annotations
 import bisect
 import ctypes
 import mmap
-import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 from unicorn import (
     UC_ARCH_X86,
@@ -41,17 +39,10 @@ from unicorn import (
     UC_HOOK_MEM_WRITE,
     UC_HOOK_MEM_WRITE_PROT,
     UC_HOOK_MEM_WRITE_UNMAPPED,
-    UC_MEM_FETCH_PROT,
-    UC_MEM_FETCH_UNMAPPED,
-    UC_MEM_READ_PROT,
-    UC_MEM_READ_UNMAPPED,
     UC_MEM_WRITE_PROT,
-    UC_MEM_WRITE_UNMAPPED,
     UC_MODE_64,
     UC_PROT_EXEC,
-    UC_PROT_NONE,
     UC_PROT_READ,
-    UC_PROT_WRITE,
     UC_QUERY_TIMEOUT,
     Uc,
     UcError,
@@ -59,104 +50,32 @@ from unicorn import (
 from unicorn import x86_const as x86
 
 from emu import interrupts
-from emu.context import UserContext
 from emu.errors import ImageError, MachineFault
 from emu.loader.image import PAGE, Image, page_align
+from emu.regions import Region, uc_prot
 from emu.registers import _REG_IDS, _XMM, _XMM_SETS, RegisterFile
 from emu.snapshot import CowMemory
+from emu.trap import (
+    ACCESS,
+    INITIAL_FPCW,
+    INITIAL_MXCSR,
+    ExceptionHandler,
+    ExtendedState,
+    InterruptHandler,
+    StopInfo,
+    SyscallHandler,
+    Trap,
+)
 from emu.winnt import MSR_EFER, MSR_STAR
 
 _X87_WORDS = (x86.UC_X86_REG_FPCW, x86.UC_X86_REG_FPSW, x86.UC_X86_REG_FPTAG)
 _X87_REGS = tuple(getattr(x86, f"UC_X86_REG_FP{n}") for n in range(8))  # R0..R7 (physical, not ST(i))
-# A thread's first floating-point state on x64 Windows (WRK ke/amd64/thredini.c,
-# KiInitializeContextThread: INITIAL_FPCSR and INITIAL_MXCSR): x87 control word 0x27F (all
-# exceptions masked, 53-bit precision), MXCSR 0x1F80 (all masked, round to nearest).
-INITIAL_FPCW, INITIAL_MXCSR = 0x27F, 0x1F80
 
-_ACCESS = {
-    UC_MEM_READ_UNMAPPED: ("read", "unmapped"),
-    UC_MEM_WRITE_UNMAPPED: ("write", "unmapped"),
-    UC_MEM_FETCH_UNMAPPED: ("execute", "unmapped"),
-    UC_MEM_READ_PROT: ("read", "protected"),
-    UC_MEM_WRITE_PROT: ("write", "protected"),
-    UC_MEM_FETCH_PROT: ("execute", "protected"),
-}
-
-
-def _prot(perms: str) -> int:
-    p = UC_PROT_NONE
-    if "r" in perms:
-        p |= UC_PROT_READ
-    if "w" in perms:
-        p |= UC_PROT_WRITE
-    if "x" in perms:
-        p |= UC_PROT_EXEC
-    return p
-
-
-@dataclass(frozen=True)
-class Region:
-    start: int
-    size: int
-    perms: str
-    label: str
-
-    @property
-    def end(self) -> int:
-        return self.start + self.size
-
-
-@dataclass(frozen=True)
-class Trap:
-    """A fault in user code, as the CPU reported it, before anyone turns it into an exception.
-
-    ``kind``: "memory" (an access to unmapped or protected memory: ``access`` is "read",
-    "write" or "execute", ``address`` the byte), "interrupt" (a CPU exception or `int n`
-    the kernel did not take as a system call: ``vector``), or "invalid" (an opcode the CPU
-    refused: #UD). ``rip`` is where the CPU stood: the faulting instruction for faults, the
-    next one for traps (`int3`, `int n`, single step). ``message`` is the one-line
-    description a stopped run reports.
-    """
-
-    kind: str
-    rip: int
-    message: str
-    vector: int = -1
-    access: str = ""
-    address: int = 0
-    region: str = ""
-    context: UserContext | None = None  # the registers to deliver it with, when the hook saw them first
-    undo: Callable[[], None] | None = None  # what the hook changed to stop the CPU, undone before delivery
-
-
-@dataclass(frozen=True)
-class StopInfo:
-    """Why ``Machine.run`` returned: ``requested`` by a handler, ``instructions`` or ``timeout``."""
-
-    reason: str
-    elapsed: float
-
-
-SyscallHandler = Callable[[Uc, object], None]
-InterruptHandler = Callable[[Uc, int, object], None]
-# Called outside any hook with a fault: True when it made the thread go on (a Windows
-# exception was delivered, the registers say where), False to stop the run with MachineFault.
-ExceptionHandler = Callable[[Trap], bool]
 
 # Where emu puts the one instruction that drops the CPU to CPL 3 (mapped for that moment only).
 _SYSRET_PAGE = 0x1000
 _EFER_SCE = 1
 _SYSCALL_HOOK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)  # uc_cb_insn_syscall_t
-
-
-@dataclass
-class ExtendedState:
-    """The vector state an exception's CONTEXT carries besides the general registers, and the
-    x87 state (control, status and tag words, then R0..R7 as (mantissa, exponent); None: leave it)."""
-
-    xmm: list[int] = field(default_factory=lambda: [0] * 16)
-    mxcsr: int = INITIAL_MXCSR
-    x87: tuple[tuple[int, int, int], tuple[tuple[int, int], ...]] | None = None
 
 
 class Machine:
@@ -275,12 +194,12 @@ class Machine:
         if host:
             # Private, so a forked worker gets its own copy (an anonymous mmap is shared by default).
             buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            self.uc.mem_map_ptr(start, size, _prot(perms), ctypes.addressof(ctypes.c_char.from_buffer(buf)))
+            self.uc.mem_map_ptr(start, size, uc_prot(perms), ctypes.addressof(ctypes.c_char.from_buffer(buf)))
             self.host[start] = buf
             if "x" in perms:
                 self._host_code.add(start)
         else:
-            self.uc.mem_map(start, size, _prot(perms))
+            self.uc.mem_map(start, size, uc_prot(perms))
         if data:
             self.uc.mem_write(start, bytes(data))
         region = Region(start, size, perms, label)
@@ -320,7 +239,7 @@ class Machine:
 
     def protect(self, start: int, size: int, perms: str, label: str) -> None:
         """Change a mapped range's protection (a whole region), as NtProtectVirtualMemory would."""
-        self.uc.mem_protect(start, size, _prot(perms))
+        self.uc.mem_protect(start, size, uc_prot(perms))
         if "x" in perms:
             self._host_code.update(b for b, buf in self.host.items() if b < start + size and start < b + len(buf))
         self.regions = sorted(
@@ -556,7 +475,7 @@ class Machine:
             self._cow_retry = True
             return False  # stop before the write; run() resumes at the same instruction
         rip = self.regs.read(("rip",))[0]
-        what, why = _ACCESS.get(access, ("access", "invalid"))
+        what, why = ACCESS.get(access, ("access", "invalid"))
         region = self.region_at(address)
         if region is not None and "guard" in region.label:
             why = f"guard page of {region.label.replace(' guard', '')} (stack overflow)"
@@ -569,37 +488,3 @@ class Machine:
 
 
 NEVER = 0xFFFF_FFFF_FFFF_F000  # an `until` no user code reaches (kernel space): 0 would stop a NULL call quietly
-
-
-class Watchdog:
-    """Stops a machine once a deadline passes, across many short runs (one thread, not one per run).
-
-    Once the deadline has passed it sets ``machine.watchdog_fired`` (``Machine.run`` then
-    starts no more guest code) and stops the CPU again every ``REPEAT`` seconds until the
-    block ends: a stop that lands while Python runs between two ``emu_start`` calls is lost.
-    """
-
-    REPEAT = 0.02
-
-    def __init__(self, machine: Machine, seconds: float) -> None:
-        self.machine = machine
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, args=(seconds,), name="emu-watchdog", daemon=True)
-
-    def _watch(self, seconds: float) -> None:
-        if self._done.wait(seconds):
-            return
-        self.machine.watchdog_fired = True
-        while True:
-            self.machine.uc.emu_stop()
-            if self._done.wait(self.REPEAT):
-                return
-
-    def __enter__(self) -> Watchdog:
-        self.machine.watchdog_fired = False
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()

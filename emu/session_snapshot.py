@@ -47,7 +47,7 @@ from emu.errors import EmuError, SnapshotError
 from emu.kernel.fork import KernelState, load_kernel, save_kernel
 from emu.kernel.thread import KThread, ThreadServiceContext
 from emu.loader.image import PAGE
-from emu.machine import Region
+from emu.regions import Region
 from emu.snapshot import PageSnapshot
 from emu.trace import RawState, RawTransition, Trace
 

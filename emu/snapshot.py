@@ -30,20 +30,13 @@ import mmap
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from unicorn import UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE
+from unicorn import UC_PROT_WRITE
 
 from emu.loader.image import PAGE
+from emu.regions import Region, uc_prot
 
 if TYPE_CHECKING:
-    from emu.machine import Machine, Region
-
-
-def _uc_prot(perms: str) -> int:
-    return (
-        (UC_PROT_READ if "r" in perms else 0)
-        | (UC_PROT_WRITE if "w" in perms else 0)
-        | (UC_PROT_EXEC if "x" in perms else 0)
-    )
+    from emu.machine import Machine
 
 
 def _coverage(regions: Iterable[Region]) -> list[tuple[int, int]]:
@@ -114,7 +107,7 @@ class CowMemory:
         self._initial = tuple(machine.regions)
         for r in machine.regions:
             if "w" in r.perms:
-                prot = _uc_prot(r.perms)
+                prot = uc_prot(r.perms)
                 self._ranges.append((r.start, r.end, prot))
                 if r.size >= HOST_BACKED:
                     self._host_back(r.start, r.size, prot)
@@ -198,7 +191,7 @@ class CowMemory:
             if hi > end:
                 kept.append((end, hi, prot))
         if "w" in perms:
-            prot = _uc_prot(perms)
+            prot = uc_prot(perms)
             kept.append((start, end, prot))
             for page in range(start, end, PAGE):
                 self.uc.mem_protect(page, PAGE, prot if page in self.dirty else prot & ~UC_PROT_WRITE)
@@ -252,12 +245,12 @@ class CowMemory:
             for start, r in want.items():
                 old = now.get(start)
                 if old is None or old.size != r.size:
-                    self.uc.mem_map(r.start, r.size, _uc_prot(r.perms))
+                    self.uc.mem_map(r.start, r.size, uc_prot(r.perms))
                     fresh.update(range(r.start, r.end, PAGE))
         machine.regions = list(target)
-        self._ranges = sorted((r.start, r.end, _uc_prot(r.perms)) for r in target if "w" in r.perms)
+        self._ranges = sorted((r.start, r.end, uc_prot(r.perms)) for r in target if "w" in r.perms)
         for r in target:  # tracked pages read-only again (hot ones reopen at their next write)
-            prot = _uc_prot(r.perms)
+            prot = uc_prot(r.perms)
             self.uc.mem_protect(r.start, r.size, prot & ~UC_PROT_WRITE if "w" in r.perms else prot)
         self._layout = layout
         return fresh

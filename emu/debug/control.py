@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 from unicorn import Uc
 
 from emu.errors import BudgetExceeded
-from emu.machine import NEVER, Trap
+from emu.machine import NEVER
+from emu.trap import Trap
 
 if TYPE_CHECKING:
     from emu.engine import Process

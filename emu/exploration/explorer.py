@@ -39,12 +39,12 @@ from emu.kernel import KernelHooks, KThread, sched
 from emu.kernel.fork import KernelState, digest_key, load_kernel, save_kernel
 from emu.kernel.hooks import suspend
 from emu.kernel.symbolic import Symbolic
-from emu.machine import Watchdog
 from emu.scenario import Scenario, load_scenario
 from emu.services import Services
 from emu.snapshot import PageSnapshot
 from emu.symbolic import has_symbolic, make_driver
 from emu.trace import RawState, State
+from emu.watchdog import Watchdog
 
 if TYPE_CHECKING:
     from emu.symbolic.driver import Driver, Pick

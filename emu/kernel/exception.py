@@ -21,7 +21,6 @@ from emu.kernel import sched
 from emu.kernel.record import read_or_none
 from emu.kernel.stack_guard import is_guard, touch_guard
 from emu.loader.image import PAGE
-from emu.machine import ExtendedState, Trap
 from emu.ntcontext import (
     CONTEXT_CONTROL,
     CONTEXT_EX_SIZE,
@@ -38,6 +37,7 @@ from emu.ntcontext import (
     ExceptionRecord,
     context_ex,
 )
+from emu.trap import ExtendedState, Trap
 from emu.winnt import (
     STATUS_ACCESS_VIOLATION,
     STATUS_ASSERTION_FAILURE,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from unicorn import UC_HOOK_INSN, UC_PROT_WRITE, Uc
 from unicorn import x86_const as x86
 
-from emu.machine import Trap
+from emu.trap import Trap
 
 if TYPE_CHECKING:
     from emu.machine import Machine

@@ -21,7 +21,6 @@ from emu.kernel.vunwind import (
     lookup,
     virtual_unwind,
 )
-from emu.machine import ExtendedState
 from emu.ntcontext import (
     CONTEXT_FULL,
     CONTEXT_SEGMENTS,
@@ -51,6 +50,7 @@ from emu.ntcontext import (
     Context,
     ExceptionRecord,
 )
+from emu.trap import ExtendedState
 from emu.winnt import (
     STATUS_BAD_STACK,
     STATUS_INVALID_DISPOSITION,
