@@ -31,7 +31,7 @@ from emu.kernel.objects import Event, Mutant
 from emu.kernel.rtl import BUILTIN_TRAPS_END, BuiltinRtl
 from emu.loader.binding import ImportTraps, bind_imports
 from emu.loader.callback_table import peb_callback_table
-from emu.loader.image import PAGE, AssemblyError, Image, Symbolizer, image_from_assembly
+from emu.loader.image import PAGE, AssemblyError, Image, Symbolizer, find_symbol, image_from_assembly
 from emu.loader.loader_data import build_loader_data, main_image
 from emu.loader.pe import load_pe
 from emu.machine import Machine
@@ -295,13 +295,9 @@ class Process:
             ) from None  # fmt: skip
 
     def resolve(self, ref: str, where: tuple[str, ...]) -> int:
-        mod, bang, label = ref.partition("!")
-        for img in self.images:
-            if bang and img.name.lower() != mod.lower():
-                continue
-            addr = img.symbols.get(label if bang else ref)
-            if addr is not None:
-                return addr
+        addr = find_symbol(self.images, ref)
+        if addr is not None:
+            return addr
         raise ScenarioError(
             self.scenario.path,
             ".".join(where),

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Literal, TypeAlias
 from unicorn import Uc
 
 from emu.errors import ExtensionError
+from emu.loader.image import find_symbol
 from emu.trace import T_KIND, TraceNote, Transition
 from emu.vocabulary import KINDS
 
@@ -244,13 +245,9 @@ class Attached:
     def _resolve(self, at: Address) -> int:
         if isinstance(at, int):
             return at
-        mod, bang, label = at.partition("!")
-        for img in self.process.images:
-            if bang and img.name.lower() != mod.lower():
-                continue
-            addr = img.symbols.get(label if bang else at)
-            if addr is not None:
-                return addr
+        addr = find_symbol(self.process.images, at)
+        if addr is not None:
+            return addr
         raise ExtensionError("hook", f"hook address {at!r} names no symbol in the loaded images")
 
     # --- what the hooks do to the run -----------------------------------------------------

@@ -48,6 +48,7 @@ from emu.engine import Process, RunResult
 from emu.errors import EmuError
 from emu.kernel import KernelHooks, KThread
 from emu.kernel.objects import KObject
+from emu.loader.image import find_symbol
 from emu.scenario import Scenario
 from emu.trace import State, Trace, Transition
 
@@ -233,13 +234,9 @@ class Session:
             extra = int(off, 0) if plus else 0
         except ValueError:
             raise KeyError(f"{where!r}: the offset after '+' is not a number") from None
-        for img in self.process.images:
-            mod, bang, label = name.partition("!")
-            if bang and img.name.lower() != mod.lower():
-                continue
-            hit = img.symbols.get(label if bang else name)
-            if hit is not None:
-                return hit + extra
+        hit = find_symbol(self.process.images, name)
+        if hit is not None:
+            return hit + extra
         raise KeyError(f"{where!r} names no symbol in the loaded images")
 
     # --- memory -------------------------------------------------------------------------

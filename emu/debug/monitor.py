@@ -8,6 +8,7 @@ transitions recorded so far, and the loaded images' symbols.
 from __future__ import annotations
 
 from emu.debug.target import DebugTarget
+from emu.loader.image import find_symbol
 from emu.trace import Transition
 from emu.winnt import status_name
 
@@ -55,7 +56,7 @@ def run(target: DebugTarget, command: str) -> str:
         rows = target.process.trace.transitions[-count:] if count else []
         return "".join(transition_line(t) + "\n" for t in rows) or "no transitions yet\n"
     if name == "sym" and len(args) == 1:
-        found = _symbol(target, args[0])
+        found = find_symbol(target.process.images, args[0])
         return f"{args[0]} = {found:#x}\n" if found is not None else f"{args[0]}: no such symbol\n"
     if name == "where":
         try:
@@ -73,14 +74,3 @@ def run(target: DebugTarget, command: str) -> str:
         except ValueError:
             return f"status: {args[0]!r} is not a number\n"
     return f"unknown monitor command {command.strip()!r}\n" + HELP
-
-
-def _symbol(target: DebugTarget, ref: str) -> int | None:
-    module, bang, label = ref.partition("!")
-    for img in target.process.images:
-        if bang and img.name.lower() != module.lower():
-            continue
-        address = img.symbols.get(label if bang else ref)
-        if address is not None:
-            return address
-    return None

@@ -244,6 +244,19 @@ def _as_written(e: AssemblyError, linked: dict[str, Linked | None]) -> AssemblyE
     return e
 
 
+def find_symbol(images: Iterable[Image], ref: str) -> int | None:
+    """The address ``ref`` names: ``module!label`` (the module's name in any case) or a bare
+    ``label`` in the first image that has it; None when no loaded image has it."""
+    mod, bang, label = ref.partition("!")
+    for img in images:
+        if bang and img.name.lower() != mod.lower():
+            continue
+        address = img.symbols.get(label if bang else ref)
+        if address is not None:
+            return address
+    return None
+
+
 class Symbolizer:
     """Address → ``module!symbol+0xoff`` over a set of images (cached; addresses repeat).
 
