@@ -44,7 +44,8 @@ from goals import EXPLORE_MEMORY, EXPLORE_RATE, FIRST_WRITE
 from measuring import Row
 
 from emu.engine import build
-from emu.exploration.explorer import Explorer, resident_bytes
+from emu.exploration.explorer import Explorer
+from emu.exploration.result import resident_bytes
 from emu.graph import StateGraph
 from emu.scenario import parse_scenario
 

@@ -32,8 +32,9 @@ import measuring
 from goals import PARALLEL
 from measuring import Row
 
-from emu.exploration.explorer import Exploration, explore
+from emu.exploration.explorer import explore
 from emu.exploration.parallel import explore_parallel
+from emu.exploration.result import Exploration
 from emu.scenario import Scenario, parse_scenario
 
 

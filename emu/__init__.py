@@ -38,7 +38,8 @@ if TYPE_CHECKING:  # what a type checker sees; at run time each name is imported
         SnapshotError,
         UnimplementedService,
     )
-    from emu.exploration.explorer import Exploration, explore
+    from emu.exploration.explorer import explore
+    from emu.exploration.result import Exploration
     from emu.graph import StateGraph
     from emu.scenario import Scenario, load_scenario
     from emu.session import Session
@@ -54,7 +55,7 @@ _HOMES = {
     "ImageError": "emu.errors", "KernelError": "emu.errors", "MachineFault": "emu.errors",
     "ModelBug": "emu.errors", "ScenarioError": "emu.errors", "SnapshotError": "emu.errors",
     "UnimplementedService": "emu.errors",
-    "Exploration": "emu.exploration.explorer",
+    "Exploration": "emu.exploration.result",
     "StateGraph": "emu.graph", "Scenario": "emu.scenario", "load_scenario": "emu.scenario",
     "Session": "emu.session", "Snapshot": "emu.session_snapshot",
 }  # fmt: skip

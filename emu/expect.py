@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from emu.detection.observers import ThreadStatus
     from emu.detection.view import Detection as Found
     from emu.engine import RunResult
-    from emu.exploration.explorer import Exploration
+    from emu.exploration.result import Exploration
     from emu.trace import State
 
 

@@ -7,7 +7,8 @@ kernel choice, as a state graph. The code lives in :mod:`emu.exploration`.
 from __future__ import annotations
 
 from emu.callable_module import make_callable
-from emu.exploration.explorer import Exploration, Explorer, explore
+from emu.exploration.explorer import Explorer, explore
+from emu.exploration.result import Exploration
 
 __all__ = ["Exploration", "Explorer", "explore"]
 

@@ -14,7 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from emu.exploration.explorer import Explorer, resident_bytes
+from emu.exploration.explorer import Explorer
+from emu.exploration.result import resident_bytes
 from emu.scenario import parse_scenario
 
 FORTY = """

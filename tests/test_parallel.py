@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from emu.cli.main import main
-from emu.exploration.explorer import Exploration, explore
+from emu.exploration.explorer import explore
 from emu.exploration.parallel import explore_parallel
+from emu.exploration.result import Exploration
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = ROOT / "scenarios" / "threads_deadlock_sometimes.toml"

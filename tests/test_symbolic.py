@@ -11,7 +11,8 @@ from conftest import SCENARIOS, asm_scenario
 from emu.api import Run, build
 from emu.errors import ScenarioError
 from emu.expect import check_exploration
-from emu.exploration.explorer import Exploration, Explorer, explore
+from emu.exploration.explorer import Explorer, explore
+from emu.exploration.result import Exploration
 from emu.scenario import parse_scenario
 from emu.symbolic.witness import witness_hooks
 

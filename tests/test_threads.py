@@ -7,7 +7,8 @@ from pathlib import Path
 from conftest import asm_scenario
 from emu.api import run
 from emu.detection.observers import node_status
-from emu.exploration.explorer import Exploration, explore
+from emu.exploration.explorer import explore
+from emu.exploration.result import Exploration
 from emu.scenario import parse_scenario
 from emu.winnt import STATUS_TIMEOUT
 

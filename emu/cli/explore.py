@@ -14,7 +14,8 @@ from emu.scenario import load_scenario
 from emu.writing import refuse_overwrite, write_atomic
 
 if TYPE_CHECKING:  # the explorer (networkx) is loaded by the commands that use it
-    from emu.exploration.explorer import Exploration, Explorer
+    from emu.exploration.explorer import Explorer
+    from emu.exploration.result import Exploration
 
 
 def positive_int(text: str) -> int:

@@ -18,14 +18,13 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
-import os
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import networkx as nx
 
@@ -34,6 +33,7 @@ from emu.engine import Process
 from emu.errors import BudgetExceeded, ExtensionError, KernelError, MachineFault, ModelBug, UnimplementedImport
 from emu.exploration.canonical import canonical_graph, name_faults, node_name, node_order
 from emu.exploration.records import RecordKeeper
+from emu.exploration.result import Exploration, Strategy, resident_bytes
 from emu.graph import StateGraph
 from emu.kernel import KernelHooks, KThread, sched
 from emu.kernel.fork import KernelState, digest_key, load_kernel, save_kernel
@@ -49,25 +49,12 @@ from emu.watchdog import Watchdog
 if TYPE_CHECKING:
     from emu.symbolic.driver import Driver, Pick
 
-Strategy = Literal["bfs", "dfs"]
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 CHECK_EVERY = 0.1  # seconds between looks at resident memory (and progress lines)
 # Building the canonical graph after the walk costs about 65 µs per state (measured on a
 # 2-core VM); the walk stops early enough to leave twice that.
 GRAPH_SECONDS_PER_STATE = 130e-6
 # With a shared seen-set, choice states are claimed this many at a time (one message each).
 CLAIM_BATCH = 64
-
-
-def resident_bytes() -> int:
-    """The process's resident memory (RSS) now; its peak where /proc is missing."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * PAGE_SIZE
-    except (OSError, IndexError, ValueError):
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 @dataclass(frozen=True)
@@ -87,60 +74,6 @@ class Fork:
     def records(self) -> tuple[int, ...]:
         """The trace records (state ids) the saved threads name: kept while this fork may be restored."""
         return tuple(t.state_id for t in self.kernel.threads.values())
-
-
-@dataclass
-class Exploration:
-    """What an exploration found, and whether it finished."""
-
-    scenario: Scenario
-    strategy: Strategy
-    graph: StateGraph
-    forks: int = 0
-    paths: int = 0
-    stopped_by: str | None = None  # a budget's name when exploration did not finish
-    unexplored: int = 0  # options left on the work list when a budget stopped it
-    faults: list[tuple[str, str]] = field(default_factory=list)  # (node, message)
-    deadlocks: list[str] = field(default_factory=list)  # nodes where no thread can run but some wait
-    elapsed: float = 0.0
-    forked_states: int = 0  # states recorded after a fork (each came from a restored copy)
-    snapshot_bytes: int = 0  # memory held by page snapshots (dirty pages only)
-    symbolic: dict[str, object] | None = None  # conditions, witnesses, incomplete reports (emu.symbolic)
-
-    @property
-    def states(self) -> int:
-        return len(self.graph)
-
-    @property
-    def merges(self) -> int:
-        """States reached along more than one distinct edge."""
-        return len(self.graph.merges())
-
-    @property
-    def pending(self) -> list[str]:
-        return self.graph.pending()
-
-    @property
-    def complete(self) -> bool:
-        return self.stopped_by is None
-
-    def summary(self) -> dict[str, object]:
-        return {
-            "scenario": self.scenario.name,
-            "strategy": self.strategy,
-            "states": self.states,
-            "transitions": self.graph.lean.number_of_edges(),
-            "merges": self.merges,
-            "pending": len(self.pending),
-            "forks": self.forks,
-            "paths": self.paths,
-            "complete": self.complete,
-            "stopped_by": self.stopped_by,
-            "unexplored": self.unexplored,
-            "deadlocks": len(self.deadlocks),
-            "faults": [{"node": n, "message": m} for n, m in self.faults],
-            **({} if self.symbolic is None else {"symbolic": self.symbolic}),
-        }
 
 
 class Explorer:

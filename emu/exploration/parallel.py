@@ -32,7 +32,8 @@ from typing import Any, Literal
 from emu.errors import EmuError, ScenarioError
 from emu.exploration.canonical import name_faults, node_order
 from emu.exploration.claims import RaySeenSet, SeenServer, SeenSet, SeenShard
-from emu.exploration.explorer import Exploration, Explorer, Strategy
+from emu.exploration.explorer import Explorer
+from emu.exploration.result import Exploration, Strategy
 from emu.scenario import Scenario, load_scenario
 from emu.symbolic import has_symbolic
 from emu.trace import State

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import capstone
 
 from emu.context import REGISTER_NAMES
-from emu.exploration.explorer import Exploration
+from emu.exploration.result import Exploration
 from emu.loader.image import Image, Symbolizer
 
 _md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
