@@ -32,6 +32,7 @@ from emu.context import UserContext
 from emu.engine import Process
 from emu.errors import BudgetExceeded, ExtensionError, KernelError, MachineFault, ModelBug, UnimplementedImport
 from emu.exploration.canonical import canonical_graph, name_faults, node_name, node_order
+from emu.exploration.digest import DigestText
 from emu.exploration.records import RecordKeeper
 from emu.exploration.result import Exploration, Strategy, resident_bytes
 from emu.graph import StateGraph
@@ -116,7 +117,8 @@ class Explorer:
         self.edges: dict[tuple[object, ...], None] = {}
         self._segment_seen: set[str] = set()
         self._merged_at: int | None = None
-        self._stacks = [(t.stack_limit, t.stack_base) for t in self.kernel.threads.values()]
+        self._stacks = tuple((t.stack_limit, t.stack_base) for t in self.kernel.threads.values())
+        self._text = DigestText()  # the digested texts, memoised
         self._deadline = 0.0
         self._next_check = 0.0  # when to look at memory and write progress next
         self._rss_base = 0  # the process's resident memory when the exploration began
@@ -139,21 +141,25 @@ class Explorer:
     def _observe(self, sid: int, thread: KThread) -> None:
         raw = self.trace.raw_states[sid]  # RawState layout
         h = hashlib.blake2b(digest_size=12)
-        context, stack, extra = raw[3], raw[4], b""
-        if self.symbolic is not None:  # symbolic values: their locations masked, the path condition added
-            context, stack, extra = self.symbolic.on_state(sid, thread, RawState._make(raw))
         # tid, mode, registers; then depth, service, api, pending, callback frames; then the
         # stack from RSP up (bytes below RSP are dead: the x64 ABI has no red zone).
-        h.update(repr((raw[1], raw[2], context, (raw[6], raw[7], raw[8], raw[9], raw[10]))).encode())
-        h.update(stack)
-        if extra:
-            h.update(extra)
+        if self.symbolic is None:  # repr() of that tuple, from memoised parts (emu.exploration.digest)
+            h.update(self._text.state(raw[1], raw[2], raw[3], raw[6:11]))
+            h.update(raw[4])
+        else:  # symbolic values: their locations masked, the path condition added
+            context, stack, extra = self.symbolic.on_state(sid, thread, RawState._make(raw))
+            h.update(repr((raw[1], raw[2], context, (raw[6], raw[7], raw[8], raw[9], raw[10]))).encode())
+            h.update(stack)
+            if extra:
+                h.update(extra)
         # Every thread's kernel side (waits, callback stacks), the objects, and the live
         # stacks of the threads that are not moving: the whole process is the state.
-        h.update(repr(digest_key(self.kernel, thread)).encode())
-        for other in self.kernel.threads.values():
-            if other is not thread:
-                h.update(self._stack_of(other))
+        h.update(self._text.kernel(digest_key(self.kernel, thread)))
+        threads = self.kernel.threads
+        if len(threads) > 1:
+            for other in threads.values():
+                if other is not thread:
+                    h.update(self._stack_of(other))
         h.update(self.cow.digest(self._stacks))
         d = h.hexdigest()
         if self.symbolic is not None:
@@ -183,8 +189,8 @@ class Explorer:
         """A node's record, its register values shared with every other state's that are equal
         (addresses recur from state to state; one int object each saves ~32 bytes a register)."""
         ints = self._ints
-        ctx = UserContext._make([ints.setdefault(v, v) for v in raw[3]])
-        return State(raw[0], raw[1], raw[2], ctx, *raw[4:])
+        ctx = tuple.__new__(UserContext, map(ints.setdefault, raw[3], raw[3]))
+        return tuple.__new__(State, (raw[0], raw[1], raw[2], ctx, *raw[4:]))
 
     def _stack_of(self, t: KThread) -> bytes:
         ctx = t.suspended.trap.ctx if t.suspended is not None else (None if t.started else t.entry_context)

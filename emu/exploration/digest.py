@@ -1,0 +1,63 @@
+"""The text a state's digest is computed from, built faster than ``repr`` and byte-identical to it.
+
+A state's digest (:meth:`emu.exploration.explorer.Explorer._observe`) hashes the
+``repr`` of the recorded registers and of the kernel model's key. Those texts are
+exported (the digest is a node attribute), so they must not change; but most of their
+parts recur from state to state: a register value is usually the one it had in the
+previous state, and the kernel model's key of one thread at a system call is the same
+over thousands of states. So each part's ``repr`` is kept in a memo and the whole is
+joined from the parts, exactly as ``repr`` of the tuple would spell it.
+
+The memos are bounded: past ``MEMO_LIMIT`` entries one is cleared and starts again
+(a register that counts takes a new value at every state).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MEMO_LIMIT = 1 << 16
+
+
+class DigestText:
+    """Memoised ``repr`` of the parts of a state's identity."""
+
+    __slots__ = ("_keys", "_regs", "_tails")
+
+    def __init__(self) -> None:
+        self._regs: dict[int, str] = {}  # register value -> its repr
+        self._tails: dict[tuple[Any, ...], str] = {}  # (depth, service, api, pending, frames) -> repr
+        self._keys: dict[tuple[object, ...], bytes] = {}  # the kernel model's key -> its repr, encoded
+
+    def state(self, tid: int, mode: str, context: tuple[int, ...], tail: tuple[Any, ...]) -> bytes:
+        """``repr((tid, mode, context, tail)).encode()``, for a context of plain ints."""
+        regs = self._regs
+        if len(regs) > MEMO_LIMIT:
+            regs.clear()
+        get = regs.get
+        # A register's repr is never empty, so `or` only computes the ones not seen yet.
+        text = ", ".join([get(v) or regs.setdefault(v, repr(v)) for v in context])
+        if len(context) == 1:
+            text += ","  # a 1-tuple's repr
+        # The tail holds a bool (pending) where 0 would compare equal: its type is part of the memo key.
+        tails = self._tails
+        memo = (tail, type(tail[3]))
+        t = tails.get(memo)
+        if t is None:
+            if len(tails) > MEMO_LIMIT:
+                tails.clear()
+            t = tails[memo] = repr(tail)
+        return f"({tid!r}, {mode!r}, ({text}), {t})".encode()
+
+    def kernel(self, key: tuple[object, ...]) -> bytes:
+        """``repr(key).encode()`` for the kernel model's key (:func:`emu.kernel.fork.digest_key`)."""
+        keys = self._keys
+        try:
+            got = keys.get(key)
+        except TypeError:  # something unhashable in it: no memo
+            return repr(key).encode()
+        if got is None:
+            if len(keys) > MEMO_LIMIT:
+                keys.clear()
+            got = keys[key] = repr(key).encode()
+        return got
