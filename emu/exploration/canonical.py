@@ -72,19 +72,40 @@ def canonical_graph(
         node_rows.append((name, attrs))
     # Two different transitions between the same two states: the first (in canonical order)
     # is the edge, the others are listed under "also".
-    edge_attrs: dict[tuple[str, str], dict[str, object]] = {}
+    edge_infos: dict[tuple[str, str], tuple[EdgeInfo, ...]] = {}
     for key in sorted(sort_key, key=lambda k: (order[str(k[0])], order[str(k[1])], sort_key[k])):
-        info = kinds[key[2:]][1]
         uv = (names[str(key[0])], names[str(key[1])])
-        first = edge_attrs.get(uv)
-        if first is None:
-            edge_attrs[uv] = {"edge": info}
-        else:
-            first["also"] = first.get("also", ()) + (info,)  # type: ignore[operator]
+        edge_infos[uv] = edge_infos.get(uv, ()) + (kinds[key[2:]][1],)
+    # Edges of the same transition(s) share one attribute dict (read-only, like the frozen
+    # EdgeInfo in it): a dict per edge would be ~180 bytes an edge.
+    shared: dict[tuple[EdgeInfo, ...], dict[str, object]] = {}
+    edge_rows = []
+    for uv, infos in edge_infos.items():
+        a = shared.get(infos)
+        if a is None:
+            a = shared[infos] = {"edge": infos[0], "also": infos[1:]} if len(infos) > 1 else {"edge": infos[0]}
+        edge_rows.append((uv[0], uv[1], a))
+    return StateGraph(_digraph(node_rows, edge_rows), symbolize)
+
+
+def _digraph(
+    node_rows: list[tuple[str, dict[str, object]]], edge_rows: list[tuple[str, str, dict[str, object]]]
+) -> nx.DiGraph:
+    """A DiGraph holding these nodes (in order) and edges, their attribute dicts used as given.
+
+    ``add_nodes_from``/``add_edges_from`` would copy every attribute dict; the adjacency is
+    filled directly instead, as those methods fill it (node, successor and predecessor maps).
+    """
     g = nx.DiGraph()
-    g.add_nodes_from(node_rows)
-    g.add_edges_from((u, v, a) for (u, v), a in edge_attrs.items())
-    return StateGraph(g, symbolize)
+    node, succ, pred = g._node, g._adj, g._pred
+    for name, attrs in node_rows:
+        node[name] = attrs
+        succ[name] = {}
+        pred[name] = {}
+    for u, v, a in edge_rows:
+        succ[u][v] = a
+        pred[v][u] = a
+    return g
 
 
 def node_name(graph: StateGraph, digest: str) -> str:

@@ -56,6 +56,8 @@ CHECK_EVERY = 0.1  # seconds between looks at resident memory (and progress line
 GRAPH_SECONDS_PER_STATE = 130e-6
 # With a shared seen-set, choice states are claimed this many at a time (one message each).
 CLAIM_BATCH = 64
+# Distinct stack contents kept to share equal ones between nodes (then forgotten and begun again).
+STACK_MEMO = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class Explorer:
         # digests, nodes and edges are kept).
         self.records = RecordKeeper(self.trace, self.kernel)
         self._ints: dict[int, int] = {}  # one int object per register value seen, shared by all states
+        self._stack_bytes: dict[bytes, bytes] = {}  # one bytes object per stack content seen (_typed)
         self._last: str | None = None  # the latest state of the path being run
         self._known: set[str] = set()  # states some finished segment went through
         self.deadlocks: dict[str, list[str]] = {}  # state -> wait chains, where no thread can run
@@ -186,11 +189,15 @@ class Explorer:
         self._segment_seen.add(d)
 
     def _typed(self, raw: tuple[Any, ...]) -> State:
-        """A node's record, its register values shared with every other state's that are equal
-        (addresses recur from state to state; one int object each saves ~32 bytes a register)."""
-        ints = self._ints
+        """A node's record, its register values and stack bytes shared with every other state's
+        that are equal (addresses recur from state to state, one int object each saves ~32 bytes a
+        register; a stack at the same call site often holds the same bytes, ~200 bytes each)."""
+        ints, stacks = self._ints, self._stack_bytes
+        if len(stacks) > STACK_MEMO:
+            stacks.clear()  # later equal stacks are shared among themselves
         ctx = tuple.__new__(UserContext, map(ints.setdefault, raw[3], raw[3]))
-        return tuple.__new__(State, (raw[0], raw[1], raw[2], ctx, *raw[4:]))
+        stack = stacks.setdefault(raw[4], raw[4])
+        return tuple.__new__(State, (raw[0], raw[1], raw[2], ctx, stack, *raw[5:]))
 
     def _stack_of(self, t: KThread) -> bytes:
         ctx = t.suspended.trap.ctx if t.suspended is not None else (None if t.started else t.entry_context)

@@ -64,8 +64,11 @@ def digest_key(kernel: Kernel, thread: KThread) -> tuple[object, ...]:
     """The kernel-model part of a state's identity: every thread's callback stack, wait and fate, and the objects."""
     threads = []
     for t in kernel.threads.values():
-        frames = tuple(
-            (f.api, f.user_frame, tuple(f.trap.ctx), f.activation.position(), f.message_id) for f in t.callback_stack
+        cbs = t.callback_stack
+        frames = (
+            tuple([(f.api, f.user_frame, tuple(f.trap.ctx), f.activation.position(), f.message_id) for f in cbs])
+            if cbs
+            else ()
         )
         waiting = None if t.suspended is None else t.suspended.key()
         entry = None if t.started else tuple(t.entry_context)
@@ -76,7 +79,12 @@ def digest_key(kernel: Kernel, thread: KThread) -> tuple[object, ...]:
         pos = p.activation.position() if p.activation is not None else None
         pending = (p.tid, p.choice, pos, p.resumed, p.at_entry)
     nxt = None if kernel.next_thread is None else kernel.next_thread.tid
-    return (thread.tid, tuple(threads), pending, kernel.objects.key(), nxt)
+    o = kernel.objects
+    objects = o.key() if o.objects or o.queues or o.waiters else _NO_OBJECTS
+    return (thread.tid, tuple(threads), pending, objects, nxt)
+
+
+_NO_OBJECTS: tuple[object, ...] = ((), (), ())  # ObjectTable.key() of an empty table
 
 
 # Copies are shallow, field for field, through the instance dictionary: ``dataclasses.replace``
