@@ -32,6 +32,7 @@ from emu.context import UserContext
 from emu.engine import Process
 from emu.errors import BudgetExceeded, ExtensionError, KernelError, MachineFault, ModelBug, UnimplementedImport
 from emu.exploration.canonical import canonical_graph, name_faults, node_name, node_order
+from emu.exploration.cpu import CpuContexts, SavedCpu
 from emu.exploration.digest import DigestText
 from emu.exploration.records import RecordKeeper
 from emu.exploration.result import Exploration, Strategy, resident_bytes
@@ -64,7 +65,7 @@ STACK_MEMO = 1 << 16
 class Fork:
     """A machine saved at a choice point."""
 
-    cpu: Any  # unicorn UcContext
+    cpu: SavedCpu  # the CPU context (emu.exploration.cpu)
     memory: PageSnapshot
     kernel: KernelState
     depth: int  # choices taken on the way here
@@ -103,6 +104,7 @@ class Explorer:
         self.machine = self.process.machine
         self.trace = self.process.trace
         self.cow = self.machine.enable_cow()
+        self._cpu = CpuContexts(self.machine.uc)  # forks' CPU contexts, their equal parts shared
         self.root: str | None = None  # the start state's digest
         self._count = 0  # states observed (the trace's state ids are 0 .. _count - 1)
         # Trace records are dropped once no saved fork nor live thread names them (only the
@@ -247,7 +249,7 @@ class Explorer:
                 self._walk(result, work, split)
             else:
                 root = Fork(
-                    self.machine.uc.context_save(), self.cow.take(), save_kernel(self.kernel), 0, self._last or "", (),
+                    self._cpu.save(), self.cow.take(), save_kernel(self.kernel), 0, self._last or "", (),
                     self.symbolic.save() if self.symbolic is not None else None,
                 )  # fmt: skip
                 self.records.hold(root.records)  # every prefix starts here: never released
@@ -403,7 +405,7 @@ class Explorer:
             self.kernel.pending_choice = None
             return
         fork = Fork(
-            self.machine.uc.context_save(), self.cow.take(), save_kernel(self.kernel), depth, self._last or "", path,
+            self._cpu.save(), self.cow.take(), save_kernel(self.kernel), depth, self._last or "", path,
             sym.save() if sym is not None else None,
         )  # fmt: skip
         self.records.hold(fork.records)
@@ -442,7 +444,7 @@ class Explorer:
                 self.records.release(fork.records)
 
     def _restore(self, fork: Fork) -> None:
-        self.machine.uc.context_restore(fork.cpu)
+        self._cpu.restore(fork.cpu)
         self.cow.restore(fork.memory)
         named = [t.state_id for t in self.kernel.threads.values()]
         load_kernel(self.kernel, fork.kernel)
