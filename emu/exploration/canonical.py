@@ -17,6 +17,7 @@ from emu.graph import EdgeInfo, StateGraph
 from emu.trace import State
 
 EdgeKey = tuple[object, ...]  # (src digest, dst digest, kind, service, ssn, status, api, detail)
+Kind = tuple[tuple[str, ...], EdgeInfo]  # a transition's sort key and its EdgeInfo
 
 
 def canonical_graph(
@@ -26,21 +27,27 @@ def canonical_graph(
     deadlocks: Mapping[str, list[str]],
     chains: Mapping[str, list[str]],
     symbolize: Callable[[int], str],
+    consume: bool = False,
 ) -> StateGraph:
-    """The states reachable from ``root`` over ``edges``, numbered n0, n1, ... canonically."""
-    out_edges: dict[str, list[EdgeKey]] = {}
-    sort_key: dict[EdgeKey, tuple[str, ...]] = {}  # each edge's sort key, computed once
-    # Few distinct transitions recur over many edges: one sort key and one (frozen) EdgeInfo each.
-    kinds: dict[tuple[object, ...], tuple[tuple[str, ...], EdgeInfo]] = {}
+    """The states reachable from ``root`` over ``edges``, numbered n0, n1, ... canonically.
+
+    ``consume``: ``edges`` is a dict the caller no longer needs; it is emptied once read,
+    so the graph is built in the memory its keys held.
+    """
+    # Few distinct transitions recur over many edges: one sort key and one (frozen) EdgeInfo
+    # each, and per source its edges as (target, that pair).
+    kinds: dict[tuple[object, ...], Kind] = {}
+    out_edges: dict[str, list[tuple[str, Kind]]] = {}
     for key in edges:
-        out_edges.setdefault(str(key[0]), []).append(key)
         tail = key[2:]
         known = kinds.get(tail)
         if known is None:
             kind, service, ssn, status, api, detail = tail
             info = EdgeInfo(str(kind), service, ssn, status, api, str(detail or ""))  # type: ignore[arg-type]
             known = kinds[tail] = (edge_sort(key), info)
-        sort_key[key] = known[0]
+        out_edges.setdefault(str(key[0]), []).append((str(key[1]), known))
+    if consume and isinstance(edges, dict):
+        edges.clear()
 
     def label(d: str) -> str:
         s = nodes[d]
@@ -55,57 +62,53 @@ def canonical_graph(
         if not out:
             continue
         if len(out) > 1:
-            out.sort(key=lambda k: (sort_key[k], label(str(k[1])), str(k[1])))
-        for key in out:
-            dst = str(key[1])
+            out.sort(key=lambda e: (e[1][0], label(e[0]), e[0]))
+        for dst, _ in out:
             if dst not in order:
                 order[dst] = len(order)
                 queue.append(dst)
-    names = {d: f"n{i}" for d, i in order.items()}  # insertion order is the numbering
-    node_rows = []
-    for d, name in names.items():
+    names = [f"n{i}" for i in range(len(order))]  # order's insertion order is the numbering
+    g = nx.DiGraph()
+    # The adjacency is filled directly, as add_nodes_from/add_edges_from fill it (node, successor
+    # and predecessor maps), without their copy of every attribute dict.
+    node, succ, pred = g._node, g._adj, g._pred
+    for d, i in order.items():
         attrs: dict[str, object] = {"state": nodes[d], "digest": d}
         if d in deadlocks:
             attrs["deadlock"] = "; ".join(deadlocks[d])
         if d in chains:
             attrs["wait_chains"] = "; ".join(chains[d])
-        node_rows.append((name, attrs))
-    # Two different transitions between the same two states: the first (in canonical order)
-    # is the edge, the others are listed under "also".
-    edge_infos: dict[tuple[str, str], tuple[EdgeInfo, ...]] = {}
-    for key in sorted(sort_key, key=lambda k: (order[str(k[0])], order[str(k[1])], sort_key[k])):
-        uv = (names[str(key[0])], names[str(key[1])])
-        edge_infos[uv] = edge_infos.get(uv, ()) + (kinds[key[2:]][1],)
-    # Edges of the same transition(s) share one attribute dict (read-only, like the frozen
-    # EdgeInfo in it): a dict per edge would be ~180 bytes an edge.
+        node[names[i]] = attrs
+        succ[names[i]] = {}
+        pred[names[i]] = {}
+    # Edges in canonical order (source, target, transition). Two different transitions between
+    # the same two states: the first is the edge, the others are listed under "also". Edges of
+    # the same transition(s) share one attribute dict (read-only, like the frozen EdgeInfo in it):
+    # a dict per edge would be ~180 bytes an edge.
     shared: dict[tuple[EdgeInfo, ...], dict[str, object]] = {}
-    edge_rows = []
-    for uv, infos in edge_infos.items():
-        a = shared.get(infos)
-        if a is None:
-            a = shared[infos] = {"edge": infos[0], "also": infos[1:]} if len(infos) > 1 else {"edge": infos[0]}
-        edge_rows.append((uv[0], uv[1], a))
-    return StateGraph(_digraph(node_rows, edge_rows), symbolize)
-
-
-def _digraph(
-    node_rows: list[tuple[str, dict[str, object]]], edge_rows: list[tuple[str, str, dict[str, object]]]
-) -> nx.DiGraph:
-    """A DiGraph holding these nodes (in order) and edges, their attribute dicts used as given.
-
-    ``add_nodes_from``/``add_edges_from`` would copy every attribute dict; the adjacency is
-    filled directly instead, as those methods fill it (node, successor and predecessor maps).
-    """
-    g = nx.DiGraph()
-    node, succ, pred = g._node, g._adj, g._pred
-    for name, attrs in node_rows:
-        node[name] = attrs
-        succ[name] = {}
-        pred[name] = {}
-    for u, v, a in edge_rows:
-        succ[u][v] = a
-        pred[v][u] = a
-    return g
+    for d, i in order.items():
+        out = out_edges.get(d)
+        if not out:
+            continue
+        if len(out) > 1:
+            out.sort(key=lambda e: (order[e[0]], e[1][0]))
+        u, targets = names[i], succ[names[i]]
+        j = 0
+        while j < len(out):
+            dst = out[j][0]
+            infos = [out[j][1][1]]
+            j += 1
+            while j < len(out) and out[j][0] == dst:
+                infos.append(out[j][1][1])
+                j += 1
+            key = tuple(infos)
+            a = shared.get(key)
+            if a is None:
+                a = shared[key] = {"edge": key[0], "also": key[1:]} if len(key) > 1 else {"edge": key[0]}
+            v = names[order[dst]]
+            targets[v] = a
+            pred[v][u] = a
+    return StateGraph(g, symbolize)
 
 
 def node_name(graph: StateGraph, digest: str) -> str:

@@ -477,7 +477,9 @@ class Explorer:
     def _graph(self) -> StateGraph:
         if self.progress is not None:
             self.progress.write("\r" + " " * 72 + "\r")
-        graph = canonical_graph(self.root, self.nodes, self.edges, self.deadlocks, self.chains, self.trace.symbolize)
+        graph = canonical_graph(
+            self.root, self.nodes, self.edges, self.deadlocks, self.chains, self.trace.symbolize, consume=True
+        )
         if self.symbolic is not None:
             self.symbolic.annotate(graph.lean)
         return graph
