@@ -16,7 +16,8 @@ import networkx as nx
 from emu.graph import EdgeInfo, StateGraph
 from emu.trace import State
 
-EdgeKey = tuple[object, ...]  # (src digest, dst digest, kind, service, ssn, status, api, detail)
+# (src digest, dst digest, (kind, service, ssn, status, api, detail))
+EdgeKey = tuple[str, str, tuple[object, ...]]
 Kind = tuple[tuple[str, ...], EdgeInfo]  # a transition's sort key and its EdgeInfo
 
 
@@ -38,14 +39,13 @@ def canonical_graph(
     # each, and per source its edges as (target, that pair).
     kinds: dict[tuple[object, ...], Kind] = {}
     out_edges: dict[str, list[tuple[str, Kind]]] = {}
-    for key in edges:
-        tail = key[2:]
+    for src, dst, tail in edges:
         known = kinds.get(tail)
         if known is None:
             kind, service, ssn, status, api, detail = tail
             info = EdgeInfo(str(kind), service, ssn, status, api, str(detail or ""))  # type: ignore[arg-type]
-            known = kinds[tail] = (edge_sort(key), info)
-        out_edges.setdefault(str(key[0]), []).append((str(key[1]), known))
+            known = kinds[tail] = (edge_sort(tail), info)
+        out_edges.setdefault(src, []).append((dst, known))
     if consume and isinstance(edges, dict):
         edges.clear()
 
@@ -132,5 +132,6 @@ def node_order(name: str) -> tuple[int, str]:
     return (int(name[1:]), name) if name[1:].isdigit() else (1 << 62, name)
 
 
-def edge_sort(key: EdgeKey) -> tuple[str, ...]:
-    return tuple("" if v is None else str(v) for v in key[2:])
+def edge_sort(transition: tuple[object, ...]) -> tuple[str, ...]:
+    """A transition's (kind, service, ssn, status, api, detail) as sortable strings."""
+    return tuple("" if v is None else str(v) for v in transition)

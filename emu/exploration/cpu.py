@@ -13,8 +13,7 @@ a context of its own.
 from __future__ import annotations
 
 import ctypes
-
-from unicorn import Uc
+from typing import Any
 
 CHUNK = 256  # bytes per shared piece of a saved context
 
@@ -27,7 +26,7 @@ class CpuContexts:
 
     __slots__ = ("_address", "_held", "_reference", "_scratch", "_size", "_tail", "_uc")
 
-    def __init__(self, uc: Uc) -> None:
+    def __init__(self, uc: Any) -> None:  # a unicorn.Uc (its context methods are untyped)
         self._uc = uc
         self._scratch = uc.context_save()  # the one context Unicorn saves into and restores from
         self._address: int = self._scratch.context.value  # where its bytes are

@@ -30,7 +30,9 @@ class DigestText:
         self._keys: dict[tuple[object, ...], bytes] = {}  # the kernel model's key -> its repr, encoded
 
     def state(self, tid: int, mode: str, context: tuple[int, ...], tail: tuple[Any, ...]) -> bytes:
-        """``repr((tid, mode, context, tail)).encode()``, for a context of plain ints."""
+        """``repr((tid, mode, context, tail)).encode()``."""
+        if type(context) is not tuple:  # a named tuple spells its field names: no shortcut
+            return repr((tid, mode, context, tail)).encode()
         regs = self._regs
         if len(regs) > MEMO_LIMIT:
             regs.clear()

@@ -31,7 +31,7 @@ import networkx as nx
 from emu.context import UserContext
 from emu.engine import Process
 from emu.errors import BudgetExceeded, ExtensionError, KernelError, MachineFault, ModelBug, UnimplementedImport
-from emu.exploration.canonical import canonical_graph, name_faults, node_name, node_order
+from emu.exploration.canonical import EdgeKey, canonical_graph, name_faults, node_name, node_order
 from emu.exploration.cpu import CpuContexts, SavedCpu
 from emu.exploration.digest import DigestText
 from emu.exploration.records import RecordKeeper
@@ -119,7 +119,8 @@ class Explorer:
         self._replaying = False
         self.chains: dict[str, list[str]] = {}  # state -> wait chains, wherever some thread waits
         self.nodes: dict[str, State] = {}
-        self.edges: dict[tuple[object, ...], None] = {}
+        self.edges: dict[EdgeKey, None] = {}
+        self._tails: dict[tuple[object, ...], tuple[object, ...]] = {}  # edges' transitions, shared
         self._segment_seen: set[str] = set()
         self._merged_at: int | None = None
         self._stacks = tuple((t.stack_limit, t.stack_base) for t in self.kernel.threads.values())
@@ -182,8 +183,10 @@ class Explorer:
                     self.chains[d] = chains
         if self._last is not None:
             t = self.trace.raw_transitions[-1]  # RawTransition layout
-            # (src, dst, kind, service, ssn, status, api, detail), between consecutive states of the process
-            self.edges[(self._last, d, t[1], t[5], t[6], t[10], t[11], t[12])] = None
+            # (src, dst, (kind, service, ssn, status, api, detail)), between consecutive states of
+            # the process; one tuple per distinct transition, shared by its edges
+            tail = (t[1], t[5], t[6], t[10], t[11], t[12])
+            self.edges[(self._last, d, self._tails.setdefault(tail, tail))] = None
         self._last = d
         if not self._replaying and (d in self._known or d in self._segment_seen):
             self._merged_at = sid  # a known state: its future is explored elsewhere

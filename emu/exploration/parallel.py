@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from emu.errors import EmuError, ScenarioError
-from emu.exploration.canonical import name_faults, node_order
+from emu.exploration.canonical import EdgeKey, name_faults, node_order
 from emu.exploration.claims import RaySeenSet, SeenServer, SeenSet, SeenShard
 from emu.exploration.explorer import Explorer
 from emu.exploration.result import Exploration, Strategy
@@ -50,7 +50,7 @@ class Part:
     """What one worker found (picklable: plain data)."""
 
     nodes: dict[str, State]
-    edges: list[tuple[object, ...]]
+    edges: list[EdgeKey]  # (src digest, dst digest, transition)
     deadlocks: dict[str, list[str]]
     chains: dict[str, list[str]]
     faults: list[tuple[str, str]]  # (state digest, message)
