@@ -3,11 +3,11 @@
 A Unicorn x86-64 context is about 5.6 KiB (general registers, segments, FPU and vector
 registers, MSRs), one allocation per ``context_save``. Between two forks of an
 exploration only a few words of it differ (the general registers, RIP, flags), so a
-fork keeps its context as a tuple of fixed-size chunks of those bytes, each chunk equal
-to the first saved context's shared with it: a few hundred bytes a fork instead of
-5.6 KiB. Saving and restoring go through one reusable context (``context_update`` into
-it, its bytes copied back before ``context_restore``): the same bytes Unicorn copies for
-a context of its own.
+fork keeps its context as its first chunk (those words) and a tuple of the other
+fixed-size chunks, shared with the previous save's when they are equal: a few hundred
+bytes a fork instead of 5.6 KiB. Saving and restoring go through one reusable context
+(``context_update`` into it, its bytes copied back before ``context_restore``): the
+same bytes Unicorn copies for a context of its own.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ class CpuContexts:
         raw = bytes(self._scratch)
         self._size = len(raw)
         self._tail = raw[CHUNK:]
-        # Equal chunks of later saves are these objects; usually only the first chunk differs.
+        # Equal chunks of later saves are these objects (the latest save whose later chunks
+        # changed); usually only the first chunk differs.
         self._reference = tuple([raw[i : i + CHUNK] for i in range(CHUNK, self._size, CHUNK)])
         self._held: SavedCpu = (raw[:CHUNK], self._reference)  # what the scratch context holds now
 
@@ -43,9 +44,10 @@ class CpuContexts:
         raw = ctypes.string_at(self._address, self._size)
         if raw[CHUNK:] == self._tail:
             rest = self._reference
-        else:
+        else:  # something past the first chunk changed: the saves from now on are compared with this one
             pieces = [raw[i : i + CHUNK] for i in range(CHUNK, self._size, CHUNK)]
-            rest = tuple([r if p == r else p for p, r in zip(pieces, self._reference, strict=True)])
+            rest = self._reference = tuple([r if p == r else p for p, r in zip(pieces, self._reference, strict=True)])
+            self._tail = raw[CHUNK:]
         out = self._held = (raw[:CHUNK], rest)
         return out
 
