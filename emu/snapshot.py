@@ -281,8 +281,10 @@ class CowMemory:
 
     def digest(self, skip: Iterable[tuple[int, int]] = ()) -> bytes:
         """A digest of every page that differs from the initial memory, except the ``skip`` ranges."""
-        ranges = tuple(skip)
-        live = [p for p in self._live() if not any(start <= p < end for start, end in ranges)]
+        ranges = skip if type(skip) is tuple else tuple(skip)
+        live = self._live()
+        if live:
+            live = {p for p in live if not any(start <= p < end for start, end in ranges)}
         memo = self.current.memo
         if not live and memo is not None and memo[0] == ranges:
             return memo[1]  # nothing written outside the skipped ranges since this layer

@@ -40,7 +40,7 @@ def save_kernel(kernel: Kernel) -> KernelState:
         None if kernel.current is None else kernel.current.tid,
         kernel.max_depth,
         _copy_pending(kernel.pending_choice),
-        kernel.objects.copy(),
+        _copy_objects(kernel.objects),
         None if kernel.next_thread is None else kernel.next_thread.tid,
         list(kernel.deadlock),
     )
@@ -55,7 +55,7 @@ def load_kernel(kernel: Kernel, state: KernelState) -> None:
     kernel.current = None if state.current is None else threads[state.current]
     kernel.max_depth = state.max_depth
     kernel.pending_choice = _copy_pending(state.pending_choice)
-    kernel.objects = state.objects.copy()
+    kernel.objects = _copy_objects(state.objects)
     kernel.next_thread = None if state.next_thread is None else threads[state.next_thread]
     kernel.deadlock = list(state.deadlock)
 
@@ -95,6 +95,12 @@ def _shallow(obj: _T) -> _T:
     twin: _T = object.__new__(type(obj))
     twin.__dict__.update(obj.__dict__)
     return twin
+
+
+def _copy_objects(table: ObjectTable) -> ObjectTable:
+    if table.objects or table.queues or table.waiters:
+        return table.copy()
+    return ObjectTable({}, {}, {}, table.next_message)  # the common case, without the walk
 
 
 def _copy_pending(p: PendingChoice | None) -> PendingChoice | None:
