@@ -309,6 +309,7 @@ class Explorer:
                 break
             # Past the frontier budget, go on depth-first: the newest options first.
             fork, option = work.popleft() if self.strategy == "bfs" and len(work) < b.frontier else work.pop()
+            named = fork.records  # read first: the fork's last restore hands its saved threads over
             try:
                 self._restore(fork)
                 mark = len(self.trace.raw_states)
@@ -324,7 +325,7 @@ class Explorer:
                 self.records.forget(mark)
                 fork.left[0] -= 1
                 if not fork.left[0]:
-                    self.records.release(fork.records)
+                    self.records.release(named)
             except KeyboardInterrupt:
                 result.unexplored += len(work) + 1  # the option being followed is not finished either
                 raise
@@ -450,7 +451,9 @@ class Explorer:
         self._cpu.restore(fork.cpu)
         self.cow.restore(fork.memory)
         named = [t.state_id for t in self.kernel.threads.values()]
-        load_kernel(self.kernel, fork.kernel)
+        # Its last option: nothing restores this fork again (a fork with a symbolic value's sides
+        # to come counts -1, the start of parallel prefixes 0).
+        load_kernel(self.kernel, fork.kernel, last_use=fork.left[0] == 1)
         if self.symbolic is not None:
             self.symbolic.load(fork.symbolic)
         self.records.replaced(named)

@@ -46,18 +46,28 @@ def save_kernel(kernel: Kernel) -> KernelState:
     )
 
 
-def load_kernel(kernel: Kernel, state: KernelState) -> None:
-    """Make ``state`` current in ``kernel`` (copied again, so one saved state can be loaded many times)."""
-    threads = {tid: _copy_thread(t) for tid, t in state.threads.items()}
+def load_kernel(kernel: Kernel, state: KernelState, last_use: bool = False) -> None:
+    """Make ``state`` current in ``kernel`` (copied again, so one saved state can be loaded many
+    times); ``last_use``: it is not loaded again, so its objects are handed over, not copied."""
+    if last_use:
+        threads = dict(state.threads)
+        pending, objects, deadlock = state.pending_choice, state.objects, state.deadlock
+    else:
+        threads = {tid: _copy_thread(t) for tid, t in state.threads.items()}
+        pending, objects, deadlock = (
+            _copy_pending(state.pending_choice),
+            _copy_objects(state.objects),
+            list(state.deadlock),
+        )
     for t in threads.values():
         t.service_ctx = ThreadServiceContext(kernel, t)
     kernel.set_threads(threads)
     kernel.current = None if state.current is None else threads[state.current]
     kernel.max_depth = state.max_depth
-    kernel.pending_choice = _copy_pending(state.pending_choice)
-    kernel.objects = _copy_objects(state.objects)
+    kernel.pending_choice = pending
+    kernel.objects = objects
     kernel.next_thread = None if state.next_thread is None else threads[state.next_thread]
-    kernel.deadlock = list(state.deadlock)
+    kernel.deadlock = deadlock
 
 
 def digest_key(kernel: Kernel, thread: KThread) -> tuple[object, ...]:
