@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import networkx as nx
 
-from emu.context import UserContext
 from emu.engine import Process
 from emu.errors import BudgetExceeded, ExtensionError, KernelError, MachineFault, ModelBug, UnimplementedImport
 from emu.exploration.canonical import EdgeKey, canonical_graph, name_faults, node_name, node_order
@@ -36,6 +35,7 @@ from emu.exploration.cpu import CpuContexts, SavedCpu
 from emu.exploration.digest import DigestText
 from emu.exploration.records import RecordKeeper
 from emu.exploration.result import Exploration, Strategy, resident_bytes
+from emu.exploration.shared import SharedParts
 from emu.graph import StateGraph
 from emu.kernel import KernelHooks, KThread, sched
 from emu.kernel.fork import KernelState, digest_key, load_kernel, save_kernel
@@ -57,8 +57,6 @@ CHECK_EVERY = 0.1  # seconds between looks at resident memory (and progress line
 GRAPH_SECONDS_PER_STATE = 130e-6
 # With a shared seen-set, choice states are claimed this many at a time (one message each).
 CLAIM_BATCH = 64
-# Distinct stack contents kept to share equal ones between nodes (then forgotten and begun again).
-STACK_MEMO = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -110,8 +108,7 @@ class Explorer:
         # Trace records are dropped once no saved fork nor live thread names them (only the
         # digests, nodes and edges are kept).
         self.records = RecordKeeper(self.trace, self.kernel)
-        self._ints: dict[int, int] = {}  # one int object per register value seen, shared by all states
-        self._stack_bytes: dict[bytes, bytes] = {}  # one bytes object per stack content seen (_typed)
+        self._shared = SharedParts()  # register values and stacks shared between nodes
         self._last: str | None = None  # the latest state of the path being run
         self._known: set[str] = set()  # states some finished segment went through
         self.deadlocks: dict[str, list[str]] = {}  # state -> wait chains, where no thread can run
@@ -161,11 +158,9 @@ class Explorer:
         # Every thread's kernel side (waits, callback stacks), the objects, and the live
         # stacks of the threads that are not moving: the whole process is the state.
         h.update(self._text.kernel(digest_key(self.kernel, thread)))
-        threads = self.kernel.threads
-        if len(threads) > 1:
-            for other in threads.values():
-                if other is not thread:
-                    h.update(self._stack_of(other))
+        for other in self.kernel.threads.values():
+            if other is not thread:
+                h.update(self._stack_of(other))
         h.update(self.cow.digest(self._stacks))
         d = h.hexdigest()
         if self.symbolic is not None:
@@ -183,8 +178,7 @@ class Explorer:
                     self.chains[d] = chains
         if self._last is not None:
             t = self.trace.raw_transitions[-1]  # RawTransition layout
-            # (src, dst, (kind, service, ssn, status, api, detail)), between consecutive states of
-            # the process; one tuple per distinct transition, shared by its edges
+            # (src, dst, (kind, service, ssn, status, api, detail)): one tuple per distinct transition
             tail = (t[1], t[5], t[6], t[10], t[11], t[12])
             self.edges[(self._last, d, self._tails.setdefault(tail, tail))] = None
         self._last = d
@@ -194,15 +188,8 @@ class Explorer:
         self._segment_seen.add(d)
 
     def _typed(self, raw: tuple[Any, ...]) -> State:
-        """A node's record, its register values and stack bytes shared with every other state's
-        that are equal (addresses recur from state to state, one int object each saves ~32 bytes a
-        register; a stack at the same call site often holds the same bytes, ~200 bytes each)."""
-        ints, stacks = self._ints, self._stack_bytes
-        if len(stacks) > STACK_MEMO:
-            stacks.clear()  # later equal stacks are shared among themselves
-        ctx = tuple.__new__(UserContext, map(ints.setdefault, raw[3], raw[3]))
-        stack = stacks.setdefault(raw[4], raw[4])
-        return tuple.__new__(State, (raw[0], raw[1], raw[2], ctx, stack, *raw[5:]))
+        """A node's record, its parts shared with other nodes' equal ones (emu.exploration.shared)."""
+        return self._shared.state(raw)
 
     def _stack_of(self, t: KThread) -> bytes:
         ctx = t.suspended.trap.ctx if t.suspended is not None else (None if t.started else t.entry_context)
@@ -451,8 +438,7 @@ class Explorer:
         self._cpu.restore(fork.cpu)
         self.cow.restore(fork.memory)
         named = [t.state_id for t in self.kernel.threads.values()]
-        # Its last option: nothing restores this fork again (a fork with a symbolic value's sides
-        # to come counts -1, the start of parallel prefixes 0).
+        # Its last option: nothing restores it again (-1: a symbolic value's sides to come; 0: prefixes' start).
         load_kernel(self.kernel, fork.kernel, last_use=fork.left[0] == 1)
         if self.symbolic is not None:
             self.symbolic.load(fork.symbolic)
