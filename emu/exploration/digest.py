@@ -19,13 +19,21 @@ from typing import Any
 MEMO_LIMIT = 1 << 16
 
 
+class _Reprs(dict[int, str]):
+    """Register value -> its repr, computed on a miss (the hits stay in C: ``map(d.__getitem__, ...)``)."""
+
+    def __missing__(self, value: int) -> str:
+        text = self[value] = repr(value)
+        return text
+
+
 class DigestText:
     """Memoised ``repr`` of the parts of a state's identity."""
 
     __slots__ = ("_keys", "_regs", "_tails")
 
     def __init__(self) -> None:
-        self._regs: dict[int, str] = {}  # register value -> its repr
+        self._regs = _Reprs()  # register value -> its repr
         self._tails: dict[tuple[Any, ...], str] = {}  # (depth, service, api, pending, frames) -> repr
         self._keys: dict[tuple[object, ...], bytes] = {}  # the kernel model's key -> its repr, encoded
 
@@ -36,9 +44,7 @@ class DigestText:
         regs = self._regs
         if len(regs) > MEMO_LIMIT:
             regs.clear()
-        get = regs.get
-        # A register's repr is never empty, so `or` only computes the ones not seen yet.
-        text = ", ".join([get(v) or regs.setdefault(v, repr(v)) for v in context])
+        text = ", ".join(map(regs.__getitem__, context))
         if len(context) == 1:
             text += ","  # a 1-tuple's repr
         # The tail holds a bool (pending) where 0 would compare equal: its type is part of the memo key.
