@@ -1,0 +1,188 @@
+"""The explorer's compact forms keep what they replace: digest texts, CPU contexts, shared parts."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from unicorn.x86_const import UC_X86_REG_RAX, UC_X86_REG_RIP, UC_X86_REG_XMM3
+
+from conftest import SCENARIOS
+from emu.exploration.cpu import CpuContexts
+from emu.exploration.digest import MEMO_LIMIT, DigestText
+from emu.exploration.explorer import Explorer
+from emu.exploration.shared import SharedParts
+from emu.kernel.fork import digest_key
+from emu.kernel.thread import KThread
+from emu.machine import Machine
+from emu.scenario import load_scenario
+from emu.trace import State
+
+CTX = (
+    70,
+    0x7FFE_0000_1234,
+    0,
+    2,
+    0x1_0004_0058,
+    0,
+    1,
+    0,
+    0,
+    0,
+    0x7FFE_0000_1234,
+    582,
+    0,
+    0,
+    0,
+    0,
+    0x7FFE_0000_1234,
+    582,
+)
+
+
+@pytest.mark.parametrize(
+    ("tid", "mode", "context", "tail"),
+    [
+        (0, "user", CTX, (0, None, None, False, ())),
+        (3, "kernel", CTX, (2, "NtUserMessageCall", 2, True, ((2, "NtUserMessageCall"), (7, "x")))),
+        (1, "exited", (-1, 2**64 - 1), (0, None, None, 0, ())),  # a 0 where the flag is usually a bool
+        (0, "user", (5,), (0, None, None, False, ())),  # a 1-tuple's repr has a trailing comma
+        (0, "user", (), (0, None, None, False, ())),
+    ],
+)
+def test_state_text_is_repr_of_the_tuple(
+    tid: int, mode: str, context: tuple[int, ...], tail: tuple[object, ...]
+) -> None:
+    text = DigestText()
+    want = repr((tid, mode, context, tail)).encode()
+    assert text.state(tid, mode, context, tail) == want
+    assert text.state(tid, mode, context, tail) == want  # from the memos this time
+
+
+def test_equal_tails_of_other_types_keep_their_own_text() -> None:
+    text = DigestText()
+    a = text.state(0, "user", CTX, (0, None, None, False, ()))
+    b = text.state(0, "user", CTX, (0, None, None, 0, ()))  # 0 == False, but repr differs
+    assert a.endswith(b"False, ()))") and b.endswith(b"0, ()))")
+
+
+def test_a_named_tuple_context_is_spelled_with_its_field_names() -> None:
+    from emu.context import UserContext
+
+    ctx = UserContext._make(CTX)
+    assert (
+        DigestText().state(0, "user", ctx, (0, None, None, False, ()))
+        == repr((0, "user", ctx, (0, None, None, False, ()))).encode()
+    )
+
+
+def test_kernel_text_is_repr_and_survives_unhashable_keys_and_a_full_memo() -> None:
+    text = DigestText()
+    key = (0, ((0, "user", True, False, None, (), None, None, None),), None, ((), (), ()), None)
+    assert text.kernel(key) == repr(key).encode()
+    unhashable = (0, [1, 2], {"a": 1})
+    assert text.kernel(unhashable) == repr(unhashable).encode()
+    for i in range(MEMO_LIMIT + 2):
+        text.kernel((i,))
+    assert text.kernel(key) == repr(key).encode()
+    assert text.state(0, "user", tuple(range(MEMO_LIMIT + 5)), (0, None, None, False, ()))[:12] == b"(0, 'user', "
+
+
+class _ReferenceDigests(Explorer):
+    """The explorer, also computing each digest as the explorer did with plain repr()."""
+
+    def _observe(self, sid: int, thread: KThread) -> None:
+        raw = self.trace.raw_states[sid]
+        h = hashlib.blake2b(digest_size=12)
+        h.update(repr((raw[1], raw[2], raw[3], (raw[6], raw[7], raw[8], raw[9], raw[10]))).encode())
+        h.update(raw[4])
+        h.update(repr(digest_key(self.kernel, thread)).encode())
+        for other in self.kernel.threads.values():
+            if other is not thread:
+                h.update(self._stack_of(other))
+        h.update(self.cow.digest(self._stacks))
+        self.reference.append(h.hexdigest())
+        merged = self._merged_at is not None  # past a merge the explorer does not keep the digest
+        super()._observe(sid, thread)
+        if not merged:
+            self.checked.append((self._last or "", self.reference[-1]))
+
+    reference: list[str]
+    checked: list[tuple[str, str]]
+
+
+@pytest.mark.parametrize(
+    "name", ["choice_nested_depth", "threads_deadlock_sometimes", "callback_sends_to_thread", "exception_handled_av"]
+)
+def test_digests_are_those_of_the_repr_texts(name: str) -> None:
+    path = next(p for p in SCENARIOS if p.stem == name)
+    ex = _ReferenceDigests(load_scenario(path), "dfs")
+    ex.reference, ex.checked = [], []
+    result = ex.run()
+    assert result.complete
+    assert len(ex.checked) > 3
+    assert all(got == ref for got, ref in ex.checked)
+    assert {a["digest"] for _, a in result.graph.lean.nodes(data=True)} <= set(ex.reference)
+
+
+def _uc() -> Any:
+    uc: Any = Machine().uc  # a real Unicorn x86-64 instance (its binding is untyped)
+    return uc
+
+
+def test_cpu_contexts_restore_in_any_order() -> None:
+    uc = _uc()
+    cpu = CpuContexts(uc)
+    saved = []
+    for i in range(4):
+        uc.reg_write(UC_X86_REG_RAX, 0x1000 + i)
+        uc.reg_write(UC_X86_REG_RIP, 0x1000 + 4 * i)
+        uc.reg_write(UC_X86_REG_XMM3, (i + 1) << 70 if i % 2 else 0)  # a vector register, past the first chunk
+        saved.append(cpu.save())
+    for i in (2, 0, 3, 1, 1, 2):
+        uc.reg_write(UC_X86_REG_RAX, 0xDEAD)
+        cpu.restore(saved[i])
+        assert uc.reg_read(UC_X86_REG_RAX) == 0x1000 + i
+        assert uc.reg_read(UC_X86_REG_RIP) == 0x1000 + 4 * i
+        assert uc.reg_read(UC_X86_REG_XMM3) == ((i + 1) << 70 if i % 2 else 0)
+
+
+def test_cpu_contexts_share_what_did_not_change() -> None:
+    uc = _uc()
+    cpu = CpuContexts(uc)
+    uc.reg_write(UC_X86_REG_RAX, 1)
+    a = cpu.save()
+    uc.reg_write(UC_X86_REG_RAX, 2)
+    b = cpu.save()
+    assert a[1] is b[1]  # only the general registers changed: the rest is one shared tuple
+    assert a[0] != b[0]
+    uc.reg_write(UC_X86_REG_XMM3, 1 << 100)
+    c = cpu.save()
+    shared = sum(1 for x, y in zip(b[1], c[1], strict=True) if x is y)
+    assert shared == len(b[1]) - 1  # the chunk holding XMM3 is its own, the others are b's
+    whole = len(b"".join((a[0], *a[1])))
+    assert whole == len(bytes(uc.context_save()))
+
+
+def test_shared_parts_keep_the_record_and_share_equal_parts() -> None:
+    parts = SharedParts()
+    stack = bytes(range(64))
+    raw1 = (5, 0, "user", CTX, stack, 0x1000, 0, None, None, False, ())
+    raw2 = (6, 0, "kernel", CTX, bytes(stack), 0x1000, 0, "NtX", None, False, ())
+    s1, s2 = parts.state(raw1), parts.state(raw2)
+    assert isinstance(s1, State) and tuple(s1) == (*raw1[:3], s1.context, *raw1[4:])
+    assert tuple(s1.context) == CTX and s1.context.rip == CTX[16]
+    assert s1.stack is s2.stack and s1.context[1] is s2.context[1]
+    assert list(s2) == [6, 0, "kernel", s2.context, stack, 0x1000, 0, "NtX", None, False, ()]
+
+
+def test_edge_attribute_dicts_are_shared_by_equal_transitions() -> None:
+    path: Path = next(p for p in SCENARIOS if p.stem == "choice_nested_depth")
+    g = Explorer(load_scenario(path), "bfs").run().graph.lean
+    by_info: dict[object, set[int]] = {}
+    for _, _, a in g.edges(data=True):
+        by_info.setdefault((a["edge"], a.get("also")), set()).add(id(a))
+    assert by_info and all(len(ids) == 1 for ids in by_info.values())
+    assert len(by_info) < g.number_of_edges()
