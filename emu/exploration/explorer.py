@@ -59,7 +59,7 @@ GRAPH_SECONDS_PER_STATE = 130e-6
 CLAIM_BATCH = 64
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per choice state: no instance dict
 class Fork:
     """A machine saved at a choice point."""
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 _T = TypeVar("_T")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per fork: no instance dict
 class KernelState:
     """A saved kernel model: threads (callback stacks, waits), the current thread, a pending choice, objects."""
 
