@@ -221,7 +221,11 @@ def restore(session: Session, snap: Snapshot) -> None:
     trace.thread_starts = list(p.trace.thread_starts)
     trace.raw_states = list(snap.states)
     trace.raw_transitions = list(snap.transitions)
+    # What hooks noted before the snapshot's position (in memory only: a file keeps no notes).
+    trace.notes = [n for n in p.trace.notes if n.after <= snap.position] if own else []
     p.trace = k.trace = k.recorder.trace = trace
+    halt = p.halt  # a hook's stop after the snapshot is undone with the rest
+    halt.halted, halt.reason, halt.by, halt.failure = False, None, "", None
     k.recorder.output_bytes = snap.output_bytes
     session.started = snap.started
     session.stop = snap.stop
