@@ -47,6 +47,12 @@ class PathHooks:
 
     def __init__(self, explorer: Explorer, hooks: Hooks) -> None:
         self.ex = explorer
+        self.buffer: list[Note] = []  # notes since the path's last state (they belong to the next edge)
+        self.edge: tuple[str, str] | None = None  # the edge just recorded, and its transition notes
+        self.open: list[Note] = []
+        self.notes: dict[Key, dict[tuple[Note, ...], None]] = {}  # each arrival's notes, once
+        self.stops: set[tuple[str, str]] = set()  # (state digest, reason)
+        self.held: dict[tuple[str, ...], tuple[Note, ...]] = {}  # notes before a choice, by the fork's path
         recorder = explorer.kernel.recorder
         inner = recorder.observe
 
@@ -62,12 +68,6 @@ class PathHooks:
         recorder.observe = observe  # before the hooks' own wrapper: transition hooks see the edge open
         self.attached = hooks.attach(explorer.process)
         self.attached.sink = self._note
-        self.buffer: list[Note] = []  # notes since the path's last state (they belong to the next edge)
-        self.edge: tuple[str, str] | None = None  # the edge just recorded, and its transition notes
-        self.open: list[Note] = []
-        self.notes: dict[Key, dict[tuple[Note, ...], None]] = {}  # each arrival's notes, once
-        self.stops: set[tuple[str, str]] = set()  # (state digest, reason)
-        self.held: dict[tuple[str, ...], tuple[Note, ...]] = {}  # notes before a choice, by the fork's path
 
     def _note(self, by: str, text: str, rip: int, in_transition: bool) -> None:
         if in_transition:
@@ -135,8 +135,8 @@ class PathHooks:
             else:
                 continue
             by_name.setdefault(named, set()).update(arrivals)
-        for named, arrivals in by_name.items():
-            text = "\n".join(f"{by}: {t}" for notes in sorted(arrivals) for by, t in notes)
+        for named, distinct in by_name.items():
+            text = "\n".join(f"{by}: {t}" for notes in sorted(distinct) for by, t in notes)
             attrs = lean.edges[named] if isinstance(named, tuple) else lean.nodes[named]
             attrs["notes"] = text
         for d, reason in sorted(self.stops):
