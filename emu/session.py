@@ -395,9 +395,10 @@ class Session:
     def _start(self) -> None:
         self.started = True
         p = self.process
-        if isinstance(p, DumpProcess) and ((p.doc is not None and p.doc.kind == "fault") or p.idle):
-            self._result = p.run()  # a dump of a stopped run: it ends where it starts
-            self.error, self.stop = self._result.error, self._result.stop
+        if isinstance(p, DumpProcess):
+            self._result = p.start()  # None, or the stopped run a dump of one ends where it starts
+            if self._result is not None:
+                self.error, self.stop = self._result.error, self._result.stop
             return
         p.kernel.continue_thread(p.thread)
 
