@@ -491,7 +491,7 @@ class Explorer:
 
 def explore(
     scenario: Scenario | str | Path, strategy: Strategy = "bfs", progress: bool | TextIO = False, *,
-    services: Services | None = None, allow_python: bool = False, hooks: Hooks | None = None,
+    services: Services | None = None, allow_python: bool = False, hooks: Hooks | None = None, workers: int = 1,
 ) -> Exploration:  # fmt: skip
     """Explore every option of every choice in a scenario (a Scenario or a path).
 
@@ -499,12 +499,18 @@ def explore(
     add Python system services (:mod:`emu.services`); they fork with the machine at each
     choice. ``allow_python`` lets the scenario's ``[python]`` table load Python. ``hooks``
     (:class:`emu.hooks.Hooks`) fire on every path; their notes and stops land in the graph
-    (:mod:`emu.exploration.hooked`).
+    (:mod:`emu.exploration.hooked`). ``workers`` > 1 explores in that many processes
+    (:func:`emu.exploration.parallel.explore_parallel`: the same graph; services go by reference,
+    hooks are refused).
     """
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario, allow_python=allow_python)
     elif allow_python:
         scenario = dataclasses.replace(scenario, allow_python=True)
+    if workers > 1:
+        from emu.exploration.parallel import explore_parallel
+
+        return explore_parallel(scenario, workers, strategy=strategy, services=services, hooks=hooks)
     stream: TextIO | None
     if progress is True:
         stream = sys.stderr if sys.stderr.isatty() else None
