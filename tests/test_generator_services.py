@@ -137,3 +137,13 @@ def test_a_file_whose_service_now_goes_another_way_is_refused_in_one_line(tmp_pa
     fresh = Session(scenario)
     with pytest.raises(ExtensionError, match=r"^service NtUserMessageCall cannot be resumed: replayed from its journal it yielded UserCallback\(api=3"):  # fmt: skip
         fresh.restore(Snapshot.load(tmp_path / "mid.snap"))
+
+
+def test_debug_and_dump_load_the_scenarios_python_only_when_allowed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    path, _ = scenario_file(tmp_path, "registry")
+    for command in (["debug", str(path), "--gdb", "127.0.0.1:0"], ["dump", str(path), "--state", "1", "-o", str(tmp_path / "d.dmp")]):  # fmt: skip
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--allow-python" in err, err
+    s = __import__("emu").open(path, allow_python=True)
+    assert s.finish().exit_status == 9 + 6
