@@ -78,14 +78,15 @@ def __getattr__(name: str) -> Any:
 __version__ = "0.1.0"
 
 
-def open(scenario: Scenario | str | Path) -> Session:
-    """Build a scenario (or a scenario file) into a :class:`Session`, ready to step.
+def open(scenario: Scenario | str | Path, **options: Any) -> Session:
+    """Build a scenario (or a scenario file) into a :class:`Session`, ready to step; ``options``
+    are the Session's own (``hooks``, ``services``, ``allow_python``).
 
     Not in ``__all__``: ``from emu import *`` leaves the builtin ``open`` alone.
     """
     from emu.session import Session
 
-    return Session(scenario)
+    return Session(scenario, **options)
 
 
 __all__ = [

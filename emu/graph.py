@@ -86,6 +86,8 @@ class StateGraph:
             attrs = edge_attrs(d["edge"])
             if d.get("also"):
                 attrs["also"] = "; ".join(" ".join(str(x) for x in (e.kind, e.service) if x) for e in d["also"])
+            if d.get("notes"):
+                attrs["notes"] = d["notes"]
             g.add_edge(u, v, **attrs)
         return g
 
@@ -104,7 +106,8 @@ class StateGraph:
         if "digest" in d:
             attrs["digest"] = d["digest"]
         # path_condition and witness: states of an exploration with symbolic values (emu.symbolic)
-        for key in ("deadlock", "wait_chains", "path_condition", "witness"):
+        # notes and hook_stop: what hooks recorded in an exploration (emu.exploration.hooked)
+        for key in ("deadlock", "wait_chains", "path_condition", "witness", "notes", "hook_stop"):
             if key in d:
                 attrs[key] = d[key]
         return attrs

@@ -23,7 +23,11 @@ What can be hooked:
 - ``read(at)``, ``write(at)``, ``fetch(at)``: user code reading, writing or executing
   memory in a range (accesses that start in it). ``write`` also sees the kernel model's
   writes to user memory (a service's output, the callout frame KiUserCallbackDispatcher
-  finds, an exception's records), with ``hit.by_kernel`` set; Unicorn's own fetch hook
+  finds, an exception's records), and ``read`` its reads of user memory (a service's
+  arguments past the fourth and what it reads through its context, a callback's output
+  buffer when the service copies it (NtCallbackReturn itself only stores the pointer and
+  length: WRK ke/amd64/callout.asm), NtContinue's CONTEXT, NtRaiseException's records, the faulting
+  instruction the kernel decodes), with ``hit.by_kernel`` set; Unicorn's own fetch hook
   never fires, so a fetch is each instruction executed in the range;
 - ``transition(*kinds)``: each record of those kinds (all when none are named) as the
   kernel model appends it: syscall, sysret, callback, callback_return, exception, block,
@@ -108,7 +112,7 @@ class Hooks:
         return lambda f: self._add(_Entry("instruction", f, at))
 
     def read(self, at: Where) -> Callable[[Callback], Callback]:
-        """Call the function when user code reads memory in ``at``."""
+        """Call the function when user code, or the kernel model, reads memory in ``at``."""
         return lambda f: self._add(_Entry("read", f, at))
 
     def write(self, at: Where) -> Callable[[Callback], Callback]:
@@ -140,7 +144,7 @@ class Hit:
     """What a hook is called with: the kind of event and where, and the run to act on.
 
     ``address``/``size``: the instruction, or the memory accessed; ``data``: the bytes
-    read, or about to be written; ``by_kernel``: a write the kernel model makes;
+    read, or about to be written; ``by_kernel``: a read or write the kernel model makes;
     ``transition``: the record just appended; ``thread``: the thread's id (for a switch,
     the one going on the CPU, and ``previous`` the one leaving it).
     """
@@ -216,7 +220,11 @@ class Attached:
         machine, kernel = process.machine, process.kernel
         transitions = [e for e in entries if e.kind == "transition"]
         switches = [e for e in entries if e.kind == "thread_switch"]
+        # An explorer sends notes where its graph keeps them (emu.exploration.hooked).
+        self.sink: Callable[[str, str, int, bool], None] | None = None
+        self._in_transition = False
         kernel_writes: list[tuple[_Entry, int, int]] = []
+        kernel_reads: list[tuple[_Entry, int, int]] = []
         for e in entries:
             if e.where is None:
                 continue
@@ -225,8 +233,7 @@ class Attached:
                 machine.add_code_hook(begin, end, self._code_hook(e))
             elif e.kind in ("read", "write"):
                 machine.add_memory_hook(e.kind == "write", begin, end, self._memory_hook(e))
-                if e.kind == "write":
-                    kernel_writes.append((e, begin, end))
+                (kernel_writes if e.kind == "write" else kernel_reads).append((e, begin, end))
         if transitions:
             before = process.kernel.recorder.observe
             self._transitions = transitions
@@ -240,7 +247,9 @@ class Attached:
         if switches:
             kernel.on_switch = lambda prev, nxt: self._call_all(switches, "thread_switch", nxt.tid, previous=prev.tid)
         if kernel_writes:
-            machine.write_watch = lambda address, data: self._on_kernel_write(kernel_writes, address, data)
+            machine.write_watch = lambda address, data: self._on_kernel_access(kernel_writes, "write", address, data)
+        if kernel_reads:
+            machine.read_watch = lambda address, data: self._on_kernel_access(kernel_reads, "read", address, data)
 
     def _resolve(self, at: Address) -> int:
         if isinstance(at, int):
@@ -252,6 +261,9 @@ class Attached:
 
     # --- what the hooks do to the run -----------------------------------------------------
     def note(self, by: str, text: str, rip: int) -> None:
+        if self.sink is not None:
+            self.sink(by, text, rip, self._in_transition)
+            return
         trace = self.process.trace
         trace.notes.append(TraceNote(len(trace.raw_transitions), self._current(), rip, by, text))
 
@@ -304,17 +316,28 @@ class Attached:
 
         return hook
 
-    def _on_kernel_write(self, entries: list[tuple[_Entry, int, int]], address: int, data: bytes) -> None:
+    def _on_kernel_access(
+        self, entries: list[tuple[_Entry, int, int]], kind: HitKind, address: int, data: bytes
+    ) -> None:
         end = address + len(data)
         for e, begin, stop in entries:
             if address < stop and begin < end:
-                self._call(e, Hit("write", e.name, self._current(), address, len(data), bytes(data), True))
+                self._call(e, Hit(kind, e.name, self._current(), address, len(data), bytes(data), True))
+
+    def _typed_last(self) -> Transition:
+        trace = self.process.trace
+        return trace.raw_transition(len(trace.raw_transitions) - 1).typed(trace.symbolize)
 
     def _on_transition(self) -> None:
         trace = self.process.trace
         kind = trace.raw_transitions[-1][T_KIND]
-        for e in self._transitions:
-            if kind in e.kinds:
-                # The trace's own typed record, built once and kept: the run's view reuses it.
-                record = trace.transitions[-1]
-                self._call(e, Hit("transition", e.name, record.thread, record.rip, 0, transition=record))
+        self._in_transition = True
+        try:
+            for e in self._transitions:
+                if kind in e.kinds:
+                    # The trace's own typed record, built once and kept: the run's view reuses it.
+                    # An explorer drops records as it goes: there, a record of its own.
+                    record = trace.transitions[-1] if self.sink is None else self._typed_last()
+                    self._call(e, Hit("transition", e.name, record.thread, record.rip, 0, transition=record))
+        finally:
+            self._in_transition = False

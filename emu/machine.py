@@ -109,6 +109,7 @@ class Machine:
         self.exception_handler: ExceptionHandler | None = None
         # Called with (address, data) after each write the kernel model makes (emu.hooks); None: no cost.
         self.write_watch: Callable[[int, bytes], None] | None = None
+        self.read_watch: Callable[[int, bytes], None] | None = None  # the kernel model's reads (emu.hooks)
         self._enter_user_mode()
         self.uc.hook_add(
             UC_HOOK_MEM_READ_UNMAPPED

@@ -62,7 +62,7 @@ from emu.scenario import Scenario
 
 __all__ = [
     "HANDLE", "NTSTATUS", "ULONG", "ULONG_PTR", "ArgType", "CallbackResult", "Choice", "Ptr", "ServiceContext",
-    "ServiceGen", "ServiceRegistry", "TerminateThread", "UserCallback", "bind", "load", "services_for",
+    "ServiceGen", "ServiceRegistry", "TerminateThread", "UserCallback", "bind", "load", "reference", "services_for",
 ]  # fmt: skip
 
 Services = ServiceRegistry | str  # a registry, or "package.module:name" naming one
@@ -96,6 +96,32 @@ def load(ref: str, folders: Sequence[str | Path] = ()) -> ServiceRegistry:
         got = "nothing" if registry is None else type(registry).__name__
         raise ExtensionError("service", f"services {ref!r}: {module_name}.{attr} is {got}, expected a ServiceRegistry")
     return registry
+
+
+def reference(services: Services) -> str:
+    """``"package.module:name"`` for services to send to worker processes (``emu.explore(...,
+    workers=N)``): a string as given; a registry by the module attribute that holds it, found
+    in the modules its services are defined in. Each worker imports that module again.
+
+    Raises ExtensionError, one line, for a registry no importable module holds (one built in
+    a function, or in ``__main__``): it cannot be sent to a fresh Python process.
+    """
+    if isinstance(services, str):
+        return services
+    for module_name in dict.fromkeys(getattr(s.func, "__module__", "") for s in services.specs()):
+        module = sys.modules.get(module_name or "")
+        if module is None or module_name == "__main__" or not getattr(module, "__file__", None):
+            continue
+        for attr, value in vars(module).items():
+            if value is services:
+                return f"{module_name}:{attr}"
+    names = ", ".join(services.names()) or "no services"
+    raise ExtensionError(
+        "service",
+        f"services ({names}): worker processes import services by name, and no module holds this "
+        f'registry: define it at module level in an importable module and pass "package.module:name", '
+        f"or explore with one worker",
+    )
 
 
 def services_for(scenario: Scenario, given: Services | None = None) -> ServiceRegistry | None:

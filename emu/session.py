@@ -46,10 +46,12 @@ from emu.debug.control import drive_to, step
 from emu.dump.start import DumpProcess
 from emu.engine import Process, RunResult
 from emu.errors import EmuError
+from emu.hooks import Hooks
 from emu.kernel import KernelHooks, KThread
 from emu.kernel.objects import KObject
 from emu.loader.image import find_symbol
 from emu.scenario import Scenario
+from emu.services import Services
 from emu.trace import State, Trace, Transition
 
 if TYPE_CHECKING:
@@ -151,15 +153,24 @@ class Session:
 
     Args:
         scenario: a :class:`~emu.scenario.Scenario` or the path of a scenario file.
+        hooks: :class:`~emu.hooks.Hooks` to attach, as :func:`emu.run` does: their notes go to
+            ``trace.notes``; a hook's stop (or failure) ends the session's run (``stop == "hook"``).
+        services: Python system services (:mod:`emu.services`), as :func:`emu.run` takes them.
+        allow_python: let the scenario's ``[python]`` table load Python.
 
     Raises:
         ScenarioError: the scenario does not load or build (as :func:`emu.run` does).
     """
 
-    def __init__(self, scenario: Scenario | str | Path) -> None:
+    def __init__(
+        self, scenario: Scenario | str | Path, *, hooks: Hooks | None = None, services: Services | None = None,
+        allow_python: bool = False,
+    ) -> None:  # fmt: skip
         self._until: Callable[[], bool] | None = None
-        hooks = KernelHooks(observe=self._observe, stop=self._stop_wanted)
-        self.process: Process = build(scenario, hooks)
+        steer = KernelHooks(observe=self._observe, stop=self._stop_wanted)
+        self.process: Process = build(scenario, steer, services=services, allow_python=allow_python)
+        if hooks is not None and len(hooks):
+            hooks.attach(self.process)
         self.scenario: Scenario = self.process.scenario
         self.regs = Registers(self)
         self.started = False
@@ -384,9 +395,10 @@ class Session:
     def _start(self) -> None:
         self.started = True
         p = self.process
-        if isinstance(p, DumpProcess) and ((p.doc is not None and p.doc.kind == "fault") or p.idle):
-            self._result = p.run()  # a dump of a stopped run: it ends where it starts
-            self.error, self.stop = self._result.error, self._result.stop
+        if isinstance(p, DumpProcess):
+            self._result = p.start()  # None, or the stopped run a dump of one ends where it starts
+            if self._result is not None:
+                self.error, self.stop = self._result.error, self._result.stop
             return
         p.kernel.continue_thread(p.thread)
 
@@ -403,7 +415,10 @@ class Session:
             error, stop = self.process.advance(self.scenario.budgets.wall_time, run=run)
         finally:
             self._until = None
-        if stop == "break":
+        halt = self.process.halt
+        if halt.halted:  # a hook stopped the run, or raised (emu.hooks)
+            self.error, self.stop = halt.failure, "hook"
+        elif stop == "break":
             self.hit = self.regs.rip
         elif stop not in ("stopped", "choice"):
             self.error, self.stop = error, stop

@@ -203,14 +203,14 @@ def restore(session: Session, snap: Snapshot) -> None:
     p = session.process
     m, k = p.machine, p.kernel
     own = snap.owner is session.token
-    current = {r.start: r for r in m.regions}
-    if set(current) != {r.start for r in snap.regions}:
-        raise SnapshotError(f"{snap.source or 'snapshot'}: the memory layout differs from the session's")
-    for r in snap.regions:
-        if current[r.start] != r:
-            m.protect(r.start, r.size, r.perms, r.label)
-    session.cow.adopt(snap.pages.touched)
-    session.cow.restore(snap.pages)
+    _check_layout(session, snap)
+    # The pages' copy-on-write layer maps, unmaps and protects regions back to the snapshot's
+    # (a stack that grew past its guard page since, or before it was taken: emu.kernel.stack_guard).
+    pages = snap.pages
+    if pages.layout is None or not own:
+        pages = PageSnapshot(pages.parent, pages.delta, tuple(snap.regions))
+    session.cow.adopt(page for page in pages.touched if m.region_at(page) is not None)
+    session.cow.restore(pages)
     state = snap.kernel if own and snap.kernel is not None else _kernel_state(session, snap._kernel_doc())
     load_kernel(k, state)
     p.thread = k.threads[p.thread.tid]  # the first thread, as restored (not the object built)
@@ -221,12 +221,29 @@ def restore(session: Session, snap: Snapshot) -> None:
     trace.thread_starts = list(p.trace.thread_starts)
     trace.raw_states = list(snap.states)
     trace.raw_transitions = list(snap.transitions)
+    # What hooks noted before the snapshot's position (in memory only: a file keeps no notes).
+    trace.notes = [n for n in p.trace.notes if n.after <= snap.position] if own else []
     p.trace = k.trace = k.recorder.trace = trace
+    halt = p.halt  # a hook's stop after the snapshot is undone with the rest
+    halt.halted, halt.reason, halt.by, halt.failure = False, None, "", None
     k.recorder.output_bytes = snap.output_bytes
     session.started = snap.started
     session.stop = snap.stop
     session.error = None if snap.error is None else EmuError(snap.error)
     session.forget_result()
+
+
+def _check_layout(session: Session, snap: Snapshot) -> None:
+    """Regions may have been mapped or unmapped since (a stack grows); what was mapped when the
+    session was built (images, stacks, the scenario's memory) must be there in the snapshot."""
+    have = {(r.start, r.size) for r in snap.regions}
+    # Thread stacks live in host buffers mapped once: they never move (emu.machine.Machine.map).
+    for r in session.process.machine.regions:
+        if r.start in session.process.machine.host and (r.start, r.size) not in have:
+            raise SnapshotError(
+                f"{snap.source or 'snapshot'}: the memory layout differs from the session's "
+                f"(no {r.label} at {r.start:#x}..{r.end:#x})"
+            )
 
 
 def _cpu(session: Session) -> dict[str, int]:

@@ -12,6 +12,7 @@ import sys
 
 from emu.api import Run, build
 from emu.cli.exit_codes import EXIT_INPUT, EXIT_OK
+from emu.cli.python import add_python_options, with_python
 from emu.debug.gdbstub import serve
 from emu.debug.target import DebugTarget
 from emu.scenario import load_scenario
@@ -27,6 +28,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help=f"where to listen (default {DEFAULT_ADDRESS}; a bare :PORT listens on 127.0.0.1 only; port 0 picks a free one)",
     )  # fmt: skip
     d.add_argument("--once", action="store_true", help="end when the first client disconnects")
+    add_python_options(d)
     d.set_defaults(func=cmd_debug)
 
 
@@ -44,7 +46,7 @@ def cmd_debug(args: argparse.Namespace) -> int:
     if address is None:
         sys.stderr.write(f"emu debug: --gdb {args.gdb!r}: expected [HOST]:PORT with PORT 0..65535 (e.g. :1234)\n")
         return EXIT_INPUT
-    scenario = load_scenario(args.scenario, args.allow_path)
+    scenario = with_python(load_scenario(args.scenario, args.allow_path), args)
     target = DebugTarget(build(scenario))
 
     def log(line: str) -> None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from emu.api import Run, run
 from emu.cli.exit_codes import EXIT_INPUT, EXIT_OK
+from emu.cli.python import add_python_options, with_python
 from emu.errors import DumpError, EmuError
 from emu.scenario import Scenario, load_scenario
 from emu.trace import State
@@ -44,6 +45,7 @@ def add_parser(sub: Any) -> None:
     d.add_argument(
         "--full", action="store_true", help="full memory: whole stacks and the scenario's memory regions too"
     )
+    add_python_options(d)
     d.set_defaults(func=cmd_dump)
 
 
@@ -97,7 +99,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
     try:
         out = Path(args.output)
         refuse_overwrite(out, args.force)
-        r = run(load_scenario(args.scenario, getattr(args, "allow_path", [])))
+        r = run(with_python(load_scenario(args.scenario, getattr(args, "allow_path", [])), args))
         state = find_state(r, args.state)
         # The run again, to the state: the dump then holds the process's bytes and kernel model as they were.
         again, live = capture_state(r.scenario, state.id)

@@ -25,9 +25,9 @@ from emu.cli import explore as cli_explore
 from emu.cli import image as cli_image
 from emu.cli import plot as cli_plot
 from emu.cli import score as cli_score
+from emu.cli import snapshot as cli_snapshot
 from emu.cli.exit_codes import EXIT_EXPECT, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED
 from emu.cli.python import add_python_options, with_python
-from emu.cli.snapshot import from_snapshot
 from emu.errors import BudgetExceeded, EmuError, ScenarioError
 from emu.scenario import Scenario, load_scenario
 from emu.writing import refuse_overwrite, write_atomic
@@ -170,7 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.from_dump:
         scenario = cli_dump.from_dump(scenario, args.from_dump)
     if args.from_snapshot:
-        r = from_snapshot(scenario, args.from_snapshot)
+        r = cli_snapshot.from_snapshot(scenario, args.from_snapshot)
     elif args.witness:
         r = _run_witness(scenario, args.witness)
     else:
@@ -306,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_corpus.add_parser(sub)
     cli_score.add_parser(sub)
     cli_debug.add_parser(sub)
+    cli_snapshot.add_parser(sub)
     for (
         command
     ) in sub.choices.values():  # `emu run --allow-path DIR FILE` works as well as `emu --allow-path DIR run FILE`

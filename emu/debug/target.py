@@ -95,7 +95,23 @@ class DebugTarget:
         self.stop = "stopped"  # like RunResult.stop once the run ends: "exit", "fault", "budget", "deadlock"
         self._reason: str | None = None
         self._interrupt = threading.Event()
-        self.kernel.continue_thread(process.thread)
+        self._start()
+
+    def _start(self) -> None:
+        """Thread 0 on the CPU; a run from a dump starts as ``emu run`` starts it (emu.dump.start)."""
+        from emu.dump.start import DumpProcess
+
+        if not isinstance(self.process, DumpProcess):
+            self.kernel.continue_thread(self.process.thread)
+            return
+        ended = self.process.start()
+        if ended is None:
+            return
+        if ended.error is not None:  # a dump of a fault: the process is over, GDB hears it terminated
+            self.error, self.stop = ended.error, ended.stop
+            self.ended = Stop("terminated", SIGSEGV, self.current, ended.stop, message=str(ended.error))
+        else:
+            self._end(ended.stop)
 
     # --- threads ------------------------------------------------------------------------
     def threads(self) -> list[KThread]:

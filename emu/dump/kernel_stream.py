@@ -35,7 +35,8 @@ An activation is a scripted service's position, ``{"kind": "script", "service": 
 "levels": [[null, 1], ["option", 0]], "last": [status, "hex", result, length] | null}`` (the step index at
 each level; below the first, the option of the choice that opened it), or a Python
 service's journal, ``{"kind": "python", "service": name, "args": [...], "sent": [<value>...],
-"reads": ["hex" or null, ...]}`` (replayed into a fresh generator, as forks do). A value sent into a
+"reads": ["hex" or null, ...], "requests": ["repr", ...]}`` (replayed into a fresh generator, as forks
+do; a replay that yields other requests than ``requests`` is refused). A value sent into a
 service is ``null``, ``{"option": name}``, ``{"status": s, "output": "hex"}`` or
 ``{"message": [id, sender, receiver, api, "hex"]}`` or ``{"value": n}`` (a symbolic request's value). Scripts are looked up by name in the
 scenario the run from the dump uses, so that the scenario serves what comes next.
@@ -105,6 +106,7 @@ def _activation(act: Activation | ScriptActivation) -> Json:
     return {
         "kind": "python", "service": act.spec.name, "args": list(act.args),
         "sent": [_value(v) for v in act.sent], "reads": [None if r is None else r.hex() for r in act.ctx.reads],
+        "requests": [repr(r) for r in act.requests],
     }  # fmt: skip
 
 
@@ -300,7 +302,10 @@ class KernelDoc:
             values = [self.value(s, f"{where}.sent[{i}]") for i, s in enumerate(sent)]
             # A read of unreadable memory is journaled as None (null in the stream).
             data = [None if r is None else self.hexbytes(r, f"{where}.reads[{i}]") for i, r in enumerate(reads)]
-            return Activation.replay(spec, ctx, list(args), values, data)
+            requests = d.get("requests", [])  # what it yielded (absent from older files: not checked)
+            if not isinstance(requests, list) or not all(isinstance(r, str) for r in requests):
+                self.fail(f"{where}: 'requests' must be a list of strings")
+            return Activation.replay(spec, ctx, list(args), values, data, requests)
         script = spec.script
         assert script is not None  # checked above: a script's kind
         levels = d.get("levels")

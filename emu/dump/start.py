@@ -316,14 +316,31 @@ class DumpProcess(Process):
         return f"from {Path(self.dump_path).name}; {self.profile.title}"
 
     def run(self) -> RunResult:
+        ended = self._ended()
+        if ended is not None:
+            return ended
+        if self.doc is not None and self.doc.raising is not None:
+            self._deliver_raised(*self.doc.raising)
+        return super().run()
+
+    def start(self) -> RunResult | None:
+        """Set the run going as :meth:`run` does, without running any code (a Session, a
+        debugger): the stopped run when the dump is of one that ended there, else None and
+        the first thread on the CPU (a fault recorded but not yet delivered is delivered first)."""
+        ended = self._ended()
+        if ended is None:
+            if self.doc is not None and self.doc.raising is not None:
+                self._deliver_raised(*self.doc.raising)
+            self.kernel.continue_thread(self.thread)
+        return ended
+
+    def _ended(self) -> RunResult | None:
         if self.doc is not None and self.doc.kind == "fault":
             # The run the dump comes from stopped at this fault; so does this one.
             return self._stopped("fault", MachineFault(self.doc.fault or "the dumped thread faulted"))
         if self.idle:
             return self._stopped("deadlock" if self.kernel.deadlock else "exit", None)
-        if self.doc is not None and self.doc.raising is not None:
-            self._deliver_raised(*self.doc.raising)
-        return super().run()
+        return None
 
     def _deliver_raised(self, record: bytes, fast_fail: bool) -> None:
         """The dump is of a fault the kernel has recorded but not yet delivered: deliver it now,

@@ -37,6 +37,7 @@ from emu.exploration.records import RecordKeeper
 from emu.exploration.result import Exploration, Strategy, resident_bytes
 from emu.exploration.shared import SharedParts
 from emu.graph import StateGraph
+from emu.hooks import Hooks
 from emu.kernel import KernelHooks, KThread, sched
 from emu.kernel.fork import KernelState, digest_key, load_kernel, save_kernel
 from emu.kernel.hooks import suspend
@@ -49,6 +50,7 @@ from emu.trace import RawState, State
 from emu.watchdog import Watchdog
 
 if TYPE_CHECKING:
+    from emu.exploration.hooked import PathHooks
     from emu.symbolic.driver import Driver, Pick
 
 CHECK_EVERY = 0.1  # seconds between looks at resident memory (and progress lines)
@@ -83,7 +85,7 @@ class Explorer:
 
     def __init__(
         self, scenario: Scenario, strategy: Strategy = "bfs", progress: TextIO | None = None,
-        services: Services | None = None,
+        services: Services | None = None, hooks: Hooks | None = None,
     ) -> None:  # fmt: skip
         if strategy not in ("bfs", "dfs"):
             raise ValueError(f"unknown strategy {strategy!r} (bfs or dfs)")
@@ -93,11 +95,11 @@ class Explorer:
         # Every choice suspends (the explorer decides); each state is digested as it is recorded;
         # a path stops at a merge; the trace spans every path, so distinct states are budgeted here.
         self.symbolic: Driver | None = None  # symbolic values, when the scenario declares some
-        hooks = KernelHooks(
+        steer = KernelHooks(
             choose=suspend, observe=self._observe, stop=self._at_merge, budget_states=False,
             symbolic=self._answer_symbolic,
         )  # fmt: skip
-        self.process = Process(scenario, hooks=hooks, services=services)
+        self.process = Process(scenario, hooks=steer, services=services)
         self.kernel = self.process.kernel
         self.machine = self.process.machine
         self.trace = self.process.trace
@@ -133,6 +135,11 @@ class Explorer:
         self._unclaimed: list[tuple[Fork, list[str]]] = []
         if has_symbolic(scenario):
             self.symbolic = make_driver(self, scenario)
+        self.hooks: PathHooks | None = None  # emu-level hooks, on every path (emu.exploration.hooked)
+        if hooks is not None and len(hooks):
+            from emu.exploration.hooked import PathHooks
+
+            self.hooks = PathHooks(self, hooks)
 
     def _answer_symbolic(self, thread: KThread, request: Symbolic) -> int | None:
         return self.symbolic.answer(thread, request) if self.symbolic is not None else request.default
@@ -262,6 +269,8 @@ class Explorer:
         self.fault_digests = list(result.faults)  # by digest: parallel workers are merged by digest
         result.faults = name_faults(result.graph, self.fault_digests)
         result.deadlocks = sorted((self._name(result.graph, d) for d in self.deadlocks), key=node_order)
+        if self.hooks is not None:
+            result.hook_stops = self.hooks.named_stops(result.graph)
         if self.symbolic is not None:
             g = result.graph
             result.symbolic = self.symbolic.summary(g, result.faults, lambda d: self._name(g, d))
@@ -374,6 +383,8 @@ class Explorer:
             result.faults.append((self._last or "", str(e)))
         if not self._replaying:
             self._known.update(self._segment_seen)
+        if self.hooks is not None:
+            self.hooks.segment_done(result)
 
     def _after_segment(
         self, result: Exploration, work: deque[tuple[Fork, Any]], depth: int, path: tuple[str, ...]
@@ -400,6 +411,8 @@ class Explorer:
             sym.save() if sym is not None else None,
         )  # fmt: skip
         self.records.hold(fork.records)
+        if self.hooks is not None:
+            self.hooks.forked(fork)
         if sym is not None and isinstance(pending.choice, Symbolic):
             # The solver adds this fork's other sides later: its count never reaches zero, so the
             # records it names are kept.
@@ -456,6 +469,8 @@ class Explorer:
         self._last = fork.node
         self._merged_at = None
         self._segment_seen.clear()
+        if self.hooks is not None:
+            self.hooks.restored(fork)
 
     def _report(self, result: Exploration, work: deque[tuple[Fork, str]]) -> None:
         if self.progress is not None:
@@ -474,6 +489,8 @@ class Explorer:
         )
         if self.symbolic is not None:
             self.symbolic.annotate(graph.lean)
+        if self.hooks is not None:
+            self.hooks.annotate(graph)
         return graph
 
     @staticmethod
@@ -483,18 +500,26 @@ class Explorer:
 
 def explore(
     scenario: Scenario | str | Path, strategy: Strategy = "bfs", progress: bool | TextIO = False, *,
-    services: Services | None = None, allow_python: bool = False,
+    services: Services | None = None, allow_python: bool = False, hooks: Hooks | None = None, workers: int = 1,
 ) -> Exploration:  # fmt: skip
     """Explore every option of every choice in a scenario (a Scenario or a path).
 
     ``progress=True`` writes a progress line to stderr when it is a terminal. ``services``
     add Python system services (:mod:`emu.services`); they fork with the machine at each
-    choice. ``allow_python`` lets the scenario's ``[python]`` table load Python.
+    choice. ``allow_python`` lets the scenario's ``[python]`` table load Python. ``hooks``
+    (:class:`emu.hooks.Hooks`) fire on every path; their notes and stops land in the graph
+    (:mod:`emu.exploration.hooked`). ``workers`` > 1 explores in that many processes
+    (:func:`emu.exploration.parallel.explore_parallel`: the same graph; services go by reference,
+    hooks are refused).
     """
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario, allow_python=allow_python)
     elif allow_python:
         scenario = dataclasses.replace(scenario, allow_python=True)
+    if workers > 1:
+        from emu.exploration.parallel import explore_parallel
+
+        return explore_parallel(scenario, workers, strategy=strategy, services=services, hooks=hooks)
     stream: TextIO | None
     if progress is True:
         stream = sys.stderr if sys.stderr.isatty() else None
@@ -502,4 +527,4 @@ def explore(
         stream = None
     else:
         stream = progress
-    return Explorer(scenario, strategy, stream, services).run()
+    return Explorer(scenario, strategy, stream, services, hooks).run()

@@ -19,6 +19,7 @@ done by the caller) or starts a local one.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib.util
 import multiprocessing
@@ -29,12 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from emu.errors import EmuError, ScenarioError
+from emu.errors import EmuError, ExtensionError, ScenarioError
 from emu.exploration.canonical import EdgeKey, name_faults, node_order
 from emu.exploration.claims import RaySeenSet, SeenServer, SeenSet, SeenShard
 from emu.exploration.explorer import Explorer
 from emu.exploration.result import Exploration, Strategy
+from emu.hooks import Hooks
 from emu.scenario import Scenario, load_scenario
+from emu.services import Services, reference, services_for
 from emu.symbolic import has_symbolic
 from emu.trace import State
 
@@ -95,14 +98,26 @@ def explore_parallel(
     backend: Backend = "processes",
     strategy: Strategy = "bfs",
     split_factor: int = 4,
+    *,
+    services: Services | None = None,
+    hooks: Hooks | None = None,
 ) -> Exploration:
-    """Explore with ``workers`` processes (or Ray tasks); the graph equals :func:`emu.exploration.explorer.explore`'s."""
+    """Explore with ``workers`` processes (or Ray tasks); the graph equals :func:`emu.exploration.explorer.explore`'s.
+
+    ``services`` go to the workers by reference (:func:`emu.services.reference`): a
+    ``"package.module:name"``, or a registry an importable module holds. ``hooks`` run in
+    one process only: given with workers, they are refused in one line.
+    """
     if workers < 1:
         raise ValueError(f"workers must be 1 or more, not {workers}")
+    if hooks is not None and len(hooks):
+        raise ExtensionError("hook", "hooks run in this process: explore with one worker (no workers=, no --workers)")
     if backend == "ray":
         _require_ray()
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario)
+    if services is not None:
+        scenario = _with_services(scenario, reference(services))
     if has_symbolic(scenario):
         # Work items at symbolic values restart from forks inside a worker: they cannot be
         # handed to another process as option paths.
@@ -146,6 +161,13 @@ def explore_parallel(
     result.faults = name_faults(graph, coordinator.fault_digests + [f for p in parts for f in p.faults])
     result.elapsed = time.perf_counter() - start
     return result
+
+
+def _with_services(scenario: Scenario, ref: str) -> Scenario:
+    """The scenario with the caller's services added to its ``[python]`` ones, as every worker loads them."""
+    if scenario.python_services and not scenario.allow_python:
+        services_for(scenario)  # refused in one line naming --allow-python, as a single process would
+    return dataclasses.replace(scenario, python_services=(*scenario.python_services, ref), allow_python=True)
 
 
 def _absorb(coordinator: Explorer, part: Part) -> None:

@@ -41,6 +41,7 @@ class Exploration:
     forked_states: int = 0  # states recorded after a fork (each came from a restored copy)
     snapshot_bytes: int = 0  # memory held by page snapshots (dirty pages only)
     symbolic: dict[str, object] | None = None  # conditions, witnesses, incomplete reports (emu.symbolic)
+    hook_stops: list[tuple[str, str]] = field(default_factory=list)  # (node, reason): paths a hook ended
 
     @property
     def states(self) -> int:
@@ -75,4 +76,5 @@ class Exploration:
             "deadlocks": len(self.deadlocks),
             "faults": [{"node": n, "message": m} for n, m in self.faults],
             **({} if self.symbolic is None else {"symbolic": self.symbolic}),
+            **({"hook_stops": [{"node": n, "reason": r} for n, r in self.hook_stops]} if self.hook_stops else {}),
         }

@@ -19,7 +19,7 @@ from emu.kernel import exception, port_io, sched
 from emu.kernel.callout import kernel_stack_overflow, lay_out
 from emu.kernel.hooks import KernelHooks
 from emu.kernel.objects import ObjectTable, ReceiveMessage, ReleaseMutant, ReplyMessage, SendMessage, SetEvent, Wait
-from emu.kernel.record import Recorder, read_or_none, record_output
+from emu.kernel.record import Recorder, kernel_read, record_output
 from emu.kernel.services import (
     Activation,
     CallbackResult,
@@ -292,7 +292,7 @@ class Kernel:
         extra = len(spec.arg_types) - 4 if spec.script is None else 0
         if extra > 0:
             # Arguments 5+ sit above the return address and the 0x20 shadow space.
-            raw = read_or_none(self.machine, regs[4] + 0x28, 8 * extra) or bytes(8 * extra)
+            raw = kernel_read(self.machine, regs[4] + 0x28, 8 * extra) or bytes(8 * extra)
             args += [int.from_bytes(raw[i : i + 8], "little") for i in range(0, 8 * extra, 8)]
         act = spec.activate(thread.service_ctx, args)  # type: ignore[arg-type]
         writes = self.user_writes

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from emu.context import UserContext
 from emu.errors import MachineFault
 from emu.kernel import sched
-from emu.kernel.record import read_or_none
+from emu.kernel.record import kernel_read
 from emu.kernel.stack_guard import is_guard, touch_guard
 from emu.loader.image import PAGE
 from emu.ntcontext import (
@@ -80,7 +80,7 @@ class Raised:
 
 
 def _read(kernel: Kernel, address: int, size: int) -> bytes:
-    return read_or_none(kernel.machine, address, size) or b""
+    return kernel_read(kernel.machine, address, size) or b""
 
 
 def _skip_prefixes(code: bytes) -> tuple[int, bool]:
@@ -374,7 +374,7 @@ def nt_continue(
     say, EFlags sanitized, CS/SS forced to the user selectors). APCs are not modelled."""
     if entered:  # False: the entry is recorded already (a run from a dump of it)
         kernel.recorder.syscall(thread, regs, "NtContinue", ssn, "NtContinue", False, _via(via))
-    raw = read_or_none(kernel.machine, regs[10], CONTEXT_SIZE)
+    raw = kernel_read(kernel.machine, regs[10], CONTEXT_SIZE)
     if raw is None:
         kernel.sysret_status(thread, regs, via, STATUS_ACCESS_VIOLATION, "NtContinue")
         return
@@ -403,8 +403,8 @@ def nt_raise_exception(
     and dispatches the exception from user mode (WRK ke/raisexcp.c, exceptn.c)."""
     if entered:  # False: the entry is recorded already (a run from a dump of it)
         kernel.recorder.syscall(thread, regs, "NtRaiseException", ssn, "NtRaiseException", False, _via(via))
-    rec_raw = read_or_none(kernel.machine, regs[10], EXCEPTION_RECORD_SIZE)
-    ctx_raw = read_or_none(kernel.machine, regs[2], CONTEXT_SIZE)
+    rec_raw = kernel_read(kernel.machine, regs[10], EXCEPTION_RECORD_SIZE)
+    ctx_raw = kernel_read(kernel.machine, regs[2], CONTEXT_SIZE)
     if rec_raw is None or ctx_raw is None:
         kernel.sysret_status(thread, regs, via, STATUS_ACCESS_VIOLATION, "NtRaiseException")
         return

@@ -342,12 +342,15 @@ class Activation:
     ``sent`` is the journal of values the generator received and ``ctx.reads`` the
     bytes it read; with the arguments they rebuild the activation by replay when a
     run forks (writes are not repeated: the restored memory already holds them).
+    ``requests`` are what it yielded: a replay that yields anything else is refused (the
+    generator's own Python state is never saved, so it must follow from the journal).
     """
 
     spec: ServiceSpec
     ctx: _JournalContext
     args: list[int]
     sent: list[Sent] = field(default_factory=list)
+    requests: list[object] = field(default_factory=list)
     _gen: Generator[Any, Any, Any] | None = None
     _done: bool = False
     remark: str = ""  # a Python service says nothing extra for the trace
@@ -383,11 +386,12 @@ class Activation:
             raise KernelError(
                 f"service {self.spec.name} yielded {req!r}; expected UserCallback, Choice or TerminateThread"
             )
+        self.requests.append(req)
         return req
 
     def fork(self) -> Activation:
         """A twin at the same point, rebuilt by replaying the journal into a fresh generator."""
-        return Activation.replay(self.spec, self.ctx._ctx, self.args, self.sent, self.ctx.reads)
+        return Activation.replay(self.spec, self.ctx._ctx, self.args, self.sent, self.ctx.reads, self.requests)
 
     @classmethod
     def replay(
@@ -397,18 +401,36 @@ class Activation:
         args: Sequence[int],
         sent: Sequence[Sent],
         reads: Sequence[bytes | None],
+        requests: Sequence[object] = (),
     ) -> Activation:
         """An activation rebuilt from a journal: a fresh generator is sent ``sent`` again, its
-        reads answered from ``reads`` and its writes skipped (the memory already holds them)."""
+        reads answered from ``reads`` and its writes skipped (the memory already holds them).
+        ``requests``: what it yielded then (the objects, or their reprs from a file); a
+        replay that yields something else, or ends early, raises ExtensionError naming it."""
         journal = _JournalContext(ctx, list(reads))
         act = cls(spec, journal, list(args))
-        for value in sent:
-            act.step(value)
+        for k, value in enumerate(sent):
+            got = act.step(value)
+            if k < len(requests):
+                want = requests[k]
+                if (repr(got) != want) if isinstance(want, str) else (got != want):
+                    raise _diverged(spec.name, got, want)
         journal.replaying = False
         return act
 
     def position(self) -> tuple[object, ...]:
         return (self.spec.name, tuple(self.args), tuple(repr(v) for v in self.sent), tuple(self.ctx.reads))
+
+
+def _diverged(name: str, got: object, want: object) -> ExtensionError:
+    """A suspended service rebuilt from its journal (a fork, a snapshot, a dump) went another way."""
+    now = f"returned {got:#x}" if isinstance(got, int) else f"yielded {str(got)[:80]}"
+    return ExtensionError(
+        "service",
+        f"service {name} cannot be resumed: replayed from its journal it {now} where it had yielded "
+        f"{str(want)[:80]}; a suspended generator is rebuilt from its arguments, what it was sent and what "
+        f"it read (its own Python state cannot be saved), so it must not depend on anything else",
+    )
 
 
 def _failed(name: str, e: Exception) -> ExtensionError:

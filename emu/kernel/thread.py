@@ -106,11 +106,17 @@ class ThreadServiceContext:
         self.probe_limit = kernel.profile.user_probe_address
 
     def read(self, address: int, size: int) -> bytes:
-        return self._kernel.machine.read(address, size)
+        machine = self._kernel.machine
+        data = machine.read(address, size)
+        if machine.read_watch is not None:  # a read hook (emu.hooks): the kernel's reads too
+            machine.read_watch(address, data)
+        return data
 
     def probe_read(self, address: int, size: int) -> bytes | None:
         machine = self._kernel.machine
-        return machine.read(address, size) if machine.readable(address, size) else None
+        if not machine.readable(address, size):
+            return None
+        return self.read(address, size)
 
     def write(self, address: int, data: bytes) -> None:
         self._kernel.user_writes += 1
