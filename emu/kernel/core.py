@@ -100,6 +100,8 @@ class Kernel:
         self.current: KThread | None = None
         self.max_depth = 0
         self.user_writes = 0  # bumped by service writes: a sysret state may reuse the entry's stack bytes
+        # Called with (address, size) when a service reads user memory (emu.symbolic watches it).
+        self.user_read_watch: Callable[[int, int], None] | None = None
         self.pending_choice: PendingChoice | None = None  # a service suspended at a Choice (exploration)
         self.objects = ObjectTable()
         self.next_thread: KThread | None = None  # chosen to run after the current one stopped
@@ -289,7 +291,7 @@ class Kernel:
             self._sysret_now(thread, regs, via, constant, name, "", reuse_stack=True)
             return
         args = [regs[10], regs[2], regs[8], regs[9]]
-        extra = len(spec.arg_types) - 4 if spec.script is None else 0
+        extra = len(spec.arg_types) - 4 if spec.script is None else spec.script_args - 4
         if extra > 0:
             # Arguments 5+ sit above the return address and the 0x20 shadow space.
             raw = read_or_none(self.machine, regs[4] + 0x28, 8 * extra) or bytes(8 * extra)

@@ -39,6 +39,7 @@ from emu.kernel.objects import (
 )
 from emu.kernel.result import OutputUse, use_output
 from emu.kernel.symbolic import Symbolic, SymbolicReturn
+from emu.kernel.user_write import STATUS_ACCESS_VIOLATION, ScriptWrite, arg_address, probe_write
 
 OBJECT_REQUEST_TYPES = (Wait, SetEvent, ReleaseMutant, SendMessage, ReceiveMessage, ReplyMessage)
 
@@ -137,6 +138,10 @@ class ServiceContext(Protocol):
 
     def write(self, address: int, data: bytes) -> None: ...
 
+    def probe_write(self, address: int, size: int) -> bool:
+        """Is the whole range mapped writable (a kernel-mode write there would not fault)?"""
+        ...
+
 
 @dataclass(frozen=True)
 class Choice:
@@ -189,8 +194,19 @@ class ScriptReturn:
 
 # A script step: a callback, an object request (wait, set, release, send), a status to
 # return, None (return the last callback's status), a return that uses the callback's
-# result first, or a choice between step lists.
-ScriptStep = UserCallback | int | None | ScriptReturn | ChoiceStep | ObjectRequest | SymbolicReturn
+# result first, a write into the caller's memory, or a choice between step lists.
+ScriptStep = UserCallback | int | None | ScriptReturn | ChoiceStep | ObjectRequest | SymbolicReturn | ScriptWrite
+
+
+def script_args(steps: Sequence[ScriptStep]) -> int:
+    """How many arguments a script's writes use (the kernel reads arguments 5+ from the stack)."""
+    n = 0
+    for st in steps:
+        if isinstance(st, ScriptWrite):
+            n = max(n, st.arg)
+        elif isinstance(st, ChoiceStep):
+            n = max([n, *(script_args(o) for _, o in st.options)])
+    return n
 
 
 @dataclass(frozen=True)
@@ -210,9 +226,14 @@ class ServiceSpec:
         s = self.script
         return s[0] if s is not None and len(s) == 1 and isinstance(s[0], int) else None
 
+    @property
+    def script_args(self) -> int:
+        """Arguments a script reads (its writes' targets); 0 for a Python service."""
+        return script_args(self.script) if self.script is not None else 0
+
     def activate(self, ctx: ServiceContext, raw_args: list[int]) -> Activation | ScriptActivation:
         if self.script is not None:
-            return ScriptActivation(self, [(self.script, 0)], ctx)
+            return ScriptActivation(self, [(self.script, 0)], ctx, list(raw_args))
         args = [t.decode(a) for t, a in zip(self.arg_types, raw_args)]
         return Activation(self, _JournalContext(ctx), args)
 
@@ -224,32 +245,41 @@ _HANDED_TO_KERNEL = (UserCallback, *OBJECT_REQUEST_TYPES)
 class ScriptActivation:
     """A running scripted service: a stack of (steps, index) positions. Forking copies it."""
 
-    __slots__ = ("ctx", "last", "pending", "pending_symbolic", "remark", "spec", "stack")
+    __slots__ = ("args", "ctx", "last", "pending", "pending_symbolic", "remark", "spec", "stack")
 
     def __init__(
-        self, spec: ServiceSpec, stack: list[tuple[tuple[ScriptStep, ...], int]], ctx: ServiceContext | None = None
+        self,
+        spec: ServiceSpec,
+        stack: list[tuple[tuple[ScriptStep, ...], int]],
+        ctx: ServiceContext | None = None,
+        args: list[int] | None = None,
     ) -> None:
         self.spec = spec
         self.stack = stack
         self.ctx = ctx
+        self.args = args or []  # the raw arguments (R10, RDX, R8, R9, then the stack's)
         self.last: CallbackResult | None = None
         self.pending: ChoiceStep | None = None
-        self.pending_symbolic: UserCallback | SymbolicReturn | None = None  # asked for a symbolic value
-        self.remark = ""  # one line for the trace about the step just taken (a probe or copy)
+        # asked for a symbolic value
+        self.pending_symbolic: UserCallback | SymbolicReturn | ScriptWrite | None = None
+        self.remark = ""  # for the trace at the service's return: its writes, probe or copy
 
     def step(self, value: Sent) -> Request | int:
         sym = self.pending_symbolic
         if sym is not None:
             if not isinstance(value, int):
-                raise ModelBug(
-                    f"service {self.spec.name} asked for symbolic {sym.symbolic if isinstance(sym, UserCallback) else sym.name} and got {value!r}"
-                )
+                name = sym.name if isinstance(sym, SymbolicReturn) else sym.symbolic
+                raise ModelBug(f"service {self.spec.name} asked for symbolic {name} and got {value!r}")
             self.pending_symbolic = None
             if isinstance(sym, SymbolicReturn):
                 return value & 0xFFFF_FFFF
-            return UserCallback(
-                sym.api, value.to_bytes(len(sym.data), "little"), sym.by_depth, sym.message, sym.symbolic
-            )
+            if isinstance(sym, ScriptWrite):
+                self._write(sym, value.to_bytes(len(sym.data), "little"))
+                value = None  # go on with the script
+            else:
+                return UserCallback(
+                    sym.api, value.to_bytes(len(sym.data), "little"), sym.by_depth, sym.message, sym.symbolic
+                )
         if isinstance(value, str):
             if self.pending is None:
                 # The kernel hands an option only to the activation whose choice is pending.
@@ -273,6 +303,18 @@ class ScriptActivation:
             if isinstance(st, SymbolicReturn):
                 self.pending_symbolic = st
                 return st.request()
+            if isinstance(st, ScriptWrite):
+                failed = self._probe(st)
+                if failed is not None:
+                    return failed
+                if st.symbolic:
+                    # Probed: ask for the bytes' value, written when it comes (step above).
+                    self.pending_symbolic = st
+                    address = arg_address(self.args, st)
+                    default = int.from_bytes(st.data, "little")
+                    return Symbolic(st.symbolic, 8 * len(st.data), "write", (), default, address=address)
+                self._write(st, st.data)
+                continue
             if isinstance(st, _HANDED_TO_KERNEL):
                 return st
             if isinstance(st, ChoiceStep):
@@ -284,18 +326,41 @@ class ScriptActivation:
                 return self._use_output(st)
             return st
 
+    def _probe(self, st: ScriptWrite) -> int | None:
+        """ProbeForWrite of the write's target (emu.kernel.user_write): STATUS_ACCESS_VIOLATION
+        ends the service there."""
+        if self.ctx is None:
+            return None
+        address = arg_address(self.args, st)
+        n = len(st.data)
+        line = probe_write(address, n, self.ctx.probe_limit, self.ctx.probe_write(address, n), st.where())
+        if line is None:
+            return None
+        self._remark(line)
+        return STATUS_ACCESS_VIOLATION
+
+    def _write(self, st: ScriptWrite, data: bytes) -> None:
+        if self.ctx is not None:
+            address = arg_address(self.args, st)
+            self.ctx.write(address, data)
+            self._remark(f"wrote {len(data)} byte(s) to {st.where()} = {address:#x}")
+
+    def _remark(self, line: str) -> None:
+        self.remark = (self.remark + "; " if self.remark else "") + line
+
     def _use_output(self, st: ScriptReturn) -> int:
         last = self.last
         status = st.status if st.status is not None else (last.status if last is not None else 0)
         if last is None or self.ctx is None:
             return status
         done = use_output(st.output, last.result, last.length, self.ctx.probe_limit, self.ctx.probe_read)
-        self.remark = done.remark
+        self._remark(done.remark)
         return done.status if done.status is not None else status
 
     def fork(self) -> ScriptActivation:
-        twin = ScriptActivation(self.spec, list(self.stack), self.ctx)
+        twin = ScriptActivation(self.spec, list(self.stack), self.ctx, self.args)
         twin.last, twin.pending, twin.pending_symbolic = self.last, self.pending, self.pending_symbolic
+        twin.remark = self.remark
         return twin
 
     def position(self) -> tuple[object, ...]:
@@ -328,6 +393,9 @@ class _JournalContext:
         data = self._replay[n] if self.replaying and n < len(self._replay) else fresh()
         self.reads.append(data)
         return data
+
+    def probe_write(self, address: int, size: int) -> bool:
+        return self._ctx.probe_write(address, size)
 
     def write(self, address: int, data: bytes) -> None:
         if self.replaying:

@@ -106,11 +106,28 @@ class ThreadServiceContext:
         self.probe_limit = kernel.profile.user_probe_address
 
     def read(self, address: int, size: int) -> bytes:
+        if self._kernel.user_read_watch is not None:
+            self._kernel.user_read_watch(address, size)
         return self._kernel.machine.read(address, size)
 
     def probe_read(self, address: int, size: int) -> bytes | None:
         machine = self._kernel.machine
-        return machine.read(address, size) if machine.readable(address, size) else None
+        if not machine.readable(address, size):
+            return None
+        if self._kernel.user_read_watch is not None:
+            self._kernel.user_read_watch(address, size)
+        return machine.read(address, size)
+
+    def probe_write(self, address: int, size: int) -> bool:
+        """The range is mapped writable (Unicorn's host writes ignore protections: check them)."""
+        machine = self._kernel.machine
+        end = address + size
+        while address < end:
+            r = machine.region_at(address)
+            if r is None or "w" not in r.perms:
+                return False
+            address = r.end
+        return True
 
     def write(self, address: int, data: bytes) -> None:
         self._kernel.user_writes += 1
