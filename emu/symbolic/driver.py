@@ -267,6 +267,9 @@ class Driver:
         run's values (emu.symbolic.kernel_reads)."""
         st = self.store
         runs = symbolic_runs(st.mem, address, size, self.machine.read)
+        # Bytes fixed already (NtCallbackReturn's record, then the service's copy) are not news.
+        fixed = [s.cond for s in st.pc if s.kind == "fixed"]
+        runs = [r for r in runs if not any(z3.eq(c, r[1] == r[2]) for c in fixed)]
         if not runs:
             return
         used = [(e, v) for _, e, v in runs]
