@@ -50,8 +50,10 @@ def _run(text: str, witness: dict[str, str] | None = None) -> Run:
     return r
 
 
-def _explore(text: str) -> Exploration:
-    return Explorer(_parse(text), "bfs").run()
+def _explore(text: str) -> tuple[Exploration, dict[str, Any]]:
+    exp = Explorer(_parse(text), "bfs").run()
+    assert exp.symbolic is not None
+    return exp, exp.symbolic
 
 
 def _query(steps: str, code: str = QUERY) -> str:
@@ -72,9 +74,11 @@ def test_a_write_that_does_not_probe_fails_the_service_with_access_violation() -
     text = _query('{ kind = "write", at = "arg3", data = "11 22" }, { kind = "return", status = 0 }', code)
     r = _run(text)
     assert r.exit_status == STATUS_ACCESS_VIOLATION
-    text = _query('{ kind = "write", at = "arg3", data = { symbolic = 2, name = "Info" } }, { kind = "return", status = 0 }', code)
-    exp = _explore(text)
-    assert exp.symbolic is not None and exp.symbolic["variables"] == []  # nothing was asked: the probe failed first
+    text = _query(
+        '{ kind = "write", at = "arg3", data = { symbolic = 2, name = "Info" } }, { kind = "return", status = 0 }', code
+    )
+    _, sym = _explore(text)
+    assert sym["variables"] == []  # nothing was asked: the probe failed first
 
 
 def test_symbolic_written_bytes_fork_and_their_witness_reaches_the_state() -> None:
@@ -82,10 +86,11 @@ def test_symbolic_written_bytes_fork_and_their_witness_reaches_the_state() -> No
         "mov eax, [rsp + 0x30]",
         "cmp dword ptr [rsp + 0x30], 0x1234\n    mov eax, 0\n    jne failed\n    int3",
     )
-    text = _query('{ kind = "write", at = "arg3", data = { symbolic = 4, name = "Info" } }, { kind = "return", status = 0 }', code)
-    exp = _explore(text)
-    sym = exp.symbolic
-    assert sym is not None and sym["incomplete"] == 0 and sym["variables"] == ["Info"]
+    text = _query(
+        '{ kind = "write", at = "arg3", data = { symbolic = 4, name = "Info" } }, { kind = "return", status = 0 }', code
+    )
+    exp, sym = _explore(text)
+    assert sym["incomplete"] == 0 and sym["variables"] == ["Info"]
     conditions = {a.get("path_condition") for _, a in exp.graph.lean.nodes(data=True)} - {None}
     assert "Info[0:4] == 0x00001234" in conditions and "Info[0:4] != 0x00001234" in conditions
     witnesses = {a.get("witness") for _, a in exp.graph.lean.nodes(data=True)} - {None, ""}
@@ -112,8 +117,8 @@ def test_symbolic_written_bytes_fork_and_their_witness_reaches_the_state() -> No
 def test_bad_write_declarations_name_file_and_place(step: str, place: str, message: str) -> None:
     text = asm_scenario(
         QUERY,
-        services=f"[services.NtClose]\nsteps = [{{ kind = \"return\", status = {{ symbolic = \"st\" }} }}]\n"
-        f"[services.NtQueryInformationProcess]\nsteps = [{step}, {{ kind = \"return\", status = 0 }}]",
+        services=f'[services.NtClose]\nsteps = [{{ kind = "return", status = {{ symbolic = "st" }} }}]\n'
+        f'[services.NtQueryInformationProcess]\nsteps = [{step}, {{ kind = "return", status = 0 }}]',
     )
     with pytest.raises(ScenarioError) as e:
         _parse(text)
@@ -160,9 +165,7 @@ def test_a_callback_output_holding_its_symbolic_input_is_fixed_and_reported() ->
         services='[services.NtUserMessageCall]\nsteps = [{ kind = "callback", api = 2, data = { symbolic = 4, '
         'name = "Buffer", default = "01 00 00 00" } }, { kind = "return", status = 0, output = "copy" }]',
     )
-    exp = _explore(text)
-    sym = exp.symbolic
-    assert sym is not None
+    exp, sym = _explore(text)
     assert exp.paths == 2  # the branch on the input is still explored: 7, and not 7
     (report,) = sym["reports"]
     assert "the kernel model reads symbolic bytes" in report["message"]
@@ -198,9 +201,7 @@ main:
         '[services.NtQueryInformationThread]\nssn = 0x25\nsteps = [{ kind = "write", at = "arg5", data = "00" }, '
         '{ kind = "return", status = 0 }]',
     )
-    exp = _explore(text)
-    sym = exp.symbolic
-    assert sym is not None
+    exp, sym = _explore(text)
     (report,) = sym["reports"]
     assert "arguments 5-5 of NtQueryInformationThread" in report["message"]
     conditions = {a.get("path_condition") for _, a in exp.graph.lean.nodes(data=True)} - {None}

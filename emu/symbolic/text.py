@@ -22,7 +22,18 @@ _COMPARE = {
     z3.Z3_OP_EQ: "==", z3.Z3_OP_DISTINCT: "!=", z3.Z3_OP_SLT: "<", z3.Z3_OP_SLEQ: "<=", z3.Z3_OP_SGT: ">", z3.Z3_OP_SGEQ: ">=",
     z3.Z3_OP_ULT: "<u", z3.Z3_OP_ULEQ: "<=u", z3.Z3_OP_UGT: ">u", z3.Z3_OP_UGEQ: ">=u",
 }  # fmt: skip
-_NEGATED = {"==": "!=", "!=": "==", "<": ">=", "<=": ">", ">": "<=", ">=": "<", "<u": ">=u", "<=u": ">u", ">u": "<=u", ">=u": "<u"}
+_NEGATED = {
+    "==": "!=",
+    "!=": "==",
+    "<": ">=",
+    "<=": ">",
+    ">": "<=",
+    ">=": "<",
+    "<u": ">=u",
+    "<=u": ">u",
+    ">u": "<=u",
+    ">=u": "<u",
+}
 
 
 def condition(c: Any) -> str:
