@@ -13,6 +13,8 @@ from emu.api import Run, build
 from emu.errors import ScenarioError
 from emu.exploration.explorer import Explorer
 from emu.exploration.result import Exploration
+from emu.kernel import ServiceRegistry
+from emu.kernel.services import ULONG, Ptr
 from emu.scenario import parse_scenario
 from emu.symbolic.witness import witness_hooks
 
@@ -206,3 +208,42 @@ main:
     assert "arguments 5-5 of NtQueryInformationThread" in report["message"]
     conditions = {a.get("path_condition") for _, a in exp.graph.lean.nodes(data=True)} - {None}
     assert "Info[0:8] == 0x0000000000000000" in conditions
+
+
+def test_a_python_service_reading_symbolic_bytes_gets_them_fixed_and_reported() -> None:
+    """A service's ctx.read of an argument structure holding symbolic bytes: the run's values,
+    fixed in the path condition and reported with the service's call site."""
+    registry = ServiceRegistry()
+
+    @registry.syscall("NtQuerySystemInformation")
+    def query(ctx: Any, Class: ULONG, Info: Ptr) -> int:
+        return int.from_bytes(ctx.read(Info, 4), "little") & 0xFF
+
+    code = """
+main:
+    sub rsp, 0x48
+    xor ecx, ecx
+    xor edx, edx
+    lea r8, [rsp + 0x30]
+    mov r9d, 4
+    call NtQueryInformationProcess
+    xor ecx, ecx
+    lea rdx, [rsp + 0x30]         ; the structure the kernel wrote, handed to the next service
+    call NtQuerySystemInformation
+    xor eax, eax
+    add rsp, 0x48
+    ret
+"""
+    text = _query(
+        '{ kind = "write", at = "arg3", data = { symbolic = 4, name = "Info", default = "05 00 00 00" } }, '
+        '{ kind = "return", status = 0 }',
+        code,
+    )
+    exp = Explorer(_parse(text), "bfs", services=registry).run()
+    sym = exp.symbolic
+    assert sym is not None
+    (report,) = sym["reports"]
+    assert "the kernel model reads symbolic bytes" in report["message"]
+    assert "ZwQuerySystemInformation" in report["message"]  # where the thread is: the service's stub
+    conditions = {a.get("path_condition") for _, a in exp.graph.lean.nodes(data=True)} - {None}
+    assert "Info[0:4] == 0x00000005" in conditions

@@ -100,8 +100,6 @@ class Kernel:
         self.current: KThread | None = None
         self.max_depth = 0
         self.user_writes = 0  # bumped by service writes: a sysret state may reuse the entry's stack bytes
-        # Called with (address, size) when a service reads user memory (emu.symbolic watches it).
-        self.user_read_watch: Callable[[int, int], None] | None = None
         self.pending_choice: PendingChoice | None = None  # a service suspended at a Choice (exploration)
         self.objects = ObjectTable()
         self.next_thread: KThread | None = None  # chosen to run after the current one stopped

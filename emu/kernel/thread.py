@@ -106,16 +106,17 @@ class ThreadServiceContext:
         self.probe_limit = kernel.profile.user_probe_address
 
     def read(self, address: int, size: int) -> bytes:
-        if self._kernel.user_read_watch is not None:
-            self._kernel.user_read_watch(address, size)
-        return self._kernel.machine.read(address, size)
+        machine = self._kernel.machine
+        if machine.kernel_read_watch is not None:
+            machine.kernel_read_watch(address, size)
+        return machine.read(address, size)
 
     def probe_read(self, address: int, size: int) -> bytes | None:
         machine = self._kernel.machine
         if not machine.readable(address, size):
             return None
-        if self._kernel.user_read_watch is not None:
-            self._kernel.user_read_watch(address, size)
+        if machine.kernel_read_watch is not None:
+            machine.kernel_read_watch(address, size)
         return machine.read(address, size)
 
     def probe_write(self, address: int, size: int) -> bool:

@@ -86,13 +86,13 @@ class Driver:
         self.witnesses: dict[str, tuple[tuple[str, int], ...]] = {}
         self.var_info: dict[str, Var] = {}
         self._pairs: tuple[tuple[Var, ...], list[tuple[Expr, Expr]]] = ((), [])
-        self.kernel.user_read_watch = self._service_read
+        self.machine.kernel_read_watch = self._model_read
 
-    def _service_read(self, address: int, size: int) -> None:
-        """A service reads user memory (emu.kernel.thread ThreadServiceContext)."""
+    def _model_read(self, address: int, size: int) -> None:
+        """The kernel model reads user memory (a probe or copy, a service's read, a CONTEXT)."""
         if self.store.mem:
             rip = self.machine.regs.read(("rip",))[0]
-            self.kernel_read(address, size, "read by the service", rip)
+            self.kernel_read(address, size, "read by the kernel model", rip)
 
     @property
     def store(self) -> Store:
