@@ -20,6 +20,7 @@ first call; building a process checks that each name has a service number there
 
 from __future__ import annotations
 
+import functools
 import inspect
 import typing
 from collections.abc import Callable, Generator, Sequence
@@ -222,14 +223,15 @@ class ServiceSpec:
         s = self.script
         return s[0] if s is not None and len(s) == 1 and isinstance(s[0], int) else None
 
-    @property
+    @functools.cached_property
     def script_args(self) -> int:
-        """Arguments a script reads (its writes' targets); 0 for a Python service."""
+        """Arguments a script reads (its writes' targets); 0 for a Python service. Worked out
+        once: the kernel asks at every call."""
         return script_args(self.script) if self.script is not None else 0
 
     def activate(self, ctx: ServiceContext, raw_args: list[int]) -> Activation | ScriptActivation:
         if self.script is not None:
-            return ScriptActivation(self, [(self.script, 0)], ctx, list(raw_args))
+            return ScriptActivation(self, [(self.script, 0)], ctx, raw_args)
         args = [t.decode(a) for t, a in zip(self.arg_types, raw_args)]
         return Activation(self, _JournalContext(ctx), args)
 
