@@ -40,7 +40,7 @@ from emu.kernel.objects import (
 )
 from emu.kernel.result import OutputUse, use_output
 from emu.kernel.symbolic import Symbolic, SymbolicReturn
-from emu.kernel.user_write import STATUS_ACCESS_VIOLATION, ScriptWrite, arg_address, probe_write
+from emu.kernel.user_write import ScriptWrite, join_remark, script_args, write_step
 
 OBJECT_REQUEST_TYPES = (Wait, SetEvent, ReleaseMutant, SendMessage, ReceiveMessage, ReplyMessage)
 
@@ -195,17 +195,6 @@ class ScriptReturn:
 ScriptStep = UserCallback | int | None | ScriptReturn | ChoiceStep | ObjectRequest | SymbolicReturn | ScriptWrite
 
 
-def script_args(steps: Sequence[ScriptStep]) -> int:
-    """How many arguments a script's writes use (the kernel reads arguments 5+ from the stack)."""
-    n = 0
-    for st in steps:
-        if isinstance(st, ScriptWrite):
-            n = max(n, st.arg)
-        elif isinstance(st, ChoiceStep):
-            n = max([n, *(script_args(o) for _, o in st.options)])
-    return n
-
-
 @dataclass(frozen=True)
 class ServiceSpec:
     """A registered service: its name, argument types and implementation (a function or a script)."""
@@ -225,8 +214,7 @@ class ServiceSpec:
 
     @functools.cached_property
     def script_args(self) -> int:
-        """Arguments a script reads (its writes' targets); 0 for a Python service. Worked out
-        once: the kernel asks at every call."""
+        """Arguments a script's writes use (0 for a Python service); worked out once."""
         return script_args(self.script) if self.script is not None else 0
 
     def activate(self, ctx: ServiceContext, raw_args: list[int]) -> Activation | ScriptActivation:
@@ -246,20 +234,16 @@ class ScriptActivation:
     __slots__ = ("args", "ctx", "last", "pending", "pending_symbolic", "remark", "spec", "stack")
 
     def __init__(
-        self,
-        spec: ServiceSpec,
-        stack: list[tuple[tuple[ScriptStep, ...], int]],
-        ctx: ServiceContext | None = None,
+        self, spec: ServiceSpec, stack: list[tuple[tuple[ScriptStep, ...], int]], ctx: ServiceContext | None = None,
         args: list[int] | None = None,
-    ) -> None:
+    ) -> None:  # fmt: skip
         self.spec = spec
         self.stack = stack
         self.ctx = ctx
         self.args = args or []  # the raw arguments (R10, RDX, R8, R9, then the stack's)
         self.last: CallbackResult | None = None
         self.pending: ChoiceStep | None = None
-        # asked for a symbolic value
-        self.pending_symbolic: UserCallback | SymbolicReturn | ScriptWrite | None = None
+        self.pending_symbolic: UserCallback | SymbolicReturn | ScriptWrite | None = None  # asked for a value
         self.remark = ""  # for the trace at the service's return: its writes, probe or copy
 
     def step(self, value: Sent) -> Request | int:
@@ -271,13 +255,12 @@ class ScriptActivation:
             self.pending_symbolic = None
             if isinstance(sym, SymbolicReturn):
                 return value & 0xFFFF_FFFF
-            if isinstance(sym, ScriptWrite):
-                self._write(sym, value.to_bytes(len(sym.data), "little"))
-                value = None  # go on with the script
-            else:
+            if not isinstance(sym, ScriptWrite):
                 return UserCallback(
                     sym.api, value.to_bytes(len(sym.data), "little"), sym.by_depth, sym.message, sym.symbolic
                 )
+            write_step(self, sym, value)  # the symbolic bytes' value: write them and go on
+            value = None
         if isinstance(value, str):
             if self.pending is None:
                 # The kernel hands an option only to the activation whose choice is pending.
@@ -302,16 +285,9 @@ class ScriptActivation:
                 self.pending_symbolic = st
                 return st.request()
             if isinstance(st, ScriptWrite):
-                failed = self._probe(st)
-                if failed is not None:
-                    return failed
-                if st.symbolic:
-                    # Probed: ask for the bytes' value, written when it comes (step above).
-                    self.pending_symbolic = st
-                    address = arg_address(self.args, st)
-                    default = int.from_bytes(st.data, "little")
-                    return Symbolic(st.symbolic, 8 * len(st.data), "write", (), default, address=address)
-                self._write(st, st.data)
+                req = write_step(self, st)  # probe, then write (or ask for the symbolic bytes' value)
+                if req is not None:
+                    return req
                 continue
             if isinstance(st, _HANDED_TO_KERNEL):
                 return st
@@ -324,38 +300,13 @@ class ScriptActivation:
                 return self._use_output(st)
             return st
 
-    def _probe(self, st: ScriptWrite) -> int | None:
-        """ProbeForWrite of the write's target (emu.kernel.user_write): STATUS_ACCESS_VIOLATION
-        ends the service there."""
-        if self.ctx is None:
-            return None
-        address = arg_address(self.args, st)
-        n = len(st.data)
-        # A context that cannot tell writable pages (a test's) leaves the range check alone.
-        writable = getattr(self.ctx, "probe_write", None)
-        ok = True if writable is None else bool(writable(address, n))
-        line = probe_write(address, n, self.ctx.probe_limit, ok, st.where())
-        if line is None:
-            return None
-        self._remark(line)
-        return STATUS_ACCESS_VIOLATION
-
-    def _write(self, st: ScriptWrite, data: bytes) -> None:
-        if self.ctx is not None:
-            address = arg_address(self.args, st)
-            self.ctx.write(address, data)
-            self._remark(f"wrote {len(data)} byte(s) to {st.where()} = {address:#x}")
-
-    def _remark(self, line: str) -> None:
-        self.remark = (self.remark + "; " if self.remark else "") + line
-
     def _use_output(self, st: ScriptReturn) -> int:
         last = self.last
         status = st.status if st.status is not None else (last.status if last is not None else 0)
         if last is None or self.ctx is None:
             return status
         done = use_output(st.output, last.result, last.length, self.ctx.probe_limit, self.ctx.probe_read)
-        self._remark(done.remark)
+        self.remark = join_remark(self.remark, done.remark)
         return done.status if done.status is not None else status
 
     def fork(self) -> ScriptActivation:
