@@ -240,10 +240,51 @@ main:
         code,
     )
     exp = Explorer(_parse(text), "bfs", services=registry).run()
-    sym = exp.symbolic
-    assert sym is not None
+    sym: dict[str, Any] = exp.symbolic or {}
     (report,) = sym["reports"]
     assert "the kernel model reads symbolic bytes" in report["message"]
     assert "ZwQuerySystemInformation" in report["message"]  # where the thread is: the service's stub
     conditions = {a.get("path_condition") for _, a in exp.graph.lean.nodes(data=True)} - {None}
     assert "Info[0:4] == 0x00000005" in conditions
+
+
+def test_a_snapshot_inside_the_callback_keeps_the_arguments_a_later_write_uses(tmp_path: Path) -> None:
+    """A script that calls back and then writes: restored from a snapshot file taken inside
+    the callback, the write still lands at the caller's argument."""
+    from emu.session import Session
+    from emu.session_snapshot import Snapshot
+
+    code = """
+main:
+    sub rsp, 0x48
+    mov dword ptr [rsp + 0x30], 0
+    xor ecx, ecx
+    xor edx, edx
+    lea r8, [rsp + 0x30]
+    call NtQueryInformationProcess
+    mov eax, [rsp + 0x30]
+    add rsp, 0x48
+    ret
+
+cb:
+    xor ecx, ecx
+    xor edx, edx
+    xor r8d, r8d
+    call ZwCallbackReturn
+    int3
+"""
+    path = tmp_path / "t.toml"
+    path.write_text(
+        asm_scenario(
+            code,
+            table='[kernel_callback_table]\n2 = "app!cb"',
+            services='[services.NtQueryInformationProcess]\nsteps = [{ kind = "callback", api = 2 }, '
+            '{ kind = "write", at = "arg3", data = "44 33 22 11" }, { kind = "return", status = 0 }]',
+        )
+    )
+    s = Session(path)
+    s.run_until(lambda session: bool(session.callback_stack()))
+    s.snapshot().save(tmp_path / "snap.zip")
+    fresh = Session(path)
+    fresh.restore(Snapshot.load(tmp_path / "snap.zip"))
+    assert fresh.finish().exit_status == 0x1122_3344
