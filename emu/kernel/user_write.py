@@ -35,11 +35,11 @@ __all__ = [
     "write_step",
 ]
 
-MAX_SCRIPT_ARGS = 16
 # Arguments 1-4 arrive in R10 (the syscall stub's copy of RCX), RDX, R8, R9; 5+ on the
 # caller's stack above the return address and the 0x20 shadow space (MS docs "x64 calling
-# convention"; ntdll's stubs `mov r10, rcx` before `syscall`).
-STACK_ARGS_AT = 0x28
+# convention"; ntdll's stubs `mov r10, rcx` before `syscall`): the kernel reads them there
+# (emu.kernel.core _dispatch). A scenario names 1-16 (emu.scenario.symbolic ARG_PATTERN).
+MAX_SCRIPT_ARGS = 16
 
 
 @dataclass(frozen=True)
