@@ -11,10 +11,11 @@ from emu.kernel.services import ChoiceStep as KChoiceStep
 from emu.kernel.services import ScriptReturn, ScriptStep
 from emu.kernel.standard_services import get_message_service
 from emu.kernel.symbolic import SymbolicReturn
+from emu.kernel.user_write import ScriptWrite
 from emu.loader.image import Image
 from emu.process_start import file_name, missing_export
 from emu.profile import Profile
-from emu.scenario import CallbackStep, ChoiceStep, ObjectStep, Scenario, Step
+from emu.scenario import CallbackStep, ChoiceStep, ObjectStep, Scenario, Step, WriteStep
 
 __all__ = [
     "PREEMPTIBLE_AT_ENTRY",
@@ -45,11 +46,13 @@ PREEMPTIBLE_AT_ENTRY = frozenset({"NtCallbackReturn"})
 
 
 def script_steps(steps: tuple[Step, ...], threads: dict[str, int], handles: dict[str, int]) -> list[ScriptStep]:
-    """A scenario's service steps as the kernel's script: callbacks, choices, object requests, a status."""
+    """A scenario's service steps as the kernel's script: callbacks, writes, choices, object requests, a status."""
     out: list[ScriptStep] = []
     for st in steps:
         if isinstance(st, CallbackStep):
             out.append(UserCallback(st.api, st.data, st.by_depth, symbolic=st.symbolic))
+        elif isinstance(st, WriteStep):
+            out.append(ScriptWrite(st.arg, st.data, st.offset, st.symbolic))
         elif isinstance(st, ChoiceStep):
             options = tuple((n, tuple(script_steps(o, threads, handles))) for n, o in st.options)
             out.append(KChoiceStep(st.name, st.default, options))

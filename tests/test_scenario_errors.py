@@ -248,7 +248,7 @@ def test_step_unknown_kind(tmp_path: Path) -> None:
     path = write(tmp_path, text)
     assert load_error(path) == (
         f"{path}:{line(text, 'sleep')} [services.NtUserMessageCall.steps[1].kind]: "
-        'expected "callback", "return", "choice", "wait", "set", "release" or "send", got string \'sleep\''
+        'expected "callback", "return", "choice", "write", "wait", "set", "release" or "send", got string \'sleep\''
     )
 
 

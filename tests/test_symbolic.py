@@ -38,7 +38,12 @@ def _sym(exp: Exploration) -> dict[str, Any]:
 
 
 def test_the_symbolic_scenarios_ship() -> None:
-    assert {p.stem for p in SYMBOLIC} >= {"symbolic_status", "symbolic_window_procedure", "symbolic_deadlock"}
+    assert {p.stem for p in SYMBOLIC} >= {
+        "symbolic_status",
+        "symbolic_window_procedure",
+        "symbolic_deadlock",
+        "symbolic_query_output",
+    }
 
 
 @pytest.mark.parametrize("path", SYMBOLIC, ids=lambda p: p.stem)

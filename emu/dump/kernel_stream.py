@@ -102,7 +102,10 @@ def _activation(act: Activation | ScriptActivation) -> Json:
                     option = next((n for n, s in choice.options if s is steps), None)
             levels.append([option, i])
         last = None if act.last is None else [act.last.status, act.last.output.hex(), act.last.result, act.last.length]
-        return {"kind": "script", "service": act.spec.name, "levels": levels, "last": last}
+        doc: Json = {"kind": "script", "service": act.spec.name, "levels": levels, "last": last}
+        if act.args and act.spec.script_args:  # the arguments its write steps use (emu.kernel.user_write)
+            doc["args"] = list(act.args)
+        return doc
     return {
         "kind": "python", "service": act.spec.name, "args": list(act.args),
         "sent": [_value(v) for v in act.sent], "reads": [None if r is None else r.hex() for r in act.ctx.reads],
@@ -329,7 +332,10 @@ class KernelDoc:
             if i > len(steps):
                 self.fail(f"{where}.levels[{k}]: step {i} is past the {len(steps)} steps of [services.{name}]")
             stack.append((steps, i))
-        act = ScriptActivation(spec, stack, ctx)
+        args = d.get("args", [])
+        if not (isinstance(args, list) and all(_int(a) for a in args)):
+            self.fail(f"{where}.args must be a list of integers (the service's arguments)")
+        act = ScriptActivation(spec, stack, ctx, list(args))
         last = d.get("last")
         if last is not None:
             # NtCallbackReturn's Status, the bytes recorded, and the Result pointer and length it

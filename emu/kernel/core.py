@@ -289,7 +289,7 @@ class Kernel:
             self._sysret_now(thread, regs, via, constant, name, "", reuse_stack=True)
             return
         args = [regs[10], regs[2], regs[8], regs[9]]
-        extra = len(spec.arg_types) - 4 if spec.script is None else 0
+        extra = len(spec.arg_types) - 4 if spec.script is None else spec.script_args - 4
         if extra > 0:
             # Arguments 5+ sit above the return address and the 0x20 shadow space.
             raw = kernel_read(self.machine, regs[4] + 0x28, 8 * extra) or bytes(8 * extra)

@@ -29,6 +29,8 @@ _RIP, _RSP = UserContext._fields.index("rip"), UserContext._fields.index("rsp")
 
 def read_or_none(machine: Machine, address: int, size: int) -> bytes | None:
     """User memory as the kernel's probe sees it: None where a read would fault."""
+    if machine.kernel_read_watch is not None:
+        machine.kernel_read_watch(address, size)
     try:
         return machine.read(address, size)
     except UcError:
@@ -123,7 +125,10 @@ class Recorder:
         if view and rsp >= view[1]:
             stack: bytes = view[0][rsp - view[1] : base - view[1]]
             return stack
-        return read_or_none(self.machine, rsp, base - rsp) or b""
+        try:  # the record's own copy, not a read the kernel model makes (no watch)
+            return self.machine.read(rsp, base - rsp)
+        except UcError:
+            return b""
 
     # --- one method per kind of crossing ----------------------------------------------------
     def initial(self, thread: KThread) -> None:

@@ -20,6 +20,7 @@ first call; building a process checks that each name has a service number there
 
 from __future__ import annotations
 
+import functools
 import inspect
 import typing
 from collections.abc import Callable, Generator, Sequence
@@ -39,6 +40,7 @@ from emu.kernel.objects import (
 )
 from emu.kernel.result import OutputUse, use_output
 from emu.kernel.symbolic import Symbolic, SymbolicReturn
+from emu.kernel.user_write import ScriptWrite, join_remark, script_args, write_step
 
 OBJECT_REQUEST_TYPES = (Wait, SetEvent, ReleaseMutant, SendMessage, ReceiveMessage, ReplyMessage)
 
@@ -189,8 +191,8 @@ class ScriptReturn:
 
 # A script step: a callback, an object request (wait, set, release, send), a status to
 # return, None (return the last callback's status), a return that uses the callback's
-# result first, or a choice between step lists.
-ScriptStep = UserCallback | int | None | ScriptReturn | ChoiceStep | ObjectRequest | SymbolicReturn
+# result first, a write into the caller's memory, or a choice between step lists.
+ScriptStep = UserCallback | int | None | ScriptReturn | ChoiceStep | ObjectRequest | SymbolicReturn | ScriptWrite
 
 
 @dataclass(frozen=True)
@@ -210,9 +212,14 @@ class ServiceSpec:
         s = self.script
         return s[0] if s is not None and len(s) == 1 and isinstance(s[0], int) else None
 
+    @functools.cached_property
+    def script_args(self) -> int:
+        """Arguments a script's writes use (0 for a Python service); worked out once."""
+        return script_args(self.script) if self.script is not None else 0
+
     def activate(self, ctx: ServiceContext, raw_args: list[int]) -> Activation | ScriptActivation:
         if self.script is not None:
-            return ScriptActivation(self, [(self.script, 0)], ctx)
+            return ScriptActivation(self, [(self.script, 0)], ctx, raw_args)
         args = [t.decode(a) for t, a in zip(self.arg_types, raw_args)]
         return Activation(self, _JournalContext(ctx), args)
 
@@ -224,32 +231,36 @@ _HANDED_TO_KERNEL = (UserCallback, *OBJECT_REQUEST_TYPES)
 class ScriptActivation:
     """A running scripted service: a stack of (steps, index) positions. Forking copies it."""
 
-    __slots__ = ("ctx", "last", "pending", "pending_symbolic", "remark", "spec", "stack")
+    __slots__ = ("args", "ctx", "last", "pending", "pending_symbolic", "remark", "spec", "stack")
 
     def __init__(
-        self, spec: ServiceSpec, stack: list[tuple[tuple[ScriptStep, ...], int]], ctx: ServiceContext | None = None
-    ) -> None:
+        self, spec: ServiceSpec, stack: list[tuple[tuple[ScriptStep, ...], int]], ctx: ServiceContext | None = None,
+        args: list[int] | None = None,
+    ) -> None:  # fmt: skip
         self.spec = spec
         self.stack = stack
         self.ctx = ctx
+        self.args = args or []  # the raw arguments (R10, RDX, R8, R9, then the stack's)
         self.last: CallbackResult | None = None
         self.pending: ChoiceStep | None = None
-        self.pending_symbolic: UserCallback | SymbolicReturn | None = None  # asked for a symbolic value
-        self.remark = ""  # one line for the trace about the step just taken (a probe or copy)
+        self.pending_symbolic: UserCallback | SymbolicReturn | ScriptWrite | None = None  # asked for a value
+        self.remark = ""  # for the trace at the service's return: its writes, probe or copy
 
     def step(self, value: Sent) -> Request | int:
         sym = self.pending_symbolic
         if sym is not None:
             if not isinstance(value, int):
-                raise ModelBug(
-                    f"service {self.spec.name} asked for symbolic {sym.symbolic if isinstance(sym, UserCallback) else sym.name} and got {value!r}"
-                )
+                name = sym.name if isinstance(sym, SymbolicReturn) else sym.symbolic
+                raise ModelBug(f"service {self.spec.name} asked for symbolic {name} and got {value!r}")
             self.pending_symbolic = None
             if isinstance(sym, SymbolicReturn):
                 return value & 0xFFFF_FFFF
-            return UserCallback(
-                sym.api, value.to_bytes(len(sym.data), "little"), sym.by_depth, sym.message, sym.symbolic
-            )
+            if not isinstance(sym, ScriptWrite):
+                return UserCallback(
+                    sym.api, value.to_bytes(len(sym.data), "little"), sym.by_depth, sym.message, sym.symbolic
+                )
+            write_step(self, sym, value)  # the symbolic bytes' value: write them and go on
+            value = None
         if isinstance(value, str):
             if self.pending is None:
                 # The kernel hands an option only to the activation whose choice is pending.
@@ -273,6 +284,11 @@ class ScriptActivation:
             if isinstance(st, SymbolicReturn):
                 self.pending_symbolic = st
                 return st.request()
+            if isinstance(st, ScriptWrite):
+                req = write_step(self, st)  # probe, then write (or ask for the symbolic bytes' value)
+                if req is not None:
+                    return req
+                continue
             if isinstance(st, _HANDED_TO_KERNEL):
                 return st
             if isinstance(st, ChoiceStep):
@@ -290,12 +306,13 @@ class ScriptActivation:
         if last is None or self.ctx is None:
             return status
         done = use_output(st.output, last.result, last.length, self.ctx.probe_limit, self.ctx.probe_read)
-        self.remark = done.remark
+        self.remark = join_remark(self.remark, done.remark)
         return done.status if done.status is not None else status
 
     def fork(self) -> ScriptActivation:
-        twin = ScriptActivation(self.spec, list(self.stack), self.ctx)
+        twin = ScriptActivation(self.spec, list(self.stack), self.ctx, self.args)
         twin.last, twin.pending, twin.pending_symbolic = self.last, self.pending, self.pending_symbolic
+        twin.remark = self.remark
         return twin
 
     def position(self) -> tuple[object, ...]:

@@ -1,10 +1,11 @@
 """Values the kernel hands to user mode that a scenario declares symbolic.
 
 A service asks for one with a :class:`Symbolic` request (a scripted return whose status is
-declared ``{ symbolic = "st" }``, or a callback whose input is ``{ symbolic = 16 }``). The
-caller's :class:`~emu.kernel.hooks.KernelHooks` answers with a concrete value: a single run
-takes the declared default (or a witness's value); an explorer suspends the service there,
-forks, and resumes it with each value a solver finds (:mod:`emu.symbolic`).
+declared ``{ symbolic = "st" }``, a callback whose input is ``{ symbolic = 16 }``, or a write
+step whose bytes are, :mod:`emu.kernel.user_write`). The caller's
+:class:`~emu.kernel.hooks.KernelHooks` answers with a concrete value: a single run takes the
+declared default (or a witness's value); an explorer suspends the service there, forks, and
+resumes it with each value a solver finds (:mod:`emu.symbolic`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Literal
 
 @dataclass(frozen=True)
 class Symbolic:
-    """A request for a symbolic value: a status (32 bits) or a callback's input (``bits`` = 8 x bytes).
+    """A request for a symbolic value: a status (32 bits), a callback's input or bytes a service
+    writes into the caller's memory at ``address`` (``bits`` = 8 x bytes).
 
     ``domain``: the values allowed (empty: any value of that width); ``default``: the value a
     single run takes. ``options`` is empty so code that lists a choice's options sees none.
@@ -23,10 +25,11 @@ class Symbolic:
 
     name: str
     bits: int
-    where: Literal["status", "data"]
+    where: Literal["status", "data", "write"]
     domain: tuple[int, ...] = ()
     default: int = 0
     options: tuple[str, ...] = ()
+    address: int = 0  # "write": where the bytes go (emu.kernel.user_write)
 
 
 @dataclass(frozen=True)

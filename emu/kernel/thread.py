@@ -107,6 +107,8 @@ class ThreadServiceContext:
 
     def read(self, address: int, size: int) -> bytes:
         machine = self._kernel.machine
+        if machine.kernel_read_watch is not None:  # symbolic bytes the model consumes (emu.symbolic)
+            machine.kernel_read_watch(address, size)
         data = machine.read(address, size)
         if machine.read_watch is not None:  # a read hook (emu.hooks): the kernel's reads too
             machine.read_watch(address, data)
@@ -117,6 +119,17 @@ class ThreadServiceContext:
         if not machine.readable(address, size):
             return None
         return self.read(address, size)
+
+    def probe_write(self, address: int, size: int) -> bool:
+        """The range is mapped writable (Unicorn's host writes ignore protections: check them)."""
+        machine = self._kernel.machine
+        end = address + size
+        while address < end:
+            r = machine.region_at(address)
+            if r is None or "w" not in r.perms:
+                return False
+            address = r.end
+        return True
 
     def write(self, address: int, data: bytes) -> None:
         self._kernel.user_writes += 1

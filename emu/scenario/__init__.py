@@ -26,6 +26,7 @@ from emu.scenario.model import (
     ServiceScript,
     Step,
     ThreadSpec,
+    WriteStep,
 )
 from emu.scenario.parse import load_scenario, parse_scenario
 
@@ -33,5 +34,5 @@ EXPECT_KINDS = expect_kinds()
 
 __all__ = [
     "EXPECT_KINDS", "EXPLORE_KINDS", "Budgets", "CallbackStep", "ChoiceStep", "Expectation", "MemorySpec",
-    "ModuleSpec", "ObjectSpec", "ObjectStep", "PeSpec", "ReturnStep", "Scenario", "ServiceScript", "Step", "ThreadSpec", "load_scenario", "parse_scenario",
+    "ModuleSpec", "ObjectSpec", "ObjectStep", "PeSpec", "ReturnStep", "Scenario", "ServiceScript", "Step", "ThreadSpec", "WriteStep", "load_scenario", "parse_scenario",
 ]  # fmt: skip

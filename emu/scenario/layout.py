@@ -13,7 +13,7 @@ from emu.scenario.expectations import EXPECTATIONS, NOTE
 from emu.scenario.keys import JSON, Boolean, HexBytes, Integer, Key, Schema, Status, Table, Text, table_of
 from emu.scenario.model import OUTPUT_USES, Budgets, MemorySpec, ModuleSpec, ObjectSpec, PeSpec, ThreadSpec
 from emu.scenario.reader import _ID
-from emu.scenario.symbolic import DATA_SCHEMA, STATUS_SCHEMA
+from emu.scenario.symbolic import ARG_PATTERN, DATA_SCHEMA, MAX_WRITE_OFFSET, STATUS_SCHEMA
 
 MAX_TABLE = 4096  # emu's cap on KernelCallbackTable entries (not a Windows limit)
 
@@ -148,6 +148,22 @@ STEPS: dict[str, Table] = {
                         "additionalProperties": {"anyOf": [{"type": "string"}, _ref("steps")]},
                     }
                 ),
+                required=True,
+            ),
+        }
+    ),
+    "write": Table(
+        {
+            "kind": _kind("write"),
+            "at": Key(
+                'the argument holding the address: "arg1".."arg16"',
+                Schema({"type": "string", "pattern": ARG_PATTERN}),
+                required=True,
+            ),
+            "offset": Key("bytes past that address", Integer(0, MAX_WRITE_OFFSET)),
+            "data": Key(
+                "hex bytes, or { symbolic = N } (N symbolic bytes)",
+                Schema({"anyOf": [HexBytes().schema(), DATA_SCHEMA]}),
                 required=True,
             ),
         }

@@ -83,7 +83,19 @@ class ObjectStep:
     data: bytes = b""
 
 
-Step = CallbackStep | ReturnStep | ChoiceStep | ObjectStep
+@dataclass(frozen=True)
+class WriteStep:
+    """Write ``data`` into the caller's memory at argument ``arg`` (1-based) + ``offset``, after
+    ProbeForWrite (a fault: the service returns STATUS_ACCESS_VIOLATION; emu.kernel.user_write)."""
+
+    arg: int
+    data: bytes
+    offset: int = 0
+    kind: Literal["write"] = "write"
+    symbolic: str = ""  # ``data = { symbolic = N }``: the bytes' name; ``data`` holds their default
+
+
+Step = CallbackStep | ReturnStep | ChoiceStep | ObjectStep | WriteStep
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,18 @@ from typing import Any
 
 from emu.profile import Profile
 from emu.scenario.layout import API, SERVICE, SSN, STEP_KINDS, STEPS
-from emu.scenario.model import OUTPUT_USES, CallbackStep, ChoiceStep, ObjectStep, ReturnStep, ServiceScript, Step
+from emu.scenario.model import (
+    OUTPUT_USES,
+    CallbackStep,
+    ChoiceStep,
+    ObjectStep,
+    ReturnStep,
+    ServiceScript,
+    Step,
+    WriteStep,
+)
 from emu.scenario.reader import _NAME, _dotted, _kind, _Reader
-from emu.scenario.symbolic import read_data, read_status
+from emu.scenario.symbolic import MAX_WRITE_OFFSET, Names, read_arg, read_data, read_status
 
 
 def _services(
@@ -22,6 +31,7 @@ def _services(
 ) -> dict[str, ServiceScript]:
     r.table(obj, ("services",), {k: "" for k in obj} if isinstance(obj, dict) else {})
     out: dict[str, ServiceScript] = {}
+    names = Names()  # symbolic names, across all services
     for name, body in obj.items():
         path: tuple[str | int, ...] = ("services", name)
         if not name.startswith("Nt") or not _NAME.match(name):
@@ -35,7 +45,7 @@ def _services(
         blocks = body.get("blocks", {})
         if not isinstance(blocks, dict):
             raise r.fail(path + ("blocks",), f"expected a table of named step arrays, got {_kind(blocks)}")
-        reader = _StepReader(r, table_size, path, blocks, threads, objects)
+        reader = _StepReader(r, table_size, path, blocks, threads, objects, names)
         steps = reader.steps(body["steps"], path + ("steps",))
         if not steps:
             raise r.fail(path + ("steps",), "expected a non-empty array of steps")
@@ -74,7 +84,9 @@ class _StepReader:
         blocks: dict[str, Any],
         threads: tuple[str, ...] = (),
         objects: tuple[str, ...] = (),
+        names: Names | None = None,
     ) -> None:
+        self.names = names or Names()
         self.threads = threads
         self.objects = objects
         self.r = r
@@ -99,6 +111,8 @@ class _StepReader:
                 out.append(self._return(st, sp))
             elif kind == "choice":
                 out.append(self._choice(st, sp))
+            elif kind == "write":
+                out.append(self._write(st, sp))
             elif kind in ("wait", "set", "release", "send"):
                 out.append(self._object(kind, st, sp))
             else:
@@ -111,6 +125,7 @@ class _StepReader:
         v = st["status"]
         if isinstance(v, dict):
             default, decl = read_status(r, v, sp + ("status",))
+            self.names.claim(r, decl.name, "a status", sp + ("status",))
             if "output" in st:
                 raise r.fail(sp + ("output",), "a symbolic status cannot also use the callback's output")
             return ReturnStep(default, symbolic=decl)
@@ -137,9 +152,26 @@ class _StepReader:
             raise r.fail(sp, "give either 'data' or 'text', not both")
         if isinstance(st.get("data"), dict):
             data, name = read_data(r, st["data"], sp + ("data",))
+            self.names.claim(r, name, f"a callback input of {len(data)} byte(s)", sp + ("data",))
             return CallbackStep(apis[0], data, by_depth=tuple(apis) if isinstance(raw, list) else (), symbolic=name)
         data = r.hexdata(st["data"], sp + ("data",)) if "data" in st else r.str_(st, "text", sp, "").encode()
         return CallbackStep(apis[0], data, by_depth=tuple(apis) if isinstance(raw, list) else ())
+
+    def _write(self, st: dict[str, Any], sp: tuple[str | int, ...]) -> WriteStep:
+        r = self.r
+        spec = STEPS["write"]
+        r.table(st, sp, spec.allowed, spec.required)
+        arg = read_arg(r, st["at"], sp + ("at",))
+        offset = r.int_(st, "offset", sp, 0, 0, MAX_WRITE_OFFSET)
+        raw = st["data"]
+        if isinstance(raw, dict):
+            data, name = read_data(r, raw, sp + ("data",))
+            self.names.claim(r, name, f"a write of {len(data)} byte(s)", sp + ("data",))
+            return WriteStep(arg, data, offset, symbolic=name)
+        data = r.hexdata(raw, sp + ("data",))
+        if not data:
+            raise r.fail(sp + ("data",), "expected at least one byte to write")
+        return WriteStep(arg, data, offset)
 
     def _object(self, kind: str, st: dict[str, Any], sp: tuple[str | int, ...]) -> ObjectStep:
         r = self.r

@@ -1,7 +1,10 @@
 """Reading symbolic declarations in service steps.
 
 ``status = { symbolic = "st" }`` (optionally ``domain = "ntstatus"`` or a list of statuses, and
-``default``) and ``data = { symbolic = 16 }`` (optionally ``name`` and ``default`` hex bytes).
+``default``) and ``data = { symbolic = 16 }`` (optionally ``name`` and ``default`` hex bytes),
+in a callback step (its input) or a write step (bytes written into the caller's memory). One
+name stands for one kind of value: a status, an input or a write of one size; a name declared
+again in another shape is an error (a witness ``name=...`` could not say which it means).
 """
 
 from __future__ import annotations
@@ -11,11 +14,14 @@ from typing import Any
 
 from emu.scenario.keys import JSON
 from emu.scenario.model import SymbolicStatus
-from emu.scenario.reader import _kind, _Reader
+from emu.scenario.reader import _dotted, _kind, _Reader
 
 Path = tuple[str | int, ...]
 _VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
 MAX_SYMBOLIC_BYTES = 256
+MAX_WRITE_OFFSET = 0xFFFF
+ARG_PATTERN = r"^arg([1-9]|1[0-6])$"  # a service's arguments 1..16 (emu.kernel.user_write)
+_ARG = re.compile(ARG_PATTERN)
 DOMAIN_WORDS = ("ntstatus",)
 
 STATUS_SCHEMA: JSON = {
@@ -85,3 +91,26 @@ def read_data(r: _Reader, v: dict[str, Any], path: Path) -> tuple[bytes, str]:
     if len(data) != size:
         raise r.fail(path + ("default",), f"expected {size} bytes, got {len(data)}")
     return data, name
+
+
+def read_arg(r: _Reader, v: Any, path: Path) -> int:
+    """``at = "arg3"``: the argument's number (1-based)."""
+    m = _ARG.match(v) if isinstance(v, str) else None
+    if m is None:
+        raise r.fail(path, f'expected the argument that holds the address, "arg1".."arg16", got {_kind(v)}')
+    return int(m.group(1))
+
+
+class Names:
+    """The symbolic names a scenario declares, with their shape and first place."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple[str, Path]] = {}
+
+    def claim(self, r: _Reader, name: str, shape: str, path: Path) -> None:
+        old = self.seen.setdefault(name, (shape, path))
+        if old[0] != shape:
+            raise r.fail(
+                path,
+                f"symbolic name {name!r} is already {old[0]} at {_dotted(old[1])}; give this {shape} another name",
+            )

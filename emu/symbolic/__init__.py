@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from emu.errors import ScenarioError
-from emu.scenario import CallbackStep, ChoiceStep, ReturnStep, Scenario, Step
+from emu.scenario import CallbackStep, ChoiceStep, ReturnStep, Scenario, Step, WriteStep
 
 if TYPE_CHECKING:
     from emu.symbolic.driver import Driver
@@ -27,11 +27,11 @@ def make_driver(explorer: Any, scenario: Scenario) -> Driver:
 
 
 def has_symbolic(scenario: Scenario) -> bool:
-    """Does any service step declare a symbolic status or input?"""
+    """Does any service step declare a symbolic status, input or write?"""
 
     def walk(steps: tuple[Step, ...]) -> bool:
         for st in steps:
-            if isinstance(st, CallbackStep) and st.symbolic:
+            if isinstance(st, (CallbackStep, WriteStep)) and st.symbolic:
                 return True
             if isinstance(st, ReturnStep) and st.symbolic is not None:
                 return True

@@ -29,6 +29,7 @@ from emu import interrupts
 from emu.context import REGISTER_NAMES
 from emu.kernel.symbolic import Symbolic
 from emu.symbolic.execute import Executor
+from emu.symbolic.kernel_reads import stack_arguments, symbolic_runs
 from emu.symbolic.regs import GPR
 from emu.symbolic.store import SYSRET_CLOBBERS, Expr, Step, Store, Var
 from emu.symbolic.text import condition, path_condition
@@ -85,6 +86,13 @@ class Driver:
         self.witnesses: dict[str, tuple[tuple[str, int], ...]] = {}
         self.var_info: dict[str, Var] = {}
         self._pairs: tuple[tuple[Var, ...], list[tuple[Expr, Expr]]] = ((), [])
+        self.machine.kernel_read_watch = self._model_read
+
+    def _model_read(self, address: int, size: int) -> None:
+        """The kernel model reads user memory (a probe or copy, a service's read, a CONTEXT)."""
+        if self.store.mem:
+            rip = self.machine.regs.read(("rip",))[0]
+            self.kernel_read(address, size, "read by the kernel model", rip)
 
     @property
     def store(self) -> Store:
@@ -107,7 +115,7 @@ class Driver:
         n = st.counts.get(req.name, 0) + 1
         st.counts[req.name] = n
         name = req.name if n == 1 else f"{req.name}#{n}"
-        st.asked = Var(name, req.where, req.bits // 8, req.default, -1, req.domain)
+        st.asked = Var(name, req.where, req.bits // 8, req.default, -1, req.domain, req.address)
         return None
 
     def at_request(self, fork: Any) -> Pick:
@@ -134,7 +142,14 @@ class Driver:
         st.replay_until, st.expect = pick.until, pick.expect
         st.vars = (*st.vars, var)
         pending = self.kernel.pending_choice
-        st.intro = (var, pending.tid if pending is not None else -1)
+        if var.where == "write":
+            # The service writes the bytes as soon as it resumes (emu.kernel.user_write): they
+            # are symbolic from that moment, for the kernel model's later reads too.
+            raw = pick.value.to_bytes(var.size, "little")
+            for i, s in enumerate(var.syms):
+                st.mem[var.at + i] = (s, raw[i])
+        else:
+            st.intro = (var, pending.tid if pending is not None else -1)
         self.explorer._replaying = st.replay_until >= st.decisions
         return pick.value
 
@@ -225,8 +240,41 @@ class Driver:
         used = [(st.regs[r][0], raw.context[_CTX_INDEX[r]]) for r in read if r in st.regs]
         if used:
             self._concretize(used, raw.context[16], f"the kernel model reads {', '.join(read)} at {name}")
+        if st.mem:
+            self._kernel_reads_at_entry(name, raw)
         st.saved[(thread.tid, raw.depth)] = dict(st.regs)
         st.regs, st.flags = {}, None
+
+    def _kernel_reads_at_entry(self, name: str | None, raw: RawState) -> None:
+        """User memory the kernel model reads for this call before the service runs: arguments
+        5+ on the stack, and NtCallbackReturn's record of the callback's Result."""
+        ctx = raw.context
+        if name == "NtCallbackReturn":
+            # The kernel records what Result held (emu.kernel.record record_output) and hands
+            # it to the service, which may probe and copy it (emu.kernel.result).
+            length = ctx[_CTX_INDEX["rdx"]] & 0xFFFF_FFFF
+            n = min(length, self.kernel.profile.callback_output_limit)
+            self.kernel_read(ctx[_CTX_INDEX["r10"]], n, "the callback's Result at NtCallbackReturn", ctx[16])
+            return
+        spec = self.kernel.registry.get(name) if name else None
+        if spec is not None:
+            count = len(spec.arg_types) if spec.script is None else spec.script_args
+            at, size = stack_arguments(ctx[4], count)
+            self.kernel_read(at, size, f"arguments 5-{count} of {name}", ctx[16])
+
+    def kernel_read(self, address: int, size: int, what: str, site: int = -1) -> None:
+        """The kernel model reads ``size`` bytes at ``address``: fix the symbolic ones to the
+        run's values (emu.symbolic.kernel_reads)."""
+        st = self.store
+        runs = symbolic_runs(st.mem, address, size, self.machine.read)
+        # Bytes fixed already (NtCallbackReturn's record, then the service's copy) are not news.
+        fixed = [s.cond for s in st.pc if s.kind == "fixed"]
+        runs = [r for r in runs if not any(z3.eq(c, r[1] == r[2]) for c in fixed)]
+        if not runs:
+            return
+        used = [(e, v) for _, e, v in runs]
+        where = ", ".join(f"{a:#x} (+{e.size() // 8})" for a, e, _ in runs)
+        self._concretize(used, site, f"the kernel model reads symbolic bytes at {where}: {what}")
 
     def _introduce(self, thread: KThread, kind: str) -> None:
         """The thread's first state after a symbolic request: a status arrives in RAX at the

@@ -27,14 +27,16 @@ _SYMS: dict[tuple[str, str, int], tuple[Expr, ...]] = {}
 
 @dataclass(frozen=True)
 class Var:
-    """A symbolic value introduced on a path: a status (one 32-bit variable) or input bytes (one per byte)."""
+    """A symbolic value introduced on a path: a status (one 32-bit variable) or bytes (one per
+    byte: a callback's input, or bytes a service writes into the caller's memory)."""
 
     name: str  # unique on the path: "st", then "st#2" for the second time the same step runs
-    where: str  # "status" or "data"
+    where: str  # "status", "data" (a callback's input) or "write" (a service's write)
     size: int  # bytes
     value: int  # the concrete value this path's run gave it (little-endian for data)
     fork: int  # the explorer's fork taken where it was introduced (its index in the driver)
     domain: tuple[int, ...] = ()
+    at: int = 0  # "write": the address the bytes go to
 
     @property
     def syms(self) -> tuple[Expr, ...]:

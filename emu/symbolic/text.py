@@ -19,10 +19,21 @@ _BINARY = {
     z3.Z3_OP_BXOR: "^", z3.Z3_OP_BSHL: "<<", z3.Z3_OP_BLSHR: ">>u", z3.Z3_OP_BASHR: ">>",
 }  # fmt: skip
 _COMPARE = {
-    z3.Z3_OP_EQ: "==", z3.Z3_OP_SLT: "<", z3.Z3_OP_SLEQ: "<=", z3.Z3_OP_SGT: ">", z3.Z3_OP_SGEQ: ">=",
+    z3.Z3_OP_EQ: "==", z3.Z3_OP_DISTINCT: "!=", z3.Z3_OP_SLT: "<", z3.Z3_OP_SLEQ: "<=", z3.Z3_OP_SGT: ">", z3.Z3_OP_SGEQ: ">=",
     z3.Z3_OP_ULT: "<u", z3.Z3_OP_ULEQ: "<=u", z3.Z3_OP_UGT: ">u", z3.Z3_OP_UGEQ: ">=u",
 }  # fmt: skip
-_NEGATED = {"==": "!=", "<": ">=", "<=": ">", ">": "<=", ">=": "<", "<u": ">=u", "<=u": ">u", ">u": "<=u", ">=u": "<u"}
+_NEGATED = {
+    "==": "!=",
+    "!=": "==",
+    "<": ">=",
+    "<=": ">",
+    ">": "<=",
+    ">=": "<",
+    "<u": ">=u",
+    "<=u": ">u",
+    ">u": "<=u",
+    ">=u": "<u",
+}
 
 
 def condition(c: Any) -> str:
@@ -31,10 +42,10 @@ def condition(c: Any) -> str:
     if k == z3.Z3_OP_NOT:
         inner = c.arg(0)
         ik = inner.decl().kind()
-        if ik in _COMPARE:
+        if ik in _COMPARE and inner.num_args() == 2:
             return _compare(inner, negate=True)
         return f"not ({condition(inner)})"
-    if k in _COMPARE and z3.is_bv(c.arg(0)):
+    if k in _COMPARE and c.num_args() == 2 and z3.is_bv(c.arg(0)):
         return _compare(c)
     if k == z3.Z3_OP_AND:
         return " and ".join(condition(a) for a in c.children())
@@ -92,7 +103,7 @@ def _slice(e: Any) -> str | None:
     """Input bytes name[i+n-1] .. name[i] concatenated (a little-endian load): ``name[i:i+n]``."""
     if z3.is_app(e) and e.decl().kind() == z3.Z3_OP_UNINTERPRETED:
         return None
-    parts = e.children() if z3.is_app(e) and e.decl().kind() == z3.Z3_OP_CONCAT else []
+    parts = _concat_parts(e)
     if len(parts) < 2:
         return None
     found = []
@@ -107,6 +118,16 @@ def _slice(e: Any) -> str | None:
         return None
     lo = idx[-1]
     return f"{found[0][0]}[{lo}:{lo + len(idx)}]"
+
+
+def _concat_parts(e: Any) -> list[Any]:
+    """The leaves of a (possibly nested) concatenation, most significant first."""
+    if not (z3.is_app(e) and e.decl().kind() == z3.Z3_OP_CONCAT):
+        return []
+    out: list[Any] = []
+    for p in e.children():
+        out.extend(_concat_parts(p) or [p])
+    return out
 
 
 def path_condition(conds: list[Any], cache: dict[int, str] | None = None) -> str:
