@@ -59,6 +59,9 @@ class Part:
     forked_states: int
     unexplored: int
     stopped_by: str | None
+    cpu: float = 0.0  # the worker's CPU seconds for this job (exploring and building this part)
+    wall: float = 0.0  # its wall-clock seconds
+    claim_wait: float = 0.0  # wall-clock seconds spent waiting for the seen-set's answers
 
 
 def explore_prefixes(
@@ -66,9 +69,11 @@ def explore_prefixes(
 ) -> Part:
     """A worker's job: explore below each option path (a module-level function, so it pickles);
     ``seen``: the seen-set shared with the other workers."""
+    wall, cpu = time.perf_counter(), time.process_time()
     ex = Explorer(scenario, strategy)
+    claims = None
     if seen is not None:
-        ex.claims = seen.connect()
+        ex.claims = claims = Timed(seen.connect())
     gc_was_enabled = gc.isenabled()
     gc.disable()  # nothing cyclic is made here; a collection would walk every state found
     try:
@@ -76,6 +81,7 @@ def explore_prefixes(
         part = Part(
             ex.nodes, list(ex.edges), ex.deadlocks, ex.chains, list(ex.fault_digests),
             res.forks, res.paths, res.forked_states, res.unexplored, res.stopped_by,
+            time.process_time() - cpu, time.perf_counter() - wall, 0.0 if claims is None else claims.waited,
         )  # fmt: skip
     finally:
         if gc_was_enabled:
@@ -87,6 +93,20 @@ def explore_prefixes(
 
 
 _last: list[Explorer] = []
+
+
+class Timed:
+    """A claim function that adds up the wall-clock time its answers took (a worker's idle time)."""
+
+    def __init__(self, claim: Callable[[list[str]], list[bool]]) -> None:
+        self.claim = claim
+        self.waited = 0.0
+
+    def __call__(self, digests: list[str]) -> list[bool]:
+        t = time.perf_counter()
+        won = self.claim(digests)
+        self.waited += time.perf_counter() - t
+        return won
 
 
 def explore_parallel(
@@ -167,8 +187,7 @@ class _Pool:
     """Worker processes, started at once, and the seen-set they share."""
 
     def __init__(self, workers: int) -> None:
-        # "spawn": a fresh interpreter per worker, so no Unicorn state is inherited across fork().
-        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=_context())
         self.warming: list[Future[None]] = [self.pool.submit(_warm) for _ in range(workers)]
         self.server: SeenServer | None = None
 
@@ -190,6 +209,20 @@ class _Pool:
         self.pool.shutdown(wait=False, cancel_futures=True)
         if self.server is not None:
             self.server.close()
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    """How worker processes start: forked from a server process that imported emu once, where
+    the system has one ("forkserver": each worker starts in milliseconds, and the server stays
+    for the next exploration), else a fresh interpreter per worker ("spawn"). Neither inherits
+    the coordinator's Unicorn machines: the server is a fresh interpreter that imported emu
+    and built nothing."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    # "__main__" as by default (the server imports the caller's main module once, not each worker).
+    ctx.set_forkserver_preload(["__main__", __name__])
+    return ctx
 
 
 def _require_ray() -> None:
