@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-import pickle
 import re
 import select
 import signal
@@ -182,6 +181,8 @@ def _ks_asm(text: str, base: int) -> list[int]:
 
     if not hasattr(os, "fork") or _OWN_TEXT.get():  # non-POSIX hosts: no guard; emu's own text needs none
         return list(Ks(KS_ARCH_X86, KS_MODE_64).asm(text, base)[0] or [])
+    import pickle  # the child's answer comes back pickled
+
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: assemble, send the outcome, leave without cleanup handlers
