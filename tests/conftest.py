@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,9 @@ import pytest
 from emu.api import Run, run
 
 ROOT = Path(__file__).resolve().parent.parent
+# Assembled bytes are cached by content (emu.loader.asm_cache): the suite keeps its own cache,
+# so the many texts it assembles stay out of the user's, and every test session starts empty.
+os.environ.setdefault("EMU_CACHE_DIR", tempfile.mkdtemp(prefix="emu-test-asm-"))
 SCENARIOS = sorted((ROOT / "scenarios").glob("*.toml"))
 
 

@@ -15,12 +15,12 @@ ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("lief", "networkx", "matplotlib", "ray")
 
 
-def _loaded_after(code: str) -> dict[str, object]:
-    """Run ``code`` in a fresh interpreter; it leaves its answer in ``out``: the answer and the heavy modules loaded."""
+def _loaded_after(code: str, watch: tuple[str, ...] = HEAVY) -> dict[str, object]:
+    """Run ``code`` in a fresh interpreter; it leaves its answer in ``out``: the answer and the watched modules loaded."""
     program = (
         "import io, json, sys, contextlib\n"
         f"out = None\n{code}\n"
-        f"print(json.dumps({{'out': out, 'loaded': [m for m in {HEAVY!r} if m in sys.modules]}}))\n"
+        f"print(json.dumps({{'out': out, 'loaded': [m for m in {watch!r} if m in sys.modules]}}))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
@@ -40,6 +40,28 @@ def test_emu_run_without_pe_or_graph_loads_no_lief_and_no_networkx() -> None:
     )
     assert got["out"] == [0, True]  # the run really happened, detection included
     assert got["loaded"] == []
+
+
+# What `emu run` does not need for a scenario that asks for no debugger, snapshot or dump.
+NOT_FOR_RUN = ("keystone", "emu.debug.gdbstub", "emu.session", "emu.session_snapshot", "emu.dump", "socket")
+
+
+def test_emu_run_a_second_time_assembles_nothing_and_loads_no_other_command(tmp_path: Path) -> None:
+    run_it = (
+        "import os\n"
+        f"os.environ['EMU_CACHE_DIR'] = {str(tmp_path)!r}\n"
+        "from emu.cli import main\n"
+        "buf = io.StringIO()\n"
+        "with contextlib.redirect_stdout(buf):\n"
+        "    code = main(['run', 'scenarios/callback_roundtrip.toml'])\n"
+        "out = [code, buf.getvalue()]\n"
+    )
+    first = _loaded_after(run_it, NOT_FOR_RUN)
+    assert first["loaded"] == ["keystone"]  # an empty cache: the runtime and the module are assembled
+    again = _loaded_after(run_it, NOT_FOR_RUN)
+    assert again["loaded"] == []  # the bytes come from the cache; the other commands' modules stay unloaded
+    assert again["out"] == first["out"]  # the same report, byte for byte
+    assert isinstance(again["out"], list) and "detections (1)" in again["out"][1]
 
 
 def test_import_emu_loads_nothing_heavy_until_a_name_is_used() -> None:

@@ -108,3 +108,18 @@ def test_parallel_faults_are_named_like_the_single_process_ones(tmp_path) -> Non
     assert parallel.faults == single.faults
     node = single.faults[0][0]
     assert single.graph.lean.nodes[node]["digest"] == parallel.graph.lean.nodes[node]["digest"]
+
+
+def test_a_workers_packed_states_unpack_equal_to_what_it_found() -> None:
+    from emu.context import UserContext
+    from emu.exploration import parallel
+    from emu.scenario import load_scenario
+    from emu.trace import State
+
+    part = parallel.explore_prefixes(load_scenario(SCENARIO), "bfs", [()])
+    found = parallel._last[0]  # the worker's explorer, kept until its next job
+    nodes, edges = parallel.unpack(part.found)
+    assert nodes == found.nodes and list(nodes) == list(found.nodes)  # same states, same order
+    assert edges == list(found.edges)
+    assert all(type(s) is State and type(s.context) is UserContext for s in nodes.values())
+    assert part.cpu > 0 and part.wall > 0 and part.claim_wait == 0  # no shared seen-set here

@@ -10,12 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from emu.api import Run, build
 from emu.cli.exit_codes import EXIT_INPUT, EXIT_OK
 from emu.cli.python import add_python_options, with_python
-from emu.debug.gdbstub import serve
-from emu.debug.target import DebugTarget
-from emu.scenario import load_scenario
 
 DEFAULT_ADDRESS = "127.0.0.1:1234"
 
@@ -46,6 +42,11 @@ def cmd_debug(args: argparse.Namespace) -> int:
     if address is None:
         sys.stderr.write(f"emu debug: --gdb {args.gdb!r}: expected [HOST]:PORT with PORT 0..65535 (e.g. :1234)\n")
         return EXIT_INPUT
+    from emu.api import Run, build  # the stub and its sockets load when a client is served, not on every `emu` start
+    from emu.debug.gdbstub import serve
+    from emu.debug.target import DebugTarget
+    from emu.scenario import load_scenario
+
     scenario = with_python(load_scenario(args.scenario, args.allow_path), args)
     target = DebugTarget(build(scenario))
 

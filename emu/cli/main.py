@@ -246,7 +246,9 @@ def cmd_graph(args: argparse.Namespace) -> int:
 ALLOW_HELP = "let scenarios read files under DIR too (by default only under the scenario's own folder)"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
+    """The ``emu`` parser; ``run_only``: with the ``run`` subcommand alone (``emu run ...`` needs
+    no other, and building the others' help texts is a measurable share of a cold start)."""
     p = argparse.ArgumentParser(
         prog="emu",
         description="Windows x64 user/kernel transitions on Unicorn: syscalls, kernel callbacks, ZwCallbackReturn.",
@@ -280,6 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     add_python_options(r)
     r.set_defaults(func=cmd_run)
+    if not run_only:
+        _add_other_commands(sub)
+    for (
+        command
+    ) in sub.choices.values():  # `emu run --allow-path DIR FILE` works as well as `emu --allow-path DIR run FILE`
+        command.add_argument(
+            "--allow-path", action="append", default=[], metavar="DIR", dest="allow_path_after", help=ALLOW_HELP
+        )
+    return p
+
+
+def _add_other_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d = sub.add_parser("detect", help="report states where the thread is at ZwCallbackReturn (the seed's state)")
     d.add_argument("scenario", nargs="?")
     d.add_argument("--json", action="store_true")
@@ -307,19 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
     cli_score.add_parser(sub)
     cli_debug.add_parser(sub)
     cli_snapshot.add_parser(sub)
-    for (
-        command
-    ) in sub.choices.values():  # `emu run --allow-path DIR FILE` works as well as `emu --allow-path DIR run FILE`
-        command.add_argument(
-            "--allow-path", action="append", default=[], metavar="DIR", dest="allow_path_after", help=ALLOW_HELP
-        )
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """The ``emu`` command; every subcommand runs inside :func:`guarded`."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    if words and words[0] == "run":
+        args, extra = build_parser(run_only=True).parse_known_args(argv)
+        if extra:  # reported by the whole parser, its usage line naming every subcommand
+            args = build_parser().parse_args(argv)
+    else:
+        args = build_parser().parse_args(argv)
     args.allow_path = [*args.allow_path, *getattr(args, "allow_path_after", [])]
     if argv is None:  # the process's own command line: emu owns the process and its signals
         interrupts.install()

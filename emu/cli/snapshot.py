@@ -17,22 +17,25 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from emu.api import Run
 from emu.cli.exit_codes import EXIT_OK
 from emu.cli.python import add_python_options, with_python
 from emu.errors import SnapshotError
-from emu.scenario import Scenario, load_scenario
-from emu.session import Session
-from emu.session_snapshot import Snapshot
 from emu.writing import refuse_overwrite
+
+if TYPE_CHECKING:  # the session and its dump machinery load when a snapshot is used, not on every `emu run`
+    from emu.api import Run
+    from emu.scenario import Scenario
 
 
 def from_snapshot(scenario: Scenario, path: str | Path) -> Run:
     """The run of ``scenario`` with everything up to the snapshot taken from the file, the rest run now.
 
     Raises SnapshotError (one line, exit 2) for a file of another scenario or emu version."""
+    from emu.session import Session
+    from emu.session_snapshot import Snapshot
+
     snap = Snapshot.load(path)
     session = Session(scenario)
     session.restore(snap)
@@ -58,6 +61,9 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
+    from emu.scenario import load_scenario
+    from emu.session import Session
+
     refuse_overwrite(args.output, args.force)
     scenario = with_python(load_scenario(args.scenario, args.allow_path), args)
     session = Session(scenario)

@@ -15,16 +15,18 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-import pickle
 import re
 import select
 import signal
 import time
 from collections.abc import Callable, Iterator
-
-from keystone import KS_ARCH_X86, KS_ERR_ASM_SYMBOL_MISSING, KS_MODE_64, Ks, KsError
+from typing import TYPE_CHECKING
 
 from emu.errors import ImageError
+from emu.loader import asm_cache
+
+if TYPE_CHECKING:  # keystone loads when a text is assembled, not when its bytes come from the cache
+    from keystone import KsError
 
 Resolver = Callable[[str], int | None]
 # A label at the address the text is assembled at: ``[rip + ORIGIN + 0x...]`` is an exact
@@ -61,7 +63,7 @@ _KEYWORDS = {
 
 def strip_comments(source: str) -> str:
     """Drop ``;`` and ``#`` comments (keystone reads ``;`` as a statement separator)."""
-    return "\n".join(_COMMENT.sub(r"\1", line) for line in source.splitlines())
+    return "\n".join(_COMMENT.sub(r"\1", line) if ";" in line or "#" in line else line for line in source.splitlines())
 
 
 def labels_in(source: str) -> list[str]:
@@ -103,20 +105,30 @@ def assemble(source: str, base: int, resolve: Resolver | None = None) -> tuple[b
     ('ba40000000c3', {'start': 4096, 'end': 4101})
     """
     source = strip_comments(source)
-    _refuse_hangs(source)
     names = labels_in(source)
     external = _externals(source, set(names), resolve)
     prefix = f"{ORIGIN}:\n" + "".join(f".set {n}, {a:#x}\n" for n, a in external.items())
     table = "\n__emu_label_table__:\n" + "".join(f".quad {n}\n" for n in names)
-    try:
-        encoding = _ks_asm(prefix + source + table, base)
-    except KsError as e:
-        raise _explain(source, e, set(names) | set(external) | {ORIGIN}) from None
-    blob = bytes(encoding or b"")
+    text = prefix + source + table
+    blob = asm_cache.load(text, base)  # keystone's answer depends on the text and the address only
+    if blob is None:
+        _refuse_hangs(source)
+        blob = _assemble_text(text, base, source, set(names) | set(external) | {ORIGIN})
+        asm_cache.store(text, base, blob)
     n = len(names)
     code = blob[: len(blob) - 8 * n] if n else blob
     tail = blob[len(code) :]
     return code, {name: int.from_bytes(tail[8 * i : 8 * i + 8], "little") for i, name in enumerate(names)}
+
+
+def _assemble_text(text: str, base: int, source: str, known: set[str]) -> bytes:
+    """keystone's bytes for ``text`` (``source`` with its prelude and label table); its errors explained."""
+    from keystone import KsError
+
+    try:
+        return bytes(_ks_asm(text, base))
+    except KsError as e:
+        raise _explain(source, e, known) from None
 
 
 def _refuse_hangs(source: str) -> None:
@@ -165,8 +177,12 @@ def own_text() -> Iterator[None]:
 
 def _ks_asm(text: str, base: int) -> list[int]:
     """keystone's asm, in a forked child with a deadline; KsError comes back as KsError."""
+    from keystone import KS_ARCH_X86, KS_MODE_64, Ks, KsError
+
     if not hasattr(os, "fork") or _OWN_TEXT.get():  # non-POSIX hosts: no guard; emu's own text needs none
         return list(Ks(KS_ARCH_X86, KS_MODE_64).asm(text, base)[0] or [])
+    import pickle  # the child's answer comes back pickled
+
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: assemble, send the outcome, leave without cleanup handlers
@@ -217,6 +233,8 @@ def _externals(source: str, local: set[str], resolve: Resolver | None) -> dict[s
 
 def _explain(source: str, error: KsError, known: set[str]) -> AssemblyError:
     """Find the first line keystone rejects on its own (every known name defined), for a one-line message."""
+    from keystone import KS_ERR_ASM_SYMBOL_MISSING, KsError
+
     for i, line in enumerate(source.splitlines(), 1):
         text = line.strip()
         if not text:

@@ -1,0 +1,110 @@
+"""Assembled bytes kept on disk, by content, so a run whose text was assembled before needs no keystone.
+
+What keystone makes of a text depends only on the text and the address it is assembled at
+(and on keystone itself), so the bytes are stored under a hash of the three: emu's own
+ntdll, win32u and kernel32, and a scenario's ``[[module]]`` code, are assembled once per
+machine instead of at every ``emu run``, and keystone is not even imported on later runs.
+Only successful assemblies are stored; an error is found again by assembling.
+
+The folder is ``$EMU_CACHE_DIR`` if set (an empty value turns the cache off), else
+``$XDG_CACHE_HOME/emu/asm`` or ``~/.cache/emu/asm``. An entry that cannot be read, or whose
+check digest does not match its bytes, counts as missing; one that cannot be written is
+skipped: the cache only ever saves time, never changes an answer. It holds at most
+:data:`KEEP` entries of a few KiB each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from importlib.util import find_spec
+from pathlib import Path
+
+FORMAT = b"emu-asm-1\n"  # bump when what is stored (or how the key is made) changes
+_CHECK = 16  # bytes of the blake2b digest of the stored bytes, kept in front of them
+KEEP = 512  # entries kept; past that, storing one removes the oldest (a scenario edited many times)
+
+_engine: list[bytes] = []  # what identifies the installed keystone, found once per process
+
+
+def cache_dir() -> Path | None:
+    """Where entries live; None when ``EMU_CACHE_DIR`` is set to the empty string."""
+    chosen = os.environ.get("EMU_CACHE_DIR")
+    if chosen is not None:
+        return Path(chosen) if chosen else None
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(home) / "emu" / "asm"
+
+
+def _keystone_identity() -> bytes:
+    """The keystone library's size and modification time, without importing it (an upgrade is a new key)."""
+    if not _engine:
+        ident = b"keystone?"
+        try:
+            spec = find_spec("keystone")
+            if spec is not None and spec.origin is not None:
+                folder = Path(spec.origin).parent
+                parts = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(folder.glob("*.so*"))]
+                ident = ";".join(parts or [str(folder)]).encode()
+        except (OSError, ImportError, ValueError):
+            pass
+        _engine.append(ident)
+    return _engine[0]
+
+
+def key(text: str, base: int) -> str:
+    """The entry's name: a hash of the format, keystone's identity, the address and the text."""
+    h = hashlib.blake2b(FORMAT, digest_size=20)
+    h.update(_keystone_identity())
+    h.update(base.to_bytes(8, "little"))
+    h.update(text.encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def load(text: str, base: int) -> bytes | None:
+    """The bytes stored for ``text`` at ``base``, or None (no cache, no entry, or a damaged one)."""
+    folder = cache_dir()
+    if folder is None:
+        return None
+    try:
+        stored = (folder / key(text, base)).read_bytes()
+    except OSError:
+        return None
+    head, check, blob = (
+        stored[: len(FORMAT)],
+        stored[len(FORMAT) : len(FORMAT) + _CHECK],
+        stored[len(FORMAT) + _CHECK :],
+    )
+    if head != FORMAT or hashlib.blake2b(blob, digest_size=_CHECK).digest() != check:
+        return None
+    return blob
+
+
+def store(text: str, base: int, blob: bytes) -> None:
+    """Keep ``blob`` for ``text`` at ``base``; written whole then renamed, so a reader never sees half of it."""
+    folder = cache_dir()
+    if folder is None:
+        return
+    final = folder / key(text, base)
+    partial = final.with_name(f"{final.name}.{os.getpid()}.part")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(FORMAT + hashlib.blake2b(blob, digest_size=_CHECK).digest() + blob)
+        os.replace(partial, final)
+    except OSError:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        return
+    _prune(folder)
+
+
+def _prune(folder: Path) -> None:
+    """Remove the oldest entries past :data:`KEEP` (runs only after keystone ran, so its cost is hidden)."""
+    try:
+        entries = [(e.stat().st_mtime_ns, e.name) for e in os.scandir(folder) if e.is_file()]
+    except OSError:
+        return
+    for _, name in sorted(entries)[: max(0, len(entries) - KEEP)]:
+        with contextlib.suppress(OSError):
+            (folder / name).unlink()
