@@ -30,10 +30,10 @@ are printed. The two *explore* times are the figures compared; *setup* is printe
 angr pins its own releases, so it lives in its own virtualenv, by default ``.venv-angr`` at the
 repository root (``--angr-python`` names another interpreter)::
 
-    python -m venv .venv-angr && .venv-angr/bin/pip install angr==9.2.213 pycparser==3.0 "bitstring<5"
+    python -m venv .venv-angr && .venv-angr/bin/pip install angr==9.2.213 "pycparser<3.12" "bitstring<5"
 
-(pycparser and bitstring are held back: angr 9.2.213 fails to import with pycparser 3.1 or later
-and bitstring 5.) Without angr the angr side says "not measured" and why.
+(pycparser and bitstring are held back: angr 9.2.213 fails to import with pycparser 3.12
+and with bitstring 5.) Without angr the angr side says "not measured" and why.
 
 Run::
 
@@ -88,7 +88,7 @@ SIZE = 16
 CASES = {0x0F: "WM_PAINT", 0x10: "WM_CLOSE", 0x02: "WM_DESTROY", 0x12: "WM_QUIT"}
 EXPECTED = sorted([*CASES.values(), "other"])
 VENV_PYTHON = ROOT / ".venv-angr" / "bin" / "python"
-INSTALL = 'python -m venv .venv-angr && .venv-angr/bin/pip install angr==9.2.213 pycparser==3.0 "bitstring<5"'
+INSTALL = 'python -m venv .venv-angr && .venv-angr/bin/pip install angr==9.2.213 "pycparser<3.12" "bitstring<5"'
 RUN_TIMEOUT = 600.0  # seconds for one run on angr's side before the benchmark gives up on it
 
 SCENARIO = '''
@@ -159,7 +159,8 @@ class AngrSide:
 
     def __init__(self, python: str, blob: bytes) -> None:
         self.python = python
-        self.errors: IO[str] = tempfile.TemporaryFile("w+")  # a file, not a pipe: angr's output cannot block it
+        # A file, not a pipe: angr's output cannot fill it and block the child.
+        self.errors: IO[str] = tempfile.TemporaryFile("w+")  # noqa: SIM115  (closed by close())
         cmd = [python, str(HERE / "angr_side.py"), "--code", blob.hex(), "--base", hex(BASE)]
         cmd += ["--buffer", hex(BUFFER), "--size", str(SIZE)]
         self.proc = subprocess.Popen(
@@ -242,10 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         f"one switch on a {SIZE}-byte symbolic input, five ways out ({len(blob)} bytes of code); "
         f"median of {runs} interleaved runs"
     )
-    side = AngrSide(python, blob) if python is not None else None
+    side: AngrSide | None = None
     emu_runs: list[dict[str, Any]] = []
     angr_runs: list[dict[str, Any]] = []
     try:
+        side = AngrSide(python, blob) if python is not None else None
         for _ in range(runs):
             emu_runs.append(emu_once(blob))
             if side is not None:
