@@ -228,6 +228,11 @@ def check(side: str, got: dict[str, Any]) -> None:
         raise SystemExit(f"bench_angr: {side} found {got['paths']} paths, cases {got['cases']}, not {EXPECTED}")
 
 
+def spread(seconds: list[float]) -> str:
+    """Milliseconds: the median, then the smallest and largest in brackets."""
+    return f"{statistics.median(seconds) * 1e3:.1f} [{min(seconds) * 1e3:.1f}..{max(seconds) * 1e3:.1f}]"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     ap.add_argument("--runs", type=int, default=measuring.MIN_RUNS, help="interleaved runs; the median is kept")
@@ -259,12 +264,12 @@ def main(argv: list[str] | None = None) -> int:
         if side is not None:
             side.close()
     med = statistics.median
-    print(f"{'':6} {'paths':>5} {'explore':>12} {'setup':>12}  cases")
+    print(f"{'':6} {'paths':>5}  {'explore, ms: median [min..max]':<32} {'setup, ms':<24} cases")
     rows = [("emu", emu_runs)] + ([("angr", angr_runs)] if side is not None else [])
     for name, got in rows:
         check(name, got[-1])
-        explore, setup = med(r["explore"] for r in got) * 1e3, med(r["setup"] for r in got) * 1e3
-        print(f"{name:6} {got[-1]['paths']:>5} {explore:9.1f} ms {setup:9.1f} ms  {', '.join(got[-1]['cases'])}")
+        explore, setup = spread([r["explore"] for r in got]), spread([r["setup"] for r in got])
+        print(f"{name:6} {got[-1]['paths']:>5}  {explore:<32} {setup:<24} {', '.join(got[-1]['cases'])}")
     if side is None:
         print(f"angr   not measured: {why}")
     else:
