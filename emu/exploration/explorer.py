@@ -32,6 +32,7 @@ from emu.context import UserContext
 from emu.engine import Process
 from emu.errors import BudgetExceeded, ExtensionError, KernelError, MachineFault, ModelBug, UnimplementedImport
 from emu.exploration.canonical import canonical_graph, name_faults, node_name, node_order
+from emu.exploration.descend import descend_symbolic
 from emu.exploration.records import RecordKeeper
 from emu.exploration.result import Exploration, Strategy, resident_bytes
 from emu.graph import StateGraph
@@ -69,6 +70,7 @@ class Fork:
     path: tuple[str, ...] = ()  # the options taken from the start to here
     symbolic: Any = None  # the path's symbolic store (emu.symbolic), when the scenario declares values
     left: list[int] = field(default_factory=lambda: [0])  # options not yet followed (the work list's count)
+    route: tuple[str | Pick, ...] = ()  # the path as options to resume with (a symbolic value's: its Pick)
 
     @property
     def records(self) -> tuple[int, ...]:
@@ -109,8 +111,10 @@ class Explorer:
         self._last: str | None = None  # the latest state of the path being run
         self._known: set[str] = set()  # states some finished segment went through
         self.deadlocks: dict[str, list[str]] = {}  # state -> wait chains, where no thread can run
-        self.frontier: list[tuple[str, ...]] = []  # option paths left for other workers (run(split=...))
+        self.frontier: list[tuple[str | Pick, ...]] = []  # option paths left for other workers (run(split=...))
         self._replaying = False
+        self._descending = False  # replaying a worker's option path: no merges, no new work
+        self._route: tuple[str | Pick, ...] = ()  # the path of the fork _after_segment saves (Fork.route)
         self.chains: dict[str, list[str]] = {}  # state -> wait chains, wherever some thread waits
         self.nodes: dict[str, State] = {}
         self.edges: dict[tuple[object, ...], None] = {}
@@ -125,7 +129,7 @@ class Explorer:
         # Parallel workers: a shared seen-set of choice states (see emu.exploration.parallel).
         # Given a batch of digests it answers, for each, whether this caller is the first.
         self.claims: Callable[[list[str]], list[bool]] | None = None
-        self._unclaimed: list[tuple[Fork, list[str]]] = []
+        self._unclaimed: list[tuple[Fork, list[Any]]] = []
         if has_symbolic(scenario):
             self.symbolic = make_driver(self, scenario)
 
@@ -174,7 +178,7 @@ class Explorer:
             # (src, dst, kind, service, ssn, status, api, detail), between consecutive states of the process
             self.edges[(self._last, d, t[1], t[5], t[6], t[10], t[11], t[12])] = None
         self._last = d
-        if not self._replaying and (d in self._known or d in self._segment_seen):
+        if not (self._replaying or self._descending) and (d in self._known or d in self._segment_seen):
             self._merged_at = sid  # a known state: its future is explored elsewhere
             self.machine.request_stop()
         self._segment_seen.add(d)
@@ -194,7 +198,7 @@ class Explorer:
 
     # --- the walk ---------------------------------------------------------------------
     def run(
-        self, prefixes: list[tuple[str, ...]] | None = None, split: int | None = None, graph: bool = True
+        self, prefixes: list[tuple[str | Pick, ...]] | None = None, split: int | None = None, graph: bool = True
     ) -> Exploration:
         """Explore, from the start or (``prefixes``) below the states those option paths lead to.
 
@@ -229,6 +233,7 @@ class Explorer:
                 self.kernel.continue_thread(self.process.thread)
                 work: deque[tuple[Fork, str]] = deque()
                 self._segment(result)
+                self._route = ()
                 self._after_segment(result, work, 0, ())
                 self.records.forget(0)
                 self._walk(result, work, split)
@@ -257,20 +262,20 @@ class Explorer:
         self.fault_digests = list(result.faults)  # by digest: parallel workers are merged by digest
         result.faults = name_faults(result.graph, self.fault_digests)
         result.deadlocks = sorted((self._name(result.graph, d) for d in self.deadlocks), key=node_order)
-        if self.symbolic is not None:
+        if self.symbolic is not None and graph:  # (a parallel worker's findings are summed up by the coordinator)
             g = result.graph
             result.symbolic = self.symbolic.summary(g, result.faults, lambda d: self._name(g, d))
         result.elapsed = time.perf_counter() - start
         return result
 
-    def _walk(self, result: Exploration, work: deque[tuple[Fork, str]], split: int | None = None) -> None:
+    def _walk(self, result: Exploration, work: deque[tuple[Fork, Any]], split: int | None = None) -> None:
         b = self.scenario.budgets
         while work or self._unclaimed:
             if self._unclaimed and (not work or len(self._unclaimed) >= CLAIM_BATCH):
                 self._settle(result, work)
                 continue
             if split is not None and len(work) >= split:
-                self.frontier = [fork.path + (option,) for fork, option in work]
+                self.frontier = [fork.route + (option,) for fork, option in work]
                 return
             if len(self.nodes) >= b.states:
                 result.stopped_by = "states"
@@ -302,6 +307,7 @@ class Explorer:
                     self.symbolic.finish_segment()
                 self._replaying = False
                 result.forked_states += len(self.trace.raw_states) - mark
+                self._route = fork.route + (option,)
                 self._after_segment(result, work, fork.depth + 1, fork.path + (str(option),))
                 self.records.forget(mark)
                 fork.left[0] -= 1
@@ -312,8 +318,11 @@ class Explorer:
                 raise
         result.unexplored += len(work) + sum(len(options) for _, options in self._unclaimed)
 
-    def _descend(self, result: Exploration, root: Fork, prefix: tuple[str, ...]) -> None:
+    def _descend(self, result: Exploration, root: Fork, prefix: tuple[str | Pick, ...]) -> None:
         """Replay ``prefix`` (one option per choice) from the start, then explore everything below."""
+        if self.symbolic is not None:
+            descend_symbolic(self, result, root, prefix)
+            return
         self._restore(root)
         mark = len(self.trace.raw_states)
         first = self.kernel.threads[0]  # the restored copy, not the process's original object
@@ -334,7 +343,8 @@ class Explorer:
             self._replaying = False
             self._segment_seen.clear()
         work: deque[tuple[Fork, str]] = deque()
-        self._after_segment(result, work, len(prefix), prefix)
+        self._route = prefix
+        self._after_segment(result, work, len(prefix), tuple(str(option) for option in prefix))
         self.records.forget(mark)
         self._walk(result, work)
 
@@ -366,7 +376,7 @@ class Explorer:
             result.faults.append((self._last or "", str(e)))
         except (BudgetExceeded, KernelError, ExtensionError) as e:
             result.faults.append((self._last or "", str(e)))
-        if not self._replaying:
+        if not (self._replaying or self._descending):
             self._known.update(self._segment_seen)
 
     def _after_segment(
@@ -391,14 +401,18 @@ class Explorer:
             return
         fork = Fork(
             self.machine.uc.context_save(), self.cow.take(), save_kernel(self.kernel), depth, self._last or "", path,
-            sym.save() if sym is not None else None,
+            sym.save() if sym is not None else None, route=self._route,
         )  # fmt: skip
         self.records.hold(fork.records)
         if sym is not None and isinstance(pending.choice, Symbolic):
             # The solver adds this fork's other sides later: its count never reaches zero, so the
             # records it names are kept.
             fork.left[0] = -1
-            self._add_fork(result, work, fork, [sym.at_request(fork)])  # this path's value first
+            first = [sym.at_request(fork)]  # this path's value first
+            if self.claims is not None and not sym.replaying():
+                self._unclaimed.append((fork, first))  # as at a choice: one worker goes on from here
+                return
+            self._add_fork(result, work, fork, first)
             return
         options = list(pending.choice.options)
         fork.left[0] = len(options)
