@@ -45,15 +45,18 @@ def descend_symbolic(ex: Explorer, result: Exploration, root: Fork, prefix: tupl
             pending = ex.kernel.pending_choice
             if pending is None:
                 return  # the path ended before the prefix did: nothing below to explore here
-            fork = Fork(
-                uc.context_save(), ex.cow.take(), save_kernel(ex.kernel), depth, ex._last or "",
-                tuple(str(o) for o in prefix[:depth]), sym.save(), route=prefix[:depth],
-            )  # fmt: skip
-            ex.records.hold(fork.records)
-            if isinstance(pending.choice, Symbolic):
-                fork.left[0] = -1  # kept: a work item found below may restart from it
-                sym.at_request(fork)
-            if depth == len(prefix) - 1:
+            symbolic = isinstance(pending.choice, Symbolic)
+            last = depth == len(prefix) - 1
+            if symbolic or last:  # a choice on the way down needs no fork: nothing restarts there
+                fork = Fork(
+                    uc.context_save(), ex.cow.take(), save_kernel(ex.kernel), depth, ex._last or "",
+                    tuple(str(o) for o in prefix[:depth]), sym.save(), route=prefix[:depth],
+                )  # fmt: skip
+                ex.records.hold(fork.records)
+                fork.left[0] = -1 if symbolic else 1  # a symbolic fork is kept: an input may restart there
+                if symbolic:
+                    sym.at_request(fork)
+            if last:
                 break
             ex._segment_seen.clear()
             if not ex._resume(result, _renumbered(option, sym), ex._last or ""):
@@ -68,8 +71,6 @@ def descend_symbolic(ex: Explorer, result: Exploration, root: Fork, prefix: tupl
     if fork is None:
         return
     ex.records.forget(mark)
-    if fork.left[0] != -1:
-        fork.left[0] = 1
     ex._walk(result, deque([(fork, _renumbered(prefix[-1], sym))]))
 
 

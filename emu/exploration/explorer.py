@@ -404,20 +404,20 @@ class Explorer:
             sym.save() if sym is not None else None, route=self._route,
         )  # fmt: skip
         self.records.hold(fork.records)
+        # With a shared seen-set, a state is forked once the set says it is this worker's; not
+        # while a path replays known states up to its symbolic decision (one process forks there too).
+        claim = self.claims is not None and not (sym is not None and sym.replaying())
+        options: list[Any]
         if sym is not None and isinstance(pending.choice, Symbolic):
             # The solver adds this fork's other sides later: its count never reaches zero, so the
             # records it names are kept.
             fork.left[0] = -1
-            first = [sym.at_request(fork)]  # this path's value first
-            if self.claims is not None and not sym.replaying():
-                self._unclaimed.append((fork, first))  # as at a choice: one worker goes on from here
-                return
-            self._add_fork(result, work, fork, first)
-            return
-        options = list(pending.choice.options)
-        fork.left[0] = len(options)
-        if self.claims is not None:
-            self._unclaimed.append((fork, options))  # forked once the shared seen-set says it is ours
+            options = [sym.at_request(fork)]  # this path's value first
+        else:
+            options = list(pending.choice.options)
+            fork.left[0] = len(options)
+        if claim:
+            self._unclaimed.append((fork, options))
             return
         self._add_fork(result, work, fork, options)
 
