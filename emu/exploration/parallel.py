@@ -13,6 +13,11 @@ only the first claimant forks it, so a state reached below two paths is forked o
 in one process. The shards live in the coordinating process (served to worker processes
 by a manager thread) or, on Ray, in actors, one shard per worker.
 
+With symbolic values, a path's symbolic steps are the coordinator's picks (a value and the
+whole witness); a worker saves every fork on its way down, since an input found later may
+restart from any of them (:mod:`emu.exploration.descend`), and sends back each state's path
+condition as text and its witness (:mod:`emu.symbolic.shipping`).
+
 Ray is optional: ``backend="ray"`` uses an existing cluster (``ray.init(address=...)``
 done by the caller) or starts a local one.
 """
