@@ -88,3 +88,18 @@ def test_emu_finds_the_five_cases_on_the_bytes_angr_gets(bench: Any) -> None:
     bench.check("emu", got)
     with pytest.raises(SystemExit, match="found 4 paths"):
         bench.check("angr", {**got, "paths": 4, "cases": got["cases"][:4]})
+
+
+def test_a_failing_angr_side_is_reported_by_its_last_line(bench: Any) -> None:
+    # This interpreter has no angr (it is not one of emu's dependencies): the child says so on
+    # stderr and exits, and the benchmark raises that line rather than waiting for a reply.
+    if _importable("angr"):
+        pytest.skip("angr is importable here")
+    with pytest.raises(RuntimeError, match=r"angr_side\.py: angr is not importable by "):
+        bench.AngrSide(sys.executable, bench.function_bytes())
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
