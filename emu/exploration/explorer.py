@@ -114,7 +114,7 @@ class Explorer:
         self.frontier: list[tuple[str | Pick, ...]] = []  # option paths left for other workers (run(split=...))
         self._replaying = False
         self._descending = False  # replaying a worker's option path: no merges, no new work
-        self._route: tuple[str | Pick, ...] = ()  # the path of the fork _after_segment saves (Fork.route)
+        self._route: tuple[str | Pick, ...] = ()  # the next fork's Fork.route (symbolic values)
         self.chains: dict[str, list[str]] = {}  # state -> wait chains, wherever some thread waits
         self.nodes: dict[str, State] = {}
         self.edges: dict[tuple[object, ...], None] = {}
@@ -233,7 +233,6 @@ class Explorer:
                 self.kernel.continue_thread(self.process.thread)
                 work: deque[tuple[Fork, str]] = deque()
                 self._segment(result)
-                self._route = ()
                 self._after_segment(result, work, 0, ())
                 self.records.forget(0)
                 self._walk(result, work, split)
@@ -275,7 +274,8 @@ class Explorer:
                 self._settle(result, work)
                 continue
             if split is not None and len(work) >= split:
-                self.frontier = [fork.route + (option,) for fork, option in work]
+                routes = self.symbolic is not None  # (without symbolic values the path is the route)
+                self.frontier = [(fork.route if routes else fork.path) + (option,) for fork, option in work]
                 return
             if len(self.nodes) >= b.states:
                 result.stopped_by = "states"
@@ -307,7 +307,8 @@ class Explorer:
                     self.symbolic.finish_segment()
                 self._replaying = False
                 result.forked_states += len(self.trace.raw_states) - mark
-                self._route = fork.route + (option,)
+                if self.symbolic is not None:
+                    self._route = fork.route + (option,)
                 self._after_segment(result, work, fork.depth + 1, fork.path + (str(option),))
                 self.records.forget(mark)
                 fork.left[0] -= 1
@@ -343,7 +344,6 @@ class Explorer:
             self._replaying = False
             self._segment_seen.clear()
         work: deque[tuple[Fork, str]] = deque()
-        self._route = prefix
         self._after_segment(result, work, len(prefix), tuple(str(option) for option in prefix))
         self.records.forget(mark)
         self._walk(result, work)
