@@ -278,13 +278,6 @@ def test_scenarios_without_symbolic_values_install_no_symbolic_side() -> None:
     assert "path_condition" not in exp.graph.to_graphml()
 
 
-def test_workers_refuse_symbolic_scenarios_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    from emu.cli.main import main
-
-    assert main(["explore", str(ROOT / "scenarios" / "symbolic_status.toml"), "--workers", "2"]) == 2
-    assert "one worker" in capsys.readouterr().err
-
-
 def test_symbolic_registers_at_an_exception_are_fixed_and_reported() -> None:
     """KiDispatchException copies the registers into a CONTEXT record as plain bytes: a symbolic
     register live there is fixed to the run's value, and the report names the faulting instruction."""

@@ -32,6 +32,7 @@ from emu.engine import Process
 from emu.errors import BudgetExceeded, ExtensionError, KernelError, MachineFault, ModelBug, UnimplementedImport
 from emu.exploration.canonical import EdgeKey, canonical_graph, name_faults, node_name, node_order
 from emu.exploration.cpu import CpuContexts, SavedCpu
+from emu.exploration.descend import descend_symbolic
 from emu.exploration.digest import DigestText
 from emu.exploration.records import RecordKeeper
 from emu.exploration.result import Exploration, Strategy, resident_bytes
@@ -73,6 +74,7 @@ class Fork:
     path: tuple[str, ...] = ()  # the options taken from the start to here
     symbolic: Any = None  # the path's symbolic store (emu.symbolic), when the scenario declares values
     left: list[int] = field(default_factory=lambda: [0])  # options not yet followed (the work list's count)
+    route: tuple[str | Pick, ...] = ()  # the path as options to resume with (a symbolic value's: its Pick)
 
     @property
     def records(self) -> tuple[int, ...]:
@@ -114,8 +116,10 @@ class Explorer:
         self._last: str | None = None  # the latest state of the path being run
         self._known: set[str] = set()  # states some finished segment went through
         self.deadlocks: dict[str, list[str]] = {}  # state -> wait chains, where no thread can run
-        self.frontier: list[tuple[str, ...]] = []  # option paths left for other workers (run(split=...))
+        self.frontier: list[tuple[str | Pick, ...]] = []  # option paths left for other workers (run(split=...))
         self._replaying = False
+        self._descending = False  # replaying a worker's option path: no merges, no new work
+        self._route: tuple[str | Pick, ...] = ()  # the next fork's Fork.route (symbolic values)
         self.chains: dict[str, list[str]] = {}  # state -> wait chains, wherever some thread waits
         self.nodes: dict[str, State] = {}
         self.edges: dict[EdgeKey, None] = {}
@@ -132,7 +136,7 @@ class Explorer:
         # Parallel workers: a shared seen-set of choice states (see emu.exploration.parallel).
         # Given a batch of digests it answers, for each, whether this caller is the first.
         self.claims: Callable[[list[str]], list[bool]] | None = None
-        self._unclaimed: list[tuple[Fork, list[str]]] = []
+        self._unclaimed: list[tuple[Fork, list[Any]]] = []
         if has_symbolic(scenario):
             self.symbolic = make_driver(self, scenario)
         self.hooks: PathHooks | None = None  # emu-level hooks, on every path (emu.exploration.hooked)
@@ -189,7 +193,7 @@ class Explorer:
             tail = (t[1], t[5], t[6], t[10], t[11], t[12])
             self.edges[(self._last, d, self._tails.setdefault(tail, tail))] = None
         self._last = d
-        if not self._replaying and (d in self._known or d in self._segment_seen):
+        if not (self._replaying or self._descending) and (d in self._known or d in self._segment_seen):
             self._merged_at = sid  # a known state: its future is explored elsewhere
             self.machine.request_stop()
         self._segment_seen.add(d)
@@ -206,7 +210,7 @@ class Explorer:
 
     # --- the walk ---------------------------------------------------------------------
     def run(
-        self, prefixes: list[tuple[str, ...]] | None = None, split: int | None = None, graph: bool = True
+        self, prefixes: list[tuple[str | Pick, ...]] | None = None, split: int | None = None, graph: bool = True
     ) -> Exploration:
         """Explore, from the start or (``prefixes``) below the states those option paths lead to.
 
@@ -271,20 +275,21 @@ class Explorer:
         result.deadlocks = sorted((self._name(result.graph, d) for d in self.deadlocks), key=node_order)
         if self.hooks is not None:
             result.hook_stops = self.hooks.named_stops(result.graph)
-        if self.symbolic is not None:
+        if self.symbolic is not None and graph:  # (a parallel worker's findings are summed up by the coordinator)
             g = result.graph
             result.symbolic = self.symbolic.summary(g, result.faults, lambda d: self._name(g, d))
         result.elapsed = time.perf_counter() - start
         return result
 
-    def _walk(self, result: Exploration, work: deque[tuple[Fork, str]], split: int | None = None) -> None:
+    def _walk(self, result: Exploration, work: deque[tuple[Fork, Any]], split: int | None = None) -> None:
         b = self.scenario.budgets
         while work or self._unclaimed:
             if self._unclaimed and (not work or len(self._unclaimed) >= CLAIM_BATCH):
                 self._settle(result, work)
                 continue
             if split is not None and len(work) >= split:
-                self.frontier = [fork.path + (option,) for fork, option in work]
+                routes = self.symbolic is not None  # (without symbolic values the path is the route)
+                self.frontier = [(fork.route if routes else fork.path) + (option,) for fork, option in work]
                 return
             if len(self.nodes) >= b.states:
                 result.stopped_by = "states"
@@ -317,6 +322,8 @@ class Explorer:
                     self.symbolic.finish_segment()
                 self._replaying = False
                 result.forked_states += len(self.trace.raw_states) - mark
+                if self.symbolic is not None:
+                    self._route = fork.route + (option,)
                 self._after_segment(result, work, fork.depth + 1, fork.path + (str(option),))
                 self.records.forget(mark)
                 fork.left[0] -= 1
@@ -327,8 +334,11 @@ class Explorer:
                 raise
         result.unexplored += len(work) + sum(len(options) for _, options in self._unclaimed)
 
-    def _descend(self, result: Exploration, root: Fork, prefix: tuple[str, ...]) -> None:
+    def _descend(self, result: Exploration, root: Fork, prefix: tuple[str | Pick, ...]) -> None:
         """Replay ``prefix`` (one option per choice) from the start, then explore everything below."""
+        if self.symbolic is not None:
+            descend_symbolic(self, result, root, prefix)
+            return
         self._restore(root)
         mark = len(self.trace.raw_states)
         first = self.kernel.threads[0]  # the restored copy, not the process's original object
@@ -349,7 +359,7 @@ class Explorer:
             self._replaying = False
             self._segment_seen.clear()
         work: deque[tuple[Fork, str]] = deque()
-        self._after_segment(result, work, len(prefix), prefix)
+        self._after_segment(result, work, len(prefix), tuple(str(option) for option in prefix))
         self.records.forget(mark)
         self._walk(result, work)
 
@@ -381,7 +391,7 @@ class Explorer:
             result.faults.append((self._last or "", str(e)))
         except (BudgetExceeded, KernelError, ExtensionError) as e:
             result.faults.append((self._last or "", str(e)))
-        if not self._replaying:
+        if not (self._replaying or self._descending):
             self._known.update(self._segment_seen)
         if self.hooks is not None:
             self.hooks.segment_done(result)
@@ -408,21 +418,25 @@ class Explorer:
             return
         fork = Fork(
             self._cpu.save(), self.cow.take(), save_kernel(self.kernel), depth, self._last or "", path,
-            sym.save() if sym is not None else None,
+            sym.save() if sym is not None else None, route=self._route,
         )  # fmt: skip
         self.records.hold(fork.records)
         if self.hooks is not None:
             self.hooks.forked(fork)
+        # With a shared seen-set, a state is forked once the set says it is this worker's; not
+        # while a path replays known states up to its symbolic decision (one process forks there too).
+        claim = self.claims is not None and not (sym is not None and sym.replaying())
+        options: list[Any]
         if sym is not None and isinstance(pending.choice, Symbolic):
             # The solver adds this fork's other sides later: its count never reaches zero, so the
             # records it names are kept.
             fork.left[0] = -1
-            self._add_fork(result, work, fork, [sym.at_request(fork)])  # this path's value first
-            return
-        options = list(pending.choice.options)
-        fork.left[0] = len(options)
-        if self.claims is not None:
-            self._unclaimed.append((fork, options))  # forked once the shared seen-set says it is ours
+            options = [sym.at_request(fork)]  # this path's value first
+        else:
+            options = list(pending.choice.options)
+            fork.left[0] = len(options)
+        if claim:
+            self._unclaimed.append((fork, options))
             return
         self._add_fork(result, work, fork, options)
 

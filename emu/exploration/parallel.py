@@ -13,6 +13,11 @@ only the first claimant forks it, so a state reached below two paths is forked o
 in one process. The shards live in the coordinating process (served to worker processes
 by a manager thread) or, on Ray, in actors, one shard per worker.
 
+With symbolic values, a path's symbolic steps are the coordinator's picks (a value and the
+whole witness); a worker saves every fork on its way down, since an input found later may
+restart from any of them (:mod:`emu.exploration.descend`), and sends back each state's path
+condition as text and its witness (:mod:`emu.symbolic.shipping`).
+
 Ray is optional: ``backend="ray"`` uses an existing cluster (``ray.init(address=...)``
 done by the caller) or starts a local one.
 """
@@ -29,10 +34,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from emu.context import UserContext
-from emu.errors import EmuError, ExtensionError, ScenarioError
+from emu.errors import EmuError, ExtensionError
 from emu.exploration.canonical import EdgeKey, name_faults, node_order
 from emu.exploration.claims import RaySeenSet, SeenServer, SeenSet, SeenShard
 from emu.exploration.explorer import Explorer
@@ -40,8 +45,10 @@ from emu.exploration.result import Exploration, Strategy
 from emu.hooks import Hooks
 from emu.scenario import Scenario, load_scenario
 from emu.services import Services, reference, services_for
-from emu.symbolic import has_symbolic
 from emu.trace import State
+
+if TYPE_CHECKING:
+    from emu.symbolic.driver import Pick
 
 Backend = Literal["processes", "ray"]
 
@@ -66,10 +73,11 @@ class Part:
     cpu: float = 0.0  # the worker's CPU seconds for this job (exploring and building this part)
     wall: float = 0.0  # its wall-clock seconds
     claim_wait: float = 0.0  # wall-clock seconds spent waiting for the seen-set's answers
+    symbolic: dict[str, Any] | None = None  # the symbolic side's findings (emu.symbolic.shipping)
 
 
 def explore_prefixes(
-    scenario: Scenario, strategy: Strategy, prefixes: list[tuple[str, ...]], seen: SeenSet | None = None
+    scenario: Scenario, strategy: Strategy, prefixes: list[tuple[str | Pick, ...]], seen: SeenSet | None = None
 ) -> Part:
     """A worker's job: explore below each option path (a module-level function, so it pickles);
     ``seen``: the seen-set shared with the other workers."""
@@ -86,6 +94,7 @@ def explore_prefixes(
             pack(ex.nodes, list(ex.edges)), ex.deadlocks, ex.chains, list(ex.fault_digests),
             res.forks, res.paths, res.forked_states, res.unexplored, res.stopped_by,
             time.process_time() - cpu, time.perf_counter() - wall, 0.0 if claims is None else claims.waited,
+            _export(ex),
         )  # fmt: skip
     finally:
         if gc_was_enabled:
@@ -111,6 +120,14 @@ class Timed:
         won = self.claim(digests)
         self.waited += time.perf_counter() - t
         return won
+
+
+def _export(ex: Explorer) -> dict[str, Any] | None:
+    if ex.symbolic is None:
+        return None
+    from emu.symbolic.shipping import export  # z3 is loaded only for symbolic scenarios
+
+    return export(ex.symbolic)
 
 
 def explore_parallel(
@@ -139,17 +156,14 @@ def explore_parallel(
         scenario = load_scenario(scenario)
     if services is not None:
         scenario = _with_services(scenario, reference(services))
-    if has_symbolic(scenario):
-        # Work items at symbolic values restart from forks inside a worker: they cannot be
-        # handed to another process as option paths.
-        raise ScenarioError(scenario.path, "services", "symbolic values are explored with one worker (no --workers)")
     start = time.perf_counter()
     pool = _Pool(workers) if backend == "processes" else None  # its workers start while the head runs
     gc_was_enabled = gc.isenabled()
     try:
         coordinator = Explorer(scenario, strategy)
         head = coordinator.run(split=max(2, workers * split_factor), graph=False)
-        prefixes = sorted(coordinator.frontier)
+        # (Symbolic values' picks sort by their text; equal ones keep the work list's order.)
+        prefixes = sorted(coordinator.frontier, key=lambda path: [str(option) for option in path])
         # Jobs of a few paths each, handed to whichever worker is free (paths lead to subtrees of
         # very different sizes); each finished job is merged while the others still run.
         jobs = max(1, min(len(prefixes), workers * split_factor))
@@ -180,6 +194,8 @@ def explore_parallel(
     result.deadlocks = sorted((Explorer._name(graph, d) for d in coordinator.deadlocks), key=node_order)
     # Faults are kept by state digest until here: node ids exist only in the merged graph.
     result.faults = name_faults(graph, coordinator.fault_digests + [f for p in parts for f in p.faults])
+    if coordinator.symbolic is not None:
+        result.symbolic = coordinator.symbolic.summary(graph, result.faults, lambda d: Explorer._name(graph, d))
     result.elapsed = time.perf_counter() - start
     return result
 
@@ -221,6 +237,10 @@ def _absorb(coordinator: Explorer, part: Part) -> None:
     coordinator.edges.update(dict.fromkeys(edges))
     coordinator.deadlocks.update(part.deadlocks)
     coordinator.chains.update(part.chains)
+    if coordinator.symbolic is not None and part.symbolic is not None:
+        from emu.symbolic.shipping import absorb  # z3 is loaded only for symbolic scenarios
+
+        absorb(coordinator.symbolic, part.symbolic)
 
 
 def _warm() -> None:
@@ -237,7 +257,7 @@ class _Pool:
         self.server: SeenServer | None = None
 
     def run(
-        self, scenario: Scenario, strategy: Strategy, chunks: list[list[tuple[str, ...]]], taken: list[str],
+        self, scenario: Scenario, strategy: Strategy, chunks: list[list[tuple[str | Pick, ...]]], taken: list[str],
         absorb: Callable[[Part], None],
     ) -> list[Part]:  # fmt: skip
         """Every chunk's part, in chunk order; each is passed to ``absorb`` as soon as it is back."""
@@ -276,7 +296,7 @@ def _require_ray() -> None:
 
 
 def _run_ray(
-    scenario: Scenario, strategy: Strategy, chunks: list[list[tuple[str, ...]]], taken: list[str],
+    scenario: Scenario, strategy: Strategy, chunks: list[list[tuple[str | Pick, ...]]], taken: list[str],
     absorb: Callable[[Part], None],
 ) -> list[Part]:  # fmt: skip
     try:

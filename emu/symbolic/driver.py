@@ -83,6 +83,7 @@ class Driver:
         self.queries = 0
         self.reports: dict[tuple[str, int, str], str] = {}  # (state digest, site, message) -> kind
         self.conditions: dict[str, tuple[Step, ...]] = {}
+        self.texts: dict[str, str] = {}  # path conditions found by parallel workers, as text (emu.symbolic.shipping)
         self.witnesses: dict[str, tuple[tuple[str, int], ...]] = {}
         self.var_info: dict[str, Var] = {}
         self._pairs: tuple[tuple[Var, ...], list[tuple[Expr, Expr]]] = ((), [])
@@ -152,6 +153,11 @@ class Driver:
             st.intro = (var, pending.tid if pending is not None else -1)
         self.explorer._replaying = st.replay_until >= st.decisions
         return pick.value
+
+    def replaying(self) -> bool:
+        """Is the path still replaying known states (up to the decision its pick changes)?"""
+        st = self.store
+        return st.replay_until >= st.decisions
 
     def finish_segment(self) -> None:
         """A segment ended: a path planned to take another side must have reached that decision
@@ -335,7 +341,8 @@ class Driver:
             self._report(site, f"the run diverged: decision {i} was planned at {self.trace.symbolize(st.expect[1])}")
         if i >= st.replay_until and self.explorer._replaying:
             self.explorer._replaying = False
-        return i, i > st.replay_until
+        # A parallel worker on its way down a coordinator's path: the coordinator asked here.
+        return i, i > st.replay_until and not self.explorer._descending
 
     def _branch(self, cond: Any, site: int, text: str) -> None:
         st = self.store
@@ -425,9 +432,9 @@ class Driver:
         for _, a in graph.nodes(data=True):
             d = a.get("digest")
             pc = self.conditions.get(d)
-            if pc is None or not self.witnesses.get(d):
+            if (pc is None and d not in self.texts) or not self.witnesses.get(d):
                 continue
-            a["path_condition"] = path_condition([s.cond for s in pc], cache)
+            a["path_condition"] = path_condition([s.cond for s in pc], cache) if pc is not None else self.texts[d]
             a["witness"] = " ".join(f"{k}={v}" for k, v in witness_json(self._vars(d), dict(self.witnesses[d])).items())
 
     def _vars(self, d: str) -> list[Var]:
