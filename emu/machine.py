@@ -109,7 +109,9 @@ class Machine:
         self.exception_handler: ExceptionHandler | None = None
         # Called with (address, data) after each write the kernel model makes (emu.hooks); None: no cost.
         self.write_watch: Callable[[int, bytes], None] | None = None
-        self.read_watch: Callable[[int, bytes], None] | None = None  # reads Windows' kernel would make, for read hooks (emu.hooks)
+        self.read_watch: Callable[[int, bytes], None] | None = (
+            None  # reads Windows' kernel would make, for read hooks (emu.hooks)
+        )
         # Called with (address, size) before each read of user memory the kernel model makes
         # (emu.kernel.record read_or_none, a service's reads; emu.symbolic); None: no cost.
         self.kernel_read_watch: Callable[[int, int], None] | None = None
