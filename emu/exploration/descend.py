@@ -16,19 +16,45 @@ from collections import deque
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from emu.exploration.forks import Fork
 from emu.kernel.fork import save_kernel
 from emu.kernel.symbolic import Symbolic
 
 if TYPE_CHECKING:
-    from emu.exploration.explorer import Explorer, Fork
+    from emu.exploration.explorer import Explorer
     from emu.exploration.result import Exploration
     from emu.symbolic.driver import Pick
 
 
+def descend_concrete(ex: Explorer, result: Exploration, root: Fork, prefix: tuple[str | Pick, ...]) -> None:
+    """Replay ``prefix`` (one option per choice) from the start, then explore everything below."""
+    ex._restore(root)
+    mark = len(ex.trace.raw_states)
+    first = ex.kernel.threads[0]  # the restored copy, not the process's original object
+    # States on the way down are neither merges nor "explored": only their one branch is taken here.
+    ex._replaying = True
+    try:
+        if not first.started:
+            ex.kernel.continue_thread(first)
+        ex._segment(result)
+        for option in prefix:
+            if ex.kernel.pending_choice is None:
+                return  # the path ended before the prefix did: nothing below to explore here
+            ex._segment_seen.clear()
+            if not ex._resume(result, option, ex._last or ""):
+                return
+            ex._segment(result)
+    finally:
+        ex._replaying = False
+        ex._segment_seen.clear()
+    work: deque[tuple[Fork, str]] = deque()
+    ex._after_segment(result, work, len(prefix), tuple(str(option) for option in prefix))
+    ex.records.forget(mark)
+    ex._walk(result, work)
+
+
 def descend_symbolic(ex: Explorer, result: Exploration, root: Fork, prefix: tuple[str | Pick, ...]) -> None:
     """Replay ``prefix[:-1]`` from the start, saving its forks, then explore below its last option."""
-    from emu.exploration.explorer import Fork
-
     sym = ex.symbolic
     assert sym is not None and prefix
     ex._restore(root)

@@ -22,7 +22,6 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -31,21 +30,21 @@ import networkx as nx
 from emu.engine import Process
 from emu.errors import BudgetExceeded, ExtensionError, KernelError, MachineFault, ModelBug, UnimplementedImport
 from emu.exploration.canonical import EdgeKey, canonical_graph, name_faults, node_name, node_order
-from emu.exploration.cpu import CpuContexts, SavedCpu
-from emu.exploration.descend import descend_symbolic
+from emu.exploration.cpu import CpuContexts
+from emu.exploration.descend import descend_concrete, descend_symbolic
 from emu.exploration.digest import DigestText
+from emu.exploration.forks import Fork
 from emu.exploration.records import RecordKeeper
 from emu.exploration.result import Exploration, Strategy, resident_bytes
 from emu.exploration.shared import SharedParts
 from emu.graph import StateGraph
 from emu.hooks import Hooks
 from emu.kernel import KernelHooks, KThread, sched
-from emu.kernel.fork import KernelState, digest_key, load_kernel, save_kernel
+from emu.kernel.fork import digest_key, load_kernel, save_kernel
 from emu.kernel.hooks import suspend
 from emu.kernel.symbolic import Symbolic
 from emu.scenario import Scenario, load_scenario
 from emu.services import Services
-from emu.snapshot import PageSnapshot
 from emu.symbolic import has_symbolic, make_driver
 from emu.trace import RawState, State
 from emu.watchdog import Watchdog
@@ -60,26 +59,6 @@ CHECK_EVERY = 0.1  # seconds between looks at resident memory (and progress line
 GRAPH_SECONDS_PER_STATE = 130e-6
 # With a shared seen-set, choice states are claimed this many at a time (one message each).
 CLAIM_BATCH = 64
-
-
-@dataclass(frozen=True, slots=True)  # one per choice state: no instance dict
-class Fork:
-    """A machine saved at a choice point."""
-
-    cpu: SavedCpu  # the CPU context (emu.exploration.cpu)
-    memory: PageSnapshot
-    kernel: KernelState
-    depth: int  # choices taken on the way here
-    node: str  # the digest of the state the choice is made in
-    path: tuple[str, ...] = ()  # the options taken from the start to here
-    symbolic: Any = None  # the path's symbolic store (emu.symbolic), when the scenario declares values
-    left: list[int] = field(default_factory=lambda: [0])  # options not yet followed (the work list's count)
-    route: tuple[str | Pick, ...] = ()  # the path as options to resume with (a symbolic value's: its Pick)
-
-    @property
-    def records(self) -> tuple[int, ...]:
-        """The trace records (state ids) the saved threads name: kept while this fork may be restored."""
-        return tuple(t.state_id for t in self.kernel.threads.values())
 
 
 class Explorer:
@@ -272,12 +251,12 @@ class Explorer:
                 gc.enable()
         self.fault_digests = list(result.faults)  # by digest: parallel workers are merged by digest
         result.faults = name_faults(result.graph, self.fault_digests)
-        result.deadlocks = sorted((self._name(result.graph, d) for d in self.deadlocks), key=node_order)
+        result.deadlocks = sorted((node_name(result.graph, d) for d in self.deadlocks), key=node_order)
         if self.hooks is not None:
             result.hook_stops = self.hooks.named_stops(result.graph)
         if self.symbolic is not None and graph:  # (a parallel worker's findings are summed up by the coordinator)
             g = result.graph
-            result.symbolic = self.symbolic.summary(g, result.faults, lambda d: self._name(g, d))
+            result.symbolic = self.symbolic.summary(g, result.faults, lambda d: node_name(g, d))
         result.elapsed = time.perf_counter() - start
         return result
 
@@ -338,30 +317,8 @@ class Explorer:
         """Replay ``prefix`` (one option per choice) from the start, then explore everything below."""
         if self.symbolic is not None:
             descend_symbolic(self, result, root, prefix)
-            return
-        self._restore(root)
-        mark = len(self.trace.raw_states)
-        first = self.kernel.threads[0]  # the restored copy, not the process's original object
-        # States on the way down are neither merges nor "explored": only their one branch is taken here.
-        self._replaying = True
-        try:
-            if not first.started:
-                self.kernel.continue_thread(first)
-            self._segment(result)
-            for option in prefix:
-                if self.kernel.pending_choice is None:
-                    return  # the path ended before the prefix did: nothing below to explore here
-                self._segment_seen.clear()
-                if not self._resume(result, option, self._last or ""):
-                    return
-                self._segment(result)
-        finally:
-            self._replaying = False
-            self._segment_seen.clear()
-        work: deque[tuple[Fork, str]] = deque()
-        self._after_segment(result, work, len(prefix), tuple(str(option) for option in prefix))
-        self.records.forget(mark)
-        self._walk(result, work)
+        else:
+            descend_concrete(self, result, root, prefix)
 
     def _resume(self, result: Exploration, option: str | Pick, node: str) -> bool:
         """Continue the suspended service with ``option`` (a symbolic value's side: a Pick);
@@ -506,10 +463,6 @@ class Explorer:
         if self.hooks is not None:
             self.hooks.annotate(graph)
         return graph
-
-    @staticmethod
-    def _name(graph: StateGraph, digest: str) -> str:
-        return node_name(graph, digest)
 
 
 def explore(

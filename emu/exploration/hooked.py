@@ -34,7 +34,8 @@ from emu.graph import StateGraph
 from emu.hooks import Hooks
 
 if TYPE_CHECKING:
-    from emu.exploration.explorer import Explorer, Fork
+    from emu.exploration.explorer import Explorer
+    from emu.exploration.forks import Fork
     from emu.exploration.result import Exploration
     from emu.kernel import KThread
 

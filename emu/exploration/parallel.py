@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from emu.context import UserContext
 from emu.errors import EmuError, ExtensionError
-from emu.exploration.canonical import EdgeKey, name_faults, node_order
+from emu.exploration.canonical import EdgeKey, name_faults, node_name, node_order
 from emu.exploration.claims import RaySeenSet, SeenServer, SeenSet, SeenShard
 from emu.exploration.explorer import Explorer
 from emu.exploration.result import Exploration, Strategy
@@ -191,11 +191,11 @@ def explore_parallel(
     result.forked_states = head.forked_states + sum(p.forked_states for p in parts)
     result.unexplored = head.unexplored + sum(p.unexplored for p in parts)
     result.stopped_by = head.stopped_by or next((p.stopped_by for p in parts if p.stopped_by), None)
-    result.deadlocks = sorted((Explorer._name(graph, d) for d in coordinator.deadlocks), key=node_order)
+    result.deadlocks = sorted((node_name(graph, d) for d in coordinator.deadlocks), key=node_order)
     # Faults are kept by state digest until here: node ids exist only in the merged graph.
     result.faults = name_faults(graph, coordinator.fault_digests + [f for p in parts for f in p.faults])
     if coordinator.symbolic is not None:
-        result.symbolic = coordinator.symbolic.summary(graph, result.faults, lambda d: Explorer._name(graph, d))
+        result.symbolic = coordinator.symbolic.summary(graph, result.faults, lambda d: node_name(graph, d))
     result.elapsed = time.perf_counter() - start
     return result
 
