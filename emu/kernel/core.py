@@ -110,6 +110,8 @@ class Kernel:
         self._read_all = machine.regs.reader(_ALL)
         # The syscall hook's own access: one C call each, no Python frame (emu.machine.RegisterFile.bound).
         self._fill_all, _, self._all_vals = machine.regs.bound(_ALL)
+        # The same array as 64-bit integers: ``tolist`` builds the list without ctypes' per-item calls.
+        self._all_list = memoryview(self._all_vals).cast("B").cast("Q").tolist
         _, self._put_sysret, self._sysret_vals = machine.regs.bound(_SYSRET)
         _, self._put_all, self._all_out = machine.regs.bound(_ALL)
         self._overflow: dict[int, str | None] = {}  # callback depth -> kernel_stack_overflow's answer (profile fixed)
@@ -141,7 +143,7 @@ class Kernel:
     # --- entry --------------------------------------------------------------------------
     def on_syscall(self, uc: object = None, user_data: object = None) -> None:
         self._fill_all()
-        vals: list[int] = self._all_vals[:]
+        vals: list[int] = self._all_list()
         # Intel SDM vol. 2B SYSCALL: RCX <- RIP of the next instruction, R11 <- RFLAGS.
         rip = vals[16] + 2
         vals[1] = vals[16] = rip
@@ -162,9 +164,17 @@ class Kernel:
                 self._put_sysret()
                 self.recorder.syscall_sysret(thread, regs, name, ssn, status)  # type: ignore[arg-type]
                 return
-            if name == NT_CALLBACK_RETURN and thread.callback_stack:
+            if name == NT_CALLBACK_RETURN:
+                if thread.callback_stack:
+                    thread.trap_frame = None
+                    self._return_from_callback(thread, regs, ssn)
+                    return
+            elif name is not None and name not in _CONTEXT_SERVICES:
+                # What _enter does for any other service when one thread runs: record the
+                # entry, then dispatch (the constants were served above).
                 thread.trap_frame = None
-                self._return_from_callback(thread, regs, ssn)
+                self.recorder.syscall(thread, regs, name, ssn, name, False, "")
+                self._dispatch(thread, regs, "syscall", ssn, name)
                 return
         self._enter(regs, "syscall")
 
