@@ -173,7 +173,8 @@ class Kernel:
                 # What _enter does for any other service when one thread runs: record the
                 # entry, then dispatch (the constants were served above).
                 thread.trap_frame = None
-                self.recorder.syscall(thread, regs, name, ssn, name, False, "")
+                # As recorder.syscall (one frame fewer).
+                self.recorder.add("syscall", thread, "kernel", regs, name, ssn, None, None, name, False, "", b"", None)
                 self._dispatch(thread, regs, "syscall", ssn, name)
                 return
         self._enter(regs, "syscall")
@@ -189,7 +190,8 @@ class Kernel:
         service = act.spec.name
         recorder = self.recorder
         # The seed's state: the user side sits at ZwCallbackReturn while the kernel completes the callback.
-        recorder.syscall(thread, regs, NT_CALLBACK_RETURN, ssn, service, True, "")
+        add = recorder.add  # recorder.syscall, .callback_return and .sysret, one frame fewer each
+        add("syscall", thread, "kernel", regs, NT_CALLBACK_RETURN, ssn, None, None, service, True, "", b"", None)
         cbs.pop()
         # As _complete_callback (WRK ke/amd64/callout.asm NtCallbackReturn).
         result_ptr, length, status = regs[10], regs[2] & 0xFFFF_FFFF, regs[8] & 0xFFFF_FFFF
@@ -199,19 +201,20 @@ class Kernel:
             output, detail = b"", _NO_OUTPUT
         thread.resuming = (act.position(), status, output, result_ptr, length)
         trap = top.trap
-        recorder.callback_return(thread, tuple(trap.ctx), service, status, top.api, detail, output)
+        back = tuple(trap.ctx)
+        add("callback_return", thread, "kernel", back, service, None, status, top.api, service, False, detail, output, None)
         req = act.step(CallbackResult(status, output, result_ptr, length))
         if not isinstance(req, int) or act.remark:
             self._drive(thread, act, trap, None, True, req)
             return
         # As _sysret_resumed: the service's own syscall's trap frame comes back, RAX = status.
-        v = [*trap.ctx]
+        v = [*back]
         v[0] = req
-        back = tuple(v)
+        regs = tuple(v)
         v[16] -= self._entry_len  # RIP, as Unicorn will advance it
         self._all_out[:] = v
         self._put_all()
-        recorder.sysret(thread, back, service, self.ssn_table.get(service), req, "")
+        add("sysret", thread, "user", regs, service, self.ssn_table.get(service), req, None, None, False, "", b"", None)
 
     def on_interrupt(self, uc: object, intno: int, user_data: object = None) -> None:
         vals = tuple(self._read_all())  # RIP is already past the `int` instruction
@@ -406,15 +409,16 @@ class Kernel:
         thread.callback_stack.append(CallbackFrame(act, trap, req.api, out.frame, req.message, out.buffer))
         if depth >= self.max_depth:
             self.max_depth = depth + 1
-        v = [*out.entry]
-        v[16] -= self._entry_len  # RIP, as Unicorn will advance it
         put = self._put_entry.get(out.xmm_zero)
         if put is None:
             ids = tuple(XMM_IDS[i] for i in out.xmm_zero)
             put = self._put_entry[out.xmm_zero] = self.machine.regs.bound_zeroing(_ALL, ids)
-        put[1][:] = v
+        values = put[1]
+        values[:] = out.entry
+        values[16] -= self._entry_len  # RIP, as Unicorn will advance it
         put[0]()  # the registers, and the XMM registers the kernel scrubs, in one C call
-        self.recorder.callback(thread, tuple(out.entry), act.spec.name, req.api, note)
+        name = act.spec.name  # as recorder.callback (one frame fewer)
+        self.recorder.add("callback", thread, "user", out.entry, name, None, None, req.api, name, False, note, b"", None)
         return None
 
     def _callback_return(self, thread: KThread, regs: tuple[int, ...], via: str, ssn: int) -> None:
