@@ -315,7 +315,10 @@ class Kernel:
             # user-mode state after sysret has the stack bytes the entry state has.
             self._sysret_now(thread, regs, via, req, name, "", reuse_stack=True)
             return
-        self._drive(thread, act, KTrapFrame(_context(UserContext, regs), via), None, False, req)
+        trap = KTrapFrame(_context(UserContext, regs), via)
+        if type(req) is UserCallback and self._callback(thread, act, trap, req, "") is None:
+            return  # in KiUserCallbackDispatcher (what _drive would do first, one frame fewer)
+        self._drive(thread, act, trap, None, False, req)
 
     # --- service driving ----------------------------------------------------------------
     def _drive(

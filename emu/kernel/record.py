@@ -239,7 +239,10 @@ class Recorder:
         """One state and the transition into it, every field given (the methods above name them;
         the kernel's hot paths call this directly, one Python frame fewer)."""
         trace = self.trace
-        sid = len(trace.raw_states)
+        states = trace.raw_states
+        sid = len(states)
+        if sid >= self._state_limit and self.state_budget is not None:
+            raise BudgetExceeded("states", self.state_budget, trace.symbolize(regs[_RIP]))
         cbs = thread.callback_stack
         if cbs:
             top = cbs[-1]
@@ -251,34 +254,32 @@ class Recorder:
                 service = top.activation.spec.name
         else:
             depth, api_top, frames = 0, None, ()
-        if sid >= self._state_limit and self.state_budget is not None:
-            raise BudgetExceeded("states", self.state_budget, trace.symbolize(regs[_RIP]))
+        rsp, base = regs[_RSP], thread.stack_base
         if stack is None:
-            rsp, base = regs[_RSP], thread.stack_base
             view = self._stacks.get(base)
             if view and view[1] <= rsp < base:
                 stack = view[0][rsp - view[1] : base - view[1]]  # capture(), inlined
             else:
                 stack = self.capture(thread, rsp)
             # Equal bytes at the same RSP: keep one copy (a round trip passes the same RSP several times).
-            seen = self._seen.get(rsp)
-            if seen is not None and seen == stack:
-                stack = seen
+            seen = self._seen
+            same = seen.get(rsp)
+            if same is not None and same == stack:
+                stack = same
             else:
-                if len(self._seen) >= _SEEN:
-                    self._seen.clear()
-                self._seen[rsp] = stack
+                if len(seen) >= _SEEN:
+                    seen.clear()
+                seen[rsp] = stack
             self.output_bytes += len(stack)
             if self.output_bytes > self._output_limit and self.output_budget is not None:
                 raise BudgetExceeded("output_bytes", self.output_budget, trace.symbolize(regs[_RIP]))
-        woke = self._woken() if self.wakes_pending else ()
+        tid = thread.tid
         # Plain tuples in the RawState / RawTransition field order (emu.trace names the fields).
-        trace.raw_states.append(
-            (sid, thread.tid, mode, regs, stack, thread.stack_base, depth, service, api_top, pending, frames)
-        )
-        trace.raw_transitions.append((
-            len(trace.raw_transitions), kind, thread.tid, thread.state_id, sid, name, ssn, regs[_RIP], regs[_RSP],
-            depth, status, api, detail, data, woke,
+        states.append((sid, tid, mode, regs, stack, base, depth, service, api_top, pending, frames))
+        transitions = trace.raw_transitions
+        transitions.append((
+            len(transitions), kind, tid, thread.state_id, sid, name, ssn, regs[_RIP], rsp, depth, status, api,
+            detail, data, self._woken() if self.wakes_pending else (),
         ))  # fmt: skip
         thread.state_id = sid
         thread.mode = mode
