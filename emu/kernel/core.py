@@ -202,7 +202,8 @@ class Kernel:
         thread.resuming = (act.position(), status, output, result_ptr, length)
         trap = top.trap
         back = tuple(trap.ctx)
-        add("callback_return", thread, "kernel", back, service, None, status, top.api, service, False, detail, output, None)
+        api = top.api
+        add("callback_return", thread, "kernel", back, service, None, status, api, service, False, detail, output, None)
         req = act.step(CallbackResult(status, output, result_ptr, length))
         if not isinstance(req, int) or act.remark:
             self._drive(thread, act, trap, None, True, req)
@@ -421,7 +422,8 @@ class Kernel:
         values[16] -= self._entry_len  # RIP, as Unicorn will advance it
         put[0]()  # the registers, and the XMM registers the kernel scrubs, in one C call
         name = act.spec.name  # as recorder.callback (one frame fewer)
-        self.recorder.add("callback", thread, "user", out.entry, name, None, None, req.api, name, False, note, b"", None)
+        entry, api = out.entry, req.api
+        self.recorder.add("callback", thread, "user", entry, name, None, None, api, name, False, note, b"", None)
         return None
 
     def _callback_return(self, thread: KThread, regs: tuple[int, ...], via: str, ssn: int) -> None:
