@@ -9,12 +9,12 @@ the state graph, the detections and the scenario's expectations on top.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from emu.address_space import MODULE_BASE, MODULE_STRIDE, PEB_ADDRESS, WIN32U_BASE
+from emu.collector import collector_paused
 from emu.errors import (
     BudgetExceeded,
     EmuError,
@@ -359,16 +359,10 @@ class Process:
 
     # --- running --------------------------------------------------------------------
     def run(self) -> RunResult:
-        # The hot path allocates many small records and no cycles; the cyclic collector
-        # rescanning the growing trace would cost more than the run itself.
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
+        # The hot path allocates many small records and no cycles (emu.collector).
+        with collector_paused():
             self.kernel.continue_thread(self.thread)
             error, stop = self.advance(self.scenario.budgets.wall_time)
-        finally:
-            if gc_was_enabled:
-                gc.enable()
         return self.result(error, stop)
 
     def advance(

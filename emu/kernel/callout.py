@@ -38,7 +38,7 @@ class Callout(NamedTuple):
     buffer: int  # the copied input, right above the frame
     lowest: int  # the lowest byte the kernel writes (probed before anything is written)
     block: bytes  # everything from ``lowest`` up: (a return slot,) the frame, the input
-    entry: UserContext  # the registers KiUserCallbackDispatcher starts with
+    entry: tuple[int, ...]  # the registers KiUserCallbackDispatcher starts with (UserContext order)
     xmm_zero: tuple[int, ...] = ()  # XMM registers zeroed on the way out (their numbers)
 
 
@@ -51,13 +51,13 @@ _RCX, _RDX, _RSP, _R8, _R9, _R10, _R11, _RIP, _RFLAGS = (
 )
 _M64 = 0xFFFF_FFFF_FFFF_FFFF
 _XMM_LOW, _XMM_ALL = tuple(range(6)), tuple(range(16))  # XMM registers scrubbed: 0-5 (WRK), all (ReactOS)
-_context = tuple.__new__  # UserContext from a list of 18 values, without _make's length check
 
 
 def entry_registers(
     profile: Profile, trap: UserContext, rsp: int, dispatcher: int
-) -> tuple[UserContext, tuple[int, ...]]:
-    """The registers (and zeroed XMM numbers) KiUserCallbackDispatcher starts with under the
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The registers (a plain tuple in UserContext order, as a state records them) and the zeroed
+    XMM numbers KiUserCallbackDispatcher starts with under the
     "stack" convention, after the kernel's trap frame has RSP = the callout frame.
 
     Every source leaves through SYSRET (Intel SDM: RIP <- RCX, RFLAGS <- R11), so RCX is the
@@ -83,7 +83,7 @@ def entry_registers(
         # SYSRET loads RFLAGS from R11 with bit 1 (reserved) set (Intel SDM vol. 2B SYSRET).
         v[_R11] = RFLAGS_IF
         v[_RFLAGS] = RFLAGS_IF | RFLAGS_RESERVED
-        return _context(UserContext, v), _XMM_ALL
+        return tuple(v), _XMM_ALL
     v[_R11] = v[_RFLAGS] = trap.rflags
     if policy == "windows10":
         v[_RDX] = v[_R8] = v[_R9] = v[_R10] = 0
@@ -91,7 +91,7 @@ def entry_registers(
         v[_R10] = 0
         v[_R8] = rsp
         v[_R9] = trap.rbp
-    return _context(UserContext, v), _XMM_LOW
+    return tuple(v), _XMM_LOW
 
 
 def kernel_stack_overflow(profile: Profile, depth: int) -> str | None:
@@ -164,5 +164,5 @@ def lay_out(profile: Profile, trap: UserContext, api: int, data: bytes, dispatch
     # "registers" convention (Wine 8 and earlier, dlls/ntdll/unix/signal_x86_64.c
     # call_user_mode_callback): entered like a call, ECX = api, RDX = buffer, R8D = length, a
     # (zero) return address at [RSP]; the model keeps the other registers as they were.
-    entry = trap._replace(rsp=frame - 8, rip=dispatcher, rcx=api, rdx=buffer, r8=len(data))
+    entry = tuple(trap._replace(rsp=frame - 8, rip=dispatcher, rcx=api, rdx=buffer, r8=len(data)))
     return Callout(frame, buffer, frame - 8, bytes(8) + block + data, entry)

@@ -110,6 +110,8 @@ class Kernel:
         self._read_all = machine.regs.reader(_ALL)
         # The syscall hook's own access: one C call each, no Python frame (emu.machine.RegisterFile.bound).
         self._fill_all, _, self._all_vals = machine.regs.bound(_ALL)
+        # The same array as 64-bit integers: ``tolist`` builds the list without ctypes' per-item calls.
+        self._all_list = memoryview(self._all_vals).cast("B").cast("Q").tolist
         _, self._put_sysret, self._sysret_vals = machine.regs.bound(_SYSRET)
         _, self._put_all, self._all_out = machine.regs.bound(_ALL)
         self._overflow: dict[int, str | None] = {}  # callback depth -> kernel_stack_overflow's answer (profile fixed)
@@ -141,7 +143,7 @@ class Kernel:
     # --- entry --------------------------------------------------------------------------
     def on_syscall(self, uc: object = None, user_data: object = None) -> None:
         self._fill_all()
-        vals: list[int] = self._all_vals[:]
+        vals: list[int] = self._all_list()
         # Intel SDM vol. 2B SYSCALL: RCX <- RIP of the next instruction, R11 <- RFLAGS.
         rip = vals[16] + 2
         vals[1] = vals[16] = rip
@@ -162,9 +164,18 @@ class Kernel:
                 self._put_sysret()
                 self.recorder.syscall_sysret(thread, regs, name, ssn, status)  # type: ignore[arg-type]
                 return
-            if name == NT_CALLBACK_RETURN and thread.callback_stack:
+            if name == NT_CALLBACK_RETURN:
+                if thread.callback_stack:
+                    thread.trap_frame = None
+                    self._return_from_callback(thread, regs, ssn)
+                    return
+            elif name is not None and name not in _CONTEXT_SERVICES:
+                # What _enter does for any other service when one thread runs: record the
+                # entry, then dispatch (the constants were served above).
                 thread.trap_frame = None
-                self._return_from_callback(thread, regs, ssn)
+                # As recorder.syscall (one frame fewer).
+                self.recorder.add("syscall", thread, "kernel", regs, name, ssn, None, None, name, False, "", b"", None)
+                self._dispatch(thread, regs, "syscall", ssn, name)
                 return
         self._enter(regs, "syscall")
 
@@ -179,7 +190,8 @@ class Kernel:
         service = act.spec.name
         recorder = self.recorder
         # The seed's state: the user side sits at ZwCallbackReturn while the kernel completes the callback.
-        recorder.syscall(thread, regs, NT_CALLBACK_RETURN, ssn, service, True, "")
+        add = recorder.add  # recorder.syscall, .callback_return and .sysret, one frame fewer each
+        add("syscall", thread, "kernel", regs, NT_CALLBACK_RETURN, ssn, None, None, service, True, "", b"", None)
         cbs.pop()
         # As _complete_callback (WRK ke/amd64/callout.asm NtCallbackReturn).
         result_ptr, length, status = regs[10], regs[2] & 0xFFFF_FFFF, regs[8] & 0xFFFF_FFFF
@@ -189,19 +201,21 @@ class Kernel:
             output, detail = b"", _NO_OUTPUT
         thread.resuming = (act.position(), status, output, result_ptr, length)
         trap = top.trap
-        recorder.callback_return(thread, tuple(trap.ctx), service, status, top.api, detail, output)
+        back = tuple(trap.ctx)
+        api = top.api
+        add("callback_return", thread, "kernel", back, service, None, status, api, service, False, detail, output, None)
         req = act.step(CallbackResult(status, output, result_ptr, length))
         if not isinstance(req, int) or act.remark:
             self._drive(thread, act, trap, None, True, req)
             return
         # As _sysret_resumed: the service's own syscall's trap frame comes back, RAX = status.
-        v = [*trap.ctx]
+        v = [*back]
         v[0] = req
-        back = tuple(v)
+        regs = tuple(v)
         v[16] -= self._entry_len  # RIP, as Unicorn will advance it
         self._all_out[:] = v
         self._put_all()
-        recorder.sysret(thread, back, service, self.ssn_table.get(service), req, "")
+        add("sysret", thread, "user", regs, service, self.ssn_table.get(service), req, None, None, False, "", b"", None)
 
     def on_interrupt(self, uc: object, intno: int, user_data: object = None) -> None:
         vals = tuple(self._read_all())  # RIP is already past the `int` instruction
@@ -302,7 +316,10 @@ class Kernel:
             # user-mode state after sysret has the stack bytes the entry state has.
             self._sysret_now(thread, regs, via, req, name, "", reuse_stack=True)
             return
-        self._drive(thread, act, KTrapFrame(_context(UserContext, regs), via), None, False, req)
+        trap = KTrapFrame(_context(UserContext, regs), via)
+        if type(req) is UserCallback and self._callback(thread, act, trap, req, "") is None:
+            return  # in KiUserCallbackDispatcher (what _drive would do first, one frame fewer)
+        self._drive(thread, act, trap, None, False, req)
 
     # --- service driving ----------------------------------------------------------------
     def _drive(
@@ -396,15 +413,17 @@ class Kernel:
         thread.callback_stack.append(CallbackFrame(act, trap, req.api, out.frame, req.message, out.buffer))
         if depth >= self.max_depth:
             self.max_depth = depth + 1
-        v = [*out.entry]
-        v[16] -= self._entry_len  # RIP, as Unicorn will advance it
         put = self._put_entry.get(out.xmm_zero)
         if put is None:
             ids = tuple(XMM_IDS[i] for i in out.xmm_zero)
             put = self._put_entry[out.xmm_zero] = self.machine.regs.bound_zeroing(_ALL, ids)
-        put[1][:] = v
+        values = put[1]
+        values[:] = out.entry
+        values[16] -= self._entry_len  # RIP, as Unicorn will advance it
         put[0]()  # the registers, and the XMM registers the kernel scrubs, in one C call
-        self.recorder.callback(thread, tuple(out.entry), act.spec.name, req.api, note)
+        name = act.spec.name  # as recorder.callback (one frame fewer)
+        entry, api = out.entry, req.api
+        self.recorder.add("callback", thread, "user", entry, name, None, None, api, name, False, note, b"", None)
         return None
 
     def _callback_return(self, thread: KThread, regs: tuple[int, ...], via: str, ssn: int) -> None:

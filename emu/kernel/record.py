@@ -25,6 +25,7 @@ from emu.trace import S_CONTEXT, S_PENDING, S_STACK, Mode, Trace, TransitionKind
 # silently; the output_bytes budget bounds the total.
 _UNLIMITED = 1 << 62  # one int compare on the hot path when a budget is off
 _RIP, _RSP = UserContext._fields.index("rip"), UserContext._fields.index("rsp")
+_SEEN = 64  # RSPs whose last captured stack bytes are kept for sharing
 
 
 def read_or_none(machine: Machine, address: int, size: int) -> bytes | None:
@@ -82,6 +83,7 @@ class Recorder:
         # Per stack base: the host buffer holding that stack and where it starts (empty: none).
         self._stacks: dict[int, tuple[()] | tuple[Any, int]] = {}
         self.wakes_pending = False  # some thread's wait was satisfied since the last transition
+        self._seen: dict[int, bytes] = {}  # per RSP, the stack bytes last captured there
 
     def attach(self, threads: dict[int, KThread]) -> None:
         """The kernel's threads, to find the waits satisfied before each transition."""
@@ -156,14 +158,14 @@ class Recorder:
         pending: bool, detail: str,
     ) -> None:  # fmt: skip
         """User → kernel at a system call; ``pending``: the seed's state (NtCallbackReturn with a frame)."""
-        self._add("syscall", thread, "kernel", regs, name, ssn, None, None, service, pending, detail, b"", None)
+        self.add("syscall", thread, "kernel", regs, name, ssn, None, None, service, pending, detail, b"", None)
 
     def sysret(
         self, thread: KThread, regs: tuple[int, ...], service: str | None, ssn: int | None, status: int,
         note: str, stack: bytes | None = None,
     ) -> None:  # fmt: skip
         """Kernel → user with the service's status (``stack``: bytes known to be unchanged)."""
-        self._add("sysret", thread, "user", regs, service, ssn, status, None, None, False, note, b"", stack)
+        self.add("sysret", thread, "user", regs, service, ssn, status, None, None, False, note, b"", stack)
 
     def syscall_sysret(self, thread: KThread, regs: tuple[int, ...], name: str, ssn: int, status: int) -> None:
         """A system call whose service returned ``status`` at once, with no observer: the
@@ -210,49 +212,54 @@ class Recorder:
 
     def callback(self, thread: KThread, regs: tuple[int, ...], service: str, api: int, note: str) -> None:
         """Kernel → user at KiUserCallbackDispatcher."""
-        self._add("callback", thread, "user", regs, service, None, None, api, service, False, note, b"", None)
+        self.add("callback", thread, "user", regs, service, None, None, api, service, False, note, b"", None)
 
     def callback_return(
         self, thread: KThread, regs: tuple[int, ...], service: str, status: int, api: int, detail: str, output: bytes
     ) -> None:
         """NtCallbackReturn completed a frame: back in the kernel at the service that called back."""
-        self._add("callback_return", thread, "kernel", regs, service, None, status, api, service, False, detail,
+        self.add("callback_return", thread, "kernel", regs, service, None, status, api, service, False, detail,
                   output, None)  # fmt: skip
 
     def block(self, thread: KThread, regs: tuple[int, ...], service: str, what: str) -> None:
         """The thread waits in the kernel."""
-        self._add("block", thread, "kernel", regs, service, None, None, None, service, False, what, b"", None)
+        self.add("block", thread, "kernel", regs, service, None, None, None, service, False, what, b"", None)
 
     def exit(self, thread: KThread, regs: tuple[int, ...], service: str, ssn: int | None, status: int) -> None:
-        self._add("exit", thread, "exited", regs, service, ssn, status, None, None, False, "", b"", None)
+        self.add("exit", thread, "exited", regs, service, ssn, status, None, None, False, "", b"", None)
 
     def exception(self, thread: KThread, regs: tuple[int, ...], code: int, detail: str, mode: Mode = "kernel") -> None:
         """A fault traps into the kernel (``mode`` "kernel": the context at the fault), or the kernel
         delivers an exception to KiUserExceptionDispatcher (``mode`` "user")."""
-        self._add("exception", thread, mode, regs, None, None, code, None, None, False, detail, b"", None)
+        self.add("exception", thread, mode, regs, None, None, code, None, None, False, detail, b"", None)
 
     def continue_(self, thread: KThread, regs: tuple[int, ...], detail: str) -> None:
         """NtContinue put a CONTEXT on the CPU: kernel → user at the context's RIP."""
-        self._add("continue", thread, "user", regs, "NtContinue", None, None, None, None, False, detail, b"", None)
+        self.add("continue", thread, "user", regs, "NtContinue", None, None, None, None, False, detail, b"", None)
 
     def unwind(self, thread: KThread, regs: tuple[int, ...], detail: str) -> None:
         """RtlUnwindEx restored the target frame's context in user mode (user → user)."""
-        self._add("unwind", thread, "user", regs, None, None, None, None, None, False, detail, b"", None)
+        self.add("unwind", thread, "user", regs, None, None, None, None, None, False, detail, b"", None)
 
     def terminate(self, thread: KThread, regs: tuple[int, ...], status: int, detail: str) -> None:
         """The process ended (an unhandled exception, NtTerminateProcess): the thread exits."""
-        self._add("exit", thread, "exited", regs, None, None, status, None, None, False, detail, b"", None)
+        self.add("exit", thread, "exited", regs, None, None, status, None, None, False, detail, b"", None)
 
     def fault(self, thread: KThread, regs: tuple[int, ...], message: str) -> None:
-        self._add("fault", thread, "exited", regs, None, None, None, None, None, False, message, b"", None)
+        self.add("fault", thread, "exited", regs, None, None, None, None, None, False, message, b"", None)
 
-    def _add(
+    def add(
         self, kind: TransitionKind, thread: KThread, mode: Mode, regs: tuple[int, ...], name: str | None,
         ssn: int | None, status: int | None, api: int | None, service: str | None, pending: bool,
         detail: str, data: bytes, stack: bytes | None,
     ) -> None:  # fmt: skip
+        """One state and the transition into it, every field given (the methods above name them;
+        the kernel's hot paths call this directly, one Python frame fewer)."""
         trace = self.trace
-        sid = len(trace.raw_states)
+        states = trace.raw_states
+        sid = len(states)
+        if sid >= self._state_limit and self.state_budget is not None:
+            raise BudgetExceeded("states", self.state_budget, trace.symbolize(regs[_RIP]))
         cbs = thread.callback_stack
         if cbs:
             top = cbs[-1]
@@ -264,26 +271,32 @@ class Recorder:
                 service = top.activation.spec.name
         else:
             depth, api_top, frames = 0, None, ()
-        if sid >= self._state_limit and self.state_budget is not None:
-            raise BudgetExceeded("states", self.state_budget, trace.symbolize(regs[_RIP]))
+        rsp, base = regs[_RSP], thread.stack_base
         if stack is None:
-            rsp, base = regs[_RSP], thread.stack_base
             view = self._stacks.get(base)
             if view and view[1] <= rsp < base:
                 stack = view[0][rsp - view[1] : base - view[1]]  # capture(), inlined
             else:
                 stack = self.capture(thread, rsp)
+            # Equal bytes at the same RSP: keep one copy (a round trip passes the same RSP several times).
+            seen = self._seen
+            same = seen.get(rsp)
+            if same is not None and same == stack:
+                stack = same
+            else:
+                if len(seen) >= _SEEN:
+                    seen.clear()
+                seen[rsp] = stack
             self.output_bytes += len(stack)
             if self.output_bytes > self._output_limit and self.output_budget is not None:
                 raise BudgetExceeded("output_bytes", self.output_budget, trace.symbolize(regs[_RIP]))
-        woke = self._woken() if self.wakes_pending else ()
+        tid = thread.tid
         # Plain tuples in the RawState / RawTransition field order (emu.trace names the fields).
-        trace.raw_states.append(
-            (sid, thread.tid, mode, regs, stack, thread.stack_base, depth, service, api_top, pending, frames)
-        )
-        trace.raw_transitions.append((
-            len(trace.raw_transitions), kind, thread.tid, thread.state_id, sid, name, ssn, regs[_RIP], regs[_RSP],
-            depth, status, api, detail, data, woke,
+        states.append((sid, tid, mode, regs, stack, base, depth, service, api_top, pending, frames))
+        transitions = trace.raw_transitions
+        transitions.append((
+            len(transitions), kind, tid, thread.state_id, sid, name, ssn, regs[_RIP], rsp, depth, status, api,
+            detail, data, self._woken() if self.wakes_pending else (),
         ))  # fmt: skip
         thread.state_id = sid
         thread.mode = mode
