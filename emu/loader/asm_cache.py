@@ -21,6 +21,8 @@ import os
 from importlib.util import find_spec
 from pathlib import Path
 
+from emu.errors import OutputError
+
 FORMAT = b"emu-asm-1\n"  # bump when what is stored (or how the key is made) changes
 _CHECK = 16  # bytes of the blake2b digest of the stored bytes, kept in front of them
 KEEP = 512  # entries kept; past that, storing one removes the oldest (a scenario edited many times)
@@ -86,16 +88,12 @@ def store(text: str, base: int, blob: bytes) -> None:
     folder = cache_dir()
     if folder is None:
         return
-    final = folder / key(text, base)
-    partial = final.with_name(f"{final.name}.{os.getpid()}.part")
+    from emu.writing import write_atomic  # (whole, then renamed: emu's one way to replace a file)
+
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        partial.write_bytes(FORMAT + hashlib.blake2b(blob, digest_size=_CHECK).digest() + blob)
-        os.replace(partial, final)
-    except OSError:
-        with contextlib.suppress(OSError):
-            partial.unlink(missing_ok=True)
-        return
+        write_atomic(folder / key(text, base), FORMAT + hashlib.blake2b(blob, digest_size=_CHECK).digest() + blob)
+    except OutputError:
+        return  # a cache that cannot be written is only a slower next run
     _prune(folder)
 
 
