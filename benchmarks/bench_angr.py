@@ -205,21 +205,7 @@ class AngrSide:
 
 def find_python(requested: str | None) -> tuple[str | None, str]:
     """(an interpreter that imports angr, "") or (None, why there is none)."""
-    candidates = [requested] if requested else [str(VENV_PYTHON), sys.executable]
-    tried = []
-    for python in candidates:
-        try:
-            probe = subprocess.run(
-                [python, "-c", "import angr"], capture_output=True, text=True, timeout=300, check=False
-            )
-        except (OSError, subprocess.TimeoutExpired) as e:
-            tried.append(f"{python} ({e.__class__.__name__})")
-            continue
-        if probe.returncode == 0:
-            return python, ""
-        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
-        tried.append(f"{python} ({last})")
-    return None, f"angr is not importable by {' or '.join(tried)}; to install it: {INSTALL}"
+    return measuring.find_peer_python("angr", "angr", requested, VENV_PYTHON, INSTALL, timeout=300)
 
 
 def check(side: str, got: dict[str, Any]) -> None:

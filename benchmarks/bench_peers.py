@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 
@@ -79,20 +78,7 @@ def _child(n: int, runs: int) -> dict[str, object]:
 
 def find_python(requested: str | None) -> tuple[str | None, str]:
     """(an interpreter that imports qiling, "") or (None, why there is none)."""
-    candidates = [requested] if requested else [str(VENV_PYTHON), sys.executable]
-    tried = []
-    for python in candidates:
-        try:
-            probe = subprocess.run(
-                [python, "-c", "import qiling"], capture_output=True, text=True, timeout=120, check=False
-            )
-        except (OSError, subprocess.TimeoutExpired) as e:
-            tried.append(f"{python} ({e.__class__.__name__})")
-            continue
-        if probe.returncode == 0:
-            return python, ""
-        tried.append(python)
-    return None, f"Qiling is not importable by {' or '.join(tried)}; to install it: {INSTALL}"
+    return measuring.find_peer_python("qiling", "Qiling", requested, VENV_PYTHON, INSTALL, timeout=120)
 
 
 def measure_qiling(n: int, runs: int, python: str | None = None) -> Row:

@@ -175,3 +175,26 @@ def check_runs(runs: int) -> int:
         print(f"error: --runs must be 1 or more, not {runs}", file=sys.stderr)
         raise SystemExit(2)
     return runs
+
+
+def find_peer_python(module: str, label: str, requested: str | None, venv_python: Path, install: str,
+                     timeout: float) -> tuple[str | None, str]:  # fmt: skip
+    """(an interpreter that imports ``module``, "") or (None, why there is none).
+
+    A peer (Qiling, angr) pins its own dependencies, so it runs in its own interpreter: the one
+    asked for, else the repository's venv for it, else this one."""
+    candidates = [requested] if requested else [str(venv_python), sys.executable]
+    tried = []
+    for python in candidates:
+        try:
+            probe = subprocess.run(
+                [python, "-c", f"import {module}"], capture_output=True, text=True, timeout=timeout, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            tried.append(f"{python} ({e.__class__.__name__})")
+            continue
+        if probe.returncode == 0:
+            return python, ""
+        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        tried.append(f"{python} ({last})")
+    return None, f"{label} is not importable by {' or '.join(tried)}; to install it: {install}"

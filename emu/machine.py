@@ -292,10 +292,13 @@ class Machine:
         self.write(address, (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little"))
 
     def readable(self, address: int, size: int) -> bool:
+        return self.mapped_with(address, size, "r")
+
+    def mapped_with(self, address: int, size: int, perm: str) -> bool:
         end = address + size
         while address < end:
             r = self.region_at(address)
-            if r is None or "r" not in r.perms:
+            if r is None or perm not in r.perms:
                 return False
             address = r.end
         return True

@@ -122,14 +122,7 @@ class ThreadServiceContext:
 
     def probe_write(self, address: int, size: int) -> bool:
         """The range is mapped writable (Unicorn's host writes ignore protections: check them)."""
-        machine = self._kernel.machine
-        end = address + size
-        while address < end:
-            r = machine.region_at(address)
-            if r is None or "w" not in r.perms:
-                return False
-            address = r.end
-        return True
+        return self._kernel.machine.mapped_with(address, size, "w")
 
     def write(self, address: int, data: bytes) -> None:
         self._kernel.user_writes += 1
