@@ -33,7 +33,6 @@ from emu.loader.binding import ImportTraps, bind_imports
 from emu.loader.callback_table import peb_callback_table
 from emu.loader.image import PAGE, AssemblyError, Image, Symbolizer, find_symbol, image_from_assembly
 from emu.loader.loader_data import build_loader_data, main_image
-from emu.loader.pe import load_pe
 from emu.machine import Machine
 from emu.process_services import registry_for, service_numbers
 from emu.process_start import ThreadStart, file_name, probe_start
@@ -218,6 +217,8 @@ class Process:
     # --- building -------------------------------------------------------------------
     def _load_pe(self, spec: PeSpec, where: tuple[str, ...]) -> Image:
         """Load a PE file at its base (or its preferred one; relocated if that is taken)."""
+        from emu.loader.pe import load_pe  # here: a run of assembled modules only never loads the PE reader
+
         try:
             image = load_pe(spec.path, spec.base, spec.name)
             if spec.base is None and any(_overlaps(image, other) for other in self.images):
