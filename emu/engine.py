@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from emu.address_space import MODULE_BASE, MODULE_STRIDE, PEB_ADDRESS, WIN32U_BASE
 from emu.collector import collector_paused
@@ -28,7 +29,7 @@ from emu.errors import (
 from emu.hooks import Halt
 from emu.kernel import Kernel, KernelHooks, KThread, Recorder
 from emu.kernel.objects import Event, Mutant
-from emu.kernel.rtl import BUILTIN_TRAPS_END, BuiltinRtl
+from emu.kernel.rtl_traps import BUILTIN_TRAPS_END, RtlTraps
 from emu.loader.binding import ImportTraps, bind_imports
 from emu.loader.callback_table import peb_callback_table
 from emu.loader.image import PAGE, AssemblyError, Image, Symbolizer, find_symbol, image_from_assembly
@@ -54,6 +55,9 @@ from emu.winnt import (
     PEB_PROCESS_PARAMETERS,
     PEB_SIZE,
 )
+
+if TYPE_CHECKING:
+    from emu.kernel.rtl import BuiltinRtl
 
 
 @dataclass
@@ -251,7 +255,12 @@ class Process:
         self.kernel.exceptions = self.scenario.exceptions
         self.kernel.exception_dispatcher = self.ntdll.export("KiUserExceptionDispatcher")
         builtin = BUILTIN_TRAPS_END in self.ntdll.symbols
-        self.rtl = BuiltinRtl(self.kernel, self.ntdll, self.images) if builtin else None
+        self.rtl_traps = RtlTraps(self.kernel, self.ntdll, self.images) if builtin else None
+
+    @property
+    def rtl(self) -> BuiltinRtl | None:
+        """The built-in ntdll's Python routines (None with a foreign ntdll), loaded on first use."""
+        return None if self.rtl_traps is None else self.rtl_traps.routines
 
     def describe(self) -> str:
         """What the run models, for report headers: the profile, or the foreign images and the profile."""

@@ -50,6 +50,7 @@ NOT_FOR_RUN = (
     "emu.loader.pe",  # the PE reader: the scenario's modules are assembled
     "json",  # only --json writes JSON
     "html",  # only notebooks render HTML
+    "emu.kernel.rtl",  # the built-in ntdll's exception routines: this run raises no exception
 )  # fmt: skip
 
 
@@ -96,3 +97,12 @@ def test_unknown_attribute_of_emu_is_an_attribute_error() -> None:
         "import emu\ntry:\n    emu.no_such_name\n    out = 'found'\nexcept AttributeError as e:\n    out = str(e)\n"
     )
     assert got["out"] == "module 'emu' has no attribute 'no_such_name'"
+
+
+def test_the_builtin_exception_routines_load_when_the_guest_first_reaches_a_trap() -> None:
+    got = _loaded_after(
+        "from emu.api import run\nr = run('scenarios/exception_handled_av.toml')\nout = r.ok\n",
+        ("emu.kernel.rtl",),
+    )
+    assert got["out"] is True  # the handler ran and every expectation holds
+    assert got["loaded"] == ["emu.kernel.rtl"]  # the handler search went through RtlLookupFunctionEntry
