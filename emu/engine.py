@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from emu.address_space import MODULE_BASE, MODULE_STRIDE, PEB_ADDRESS, WIN32U_BASE
 from emu.collector import collector_paused
@@ -28,12 +29,11 @@ from emu.errors import (
 from emu.hooks import Halt
 from emu.kernel import Kernel, KernelHooks, KThread, Recorder
 from emu.kernel.objects import Event, Mutant
-from emu.kernel.rtl import BUILTIN_TRAPS_END, BuiltinRtl
+from emu.kernel.rtl_traps import BUILTIN_TRAPS_END, RtlTraps
 from emu.loader.binding import ImportTraps, bind_imports
 from emu.loader.callback_table import peb_callback_table
 from emu.loader.image import PAGE, AssemblyError, Image, Symbolizer, find_symbol, image_from_assembly
 from emu.loader.loader_data import build_loader_data, main_image
-from emu.loader.pe import load_pe
 from emu.machine import Machine
 from emu.process_services import registry_for, service_numbers
 from emu.process_start import ThreadStart, file_name, probe_start
@@ -55,6 +55,9 @@ from emu.winnt import (
     PEB_PROCESS_PARAMETERS,
     PEB_SIZE,
 )
+
+if TYPE_CHECKING:
+    from emu.kernel.rtl import BuiltinRtl
 
 
 @dataclass
@@ -218,6 +221,8 @@ class Process:
     # --- building -------------------------------------------------------------------
     def _load_pe(self, spec: PeSpec, where: tuple[str, ...]) -> Image:
         """Load a PE file at its base (or its preferred one; relocated if that is taken)."""
+        from emu.loader.pe import load_pe  # here: a run of assembled modules only never loads the PE reader
+
         try:
             image = load_pe(spec.path, spec.base, spec.name)
             if spec.base is None and any(_overlaps(image, other) for other in self.images):
@@ -250,7 +255,12 @@ class Process:
         self.kernel.exceptions = self.scenario.exceptions
         self.kernel.exception_dispatcher = self.ntdll.export("KiUserExceptionDispatcher")
         builtin = BUILTIN_TRAPS_END in self.ntdll.symbols
-        self.rtl = BuiltinRtl(self.kernel, self.ntdll, self.images) if builtin else None
+        self.rtl_traps = RtlTraps(self.kernel, self.ntdll, self.images) if builtin else None
+
+    @property
+    def rtl(self) -> BuiltinRtl | None:
+        """The built-in ntdll's Python routines (None with a foreign ntdll), loaded on first use."""
+        return None if self.rtl_traps is None else self.rtl_traps.routines
 
     def describe(self) -> str:
         """What the run models, for report headers: the profile, or the foreign images and the profile."""

@@ -82,6 +82,8 @@ class Halt:
 
 @dataclass(frozen=True)
 class _Entry:
+    """One registered hook: what it watches, the callback, and where it applies."""
+
     kind: HitKind
     func: Callback
     where: Where | None = None

@@ -21,6 +21,8 @@ def uc_prot(perms: str) -> int:
 
 @dataclass(frozen=True)
 class Region:
+    """A mapped range of the address space: start, size, protection and what it holds."""
+
     start: int
     size: int
     perms: str

@@ -14,7 +14,6 @@ Ready from the moment its wait is satisfied, not from when it next runs.
 
 from __future__ import annotations
 
-import html
 from collections.abc import Callable, Iterator
 from typing import Any, Literal, NamedTuple
 
@@ -249,6 +248,8 @@ _PENDING_STYLE = ' style="background:#ffe0a8"'
 
 def state_html(state: State, symbolize: Callable[[int], str] | None = None) -> str:
     """An HTML card for one state (for ``State._repr_html_``): mode, depth, service, registers."""
+    import html  # here: only notebooks render states as HTML
+
     sym = symbolize if symbolize is not None else (lambda a: f"{a:#x}")
     pending = " · <b>callback-return pending</b>" if state.pending else ""
     api = "" if state.api is None else f" · api {state.api}"
@@ -268,6 +269,8 @@ def state_html(state: State, symbolize: Callable[[int], str] | None = None) -> s
 
 def trace_html(trace: Trace) -> str:
     """An HTML table of a trace's transitions (for ``Trace._repr_html_``), pending states highlighted."""
+    import html
+
     head = (
         "<tr><th>step</th><th>kind</th><th>from → to</th><th>service</th><th>api</th>"
         "<th>user rip</th><th>depth</th><th>status</th><th></th></tr>"

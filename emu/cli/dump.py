@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -132,6 +131,8 @@ def cmd_detect_dump(args: argparse.Namespace) -> int:
         sys.stderr.write(f"{e}\n")
         return EXIT_INPUT
     if getattr(args, "json", False):
+        import json  # here: only --json needs it
+
         sys.stdout.write(json.dumps([d.as_dict() for d in dets], indent=2) + "\n")
         return EXIT_OK
     for d in dets:

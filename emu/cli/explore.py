@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import TYPE_CHECKING
 
@@ -77,6 +76,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
     summary = exp.summary()
     summary["expectations"] = [{"where": o.where, "passed": o.passed, "message": o.message} for o in outcomes]
     if args.json:
+        import json  # here: only --json needs it
+
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     else:
         sys.stdout.write(

@@ -10,7 +10,6 @@ prints it and exits with 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -132,6 +131,8 @@ def cmd_image(args: argparse.Namespace) -> int:
 
     report = describe(load_pe(args.file, base=args.base), args.profile)
     if args.json:
+        import json  # here: only --json needs it
+
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
         _print(report, sys.stdout)

@@ -9,7 +9,6 @@ memory ran out; 130 Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import threading
 from collections.abc import Callable
@@ -180,6 +179,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"from {args.from_dump}: the scenario's [[expect]] entries describe a run from its start; not checked"
         )
     if args.json:
+        import json  # here: only --json needs it
+
         sys.stdout.write(json.dumps(_report(r), indent=2) + "\n")
     else:
         _print_table(r, sys.stdout, args.verbose)
@@ -224,6 +225,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
     found = r.detections if args.observer == "kernel-debugger" else detect_run(r, observer=args.observer)
     dets = [d.as_dict() for d in found]
     if args.json:
+        import json  # here: only --json needs it
+
         sys.stdout.write(json.dumps(dets, indent=2) + "\n")
     else:
         for d in found:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -126,6 +125,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         return EXIT_INPUT
     report.detector = args.detector
     if args.json:
+        import json  # here: only --json needs it
+
         sys.stdout.write(json.dumps(report.as_dict(), indent=2) + "\n")
     else:
         sys.stdout.write(str(report) + "\n")

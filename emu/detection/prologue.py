@@ -39,6 +39,8 @@ _CALL_LENGTHS = (2, 3, 4, 5, 6, 7)  # call reg, call [reg], call [reg+d8], rel32
 
 @dataclass(frozen=True)
 class Sweep:
+    """RSP's distance to the return address slot at a RIP, and the registers pushed so far."""
+
     delta: int  # bytes between RSP at RIP and the return address slot
     saved: dict[int, int]  # register number -> its push slot, bytes below the return address slot
 
@@ -93,6 +95,8 @@ SWEEP_STEPS = 4096  # instructions a sweep decodes at most, over all paths
 
 @dataclass
 class _Path:
+    """One path of the sweep through a function: its PC and what RSP and the registers hold."""
+
     pc: int
     delta: int  # bytes pushed or allocated since the function's start
     copies: dict[int, int]  # register -> the delta RSP had when the register got RSP's value

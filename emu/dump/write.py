@@ -78,7 +78,7 @@ from emu.dump.streams import (
 )
 from emu.errors import DumpError
 from emu.loader.image import Image
-from emu.loader.pe import nt_header_u32
+from emu.loader.pe_headers import nt_header_u32
 from emu.winnt import IMAGE_NT_CHECKSUM, IMAGE_NT_TIME_DATE_STAMP
 from emu.writing import write_atomic
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Event:
+    """A named event object (KEVENT): notification (manual reset) or synchronization."""
+
     name: str
     manual_reset: bool = False
     signaled: bool = False
@@ -26,6 +28,8 @@ class Event:
 
 @dataclass
 class Mutant:
+    """A named mutant (KMUTANT): its owning thread and recursion count."""
+
     name: str
     owner: int | None = None  # thread id
     count: int = 0
@@ -59,11 +63,15 @@ class Wait:
 
 @dataclass(frozen=True)
 class SetEvent:
+    """Signal the event behind ``handle``."""
+
     handle: int
 
 
 @dataclass(frozen=True)
 class ReleaseMutant:
+    """Release the mutant behind ``handle`` once."""
+
     handle: int
 
 

@@ -23,6 +23,7 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from emu.kernel.rtl_traps import BUILTIN_TRAPS_END as BUILTIN_TRAPS_END
 from emu.kernel.rtl_walk import FrameWalks
 from emu.kernel.vunwind import FunctionEntry, UnwindError
 from emu.loader.image import Image
@@ -44,9 +45,6 @@ from emu.ntcontext import (
 if TYPE_CHECKING:
     from emu.kernel.core import Kernel
     from emu.machine import Machine
-
-# The label after the built-in ntdll's last trap: present only in emu's own ntdll.
-BUILTIN_TRAPS_END = "RtlpEmuTrapsEnd__"
 
 
 class BuiltinRtl(FrameWalks):
@@ -77,16 +75,14 @@ class BuiltinRtl(FrameWalks):
         self.raise_status = ntdll.symbols["RtlRaiseStatus"]
         self.raise_status_body = ntdll.symbols["RtlpRaiseStatus"]
         self.handlers[self.raise_status] = self.jump_to_raise_status
-        begin = ntdll.symbols["RtlLookupFunctionEntry"]
-        end = ntdll.symbols[BUILTIN_TRAPS_END]
-        self.machine.add_code_hook(begin, end, self._hit)
-        self.machine.add_code_hook(self.raise_status, self.raise_status + 1, self._hit)
+        # The code hooks that call on_trap are emu.kernel.rtl_traps's, set when the process is built.
         # The vectored handler lists: LIST_ENTRY heads and a pool of entries in ntdll's .data.
         self.vectored_heads = (ntdll.symbols["RtlpVectoredExceptionList"], ntdll.symbols["RtlpVectoredContinueList"])
         self.vectored_pool = ntdll.symbols["RtlpVectoredHandlerEntries"]
 
     # --- plumbing ------------------------------------------------------------------------------
-    def _hit(self, uc: object, address: int, size: int, user_data: object) -> None:
+    def on_trap(self, address: int) -> None:
+        """The guest reached ``address`` in the traps' range: run its routine, if one is there."""
         fn = self.handlers.get(address)
         if fn is not None:
             fn()

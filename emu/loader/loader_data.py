@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 
 from emu.loader.image import Image
-from emu.loader.pe import nt_header_u32
+from emu.loader.pe_headers import nt_header_u32
 from emu.winnt import (
     IMAGE_NT_TIME_DATE_STAMP,
     LDR_DATA_IN_INIT_ORDER,

@@ -30,6 +30,7 @@ from emu.errors import ImageError
 from emu.interrupts import deferred_interrupt
 from emu.loader.binding import TRAP_BASE, TRAP_STRIDE, ImportTrap, ImportTraps, bind_imports
 from emu.loader.image import PAGE, Forwarder, Image, ImageImport, Section, page_align
+from emu.loader.pe_headers import nt_header_u32 as nt_header_u32
 from emu.winnt import (
     IMAGE_DIRECTORY_ENTRY_BASERELOC,
     IMAGE_DIRECTORY_ENTRY_EXCEPTION,
@@ -66,17 +67,6 @@ REL_WIDTH = {REL_HIGH: 2, REL_LOW: 2, REL_HIGHLOW: 4, REL_HIGHADJ: 2, REL_DIR64:
 
 
 @cache
-def nt_header_u32(headers: bytes, offset: int) -> int:
-    """The 32-bit field at ``offset`` of IMAGE_NT_HEADERS64 (from its "PE\\0\\0" signature) in an
-    image's first bytes, or 0 when they hold no PE headers (an image assembled without them)."""
-    if len(headers) < IMAGE_DOS_E_LFANEW + 4:
-        return 0
-    nt = int.from_bytes(headers[IMAGE_DOS_E_LFANEW : IMAGE_DOS_E_LFANEW + 4], "little")
-    if headers[nt : nt + 4] != b"PE\0\0" or len(headers) < nt + offset + 4:
-        return 0
-    return int.from_bytes(headers[nt + offset : nt + offset + 4], "little")
-
-
 def _lief() -> Any:
     """LIEF, imported on first use: runs with only assembled images never load it (a third of
     emu's start-up time). A Ctrl-C during its import is held back until the import is done:

@@ -85,6 +85,8 @@ class Stub:
 
 @dataclass(frozen=True)
 class SsnDisagreement:
+    """A service whose stub loads another number than the profile gives it."""
+
     service: str
     in_code: int
     in_profile: int
@@ -103,6 +105,8 @@ class DispatcherGuess:
 
 @dataclass(frozen=True)
 class _Walk:
+    """Where the walk through one stub ended, and the number it loaded on the way."""
+
     end: Terminal
     ssn: int | None
     offset: int | None  # of the terminal instruction

@@ -72,6 +72,8 @@ class UnwindCode:
 
 @dataclass(frozen=True)
 class UnwindInfo:
+    """A decoded UNWIND_INFO: header fields, unwind codes and the chained entry if any."""
+
     version: int
     flags: int
     prolog_size: int

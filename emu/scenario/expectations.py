@@ -92,6 +92,8 @@ class _Tabled(_Kind):
 # --- one run --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Detections(_Single):
+    """How many detections the run reports."""
+
     kind = "detections"
     noun, shape, about = "an integer", COUNT, "how many states the detector reports"
     count: int
@@ -117,6 +119,8 @@ class Detection(_Tabled):
 
 @dataclass(frozen=True)
 class ExitStatus(_Single):
+    """The thread's exit status."""
+
     kind = "exit_status"
     noun, shape, about = "an NTSTATUS", Status(), "the thread's exit status"
     status: int
@@ -124,6 +128,8 @@ class ExitStatus(_Single):
 
 @dataclass(frozen=True)
 class MaxDepth(_Single):
+    """The deepest callback nesting the run reaches."""
+
     kind = "max_depth"
     noun, shape, about = "an integer", COUNT, "the deepest callback nesting reached"
     depth: int
@@ -131,6 +137,8 @@ class MaxDepth(_Single):
 
 @dataclass(frozen=True)
 class Sysret(_Tabled):
+    """Some return from the named service carried the named status."""
+
     kind = "sysret"
     about = "some return from that service carried that status"
     service: str = field(metadata=key("a service name", Text(), required=True))
@@ -139,6 +147,8 @@ class Sysret(_Tabled):
 
 @dataclass(frozen=True)
 class CallbackOutput(_Tabled):
+    """Some callback for the api handed back exactly these bytes."""
+
     kind = "callback_output"
     about = "some callback for api returned exactly these bytes"
     api: int = field(metadata=key("an integer", Integer(), required=True))
@@ -178,6 +188,8 @@ class Transitions(_Kind):
 
 @dataclass(frozen=True)
 class Fault(_Single):
+    """The run stops with an error whose message contains this text."""
+
     kind = "fault"
     noun, shape, about = "a string", Text(), "the run stops with an error whose message contains it"
     text: str
@@ -185,6 +197,8 @@ class Fault(_Single):
 
 @dataclass(frozen=True)
 class Deadlock(_Single):
+    """Whether the run ends with threads waiting on each other."""
+
     kind = "deadlock"
     noun, shape, about = "true or false", Boolean(), "the run ends with threads waiting on each other"
     expected: bool
@@ -192,6 +206,8 @@ class Deadlock(_Single):
 
 @dataclass(frozen=True)
 class WaitChain(_Single):
+    """Some wait chain at the run's end contains this text."""
+
     kind = "wait_chain"
     noun, shape, about = "a string", Text(), "some wait chain of the run's end contains it"
     text: str
@@ -239,6 +255,8 @@ class _TruthCounts(_Kind):
 
 @dataclass(frozen=True)
 class Truths(_TruthCounts):
+    """How many states of the run each ground truth holds in."""
+
     kind = "truths"
     about = (
         "states where each ground truth holds that the observer (kernel-debugger, the default, or user-context) can see"
@@ -248,12 +266,16 @@ class Truths(_TruthCounts):
 # --- an exploration -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ExploredTruths(_TruthCounts):
+    """How many explored states each ground truth holds in."""
+
     kind = "explored_truths"
     about = "the same over the explored graph's nodes"
 
 
 @dataclass(frozen=True)
 class ExploredStates(_Single):
+    """How many distinct states exploring finds."""
+
     kind = "explored_states"
     noun, shape, about = "an integer", COUNT, "distinct states `emu explore` finds"
     count: int
@@ -261,6 +283,8 @@ class ExploredStates(_Single):
 
 @dataclass(frozen=True)
 class ExploredMerges(_Single):
+    """How many states exploring reaches along more than one edge."""
+
     kind = "explored_merges"
     noun, shape, about = "an integer", COUNT, "states `emu explore` reaches along more than one edge"
     count: int
@@ -268,6 +292,8 @@ class ExploredMerges(_Single):
 
 @dataclass(frozen=True)
 class ExploredPending(_Single):
+    """How many explored states have a callback return pending."""
+
     kind = "explored_pending"
     noun, shape, about = "an integer", COUNT, "callback-return pending states `emu explore` finds"
     count: int
@@ -275,6 +301,8 @@ class ExploredPending(_Single):
 
 @dataclass(frozen=True)
 class ExploredDeadlocks(_Single):
+    """How many deadlocked states exploring finds."""
+
     kind = "explored_deadlocks"
     noun, shape, about = "an integer", COUNT, "deadlocked states `emu explore` finds"
     count: int
@@ -282,6 +310,8 @@ class ExploredDeadlocks(_Single):
 
 @dataclass(frozen=True)
 class ExploredWaitChain(_Single):
+    """Some explored state's wait chain contains this text."""
+
     kind = "explored_wait_chain"
     noun, shape, about = "a string", Text(), "some explored state's wait chain contains it"
     text: str

@@ -63,6 +63,8 @@ class Text:
 
 @dataclass(frozen=True)
 class Boolean:
+    """A key whose value is true or false (false when absent)."""
+
     def read(self, r: _Reader, obj: dict[str, Any], key: str, path: Path) -> bool:
         v = obj.get(key, False)
         if not isinstance(v, bool):

@@ -100,6 +100,8 @@ Step = CallbackStep | ReturnStep | ChoiceStep | ObjectStep | WriteStep
 
 @dataclass(frozen=True)
 class ServiceScript:
+    """A scripted system service: its name, its steps, and its number if the scenario fixes one."""
+
     name: str
     steps: tuple[Step, ...]
     ssn: int | None = None
@@ -209,6 +211,8 @@ class ObjectSpec:
 
 @dataclass(frozen=True)
 class Scenario:
+    """A scenario file, parsed and checked: everything a run is built from."""
+
     path: str
     name: str
     description: str
