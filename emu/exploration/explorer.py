@@ -458,6 +458,8 @@ class Explorer:
         graph = canonical_graph(
             self.root, self.nodes, self.edges, self.deadlocks, self.chains, self.trace.symbolize, consume=True
         )
+        # The graph holds every state record now: the table naming them by digest goes (as the edges did).
+        self.nodes = {}
         if self.symbolic is not None:
             self.symbolic.annotate(graph.lean)
         if self.hooks is not None:
