@@ -242,7 +242,9 @@ class Explorer:
             result.stopped_by = "interrupted"
         finally:
             watchdog.__exit__()
-        self._known = set()  # only the walk needs it: its memory goes to the graph built next
+        # Only the walk needs these (the seen states, the memoised digest texts, the shared parts
+        # table): their memory goes to the graph built next.
+        self._known, self._text, self._shared = set(), DigestText(), SharedParts()
         try:
             if graph:
                 result.graph = self._graph()
