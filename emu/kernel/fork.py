@@ -8,8 +8,8 @@ loaded any number of times.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 from emu.kernel.objects import ObjectTable
