@@ -78,7 +78,7 @@ def descend_symbolic(ex: Explorer, result: Exploration, root: Fork, prefix: tupl
                     tuple(str(o) for o in prefix[:depth]), sym.save(), route=prefix[:depth],
                 )  # fmt: skip
                 ex.records.hold(fork.records)
-                fork.left = -1 if symbolic else 1  # a symbolic fork is kept: an input may restart there
+                fork.left[0] = -1 if symbolic else 1  # a symbolic fork is kept: an input may restart there
                 if symbolic:
                     sym.at_request(fork)
             if last:

@@ -307,8 +307,8 @@ class Explorer:
                     self._route = fork.route + (option,)
                 self._after_segment(result, work, fork.depth + 1, fork.path + (str(option),))
                 self.records.forget(mark)
-                fork.left -= 1
-                if not fork.left:
+                fork.left[0] -= 1
+                if not fork.left[0]:
                     self.records.release(named)
             except KeyboardInterrupt:
                 result.unexplored += len(work) + 1  # the option being followed is not finished either
@@ -389,11 +389,11 @@ class Explorer:
         if sym is not None and isinstance(pending.choice, Symbolic):
             # The solver adds this fork's other sides later: its count never reaches zero, so the
             # records it names are kept.
-            fork.left = -1
+            fork.left[0] = -1
             options = [sym.at_request(fork)]  # this path's value first
         else:
             options = list(pending.choice.options)
-            fork.left = len(options)
+            fork.left[0] = len(options)
         if claim:
             self._unclaimed.append((fork, options))
             return
@@ -425,7 +425,7 @@ class Explorer:
         self.cow.restore(fork.memory)
         named = [t.state_id for t in self.kernel.threads.values()]
         # Its last option: nothing restores it again (-1: a symbolic value's sides to come; 0: prefixes' start).
-        load_kernel(self.kernel, fork.kernel, last_use=fork.left == 1)
+        load_kernel(self.kernel, fork.kernel, last_use=fork.left[0] == 1)
         if self.symbolic is not None:
             self.symbolic.load(fork.symbolic)
         self.records.replaced(named)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from emu.symbolic.driver import Pick
 
 
-@dataclass(slots=True)  # one per choice state: no instance dict (only `left` changes)
+@dataclass(frozen=True, slots=True)  # one per choice state: no instance dict
 class Fork:
     """A machine saved at a choice point."""
 
@@ -23,7 +23,7 @@ class Fork:
     node: str  # the digest of the state the choice is made in
     path: tuple[str, ...] = ()  # the options taken from the start to here
     symbolic: Any = None  # the path's symbolic store (emu.symbolic), when the scenario declares values
-    left: int = 0  # options not yet followed (the work list's count)
+    left: list[int] = field(default_factory=lambda: [0])  # options not yet followed (the work list's count)
     route: tuple[str | Pick, ...] = ()  # the path as options to resume with (a symbolic value's: its Pick)
 
     @property
