@@ -264,7 +264,7 @@ def _set_cpu(session: Session, cpu: dict[str, int]) -> None:
 def _kernel_json(state: KernelState) -> dict[str, Any]:
     """The kernel stream's document for ``state``, with what a live run needs besides."""
     threads = []
-    for t in state.threads.values():
+    for t in state.threads:
         d = thread_doc(t, None, False, t.suspended)
         d["state_id"] = t.state_id
         d["announced"] = bool(t.suspended is not None and t.suspended.announced)
@@ -307,7 +307,7 @@ def _kernel_state(session: Session, d: dict[str, Any]) -> KernelState:
         if t.suspended is not None:
             t.suspended.announced = bool(td.get("announced"))
         threads[t.tid] = t
-    return KernelState(threads, doc.current, doc.max_depth, None, doc.objects(), d.get("next_thread"),
+    return KernelState(tuple(threads.values()), doc.current, doc.max_depth, None, doc.objects(), d.get("next_thread"),
                        [str(x) for x in d.get("deadlock", [])])  # fmt: skip
 
 

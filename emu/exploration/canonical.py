@@ -73,7 +73,7 @@ def canonical_graph(
     # and predecessor maps), without their copy of every attribute dict.
     node, succ, pred = g._node, g._adj, g._pred
     for d, i in order.items():
-        attrs: dict[str, object] = {"state": nodes[d], "digest": d}
+        attrs = _node_attrs(nodes[d], d)
         if d in deadlocks:
             attrs["deadlock"] = "; ".join(deadlocks[d])
         if d in chains:
@@ -109,6 +109,26 @@ def canonical_graph(
             targets[v] = a
             pred[v][u] = a
     return StateGraph(g, symbolize)
+
+
+class _NodeAttrs:
+    """Only its instance dictionary is kept: see :func:`_node_attrs`."""
+
+    state: State
+    digest: str
+
+
+def _node_attrs(state: State, digest: str) -> dict[str, object]:
+    """A node's attribute dict ``{"state": ..., "digest": ...}``, as a key-sharing dictionary.
+
+    An instance dictionary shares its key table with every other instance's of the same
+    class (PEP 412): about 135 bytes a node instead of 220 for a dict display. It is an
+    ordinary dict to everyone (keys added later, copies, pickling and order behave alike).
+    """
+    holder = _NodeAttrs()
+    holder.state = state
+    holder.digest = digest
+    return holder.__dict__
 
 
 def node_name(graph: StateGraph, digest: str) -> str:

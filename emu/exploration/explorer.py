@@ -242,7 +242,9 @@ class Explorer:
             result.stopped_by = "interrupted"
         finally:
             watchdog.__exit__()
-        self._known = set()  # only the walk needs it: its memory goes to the graph built next
+        # Only the walk needs these (the seen states, the memoised digest texts, the shared parts
+        # table): their memory goes to the graph built next.
+        self._known, self._text, self._shared = set(), DigestText(), SharedParts()
         try:
             if graph:
                 result.graph = self._graph()
@@ -458,6 +460,8 @@ class Explorer:
         graph = canonical_graph(
             self.root, self.nodes, self.edges, self.deadlocks, self.chains, self.trace.symbolize, consume=True
         )
+        # The graph holds every state record now: the table naming them by digest goes (as the edges did).
+        self.nodes = {}
         if self.symbolic is not None:
             self.symbolic.annotate(graph.lean)
         if self.hooks is not None:

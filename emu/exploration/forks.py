@@ -29,4 +29,4 @@ class Fork:
     @property
     def records(self) -> tuple[int, ...]:
         """The trace records (state ids) the saved threads name: kept while this fork may be restored."""
-        return tuple(t.state_id for t in self.kernel.threads.values())
+        return tuple(t.state_id for t in self.kernel.threads)

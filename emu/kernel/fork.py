@@ -8,6 +8,7 @@ loaded any number of times.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
@@ -24,41 +25,40 @@ _T = TypeVar("_T")
 class KernelState:
     """A saved kernel model: threads (callback stacks, waits), the current thread, a pending choice, objects."""
 
-    threads: dict[int, KThread]
+    threads: tuple[KThread, ...]  # in the kernel's order (a tuple: a third of a small dict's size)
     current: int | None
     max_depth: int
     pending_choice: PendingChoice | None
-    objects: ObjectTable = field(default_factory=ObjectTable)
+    objects: ObjectTable = field(default_factory=ObjectTable)  # an empty one may be shared: never handed over
     next_thread: int | None = None
-    deadlock: list[str] = field(default_factory=list)
+    deadlock: Sequence[str] = ()  # a tuple when saved here (an empty one costs nothing)
 
 
 def save_kernel(kernel: Kernel) -> KernelState:
     """Everything the kernel model knows, copied so the original may go on changing."""
     return KernelState(
-        {tid: _copy_thread(t) for tid, t in kernel.threads.items()},
+        tuple([_copy_thread(t) for t in kernel.threads.values()]),
         None if kernel.current is None else kernel.current.tid,
         kernel.max_depth,
         _copy_pending(kernel.pending_choice),
-        _copy_objects(kernel.objects),
+        _save_objects(kernel.objects),
         None if kernel.next_thread is None else kernel.next_thread.tid,
-        list(kernel.deadlock),
+        tuple(kernel.deadlock),
     )
 
 
 def load_kernel(kernel: Kernel, state: KernelState, last_use: bool = False) -> None:
     """Make ``state`` current in ``kernel`` (copied again, so one saved state can be loaded many
     times); ``last_use``: it is not loaded again, so its objects are handed over, not copied."""
+    saved = state.objects
     if last_use:
-        threads = dict(state.threads)
-        pending, objects, deadlock = state.pending_choice, state.objects, state.deadlock
+        threads = {t.tid: t for t in state.threads}
+        pending = state.pending_choice
+        objects = saved if saved.objects or saved.queues or saved.waiters else _copy_objects(saved)
     else:
-        threads = {tid: _copy_thread(t) for tid, t in state.threads.items()}
-        pending, objects, deadlock = (
-            _copy_pending(state.pending_choice),
-            _copy_objects(state.objects),
-            list(state.deadlock),
-        )
+        threads = {t.tid: _copy_thread(t) for t in state.threads}
+        pending, objects = _copy_pending(state.pending_choice), _copy_objects(saved)
+    deadlock = list(state.deadlock)
     for t in threads.values():
         t.service_ctx = ThreadServiceContext(kernel, t)
     kernel.set_threads(threads)
@@ -111,6 +111,22 @@ def _copy_objects(table: ObjectTable) -> ObjectTable:
     if table.objects or table.queues or table.waiters:
         return table.copy()
     return ObjectTable({}, {}, {}, table.next_message)  # the common case, without the walk
+
+
+# Saved empty object tables, one per next message number: most forks have no objects, and a
+# saved empty table is only ever copied, never handed over (load_kernel), so forks share it.
+_EMPTY_TABLES: dict[int, ObjectTable] = {}
+
+
+def _save_objects(table: ObjectTable) -> ObjectTable:
+    if table.objects or table.queues or table.waiters:
+        return table.copy()
+    saved = _EMPTY_TABLES.get(table.next_message)
+    if saved is None:
+        if len(_EMPTY_TABLES) >= 1024:
+            _EMPTY_TABLES.clear()
+        saved = _EMPTY_TABLES[table.next_message] = ObjectTable({}, {}, {}, table.next_message)
+    return saved
 
 
 def _copy_pending(p: PendingChoice | None) -> PendingChoice | None:
