@@ -242,8 +242,7 @@ class Explorer:
             result.stopped_by = "interrupted"
         finally:
             watchdog.__exit__()
-        # Only the walk needs these (the seen states, the memoised digest texts, the shared parts
-        # table): their memory goes to the graph built next.
+        # The walk's own tables (seen states, digest texts, shared parts): their memory goes to the graph.
         self._known, self._text, self._shared = set(), DigestText(), SharedParts()
         try:
             if graph:
@@ -460,8 +459,7 @@ class Explorer:
         graph = canonical_graph(
             self.root, self.nodes, self.edges, self.deadlocks, self.chains, self.trace.symbolize, consume=True
         )
-        # The graph holds every state record now: the table naming them by digest goes (as the edges did).
-        self.nodes = {}
+        self.nodes = {}  # the graph holds every state record now (the edges table went the same way)
         if self.symbolic is not None:
             self.symbolic.annotate(graph.lean)
         if self.hooks is not None:

@@ -54,7 +54,7 @@ def load_kernel(kernel: Kernel, state: KernelState, last_use: bool = False) -> N
     if last_use:
         threads = {t.tid: t for t in state.threads}
         pending = state.pending_choice
-        objects = saved if saved.objects or saved.queues or saved.waiters else _copy_objects(saved)
+        objects = saved if _holds_any(saved) else _copy_objects(saved)
     else:
         threads = {t.tid: _copy_thread(t) for t in state.threads}
         pending, objects = _copy_pending(state.pending_choice), _copy_objects(saved)
@@ -107,8 +107,12 @@ def _shallow(obj: _T) -> _T:
     return twin
 
 
+def _holds_any(table: ObjectTable) -> bool:
+    return bool(table.objects or table.queues or table.waiters)
+
+
 def _copy_objects(table: ObjectTable) -> ObjectTable:
-    if table.objects or table.queues or table.waiters:
+    if _holds_any(table):
         return table.copy()
     return ObjectTable({}, {}, {}, table.next_message)  # the common case, without the walk
 
@@ -119,7 +123,7 @@ _EMPTY_TABLES: dict[int, ObjectTable] = {}
 
 
 def _save_objects(table: ObjectTable) -> ObjectTable:
-    if table.objects or table.queues or table.waiters:
+    if _holds_any(table):
         return table.copy()
     saved = _EMPTY_TABLES.get(table.next_message)
     if saved is None:
