@@ -10,7 +10,9 @@ What is measured (each figure the median of ``--runs`` runs):
     included), and memory per state: the child's resident set size (RSS, from
     ``/proc/self/statm``) after the exploration, with the explorer and its result still
     alive, minus the RSS just before it, divided by the states found. Peak RSS is shown too.
-    The row's figure is the worse of the two strategies.
+    The row's figure is the worse of the two strategies. The rate's verdict is judged as µs per
+    forked state over the µs of bench_roundtrip's bare hook, run in the same child before and
+    after the exploration (see ``goals.REFERENCE_HOOK_US``).
 
 ``first write``
     The same tree (smaller K) where each branch writes one page of a read-write region: a
@@ -40,7 +42,7 @@ import time
 from pathlib import Path
 
 import measuring
-from goals import EXPLORE_MEMORY, EXPLORE_RATE, FIRST_WRITE
+from goals import EXPLORE_MEMORY, EXPLORE_RATE, FIRST_WRITE, REFERENCE_HOOK_US
 from measuring import Row
 
 from emu.engine import build
@@ -155,11 +157,13 @@ def _peak_rss() -> int:
 def explore_child(k: int, strategy: str) -> dict[str, float | int | str | None]:
     """One exploration of the 2^k tree in this (fresh) process: its rate and the RSS it added."""
     explorer = Explorer(parse_scenario(tree(k), "tree"), strategy)  # type: ignore[arg-type]
+    hook = bare_hook_us()  # the rate goal's baseline, in this process, before and after
     gc.collect()
     before, peak_before = resident_bytes(), _peak_rss()
     result = explorer.run()
     gc.collect()
     after, peak = resident_bytes(), _peak_rss()
+    hook = (hook + bare_hook_us()) / 2
     if result.stopped_by is not None:
         raise SystemExit(f"2^{k} tree, {strategy}: stopped by the {result.stopped_by} budget")
     return {
@@ -170,7 +174,16 @@ def explore_child(k: int, strategy: str) -> dict[str, float | int | str | None]:
         "elapsed": result.elapsed,
         "rss_added": after - before,
         "peak_added": max(peak, after) - max(peak_before, before),
+        "hook_us": hook,
     }
+
+
+def bare_hook_us(n: int = 20_000) -> float:
+    """µs per op of bench_roundtrip's bare hook (through the binding), run here."""
+    from bench_roundtrip import bare_hook
+
+    dt, ops = bare_hook(n)
+    return dt / ops * 1e6
 
 
 def measure_explorer(k: int, runs: int) -> tuple[Row, Row]:
@@ -180,6 +193,8 @@ def measure_explorer(k: int, runs: int) -> tuple[Row, Row]:
         for strategy, series in got.items():
             series.append(measuring.run_child(["bench_explore.py", "--child", str(k), strategy]))
     rates = {s: [r["forked_states"] / r["elapsed"] for r in rs] for s, rs in got.items()}
+    # The verdict's basis: µs per forked state over the bare hook's µs per op, child by child.
+    per_hook = {s: [1e6 / (r["forked_states"] / r["elapsed"]) / r["hook_us"] for r in rs] for s, rs in got.items()}
     per_state = {s: [r["rss_added"] / r["states"] for r in rs] for s, rs in got.items()}
     peak = {s: statistics.median(r["peak_added"] / r["states"] for r in rs) for s, rs in got.items()}
     states = int(got["dfs"][0]["states"])
@@ -187,14 +202,16 @@ def measure_explorer(k: int, runs: int) -> tuple[Row, Row]:
     big = max(per_state, key=lambda s: statistics.median(per_state[s]))
     rate_detail = (
         f"2^{k} tree, {states:,} states; DFS {statistics.median(rates['dfs']):,.0f}/s, BFS {statistics.median(rates['bfs']):,.0f}/s"
-        f" (figure: {slow.upper()}, the slower)"
+        f" (figure: {slow.upper()}, the slower); {statistics.median(per_hook[slow]):.2f}× the bare hook measured"
+        f" in the same child ({statistics.median(r['hook_us'] for r in got[slow]):.2f} µs here,"
+        f" {REFERENCE_HOOK_US} µs where the goal was set)"
     )
     mem_detail = (
         f"RSS added / states: DFS {statistics.median(per_state['dfs']):,.0f} B, BFS {statistics.median(per_state['bfs']):,.0f} B"
         f" (figure: {big.upper()}, the larger); peak RSS added: DFS {peak['dfs']:,.0f} B, BFS {peak['bfs']:,.0f} B per state"
     )
     return (
-        Row(EXPLORE_RATE, "/s", rates[slow], detail=rate_detail),
+        Row(EXPLORE_RATE, "/s", rates[slow], judged=per_hook[slow], detail=rate_detail),
         Row(EXPLORE_MEMORY, "B", per_state[big], detail=mem_detail),
     )
 

@@ -1,8 +1,8 @@
 """emu's performance goals, written once: every benchmark and ``run_all.py`` judge against these.
 
 Each goal names what is measured, the direction and the bound. A figure is the median of
-several runs; the verdict compares that median (or, where a goal says so, a ratio measured
-beside it) with the bound.
+several runs; the verdict compares that median (or, where a goal says so, a ratio to a baseline
+measured beside it) with the bound.
 """
 
 from __future__ import annotations
@@ -33,10 +33,28 @@ SYSCALL_VS_BARE = Goal(
     "≤ 1.2×",
 )
 VS_QILING = Goal("qiling", "emu syscall loop vs Qiling getpid loop (same Unicorn), throughput", ">=", 6.0, "≥ 6×")
+# The two rate goals were set as rates (60,000/s, 40,000/s) on a machine where the bare hook
+# (a Unicorn `syscall` hook reading and writing RAX through the binding, as bench_roundtrip's
+# "bare hook") took REFERENCE_HOOK_US. A rate depends on the machine, so the verdict judges the
+# same goal as a ratio: the time per operation over the bare hook's, measured in the same
+# process, the runs interleaved. The table's figure stays the rate on this machine.
+REFERENCE_HOOK_US = 3.33
+CALLBACK_PER_HOOK = round(1e6 / 60_000 / REFERENCE_HOOK_US, 1)  # 16.7 µs / 3.33 µs = 5.0
+EXPLORE_PER_HOOK = round(1e6 / 40_000 / REFERENCE_HOOK_US, 1)  # 25 µs / 3.33 µs = 7.5
 CALLBACK_RATE = Goal(
-    "callback", "callback round trip (syscall → callback → NtCallbackReturn → sysret)", ">=", 60_000, "≥ 60,000/s"
+    "callback",
+    "callback round trip (syscall → callback → NtCallbackReturn → sysret)",
+    "<=",
+    CALLBACK_PER_HOOK,
+    f"≥ 60,000/s where a bare hook takes {REFERENCE_HOOK_US} µs: ≤ {CALLBACK_PER_HOOK}× the bare hook beside it",
 )
-EXPLORE_RATE = Goal("explore_rate", "explorer, forked states/s on a 2^14 choice tree", ">=", 40_000, "≥ 40,000/s")
+EXPLORE_RATE = Goal(
+    "explore_rate",
+    "explorer, forked states/s on a 2^14 choice tree",
+    "<=",
+    EXPLORE_PER_HOOK,
+    f"≥ 40,000/s where a bare hook takes {REFERENCE_HOOK_US} µs: ≤ {EXPLORE_PER_HOOK}× the bare hook beside it",
+)
 EXPLORE_MEMORY = Goal(
     "explore_memory", "explorer memory per state (process RSS, 2^14 tree)", "<=", 1.5 * KIB, "≤ 1.5 KiB"
 )
