@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 
-import networkx as nx
-
+from emu.exploration.adjacency import CompactDiGraph, Neighbors
 from emu.graph import EdgeInfo, StateGraph
 from emu.trace import State
 
@@ -75,7 +74,7 @@ def canonical_graph(
             if dst not in order:
                 order[dst] = f"n{len(order)}"
                 queue.append(dst)
-    g = nx.DiGraph()
+    g = CompactDiGraph()  # a networkx DiGraph with small adjacency maps (emu.exploration.adjacency)
     # The adjacency is filled directly, as add_nodes_from/add_edges_from fill it (node, successor
     # and predecessor maps), without their copy of every attribute dict.
     node, succ, pred = g._node, g._adj, g._pred
@@ -86,8 +85,8 @@ def canonical_graph(
         if d in chains:
             attrs["wait_chains"] = "; ".join(chains[d])
         node[name] = attrs
-        succ[name] = {}
-        pred[name] = {}
+        succ[name] = Neighbors()
+        pred[name] = Neighbors()
     # Edges in canonical order (source, target, transition). Two different transitions between
     # the same two states: the first is the edge, the others are listed under "also". Edges of
     # the same transition(s) share one attribute dict (read-only, like the frozen EdgeInfo in it):
