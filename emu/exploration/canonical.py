@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 
-import networkx as nx
-
+from emu.exploration.adjacency import CompactDiGraph, Neighbors
 from emu.graph import EdgeInfo, StateGraph
 from emu.trace import State
 
@@ -36,16 +35,23 @@ def canonical_graph(
     so the graph is built in the memory its keys held.
     """
     # Few distinct transitions recur over many edges: one sort key and one (frozen) EdgeInfo
-    # each, and per source its edges as (target, that pair).
+    # each. Per source: its out-edge, or a list of them when it has more than one (the edge
+    # keys themselves: nothing is allocated per edge before the graph's own adjacency).
     kinds: dict[tuple[object, ...], Kind] = {}
-    out_edges: dict[str, list[tuple[str, Kind]]] = {}
-    for src, dst, tail in edges:
-        known = kinds.get(tail)
-        if known is None:
+    out_edges: dict[str, EdgeKey | list[EdgeKey]] = {}
+    for key in edges:
+        tail = key[2]
+        if tail not in kinds:
             kind, service, ssn, status, api, detail = tail
             info = EdgeInfo(str(kind), service, ssn, status, api, str(detail or ""))  # type: ignore[arg-type]
-            known = kinds[tail] = (edge_sort(tail), info)
-        out_edges.setdefault(src, []).append((dst, known))
+            kinds[tail] = (edge_sort(tail), info)
+        have = out_edges.get(key[0])
+        if have is None:
+            out_edges[key[0]] = key
+        elif isinstance(have, list):
+            have.append(key)
+        else:
+            out_edges[key[0]] = [have, key]
     if consume and isinstance(edges, dict):
         edges.clear()
 
@@ -53,59 +59,62 @@ def canonical_graph(
         s = nodes[d]
         return f"{s.mode}|{s.depth}|{s.rip:#x}"
 
-    order: dict[str, int] = {}
+    # Node names by digest, numbered in breadth-first order (the dict's insertion order).
+    order: dict[str, str] = {}
     queue = deque([root] if root else [])
     if root:
-        order[root] = 0
+        order[root] = "n0"
     while queue:
         out = out_edges.get(queue.popleft())
-        if not out:
+        if out is None:
             continue
-        if len(out) > 1:
-            out.sort(key=lambda e: (e[1][0], label(e[0]), e[0]))
-        for dst, _ in out:
+        if isinstance(out, list):
+            out.sort(key=lambda e: (kinds[e[2]][0], label(e[1]), e[1]))
+        for _, dst, _ in out if isinstance(out, list) else (out,):
             if dst not in order:
-                order[dst] = len(order)
+                order[dst] = f"n{len(order)}"
                 queue.append(dst)
-    names = [f"n{i}" for i in range(len(order))]  # order's insertion order is the numbering
-    g = nx.DiGraph()
+    g = CompactDiGraph()  # a networkx DiGraph with small adjacency maps (emu.exploration.adjacency)
     # The adjacency is filled directly, as add_nodes_from/add_edges_from fill it (node, successor
     # and predecessor maps), without their copy of every attribute dict.
     node, succ, pred = g._node, g._adj, g._pred
-    for d, i in order.items():
+    for d, name in order.items():
         attrs = _node_attrs(nodes[d], d)
         if d in deadlocks:
             attrs["deadlock"] = "; ".join(deadlocks[d])
         if d in chains:
             attrs["wait_chains"] = "; ".join(chains[d])
-        node[names[i]] = attrs
-        succ[names[i]] = {}
-        pred[names[i]] = {}
+        node[name] = attrs
+        succ[name] = Neighbors()
+        pred[name] = Neighbors()
     # Edges in canonical order (source, target, transition). Two different transitions between
     # the same two states: the first is the edge, the others are listed under "also". Edges of
     # the same transition(s) share one attribute dict (read-only, like the frozen EdgeInfo in it):
-    # a dict per edge would be ~180 bytes an edge.
+    # a dict per edge would be ~180 bytes an edge. A source's edge keys go once its edges are in
+    # the graph, so the graph grows into the memory they held.
     shared: dict[tuple[EdgeInfo, ...], dict[str, object]] = {}
-    for d, i in order.items():
-        out = out_edges.get(d)
-        if not out:
+    for d, u in order.items():
+        out = out_edges.pop(d, None)
+        if out is None:
             continue
-        if len(out) > 1:
-            out.sort(key=lambda e: (order[e[0]], e[1][0]))
-        u, targets = names[i], succ[names[i]]
+        if not isinstance(out, list):
+            out = [out]
+        elif len(out) > 1:
+            out.sort(key=lambda e: (_number(order[e[1]]), kinds[e[2]][0]))
+        targets = succ[u]
         j = 0
         while j < len(out):
-            dst = out[j][0]
-            infos = [out[j][1][1]]
+            dst = out[j][1]
+            infos = [kinds[out[j][2]][1]]
             j += 1
-            while j < len(out) and out[j][0] == dst:
-                infos.append(out[j][1][1])
+            while j < len(out) and out[j][1] == dst:
+                infos.append(kinds[out[j][2]][1])
                 j += 1
-            key = tuple(infos)
-            a = shared.get(key)
+            group = tuple(infos)
+            a = shared.get(group)
             if a is None:
-                a = shared[key] = {"edge": key[0], "also": key[1:]} if len(key) > 1 else {"edge": key[0]}
-            v = names[order[dst]]
+                a = shared[group] = {"edge": group[0], "also": group[1:]} if len(group) > 1 else {"edge": group[0]}
+            v = order[dst]
             targets[v] = a
             pred[v][u] = a
     return StateGraph(g, symbolize)
@@ -146,6 +155,10 @@ def name_faults(graph: StateGraph, faults: list[tuple[str, str]]) -> list[tuple[
     ids = {str(a.get("digest")): str(n) for n, a in graph.lean.nodes(data=True)}
     named = {(ids.get(d, d), m) for d, m in faults}
     return sorted(named, key=lambda f: (node_order(f[0]), f[1]))
+
+
+def _number(name: str) -> int:
+    return int(name[1:])
 
 
 def node_order(name: str) -> tuple[int, str]:
