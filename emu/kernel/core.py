@@ -16,7 +16,7 @@ from typing import Any
 from emu.context import REGISTER_NAMES, KTrapFrame, UserContext
 from emu.errors import BudgetExceeded, EmuError, ModelBug, UnimplementedService
 from emu.kernel import exception, port_io, sched
-from emu.kernel.callout import kernel_stack_overflow, lay_out
+from emu.kernel.callout import entry_registers, kernel_stack_overflow, lay_out
 from emu.kernel.hooks import KernelHooks
 from emu.kernel.objects import ObjectTable, ReceiveMessage, ReleaseMutant, ReplyMessage, SendMessage, SetEvent, Wait
 from emu.kernel.record import Recorder, kernel_read, record_output
@@ -117,6 +117,9 @@ class Kernel:
         self._overflow: dict[int, str | None] = {}  # callback depth -> kernel_stack_overflow's answer (profile fixed)
         # Per set of XMM registers scrubbed: the write entering KiUserCallbackDispatcher, and its array.
         self._put_entry: dict[tuple[int, ...], tuple[Callable[[], object], Any]] = {}
+        # Callout frames by (RSP, RIP, RFLAGS, api, input), "stack" convention only (see _callback).
+        self._places: dict[tuple[Any, ...], Any] = {}
+        self._cache_places = profile.dispatcher == "stack"
         self._write_sysret = machine.regs.writer(_SYSRET)
         self._write_rax = machine.regs.writer(("rax",))
         # Faults become Windows exceptions ("deliver") or stop the run ("stop", [machine] exceptions).
@@ -402,27 +405,43 @@ class Kernel:
             raise BudgetExceeded("callback_depth", self.callback_depth_budget, self.trace.symbolize(trap.ctx.rip))
         if req.by_depth:
             req = UserCallback(req.api_at(len(thread.callback_stack)), req.data, message=req.message)
-        out = lay_out(self.profile, trap.ctx, req.api, bytes(req.data), self.dispatcher)
-        old = trap.ctx.rsp
-        r = self.machine.region_at(out.lowest)  # the frame usually fits in the stack's own region
-        fits = r is not None and old <= r.end and "r" in r.perms
-        if out.lowest < thread.stack_limit or not (fits or self.machine.readable(out.lowest, old - out.lowest)):
-            # ProbeForWrite of the frame fails: KeUserModeCallback returns the exception code.
-            return STATUS_ACCESS_VIOLATION, "the callout frame does not fit on the user stack"
-        self.machine.write(out.lowest, out.block)
-        thread.callback_stack.append(CallbackFrame(act, trap, req.api, out.frame, req.message, out.buffer))
+        ctx, api, machine = trap.ctx, req.api, self.machine
+        # The same frame bytes from the same RSP, RIP, RFLAGS and input: laid out and probed once.
+        key = (ctx[4], ctx[16], ctx[17], api, req.data)
+        place = self._places.get(key) if self._cache_places and type(req.data) is bytes else None
+        if place is None or place[4] is not machine.regions or place[5] != thread.stack_limit:
+            out = lay_out(self.profile, ctx, api, bytes(req.data), self.dispatcher)
+            old = ctx.rsp
+            r = machine.region_at(out.lowest)  # the frame usually fits in the stack's own region
+            fits = r is not None and old <= r.end and "r" in r.perms
+            if out.lowest < thread.stack_limit or not (fits or machine.readable(out.lowest, old - out.lowest)):
+                # ProbeForWrite of the frame fails: KeUserModeCallback returns the exception code.
+                return STATUS_ACCESS_VIOLATION, "the callout frame does not fit on the user stack"
+            put = self._put_entry.get(out.xmm_zero)
+            if put is None:
+                ids = tuple(XMM_IDS[i] for i in out.xmm_zero)
+                put = self._put_entry[out.xmm_zero] = machine.regs.bound_zeroing(_ALL, ids)
+            place = (out, put, out.lowest, out.block, machine.regions, thread.stack_limit)
+            if self._cache_places and type(req.data) is bytes:
+                if len(self._places) >= 64:
+                    self._places.clear()
+                self._places[key] = place
+            entry = out.entry
+        else:
+            out = place[0]
+            # The registers depend on every trap register: only the "stack" convention's are
+            # derived here (the cache holds that convention's layouts only).
+            entry = entry_registers(self.profile, ctx, out.frame, self.dispatcher)[0]
+        machine.write(place[2], place[3])
+        thread.callback_stack.append(CallbackFrame(act, trap, api, out.frame, req.message, out.buffer))
         if depth >= self.max_depth:
             self.max_depth = depth + 1
-        put = self._put_entry.get(out.xmm_zero)
-        if put is None:
-            ids = tuple(XMM_IDS[i] for i in out.xmm_zero)
-            put = self._put_entry[out.xmm_zero] = self.machine.regs.bound_zeroing(_ALL, ids)
+        put = place[1]
         values = put[1]
-        values[:] = out.entry
+        values[:] = entry
         values[16] -= self._entry_len  # RIP, as Unicorn will advance it
         put[0]()  # the registers, and the XMM registers the kernel scrubs, in one C call
         name = act.spec.name  # as recorder.callback (one frame fewer)
-        entry, api = out.entry, req.api
         self.recorder.add("callback", thread, "user", entry, name, None, None, api, name, False, note, b"", None)
         return None
 
