@@ -119,6 +119,8 @@ class Kernel:
         self._put_entry: dict[tuple[int, ...], tuple[Callable[[], object], Any]] = {}
         # Callout frames by (RSP, RIP, RFLAGS, api, input), "stack" convention only (see _callback).
         self._places: dict[tuple[Any, ...], Any] = {}
+        # Callback results by value: frozen, so one object serves every equal result.
+        self._results: dict[tuple[int, bytes, int, int], CallbackResult] = {}
         self._cache_places = profile.dispatcher == "stack"
         self._write_sysret = machine.regs.writer(_SYSRET)
         self._write_rax = machine.regs.writer(("rax",))
@@ -187,27 +189,30 @@ class Kernel:
         second fast path): what :meth:`_callback_return`, :meth:`_complete_callback`,
         :meth:`_drive` and :meth:`_sysret_resumed` do, in one call when the service that
         called back then returns a status at once; anything else carries on in :meth:`_drive`."""
-        cbs = thread.callback_stack
-        top = cbs[-1]
+        top = thread.callback_stack[-1]
         act = top.activation
-        service = act.spec.name
-        recorder = self.recorder
-        # The seed's state: the user side sits at ZwCallbackReturn while the kernel completes the callback.
-        add = recorder.add  # recorder.syscall, .callback_return and .sysret, one frame fewer each
-        add("syscall", thread, "kernel", regs, NT_CALLBACK_RETURN, ssn, None, None, service, True, "", b"", None)
-        cbs.pop()
         # As _complete_callback (WRK ke/amd64/callout.asm NtCallbackReturn).
         result_ptr, length, status = regs[10], regs[2] & 0xFFFF_FFFF, regs[8] & 0xFFFF_FFFF
         if length:
             output, detail = record_output(self.machine, result_ptr, length, self.profile.callback_output_limit)
         else:
             output, detail = b"", _NO_OUTPUT
-        thread.resuming = (act.position(), status, output, result_ptr, length)
         trap = top.trap
         back = tuple(trap.ctx)
-        api = top.api
-        add("callback_return", thread, "kernel", back, service, None, status, api, service, False, detail, output, None)
-        req = act.step(CallbackResult(status, output, result_ptr, length))
+        # The seed's state (the user side sits at ZwCallbackReturn), then back in the service.
+        resuming = (act.position(), status, output, result_ptr, length)
+        stack = self.recorder.callback_returned(
+            thread, regs, NT_CALLBACK_RETURN, ssn, back, status, detail, output, resuming
+        )
+        key = (status, output, result_ptr, length)
+        result = self._results.get(key)
+        if result is None:
+            result = CallbackResult(status, output, result_ptr, length)
+            if len(self._results) >= 64:
+                self._results.clear()
+            self._results[key] = result
+        writes = self.user_writes
+        req = act.step(result)
         if not isinstance(req, int) or act.remark:
             self._drive(thread, act, trap, None, True, req)
             return
@@ -218,7 +223,11 @@ class Kernel:
         v[16] -= self._entry_len  # RIP, as Unicorn will advance it
         self._all_out[:] = v
         self._put_all()
-        add("sysret", thread, "user", regs, service, self.ssn_table.get(service), req, None, None, False, "", b"", None)
+        service = act.spec.name
+        if writes == self.user_writes:  # nothing written: the stack at RSP is the one just recorded
+            self.recorder.sysret_over(thread, regs, service, self.ssn_table.get(service), req, stack)
+            return
+        self.recorder.sysret(thread, regs, service, self.ssn_table.get(service), req, "")
 
     def on_interrupt(self, uc: object, intno: int, user_data: object = None) -> None:
         vals = tuple(self._read_all())  # RIP is already past the `int` instruction
