@@ -285,10 +285,31 @@ class Recorder:
     ) -> None:
         """:meth:`sysret` where the stack at RSP is known to hold ``stack`` (the same object the
         capture would share), one thread, no observer: counted as a capture is."""
+        trace = self.trace
+        states, transitions = trace.raw_states, trace.raw_transitions
+        sid = len(states)
+        rip, rsp = regs[_RIP], regs[_RSP]
+        if sid >= self._state_limit and self.state_budget is not None:
+            raise BudgetExceeded("states", self.state_budget, trace.symbolize(rip))
+        cbs = thread.callback_stack
+        if cbs:
+            top = cbs[-1]
+            frames = top.chain
+            if frames is None or len(frames) != len(cbs):
+                frames = top.chain = tuple([(f.api, f.activation.spec.name) for f in cbs])
+            depth, api_top, mine = len(frames), top.api, top.activation.spec.name
+        else:
+            depth, api_top, frames, mine = 0, None, (), None
         self.output_bytes += len(stack)
         if self.output_bytes > self._output_limit and self.output_budget is not None:
-            raise BudgetExceeded("output_bytes", self.output_budget, self.trace.symbolize(regs[_RIP]))
-        self.add("sysret", thread, "user", regs, service, ssn, status, None, None, False, "", b"", stack)
+            raise BudgetExceeded("output_bytes", self.output_budget, trace.symbolize(rip))
+        tid = thread.tid
+        states.append((sid, tid, "user", regs, stack, thread.stack_base, depth, mine, api_top, False, frames))
+        transitions.append((len(transitions), "sysret", tid, thread.state_id, sid, service, ssn, rip, rsp, depth,
+                            status, None, "", b"", self._woken() if self.wakes_pending else ()))  # fmt: skip
+        thread.state_id = sid
+        thread.mode = "user"
+        thread.resuming = None
 
     def callback(self, thread: KThread, regs: tuple[int, ...], service: str, api: int, note: str) -> None:
         """Kernel → user at KiUserCallbackDispatcher."""
