@@ -4,8 +4,9 @@ Entered from the machine's ``syscall`` (or ``int 2Eh``) hook. Applies the
 architectural effects Unicorn leaves out, runs the service for the SSN, and leaves
 the CPU either where the service returns (sysret) or at KiUserCallbackDispatcher
 (callback). Each crossing goes to the :class:`~emu.kernel.record.Recorder`; choices go
-to the caller's :class:`~emu.kernel.hooks.KernelHooks`; threads waiting and switching
-are :mod:`emu.kernel.sched`; saving and loading for forks are :mod:`emu.kernel.fork`.
+to the caller's :class:`~emu.kernel.hooks.KernelHooks`; stepping a service past its first
+request and resuming suspended kernel work are :mod:`emu.kernel.driving`; threads waiting
+and switching are :mod:`emu.kernel.sched`; saving and loading for forks are :mod:`emu.kernel.fork`.
 """
 
 from __future__ import annotations
@@ -15,23 +16,19 @@ from typing import Any
 
 from emu.context import REGISTER_NAMES, KTrapFrame, UserContext
 from emu.errors import BudgetExceeded, EmuError, ModelBug, UnimplementedService
-from emu.kernel import exception, port_io, sched
+from emu.kernel import driving, exception, port_io, sched
 from emu.kernel.callout import entry_registers, kernel_stack_overflow, lay_out
+from emu.kernel.driving import drive
 from emu.kernel.hooks import KernelHooks
-from emu.kernel.objects import ObjectTable, ReceiveMessage, ReleaseMutant, ReplyMessage, SendMessage, SetEvent, Wait
+from emu.kernel.objects import ObjectTable
 from emu.kernel.record import Recorder, kernel_read, record_output
 from emu.kernel.services import (
     Activation,
     CallbackResult,
-    Choice,
-    Request,
     ScriptActivation,
-    Sent,
     ServiceRegistry,
-    TerminateThread,
     UserCallback,
 )
-from emu.kernel.symbolic import Symbolic
 from emu.kernel.thread import CallbackFrame, KThread, PendingChoice, ThreadServiceContext
 from emu.machine import Machine
 from emu.profile import Profile
@@ -42,13 +39,11 @@ from emu.winnt import (
     STATUS_INVALID_SYSTEM_SERVICE,
     STATUS_NO_CALLBACK_ACTIVE,
     STATUS_STACK_OVERFLOW,
-    status_name,
 )
 
 NT_CALLBACK_RETURN = "NtCallbackReturn"
 _ALL = REGISTER_NAMES
 _SYSRET = ("rax", "rcx", "r11")
-OBJECT_REQUESTS = (Wait, SetEvent, ReleaseMutant, SendMessage, ReceiveMessage, ReplyMessage)
 _VIA = {"syscall": "", "int 2Eh": "entered via int 2Eh"}
 # Services that change the thread's whole context rather than return a status (emu.kernel.exception).
 _CONTEXT_SERVICES = {
@@ -214,7 +209,7 @@ class Kernel:
         writes = self.user_writes
         req = act.step(result)
         if not isinstance(req, int) or act.remark:
-            self._drive(thread, act, trap, None, True, req)
+            drive(self, thread, act, trap, None, True, req)
             return
         # As _sysret_resumed: the service's own syscall's trap frame comes back, RAX = status.
         v = [*back]
@@ -331,49 +326,9 @@ class Kernel:
         trap = KTrapFrame(_context(UserContext, regs), via)
         if type(req) is UserCallback and self._callback(thread, act, trap, req, "") is None:
             return  # in KiUserCallbackDispatcher (what _drive would do first, one frame fewer)
-        self._drive(thread, act, trap, None, False, req)
+        drive(self, thread, act, trap, None, False, req)
 
-    # --- service driving ----------------------------------------------------------------
-    def _drive(
-        self, thread: KThread, act: Activation | ScriptActivation, trap: KTrapFrame,
-        value: Sent, resumed: bool, first: Request | int | None = None, note: str = "",
-    ) -> None:  # fmt: skip
-        req = first if first is not None else act.step(value)
-        while True:
-            if isinstance(req, (Choice, Symbolic)):
-                answer = self.hooks.choose(thread, req) if isinstance(req, Choice) else self.hooks.symbolic(thread, req)
-                if answer is None:
-                    # Suspend here: the explorer forks the machine and resumes with each option (or value).
-                    self.pending_choice = PendingChoice(thread.tid, act, trap, resumed, note, req)
-                    self.machine.request_stop()
-                    return
-                req = act.step(answer)
-                continue
-            if isinstance(req, int):
-                if act.remark:
-                    note = (note + "; " if note else "") + act.remark
-                if resumed:
-                    self._sysret_resumed(thread, trap, req, act.spec.name, note)
-                else:
-                    self._sysret_now(thread, trap.ctx, trap.via, req, act.spec.name, note)
-                return
-            if isinstance(req, TerminateThread):
-                self._exit(thread, req.status, act.spec.name)
-                return
-            if isinstance(req, OBJECT_REQUESTS):
-                done, value = sched.handle_request(self, thread, req)
-                if not done:
-                    sched.block(self, thread, act, trap, resumed, note, req)
-                    return
-                req = act.step(value)
-                continue
-            refused = self._callback(thread, act, trap, req, note)
-            if refused is None:
-                return
-            status, why = refused
-            note = (note + "; " if note else "") + f"callback api {req.api} refused: {status_name(status)} ({why})"
-            req = act.step(CallbackResult(status))
-
+    # --- returning to user mode ------------------------------------------------------
     def _sysret_now(
         self, thread: KThread, regs: tuple[int, ...], via: str, status: int, service: str | None,
         note: str, reuse_stack: bool = False,
@@ -481,7 +436,7 @@ class Kernel:
         thread.resuming = (top.activation.position(), status, output, result_ptr, length)
         self.recorder.callback_return(thread, tuple(top.trap.ctx), service, status, top.api, detail, output)
         result = CallbackResult(status, output, result_ptr, length)
-        self._drive(thread, top.activation, top.trap, result, resumed=True)
+        drive(self, thread, top.activation, top.trap, result, resumed=True)
 
     def _exit(self, thread: KThread, status: int, service: str) -> None:
         thread.terminated = True
@@ -495,48 +450,11 @@ class Kernel:
         thread.terminated = True
         self.recorder.fault(thread, tuple(self.machine.regs.context()), str(error))
 
-    # --- threads switching (the rules are emu.kernel.sched) ------------------------------
+    # --- threads switching (the rules are emu.kernel.sched; the work is emu.kernel.driving) -
     def continue_thread(self, thread: KThread) -> None:
         """Put a thread on the CPU (outside any hook) and carry on with its kernel work, if any."""
-        previous = self.current
-        if self.on_switch is not None and previous is not None and previous is not thread:
-            self.on_switch(previous, thread)
-        self.current = thread
-        self.next_thread = None
-        self._entry_len = 0
-        self.machine.set_gs_base(thread.teb)
-        if not thread.started:
-            thread.started = True
-            self.machine.regs.set_context(thread.entry_context)
-            return
-        s = thread.suspended
-        if s is None:
-            return
-        thread.suspended = None
-        self.machine.regs.set_context(s.trap.ctx)
-        if s.kind == "entry":
-            self._dispatch(thread, tuple(s.trap.ctx), s.trap.via)
-        elif s.activation is not None:
-            self._drive(thread, s.activation, s.trap, s.wake, s.resumed, None, s.note)
+        driving.continue_thread(self, thread)
 
     def resume(self, option: str | int) -> None:
         """Continue the suspended service with ``option`` (a symbolic request: a value) (outside any hook)."""
-        pending = self.pending_choice
-        if pending is None:
-            raise ModelBug("no choice is pending")
-        self.pending_choice = None
-        thread = self.threads[pending.tid]
-        self._entry_len = 0
-        if pending.activation is None:  # a scheduling choice
-            if pending.at_entry and pending.trap is not None:
-                if option == thread.name:
-                    self.current = thread
-                    self._dispatch(thread, tuple(pending.trap.ctx), pending.trap.via)
-                    return
-                thread.suspended = sched.Suspended("entry", pending.trap)
-            sched.take(self, str(option))
-            return
-        self.current = thread
-        if pending.trap is None:
-            raise ModelBug("a suspended service lost its trap frame")
-        self._drive(thread, pending.activation, pending.trap, option, pending.resumed, None, pending.note)
+        driving.resume(self, option)
