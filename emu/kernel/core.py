@@ -359,42 +359,28 @@ class Kernel:
     ) -> tuple[int, str] | None:
         """Enter KiUserCallbackDispatcher, or say why KeUserModeCallback fails: (status, reason)."""
         depth = len(thread.callback_stack)
-        if depth in self._overflow:
-            overflow = self._overflow[depth]
-        else:
-            overflow = self._overflow[depth] = kernel_stack_overflow(self.profile, depth)
-        if overflow is not None:
-            return STATUS_STACK_OVERFLOW, overflow
-        if self.callback_depth_budget is not None and depth >= self.callback_depth_budget:
-            raise BudgetExceeded("callback_depth", self.callback_depth_budget, self.trace.symbolize(trap.ctx.rip))
         if req.by_depth:
-            req = UserCallback(req.api_at(len(thread.callback_stack)), req.data, message=req.message)
-        ctx, api, machine = trap.ctx, req.api, self.machine
-        # The same frame bytes from the same RSP, RIP, RFLAGS and input: laid out and probed once.
-        key = (ctx[4], ctx[16], ctx[17], api, req.data)
-        place = self._places.get(key) if self._cache_places and type(req.data) is bytes else None
+            req = UserCallback(req.api_at(depth), req.data, message=req.message)
+        ctx, api, data, machine = trap.ctx, req.api, req.data, self.machine
+        # The same frame from the same RSP, RIP, RFLAGS, input and depth: checked, laid out and probed once.
+        key = (ctx[4], ctx[16], ctx[17], api, data, depth)
+        cache = self._cache_places and type(data) is bytes
+        place = self._places.get(key) if cache else None
         if place is None or place[4] is not machine.regions or place[5] != thread.stack_limit:
-            out = lay_out(self.profile, ctx, api, bytes(req.data), self.dispatcher)
-            old = ctx.rsp
-            r = machine.region_at(out.lowest)  # the frame usually fits in the stack's own region
-            fits = r is not None and old <= r.end and "r" in r.perms
-            if out.lowest < thread.stack_limit or not (fits or machine.readable(out.lowest, old - out.lowest)):
-                # ProbeForWrite of the frame fails: KeUserModeCallback returns the exception code.
-                return STATUS_ACCESS_VIOLATION, "the callout frame does not fit on the user stack"
-            put = self._put_entry.get(out.xmm_zero)
-            if put is None:
-                ids = tuple(XMM_IDS[i] for i in out.xmm_zero)
-                put = self._put_entry[out.xmm_zero] = machine.regs.bound_zeroing(_ALL, ids)
-            place = (out, put, out.lowest, out.block, machine.regions, thread.stack_limit)
-            if self._cache_places and type(req.data) is bytes:
+            got = self._place(thread, ctx, api, bytes(data), depth)
+            if len(got) == 2:
+                return got  # refused: (status, reason)
+            place = got
+            if cache:
                 if len(self._places) >= 64:
                     self._places.clear()
                 self._places[key] = place
+            out = place[0]
             entry = out.entry
         else:
             out = place[0]
-            # The registers depend on every trap register: only the "stack" convention's are
-            # derived here (the cache holds that convention's layouts only).
+            # The registers depend on every trap register: derived anew (the cache holds the
+            # "stack" convention's layouts only).
             entry = entry_registers(self.profile, ctx, out.frame, self.dispatcher)[0]
         machine.write(place[2], place[3])
         thread.callback_stack.append(CallbackFrame(act, trap, api, out.frame, req.message, out.buffer))
@@ -408,6 +394,31 @@ class Kernel:
         name = act.spec.name  # as recorder.callback (one frame fewer)
         self.recorder.add("callback", thread, "user", entry, name, None, None, api, name, False, note, b"", None)
         return None
+
+    def _place(self, thread: KThread, ctx: UserContext, api: int, data: bytes, depth: int) -> tuple[Any, ...]:
+        """KeUserModeCallback's checks and the callout frame for ``depth`` callbacks active:
+        (the Callout, the register write, where and what to write, the regions and stack limit
+        it was checked against), or why the callback is refused: (status, reason)."""
+        if depth in self._overflow:
+            overflow = self._overflow[depth]
+        else:
+            overflow = self._overflow[depth] = kernel_stack_overflow(self.profile, depth)
+        if overflow is not None:
+            return STATUS_STACK_OVERFLOW, overflow
+        if self.callback_depth_budget is not None and depth >= self.callback_depth_budget:
+            raise BudgetExceeded("callback_depth", self.callback_depth_budget, self.trace.symbolize(ctx.rip))
+        out, machine = lay_out(self.profile, ctx, api, data, self.dispatcher), self.machine
+        old = ctx.rsp
+        r = machine.region_at(out.lowest)  # the frame usually fits in the stack's own region
+        fits = r is not None and old <= r.end and "r" in r.perms
+        if out.lowest < thread.stack_limit or not (fits or machine.readable(out.lowest, old - out.lowest)):
+            # ProbeForWrite of the frame fails: KeUserModeCallback returns the exception code.
+            return STATUS_ACCESS_VIOLATION, "the callout frame does not fit on the user stack"
+        put = self._put_entry.get(out.xmm_zero)
+        if put is None:
+            ids = tuple(XMM_IDS[i] for i in out.xmm_zero)
+            put = self._put_entry[out.xmm_zero] = machine.regs.bound_zeroing(_ALL, ids)
+        return out, put, out.lowest, out.block, machine.regions, thread.stack_limit
 
     def _callback_return(self, thread: KThread, regs: tuple[int, ...], via: str, ssn: int) -> None:
         if not thread.callback_stack:
