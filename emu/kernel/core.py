@@ -383,7 +383,12 @@ class Kernel:
             # "stack" convention's layouts only).
             entry = entry_registers(self.profile, ctx, out.frame, self.dispatcher)[0]
         machine.write(place[2], place[3])
-        thread.callback_stack.append(CallbackFrame(act, trap, api, out.frame, req.message, out.buffer))
+        cbs = thread.callback_stack
+        name = act.spec.name
+        # The frames as a state records them (emu.kernel.record), from the one below when it has them.
+        under = cbs[-1].chain if cbs else ()
+        chain = None if under is None else (*under, (api, name))
+        cbs.append(CallbackFrame(act, trap, api, out.frame, req.message, out.buffer, chain))
         if depth >= self.max_depth:
             self.max_depth = depth + 1
         put = place[1]
@@ -391,7 +396,7 @@ class Kernel:
         values[:] = entry
         values[16] -= self._entry_len  # RIP, as Unicorn will advance it
         put[0]()  # the registers, and the XMM registers the kernel scrubs, in one C call
-        name = act.spec.name  # as recorder.callback (one frame fewer)
+        # As recorder.callback (one frame fewer).
         self.recorder.add("callback", thread, "user", entry, name, None, None, api, name, False, note, b"", None)
         return None
 
