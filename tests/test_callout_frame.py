@@ -119,3 +119,75 @@ def test_an_unknown_placement_is_one_line() -> None:
     text = SCENARIO.format(override='[profile]\ncallout_frame = "wine"\n', data="")
     with pytest.raises(ScenarioError, match=r"profile\.callout_frame.*expected one of wrk, reactos, got 'wine'"):
         parse_scenario(text, "x.toml")
+
+
+LOOP = """
+[scenario]
+name = "loop"
+profile = "win10-22h2"
+{override}
+[[module]]
+name = "app"
+code = '''
+main:
+    push rbx
+    push rbp
+    sub rsp, 0x28
+    mov ebx, 3
+again:
+    lea rbp, [rbx + 0x100]       ; RBP changes each time; WRK passes it to the dispatcher in R9
+    test ebx, 1
+    jz even
+    sub rsp, 0x10                ; odd counts call from 0x10 lower: another frame place
+    call NtUserMessageCall
+    add rsp, 0x10
+    jmp next
+even:
+    call NtUserMessageCall
+next:
+    dec ebx
+    jnz again
+    add rsp, 0x28
+    pop rbp
+    pop rbx
+    xor eax, eax
+    ret
+on_message:
+    xor eax, eax
+    ret
+'''
+
+[thread]
+entry = "app!main"
+
+[kernel_callback_table]
+size = 4
+2 = "app!on_message"
+
+[services.NtUserMessageCall]
+steps = [{{ kind = "callback", api = 2, data = "01 02 03" }}, {{ kind = "return", status = "callback" }}]
+"""
+
+
+@pytest.mark.parametrize("registers", ["wrk", "windows10", "reactos"])
+def test_repeated_callbacks_from_one_place_enter_with_each_calls_registers(registers: str) -> None:
+    # Every callback's frame is laid out below that call's own trap frame (WRK callback.c
+    # KeUserModeCallback), and the dispatcher starts from that call's registers (callout.asm
+    # KiCallUserMode: R9 = TrRbp under WRK; ReactOS usercall_asm.S zeroes RBX and RBP): nothing
+    # carries over from an earlier callback made from the same place.
+    r: Run = run(parse_scenario(LOOP.format(override=f'[profile]\ndispatcher_registers = "{registers}"\n'), "l.toml"))
+    assert r.error is None and r.exit_status == 0
+    calls = [t for t in r.trace if t.kind == "callback"]
+    assert len(calls) == 3
+    for count, cb in zip((3, 2, 1), calls, strict=True):
+        trap, entry = r.trace.state(cb.src), r.trace.state(cb.dst)
+        assert trap.context.rbx == count and trap.context.rbp == count + 0x100
+        assert entry.rsp == (trap.rsp - (0x10 + 0x58)) & ~15  # 3 input bytes round up to 0x10
+        assert int.from_bytes(entry.stack[0x48:0x50], "little") == trap.rsp  # MachineFrame.Rsp
+        assert entry.stack[0x58:0x5B] == b"\x01\x02\x03"
+        if registers == "reactos":
+            assert (entry.context.rbx, entry.context.rbp, entry.context.r9) == (0, 0, 0)
+        else:
+            assert entry.context.rbx == count and entry.context.rbp == count + 0x100
+            assert entry.context.r9 == (count + 0x100 if registers == "wrk" else 0)
+    assert calls[0].rsp != calls[1].rsp and calls[0].rsp == calls[2].rsp  # odd counts call 0x10 lower

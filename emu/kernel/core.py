@@ -4,8 +4,9 @@ Entered from the machine's ``syscall`` (or ``int 2Eh``) hook. Applies the
 architectural effects Unicorn leaves out, runs the service for the SSN, and leaves
 the CPU either where the service returns (sysret) or at KiUserCallbackDispatcher
 (callback). Each crossing goes to the :class:`~emu.kernel.record.Recorder`; choices go
-to the caller's :class:`~emu.kernel.hooks.KernelHooks`; threads waiting and switching
-are :mod:`emu.kernel.sched`; saving and loading for forks are :mod:`emu.kernel.fork`.
+to the caller's :class:`~emu.kernel.hooks.KernelHooks`; stepping a service past its first
+request and resuming suspended kernel work are :mod:`emu.kernel.driving`; threads waiting
+and switching are :mod:`emu.kernel.sched`; saving and loading for forks are :mod:`emu.kernel.fork`.
 """
 
 from __future__ import annotations
@@ -15,23 +16,19 @@ from typing import Any
 
 from emu.context import REGISTER_NAMES, KTrapFrame, UserContext
 from emu.errors import BudgetExceeded, EmuError, ModelBug, UnimplementedService
-from emu.kernel import exception, port_io, sched
-from emu.kernel.callout import kernel_stack_overflow, lay_out
+from emu.kernel import driving, exception, port_io, sched
+from emu.kernel.callout import entry_registers, kernel_stack_overflow, lay_out
+from emu.kernel.driving import drive
 from emu.kernel.hooks import KernelHooks
-from emu.kernel.objects import ObjectTable, ReceiveMessage, ReleaseMutant, ReplyMessage, SendMessage, SetEvent, Wait
+from emu.kernel.objects import ObjectTable
 from emu.kernel.record import Recorder, kernel_read, record_output
 from emu.kernel.services import (
     Activation,
     CallbackResult,
-    Choice,
-    Request,
     ScriptActivation,
-    Sent,
     ServiceRegistry,
-    TerminateThread,
     UserCallback,
 )
-from emu.kernel.symbolic import Symbolic
 from emu.kernel.thread import CallbackFrame, KThread, PendingChoice, ThreadServiceContext
 from emu.machine import Machine
 from emu.profile import Profile
@@ -42,13 +39,11 @@ from emu.winnt import (
     STATUS_INVALID_SYSTEM_SERVICE,
     STATUS_NO_CALLBACK_ACTIVE,
     STATUS_STACK_OVERFLOW,
-    status_name,
 )
 
 NT_CALLBACK_RETURN = "NtCallbackReturn"
 _ALL = REGISTER_NAMES
 _SYSRET = ("rax", "rcx", "r11")
-OBJECT_REQUESTS = (Wait, SetEvent, ReleaseMutant, SendMessage, ReceiveMessage, ReplyMessage)
 _VIA = {"syscall": "", "int 2Eh": "entered via int 2Eh"}
 # Services that change the thread's whole context rather than return a status (emu.kernel.exception).
 _CONTEXT_SERVICES = {
@@ -117,6 +112,11 @@ class Kernel:
         self._overflow: dict[int, str | None] = {}  # callback depth -> kernel_stack_overflow's answer (profile fixed)
         # Per set of XMM registers scrubbed: the write entering KiUserCallbackDispatcher, and its array.
         self._put_entry: dict[tuple[int, ...], tuple[Callable[[], object], Any]] = {}
+        # Callout frames by (RSP, RIP, RFLAGS, api, input), "stack" convention only (see _callback).
+        self._places: dict[tuple[Any, ...], Any] = {}
+        # Callback results by value: frozen, so one object serves every equal result.
+        self._results: dict[tuple[int, bytes, int, int], CallbackResult] = {}
+        self._cache_places = profile.dispatcher == "stack"
         self._write_sysret = machine.regs.writer(_SYSRET)
         self._write_rax = machine.regs.writer(("rax",))
         # Faults become Windows exceptions ("deliver") or stop the run ("stop", [machine] exceptions).
@@ -184,29 +184,32 @@ class Kernel:
         second fast path): what :meth:`_callback_return`, :meth:`_complete_callback`,
         :meth:`_drive` and :meth:`_sysret_resumed` do, in one call when the service that
         called back then returns a status at once; anything else carries on in :meth:`_drive`."""
-        cbs = thread.callback_stack
-        top = cbs[-1]
+        top = thread.callback_stack[-1]
         act = top.activation
-        service = act.spec.name
-        recorder = self.recorder
-        # The seed's state: the user side sits at ZwCallbackReturn while the kernel completes the callback.
-        add = recorder.add  # recorder.syscall, .callback_return and .sysret, one frame fewer each
-        add("syscall", thread, "kernel", regs, NT_CALLBACK_RETURN, ssn, None, None, service, True, "", b"", None)
-        cbs.pop()
         # As _complete_callback (WRK ke/amd64/callout.asm NtCallbackReturn).
         result_ptr, length, status = regs[10], regs[2] & 0xFFFF_FFFF, regs[8] & 0xFFFF_FFFF
         if length:
             output, detail = record_output(self.machine, result_ptr, length, self.profile.callback_output_limit)
         else:
             output, detail = b"", _NO_OUTPUT
-        thread.resuming = (act.position(), status, output, result_ptr, length)
         trap = top.trap
         back = tuple(trap.ctx)
-        api = top.api
-        add("callback_return", thread, "kernel", back, service, None, status, api, service, False, detail, output, None)
-        req = act.step(CallbackResult(status, output, result_ptr, length))
+        # The seed's state (the user side sits at ZwCallbackReturn), then back in the service.
+        resuming = (act.position(), status, output, result_ptr, length)
+        stack = self.recorder.callback_returned(
+            thread, regs, NT_CALLBACK_RETURN, ssn, back, status, detail, output, resuming
+        )
+        key = (status, output, result_ptr, length)
+        result = self._results.get(key)
+        if result is None:
+            result = CallbackResult(status, output, result_ptr, length)
+            if len(self._results) >= 64:
+                self._results.clear()
+            self._results[key] = result
+        writes = self.user_writes
+        req = act.step(result)
         if not isinstance(req, int) or act.remark:
-            self._drive(thread, act, trap, None, True, req)
+            drive(self, thread, act, trap, None, True, req)
             return
         # As _sysret_resumed: the service's own syscall's trap frame comes back, RAX = status.
         v = [*back]
@@ -215,7 +218,11 @@ class Kernel:
         v[16] -= self._entry_len  # RIP, as Unicorn will advance it
         self._all_out[:] = v
         self._put_all()
-        add("sysret", thread, "user", regs, service, self.ssn_table.get(service), req, None, None, False, "", b"", None)
+        service = act.spec.name
+        if writes == self.user_writes:  # nothing written: the stack at RSP is the one just recorded
+            self.recorder.sysret_over(thread, regs, service, self.ssn_table.get(service), req, stack)
+            return
+        self.recorder.sysret(thread, regs, service, self.ssn_table.get(service), req, "")
 
     def on_interrupt(self, uc: object, intno: int, user_data: object = None) -> None:
         vals = tuple(self._read_all())  # RIP is already past the `int` instruction
@@ -319,49 +326,9 @@ class Kernel:
         trap = KTrapFrame(_context(UserContext, regs), via)
         if type(req) is UserCallback and self._callback(thread, act, trap, req, "") is None:
             return  # in KiUserCallbackDispatcher (what _drive would do first, one frame fewer)
-        self._drive(thread, act, trap, None, False, req)
+        drive(self, thread, act, trap, None, False, req)
 
-    # --- service driving ----------------------------------------------------------------
-    def _drive(
-        self, thread: KThread, act: Activation | ScriptActivation, trap: KTrapFrame,
-        value: Sent, resumed: bool, first: Request | int | None = None, note: str = "",
-    ) -> None:  # fmt: skip
-        req = first if first is not None else act.step(value)
-        while True:
-            if isinstance(req, (Choice, Symbolic)):
-                answer = self.hooks.choose(thread, req) if isinstance(req, Choice) else self.hooks.symbolic(thread, req)
-                if answer is None:
-                    # Suspend here: the explorer forks the machine and resumes with each option (or value).
-                    self.pending_choice = PendingChoice(thread.tid, act, trap, resumed, note, req)
-                    self.machine.request_stop()
-                    return
-                req = act.step(answer)
-                continue
-            if isinstance(req, int):
-                if act.remark:
-                    note = (note + "; " if note else "") + act.remark
-                if resumed:
-                    self._sysret_resumed(thread, trap, req, act.spec.name, note)
-                else:
-                    self._sysret_now(thread, trap.ctx, trap.via, req, act.spec.name, note)
-                return
-            if isinstance(req, TerminateThread):
-                self._exit(thread, req.status, act.spec.name)
-                return
-            if isinstance(req, OBJECT_REQUESTS):
-                done, value = sched.handle_request(self, thread, req)
-                if not done:
-                    sched.block(self, thread, act, trap, resumed, note, req)
-                    return
-                req = act.step(value)
-                continue
-            refused = self._callback(thread, act, trap, req, note)
-            if refused is None:
-                return
-            status, why = refused
-            note = (note + "; " if note else "") + f"callback api {req.api} refused: {status_name(status)} ({why})"
-            req = act.step(CallbackResult(status))
-
+    # --- returning to user mode ------------------------------------------------------
     def _sysret_now(
         self, thread: KThread, regs: tuple[int, ...], via: str, status: int, service: str | None,
         note: str, reuse_stack: bool = False,
@@ -392,6 +359,51 @@ class Kernel:
     ) -> tuple[int, str] | None:
         """Enter KiUserCallbackDispatcher, or say why KeUserModeCallback fails: (status, reason)."""
         depth = len(thread.callback_stack)
+        if req.by_depth:
+            req = UserCallback(req.api_at(depth), req.data, message=req.message)
+        ctx, api, data, machine = trap.ctx, req.api, req.data, self.machine
+        # The same frame from the same RSP, RIP, RFLAGS, input and depth: checked, laid out and probed once.
+        key = (ctx[4], ctx[16], ctx[17], api, data, depth)
+        cache = self._cache_places and type(data) is bytes
+        place = self._places.get(key) if cache else None
+        if place is None or place[4] is not machine.regions or place[5] != thread.stack_limit:
+            got = self._place(thread, ctx, api, bytes(data), depth)
+            if len(got) == 2:
+                return got  # refused: (status, reason)
+            place = got
+            if cache:
+                if len(self._places) >= 64:
+                    self._places.clear()
+                self._places[key] = place
+            out = place[0]
+            entry = out.entry
+        else:
+            out = place[0]
+            # The registers depend on every trap register: derived anew (the cache holds the
+            # "stack" convention's layouts only).
+            entry = entry_registers(self.profile, ctx, out.frame, self.dispatcher)[0]
+        machine.write(place[2], place[3])
+        cbs = thread.callback_stack
+        name = act.spec.name
+        # The frames as a state records them (emu.kernel.record), from the one below when it has them.
+        under = cbs[-1].chain if cbs else ()
+        chain = None if under is None else (*under, (api, name))
+        cbs.append(CallbackFrame(act, trap, api, out.frame, req.message, out.buffer, chain))
+        if depth >= self.max_depth:
+            self.max_depth = depth + 1
+        put = place[1]
+        values = put[1]
+        values[:] = entry
+        values[16] -= self._entry_len  # RIP, as Unicorn will advance it
+        put[0]()  # the registers, and the XMM registers the kernel scrubs, in one C call
+        # As recorder.callback (one frame fewer).
+        self.recorder.add("callback", thread, "user", entry, name, None, None, api, name, False, note, b"", None)
+        return None
+
+    def _place(self, thread: KThread, ctx: UserContext, api: int, data: bytes, depth: int) -> tuple[Any, ...]:
+        """KeUserModeCallback's checks and the callout frame for ``depth`` callbacks active:
+        (the Callout, the register write, where and what to write, the regions and stack limit
+        it was checked against), or why the callback is refused: (status, reason)."""
         if depth in self._overflow:
             overflow = self._overflow[depth]
         else:
@@ -399,32 +411,19 @@ class Kernel:
         if overflow is not None:
             return STATUS_STACK_OVERFLOW, overflow
         if self.callback_depth_budget is not None and depth >= self.callback_depth_budget:
-            raise BudgetExceeded("callback_depth", self.callback_depth_budget, self.trace.symbolize(trap.ctx.rip))
-        if req.by_depth:
-            req = UserCallback(req.api_at(len(thread.callback_stack)), req.data, message=req.message)
-        out = lay_out(self.profile, trap.ctx, req.api, bytes(req.data), self.dispatcher)
-        old = trap.ctx.rsp
-        r = self.machine.region_at(out.lowest)  # the frame usually fits in the stack's own region
+            raise BudgetExceeded("callback_depth", self.callback_depth_budget, self.trace.symbolize(ctx.rip))
+        out, machine = lay_out(self.profile, ctx, api, data, self.dispatcher), self.machine
+        old = ctx.rsp
+        r = machine.region_at(out.lowest)  # the frame usually fits in the stack's own region
         fits = r is not None and old <= r.end and "r" in r.perms
-        if out.lowest < thread.stack_limit or not (fits or self.machine.readable(out.lowest, old - out.lowest)):
+        if out.lowest < thread.stack_limit or not (fits or machine.readable(out.lowest, old - out.lowest)):
             # ProbeForWrite of the frame fails: KeUserModeCallback returns the exception code.
             return STATUS_ACCESS_VIOLATION, "the callout frame does not fit on the user stack"
-        self.machine.write(out.lowest, out.block)
-        thread.callback_stack.append(CallbackFrame(act, trap, req.api, out.frame, req.message, out.buffer))
-        if depth >= self.max_depth:
-            self.max_depth = depth + 1
         put = self._put_entry.get(out.xmm_zero)
         if put is None:
             ids = tuple(XMM_IDS[i] for i in out.xmm_zero)
-            put = self._put_entry[out.xmm_zero] = self.machine.regs.bound_zeroing(_ALL, ids)
-        values = put[1]
-        values[:] = out.entry
-        values[16] -= self._entry_len  # RIP, as Unicorn will advance it
-        put[0]()  # the registers, and the XMM registers the kernel scrubs, in one C call
-        name = act.spec.name  # as recorder.callback (one frame fewer)
-        entry, api = out.entry, req.api
-        self.recorder.add("callback", thread, "user", entry, name, None, None, api, name, False, note, b"", None)
-        return None
+            put = self._put_entry[out.xmm_zero] = machine.regs.bound_zeroing(_ALL, ids)
+        return out, put, out.lowest, out.block, machine.regions, thread.stack_limit
 
     def _callback_return(self, thread: KThread, regs: tuple[int, ...], via: str, ssn: int) -> None:
         if not thread.callback_stack:
@@ -453,7 +452,7 @@ class Kernel:
         thread.resuming = (top.activation.position(), status, output, result_ptr, length)
         self.recorder.callback_return(thread, tuple(top.trap.ctx), service, status, top.api, detail, output)
         result = CallbackResult(status, output, result_ptr, length)
-        self._drive(thread, top.activation, top.trap, result, resumed=True)
+        drive(self, thread, top.activation, top.trap, result, resumed=True)
 
     def _exit(self, thread: KThread, status: int, service: str) -> None:
         thread.terminated = True
@@ -467,48 +466,11 @@ class Kernel:
         thread.terminated = True
         self.recorder.fault(thread, tuple(self.machine.regs.context()), str(error))
 
-    # --- threads switching (the rules are emu.kernel.sched) ------------------------------
+    # --- threads switching (the rules are emu.kernel.sched; the work is emu.kernel.driving) -
     def continue_thread(self, thread: KThread) -> None:
         """Put a thread on the CPU (outside any hook) and carry on with its kernel work, if any."""
-        previous = self.current
-        if self.on_switch is not None and previous is not None and previous is not thread:
-            self.on_switch(previous, thread)
-        self.current = thread
-        self.next_thread = None
-        self._entry_len = 0
-        self.machine.set_gs_base(thread.teb)
-        if not thread.started:
-            thread.started = True
-            self.machine.regs.set_context(thread.entry_context)
-            return
-        s = thread.suspended
-        if s is None:
-            return
-        thread.suspended = None
-        self.machine.regs.set_context(s.trap.ctx)
-        if s.kind == "entry":
-            self._dispatch(thread, tuple(s.trap.ctx), s.trap.via)
-        elif s.activation is not None:
-            self._drive(thread, s.activation, s.trap, s.wake, s.resumed, None, s.note)
+        driving.continue_thread(self, thread)
 
     def resume(self, option: str | int) -> None:
         """Continue the suspended service with ``option`` (a symbolic request: a value) (outside any hook)."""
-        pending = self.pending_choice
-        if pending is None:
-            raise ModelBug("no choice is pending")
-        self.pending_choice = None
-        thread = self.threads[pending.tid]
-        self._entry_len = 0
-        if pending.activation is None:  # a scheduling choice
-            if pending.at_entry and pending.trap is not None:
-                if option == thread.name:
-                    self.current = thread
-                    self._dispatch(thread, tuple(pending.trap.ctx), pending.trap.via)
-                    return
-                thread.suspended = sched.Suspended("entry", pending.trap)
-            sched.take(self, str(option))
-            return
-        self.current = thread
-        if pending.trap is None:
-            raise ModelBug("a suspended service lost its trap frame")
-        self._drive(thread, pending.activation, pending.trap, option, pending.resumed, None, pending.note)
+        driving.resume(self, option)

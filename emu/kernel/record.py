@@ -210,6 +210,107 @@ class Recorder:
         thread.mode = "user"
         thread.resuming = None
 
+    def _kept(self, thread: KThread, rsp: int, rip: int) -> bytes:
+        """The stack a new state records at ``rsp`` (as :meth:`add` captures and shares it), counted."""
+        base = thread.stack_base
+        view = self._stacks.get(base)
+        if view and view[1] <= rsp < base:
+            stack: bytes = view[0][rsp - view[1] : base - view[1]]  # capture(), inlined
+        else:
+            stack = self.capture(thread, rsp)
+        seen = self._seen
+        same = seen.get(rsp)
+        if same is not None and same == stack:
+            stack = same
+        else:
+            if len(seen) >= _SEEN:
+                seen.clear()
+            seen[rsp] = stack
+        self.output_bytes += len(stack)
+        if self.output_bytes > self._output_limit and self.output_budget is not None:
+            raise BudgetExceeded("output_bytes", self.output_budget, self.trace.symbolize(rip))
+        return stack
+
+    def callback_returned(
+        self, thread: KThread, regs: tuple[int, ...], name: str, ssn: int, back: tuple[int, ...], status: int,
+        detail: str, output: bytes, resuming: tuple[object, ...],
+    ) -> bytes:  # fmt: skip
+        """NtCallbackReturn completing the thread's top callback frame, one thread, no observer:
+        the records :meth:`syscall` (the seed's state, the frame still on the stack) and
+        :meth:`callback_return` (``back``: the service's trap frame) would append, with the frame
+        popped and ``resuming`` set between them as the kernel does, in one call. Returns the
+        second state's stack bytes: a sysret right after it, with no user write between, has them."""
+        trace = self.trace
+        states, transitions = trace.raw_states, trace.raw_transitions
+        sid = len(states)
+        rip, rsp = regs[_RIP], regs[_RSP]
+        if sid >= self._state_limit and self.state_budget is not None:
+            raise BudgetExceeded("states", self.state_budget, trace.symbolize(rip))
+        cbs = thread.callback_stack
+        top = cbs[-1]
+        frames = top.chain
+        if frames is None or len(frames) != len(cbs):
+            frames = top.chain = tuple([(f.api, f.activation.spec.name) for f in cbs])
+        depth, api, service = len(frames), top.api, top.activation.spec.name
+        stack = self._kept(thread, rsp, rip)
+        tid, base, step = thread.tid, thread.stack_base, len(transitions)
+        states.append((sid, tid, "kernel", regs, stack, base, depth, service, api, True, frames))
+        transitions.append((step, "syscall", tid, thread.state_id, sid, name, ssn, rip, rsp, depth, None, None, "",
+                            b"", self._woken() if self.wakes_pending else ()))  # fmt: skip
+        thread.state_id = sid
+        thread.mode = "kernel"
+        cbs.pop()
+        thread.resuming = resuming
+        # Back in the service that called back (its trap frame), one frame fewer.
+        rip, rsp = back[_RIP], back[_RSP]
+        if sid + 1 >= self._state_limit and self.state_budget is not None:
+            raise BudgetExceeded("states", self.state_budget, trace.symbolize(rip))
+        if cbs:
+            under = cbs[-1]
+            frames = under.chain
+            if frames is None or len(frames) != len(cbs):
+                frames = under.chain = tuple([(f.api, f.activation.spec.name) for f in cbs])
+            depth, api_top = len(frames), under.api
+        else:
+            depth, api_top, frames = 0, None, ()
+        stack = self._kept(thread, rsp, rip)
+        states.append((sid + 1, tid, "kernel", back, stack, base, depth, service, api_top, False, frames))
+        transitions.append((step + 1, "callback_return", tid, sid, sid + 1, service, None, rip, rsp, depth, status,
+                            api, detail, output, self._woken() if self.wakes_pending else ()))  # fmt: skip
+        thread.state_id = sid + 1
+        return stack
+
+    def sysret_over(
+        self, thread: KThread, regs: tuple[int, ...], service: str, ssn: int | None, status: int, stack: bytes
+    ) -> None:
+        """:meth:`sysret` where the stack at RSP is known to hold ``stack`` (the same object the
+        capture would share), one thread, no observer: counted as a capture is."""
+        trace = self.trace
+        states, transitions = trace.raw_states, trace.raw_transitions
+        sid = len(states)
+        rip, rsp = regs[_RIP], regs[_RSP]
+        if sid >= self._state_limit and self.state_budget is not None:
+            raise BudgetExceeded("states", self.state_budget, trace.symbolize(rip))
+        cbs = thread.callback_stack
+        if cbs:
+            top = cbs[-1]
+            frames = top.chain
+            if frames is None or len(frames) != len(cbs):
+                frames = top.chain = tuple([(f.api, f.activation.spec.name) for f in cbs])
+            depth, api_top, mine = len(frames), top.api, top.activation.spec.name
+        else:
+            depth, api_top, frames, mine = 0, None, (), None
+        self.output_bytes += len(stack)
+        if self.output_bytes > self._output_limit and self.output_budget is not None:
+            raise BudgetExceeded("output_bytes", self.output_budget, trace.symbolize(rip))
+        tid = thread.tid
+        states.append((sid, tid, "user", regs, stack, thread.stack_base, depth, mine, api_top, False, frames))
+        transitions.append((len(transitions), "sysret", tid, thread.state_id, sid, service, ssn, rip, rsp, depth,
+                            status, None, "", b"", self._woken() if self.wakes_pending else ()))  # fmt: skip
+        thread.state_id = sid
+        thread.mode = "user"
+        thread.resuming = None
+
     def callback(self, thread: KThread, regs: tuple[int, ...], service: str, api: int, note: str) -> None:
         """Kernel → user at KiUserCallbackDispatcher."""
         self.add("callback", thread, "user", regs, service, None, None, api, service, False, note, b"", None)

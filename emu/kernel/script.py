@@ -68,15 +68,24 @@ class ScriptActivation:
             self.pending = None
         elif isinstance(value, CallbackResult):
             self.last = value
+        stack = self.stack
         while True:
-            steps, i = self.stack[-1]
+            steps, i = stack[-1]
             if i >= len(steps):
-                if len(self.stack) == 1:
+                if len(stack) == 1:
                     raise KernelError(f"service {self.spec.name}: its script ended without a return step")
-                self.stack.pop()  # an option's steps are done: continue after the choice
+                stack.pop()  # an option's steps are done: continue after the choice
                 continue
-            self.stack[-1] = (steps, i + 1)
+            stack[-1] = (steps, i + 1)
             st = steps[i]
+            # The common steps first (a plain callback, a status, None): none is of the kinds below.
+            kind = type(st)
+            if kind is UserCallback and not st.symbolic:  # type: ignore[union-attr]
+                return st  # type: ignore[return-value]
+            if st is None:
+                return self.last.status if self.last is not None else 0
+            if kind is int:
+                return st  # type: ignore[return-value]
             if isinstance(st, UserCallback) and st.symbolic:
                 self.pending_symbolic = st
                 return Symbolic(st.symbolic, 8 * len(st.data), "data", (), int.from_bytes(st.data, "little"))
@@ -117,5 +126,7 @@ class ScriptActivation:
     def position(self) -> tuple[object, ...]:
         """What identifies this activation's progress (for state digests)."""
         last = None if self.last is None else (self.last.status, self.last.output)
-        out = (self.spec.name, tuple([i for _, i in self.stack]), len(self.stack), last)
+        stack = self.stack
+        at = (stack[0][1],) if len(stack) == 1 else tuple([i for _, i in stack])
+        out = (self.spec.name, at, len(stack), last)
         return out if self.pending_symbolic is None else (*out, self.pending_symbolic)
