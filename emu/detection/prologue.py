@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import capstone
@@ -27,6 +26,7 @@ from emu.context import REGISTER_NAMES
 from emu.detection.view import ModuleInfo, ThreadView
 from emu.loader.image import Image
 from emu.loader.stubs import STUB_WINDOW, Stub, stub_at
+from emu.records import record
 
 GPR = REGISTER_NAMES[:16]  # the general registers, in UserContext's (and the unwind codes') order
 RSP, RBP = GPR.index("rsp"), GPR.index("rbp")
@@ -37,7 +37,7 @@ CS_GPR = {getattr(x86, f"X86_REG_{n.upper()}"): i for i, n in enumerate(GPR)}
 _CALL_LENGTHS = (2, 3, 4, 5, 6, 7)  # call reg, call [reg], call [reg+d8], rel32, [rip+d32], [sib+d32]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Sweep:
     """RSP's distance to the return address slot at a RIP, and the registers pushed so far."""
 
@@ -93,7 +93,7 @@ def sweep(image: Image, start: int, rip: int) -> Sweep | None:
 SWEEP_STEPS = 4096  # instructions a sweep decodes at most, over all paths
 
 
-@dataclass
+@record
 class _Path:
     """One path of the sweep through a function: its PC and what RSP and the registers hold."""
 

@@ -44,7 +44,6 @@ it with a ``problem``.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import capstone
 from capstone import x86
@@ -63,6 +62,7 @@ from emu.detection.unwind_data import RuntimeFunction, UnwindInfo, lookup, read_
 from emu.detection.unwind_data import WalkStop as _Stop
 from emu.detection.view import DispatcherFrame, ModuleInfo, ThreadView, callout_frame
 from emu.loader.stubs import guess_dispatcher_convention
+from emu.records import record
 from emu.winnt import (
     UCALLOUT_BUFFER,
     UCALLOUT_LENGTH,
@@ -92,7 +92,7 @@ _cs.detail = True
 
 
 # --- the walk ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@record(frozen=True)
 class Frame:
     """One frame of the walk: the RIP and RSP it runs at, and how the walk got there."""
 
@@ -102,7 +102,7 @@ class Frame:
     regs: tuple[int, ...] = ()  # the 16 general registers in this frame, as far as the unwind restored them
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class StackWalk:
     """The frames from RIP outwards, the KiUserCallbackDispatcher frames among them (innermost
     first), whether the walk reached the thread's first frame, and why it stopped if not."""

@@ -18,13 +18,14 @@ stack scan a debugger without unwind data would do.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from emu.context import UserContext
 from emu.loader.image import Image
 from emu.loader.pdata import RuntimeFunction, function_end, function_table
+from emu.records import record
 from emu.winnt import UCALLOUT_API_NUMBER, UCALLOUT_BUFFER, UCALLOUT_FRAME_SIZE, UCALLOUT_LENGTH, UCALLOUT_MF_RSP
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 CALLBACK_RETURN_NAMES = ("ZwCallbackReturn", "NtCallbackReturn")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ModuleInfo:
     """A loaded module as a debugger lists it: name, range, exports, and its bytes."""
 
@@ -70,7 +71,7 @@ class ModuleInfo:
         return function_table(self.image)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ThreadView:
     """What a tool can see of one thread: user context, memory, modules.
 
@@ -140,7 +141,7 @@ def _pref(name: str) -> tuple[int, str]:
     return (0 if name.startswith("Zw") else 1, name)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DispatcherFrame:
     """A KiUserCallbackDispatcher frame found on the user stack."""
 
@@ -151,7 +152,7 @@ class DispatcherFrame:
     length: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Detection:
     """A thread found at ZwCallbackReturn while the kernel completes a callback (the seed's state).
 

@@ -25,13 +25,12 @@ True
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs, CsInsn
 from capstone.x86 import X86_OP_MEM, X86_OP_REG, X86_REG_INVALID, X86_REG_RAX, X86_REG_RIP
 
 from emu.loader.image import Image
 from emu.loader.pdata import entry_at, function_table
+from emu.records import record
 
 __all__ = ["InitThunk", "find_init_thunk", "function_range"]
 
@@ -41,7 +40,7 @@ _cs = Cs(CS_ARCH_X86, CS_MODE_64)
 _cs.detail = True
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class InitThunk:
     """The pointer RtlUserThreadStart calls BaseThreadInitThunk through."""
 

@@ -28,7 +28,6 @@ else, so the shape is named by what the code does, not by its bytes:
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Literal
 
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs, CsInsn
@@ -37,6 +36,7 @@ from capstone.x86 import X86_OP_IMM, X86_OP_MEM, X86_OP_REG, X86_REG_INVALID, X8
 from emu.errors import ImageError
 from emu.loader.image import Image
 from emu.profile import Profile
+from emu.records import record
 from emu.winnt import KUSER_SHARED_DATA, KUSER_SYSTEM_CALL, UCALLOUT_API_NUMBER, UCALLOUT_BUFFER, UCALLOUT_LENGTH
 
 __all__ = [
@@ -71,7 +71,7 @@ _cs.detail = True
 Terminal = Literal["syscall", "int2e", "other"]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Stub:
     """One export as a syscall stub. ``shape`` is None when the code is not a stub."""
 
@@ -83,7 +83,7 @@ class Stub:
     int2e_offset: int | None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SsnDisagreement:
     """A service whose stub loads another number than the profile gives it."""
 
@@ -92,7 +92,7 @@ class SsnDisagreement:
     in_profile: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DispatcherGuess:
     """A guess at the KiUserCallbackDispatcher entry convention, with what it is based on."""
 
@@ -103,7 +103,7 @@ class DispatcherGuess:
         return f"{self.convention} (guess: {self.evidence})"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Walk:
     """Where the walk through one stub ended, and the number it loaded on the way."""
 

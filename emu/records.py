@@ -1,0 +1,159 @@
+"""``@record``: a dataclass whose generated methods are made on first use, not at import.
+
+``dataclasses.dataclass`` writes ``__init__``, ``__repr__``, ``__eq__`` and ``__hash__`` as
+source text and compiles each with ``exec`` when the class statement runs: about a
+millisecond per frozen class, most of ``emu run``'s import time for the ~100 records it
+imports, although one run calls ``__init__`` on fewer than half of them and ``__repr__``,
+``__eq__`` or ``__hash__`` on almost none.
+
+``@record`` takes the same arguments as ``@dataclass`` (``frozen``, ``eq``, ``kw_only``,
+``init``, ``repr``). The class statement only collects the fields (``dataclasses.fields``,
+``replace`` and ``asdict`` work at once, and ``__dataclass_params__`` says what was asked
+for); each of the four methods is a placeholder until it is first called, when the standard
+library writes it exactly as ``@dataclass`` would have (from the same fields, on a scratch
+class) and puts it on the class. A frozen record's ``__setattr__`` and ``__delattr__`` are
+set at once; they do what the ones ``@dataclass`` writes do.
+
+A class without a docstring gets the full ``@dataclass`` at once: its ``__doc__`` is made
+from ``__init__``'s signature. ``order``, ``unsafe_hash`` and ``slots`` are not offered (use
+``@dataclass`` for those).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, TypeVar, dataclass_transform, overload
+
+__all__ = ["record"]
+
+T = TypeVar("T", bound=type)
+
+_METHODS = ("__init__", "__repr__", "__eq__", "__hash__")
+
+
+@overload
+def record(cls: T, /) -> T: ...
+
+
+@overload
+def record(
+    *, init: bool = True, repr: bool = True, eq: bool = True, frozen: bool = False, kw_only: bool = False
+) -> Callable[[T], T]: ...
+
+
+@dataclass_transform(field_specifiers=(dataclasses.field, dataclasses.Field))
+def record(
+    cls: T | None = None, /, *, init: bool = True, repr: bool = True, eq: bool = True, frozen: bool = False,
+    kw_only: bool = False,
+) -> T | Callable[[T], T]:  # fmt: skip
+    """Make ``cls`` a dataclass (as ``@dataclass(...)`` with the same arguments) whose methods are written on first use."""
+
+    def wrap(c: T) -> T:
+        return _make(c, init=init, repr=repr, eq=eq, frozen=frozen, kw_only=kw_only)
+
+    return wrap if cls is None else wrap(cls)
+
+
+def _make(cls: T, *, init: bool, repr: bool, eq: bool, frozen: bool, kw_only: bool) -> T:
+    if not cls.__doc__:  # dataclass would make the docstring from __init__'s signature: let it
+        dataclasses.dataclass(cls, init=init, repr=repr, eq=eq, frozen=frozen, kw_only=kw_only)
+        return cls
+    own = cls.__dict__
+    # What @dataclass would add (it never replaces a method the class body defines).
+    wanted = [
+        name
+        for name, on in (("__init__", init), ("__repr__", repr), ("__eq__", eq))
+        if on and name not in own
+    ]  # fmt: skip
+    class_hash = own.get("__hash__", dataclasses.MISSING)
+    explicit_hash = not (class_hash is dataclasses.MISSING or (class_hash is None and "__eq__" in own))
+    # dataclasses' hash table (unsafe_hash False): eq and frozen -> a hash of the fields; eq alone -> unhashable.
+    hash_action = None if not eq or explicit_hash else ("add" if frozen else "none")
+    _fields_only(cls, frozen, kw_only)
+    params = cls.__dataclass_params__  # type: ignore[attr-defined]
+    params.init, params.repr, params.eq, params.frozen = init, repr, eq, frozen  # as @dataclass records them
+    if frozen:
+        _freeze(cls)
+    for name in wanted:
+        setattr(cls, name, _placeholder(cls, name, frozen))
+    if hash_action == "add":
+        cls.__hash__ = _placeholder(cls, "__hash__", frozen)  # type: ignore[method-assign]
+    elif hash_action == "none":
+        cls.__hash__ = None  # type: ignore[assignment]
+    return cls
+
+
+def _fields_only(cls: type, frozen: bool, kw_only: bool) -> None:
+    """Let ``dataclasses`` collect the fields and write no method (not even frozenness's two: :func:`_freeze`)."""
+    bases = [getattr(b, "__dataclass_params__", None) for b in cls.__mro__[1:]]
+    params = list({id(p): p for p in bases if p is not None}.values())
+    if params:  # the checks @dataclass makes, in its words
+        if not frozen and any(p.frozen for p in params):
+            raise TypeError("cannot inherit non-frozen dataclass from a frozen one")
+        if frozen and not any(p.frozen for p in params):
+            raise TypeError("cannot inherit frozen dataclass from a non-frozen one")
+    lent = [p for p in params if p.frozen]
+    for p in lent:  # for the moment of the call: a non-frozen pass over frozen bases is what is wanted here
+        p.frozen = False
+    try:
+        dataclasses.dataclass(cls, init=False, repr=False, eq=False, kw_only=kw_only)
+    finally:
+        for p in lent:
+            p.frozen = True
+
+
+def _freeze(cls: type) -> None:
+    """``__setattr__`` and ``__delattr__`` as a frozen dataclass has them (written out once, here)."""
+    names = frozenset(f.name for f in dataclasses.fields(cls))
+    owner: Any = cls  # (typed loosely: mypy does not take a variable class as super()'s first argument)
+    for name in ("__setattr__", "__delattr__"):
+        if name in cls.__dict__:
+            raise TypeError(f"Cannot overwrite attribute {name} in class {cls.__name__}")
+
+    def __setattr__(self: Any, name: str, value: Any) -> None:
+        if type(self) is owner or name in names:
+            raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+        super(owner, self).__setattr__(name, value)
+
+    def __delattr__(self: Any, name: str) -> None:
+        if type(self) is owner or name in names:
+            raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+        super(owner, self).__delattr__(name)
+
+    for fn in (__setattr__, __delattr__):
+        fn.__qualname__ = f"{cls.__qualname__}.{fn.__name__}"
+        setattr(cls, fn.__name__, fn)
+
+
+def _placeholder(cls: type, name: str, frozen: bool) -> Callable[..., Any]:
+    def first_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        method = _write(cls, name, frozen)
+        return method(self, *args, **kwargs)
+
+    first_call.__name__ = name
+    first_call.__qualname__ = f"{cls.__qualname__}.{name}"
+    return first_call
+
+
+def _write(cls: type, name: str, frozen: bool) -> Callable[..., Any]:
+    """``name`` as ``@dataclass`` writes it for ``cls``'s fields, now on ``cls``."""
+    fields = dataclasses.fields(cls)
+    scratch: dict[str, Any] = {
+        "__annotations__": {f.name: f.type for f in fields},
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__,
+        **{f.name: f for f in fields},
+    }
+    if hasattr(cls, "__post_init__"):  # the written __init__ calls it when the class has one
+        scratch["__post_init__"] = cls.__post_init__
+    on_init, on_repr, on_eq = name == "__init__", name == "__repr__", name in ("__eq__", "__hash__")
+    # frozen changes only how __init__ stores the fields; a hash comes with eq and unsafe_hash
+    model: type = dataclasses.dataclass(
+        type(cls.__name__, (), scratch), init=on_init, repr=on_repr, eq=on_eq,
+        frozen=frozen and on_init, unsafe_hash=name == "__hash__",
+    )  # fmt: skip
+    method: Callable[..., Any] = model.__dict__[name]
+    setattr(cls, name, method)
+    return method
