@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from emu.context import UserContext
 from emu.loader.image import Image
@@ -189,20 +189,15 @@ def _hex(value: int | None) -> str | None:
     return None if value is None else f"{value:#x}"
 
 
-_disassemblers: list[Any] = []  # capstone's, made on first use (importing capstone is not free)
-
-
 def syscall_sites(view: ThreadView, start: int, end: int) -> list[int]:
     """Addresses just after each `syscall` / `int 2Eh` in [start, end), by disassembly."""
     code = view.read(start, end - start)
     if code is None:
         return []
-    if not _disassemblers:
-        import capstone
+    from emu.loader.disasm import disasm  # (capstone's answers, kept on disk by content)
 
-        _disassemblers.append(capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64))
     out = []
-    for insn in _disassemblers[0].disasm(code, start):
+    for insn in disasm(code, start):
         if insn.mnemonic == "syscall" or (insn.mnemonic == "int" and insn.op_str.lower() in ("0x2e", "46")):
             out.append(insn.address + insn.size)
     return out
