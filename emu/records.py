@@ -22,6 +22,7 @@ from ``__init__``'s signature. ``order``, ``unsafe_hash`` and ``slots`` are not 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar, dataclass_transform, overload
 
@@ -71,6 +72,8 @@ def _make(cls: T, *, init: bool, repr: bool, eq: bool, frozen: bool, kw_only: bo
     # dataclasses' hash table (unsafe_hash False): eq and frozen -> a hash of the fields; eq alone -> unhashable.
     hash_action = None if not eq or explicit_hash else ("add" if frozen else "none")
     _fields_only(cls, frozen, kw_only)
+    if init:
+        _check_defaults(cls)
     params = cls.__dataclass_params__  # type: ignore[attr-defined]
     params.init, params.repr, params.eq, params.frozen = init, repr, eq, frozen  # as @dataclass records them
     if frozen:
@@ -101,6 +104,18 @@ def _fields_only(cls: type, frozen: bool, kw_only: bool) -> None:
     finally:
         for p in lent:
             p.frozen = True
+
+
+def _check_defaults(cls: type) -> None:
+    """@dataclass's one check of ``__init__``'s parameters, made when the class is, as it makes it."""
+    seen_default = False
+    for f in dataclasses.fields(cls):
+        if not f.init or f.kw_only:
+            continue
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+            seen_default = True
+        elif seen_default:
+            raise TypeError(f"non-default argument {f.name!r} follows default argument")
 
 
 def _freeze(cls: type) -> None:
@@ -138,6 +153,10 @@ def _placeholder(cls: type, name: str, frozen: bool) -> Callable[..., Any]:
 
 def _write(cls: type, name: str, frozen: bool) -> Callable[..., Any]:
     """``name`` as ``@dataclass`` writes it for ``cls``'s fields, now on ``cls``."""
+    written = _write_init(cls, frozen) if name == "__init__" else None
+    if written is not None:  # the common case, made directly: a scratch dataclass costs three times as much
+        setattr(cls, name, written)
+        return written
     fields = dataclasses.fields(cls)
     scratch: dict[str, Any] = {
         "__annotations__": {f.name: f.type for f in fields},
@@ -157,3 +176,62 @@ def _write(cls: type, name: str, frozen: bool) -> Callable[..., Any]:
     method: Callable[..., Any] = model.__dict__[name]
     setattr(cls, name, method)
     return method
+
+
+_HAS_FACTORY = getattr(dataclasses, "_HAS_DEFAULT_FACTORY", "<factory>")  # the default shown for a factory's parameter
+
+
+def _write_init(cls: type, frozen: bool) -> Callable[..., Any] | None:
+    """``__init__`` with the text ``@dataclass`` gives it (the standard library's ``_init_fn``), in
+    one ``exec``; None for a class with an ``InitVar`` (left to the scratch dataclass)."""
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
+    pseudo = [f for n, f in cls.__dataclass_fields__.items() if n not in names]  # type: ignore[attr-defined]
+    if any("InitVar" in str(f.type) for f in pseudo):
+        return None
+    me = "__dataclass_self__" if "self" in names else "self"
+    env: dict[str, Any] = {
+        "__dataclass_HAS_DEFAULT_FACTORY__": _HAS_FACTORY, "__dataclass_builtins_object__": object,
+        "__dataclass_return_type__": None,
+    }  # fmt: skip
+    positional: list[str] = []
+    keyword: list[str] = []
+    body: list[str] = []
+    missing = dataclasses.MISSING
+    for f in fields:
+        env[f"__dataclass_type_{f.name}__"] = f.type
+        dflt = f"__dataclass_dflt_{f.name}__"
+        value: str | None = f.name if f.init else None
+        if f.default_factory is not missing:
+            env[dflt] = f.default_factory
+            value = (
+                f"{dflt}() if {f.name} is __dataclass_HAS_DEFAULT_FACTORY__ else {f.name}" if f.init else f"{dflt}()"
+            )
+        elif f.init and f.default is not missing:
+            env[dflt] = f.default
+        if value is not None:
+            store = f"__dataclass_builtins_object__.__setattr__({me},{f.name!r},{value})"
+            body.append(store if frozen else f"{me}.{f.name}={value}")
+        if f.init:
+            default = ""
+            if f.default_factory is not missing:
+                default = "=__dataclass_HAS_DEFAULT_FACTORY__"
+            elif f.default is not missing:
+                default = f"={dflt}"
+            (keyword if f.kw_only else positional).append(f"{f.name}:__dataclass_type_{f.name}__{default}")
+    if hasattr(cls, "__post_init__"):
+        body.append(f"{me}.__post_init__()")
+    args = ",".join([me, *positional, *(["*", *keyword] if keyword else [])])
+    lines = "\n".join(f"  {line}" for line in body or ["pass"])
+    text = (
+        f"def __create_fn__({', '.join(env)}):\n"
+        f" def __init__({args})->__dataclass_return_type__:\n{lines}\n"
+        " return __init__"
+    )
+    module = sys.modules.get(cls.__module__)
+    space: dict[str, Any] = {}
+    # (compiled without this module's `from __future__ import annotations`, as dataclasses compiles it)
+    exec(compile(text, "<string>", "exec", dont_inherit=True), module.__dict__ if module is not None else {}, space)
+    made: Callable[..., Any] = space["__create_fn__"](**env)
+    made.__qualname__ = f"{cls.__qualname__}.__init__"
+    return made

@@ -8,6 +8,7 @@ compares what a user can observe: construction, defaults, repr, equality, hashin
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import pickle
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -137,3 +138,37 @@ def test_methods_the_class_defines_are_kept() -> None:
 
     assert repr(_Own(1)) == "own" and _Own(1) == _Own(2)
     assert hash(_Own(1)) == hash((1,))  # frozen with eq: the fields' hash, as @dataclass adds it
+
+
+def test_init_has_the_signature_and_body_of_the_dataclass_one() -> None:
+    def body() -> dict[str, Any]:
+        return {
+            "__doc__": "Every kind of field.",
+            "__annotations__": {"a": "int", "b": "list[int]", "c": "int", "d": "dict[str, int]", "e": "str"},
+            "b": field(default_factory=list),
+            "c": field(default=7, init=False),
+            "d": field(default_factory=dict, init=False),
+            "e": field(default="k", kw_only=True),
+            "__module__": __name__,
+        }
+
+    for frozen in (True, False):
+        std: type[Any] = dataclass(frozen=frozen)(type("S", (), body()))
+        ours = record(frozen=frozen)(type("S", (), body()))
+        x, y = std(1, e="z"), ours(1, e="z")  # (the first call writes ours)
+        made, model = ours.__dict__["__init__"], std.__dict__["__init__"]
+        assert inspect.signature(made) == inspect.signature(model)
+        assert made.__annotations__ == model.__annotations__ and made.__qualname__ == "S.__init__"
+        assert vars(y) == vars(x) == {"a": 1, "b": [], "d": {}, "e": "z"} and y.c == 7  # c: from the class
+        assert ours(2, [3]).b == [3] and ours(2).b is not ours(2).b
+
+
+def test_a_field_without_default_after_one_with_is_refused_at_once() -> None:
+    with pytest.raises(TypeError, match="non-default argument 'b' follows default argument"):
+
+        @record
+        class _Bad:
+            """Out of order."""
+
+            a: int = 0
+            b: int  # type: ignore[misc]
