@@ -19,12 +19,12 @@ from __future__ import annotations
 import atexit
 import contextlib
 import marshal
-from _blake2 import blake2b  # hashlib's own blake2b, without loading OpenSSL's
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 from emu.loader import asm_cache
+from emu.loader.asm_cache import blake2b
 
 __all__ = ["Insn", "Mem", "Operand", "disasm"]
 

@@ -27,10 +27,10 @@ else, so the shape is named by what the code does, not by its bytes:
 
 from __future__ import annotations
 
-import hashlib
 from typing import Literal
 
 from emu.errors import ImageError
+from emu.loader.asm_cache import blake2b
 from emu.loader.disasm import Insn, disasm
 from emu.loader.image import Image
 from emu.profile import Profile
@@ -231,7 +231,7 @@ _TABLES: dict[bytes, dict[str, int]] = {}
 
 def _content_key(image: Image) -> bytes:
     """A digest of what the SSNs depend on: the stub exports (as RVAs) and the executable bytes."""
-    h = hashlib.blake2b(digest_size=20)
+    h = blake2b(digest_size=20)
     for name, addr in sorted(image.exports.items()):
         if name[:2] in ("Nt", "Zw"):
             h.update(f"{name}={addr - image.base:x};".encode())
