@@ -340,10 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the process's own command line: emu owns the process and its signals
         interrupts.install()
     code = guarded(args.func, args, args.command)
-    if argv is None:
+    if argv is None and "lief" not in sys.modules:
         # The process ends now. Its last garbage collection would walk every object the run made
         # (a fifth of a short run's time) to free memory the exit frees anyway; at-exit handlers
-        # still run, and every file emu writes is closed before this point.
+        # still run, and every file emu writes is closed before this point. (Not after LIEF was
+        # used: its bindings list at exit, on stderr, the objects no collection freed.)
         gc.freeze()
     return code
 
