@@ -9,10 +9,13 @@ imports, although one run calls ``__init__`` on fewer than half of them and ``__
 ``@record`` takes the same arguments as ``@dataclass`` (``frozen``, ``eq``, ``kw_only``,
 ``init``, ``repr``). The class statement only collects the fields (``dataclasses.fields``,
 ``replace`` and ``asdict`` work at once, and ``__dataclass_params__`` says what was asked
-for); each of the four methods is a placeholder until it is first called, when the standard
-library writes it exactly as ``@dataclass`` would have (from the same fields, on a scratch
-class) and puts it on the class. A frozen record's ``__setattr__`` and ``__delattr__`` are
-set at once; they do what the ones ``@dataclass`` writes do.
+for); each of the four methods is a placeholder until it is first called, when it is written
+as ``@dataclass`` would have written it and put on the class: ``__init__`` here, from the
+same text the standard library makes (one ``exec``), the others by the standard library
+itself, on a scratch class with the same fields. A frozen record's ``__setattr__`` and
+``__delattr__`` are set at once; they do what the ones ``@dataclass`` writes do. The checks
+``@dataclass`` makes when the class is made (a field without a default after one with; frozen
+and non-frozen bases) are made then too, with the same messages.
 
 A class without a docstring gets the full ``@dataclass`` at once: its ``__doc__`` is made
 from ``__init__``'s signature. ``order``, ``unsafe_hash`` and ``slots`` are not offered (use
@@ -29,8 +32,6 @@ from typing import Any, TypeVar, dataclass_transform, overload
 __all__ = ["record"]
 
 T = TypeVar("T", bound=type)
-
-_METHODS = ("__init__", "__repr__", "__eq__", "__hash__")
 
 
 @overload
