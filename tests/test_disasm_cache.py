@@ -3,6 +3,7 @@ without decoding, and a damaged or missing file only costs a decode."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import capstone
@@ -25,8 +26,7 @@ def fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _forget(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(d, "_decoded", {})
-    monkeypatch.setattr(d, "_stored", [])
-    monkeypatch.setattr(d, "_dirty", [])
+    monkeypatch.setattr(d, "_pruned", [])
 
 
 def _no_capstone(*_: object) -> None:
@@ -53,8 +53,7 @@ def test_instructions_are_capstones(fresh: Path) -> None:
 
 def test_a_later_process_reads_the_answers_back(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = [(i.address, i.mnemonic, i.op_str) for i in d.disasm(CODE, BASE)]
-    d.save()
-    assert [p.name.startswith("disasm-") for p in fresh.iterdir()] == [True]
+    assert [p.name for p in fresh.iterdir()] == ["disasm"] and len(list((fresh / "disasm").iterdir())) == 1
     _forget(monkeypatch)
     monkeypatch.setattr(d, "_decode", _no_capstone)
     assert [(i.address, i.mnemonic, i.op_str) for i in d.disasm(CODE, BASE)] == first
@@ -64,8 +63,7 @@ def test_a_later_process_reads_the_answers_back(fresh: Path, monkeypatch: pytest
 
 def test_a_damaged_file_counts_as_empty(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = [(i.address, i.mnemonic) for i in d.disasm(CODE, BASE)]
-    d.save()
-    (stored,) = fresh.iterdir()
+    (stored,) = (fresh / "disasm").iterdir()
     data = bytearray(stored.read_bytes())
     data[-3] ^= 0xFF
     stored.write_bytes(bytes(data))
@@ -80,17 +78,21 @@ def test_an_empty_cache_dir_setting_writes_nothing(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("EMU_CACHE_DIR", "")
     _forget(monkeypatch)
     assert len(d.disasm(CODE, BASE)) == 7
-    d.save()
+    assert d.cache_dir() is None
     assert list(tmp_path.iterdir()) == []
 
 
 def test_the_oldest_answers_go_past_the_limit(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(d, "KEEP", 2)
-    for base in (0x1000, 0x2000, 0x3000):
+    for age, base in enumerate((0x1000, 0x2000, 0x3000)):
         d.disasm(CODE, base)
-    d.save()
+        (newest,) = sorted((fresh / "disasm").iterdir(), key=lambda p: p.stat().st_mtime_ns)[-1:]
+        os.utime(newest, ns=(age, age))  # stored long ago, in this order
+    _forget(monkeypatch)
+    d.disasm(CODE, 0x4000)  # the first answer this process stores removes the oldest past the limit
     _forget(monkeypatch)
     monkeypatch.setattr(d, "_decode", _no_capstone)
-    assert d.disasm(CODE, 0x3000)[0].address == 0x3000 and d.disasm(CODE, 0x2000)[0].address == 0x2000
-    with pytest.raises(AssertionError, match="decoded again"):
-        d.disasm(CODE, 0x1000)  # the first asked, dropped
+    assert d.disasm(CODE, 0x4000)[0].address == 0x4000 and d.disasm(CODE, 0x3000)[0].address == 0x3000
+    for dropped in (0x1000, 0x2000):
+        with pytest.raises(AssertionError, match="decoded again"):
+            d.disasm(CODE, dropped)

@@ -2,12 +2,12 @@
 
 What capstone makes of some bytes depends only on the bytes, the address they are decoded at
 and the number of instructions asked for (and on capstone itself). The detector reads the same
-stubs and function starts at every ``emu run``; the answers are stored in one file in the
-folder of :mod:`emu.loader.asm_cache` (``$EMU_CACHE_DIR``; an empty value turns both caches
-off), under a hash of those inputs, and capstone is not even imported when every question was
-asked before. The file holds at most :data:`KEEP` answers, oldest dropped first; one that
-cannot be read, or whose check digest does not match, counts as empty; new answers are written
-once, when the process ends. The cache only ever saves time, never changes an answer.
+stubs and function starts at every ``emu run``; each answer is stored as one small file in the
+``disasm`` folder beside :mod:`emu.loader.asm_cache`'s entries (under ``$EMU_CACHE_DIR``; an
+empty value turns both caches off), named by a hash of those inputs, and capstone is not even
+imported when every question was asked before. A run reads only the answers it needs. At most
+:data:`KEEP` answers are kept, the oldest removed first; one that cannot be read, or whose check
+digest does not match, counts as missing. The cache only ever saves time, never changes an answer.
 
 An instruction is an :class:`Insn` with the parts of capstone's ``CsInsn`` the readers of code
 use, registers by name (``"rax"``, ``""`` for none) and operand types as ``"reg"``, ``"imm"``,
@@ -16,9 +16,9 @@ use, registers by name (``"rax"``, ``""`` for none) and operand types as ``"reg"
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import marshal
+import os
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ __all__ = ["Insn", "Mem", "Operand", "disasm"]
 
 FORMAT = b"emu-disasm-1\n"  # bump when what is stored (or how the key is made) changes
 _CHECK = 16
-KEEP = 20_000  # answers kept (a few hundred bytes each); past that the oldest go
+KEEP = 4096  # answers kept (one small file each); past that the oldest go
 MAX_INSN = 15  # bytes: the longest x86 instruction (Intel SDM vol. 2, 2.3.11)
 _TYPES = {1: "reg", 2: "imm", 3: "mem"}  # capstone's X86_OP_REG, X86_OP_IMM, X86_OP_MEM
 
@@ -79,24 +79,24 @@ def disasm(code: bytes, address: int, count: int = 0) -> tuple[Insn, ...]:
     h.update((address & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little"))
     h.update(count.to_bytes(4, "little"))
     h.update(code)
-    key = h.digest()
+    h.update(_identity())
+    key = h.hexdigest()
     hit = _decoded.get(key)
     if hit is None:
-        stored = _answers().get(key)
+        stored = _load(key)
         if stored is None:
             stored = _decode(code, address, count)
-            _learn(key, stored)
+            _store(key, stored)
         hit = _decoded[key] = tuple(_insn(*raw) for raw in stored)
     return hit
 
 
 Raw = tuple[int, int, str, str, tuple[tuple[str, str, int, str, str, int, int], ...], tuple[str, ...], tuple[str, ...]]
 
-_decoded: dict[bytes, tuple[Insn, ...]] = {}  # this process's answers, as objects
-_stored: list[dict[bytes, tuple[Raw, ...]]] = []  # the file's answers, read on first use; [0] when read
-_dirty: list[bool] = []  # [True] while answers are new: the file is rewritten at exit
+_decoded: dict[str, tuple[Insn, ...]] = {}  # this process's answers, as objects
 _capstone: list[Any] = []  # the decoder, made on first use
-_saving: list[object] = []  # [save] once it is to run at exit
+_engine: list[bytes] = []  # what identifies the installed capstone, found once per process
+_pruned: list[bool] = []  # [True] once this process has removed the oldest answers
 
 
 def _insn(
@@ -141,74 +141,71 @@ def _decode(code: bytes, address: int, count: int) -> tuple[Raw, ...]:
 
 def _identity() -> bytes:
     """The installed capstone's library files (name, size, time), found without importing it."""
-    try:
-        spec = find_spec("capstone")
-        if spec is None or spec.origin is None:
-            return b"capstone?"
-        folder = Path(spec.origin).parent
-        libs = sorted([*folder.glob("*.so*"), *folder.glob("lib/*.so*"), *folder.glob("lib/*.dylib")])
-        return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in libs).encode()
-    except (OSError, ImportError, ValueError):
-        return b"capstone?"
+    if not _engine:
+        ident = b"capstone?"
+        try:
+            spec = find_spec("capstone")
+            if spec is not None and spec.origin is not None:
+                folder = Path(spec.origin).parent
+                libs = sorted([*folder.glob("*.so*"), *folder.glob("lib/*.so*"), *folder.glob("lib/*.dylib")])
+                ident = ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in libs).encode()
+        except (OSError, ImportError, ValueError):
+            pass
+        _engine.append(ident)
+    return _engine[0]
 
 
-def _path() -> Path | None:
+def cache_dir() -> Path | None:
+    """Where answers live: ``disasm`` in :func:`emu.loader.asm_cache.cache_dir`; None when caching is off."""
     folder = asm_cache.cache_dir()
+    return None if folder is None else folder / "disasm"
+
+
+def _load(key: str) -> tuple[Raw, ...] | None:
+    folder = cache_dir()
     if folder is None:
         return None
-    return folder / f"disasm-{blake2b(FORMAT + _identity(), digest_size=10).hexdigest()}"
-
-
-def _answers() -> dict[bytes, tuple[Raw, ...]]:
-    if not _stored:
-        _stored.append(_read())
-    return _stored[0]
-
-
-def _read() -> dict[bytes, tuple[Raw, ...]]:
-    path = _path()
-    if path is None:
-        return {}
     try:
-        stored = path.read_bytes()
+        stored = (folder / key).read_bytes()
     except OSError:
-        return {}
+        return None
     head, check, blob = (
         stored[: len(FORMAT)],
         stored[len(FORMAT) : len(FORMAT) + _CHECK],
         stored[len(FORMAT) + _CHECK :],
     )
     if head != FORMAT or blake2b(blob, digest_size=_CHECK).digest() != check:
-        return {}
+        return None
     try:
-        answers = marshal.loads(blob)
+        raw = marshal.loads(blob)
     except (ValueError, EOFError, TypeError):
-        return {}
-    return answers if isinstance(answers, dict) else {}
+        return None
+    return raw if isinstance(raw, tuple) else None
 
 
-def _learn(key: bytes, raw: tuple[Raw, ...]) -> None:
-    answers = _answers()
-    answers[key] = raw
-    while len(answers) > KEEP:
-        del answers[next(iter(answers))]
-    if not _dirty:
-        _dirty.append(True)
-    if not _saving:
-        _saving.append(atexit.register(save))
-
-
-def save() -> None:
-    """Write the answers learnt in this process (at exit; also callable at any time)."""
-    if not _dirty or not _stored:
-        return
-    path = _path()
-    if path is None:
+def _store(key: str, raw: tuple[Raw, ...]) -> None:
+    """Keep one answer (written whole, then renamed); the oldest go once per process past :data:`KEEP`."""
+    folder = cache_dir()
+    if folder is None:
         return
     from emu.errors import OutputError
     from emu.writing import write_atomic
 
-    blob = marshal.dumps(_stored[0])
-    with contextlib.suppress(OutputError, OSError):
-        write_atomic(path, FORMAT + blake2b(blob, digest_size=_CHECK).digest() + blob)
-    _dirty.clear()
+    blob = marshal.dumps(raw)
+    try:
+        write_atomic(folder / key, FORMAT + blake2b(blob, digest_size=_CHECK).digest() + blob)
+    except OutputError:
+        return  # a cache that cannot be written is only a slower next run
+    if not _pruned:
+        _pruned.append(True)
+        _prune(folder)
+
+
+def _prune(folder: Path) -> None:
+    try:
+        entries = [(e.stat().st_mtime_ns, e.name) for e in os.scandir(folder) if e.is_file()]
+    except OSError:
+        return
+    for _, name in sorted(entries)[: max(0, len(entries) - KEEP)]:
+        with contextlib.suppress(OSError):
+            (folder / name).unlink()
