@@ -3,7 +3,6 @@ without decoding, and a damaged or missing file only costs a decode."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import capstone
@@ -26,7 +25,8 @@ def fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _forget(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(d, "_decoded", {})
-    monkeypatch.setattr(d, "_pruned", [])
+    monkeypatch.setattr(d, "_shards", {})
+    monkeypatch.setattr(d, "_new", {})
 
 
 def _no_capstone(*_: object) -> None:
@@ -53,6 +53,8 @@ def test_instructions_are_capstones(fresh: Path) -> None:
 
 def test_a_later_process_reads_the_answers_back(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = [(i.address, i.mnemonic, i.op_str) for i in d.disasm(CODE, BASE)]
+    assert list(fresh.iterdir()) == []  # written once, at exit
+    d.save()
     assert [p.name for p in fresh.iterdir()] == ["disasm"] and len(list((fresh / "disasm").iterdir())) == 1
     _forget(monkeypatch)
     monkeypatch.setattr(d, "_decode", _no_capstone)
@@ -63,6 +65,7 @@ def test_a_later_process_reads_the_answers_back(fresh: Path, monkeypatch: pytest
 
 def test_a_damaged_file_counts_as_empty(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = [(i.address, i.mnemonic) for i in d.disasm(CODE, BASE)]
+    d.save()
     (stored,) = (fresh / "disasm").iterdir()
     data = bytearray(stored.read_bytes())
     data[-3] ^= 0xFF
@@ -78,21 +81,44 @@ def test_an_empty_cache_dir_setting_writes_nothing(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("EMU_CACHE_DIR", "")
     _forget(monkeypatch)
     assert len(d.disasm(CODE, BASE)) == 7
+    d.save()
     assert d.cache_dir() is None
     assert list(tmp_path.iterdir()) == []
 
 
 def test_the_oldest_answers_go_past_the_limit(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(d, "KEEP", 2)
-    for age, base in enumerate((0x1000, 0x2000, 0x3000)):
+    monkeypatch.setattr(d, "PER_SHARD", 1)
+    bases = [0x1000 * n for n in range(1, 41)]
+    for base in bases:
         d.disasm(CODE, base)
-        (newest,) = sorted((fresh / "disasm").iterdir(), key=lambda p: p.stat().st_mtime_ns)[-1:]
-        os.utime(newest, ns=(age, age))  # stored long ago, in this order
-    _forget(monkeypatch)
-    d.disasm(CODE, 0x4000)  # the first answer this process stores removes the oldest past the limit
+    d.save()
+    files = list((fresh / "disasm").iterdir())
+    assert 1 < len(files) <= 40  # answers spread over files by their hash
+    assert all(len(d._read(f)) == 1 for f in files)  # one kept in each: the newest
     _forget(monkeypatch)
     monkeypatch.setattr(d, "_decode", _no_capstone)
-    assert d.disasm(CODE, 0x4000)[0].address == 0x4000 and d.disasm(CODE, 0x3000)[0].address == 0x3000
-    for dropped in (0x1000, 0x2000):
-        with pytest.raises(AssertionError, match="decoded again"):
-            d.disasm(CODE, dropped)
+    assert d.disasm(CODE, bases[-1])[0].address == bases[-1]  # the last one asked is kept
+    kept = 0
+    for base in bases:
+        try:
+            d.disasm(CODE, base)
+            kept += 1
+        except AssertionError:
+            pass
+    assert kept == len(files)
+
+
+def test_another_process_answers_are_kept_when_saving(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bases = [0x1000 * n for n in range(1, 41)]
+    for base in bases[:20]:
+        d.disasm(CODE, base)
+    other = dict(d._new)
+    _forget(monkeypatch)
+    for base in bases[20:]:
+        d.disasm(CODE, base)
+    d.save()  # this process first
+    monkeypatch.setattr(d, "_new", other)
+    d.save()  # then the other one, which read its files before this one wrote
+    _forget(monkeypatch)
+    monkeypatch.setattr(d, "_decode", _no_capstone)
+    assert all(d.disasm(CODE, base)[0].address == base for base in bases)

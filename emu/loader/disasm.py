@@ -2,12 +2,14 @@
 
 What capstone makes of some bytes depends only on the bytes, the address they are decoded at
 and the number of instructions asked for (and on capstone itself). The detector reads the same
-stubs and function starts at every ``emu run``; each answer is stored as one small file in the
-``disasm`` folder beside :mod:`emu.loader.asm_cache`'s entries (under ``$EMU_CACHE_DIR``; an
-empty value turns both caches off), named by a hash of those inputs, and capstone is not even
-imported when every question was asked before. A run reads only the answers it needs. At most
-:data:`KEEP` answers are kept, the oldest removed first; one that cannot be read, or whose check
-digest does not match, counts as missing. The cache only ever saves time, never changes an answer.
+stubs and function starts at every ``emu run``; the answers are stored under a hash of those
+inputs, in the ``disasm`` folder beside :mod:`emu.loader.asm_cache`'s entries (under
+``$EMU_CACHE_DIR``; an empty value turns both caches off), and capstone is not even imported
+when every question was asked before. They are spread over :data:`SHARDS` files by their hash,
+so a run reads only the files holding its questions, and a run that learns thousands of answers
+(a real ntdll's stubs) writes each file once, at exit. A file holds at most :data:`PER_SHARD`
+answers, the oldest dropped first; one that cannot be read, or whose check digest does not
+match, counts as empty. The cache only ever saves time, never changes an answer.
 
 An instruction is an :class:`Insn` with the parts of capstone's ``CsInsn`` the readers of code
 use, registers by name (``"rax"``, ``""`` for none) and operand types as ``"reg"``, ``"imm"``,
@@ -16,9 +18,8 @@ use, registers by name (``"rax"``, ``""`` for none) and operand types as ``"reg"
 
 from __future__ import annotations
 
-import contextlib
+import atexit
 import marshal
-import os
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ __all__ = ["Insn", "Mem", "Operand", "disasm"]
 
 FORMAT = b"emu-disasm-1\n"  # bump when what is stored (or how the key is made) changes
 _CHECK = 16
-KEEP = 4096  # answers kept (one small file each); past that the oldest go
+SHARDS = 256  # files, by the first two hex digits of an answer's key: a run reads only the ones it needs
+PER_SHARD = 128  # answers kept per file (a hundred bytes or so each); past that the oldest go
 MAX_INSN = 15  # bytes: the longest x86 instruction (Intel SDM vol. 2, 2.3.11)
 _TYPES = {1: "reg", 2: "imm", 3: "mem"}  # capstone's X86_OP_REG, X86_OP_IMM, X86_OP_MEM
 
@@ -96,7 +98,9 @@ Raw = tuple[int, int, str, str, tuple[tuple[str, str, int, str, str, int, int], 
 _decoded: dict[str, tuple[Insn, ...]] = {}  # this process's answers, as objects
 _capstone: list[Any] = []  # the decoder, made on first use
 _engine: list[bytes] = []  # what identifies the installed capstone, found once per process
-_pruned: list[bool] = []  # [True] once this process has removed the oldest answers
+_shards: dict[str, dict[str, tuple[Raw, ...]]] = {}  # the stored answers, by shard, as read
+_new: dict[str, dict[str, tuple[Raw, ...]]] = {}  # answers learnt here, by shard, not yet written
+_saving: list[bool] = []  # [True] once :func:`save` is to run at exit
 
 
 def _insn(
@@ -161,51 +165,66 @@ def cache_dir() -> Path | None:
     return None if folder is None else folder / "disasm"
 
 
-def _load(key: str) -> tuple[Raw, ...] | None:
-    folder = cache_dir()
-    if folder is None:
-        return None
+def _shard(key: str) -> dict[str, tuple[Raw, ...]]:
+    """The answers stored under ``key``'s first two hex digits (read once per process)."""
+    name = key[:2]
+    shard = _shards.get(name)
+    if shard is None:
+        folder = cache_dir()
+        shard = _shards[name] = _read(folder / name) if folder is not None else {}
+    return shard
+
+
+def _read(path: Path) -> dict[str, tuple[Raw, ...]]:
     try:
-        stored = (folder / key).read_bytes()
+        stored = path.read_bytes()
     except OSError:
-        return None
+        return {}
     head, check, blob = (
         stored[: len(FORMAT)],
         stored[len(FORMAT) : len(FORMAT) + _CHECK],
         stored[len(FORMAT) + _CHECK :],
     )
     if head != FORMAT or blake2b(blob, digest_size=_CHECK).digest() != check:
-        return None
+        return {}
     try:
-        raw = marshal.loads(blob)
+        answers = marshal.loads(blob)
     except (ValueError, EOFError, TypeError):
-        return None
-    return raw if isinstance(raw, tuple) else None
+        return {}
+    return answers if isinstance(answers, dict) else {}
+
+
+def _load(key: str) -> tuple[Raw, ...] | None:
+    return _shard(key).get(key)
 
 
 def _store(key: str, raw: tuple[Raw, ...]) -> None:
-    """Keep one answer (written whole, then renamed); the oldest go once per process past :data:`KEEP`."""
+    if cache_dir() is None:
+        return
+    _shard(key)[key] = raw
+    _new.setdefault(key[:2], {})[key] = raw
+    if not _saving:
+        _saving.append(True)
+        atexit.register(save)
+
+
+def save() -> None:
+    """Write the answers this process learnt (at exit; callable at any time). Each shard is read
+    again and merged, so answers another process stored meanwhile stay; past :data:`PER_SHARD`
+    answers, the oldest go."""
     folder = cache_dir()
     if folder is None:
+        _new.clear()
         return
     from emu.errors import OutputError
     from emu.writing import write_atomic
 
-    blob = marshal.dumps(raw)
-    try:
-        write_atomic(folder / key, FORMAT + blake2b(blob, digest_size=_CHECK).digest() + blob)
-    except OutputError:
-        return  # a cache that cannot be written is only a slower next run
-    if not _pruned:
-        _pruned.append(True)
-        _prune(folder)
-
-
-def _prune(folder: Path) -> None:
-    try:
-        entries = [(e.stat().st_mtime_ns, e.name) for e in os.scandir(folder) if e.is_file()]
-    except OSError:
-        return
-    for _, name in sorted(entries)[: max(0, len(entries) - KEEP)]:
-        with contextlib.suppress(OSError):
-            (folder / name).unlink()
+    for name, learnt in sorted(_new.items()):
+        merged = {**_read(folder / name), **learnt}
+        kept = dict(list(merged.items())[-PER_SHARD:])
+        blob = marshal.dumps(kept)
+        try:
+            write_atomic(folder / name, FORMAT + blake2b(blob, digest_size=_CHECK).digest() + blob)
+        except OutputError:
+            break  # a cache that cannot be written is only a slower next run
+    _new.clear()
