@@ -9,7 +9,7 @@ first use: ``emu.run`` and the ``emu`` command both go through :func:`run`.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +18,7 @@ from emu.engine import Process, RunResult
 from emu.engine import build as build_from_modules
 from emu.hooks import Hooks
 from emu.kernel import KernelHooks
+from emu.records import record
 from emu.scenario import Scenario, load_scenario
 from emu.services import Services
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:  # imported where used: a run that needs no graph loads no net
 __all__ = ["Run", "run"]
 
 
-@dataclass
+@record
 class Run(RunResult):
     """The outcome of running one scenario: the recorded run, its state graph, the
     built-in detector's findings and the verdicts of the scenario's ``[[expect]]``."""

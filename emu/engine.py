@@ -10,7 +10,7 @@ the state graph, the detections and the scenario's expectations on top.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +37,7 @@ from emu.loader.loader_data import build_loader_data, main_image
 from emu.machine import Machine
 from emu.process_services import registry_for, service_numbers
 from emu.process_start import ThreadStart, file_name, probe_start
+from emu.records import record
 from emu.runtime import NTDLL_BASE, build_ntdll, build_win32u
 from emu.runtime.pe_image import with_pe_headers
 from emu.scenario import PeSpec, Scenario, ThreadSpec, load_scenario
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
     from emu.kernel.rtl import BuiltinRtl
 
 
-@dataclass
+@record
 class RunResult:
     """What running a process produced, as plain data: the trace, the images, the threads'
     final state and why it stopped. Views of it (the state graph, detections, a scenario's

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from emu.records import record
 from emu.scenario import EXPLORE_KINDS, Expectation
 from emu.scenario.expectations import (
     CallbackOutput,
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from emu.trace import State
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Outcome:
     """One expectation's verdict, with a message naming what was expected and what happened."""
 

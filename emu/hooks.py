@@ -47,13 +47,14 @@ the range is never touched. A callback that raises stops the run with
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Literal, TypeAlias
 
 from unicorn import Uc
 
 from emu.errors import ExtensionError
 from emu.loader.image import find_symbol
+from emu.records import record
 from emu.trace import T_KIND, TraceNote, Transition
 from emu.vocabulary import KINDS
 
@@ -70,7 +71,7 @@ Where: TypeAlias = "Address | range | tuple[Address, Address]"
 Callback = Callable[["Hit"], None]
 
 
-@dataclass
+@record
 class Halt:
     """Why a run should stop for its hooks: a clean stop (``reason``) or a hook's failure."""
 
@@ -80,7 +81,7 @@ class Halt:
     failure: ExtensionError | None = None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Entry:
     """One registered hook: what it watches, the callback, and where it applies."""
 
@@ -141,7 +142,7 @@ class Hooks:
         return Attached(self._entries, process)
 
 
-@dataclass
+@record
 class Hit:
     """What a hook is called with: the kind of event and where, and the run to act on.
 

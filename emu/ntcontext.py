@@ -10,9 +10,10 @@ routines read and write them in place.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from emu.context import UserContext
+from emu.records import record
 
 # --- CONTEXT (x64, 16-byte aligned, 0x4D0 bytes) -----------------------------------------------
 CONTEXT_SIZE = 0x4D0
@@ -93,7 +94,7 @@ FPU_CONTROL_DEFAULT = 0x027F  # x64 Windows' initial x87 control word (53-bit pr
 X87State = tuple[tuple[int, int, int], tuple[tuple[int, int], ...]]
 
 
-@dataclass
+@record
 class Context:
     """A CONTEXT as emu models it: the 16 general registers, RIP, EFlags, XMM0-15, MXCSR, flags."""
 
@@ -166,7 +167,7 @@ def context_ex(buffer_size: int = CONTEXT_SIZE) -> bytes:
                        CONTEXT_EX_SIZE, 0)  # fmt: skip
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ExceptionRecord:
     """An EXCEPTION_RECORD: code, flags, the chained record's address, where, parameters."""
 

@@ -21,7 +21,6 @@ from emu.context import UserContext
 from emu.errors import ScenarioError
 from emu.kernel import KThread
 from emu.loader.image import PAGE, Image, Symbolizer
-from emu.loader.startup import InitThunk, find_init_thunk
 from emu.machine import Machine
 from emu.runtime import build_kernel32
 from emu.scenario import Scenario, ThreadSpec
@@ -122,6 +121,7 @@ class ThreadStart:
         as the Windows loader does (see :mod:`emu.loader.startup`); the images must be mapped."""
         if not self.foreign:
             return None
+        from emu.loader.startup import find_init_thunk  # here: only a foreign ntdll needs capstone's reading
 
         found = find_init_thunk(self.ntdll)
         k32 = self.kernel32()

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import field
 from functools import cache
 from importlib import resources
 from typing import Any, Literal
+
+from emu.records import record
 
 Dispatcher = Literal["stack", "registers"]
 DispatcherRegisters = Literal["wrk", "windows10", "reactos"]
@@ -27,7 +29,7 @@ CALLOUT_FRAMES: tuple[str, ...] = ("wrk", "reactos")
 STUB_SHAPES: tuple[str, ...] = ("win7", "win10")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Profile:
     """A modelled Windows build. ``ssn`` maps service names (Nt spelling) to numbers."""
 

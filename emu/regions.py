@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from unicorn import UC_PROT_EXEC, UC_PROT_NONE, UC_PROT_READ, UC_PROT_WRITE
+
+from emu.records import record
 
 
 def uc_prot(perms: str) -> int:
@@ -19,7 +19,7 @@ def uc_prot(perms: str) -> int:
     return p
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Region:
     """A mapped range of the address space: start, size, protection and what it holds."""
 

@@ -25,13 +25,13 @@ guard pages included.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import mmap
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from unicorn import UC_PROT_WRITE
 
+from emu.loader.asm_cache import blake2b  # (hashlib's blake2b without OpenSSL's start-up)
 from emu.loader.image import PAGE
 from emu.regions import Region, uc_prot
 
@@ -288,7 +288,7 @@ class CowMemory:
         memo = self.current.memo
         if not live and memo is not None and memo[0] == ranges:
             return memo[1]  # nothing written outside the skipped ranges since this layer
-        h = hashlib.blake2b(digest_size=16)
+        h = blake2b(digest_size=16)
         for page in sorted(self.current.touched.union(live)):
             if any(start <= page < end for start, end in ranges):
                 continue

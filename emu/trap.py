@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from unicorn import (
     UC_MEM_FETCH_PROT,
@@ -16,6 +16,7 @@ from unicorn import (
 )
 
 from emu.context import UserContext
+from emu.records import record
 
 # A thread's first floating-point state on x64 Windows (WRK ke/amd64/thredini.c,
 # KiInitializeContextThread: INITIAL_FPCSR and INITIAL_MXCSR): x87 control word 0x27F (all
@@ -34,7 +35,7 @@ ACCESS = {
 }
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Trap:
     """A fault in user code, as the CPU reported it, before anyone turns it into an exception.
 
@@ -57,7 +58,7 @@ class Trap:
     undo: Callable[[], None] | None = None  # what the hook changed to stop the CPU, undone before delivery
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class StopInfo:
     """Why ``Machine.run`` returned: ``requested`` by a handler, ``instructions`` or ``timeout``."""
 
@@ -72,7 +73,7 @@ InterruptHandler = Callable[[Uc, int, object], None]
 ExceptionHandler = Callable[[Trap], bool]
 
 
-@dataclass
+@record
 class ExtendedState:
     """The vector state an exception's CONTEXT carries besides the general registers, and the
     x87 state (control, status and tag words, then R0..R7 as (mantissa, exponent); None: leave it)."""

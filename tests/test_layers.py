@@ -28,7 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "emu.trace"),
     ("emu.loader", "emu.runtime", "emu.scenario", "emu.address_space"),
     ("emu.winnt", "emu.profile", "emu.data", "emu.context", "emu.errors", "emu.writing", "emu.interrupts",
-     "emu.vocabulary", "emu.ntcontext"),
+     "emu.vocabulary", "emu.ntcontext", "emu.records"),
 )  # fmt: skip
 
 

@@ -46,7 +46,7 @@ def test_emu_run_without_pe_or_graph_loads_no_lief_and_no_networkx() -> None:
 
 # What `emu run` does not need for a scenario that asks for no debugger, snapshot or dump.
 NOT_FOR_RUN = (
-    "keystone", "emu.debug.gdbstub", "emu.session", "emu.session_snapshot", "emu.dump", "socket",
+    "keystone", "capstone", "emu.debug.gdbstub", "emu.session", "emu.session_snapshot", "emu.dump", "socket",
     "emu.loader.pe",  # the PE reader: the scenario's modules are assembled
     "json",  # only --json writes JSON
     "html",  # only notebooks render HTML
@@ -54,7 +54,7 @@ NOT_FOR_RUN = (
 )  # fmt: skip
 
 
-def test_emu_run_a_second_time_assembles_nothing_and_loads_no_other_command(tmp_path: Path) -> None:
+def test_emu_run_a_second_time_assembles_and_disassembles_nothing_and_loads_no_other_command(tmp_path: Path) -> None:
     run_it = (
         "import os\n"
         f"os.environ['EMU_CACHE_DIR'] = {str(tmp_path)!r}\n"
@@ -65,9 +65,10 @@ def test_emu_run_a_second_time_assembles_nothing_and_loads_no_other_command(tmp_
         "out = [code, buf.getvalue()]\n"
     )
     first = _loaded_after(run_it, NOT_FOR_RUN)
-    assert first["loaded"] == ["keystone"]  # an empty cache: the runtime and the module are assembled
+    # an empty cache: the runtime and the module are assembled, the detector's code decoded
+    assert first["loaded"] == ["keystone", "capstone"]
     again = _loaded_after(run_it, NOT_FOR_RUN)
-    assert again["loaded"] == []  # the bytes come from the cache; the other commands' modules stay unloaded
+    assert again["loaded"] == []  # bytes and instructions come from the cache; no other command's modules
     assert again["out"] == first["out"]  # the same report, byte for byte
     assert isinstance(again["out"], list) and "detections (1)" in again["out"][1]
 

@@ -37,11 +37,11 @@ the kernel's hot path:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from emu.context import UserContext
 from emu.errors import EmuError
+from emu.records import record
 from emu.vocabulary import KERNEL_DEBUGGER as KERNEL_DEBUGGER
 from emu.vocabulary import OBSERVERS as OBSERVERS
 from emu.vocabulary import SEED as SEED
@@ -82,7 +82,7 @@ def check_truth(name: str) -> str:
     return name
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ThreadStatus:
     """A thread's KTHREAD_STATE and, when Waiting, its KWAIT_REASON."""
 
@@ -199,7 +199,7 @@ def is_true(truth: str, state: State, status: ThreadStatus) -> bool:
 
 
 # --- every thread at one state ----------------------------------------------------------
-@dataclass(frozen=True)
+@record(frozen=True)
 class ThreadAt:
     """One thread at one moment of a run: its latest state record, its KTHREAD_STATE and what each observer reads."""
 

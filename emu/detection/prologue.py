@@ -17,27 +17,23 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
-
-import capstone
-from capstone import x86
 
 from emu.context import REGISTER_NAMES
 from emu.detection.view import ModuleInfo, ThreadView
+from emu.loader.disasm import Insn, disasm
 from emu.loader.image import Image
 from emu.loader.stubs import STUB_WINDOW, Stub, stub_at
+from emu.records import record
 
 GPR = REGISTER_NAMES[:16]  # the general registers, in UserContext's (and the unwind codes') order
 RSP, RBP = GPR.index("rsp"), GPR.index("rbp")
 SWEEP_LIMIT = 0x1000  # bytes of code read from a function start
-_cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-_cs.detail = True
-CS_GPR = {getattr(x86, f"X86_REG_{n.upper()}"): i for i, n in enumerate(GPR)}
+CS_GPR = {n: i for i, n in enumerate(GPR)}  # register name (as emu.loader.disasm gives it) -> number
 _CALL_LENGTHS = (2, 3, 4, 5, 6, 7)  # call reg, call [reg], call [reg+d8], rel32, [rip+d32], [sib+d32]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Sweep:
     """RSP's distance to the return address slot at a RIP, and the registers pushed so far."""
 
@@ -71,7 +67,8 @@ def sweep(image: Image, start: int, rip: int) -> Sweep | None:
                 break
             seen.add(path.pc)
             budget -= 1
-            insn = next(_cs.disasm(code[path.pc - start :], path.pc, 1), None)
+            found = disasm(code[path.pc - start :], path.pc, 1)
+            insn = found[0] if found else None
             if insn is None or not _apply(insn, path):
                 break
             target = _branch_target(insn)
@@ -93,7 +90,7 @@ def sweep(image: Image, start: int, rip: int) -> Sweep | None:
 SWEEP_STEPS = 4096  # instructions a sweep decodes at most, over all paths
 
 
-@dataclass
+@record
 class _Path:
     """One path of the sweep through a function: its PC and what RSP and the registers hold."""
 
@@ -103,36 +100,36 @@ class _Path:
     saved: dict[int, int]  # register -> its push slot (the delta after the push)
 
 
-def _branch_target(insn: capstone.CsInsn) -> int | None:
+def _branch_target(insn: Insn) -> int | None:
     ops = insn.operands
-    if len(ops) == 1 and ops[0].type == x86.X86_OP_IMM:
+    if len(ops) == 1 and ops[0].type == "imm":
         return int(ops[0].imm)
     return None
 
 
-def _apply(insn: capstone.CsInsn, path: _Path) -> bool:
+def _apply(insn: Insn, path: _Path) -> bool:
     """Apply one instruction's RSP change to ``path``; False when this sweep cannot follow it."""
     m, ops = insn.mnemonic, insn.operands
     copies, saved = path.copies, path.saved
     if m == "push":
         path.delta += 8
-        if ops[0].type == x86.X86_OP_REG and ops[0].reg in CS_GPR:
+        if ops[0].type == "reg" and ops[0].reg in CS_GPR:
             saved.setdefault(CS_GPR[ops[0].reg], path.delta)
     elif m == "pop":
         path.delta -= 8
-        if ops[0].type == x86.X86_OP_REG:
+        if ops[0].type == "reg":
             copies.pop(CS_GPR.get(ops[0].reg, -1), None)
     elif m in ("pushfq", "popfq"):
         path.delta += 8 if m == "pushfq" else -8
-    elif m in ("sub", "add") and is_reg(ops, 0, RSP) and ops[1].type == x86.X86_OP_IMM:
+    elif m in ("sub", "add") and is_reg(ops, 0, RSP) and ops[1].type == "imm":
         path.delta += ops[1].imm if m == "sub" else -ops[1].imm
-    elif m in ("mov", "lea") and len(ops) == 2 and ops[0].type == x86.X86_OP_REG and ops[0].reg in CS_GPR:
+    elif m in ("mov", "lea") and len(ops) == 2 and ops[0].type == "reg" and ops[0].reg in CS_GPR:
         dst = CS_GPR[ops[0].reg]
         # The source as (register, displacement): `mov dst, reg` or `lea dst, [reg + disp]`.
         src: tuple[int, int] | None = None
-        if m == "mov" and ops[1].type == x86.X86_OP_REG and ops[1].reg in CS_GPR:
+        if m == "mov" and ops[1].type == "reg" and ops[1].reg in CS_GPR:
             src = (CS_GPR[ops[1].reg], 0)
-        elif m == "lea" and ops[1].mem.index == x86.X86_REG_INVALID and ops[1].mem.base in CS_GPR:
+        elif m == "lea" and ops[1].mem.index == "" and ops[1].mem.base in CS_GPR:
             src = (CS_GPR[ops[1].mem.base], ops[1].mem.disp)
         if dst == RSP:
             if src is None or (src[0] != RSP and src[0] not in copies):
@@ -146,7 +143,7 @@ def _apply(insn: capstone.CsInsn, path: _Path) -> bool:
         if RBP not in copies:
             return False
         path.delta = copies.pop(RBP) - 8
-    elif x86.X86_REG_RSP in insn.regs_access()[1] and m not in ("call", "syscall", "int", "ret", "iretq"):
+    elif "rsp" in insn.writes and m not in ("call", "syscall", "int", "ret", "iretq"):
         return False  # RSP changed in a way this sweep does not model
     return True
 
@@ -155,7 +152,7 @@ def is_reg(ops: Any, i: int, reg: int) -> bool:
     if len(ops) <= i:
         return False
     op = ops[i]
-    return bool(op.type == x86.X86_OP_REG and CS_GPR.get(op.reg) == reg)
+    return bool(op.type == "reg" and CS_GPR.get(op.reg) == reg)
 
 
 def is_return_address(view: ThreadView, value: int) -> bool:
@@ -177,7 +174,7 @@ def _follows_call(module: ModuleInfo, value: int) -> bool:
         code = module.image.read(value - n, n)
         if code is None:
             continue
-        insns = list(_cs.disasm(code, value - n))
+        insns = disasm(code, value - n)
         if len(insns) == 1 and insns[0].size == n and insns[0].mnemonic == "call":
             return True
     return False

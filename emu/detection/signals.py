@@ -19,7 +19,6 @@ NtCallbackReturn fails at once with STATUS_NO_CALLBACK_ACTIVE (ReactOS, Wine).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 from emu.detection.prologue import stub_containing
@@ -33,12 +32,13 @@ from emu.detection.view import (
     syscall_sites,
 )
 from emu.loader.stubs import STUB_WINDOW, Stub, stub_at
+from emu.records import record
 
 Value = Literal["yes", "no", "unknown"]
 _SITES = {b"\x0f\x05": "syscall", b"\xcd\x2e": "int 2Eh"}  # the two encodings that enter the kernel here
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Verdict:
     """One signal's answer (``yes``/``no``/``unknown``) with the evidence for it; truthy when ``yes``."""
 
@@ -53,7 +53,7 @@ class Verdict:
         return f"{self.signal}: {self.value} ({'; '.join(self.evidence)})"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class StackVerdict(Verdict):
     """The stack signal's verdict, with the dispatcher frames it found (innermost first)."""
 
@@ -162,7 +162,7 @@ def _off_walk(view: ThreadView, w: StackWalk) -> list[int]:
     return [f.frame for f in dispatcher_frames(view) if f.frame not in on_walk]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CombinedVerdict:
     """All three signals, where they disagree, and the decision; truthy when pending."""
 

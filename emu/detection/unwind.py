@@ -44,10 +44,6 @@ it with a ``problem``.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-
-import capstone
-from capstone import x86
 
 from emu.detection.prologue import (
     CS_GPR,
@@ -62,7 +58,9 @@ from emu.detection.prologue import (
 from emu.detection.unwind_data import RuntimeFunction, UnwindInfo, lookup, read_unwind_info
 from emu.detection.unwind_data import WalkStop as _Stop
 from emu.detection.view import DispatcherFrame, ModuleInfo, ThreadView, callout_frame
+from emu.loader.disasm import Insn, disasm
 from emu.loader.stubs import guess_dispatcher_convention
+from emu.records import record
 from emu.winnt import (
     UCALLOUT_BUFFER,
     UCALLOUT_LENGTH,
@@ -87,12 +85,9 @@ MAX_FRAMES = 4096  # a 256 KiB stack holds a few thousand frames at most; the wa
 THREAD_START = "RtlUserThreadStart"
 SCAN_LIMIT = 0x2000  # bytes of stack a scan looks through for a return address
 
-_cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-_cs.detail = True
-
 
 # --- the walk ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@record(frozen=True)
 class Frame:
     """One frame of the walk: the RIP and RSP it runs at, and how the walk got there."""
 
@@ -102,7 +97,7 @@ class Frame:
     regs: tuple[int, ...] = ()  # the 16 general registers in this frame, as far as the unwind restored them
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class StackWalk:
     """The frames from RIP outwards, the KiUserCallbackDispatcher frames among them (innermost
     first), whether the walk reached the thread's first frame, and why it stopped if not."""
@@ -256,16 +251,16 @@ class _Walker:
         """MS "Unwind procedure": if RIP is in an epilog (add rsp / lea rsp, pops, ret or jmp), finish it."""
         code = self.view.read(rip, 64) or b""
         rsp, regs, undone = self.regs[RSP], list(self.regs), False
-        for n, insn in enumerate(_cs.disasm(code, rip, 20)):
+        for n, insn in enumerate(disasm(code, rip, 20)):
             ops, m = insn.operands, insn.mnemonic
-            if n == 0 and m == "add" and is_reg(ops, 0, RSP) and ops[1].type == x86.X86_OP_IMM:
+            if n == 0 and m == "add" and is_reg(ops, 0, RSP) and ops[1].type == "imm":
                 rsp += ops[1].imm
-            elif n == 0 and m == "lea" and is_reg(ops, 0, RSP) and ops[1].type == x86.X86_OP_MEM:
+            elif n == 0 and m == "lea" and is_reg(ops, 0, RSP) and ops[1].type == "mem":
                 base = CS_GPR.get(ops[1].mem.base)
-                if base is None or base != info.frame_register or ops[1].mem.index != x86.X86_REG_INVALID:
+                if base is None or base != info.frame_register or ops[1].mem.index != "":
                     return False
                 rsp = regs[base] + ops[1].mem.disp
-            elif m == "pop" and ops and ops[0].type == x86.X86_OP_REG and ops[0].reg in CS_GPR:
+            elif m == "pop" and ops and ops[0].type == "reg" and ops[0].reg in CS_GPR:
                 regs[CS_GPR[ops[0].reg]] = self.word(rsp)
                 rsp += 8
             elif m == "ret" or (undone and m == "jmp" and not _jumps_inside(insn, entry)):
@@ -369,9 +364,9 @@ class _Walker:
         self.dispatchers.append(DispatcherFrame(slot, frame, both >> 32, buffer, both & 0xFFFF_FFFF))
 
 
-def _jumps_inside(insn: capstone.CsInsn, entry: RuntimeFunction) -> bool:
+def _jumps_inside(insn: Insn, entry: RuntimeFunction) -> bool:
     ops = insn.operands
-    if len(ops) == 1 and ops[0].type == x86.X86_OP_IMM:
+    if len(ops) == 1 and ops[0].type == "imm":
         return bool(entry.begin <= ops[0].imm < entry.end)
     return False  # an indirect jmp in an epilog is a tail call (MS docs "Epilog code")
 

@@ -18,13 +18,14 @@ stack scan a debugger without unwind data would do.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from emu.context import UserContext
 from emu.loader.image import Image
 from emu.loader.pdata import RuntimeFunction, function_end, function_table
+from emu.records import record
 from emu.winnt import UCALLOUT_API_NUMBER, UCALLOUT_BUFFER, UCALLOUT_FRAME_SIZE, UCALLOUT_LENGTH, UCALLOUT_MF_RSP
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 CALLBACK_RETURN_NAMES = ("ZwCallbackReturn", "NtCallbackReturn")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ModuleInfo:
     """A loaded module as a debugger lists it: name, range, exports, and its bytes."""
 
@@ -70,7 +71,7 @@ class ModuleInfo:
         return function_table(self.image)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ThreadView:
     """What a tool can see of one thread: user context, memory, modules.
 
@@ -140,7 +141,7 @@ def _pref(name: str) -> tuple[int, str]:
     return (0 if name.startswith("Zw") else 1, name)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DispatcherFrame:
     """A KiUserCallbackDispatcher frame found on the user stack."""
 
@@ -151,7 +152,7 @@ class DispatcherFrame:
     length: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Detection:
     """A thread found at ZwCallbackReturn while the kernel completes a callback (the seed's state).
 
@@ -188,20 +189,15 @@ def _hex(value: int | None) -> str | None:
     return None if value is None else f"{value:#x}"
 
 
-_disassemblers: list[Any] = []  # capstone's, made on first use (importing capstone is not free)
-
-
 def syscall_sites(view: ThreadView, start: int, end: int) -> list[int]:
     """Addresses just after each `syscall` / `int 2Eh` in [start, end), by disassembly."""
     code = view.read(start, end - start)
     if code is None:
         return []
-    if not _disassemblers:
-        import capstone
+    from emu.loader.disasm import disasm  # (capstone's answers, kept on disk by content)
 
-        _disassemblers.append(capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64))
     out = []
-    for insn in _disassemblers[0].disasm(code, start):
+    for insn in disasm(code, start):
         if insn.mnemonic == "syscall" or (insn.mnemonic == "int" and insn.op_str.lower() in ("0x2e", "46")):
             out.append(insn.address + insn.size)
     return out

@@ -12,7 +12,6 @@ error vs. overflow, a plain #GP as an access violation), ``ke/amd64/exceptn.c``
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from emu.context import UserContext
@@ -37,6 +36,7 @@ from emu.ntcontext import (
     ExceptionRecord,
     context_ex,
 )
+from emu.records import record
 from emu.trap import ExtendedState, Trap
 from emu.winnt import (
     STATUS_ACCESS_VIOLATION,
@@ -68,7 +68,7 @@ _RFLAGS_IF = 0x200
 _ACCESS_INDICATOR = {"read": 0, "write": 1, "execute": 8}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Raised:
     """An exception a fault raises: the record, the CONTEXT's RIP and RFLAGS, and what to call it."""
 

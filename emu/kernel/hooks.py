@@ -8,11 +8,11 @@ is swapped into a running kernel from outside.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from emu.kernel.services import Choice
 from emu.kernel.symbolic import Symbolic
+from emu.records import record
 
 if TYPE_CHECKING:
     from emu.kernel.thread import KThread
@@ -37,7 +37,7 @@ def never() -> bool:
     return False
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class KernelHooks:
     """The caller's side of a run.
 

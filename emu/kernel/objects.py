@@ -11,10 +11,12 @@ message on the receiver and blocks the sender until the receiver's callback retu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
+
+from emu.records import record
 
 
-@dataclass
+@record
 class Event:
     """A named event object (KEVENT): notification (manual reset) or synchronization."""
 
@@ -26,7 +28,7 @@ class Event:
         return ("event", self.name, self.manual_reset, self.signaled)
 
 
-@dataclass
+@record
 class Mutant:
     """A named mutant (KMUTANT): its owning thread and recursion count."""
 
@@ -41,7 +43,7 @@ class Mutant:
 KObject = Event | Mutant
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Message:
     """A message sent to another thread's queue; the sender waits for its reply."""
 
@@ -53,7 +55,7 @@ class Message:
 
 
 # --- what services yield to use them ---------------------------------------------------
-@dataclass(frozen=True)
+@record(frozen=True)
 class Wait:
     """NtWaitForSingleObject: returns 0 when satisfied, STATUS_TIMEOUT if ``timeout`` and it times out."""
 
@@ -61,21 +63,21 @@ class Wait:
     timeout: bool = False
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SetEvent:
     """Signal the event behind ``handle``."""
 
     handle: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ReleaseMutant:
     """Release the mutant behind ``handle`` once."""
 
     handle: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SendMessage:
     """Queue a message on thread ``to`` and wait for the reply (the receiver's callback status)."""
 
@@ -84,12 +86,12 @@ class SendMessage:
     data: bytes = b""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ReceiveMessage:
     """Wait until a sent message is queued on the calling thread; the service gets the Message."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ReplyMessage:
     """Wake the sender of ``message`` with ``status`` (the end of processing a sent message)."""
 
@@ -100,7 +102,7 @@ class ReplyMessage:
 ObjectRequest = Wait | SetEvent | ReleaseMutant | SendMessage | ReceiveMessage | ReplyMessage
 
 
-@dataclass
+@record
 class ObjectTable:
     """Handles to objects, message queues, and who waits for what (FIFO per object)."""
 

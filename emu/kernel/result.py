@@ -12,15 +12,15 @@ the copy of ResultPointer under SEH, Status = the exception code).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal
 
+from emu.records import record
 from emu.winnt import STATUS_ACCESS_VIOLATION
 
 OutputUse = Literal["probe", "copy"]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ProbeOutcome:
     """What a service's probe or copy of a callback's result came to."""
 

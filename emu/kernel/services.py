@@ -24,7 +24,7 @@ import functools
 import inspect
 import typing
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Protocol
 
 from emu.errors import EmuError, ExtensionError, KernelError, ModelBug
@@ -41,6 +41,7 @@ from emu.kernel.objects import (
 from emu.kernel.result import OutputUse
 from emu.kernel.symbolic import Symbolic, SymbolicReturn
 from emu.kernel.user_write import ScriptWrite, script_args
+from emu.records import record
 
 OBJECT_REQUEST_TYPES = (Wait, SetEvent, ReleaseMutant, SendMessage, ReceiveMessage, ReplyMessage)
 
@@ -81,7 +82,7 @@ MAX_ARGS = 16
 
 
 # --- requests a service yields, and what it gets back -----------------------------------
-@dataclass(frozen=True)
+@record(frozen=True)
 class UserCallback:
     """KeUserModeCallback(api, data): run KernelCallbackTable[api](data) in user mode.
 
@@ -100,7 +101,7 @@ class UserCallback:
         return self.by_depth[min(depth, len(self.by_depth) - 1)] if self.by_depth else self.api
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CallbackResult:
     """What a callback gave back through NtCallbackReturn (or the failure to call back).
 
@@ -118,7 +119,7 @@ class CallbackResult:
     length: int = 0
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class TerminateThread:
     """End the calling thread with an exit status; the service never resumes."""
 
@@ -140,7 +141,7 @@ class ServiceContext(Protocol):
     def write(self, address: int, data: bytes) -> None: ...
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Choice:
     """Ask the kernel which way to go: one of ``options`` by name.
 
@@ -159,7 +160,7 @@ Sent = CallbackResult | str | Message | int | None
 ServiceGen = Generator[Request, Any, int]  # what a generator service is, for its return annotation
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ChoiceStep:
     """A scripted choice: named alternatives, each a tuple of script steps."""
 
@@ -179,7 +180,7 @@ class ChoiceStep:
         )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ScriptReturn:
     """A scripted return that first probes or copies the last callback's result, as win32k
     does: a fault there makes the service return STATUS_ACCESS_VIOLATION instead of ``status``
@@ -195,7 +196,7 @@ class ScriptReturn:
 ScriptStep = UserCallback | int | None | ScriptReturn | ChoiceStep | ObjectRequest | SymbolicReturn | ScriptWrite
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ServiceSpec:
     """A registered service: its name, argument types and implementation (a function or a script)."""
 
@@ -254,7 +255,7 @@ class _JournalContext:
         self._ctx.write(address, data)
 
 
-@dataclass
+@record
 class Activation:
     """One running instance of a Python service: a generator plus what was sent into it.
 

@@ -10,11 +10,12 @@ resumes it with each value a solver finds (:mod:`emu.symbolic`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
+from emu.records import record
 
-@dataclass(frozen=True)
+
+@record(frozen=True)
 class Symbolic:
     """A request for a symbolic value: a status (32 bits), a callback's input or bytes a service
     writes into the caller's memory at ``address`` (``bits`` = 8 x bytes).
@@ -32,7 +33,7 @@ class Symbolic:
     address: int = 0  # "write": where the bytes go (emu.kernel.user_write)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SymbolicReturn:
     """A scripted return whose status is symbolic."""
 

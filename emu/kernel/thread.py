@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Literal
 
 from emu.context import KTrapFrame, UserContext
 from emu.kernel.objects import Message
 from emu.kernel.services import Activation, CallbackResult, Choice, ScriptActivation, Sent
 from emu.kernel.symbolic import Symbolic
+from emu.records import record
 from emu.trace import Mode
 
 if TYPE_CHECKING:
     from emu.kernel.core import Kernel
 
 
-@dataclass
+@record
 class Suspended:
     """A thread's kernel work that is off the CPU: a system call not yet dispatched, or a wait."""
 
@@ -36,7 +37,7 @@ class Suspended:
         return (self.kind, tuple(self.trap.ctx), pos, self.resumed, self.on, self.timeout, self.woken, repr(wake))
 
 
-@dataclass
+@record
 class CallbackFrame:
     """One KeUserModeCallback in progress (an entry of KTHREAD.CallbackStack)."""
 
@@ -51,7 +52,7 @@ class CallbackFrame:
     chain: tuple[tuple[int, str], ...] | None = field(default=None, repr=False, compare=False)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PendingChoice:
     """A service suspended at a Choice, waiting for the explorer to pick an option."""
 
@@ -64,7 +65,7 @@ class PendingChoice:
     at_entry: bool = False  # a scheduling choice at this thread's system call entry
 
 
-@dataclass
+@record
 class KThread:
     """A thread as the kernel model sees it. Several may exist; one runs at a time."""
 

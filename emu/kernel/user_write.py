@@ -17,11 +17,11 @@ passed, then writes it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from emu.kernel.result import probe_range
 from emu.kernel.symbolic import Symbolic
+from emu.records import record
 from emu.winnt import STATUS_ACCESS_VIOLATION
 
 __all__ = [
@@ -42,7 +42,7 @@ __all__ = [
 MAX_SCRIPT_ARGS = 16
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ScriptWrite:
     """Write ``data`` at argument ``arg`` (1-based) + ``offset``; ``symbolic``: the bytes' name
     when they are declared symbolic (``data`` then holds their default)."""

@@ -16,12 +16,16 @@ skipped: the cache only ever saves time, never changes an answer. It holds at mo
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from importlib.util import find_spec
 from pathlib import Path
 
 from emu.errors import OutputError
+
+try:
+    from _blake2 import blake2b as blake2b  # hashlib's own blake2b, without loading OpenSSL's hashes
+except ImportError:  # pragma: no cover - a Python built without it
+    from hashlib import blake2b as blake2b
 
 FORMAT = b"emu-asm-1\n"  # bump when what is stored (or how the key is made) changes
 _CHECK = 16  # bytes of the blake2b digest of the stored bytes, kept in front of them
@@ -57,7 +61,7 @@ def _keystone_identity() -> bytes:
 
 def key(text: str, base: int) -> str:
     """The entry's name: a hash of the format, keystone's identity, the address and the text."""
-    h = hashlib.blake2b(FORMAT, digest_size=20)
+    h = blake2b(FORMAT, digest_size=20)
     h.update(_keystone_identity())
     h.update(base.to_bytes(8, "little"))
     h.update(text.encode("utf-8", "surrogatepass"))
@@ -78,7 +82,7 @@ def load(text: str, base: int) -> bytes | None:
         stored[len(FORMAT) : len(FORMAT) + _CHECK],
         stored[len(FORMAT) + _CHECK :],
     )
-    if head != FORMAT or hashlib.blake2b(blob, digest_size=_CHECK).digest() != check:
+    if head != FORMAT or blake2b(blob, digest_size=_CHECK).digest() != check:
         return None
     return blob
 
@@ -91,7 +95,7 @@ def store(text: str, base: int, blob: bytes) -> None:
     from emu.writing import write_atomic  # (whole, then renamed: emu's one way to replace a file)
 
     try:
-        write_atomic(folder / key(text, base), FORMAT + hashlib.blake2b(blob, digest_size=_CHECK).digest() + blob)
+        write_atomic(folder / key(text, base), FORMAT + blake2b(blob, digest_size=_CHECK).digest() + blob)
     except OutputError:
         return  # a cache that cannot be written is only a slower next run
     _prune(folder)

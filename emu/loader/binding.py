@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Literal
 
 from emu.errors import ImageError
 from emu.loader.image import PAGE, Image, ImageImport, Section, page_align
+from emu.records import record
 
 __all__ = ["TRAP_BASE", "TRAP_STRIDE", "ImportTrap", "ImportTraps", "bind_imports"]
 
@@ -21,7 +22,7 @@ TRAP_BASE = 0x7FFF_0000_0000  # default base of the trap image (user space, away
 TRAP_STRIDE = 0x10
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ImportTrap:
     """An import bound to a trap address instead of code: calling it must raise UnimplementedImport."""
 
@@ -31,7 +32,7 @@ class ImportTrap:
     reason: str
 
 
-@dataclass
+@record
 class ImportTraps:
     """Trap addresses for unbound imports, shared by every image of one process.
 

@@ -14,15 +14,15 @@ section.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from emu.errors import ImageError
 from emu.loader.image import Image
+from emu.records import record
 
 __all__ = ["ExportedTable", "exported_table", "peb_callback_table"]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ExportedTable:
     """The table found: the image that exports it, its address and its entries (absolute)."""
 

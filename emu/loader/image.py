@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from emu.loader.asm import AssemblyError, Resolver, assemble, assemble_parts, labels_in, strip_comments
 from emu.loader.link import IMPORT_PREFIX, Linked, Lookup, link
+from emu.records import record
 
 __all__ = [
     "AssemblyError",
@@ -43,7 +44,7 @@ def page_align(n: int) -> int:
     return (n + PAGE - 1) & ~(PAGE - 1)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Section:
     """A mapped range of an image. ``perms`` is a subset of ``"rwx"``."""
 
@@ -58,7 +59,7 @@ class Section:
         return max(self.virtual_size, len(self.data))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ImageImport:
     """One imported function: its DLL, a name or an ordinal, and the IAT slot (absolute) to fill."""
 
@@ -73,7 +74,7 @@ class ImageImport:
         return f"{self.dll}!{self.name if self.name is not None else f'#{self.ordinal}'}"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Forwarder:
     """An export that names another DLL's export (``kernelbase.Sleep``) instead of code."""
 
@@ -82,7 +83,7 @@ class Forwarder:
     target: str
 
 
-@dataclass
+@record
 class Image:
     """A module: name, base, sections and symbols (absolute addresses).
 

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from emu.loader.asm import _KEYWORDS, _LEADING_LABELS, _REGISTER, _TOKEN, ORIGIN, AssemblyError
+from emu.records import record
 
 __all__ = ["IMPORT_PREFIX", "REL32_REACH", "Linked", "Lookup", "link"]
 
@@ -45,7 +46,7 @@ _MEMORY = re.compile(r"\[([^\]]*)\]")
 _JUMPS = re.compile(r"^(j[a-z]+|loop[a-z]*|call|jmp)$", re.IGNORECASE)
 
 
-@dataclass
+@record
 class Linked:
     """A module's text after :func:`link`: the same lines, rewritten where needed."""
 

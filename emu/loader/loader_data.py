@@ -39,11 +39,11 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import PurePath
 
 from emu.loader.image import Image
 from emu.loader.pe_headers import nt_header_u32
+from emu.records import record
 from emu.winnt import (
     IMAGE_NT_TIME_DATE_STAMP,
     LDR_DATA_IN_INIT_ORDER,
@@ -88,7 +88,7 @@ SYSTEM_MODULES = frozenset({"ntdll", "win32u", "kernel32", "kernelbase", "user32
 EMPTY_ENVIRONMENT = b"\0\0\0\0"  # an environment block with no variables: two NUL WCHARs
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LoaderEntry:
     """One LDR_DATA_TABLE_ENTRY as built: where it is, which image, the names it carries."""
 
@@ -98,7 +98,7 @@ class LoaderEntry:
     base_name: str
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LoaderData:
     """The built block (``data``, to map at ``address``) and the addresses of what is in it."""
 

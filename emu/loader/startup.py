@@ -25,23 +25,17 @@ True
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from capstone import CS_ARCH_X86, CS_MODE_64, Cs, CsInsn
-from capstone.x86 import X86_OP_MEM, X86_OP_REG, X86_REG_INVALID, X86_REG_RAX, X86_REG_RIP
-
+from emu.loader.disasm import Insn, disasm
 from emu.loader.image import Image
 from emu.loader.pdata import entry_at, function_table
+from emu.records import record
 
 __all__ = ["InitThunk", "find_init_thunk", "function_range"]
 
 MAX_INSNS = 400  # RtlUserThreadStart is a few dozen instructions in every build seen
 
-_cs = Cs(CS_ARCH_X86, CS_MODE_64)
-_cs.detail = True
 
-
-@dataclass(frozen=True)
+@record(frozen=True)
 class InitThunk:
     """The pointer RtlUserThreadStart calls BaseThreadInitThunk through."""
 
@@ -66,14 +60,14 @@ def _writable(image: Image, address: int) -> bool:
     return sec is not None and "w" in sec.perms
 
 
-def _mem_address(insn: CsInsn, op_index: int) -> int | None:
+def _mem_address(insn: Insn, op_index: int) -> int | None:
     """The absolute address of a ``[rip+disp]`` or ``[disp32]`` operand."""
     mem = insn.operands[op_index].mem
-    if mem.index != X86_REG_INVALID:
+    if mem.index != "":
         return None
-    if mem.base == X86_REG_RIP:
+    if mem.base == "rip":
         return int(insn.address + insn.size + mem.disp)
-    if mem.base == X86_REG_INVALID:
+    if mem.base == "":
         return int(mem.disp) & 0xFFFF_FFFF_FFFF_FFFF
     return None
 
@@ -95,8 +89,8 @@ def find_init_thunk(ntdll: Image) -> InitThunk | None:
             return None
         code = ntdll.read(start, min(0x400, ntdll.base + sec.rva + sec.size - start))
     # What each register holds: ("addr", A) = the address A itself, ("load", A) = the value at A.
-    regs: dict[int, tuple[str, int]] = {}
-    for count, insn in enumerate(_cs.disasm(code or b"", start)):
+    regs: dict[str, tuple[str, int]] = {}
+    for count, insn in enumerate(disasm(code or b"", start)):
         if count >= MAX_INSNS or (end is None and insn.mnemonic in ("ret", "int3")):
             break
         ops = insn.operands
@@ -108,16 +102,16 @@ def find_init_thunk(ntdll: Image) -> InitThunk | None:
                     return InitThunk(slot[0], insn.address, slot[1])
             regs = {}  # a call clobbers the volatile registers; be conservative
             continue
-        if len(ops) == 2 and ops[0].type == X86_OP_REG and insn.mnemonic in ("mov", "lea"):
-            dst = int(ops[0].reg)
+        if len(ops) == 2 and ops[0].type == "reg" and insn.mnemonic in ("mov", "lea"):
+            dst = ops[0].reg
             src = ops[1]
-            if src.type == X86_OP_MEM:
+            if src.type == "mem":
                 addr = _mem_address(insn, 1)
                 if addr is not None:
                     regs[dst] = ("addr", addr) if insn.mnemonic == "lea" else ("load", addr)
                     continue
-                held = regs.get(int(src.mem.base))
-                if insn.mnemonic == "mov" and held is not None and src.mem.index == X86_REG_INVALID:
+                held = regs.get(src.mem.base)
+                if insn.mnemonic == "mov" and held is not None and src.mem.index == "":
                     if held[0] == "addr":
                         regs[dst] = ("load", held[1] + int(src.mem.disp))
                         continue
@@ -125,29 +119,29 @@ def find_init_thunk(ntdll: Image) -> InitThunk | None:
                     if inner:
                         regs[dst] = ("load", inner + int(src.mem.disp))
                         continue
-            elif src.type == X86_OP_REG and insn.mnemonic == "mov" and int(src.reg) in regs:
-                regs[dst] = regs[int(src.reg)]
+            elif src.type == "reg" and insn.mnemonic == "mov" and src.reg in regs:
+                regs[dst] = regs[src.reg]
                 continue
         # Anything else that writes a register forgets what it held.
         for op in ops[:1]:
-            if op.type == X86_OP_REG:
-                regs.pop(int(op.reg), None)
+            if op.type == "reg":
+                regs.pop(op.reg, None)
     return None
 
 
-def _call_slot(image: Image, insn: CsInsn, regs: dict[int, tuple[str, int]]) -> tuple[int, str] | None:
+def _call_slot(image: Image, insn: Insn, regs: dict[str, tuple[str, int]]) -> tuple[int, str] | None:
     """The pointer slot an indirect call goes through, with a note on how it was found."""
     op = insn.operands[0]
     where = f"{insn.mnemonic} {insn.op_str} at {insn.address:#x}"
-    if op.type == X86_OP_REG:
-        held = regs.get(int(op.reg))
+    if op.type == "reg":
+        held = regs.get(op.reg)
         return (held[1], where) if held and held[0] == "load" else None
-    if op.type != X86_OP_MEM:
+    if op.type != "mem":
         return None
     addr = _mem_address(insn, 0)
     if addr is None:
-        held = regs.get(int(op.mem.base))
-        if held is None or op.mem.index != X86_REG_INVALID:
+        held = regs.get(op.mem.base)
+        if held is None or op.mem.index != "":
             return None
         if held[0] == "addr":
             addr = held[1] + int(op.mem.disp)
@@ -160,7 +154,7 @@ def _call_slot(image: Image, insn: CsInsn, regs: dict[int, tuple[str, int]]) -> 
     if value:
         # A filled slot called with the real target in RAX: a control-flow-guard dispatch
         # (__guard_dispatch_icall_fptr; MS docs "Control Flow Guard").
-        held = regs.get(X86_REG_RAX)
+        held = regs.get("rax")
         if held is not None and held[0] == "load":
             return held[1], f"{where} (guard dispatch, target in rax)"
         return None

@@ -27,16 +27,14 @@ else, so the shape is named by what the code does, not by its bytes:
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
 from typing import Literal
 
-from capstone import CS_ARCH_X86, CS_MODE_64, Cs, CsInsn
-from capstone.x86 import X86_OP_IMM, X86_OP_MEM, X86_OP_REG, X86_REG_INVALID, X86_REG_RIP, X86_REG_RSP
-
 from emu.errors import ImageError
+from emu.loader.asm_cache import blake2b
+from emu.loader.disasm import Insn, disasm
 from emu.loader.image import Image
 from emu.profile import Profile
+from emu.records import record
 from emu.winnt import KUSER_SHARED_DATA, KUSER_SYSTEM_CALL, UCALLOUT_API_NUMBER, UCALLOUT_BUFFER, UCALLOUT_LENGTH
 
 __all__ = [
@@ -65,13 +63,11 @@ _ARG_FAMILIES = {
     **dict.fromkeys(("r8", "r8d", "r8w", "r8b"), "r8"),
 }
 
-_cs = Cs(CS_ARCH_X86, CS_MODE_64)
-_cs.detail = True
 
 Terminal = Literal["syscall", "int2e", "other"]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Stub:
     """One export as a syscall stub. ``shape`` is None when the code is not a stub."""
 
@@ -83,7 +79,7 @@ class Stub:
     int2e_offset: int | None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SsnDisagreement:
     """A service whose stub loads another number than the profile gives it."""
 
@@ -92,7 +88,7 @@ class SsnDisagreement:
     in_profile: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DispatcherGuess:
     """A guess at the KiUserCallbackDispatcher entry convention, with what it is based on."""
 
@@ -103,7 +99,7 @@ class DispatcherGuess:
         return f"{self.convention} (guess: {self.evidence})"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Walk:
     """Where the walk through one stub ended, and the number it loaded on the way."""
 
@@ -114,32 +110,31 @@ class _Walk:
     via: str  # "jne", "je" or "" (fall-through): how the terminal was reached after the test
 
 
-def _insn(image: Image, address: int) -> CsInsn | None:
+def _insn(image: Image, address: int) -> Insn | None:
     code = image.read(address, 16)
     if code is None:
         sec = image.section_at(address)
         if sec is None:
             return None
         code = image.read(address, image.base + sec.rva + sec.size - address)
-    return next(_cs.disasm(code or b"", address, 1), None)
+    found = disasm(code or b"", address, 1)
+    return found[0] if found else None
 
 
-def _target(insn: CsInsn) -> int | None:
+def _target(insn: Insn) -> int | None:
     ops = insn.operands
-    return int(ops[0].imm) if len(ops) == 1 and ops[0].type == X86_OP_IMM else None
+    return int(ops[0].imm) if len(ops) == 1 and ops[0].type == "imm" else None
 
 
-def _is_systemcall_test(insn: CsInsn) -> bool:
+def _is_systemcall_test(insn: Insn) -> bool:
     if insn.mnemonic != "test" or len(insn.operands) != 2:
         return False
     mem, imm = insn.operands
-    if mem.type != X86_OP_MEM or imm.type != X86_OP_IMM or imm.imm != 1:
+    if mem.type != "mem" or imm.type != "imm" or imm.imm != 1:
         return False
-    if mem.mem.base == X86_REG_RIP and mem.mem.index == X86_REG_INVALID:
+    if mem.mem.base == "rip" and mem.mem.index == "":
         return bool(insn.address + insn.size + mem.mem.disp == SYSTEM_CALL_FLAG)
-    return bool(
-        mem.mem.base == X86_REG_INVALID and mem.mem.index == X86_REG_INVALID and mem.mem.disp == SYSTEM_CALL_FLAG
-    )
+    return bool(mem.mem.base == "" and mem.mem.index == "" and mem.mem.disp == SYSTEM_CALL_FLAG)
 
 
 def _walk(image: Image, start: int, system_call: int) -> _Walk:
@@ -153,8 +148,8 @@ def _walk(image: Image, start: int, system_call: int) -> _Walk:
         m, ops = insn.mnemonic, insn.operands
         if m == "syscall" or (m == "int" and _target(insn) == 0x2E):
             return _Walk("syscall" if m == "syscall" else "int2e", ssn, pc - start, tested, via)
-        if m == "mov" and len(ops) == 2 and ops[0].type == X86_OP_REG and insn.reg_name(ops[0].reg) == "eax":
-            if ops[1].type != X86_OP_IMM:
+        if m == "mov" and len(ops) == 2 and ops[0].type == "reg" and ops[0].reg == "eax":
+            if ops[1].type != "imm":
                 break
             ssn, pc = int(ops[1].imm) & 0xFFFFFFFF, nxt
         elif m == "mov" and insn.op_str == "r10, rcx":
@@ -236,7 +231,7 @@ _TABLES: dict[bytes, dict[str, int]] = {}
 
 def _content_key(image: Image) -> bytes:
     """A digest of what the SSNs depend on: the stub exports (as RVAs) and the executable bytes."""
-    h = hashlib.blake2b(digest_size=20)
+    h = blake2b(digest_size=20)
     for name, addr in sorted(image.exports.items()):
         if name[:2] in ("Nt", "Zw"):
             h.update(f"{name}={addr - image.base:x};".encode())
@@ -295,18 +290,18 @@ def guess_dispatcher_convention(image: Image) -> DispatcherGuess:
             break
         where = f"+{pc - start:#x}"
         for op in insn.operands:
-            if op.type == X86_OP_MEM and op.mem.base == X86_REG_RSP and op.mem.disp in _FRAME_FIELDS and not moved:
+            if op.type == "mem" and op.mem.base == "rsp" and op.mem.disp in _FRAME_FIELDS and not moved:
                 return DispatcherGuess("stack", f"reads [rsp+{op.mem.disp:#x}] at {where} before moving RSP")
-        read, write = insn.regs_access()
+        read, write = insn.reads, insn.writes
         ops = insn.operands
-        zero_idiom = insn.mnemonic in ("xor", "sub") and len(ops) == 2 and ops[0].type == ops[1].type == X86_OP_REG
+        zero_idiom = insn.mnemonic in ("xor", "sub") and len(ops) == 2 and ops[0].type == ops[1].type == "reg"
         zero_idiom = zero_idiom and ops[0].reg == ops[1].reg
         for reg in () if zero_idiom else read:
-            family = _ARG_FAMILIES.get(insn.reg_name(reg))
+            family = _ARG_FAMILIES.get(reg)
             if family is not None and family not in written:
-                return DispatcherGuess("registers", f"reads {insn.reg_name(reg)} at {where} before writing it")
-        written |= {f for r in write if (f := _ARG_FAMILIES.get(insn.reg_name(r))) is not None}
-        if insn.mnemonic in ("push", "pop", "call", "enter") or X86_REG_RSP in write:
+                return DispatcherGuess("registers", f"reads {reg} at {where} before writing it")
+        written |= {f for r in write if (f := _ARG_FAMILIES.get(r)) is not None}
+        if insn.mnemonic in ("push", "pop", "call", "enter") or "rsp" in write:
             moved = True
         if insn.mnemonic == "jmp" and _target(insn) is not None:
             pc = _target(insn) or 0

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from emu.context import REGISTER_NAMES
 from emu.loader.pdata import RuntimeFunction
+from emu.records import record
 from emu.winnt import (
     IMAGE_DOS_E_LFANEW,
     RUNTIME_FUNCTION_SIZE,
@@ -54,7 +54,7 @@ class UnwindDataError(Exception):
     """Unwind data that cannot be read or makes no sense; the message says why, in one line."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class UnwindCode:
     """One decoded unwind operation; ``value`` is the size (ALLOC) or stack offset (SAVE) in bytes."""
 
@@ -70,7 +70,7 @@ class UnwindCode:
         return f"+{self.offset:#x} {name}{reg}{val}"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class UnwindInfo:
     """A decoded UNWIND_INFO: header fields, unwind codes and the chained entry if any."""
 

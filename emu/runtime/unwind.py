@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from dataclasses import dataclass
 
 from emu.loader.image import PAGE, Image, Section, page_align
+from emu.records import record
 from emu.winnt import UNW_FLAG_EHANDLER as UNW_FLAG_EHANDLER
 from emu.winnt import UNW_FLAG_UHANDLER as UNW_FLAG_UHANDLER
 from emu.winnt import UWOP_ALLOC_LARGE as UWOP_ALLOC_LARGE
@@ -32,7 +32,7 @@ UNWIND_VERSION = 1
 SLOT = -1  # a code tuple (value, _SLOT, 0): the extra 16-bit slot an UWOP_ALLOC_LARGE takes
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class FunctionUnwind:
     """One RUNTIME_FUNCTION: the function from label ``name`` to label ``end``, its prologue
     size and its UNWIND_CODEs as (CodeOffset, UnwindOp, OpInfo), in UNWIND_INFO order."""

@@ -9,9 +9,10 @@ keys on its fields. :data:`EXPECTATIONS` lists the classes in the order messages
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import field, fields
 from typing import Any, ClassVar
 
+from emu.records import record
 from emu.scenario.keys import JSON, Boolean, Integer, Key, Path, Shape, Status, Table, Text, field_names, key, table_of
 from emu.scenario.keys import HexBytes as Hex
 from emu.scenario.reader import _line_of, _Reader
@@ -20,7 +21,7 @@ from emu.vocabulary import KERNEL_DEBUGGER, KINDS, OBSERVERS, TRUTHS
 COUNT = Integer(0, 1 << 32)
 
 
-@dataclass(frozen=True, kw_only=True)
+@record(frozen=True, kw_only=True)
 class _Kind:
     """What every expectation has: its place in the file (``index`` of ``[[expect]]``, 1-based ``line``)."""
 
@@ -42,7 +43,7 @@ class _Kind:
         raise NotImplementedError
 
 
-@dataclass(frozen=True, kw_only=True)
+@record(frozen=True, kw_only=True)
 class _Single(_Kind):
     """A kind whose value is one TOML value, read into the class's one value field."""
 
@@ -64,7 +65,7 @@ class _Single(_Kind):
         return cls.shape.schema()
 
 
-@dataclass(frozen=True, kw_only=True)
+@record(frozen=True, kw_only=True)
 class _Tabled(_Kind):
     """A kind whose value is a table: its keys are the class's fields that declare one."""
 
@@ -90,7 +91,7 @@ class _Tabled(_Kind):
 
 
 # --- one run --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@record(frozen=True)
 class Detections(_Single):
     """How many detections the run reports."""
 
@@ -99,7 +100,7 @@ class Detections(_Single):
     count: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Detection(_Tabled):
     """The ``index``-th detection; each other key given must match."""
 
@@ -117,7 +118,7 @@ class Detection(_Tabled):
         return {k: v for k, v in given.items() if v is not None}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ExitStatus(_Single):
     """The thread's exit status."""
 
@@ -126,7 +127,7 @@ class ExitStatus(_Single):
     status: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MaxDepth(_Single):
     """The deepest callback nesting the run reaches."""
 
@@ -135,7 +136,7 @@ class MaxDepth(_Single):
     depth: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Sysret(_Tabled):
     """Some return from the named service carried the named status."""
 
@@ -145,7 +146,7 @@ class Sysret(_Tabled):
     status: int = field(metadata=key("an NTSTATUS", Status(), required=True))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CallbackOutput(_Tabled):
     """Some callback for the api handed back exactly these bytes."""
 
@@ -159,7 +160,7 @@ def _transition_kinds() -> tuple[str, ...]:
     return KINDS
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Transitions(_Kind):
     """How many transitions of each kind the trace holds (kinds not named are not checked)."""
 
@@ -186,7 +187,7 @@ class Transitions(_Kind):
         return cls.table().schema()
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Fault(_Single):
     """The run stops with an error whose message contains this text."""
 
@@ -195,7 +196,7 @@ class Fault(_Single):
     text: str
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Deadlock(_Single):
     """Whether the run ends with threads waiting on each other."""
 
@@ -204,7 +205,7 @@ class Deadlock(_Single):
     expected: bool
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class WaitChain(_Single):
     """Some wait chain at the run's end contains this text."""
 
@@ -221,7 +222,7 @@ def _truth_table() -> Table:
     return Table(keys)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _TruthCounts(_Kind):
     """States where each named ground truth holds and the observer can see them."""
 
@@ -253,7 +254,7 @@ class _TruthCounts(_Kind):
         return out
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Truths(_TruthCounts):
     """How many states of the run each ground truth holds in."""
 
@@ -264,7 +265,7 @@ class Truths(_TruthCounts):
 
 
 # --- an exploration -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@record(frozen=True)
 class ExploredTruths(_TruthCounts):
     """How many explored states each ground truth holds in."""
 
@@ -272,7 +273,7 @@ class ExploredTruths(_TruthCounts):
     about = "the same over the explored graph's nodes"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ExploredStates(_Single):
     """How many distinct states exploring finds."""
 
@@ -281,7 +282,7 @@ class ExploredStates(_Single):
     count: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ExploredMerges(_Single):
     """How many states exploring reaches along more than one edge."""
 
@@ -290,7 +291,7 @@ class ExploredMerges(_Single):
     count: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ExploredPending(_Single):
     """How many explored states have a callback return pending."""
 
@@ -299,7 +300,7 @@ class ExploredPending(_Single):
     count: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ExploredDeadlocks(_Single):
     """How many deadlocked states exploring finds."""
 
@@ -308,7 +309,7 @@ class ExploredDeadlocks(_Single):
     count: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ExploredWaitChain(_Single):
     """Some explored state's wait chain contains this text."""
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
+from emu.records import record
 from emu.scenario.reader import _kind, _Reader
 from emu.winnt import STATUS_BY_NAME
 
@@ -31,7 +31,7 @@ class Shape(Protocol):
     def schema(self) -> JSON: ...
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Integer:
     """An integer in ``lo..hi`` (TOML integers are 64-bit signed; emu reads unsigned ones by default)."""
 
@@ -45,7 +45,7 @@ class Integer:
         return {"type": "integer", "minimum": self.lo, "maximum": self.hi}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Text:
     """A string; ``words`` lists the only ones allowed, ``pattern`` a regular expression it must match."""
 
@@ -61,7 +61,7 @@ class Text:
         return {"type": "string", "pattern": self.pattern} if self.pattern else {"type": "string"}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Boolean:
     """A key whose value is true or false (false when absent)."""
 
@@ -75,7 +75,7 @@ class Boolean:
         return {"type": "boolean"}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Status:
     """An NTSTATUS by number or by name (``STATUS_...``); ``also`` names other words allowed."""
 
@@ -93,7 +93,7 @@ class Status:
         }
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class HexBytes:
     """Bytes written as hex pairs, spaces allowed between them (``bytes.fromhex``)."""
 
@@ -104,7 +104,7 @@ class HexBytes:
         return {"type": "string", "pattern": r"^\s*([0-9A-Fa-f]{2}\s*)*$"}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Seconds:
     """A duration in seconds, more than 0 and at most ``hi``."""
 
@@ -122,7 +122,7 @@ class Seconds:
         return {"type": "number", "exclusiveMinimum": 0, "maximum": self.hi}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Schema:
     """A value the reader checks by its own code; only its JSON Schema is declared here."""
 
@@ -135,7 +135,7 @@ class Schema:
         return self.json
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Key:
     """One key of a table: what it holds, in the words of error messages, and its shape."""
 
@@ -150,7 +150,7 @@ def key(help: str, shape: Shape, required: bool = False, name: str = "") -> dict
     return {_META: Key(help, shape, required, name)}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Table:
     """An ordered set of keys: the reader's allowed keys, a help listing, and a JSON Schema object."""
 

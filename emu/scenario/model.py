@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Literal
 
 from emu.profile import Profile
+from emu.records import record
 from emu.scenario.expectations import Expectation
 from emu.scenario.keys import Boolean, Integer, Schema, Seconds, Text, key
 from emu.scenario.reader import _ID, _NAME, _line_of
@@ -16,7 +17,7 @@ MEMORY_MIN, MEMORY_MAX = 0x10000, 0x1_0000_0000
 THREAD_STARTS = ("auto", "rtl", "entry")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ModuleSpec:
     """A module assembled from the scenario: ``code`` (rx) and optional ``data`` (rw)."""
 
@@ -25,7 +26,7 @@ class ModuleSpec:
     data: str = field(default="", metadata=key("assembly text (data directives)", Text()))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CallbackStep:
     """Call back into user mode: KernelCallbackTable[api](data); ``by_depth`` picks api by callback depth."""
 
@@ -40,7 +41,7 @@ class CallbackStep:
 OUTPUT_USES: tuple[str, ...] = ("probe", "copy")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ReturnStep:
     """Finish the service. ``status`` is an NTSTATUS, or None for the last callback's status.
 
@@ -54,7 +55,7 @@ class ReturnStep:
     symbolic: SymbolicStatus | None = None  # ``status = { symbolic = "st" }``: ``status`` is its default
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SymbolicStatus:
     """A status declared symbolic: its name and the values it may take (empty: any NTSTATUS)."""
 
@@ -62,7 +63,7 @@ class SymbolicStatus:
     domain: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ChoiceStep:
     """The kernel chooses between named alternatives (each a tuple of steps); a run takes ``default``."""
 
@@ -72,7 +73,7 @@ class ChoiceStep:
     kind: Literal["choice"] = "choice"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ObjectStep:
     """Use a kernel object or another thread: ``wait`` (object), ``set``/``release`` (object), ``send`` (thread)."""
 
@@ -83,7 +84,7 @@ class ObjectStep:
     data: bytes = b""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class WriteStep:
     """Write ``data`` into the caller's memory at argument ``arg`` (1-based) + ``offset``, after
     ProbeForWrite (a fault: the service returns STATUS_ACCESS_VIOLATION; emu.kernel.user_write)."""
@@ -98,7 +99,7 @@ class WriteStep:
 Step = CallbackStep | ReturnStep | ChoiceStep | ObjectStep | WriteStep
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ServiceScript:
     """A scripted system service: its name, its steps, and its number if the scenario fixes one."""
 
@@ -107,7 +108,7 @@ class ServiceScript:
     ssn: int | None = None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Budgets:
     """Limits on a run; hitting one stops it with BudgetExceeded (exit code 3)."""
 
@@ -150,7 +151,7 @@ class Budgets:
     )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MemorySpec:
     """Extra memory mapped at a fixed address (zero-filled)."""
 
@@ -160,7 +161,7 @@ class MemorySpec:
     perms: str = field(default="rw", metadata=key('"r", "rw", "rx" or "rwx"', Text(words=("r", "rw", "rx", "rwx"))))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PeSpec:
     """A PE file to load: its resolved path, module name and optional base address."""
 
@@ -177,7 +178,7 @@ class PeSpec:
     )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ThreadSpec:
     """A thread: where it starts, its argument and name, and how it starts (``start``).
 
@@ -196,7 +197,7 @@ class ThreadSpec:
     )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ObjectSpec:
     """A kernel object the threads share, reachable by a fixed handle."""
 
@@ -209,7 +210,7 @@ class ObjectSpec:
     owner: str | None = field(default=None, metadata=key("mutex: the thread owning it at the start", Text()))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Scenario:
     """A scenario file, parsed and checked: everything a run is built from."""
 
