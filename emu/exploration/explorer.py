@@ -116,6 +116,8 @@ class Explorer:
         # Given a batch of digests it answers, for each, whether this caller is the first.
         self.claims: Callable[[list[str]], list[bool]] | None = None
         self._unclaimed: list[tuple[Fork, list[Any]]] = []
+        # The fork the machine is still in (saved, nothing run since): its next option needs no restore.
+        self._in_place: Fork | None = None
         if has_symbolic(scenario):
             self.symbolic = make_driver(self, scenario)
         self.hooks: PathHooks | None = None  # emu-level hooks, on every path (emu.exploration.hooked)
@@ -292,7 +294,11 @@ class Explorer:
             fork, option = work.popleft() if self.strategy == "bfs" and len(work) < b.frontier else work.pop()
             named = fork.records  # read first: the fork's last restore hands its saved threads over
             try:
-                self._restore(fork)
+                if fork is self._in_place:
+                    self._stay(fork)
+                else:
+                    self._restore(fork)
+                self._in_place = None
                 mark = len(self.trace.raw_states)
                 if not self._resume(result, option, fork.node):
                     self._replaying = False
@@ -397,6 +403,8 @@ class Explorer:
             self._unclaimed.append((fork, options))
             return
         self._add_fork(result, work, fork, options)
+        if self.hooks is None and sym is None:  # (those keep state of their own: they are restored)
+            self._in_place = fork
 
     def _add_fork(
         self, result: Exploration, work: deque[tuple[Fork, Any]], fork: Fork, options: Sequence[str | Pick]
@@ -443,6 +451,16 @@ class Explorer:
         self._segment_seen.clear()
         if self.hooks is not None:
             self.hooks.restored(fork)
+
+    def _stay(self, fork: Fork) -> None:
+        """What :meth:`_restore` does when the machine is still in ``fork``'s state (saved, nothing
+        run since): the CPU, memory and kernel model already equal it, so only the rest is done."""
+        self.kernel.set_threads(self.kernel.threads)  # as a load does (a wake not yet recorded)
+        (rsp,) = self.machine.regs.read(("rsp",))
+        self.cow.prefault(rsp - 0x100, 0x100)
+        self._last = fork.node
+        self._merged_at = None
+        self._segment_seen.clear()
 
     def _report(self, result: Exploration, work: deque[tuple[Fork, str]]) -> None:
         if self.progress is not None:
