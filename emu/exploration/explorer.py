@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from hashlib import blake2b
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -135,26 +135,24 @@ class Explorer:
 
     def _observe(self, sid: int, thread: KThread) -> None:
         raw = self.trace.raw_states[sid]  # RawState layout
-        h = hashlib.blake2b(digest_size=12)
         # tid, mode, registers; then depth, service, api, pending, callback frames; then the
-        # stack from RSP up (bytes below RSP are dead: the x64 ABI has no red zone).
+        # stack from RSP up (bytes below RSP are dead: the x64 ABI has no red zone). The digest
+        # hashes the parts one after the other (as one text: the same digest as update() each).
         if self.symbolic is None:  # repr() of that tuple, from memoised parts (emu.exploration.digest)
-            h.update(self._text.state(raw[1], raw[2], raw[3], raw[6:11]))
-            h.update(raw[4])
+            parts = [self._text.state(raw[1], raw[2], raw[3], raw[6:11]), raw[4]]
         else:  # symbolic values: their locations masked, the path condition added
             context, stack, extra = self.symbolic.on_state(sid, thread, RawState._make(raw))
-            h.update(repr((raw[1], raw[2], context, (raw[6], raw[7], raw[8], raw[9], raw[10]))).encode())
-            h.update(stack)
-            if extra:
-                h.update(extra)
+            parts = [
+                repr((raw[1], raw[2], context, (raw[6], raw[7], raw[8], raw[9], raw[10]))).encode(), stack, extra
+            ]
         # Every thread's kernel side (waits, callback stacks), the objects, and the live
         # stacks of the threads that are not moving: the whole process is the state.
-        h.update(self._text.kernel(digest_key(self.kernel, thread)))
-        for other in self.kernel.threads.values():
-            if other is not thread:
-                h.update(self._stack_of(other))
-        h.update(self.cow.digest(self._stacks))
-        d = h.hexdigest()
+        kernel = self.kernel
+        parts.append(self._text.kernel(digest_key(kernel, thread)))
+        if len(kernel.threads) > 1:
+            parts += [self._stack_of(other) for other in kernel.threads.values() if other is not thread]
+        parts.append(self.cow.digest(self._stacks))
+        d = blake2b(b"".join(parts), digest_size=12).hexdigest()
         if self.symbolic is not None:
             self.symbolic.seen(d)
         if self._count != sid:
@@ -163,7 +161,7 @@ class Explorer:
         if self._merged_at is not None:
             return  # past a merge: the rest of this path is explored elsewhere
         if d not in self.nodes:
-            self.nodes[d] = self._typed(raw)
+            self.nodes[d] = self._shared.state(raw)  # its parts shared with other nodes' equal ones
             if len(self.kernel.threads) > 1:
                 chains = sched.wait_chains(self.kernel)
                 if chains:
@@ -178,10 +176,6 @@ class Explorer:
             self._merged_at = sid  # a known state: its future is explored elsewhere
             self.machine.request_stop()
         self._segment_seen.add(d)
-
-    def _typed(self, raw: tuple[Any, ...]) -> State:
-        """A node's record, its parts shared with other nodes' equal ones (emu.exploration.shared)."""
-        return self._shared.state(raw)
 
     def _stack_of(self, t: KThread) -> bytes:
         ctx = t.suspended.trap.ctx if t.suspended is not None else (None if t.started else t.entry_context)
