@@ -40,7 +40,7 @@ from emu.exploration.shared import SharedParts
 from emu.graph import StateGraph
 from emu.hooks import Hooks
 from emu.kernel import KernelHooks, KThread, sched
-from emu.kernel.fork import digest_key, load_kernel, save_kernel
+from emu.kernel.fork import digest_key, hand_over_kernel, load_kernel, save_kernel
 from emu.kernel.hooks import suspend
 from emu.kernel.symbolic import Symbolic
 from emu.scenario import Scenario, load_scenario
@@ -142,9 +142,7 @@ class Explorer:
             parts = [self._text.state(raw[1], raw[2], raw[3], raw[6:11]), raw[4]]
         else:  # symbolic values: their locations masked, the path condition added
             context, stack, extra = self.symbolic.on_state(sid, thread, RawState._make(raw))
-            parts = [
-                repr((raw[1], raw[2], context, (raw[6], raw[7], raw[8], raw[9], raw[10]))).encode(), stack, extra
-            ]
+            parts = [repr((raw[1], raw[2], context, (raw[6], raw[7], raw[8], raw[9], raw[10]))).encode(), stack, extra]
         # Every thread's kernel side (waits, callback stacks), the objects, and the live
         # stacks of the threads that are not moving: the whole process is the state.
         kernel = self.kernel
@@ -374,16 +372,19 @@ class Explorer:
             result.unexplored += len(pending.choice.options)
             self.kernel.pending_choice = None
             return
+        # With a shared seen-set, a state is forked once the set says it is this worker's; not
+        # while a path replays known states up to its symbolic decision (one process forks there too).
+        claim = self.claims is not None and not (sym is not None and sym.replaying())
+        # Unless hooks, symbolic values or claims keep state of their own, the next option is
+        # followed after a load (a restore, or _stay): the kernel model is handed over, not copied.
+        keep = self.hooks is None and sym is None and not claim and self._owns_threads()
         fork = Fork(
-            self._cpu.save(), self.cow.take(), save_kernel(self.kernel), depth, self._last or "", path,
-            sym.save() if sym is not None else None, route=self._route,
+            self._cpu.save(), self.cow.take(), hand_over_kernel(self.kernel) if keep else save_kernel(self.kernel),
+            depth, self._last or "", path, sym.save() if sym is not None else None, route=self._route,
         )  # fmt: skip
         self.records.hold(fork.records)
         if self.hooks is not None:
             self.hooks.forked(fork)
-        # With a shared seen-set, a state is forked once the set says it is this worker's; not
-        # while a path replays known states up to its symbolic decision (one process forks there too).
-        claim = self.claims is not None and not (sym is not None and sym.replaying())
         options: list[Any]
         if sym is not None and isinstance(pending.choice, Symbolic):
             # The solver adds this fork's other sides later: its count never reaches zero, so the
@@ -397,7 +398,7 @@ class Explorer:
             self._unclaimed.append((fork, options))
             return
         self._add_fork(result, work, fork, options)
-        if self.hooks is None and sym is None:  # (those keep state of their own: they are restored)
+        if keep:
             self._in_place = fork
 
     def _add_fork(
@@ -449,12 +450,20 @@ class Explorer:
     def _stay(self, fork: Fork) -> None:
         """What :meth:`_restore` does when the machine is still in ``fork``'s state (saved, nothing
         run since): the CPU, memory and kernel model already equal it, so only the rest is done."""
-        self.kernel.set_threads(self.kernel.threads)  # as a load does (a wake not yet recorded)
+        # The kernel model was handed over to the fork: the machine goes on with a copy (or, at
+        # its last use, with the saved objects themselves).
+        load_kernel(self.kernel, fork.kernel, last_use=fork.left[0] == 1)
         (rsp,) = self.machine.regs.read(("rsp",))
         self.cow.prefault(rsp - 0x100, 0x100)
         self._last = fork.node
         self._merged_at = None
         self._segment_seen.clear()
+
+    def _owns_threads(self) -> bool:
+        """Whether the kernel's threads are its own copies, not the process's first objects (which
+        the process may still name, so they are never handed over to a fork)."""
+        first = self.process.thread
+        return self.kernel.threads.get(first.tid) is not first
 
     def _report(self, result: Exploration, work: deque[tuple[Fork, str]]) -> None:
         if self.progress is not None:
