@@ -219,16 +219,16 @@ class CowMemory:
 
     def take(self) -> PageSnapshot:
         """Freeze the pages written since the last take/restore into a new layer."""
-        read = self.uc.mem_read
-        delta = {p: bytes(read(p, PAGE)) for p in sorted(self.dirty)}
+        read = self.machine.read  # (bytes, through one reused buffer)
+        delta = {p: read(p, PAGE) for p in sorted(self.dirty)}
         cur = self.current
         for p in sorted(self.hot):
-            data = bytes(read(p, PAGE))
+            data = read(p, PAGE)
             if data != (cur.page(p) or self.base[p]):
                 delta[p] = data
         self._protect(self.dirty)
         self.dirty.clear()
-        self.current = PageSnapshot(cur, dict(sorted(delta.items())) if self.hot else delta, self._layout)
+        self.current = PageSnapshot(cur, dict(sorted(delta.items())) if len(delta) > 1 and self.hot else delta, self._layout)
         return self.current
 
     def _apply_layout(self, layout: tuple[Region, ...] | None) -> set[int]:

@@ -86,6 +86,7 @@ class Explorer:
         self.trace = self.process.trace
         self.cow = self.machine.enable_cow()
         self._cpu = CpuContexts(self.machine.uc)  # forks' CPU contexts, their equal parts shared
+        self._rsp_gs = self.machine.regs.reader(("rsp", "gs_base"))  # read after a restore, in one C call
         self.root: str | None = None  # the start state's digest
         self._count = 0  # states observed (the trace's state ids are 0 .. _count - 1)
         # Trace records are dropped once no saved fork nor live thread names them (only the
@@ -433,7 +434,7 @@ class Explorer:
         self.records.replaced(named)
         # The saved context holds GS base: write it only if the restored current thread's TEB differs
         # (a register write through the binding costs more than the batched read).
-        rsp, gs = self.machine.regs.read(("rsp", "gs_base"))
+        rsp, gs = self._rsp_gs()
         current = self.kernel.current
         if current is not None and gs != current.teb:
             self.machine.set_gs_base(current.teb)
@@ -453,7 +454,7 @@ class Explorer:
         # The kernel model was handed over to the fork: the machine goes on with a copy (or, at
         # its last use, with the saved objects themselves).
         load_kernel(self.kernel, fork.kernel, last_use=fork.left[0] == 1)
-        (rsp,) = self.machine.regs.read(("rsp",))
+        rsp = self._rsp_gs()[0]
         self.cow.prefault(rsp - 0x100, 0x100)
         self._last = fork.node
         self._merged_at = None
