@@ -35,12 +35,13 @@ from emu.exploration.descend import descend_concrete, descend_symbolic
 from emu.exploration.digest import DigestText
 from emu.exploration.forks import Fork
 from emu.exploration.records import RecordKeeper
+from emu.exploration.restoring import owns_threads, restore, stay
 from emu.exploration.result import Exploration, Strategy, resident_bytes
 from emu.exploration.shared import SharedParts
 from emu.graph import StateGraph
 from emu.hooks import Hooks
 from emu.kernel import KernelHooks, KThread, sched
-from emu.kernel.fork import digest_key, hand_over_kernel, load_kernel, save_kernel
+from emu.kernel.fork import digest_key, hand_over_kernel, save_kernel
 from emu.kernel.hooks import suspend
 from emu.kernel.symbolic import Symbolic
 from emu.scenario import Scenario, load_scenario
@@ -288,7 +289,7 @@ class Explorer:
             named = fork.records  # read first: the fork's last restore hands its saved threads over
             try:
                 if fork is self._in_place:
-                    self._stay(fork)
+                    stay(self, fork)  # the machine is still in its state (emu.exploration.restoring)
                 else:
                     self._restore(fork)
                 self._in_place = None
@@ -378,7 +379,7 @@ class Explorer:
         claim = self.claims is not None and not (sym is not None and sym.replaying())
         # Unless hooks, symbolic values or claims keep state of their own, the next option is
         # followed after a load (a restore, or _stay): the kernel model is handed over, not copied.
-        keep = self.hooks is None and sym is None and not claim and self._owns_threads()
+        keep = self.hooks is None and sym is None and not claim and owns_threads(self)
         fork = Fork(
             self._cpu.save(), self.cow.take(), hand_over_kernel(self.kernel) if keep else save_kernel(self.kernel),
             depth, self._last or "", path, sym.save() if sym is not None else None, route=self._route,
@@ -424,47 +425,7 @@ class Explorer:
                 self.records.release(fork.records)
 
     def _restore(self, fork: Fork) -> None:
-        self._cpu.restore(fork.cpu)
-        self.cow.restore(fork.memory)
-        named = [t.state_id for t in self.kernel.threads.values()]
-        # Its last option: nothing restores it again (-1: a symbolic value's sides to come; 0: prefixes' start).
-        load_kernel(self.kernel, fork.kernel, last_use=fork.left[0] == 1)
-        if self.symbolic is not None:
-            self.symbolic.load(fork.symbolic)
-        self.records.replaced(named)
-        # The saved context holds GS base: write it only if the restored current thread's TEB differs
-        # (a register write through the binding costs more than the batched read).
-        rsp, gs = self._rsp_gs()
-        current = self.kernel.current
-        if current is not None and gs != current.teb:
-            self.machine.set_gs_base(current.teb)
-        # The next segment will almost surely push onto the stack: open its page now
-        # rather than taking a copy-on-write fault and restarting the CPU for it.
-        self.cow.prefault(rsp - 0x100, 0x100)
-        # The trace only grows: the restored threads' state ids still name their states.
-        self._last = fork.node
-        self._merged_at = None
-        self._segment_seen.clear()
-        if self.hooks is not None:
-            self.hooks.restored(fork)
-
-    def _stay(self, fork: Fork) -> None:
-        """What :meth:`_restore` does when the machine is still in ``fork``'s state (saved, nothing
-        run since): the CPU, memory and kernel model already equal it, so only the rest is done."""
-        # The kernel model was handed over to the fork: the machine goes on with a copy (or, at
-        # its last use, with the saved objects themselves).
-        load_kernel(self.kernel, fork.kernel, last_use=fork.left[0] == 1)
-        rsp = self._rsp_gs()[0]
-        self.cow.prefault(rsp - 0x100, 0x100)
-        self._last = fork.node
-        self._merged_at = None
-        self._segment_seen.clear()
-
-    def _owns_threads(self) -> bool:
-        """Whether the kernel's threads are its own copies, not the process's first objects (which
-        the process may still name, so they are never handed over to a fork)."""
-        first = self.process.thread
-        return self.kernel.threads.get(first.tid) is not first
+        restore(self, fork)
 
     def _report(self, result: Exploration, work: deque[tuple[Fork, str]]) -> None:
         if self.progress is not None:
