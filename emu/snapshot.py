@@ -228,7 +228,9 @@ class CowMemory:
                 delta[p] = data
         self._protect(self.dirty)
         self.dirty.clear()
-        self.current = PageSnapshot(cur, dict(sorted(delta.items())) if len(delta) > 1 and self.hot else delta, self._layout)
+        self.current = PageSnapshot(
+            cur, dict(sorted(delta.items())) if len(delta) > 1 and self.hot else delta, self._layout
+        )
         return self.current
 
     def _apply_layout(self, layout: tuple[Region, ...] | None) -> set[int]:
