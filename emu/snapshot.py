@@ -105,6 +105,9 @@ class CowMemory:
         self._ranges: list[tuple[int, int, int]] = []  # (start, end, writable prot)
         self._layout: tuple[Region, ...] | None = None  # None: the regions tracking began with
         self._initial = tuple(machine.regions)
+        self._skip_ranges: tuple[tuple[int, int], ...] = ()  # digest(): the ranges last skipped,
+        self._skipped: set[int] = set()  # the pages seen inside them,
+        self._kept: set[int] = set()  # and those seen outside
         for r in machine.regions:
             if "w" in r.perms:
                 prot = uc_prot(r.perms)
@@ -216,16 +219,18 @@ class CowMemory:
 
     def take(self) -> PageSnapshot:
         """Freeze the pages written since the last take/restore into a new layer."""
-        read = self.uc.mem_read
-        delta = {p: bytes(read(p, PAGE)) for p in sorted(self.dirty)}
+        read = self.machine.read  # (bytes, through one reused buffer)
+        delta = {p: read(p, PAGE) for p in sorted(self.dirty)}
         cur = self.current
         for p in sorted(self.hot):
-            data = bytes(read(p, PAGE))
+            data = read(p, PAGE)
             if data != (cur.page(p) or self.base[p]):
                 delta[p] = data
         self._protect(self.dirty)
         self.dirty.clear()
-        self.current = PageSnapshot(cur, dict(sorted(delta.items())) if self.hot else delta, self._layout)
+        self.current = PageSnapshot(
+            cur, dict(sorted(delta.items())) if len(delta) > 1 and self.hot else delta, self._layout
+        )
         return self.current
 
     def _apply_layout(self, layout: tuple[Region, ...] | None) -> set[int]:
@@ -279,19 +284,37 @@ class CowMemory:
         self.current = snap
         return written
 
+    def _classify(self, pages: set[int] | frozenset[int]) -> None:
+        """Sort pages not seen before into those inside the skipped ranges and the others."""
+        kept, skipped = self._kept, self._skipped
+        for p in pages - skipped - kept if kept or skipped else pages:
+            (skipped if any(start <= p < end for start, end in self._skip_ranges) else kept).add(p)
+
     def digest(self, skip: Iterable[tuple[int, int]] = ()) -> bytes:
         """A digest of every page that differs from the initial memory, except the ``skip`` ranges."""
         ranges = skip if type(skip) is tuple else tuple(skip)
-        live = self._live()
-        if live:
-            live = {p for p in live if not any(start <= p < end for start, end in ranges)}
-        memo = self.current.memo
-        if not live and memo is not None and memo[0] == ranges:
-            return memo[1]  # nothing written outside the skipped ranges since this layer
+        # Which pages lie in a skipped range, remembered per page for these ranges (the same
+        # few stack pages are live at nearly every state).
+        if ranges != self._skip_ranges:
+            self._skip_ranges, self._skipped, self._kept = ranges, set(), set()
+        skipped = self._skipped
+        dirty, hot = self.dirty, self.hot
+        if (not dirty or dirty <= skipped) and (not hot or hot <= skipped):
+            live: set[int] = set()  # every page written since this layer is in a skipped range
+            memo = self.current.memo
+            if memo is not None and memo[0] == ranges:
+                return memo[1]
+        else:
+            live = dirty | hot
+            self._classify(live)
+            live -= skipped
+            memo = self.current.memo
+            if not live and memo is not None and memo[0] == ranges:
+                return memo[1]  # nothing written outside the skipped ranges since this layer
         h = blake2b(digest_size=16)
-        for page in sorted(self.current.touched.union(live)):
-            if any(start <= page < end for start, end in ranges):
-                continue
+        pages = self.current.touched.union(live)
+        self._classify(pages)
+        for page in sorted(pages - skipped):
             data = (
                 bytes(self.uc.mem_read(page, PAGE))
                 if page in self.dirty or page in self.hot

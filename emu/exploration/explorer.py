@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from hashlib import blake2b
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -35,12 +35,13 @@ from emu.exploration.descend import descend_concrete, descend_symbolic
 from emu.exploration.digest import DigestText
 from emu.exploration.forks import Fork
 from emu.exploration.records import RecordKeeper
+from emu.exploration.restoring import owns_threads, restore, stay
 from emu.exploration.result import Exploration, Strategy, resident_bytes
 from emu.exploration.shared import SharedParts
 from emu.graph import StateGraph
 from emu.hooks import Hooks
 from emu.kernel import KernelHooks, KThread, sched
-from emu.kernel.fork import digest_key, load_kernel, save_kernel
+from emu.kernel.fork import digest_key, hand_over_kernel, save_kernel
 from emu.kernel.hooks import suspend
 from emu.kernel.symbolic import Symbolic
 from emu.scenario import Scenario, load_scenario
@@ -86,6 +87,7 @@ class Explorer:
         self.trace = self.process.trace
         self.cow = self.machine.enable_cow()
         self._cpu = CpuContexts(self.machine.uc)  # forks' CPU contexts, their equal parts shared
+        self._rsp_gs = self.machine.regs.reader(("rsp", "gs_base"))  # read after a restore, in one C call
         self.root: str | None = None  # the start state's digest
         self._count = 0  # states observed (the trace's state ids are 0 .. _count - 1)
         # Trace records are dropped once no saved fork nor live thread names them (only the
@@ -116,6 +118,8 @@ class Explorer:
         # Given a batch of digests it answers, for each, whether this caller is the first.
         self.claims: Callable[[list[str]], list[bool]] | None = None
         self._unclaimed: list[tuple[Fork, list[Any]]] = []
+        # The fork the machine is still in (saved, nothing run since): its next option needs no restore.
+        self._in_place: Fork | None = None
         if has_symbolic(scenario):
             self.symbolic = make_driver(self, scenario)
         self.hooks: PathHooks | None = None  # emu-level hooks, on every path (emu.exploration.hooked)
@@ -133,26 +137,22 @@ class Explorer:
 
     def _observe(self, sid: int, thread: KThread) -> None:
         raw = self.trace.raw_states[sid]  # RawState layout
-        h = hashlib.blake2b(digest_size=12)
         # tid, mode, registers; then depth, service, api, pending, callback frames; then the
-        # stack from RSP up (bytes below RSP are dead: the x64 ABI has no red zone).
+        # stack from RSP up (bytes below RSP are dead: the x64 ABI has no red zone). The digest
+        # hashes the parts one after the other (as one text: the same digest as update() each).
         if self.symbolic is None:  # repr() of that tuple, from memoised parts (emu.exploration.digest)
-            h.update(self._text.state(raw[1], raw[2], raw[3], raw[6:11]))
-            h.update(raw[4])
+            parts = [self._text.state(raw[1], raw[2], raw[3], raw[6:11]), raw[4]]
         else:  # symbolic values: their locations masked, the path condition added
             context, stack, extra = self.symbolic.on_state(sid, thread, RawState._make(raw))
-            h.update(repr((raw[1], raw[2], context, (raw[6], raw[7], raw[8], raw[9], raw[10]))).encode())
-            h.update(stack)
-            if extra:
-                h.update(extra)
+            parts = [repr((raw[1], raw[2], context, (raw[6], raw[7], raw[8], raw[9], raw[10]))).encode(), stack, extra]
         # Every thread's kernel side (waits, callback stacks), the objects, and the live
         # stacks of the threads that are not moving: the whole process is the state.
-        h.update(self._text.kernel(digest_key(self.kernel, thread)))
-        for other in self.kernel.threads.values():
-            if other is not thread:
-                h.update(self._stack_of(other))
-        h.update(self.cow.digest(self._stacks))
-        d = h.hexdigest()
+        kernel = self.kernel
+        parts.append(self._text.kernel(digest_key(kernel, thread)))
+        if len(kernel.threads) > 1:
+            parts += [self._stack_of(other) for other in kernel.threads.values() if other is not thread]
+        parts.append(self.cow.digest(self._stacks))
+        d = blake2b(b"".join(parts), digest_size=12).hexdigest()
         if self.symbolic is not None:
             self.symbolic.seen(d)
         if self._count != sid:
@@ -161,7 +161,7 @@ class Explorer:
         if self._merged_at is not None:
             return  # past a merge: the rest of this path is explored elsewhere
         if d not in self.nodes:
-            self.nodes[d] = self._typed(raw)
+            self.nodes[d] = self._shared.state(raw)  # its parts shared with other nodes' equal ones
             if len(self.kernel.threads) > 1:
                 chains = sched.wait_chains(self.kernel)
                 if chains:
@@ -176,10 +176,6 @@ class Explorer:
             self._merged_at = sid  # a known state: its future is explored elsewhere
             self.machine.request_stop()
         self._segment_seen.add(d)
-
-    def _typed(self, raw: tuple[Any, ...]) -> State:
-        """A node's record, its parts shared with other nodes' equal ones (emu.exploration.shared)."""
-        return self._shared.state(raw)
 
     def _stack_of(self, t: KThread) -> bytes:
         ctx = t.suspended.trap.ctx if t.suspended is not None else (None if t.started else t.entry_context)
@@ -292,7 +288,11 @@ class Explorer:
             fork, option = work.popleft() if self.strategy == "bfs" and len(work) < b.frontier else work.pop()
             named = fork.records  # read first: the fork's last restore hands its saved threads over
             try:
-                self._restore(fork)
+                if fork is self._in_place:
+                    stay(self, fork)  # the machine is still in its state (emu.exploration.restoring)
+                else:
+                    self._restore(fork)
+                self._in_place = None
                 mark = len(self.trace.raw_states)
                 if not self._resume(result, option, fork.node):
                     self._replaying = False
@@ -374,16 +374,19 @@ class Explorer:
             result.unexplored += len(pending.choice.options)
             self.kernel.pending_choice = None
             return
+        # With a shared seen-set, a state is forked once the set says it is this worker's; not
+        # while a path replays known states up to its symbolic decision (one process forks there too).
+        claim = self.claims is not None and not (sym is not None and sym.replaying())
+        # Unless hooks, symbolic values or claims keep state of their own, the next option is
+        # followed after a load (a restore, or _stay): the kernel model is handed over, not copied.
+        keep = self.hooks is None and sym is None and not claim and owns_threads(self)
         fork = Fork(
-            self._cpu.save(), self.cow.take(), save_kernel(self.kernel), depth, self._last or "", path,
-            sym.save() if sym is not None else None, route=self._route,
+            self._cpu.save(), self.cow.take(), hand_over_kernel(self.kernel) if keep else save_kernel(self.kernel),
+            depth, self._last or "", path, sym.save() if sym is not None else None, route=self._route,
         )  # fmt: skip
         self.records.hold(fork.records)
         if self.hooks is not None:
             self.hooks.forked(fork)
-        # With a shared seen-set, a state is forked once the set says it is this worker's; not
-        # while a path replays known states up to its symbolic decision (one process forks there too).
-        claim = self.claims is not None and not (sym is not None and sym.replaying())
         options: list[Any]
         if sym is not None and isinstance(pending.choice, Symbolic):
             # The solver adds this fork's other sides later: its count never reaches zero, so the
@@ -397,6 +400,8 @@ class Explorer:
             self._unclaimed.append((fork, options))
             return
         self._add_fork(result, work, fork, options)
+        if keep:
+            self._in_place = fork
 
     def _add_fork(
         self, result: Exploration, work: deque[tuple[Fork, Any]], fork: Fork, options: Sequence[str | Pick]
@@ -420,29 +425,7 @@ class Explorer:
                 self.records.release(fork.records)
 
     def _restore(self, fork: Fork) -> None:
-        self._cpu.restore(fork.cpu)
-        self.cow.restore(fork.memory)
-        named = [t.state_id for t in self.kernel.threads.values()]
-        # Its last option: nothing restores it again (-1: a symbolic value's sides to come; 0: prefixes' start).
-        load_kernel(self.kernel, fork.kernel, last_use=fork.left[0] == 1)
-        if self.symbolic is not None:
-            self.symbolic.load(fork.symbolic)
-        self.records.replaced(named)
-        # The saved context holds GS base: write it only if the restored current thread's TEB differs
-        # (a register write through the binding costs more than the batched read).
-        rsp, gs = self.machine.regs.read(("rsp", "gs_base"))
-        current = self.kernel.current
-        if current is not None and gs != current.teb:
-            self.machine.set_gs_base(current.teb)
-        # The next segment will almost surely push onto the stack: open its page now
-        # rather than taking a copy-on-write fault and restarting the CPU for it.
-        self.cow.prefault(rsp - 0x100, 0x100)
-        # The trace only grows: the restored threads' state ids still name their states.
-        self._last = fork.node
-        self._merged_at = None
-        self._segment_seen.clear()
-        if self.hooks is not None:
-            self.hooks.restored(fork)
+        restore(self, fork)
 
     def _report(self, result: Exploration, work: deque[tuple[Fork, str]]) -> None:
         if self.progress is not None:

@@ -47,6 +47,24 @@ def save_kernel(kernel: Kernel) -> KernelState:
     )
 
 
+def hand_over_kernel(kernel: Kernel) -> KernelState:
+    """What :func:`save_kernel` saves, without copying: the kernel's own threads and pending choice
+    go into the saved state. For a caller that loads a saved state (another, or this one: a copy
+    unless it is the last use) before the kernel runs again, so nothing changes them meanwhile."""
+    threads = tuple(kernel.threads.values())
+    for t in threads:
+        t.service_ctx = None  # (a load gives each thread a new one, as it does a copy)
+    return KernelState(
+        threads,
+        None if kernel.current is None else kernel.current.tid,
+        kernel.max_depth,
+        kernel.pending_choice,
+        _save_objects(kernel.objects),
+        None if kernel.next_thread is None else kernel.next_thread.tid,
+        tuple(kernel.deadlock),
+    )
+
+
 def load_kernel(kernel: Kernel, state: KernelState, last_use: bool = False) -> None:
     """Make ``state`` current in ``kernel`` (copied again, so one saved state can be loaded many
     times); ``last_use``: it is not loaded again, so its objects are handed over, not copied."""
