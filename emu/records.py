@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Callable
+from types import MethodType
 from typing import Any, TypeVar, dataclass_transform, overload
 
 __all__ = ["record"]
@@ -142,14 +143,31 @@ def _freeze(cls: type) -> None:
         setattr(cls, fn.__name__, fn)
 
 
-def _placeholder(cls: type, name: str, frozen: bool) -> Callable[..., Any]:
-    def first_call(self: Any, *args: Any, **kwargs: Any) -> Any:
-        method = _write(cls, name, frozen)
-        return method(self, *args, **kwargs)
+class _Placeholder:
+    """A method not written yet: the first call (or a look at its signature) writes it onto the class."""
 
-    first_call.__name__ = name
-    first_call.__qualname__ = f"{cls.__qualname__}.{name}"
-    return first_call
+    __slots__ = ("__name__", "__qualname__", "cls", "frozen", "name")
+
+    def __init__(self, cls: type, name: str, frozen: bool) -> None:
+        self.cls, self.name, self.frozen = cls, name, frozen
+        self.__name__, self.__qualname__ = name, f"{cls.__qualname__}.{name}"
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        return self if obj is None else MethodType(self, obj)
+
+    def __call__(self, obj: Any, *args: Any, **kwargs: Any) -> Any:
+        return _write(self.cls, self.name, self.frozen)(obj, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> Any:
+        """The written method's (so ``inspect.signature`` and help show the fields before any call)."""
+        import inspect
+
+        return inspect.signature(_write(self.cls, self.name, self.frozen))
+
+
+def _placeholder(cls: type, name: str, frozen: bool) -> Callable[..., Any]:
+    return _Placeholder(cls, name, frozen)
 
 
 def _write(cls: type, name: str, frozen: bool) -> Callable[..., Any]:

@@ -163,6 +163,16 @@ def test_init_has_the_signature_and_body_of_the_dataclass_one() -> None:
         assert ours(2, [3]).b == [3] and ours(2).b is not ours(2).b
 
 
+@pytest.mark.parametrize("frozen", [True, False])
+def test_signature_and_help_show_the_fields_before_any_instance(frozen: bool) -> None:
+    std, ours = _pair(frozen)
+    assert not inspect.isfunction(vars(ours)["__init__"])  # a placeholder: not written yet
+    assert inspect.signature(ours) == inspect.signature(std)
+    assert str(inspect.signature(ours)) == "(x: 'int', y: 'str' = 's', z: 'tuple[int, ...]' = <factory>) -> None"
+    assert inspect.isfunction(vars(ours)["__init__"])  # asking wrote it, as a first call would
+    assert ours(1).y == "s"
+
+
 def test_a_field_without_default_after_one_with_is_refused_at_once() -> None:
     with pytest.raises(TypeError, match="non-default argument 'b' follows default argument"):
 
