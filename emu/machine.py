@@ -285,6 +285,17 @@ class Machine:
         if self.write_watch is not None:
             self.write_watch(address, data)
 
+    def host_slot(self, address: int, size: int) -> tuple[mmap.mmap, int, int] | None:
+        """Where :meth:`write` would put ``size`` bytes at ``address`` in a host buffer: (the
+        buffer, start, end), or None when such a write goes through Unicorn. Valid while the
+        regions stay the same object; a caller writing there itself must first check that
+        :attr:`cow` and :attr:`write_watch` are None, as :meth:`write` would act on them."""
+        end = address + size
+        for base, buf in self.host.items():
+            if base <= address and end <= base + len(buf) and base not in self._host_code:
+                return buf, address - base, end - base
+        return None
+
     def read_u64(self, address: int) -> int:
         return int.from_bytes(self.uc.mem_read(address, 8), "little")
 

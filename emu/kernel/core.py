@@ -27,6 +27,7 @@ from emu.kernel.services import (
     CallbackResult,
     ScriptActivation,
     ServiceRegistry,
+    ServiceSpec,
     UserCallback,
 )
 from emu.kernel.thread import CallbackFrame, KThread, PendingChoice, ThreadServiceContext
@@ -92,6 +93,14 @@ class Kernel:
         }
         # The same, without NtCallbackReturn (always served by the kernel): the syscall hook's fast path.
         self._returns = {n: c for n, c in self._constants.items() if n != NT_CALLBACK_RETURN}
+        # Scripted services that do more than return a status and take no stack arguments, by
+        # name: served by the syscall hook without _dispatch's checks (all of them pass).
+        self._scripts: dict[str, ServiceSpec] = {
+            n: spec
+            for n in registry.names()
+            if (spec := registry.get(n)) is not None and spec.script is not None and spec.constant is None
+            and spec.script_args <= 4 and n != NT_CALLBACK_RETURN
+        }  # fmt: skip
         self.current: KThread | None = None
         self.max_depth = 0
         self.user_writes = 0  # bumped by service writes: a sysret state may reuse the entry's stack bytes
@@ -173,11 +182,29 @@ class Kernel:
                 # What _enter does for any other service when one thread runs: record the
                 # entry, then dispatch (the constants were served above).
                 thread.trap_frame = None
-                # As recorder.syscall (one frame fewer).
-                self.recorder.add("syscall", thread, "kernel", regs, name, ssn, None, None, name, False, "", b"", None)
-                self._dispatch(thread, regs, "syscall", ssn, name)
+                self.recorder.syscall_entered(thread, regs, name, ssn)
+                spec = self._scripts.get(name)
+                if spec is None:
+                    self._dispatch(thread, regs, "syscall", ssn, name)
+                    return
+                self._run_script(thread, regs, spec)
                 return
         self._enter(regs, "syscall")
+
+    def _run_script(self, thread: KThread, regs: tuple[int, ...], spec: ServiceSpec) -> None:
+        """What :meth:`_dispatch` does for a scripted service of ``_scripts`` entered by
+        `syscall` (its checks all pass for those), one frame instead of three."""
+        act = ScriptActivation(spec, [(spec.script, 0)], thread.service_ctx, [regs[10], regs[2], regs[8], regs[9]])  # type: ignore[list-item]
+        writes = self.user_writes
+        req = act.step(None)
+        if isinstance(req, int) and writes == self.user_writes:
+            # Returned at once, nothing written: the user state after sysret has the entry's stack bytes.
+            self._sysret_now(thread, regs, "syscall", req, spec.name, "", reuse_stack=True)
+            return
+        trap = KTrapFrame(_context(UserContext, regs), "syscall")
+        if type(req) is UserCallback and self._callback(thread, act, trap, req, "") is None:
+            return  # in KiUserCallbackDispatcher
+        drive(self, thread, act, trap, None, False, req)
 
     def _return_from_callback(self, thread: KThread, regs: tuple[int, ...], ssn: int) -> None:
         """NtCallbackReturn completing a frame, one thread, nobody watching (the syscall hook's
@@ -382,7 +409,11 @@ class Kernel:
             # The registers depend on every trap register: derived anew (the cache holds the
             # "stack" convention's layouts only).
             entry = entry_registers(self.profile, ctx, out.frame, self.dispatcher)[0]
-        machine.write(place[2], place[3])
+        slot = place[6]
+        if slot is not None and machine.cow is None and machine.write_watch is None:
+            slot[0][slot[1] : slot[2]] = place[3]  # as machine.write would, without its search
+        else:
+            machine.write(place[2], place[3])
         cbs = thread.callback_stack
         name = act.spec.name
         # The frames as a state records them (emu.kernel.record), from the one below when it has them.
@@ -396,14 +427,13 @@ class Kernel:
         values[:] = entry
         values[16] -= self._entry_len  # RIP, as Unicorn will advance it
         put[0]()  # the registers, and the XMM registers the kernel scrubs, in one C call
-        # As recorder.callback (one frame fewer).
-        self.recorder.add("callback", thread, "user", entry, name, None, None, api, name, False, note, b"", None)
+        self.recorder.callback_entered(thread, entry, name, api, note)
         return None
 
     def _place(self, thread: KThread, ctx: UserContext, api: int, data: bytes, depth: int) -> tuple[Any, ...]:
         """KeUserModeCallback's checks and the callout frame for ``depth`` callbacks active:
         (the Callout, the register write, where and what to write, the regions and stack limit
-        it was checked against), or why the callback is refused: (status, reason)."""
+        it was checked against, the host buffer slot of the write or None), or why the callback is refused: (status, reason)."""
         if depth in self._overflow:
             overflow = self._overflow[depth]
         else:
@@ -423,7 +453,8 @@ class Kernel:
         if put is None:
             ids = tuple(XMM_IDS[i] for i in out.xmm_zero)
             put = self._put_entry[out.xmm_zero] = machine.regs.bound_zeroing(_ALL, ids)
-        return out, put, out.lowest, out.block, machine.regions, thread.stack_limit
+        slot = machine.host_slot(out.lowest, len(out.block))
+        return out, put, out.lowest, out.block, machine.regions, thread.stack_limit, slot
 
     def _callback_return(self, thread: KThread, regs: tuple[int, ...], via: str, ssn: int) -> None:
         if not thread.callback_stack:
