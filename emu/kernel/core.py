@@ -133,7 +133,7 @@ class Kernel:
         self.exception_dispatcher: int | None = None  # the loaded ntdll's KiUserExceptionDispatcher
         # Called with (previous, next) when another thread goes on the CPU (emu.hooks); None: no cost.
         self.on_switch: Callable[[KThread, KThread], None] | None = None
-        machine.install(self.on_syscall, self.on_interrupt)
+        machine.install(self.on_syscall, self.on_interrupt, handles_errors=True)
         port_io.install(machine)
         machine.exception_handler = self.on_trap
 
@@ -151,45 +151,50 @@ class Kernel:
 
     # --- entry --------------------------------------------------------------------------
     def on_syscall(self, uc: object = None, user_data: object = None) -> None:
-        self._fill_all()
-        vals: list[int] = self._all_list()
-        # Intel SDM vol. 2B SYSCALL: RCX <- RIP of the next instruction, R11 <- RFLAGS.
-        rip = vals[16] + 2
-        vals[1] = vals[16] = rip
-        vals[11] = vals[17]
-        self._entry_len = 2  # Unicorn adds the instruction length to a RIP written here
-        regs = tuple(vals)
-        thread = self.current
-        if not self._multithreaded and thread is not None and self.recorder.observe is None:
-            ssn = vals[0] & 0xFFFF_FFFF
-            name = self.names.get(ssn)
-            status = self._returns.get(name)  # type: ignore[arg-type]
-            if status is not None:
-                # The hot path: a service that only returns a status, one thread, nobody
-                # watching. SYSRET puts RAX = status and the SYSCALL clobbers back (RCX,
-                # R11); the user state after it has the stack bytes the entry state has.
-                thread.trap_frame = None
-                self._sysret_vals[:] = (status, rip, regs[11])
-                self._put_sysret()
-                self.recorder.syscall_sysret(thread, regs, name, ssn, status)  # type: ignore[arg-type]
-                return
-            if name == NT_CALLBACK_RETURN:
-                if thread.callback_stack:
+        """The `syscall` hook, registered with Unicorn as it is (emu.machine.Machine.install): what it
+        raises is handed to the machine, which stops the CPU and raises it from run()."""
+        try:
+            self._fill_all()
+            vals: list[int] = self._all_list()
+            # Intel SDM vol. 2B SYSCALL: RCX <- RIP of the next instruction, R11 <- RFLAGS.
+            rip = vals[16] + 2
+            vals[1] = vals[16] = rip
+            vals[11] = vals[17]
+            self._entry_len = 2  # Unicorn adds the instruction length to a RIP written here
+            regs = tuple(vals)
+            thread = self.current
+            if not self._multithreaded and thread is not None and self.recorder.observe is None:
+                ssn = vals[0] & 0xFFFF_FFFF
+                name = self.names.get(ssn)
+                status = self._returns.get(name)  # type: ignore[arg-type]
+                if status is not None:
+                    # The hot path: a service that only returns a status, one thread, nobody
+                    # watching. SYSRET puts RAX = status and the SYSCALL clobbers back (RCX,
+                    # R11); the user state after it has the stack bytes the entry state has.
                     thread.trap_frame = None
-                    self._return_from_callback(thread, regs, ssn)
+                    self._sysret_vals[:] = (status, rip, regs[11])
+                    self._put_sysret()
+                    self.recorder.syscall_sysret(thread, regs, name, ssn, status)  # type: ignore[arg-type]
                     return
-            elif name is not None and name not in _CONTEXT_SERVICES:
-                # What _enter does for any other service when one thread runs: record the
-                # entry, then dispatch (the constants were served above).
-                thread.trap_frame = None
-                self.recorder.syscall_entered(thread, regs, name, ssn)
-                spec = self._scripts.get(name)
-                if spec is None:
-                    self._dispatch(thread, regs, "syscall", ssn, name)
+                if name == NT_CALLBACK_RETURN:
+                    if thread.callback_stack:
+                        thread.trap_frame = None
+                        self._return_from_callback(thread, regs, ssn)
+                        return
+                elif name is not None and name not in _CONTEXT_SERVICES:
+                    # What _enter does for any other service when one thread runs: record the
+                    # entry, then dispatch (the constants were served above).
+                    thread.trap_frame = None
+                    self.recorder.syscall_entered(thread, regs, name, ssn)
+                    spec = self._scripts.get(name)
+                    if spec is None:
+                        self._dispatch(thread, regs, "syscall", ssn, name)
+                        return
+                    self._run_script(thread, regs, spec)
                     return
-                self._run_script(thread, regs, spec)
-                return
-        self._enter(regs, "syscall")
+            self._enter(regs, "syscall")
+        except BaseException as e:
+            self.machine.hook_failed(e)
 
     def _run_script(self, thread: KThread, regs: tuple[int, ...], spec: ServiceSpec) -> None:
         """What :meth:`_dispatch` does for a scripted service of ``_scripts`` entered by
