@@ -8,6 +8,7 @@ they return and records the crossing.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import NamedTuple
 
 from emu.context import REGISTER_NAMES, UserContext
@@ -92,6 +93,33 @@ def entry_registers(
         v[_R8] = rsp
         v[_R9] = v[_RBP]  # the trap frame's RBP
     return tuple(v), _XMM_LOW
+
+
+def entry_maker(profile: Profile, dispatcher: int) -> Callable[[UserContext, int], tuple[int, ...]]:
+    """``entry_registers(profile, trap, rsp, dispatcher)[0]`` as a function of ``(trap, rsp)``,
+    with the profile's policy chosen once (the kernel derives these registers at every callback)."""
+    policy = profile.dispatcher_registers
+    if policy == "reactos":
+        return lambda trap, rsp: entry_registers(profile, trap, rsp, dispatcher)[0]
+
+    def windows10(trap: UserContext, rsp: int) -> tuple[int, ...]:
+        v = [*trap]  # as entry_registers under "windows10": see there
+        v[_RSP] = rsp
+        v[_RIP] = v[_RCX] = dispatcher
+        v[_R11] = v[_RFLAGS]
+        v[_RDX] = v[_R8] = v[_R9] = v[_R10] = 0
+        return tuple(v)
+
+    def wrk(trap: UserContext, rsp: int) -> tuple[int, ...]:
+        v = [*trap]  # as entry_registers under "wrk": see there
+        v[_RSP] = v[_R8] = rsp
+        v[_RIP] = v[_RCX] = dispatcher
+        v[_R11] = v[_RFLAGS]
+        v[_R10] = 0
+        v[_R9] = v[_RBP]
+        return tuple(v)
+
+    return windows10 if policy == "windows10" else wrk
 
 
 def kernel_stack_overflow(profile: Profile, depth: int) -> str | None:

@@ -17,7 +17,7 @@ from typing import Any
 from emu.context import REGISTER_NAMES, KTrapFrame, UserContext
 from emu.errors import BudgetExceeded, EmuError, ModelBug, UnimplementedService
 from emu.kernel import driving, exception, port_io, sched
-from emu.kernel.callout import entry_registers, kernel_stack_overflow, lay_out
+from emu.kernel.callout import entry_maker, kernel_stack_overflow, lay_out
 from emu.kernel.driving import drive
 from emu.kernel.hooks import KernelHooks
 from emu.kernel.objects import ObjectTable
@@ -126,6 +126,7 @@ class Kernel:
         # Callback results by value: frozen, so one object serves every equal result.
         self._results: dict[tuple[int, bytes, int, int], CallbackResult] = {}
         self._cache_places = profile.dispatcher == "stack"
+        self._entry_of = entry_maker(profile, dispatcher)  # a cached frame's entry registers, from the trap's
         self._write_sysret = machine.regs.writer(_SYSRET)
         self._write_rax = machine.regs.writer(("rax",))
         # Faults become Windows exceptions ("deliver") or stop the run ("stop", [machine] exceptions).
@@ -413,7 +414,7 @@ class Kernel:
             out = place[0]
             # The registers depend on every trap register: derived anew (the cache holds the
             # "stack" convention's layouts only).
-            entry = entry_registers(self.profile, ctx, out.frame, self.dispatcher)[0]
+            entry = self._entry_of(ctx, out.frame)
         slot = place[6]
         if slot is not None and machine.cow is None and machine.write_watch is None:
             slot[0][slot[1] : slot[2]] = place[3]  # as machine.write would, without its search
