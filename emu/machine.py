@@ -285,6 +285,17 @@ class Machine:
         if self.write_watch is not None:
             self.write_watch(address, data)
 
+    def host_slot(self, address: int, size: int) -> tuple[mmap.mmap, int, int] | None:
+        """Where :meth:`write` would put ``size`` bytes at ``address`` in a host buffer: (the
+        buffer, start, end), or None when such a write goes through Unicorn. Valid while the
+        regions stay the same object; a caller writing there itself must first check that
+        :attr:`cow` and :attr:`write_watch` are None, as :meth:`write` would act on them."""
+        end = address + size
+        for base, buf in self.host.items():
+            if base <= address and end <= base + len(buf) and base not in self._host_code:
+                return buf, address - base, end - base
+        return None
+
     def read_u64(self, address: int) -> int:
         return int.from_bytes(self.uc.mem_read(address, 8), "little")
 
@@ -441,7 +452,23 @@ class Machine:
         self.uc.emu_stop()
 
     # --- hooks ----------------------------------------------------------------------
-    def install(self, on_syscall: SyscallHandler, on_interrupt: InterruptHandler) -> None:
+    def hook_failed(self, error: BaseException) -> None:
+        """What a `syscall` handler registered with ``handles_errors`` calls with what it caught:
+        the CPU stops and :meth:`run` raises ``error`` (the first one, if several)."""
+        if self._hook_error is None:
+            self._hook_error = error
+        self.uc.emu_stop()
+
+    def _guarded(self, on_syscall: SyscallHandler) -> Callable[[int, int], None]:
+        def entry(handle: int, user_data: int) -> None:
+            try:
+                on_syscall(None, None)  # type: ignore[arg-type]
+            except BaseException as e:  # re-raised by run(), after Unicorn has stopped
+                self.hook_failed(e)
+
+        return entry
+
+    def install(self, on_syscall: SyscallHandler, on_interrupt: InterruptHandler, handles_errors: bool = False) -> None:
         """Hand `syscall` and interrupts to the kernel, registered directly (no extra Python layer).
 
         Unicorn calls ``on_syscall(uc, user_data)`` with RIP at the `syscall` itself and
@@ -450,23 +477,18 @@ class Machine:
 
         The `syscall` hook is registered with ``uc_hook_add`` itself rather than through the
         binding, whose wrapper adds two Python calls to every system call; what the handler
-        raises stops the CPU and :meth:`run` raises it, as the binding would.
+        raises stops the CPU and :meth:`run` raises it, as the binding would. ``handles_errors``:
+        the handler catches what it raises itself and passes it to :meth:`hook_failed`, so it is
+        registered as it is (one Python frame fewer per system call).
         """
         lib = self.regs._lib
         if lib is None:  # pragma: no cover - other binding layouts
             self.uc.hook_add(UC_HOOK_INSN, on_syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
         else:
-            stop = lib.uc_emu_stop
-
-            def entry(handle: int, user_data: int) -> None:
-                try:
-                    on_syscall(None, None)  # type: ignore[arg-type]
-                except BaseException as e:  # re-raised by run(), after Unicorn has stopped
-                    if self._hook_error is None:
-                        self._hook_error = e
-                    stop(handle)
-
-            callback = _SYSCALL_HOOK(entry)
+            if handles_errors:
+                callback = _SYSCALL_HOOK(on_syscall)  # called as on_syscall(handle, user_data)
+            else:
+                callback = _SYSCALL_HOOK(self._guarded(on_syscall))
             hook = ctypes.c_size_t()
             status = lib.uc_hook_add(
                 self._handle, ctypes.byref(hook), UC_HOOK_INSN, callback, None,

@@ -8,6 +8,7 @@ they return and records the crossing.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import NamedTuple
 
 from emu.context import REGISTER_NAMES, UserContext
@@ -46,8 +47,8 @@ _AT = {name: i for i, name in enumerate(REGISTER_NAMES)}  # a register's place i
 _ZERO_REACTOS = tuple(
     _AT[n] for n in ("rax", "rdx", "r8", "r9", "r10", "rbx", "rdi", "rsi", "rbp", "r12", "r13", "r14", "r15")
 )
-_RCX, _RDX, _RSP, _R8, _R9, _R10, _R11, _RIP, _RFLAGS = (
-    _AT[n] for n in ("rcx", "rdx", "rsp", "r8", "r9", "r10", "r11", "rip", "rflags")
+_RCX, _RDX, _RSP, _RBP, _R8, _R9, _R10, _R11, _RIP, _RFLAGS = (
+    _AT[n] for n in ("rcx", "rdx", "rsp", "rbp", "r8", "r9", "r10", "r11", "rip", "rflags")
 )
 _M64 = 0xFFFF_FFFF_FFFF_FFFF
 _XMM_LOW, _XMM_ALL = tuple(range(6)), tuple(range(16))  # XMM registers scrubbed: 0-5 (WRK), all (ReactOS)
@@ -84,14 +85,41 @@ def entry_registers(
         v[_R11] = RFLAGS_IF
         v[_RFLAGS] = RFLAGS_IF | RFLAGS_RESERVED
         return tuple(v), _XMM_ALL
-    v[_R11] = v[_RFLAGS] = trap.rflags
+    v[_R11] = v[_RFLAGS]  # the trap frame's RFLAGS (v is a copy of it)
     if policy == "windows10":
         v[_RDX] = v[_R8] = v[_R9] = v[_R10] = 0
     else:
         v[_R10] = 0
         v[_R8] = rsp
-        v[_R9] = trap.rbp
+        v[_R9] = v[_RBP]  # the trap frame's RBP
     return tuple(v), _XMM_LOW
+
+
+def entry_maker(profile: Profile, dispatcher: int) -> Callable[[UserContext, int], tuple[int, ...]]:
+    """``entry_registers(profile, trap, rsp, dispatcher)[0]`` as a function of ``(trap, rsp)``,
+    with the profile's policy chosen once (the kernel derives these registers at every callback)."""
+    policy = profile.dispatcher_registers
+    if policy == "reactos":
+        return lambda trap, rsp: entry_registers(profile, trap, rsp, dispatcher)[0]
+
+    def windows10(trap: UserContext, rsp: int) -> tuple[int, ...]:
+        v = [*trap]  # as entry_registers under "windows10": see there
+        v[_RSP] = rsp
+        v[_RIP] = v[_RCX] = dispatcher
+        v[_R11] = v[_RFLAGS]
+        v[_RDX] = v[_R8] = v[_R9] = v[_R10] = 0
+        return tuple(v)
+
+    def wrk(trap: UserContext, rsp: int) -> tuple[int, ...]:
+        v = [*trap]  # as entry_registers under "wrk": see there
+        v[_RSP] = v[_R8] = rsp
+        v[_RIP] = v[_RCX] = dispatcher
+        v[_R11] = v[_RFLAGS]
+        v[_R10] = 0
+        v[_R9] = v[_RBP]
+        return tuple(v)
+
+    return windows10 if policy == "windows10" else wrk
 
 
 def kernel_stack_overflow(profile: Profile, depth: int) -> str | None:

@@ -17,7 +17,7 @@ from typing import Any
 from emu.context import REGISTER_NAMES, KTrapFrame, UserContext
 from emu.errors import BudgetExceeded, EmuError, ModelBug, UnimplementedService
 from emu.kernel import driving, exception, port_io, sched
-from emu.kernel.callout import entry_registers, kernel_stack_overflow, lay_out
+from emu.kernel.callout import entry_maker, kernel_stack_overflow, lay_out
 from emu.kernel.driving import drive
 from emu.kernel.hooks import KernelHooks
 from emu.kernel.objects import ObjectTable
@@ -27,6 +27,7 @@ from emu.kernel.services import (
     CallbackResult,
     ScriptActivation,
     ServiceRegistry,
+    ServiceSpec,
     UserCallback,
 )
 from emu.kernel.thread import CallbackFrame, KThread, PendingChoice, ThreadServiceContext
@@ -92,6 +93,14 @@ class Kernel:
         }
         # The same, without NtCallbackReturn (always served by the kernel): the syscall hook's fast path.
         self._returns = {n: c for n, c in self._constants.items() if n != NT_CALLBACK_RETURN}
+        # Scripted services that do more than return a status and take no stack arguments, by
+        # name: served by the syscall hook without _dispatch's checks (all of them pass).
+        self._scripts: dict[str, ServiceSpec] = {
+            n: spec
+            for n in registry.names()
+            if (spec := registry.get(n)) is not None and spec.script is not None and spec.constant is None
+            and spec.script_args <= 4 and n != NT_CALLBACK_RETURN
+        }  # fmt: skip
         self.current: KThread | None = None
         self.max_depth = 0
         self.user_writes = 0  # bumped by service writes: a sysret state may reuse the entry's stack bytes
@@ -117,6 +126,7 @@ class Kernel:
         # Callback results by value: frozen, so one object serves every equal result.
         self._results: dict[tuple[int, bytes, int, int], CallbackResult] = {}
         self._cache_places = profile.dispatcher == "stack"
+        self._entry_of = entry_maker(profile, dispatcher)  # a cached frame's entry registers, from the trap's
         self._write_sysret = machine.regs.writer(_SYSRET)
         self._write_rax = machine.regs.writer(("rax",))
         # Faults become Windows exceptions ("deliver") or stop the run ("stop", [machine] exceptions).
@@ -124,7 +134,7 @@ class Kernel:
         self.exception_dispatcher: int | None = None  # the loaded ntdll's KiUserExceptionDispatcher
         # Called with (previous, next) when another thread goes on the CPU (emu.hooks); None: no cost.
         self.on_switch: Callable[[KThread, KThread], None] | None = None
-        machine.install(self.on_syscall, self.on_interrupt)
+        machine.install(self.on_syscall, self.on_interrupt, handles_errors=True)
         port_io.install(machine)
         machine.exception_handler = self.on_trap
 
@@ -142,42 +152,65 @@ class Kernel:
 
     # --- entry --------------------------------------------------------------------------
     def on_syscall(self, uc: object = None, user_data: object = None) -> None:
-        self._fill_all()
-        vals: list[int] = self._all_list()
-        # Intel SDM vol. 2B SYSCALL: RCX <- RIP of the next instruction, R11 <- RFLAGS.
-        rip = vals[16] + 2
-        vals[1] = vals[16] = rip
-        vals[11] = vals[17]
-        self._entry_len = 2  # Unicorn adds the instruction length to a RIP written here
-        regs = tuple(vals)
-        thread = self.current
-        if not self._multithreaded and thread is not None and self.recorder.observe is None:
-            ssn = vals[0] & 0xFFFF_FFFF
-            name = self.names.get(ssn)
-            status = self._returns.get(name)  # type: ignore[arg-type]
-            if status is not None:
-                # The hot path: a service that only returns a status, one thread, nobody
-                # watching. SYSRET puts RAX = status and the SYSCALL clobbers back (RCX,
-                # R11); the user state after it has the stack bytes the entry state has.
-                thread.trap_frame = None
-                self._sysret_vals[:] = (status, rip, regs[11])
-                self._put_sysret()
-                self.recorder.syscall_sysret(thread, regs, name, ssn, status)  # type: ignore[arg-type]
-                return
-            if name == NT_CALLBACK_RETURN:
-                if thread.callback_stack:
+        """The `syscall` hook, registered with Unicorn as it is (emu.machine.Machine.install): what it
+        raises is handed to the machine, which stops the CPU and raises it from run()."""
+        try:
+            self._fill_all()
+            vals: list[int] = self._all_list()
+            # Intel SDM vol. 2B SYSCALL: RCX <- RIP of the next instruction, R11 <- RFLAGS.
+            rip = vals[16] + 2
+            vals[1] = vals[16] = rip
+            vals[11] = vals[17]
+            self._entry_len = 2  # Unicorn adds the instruction length to a RIP written here
+            regs = tuple(vals)
+            thread = self.current
+            if not self._multithreaded and thread is not None and self.recorder.observe is None:
+                ssn = vals[0] & 0xFFFF_FFFF
+                name = self.names.get(ssn)
+                status = self._returns.get(name)  # type: ignore[arg-type]
+                if status is not None:
+                    # The hot path: a service that only returns a status, one thread, nobody
+                    # watching. SYSRET puts RAX = status and the SYSCALL clobbers back (RCX,
+                    # R11); the user state after it has the stack bytes the entry state has.
                     thread.trap_frame = None
-                    self._return_from_callback(thread, regs, ssn)
+                    self._sysret_vals[:] = (status, rip, regs[11])
+                    self._put_sysret()
+                    self.recorder.syscall_sysret(thread, regs, name, ssn, status)  # type: ignore[arg-type]
                     return
-            elif name is not None and name not in _CONTEXT_SERVICES:
-                # What _enter does for any other service when one thread runs: record the
-                # entry, then dispatch (the constants were served above).
-                thread.trap_frame = None
-                # As recorder.syscall (one frame fewer).
-                self.recorder.add("syscall", thread, "kernel", regs, name, ssn, None, None, name, False, "", b"", None)
-                self._dispatch(thread, regs, "syscall", ssn, name)
-                return
-        self._enter(regs, "syscall")
+                if name == NT_CALLBACK_RETURN:
+                    if thread.callback_stack:
+                        thread.trap_frame = None
+                        self._return_from_callback(thread, regs, ssn)
+                        return
+                elif name is not None and name not in _CONTEXT_SERVICES:
+                    # What _enter does for any other service when one thread runs: record the
+                    # entry, then dispatch (the constants were served above).
+                    thread.trap_frame = None
+                    self.recorder.syscall_entered(thread, regs, name, ssn)
+                    spec = self._scripts.get(name)
+                    if spec is None:
+                        self._dispatch(thread, regs, "syscall", ssn, name)
+                        return
+                    self._run_script(thread, regs, spec)
+                    return
+            self._enter(regs, "syscall")
+        except BaseException as e:
+            self.machine.hook_failed(e)
+
+    def _run_script(self, thread: KThread, regs: tuple[int, ...], spec: ServiceSpec) -> None:
+        """What :meth:`_dispatch` does for a scripted service of ``_scripts`` entered by
+        `syscall` (its checks all pass for those), one frame instead of three."""
+        act = ScriptActivation(spec, [(spec.script, 0)], thread.service_ctx, [regs[10], regs[2], regs[8], regs[9]])  # type: ignore[list-item]
+        writes = self.user_writes
+        req = act.step(None)
+        if isinstance(req, int) and writes == self.user_writes:
+            # Returned at once, nothing written: the user state after sysret has the entry's stack bytes.
+            self._sysret_now(thread, regs, "syscall", req, spec.name, "", reuse_stack=True)
+            return
+        trap = KTrapFrame(_context(UserContext, regs), "syscall")
+        if type(req) is UserCallback and self._callback(thread, act, trap, req, "") is None:
+            return  # in KiUserCallbackDispatcher
+        drive(self, thread, act, trap, None, False, req)
 
     def _return_from_callback(self, thread: KThread, regs: tuple[int, ...], ssn: int) -> None:
         """NtCallbackReturn completing a frame, one thread, nobody watching (the syscall hook's
@@ -381,8 +414,12 @@ class Kernel:
             out = place[0]
             # The registers depend on every trap register: derived anew (the cache holds the
             # "stack" convention's layouts only).
-            entry = entry_registers(self.profile, ctx, out.frame, self.dispatcher)[0]
-        machine.write(place[2], place[3])
+            entry = self._entry_of(ctx, out.frame)
+        slot = place[6]
+        if slot is not None and machine.cow is None and machine.write_watch is None:
+            slot[0][slot[1] : slot[2]] = place[3]  # as machine.write would, without its search
+        else:
+            machine.write(place[2], place[3])
         cbs = thread.callback_stack
         name = act.spec.name
         # The frames as a state records them (emu.kernel.record), from the one below when it has them.
@@ -396,14 +433,13 @@ class Kernel:
         values[:] = entry
         values[16] -= self._entry_len  # RIP, as Unicorn will advance it
         put[0]()  # the registers, and the XMM registers the kernel scrubs, in one C call
-        # As recorder.callback (one frame fewer).
-        self.recorder.add("callback", thread, "user", entry, name, None, None, api, name, False, note, b"", None)
+        self.recorder.callback_entered(thread, entry, name, api, note)
         return None
 
     def _place(self, thread: KThread, ctx: UserContext, api: int, data: bytes, depth: int) -> tuple[Any, ...]:
         """KeUserModeCallback's checks and the callout frame for ``depth`` callbacks active:
         (the Callout, the register write, where and what to write, the regions and stack limit
-        it was checked against), or why the callback is refused: (status, reason)."""
+        it was checked against, the host buffer slot of the write or None), or why the callback is refused: (status, reason)."""
         if depth in self._overflow:
             overflow = self._overflow[depth]
         else:
@@ -423,7 +459,8 @@ class Kernel:
         if put is None:
             ids = tuple(XMM_IDS[i] for i in out.xmm_zero)
             put = self._put_entry[out.xmm_zero] = machine.regs.bound_zeroing(_ALL, ids)
-        return out, put, out.lowest, out.block, machine.regions, thread.stack_limit
+        slot = machine.host_slot(out.lowest, len(out.block))
+        return out, put, out.lowest, out.block, machine.regions, thread.stack_limit, slot
 
     def _callback_return(self, thread: KThread, regs: tuple[int, ...], via: str, ssn: int) -> None:
         if not thread.callback_stack:

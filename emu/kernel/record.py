@@ -210,27 +210,6 @@ class Recorder:
         thread.mode = "user"
         thread.resuming = None
 
-    def _kept(self, thread: KThread, rsp: int, rip: int) -> bytes:
-        """The stack a new state records at ``rsp`` (as :meth:`add` captures and shares it), counted."""
-        base = thread.stack_base
-        view = self._stacks.get(base)
-        if view and view[1] <= rsp < base:
-            stack: bytes = view[0][rsp - view[1] : base - view[1]]  # capture(), inlined
-        else:
-            stack = self.capture(thread, rsp)
-        seen = self._seen
-        same = seen.get(rsp)
-        if same is not None and same == stack:
-            stack = same
-        else:
-            if len(seen) >= _SEEN:
-                seen.clear()
-            seen[rsp] = stack
-        self.output_bytes += len(stack)
-        if self.output_bytes > self._output_limit and self.output_budget is not None:
-            raise BudgetExceeded("output_bytes", self.output_budget, self.trace.symbolize(rip))
-        return stack
-
     def callback_returned(
         self, thread: KThread, regs: tuple[int, ...], name: str, ssn: int, back: tuple[int, ...], status: int,
         detail: str, output: bytes, resuming: tuple[object, ...],
@@ -252,8 +231,24 @@ class Recorder:
         if frames is None or len(frames) != len(cbs):
             frames = top.chain = tuple([(f.api, f.activation.spec.name) for f in cbs])
         depth, api, service = len(frames), top.api, top.activation.spec.name
-        stack = self._kept(thread, rsp, rip)
-        tid, base, step = thread.tid, thread.stack_base, len(transitions)
+        base, seen = thread.stack_base, self._seen
+        view = self._stacks.get(base)
+        # _kept(), inlined (twice here): the capture, shared with equal bytes at that RSP, counted.
+        if view and view[1] <= rsp < base:
+            stack: bytes = view[0][rsp - view[1] : base - view[1]]
+        else:
+            stack = self.capture(thread, rsp)
+        same = seen.get(rsp)
+        if same is not None and same == stack:
+            stack = same
+        else:
+            if len(seen) >= _SEEN:
+                seen.clear()
+            seen[rsp] = stack
+        self.output_bytes += len(stack)
+        if self.output_bytes > self._output_limit and self.output_budget is not None:
+            raise BudgetExceeded("output_bytes", self.output_budget, trace.symbolize(rip))
+        tid, step = thread.tid, len(transitions)
         states.append((sid, tid, "kernel", regs, stack, base, depth, service, api, True, frames))
         transitions.append((step, "syscall", tid, thread.state_id, sid, name, ssn, rip, rsp, depth, None, None, "",
                             b"", self._woken() if self.wakes_pending else ()))  # fmt: skip
@@ -273,7 +268,20 @@ class Recorder:
             depth, api_top = len(frames), under.api
         else:
             depth, api_top, frames = 0, None, ()
-        stack = self._kept(thread, rsp, rip)
+        if view and view[1] <= rsp < base:
+            stack = view[0][rsp - view[1] : base - view[1]]
+        else:
+            stack = self.capture(thread, rsp)
+        same = seen.get(rsp)
+        if same is not None and same == stack:
+            stack = same
+        else:
+            if len(seen) >= _SEEN:
+                seen.clear()
+            seen[rsp] = stack
+        self.output_bytes += len(stack)
+        if self.output_bytes > self._output_limit and self.output_budget is not None:
+            raise BudgetExceeded("output_bytes", self.output_budget, trace.symbolize(rip))
         states.append((sid + 1, tid, "kernel", back, stack, base, depth, service, api_top, False, frames))
         transitions.append((step + 1, "callback_return", tid, sid, sid + 1, service, None, rip, rsp, depth, status,
                             api, detail, output, self._woken() if self.wakes_pending else ()))  # fmt: skip
@@ -310,6 +318,94 @@ class Recorder:
         thread.state_id = sid
         thread.mode = "user"
         thread.resuming = None
+
+    def syscall_entered(self, thread: KThread, regs: tuple[int, ...], name: str, ssn: int) -> None:
+        """:meth:`syscall` for a service other than NtCallbackReturn, one thread, no observer:
+        the record :meth:`add` would append, without its branches for other kinds (the
+        syscall hook's path to a service that does more than return a status)."""
+        trace = self.trace
+        states = trace.raw_states
+        sid = len(states)
+        rip, rsp = regs[_RIP], regs[_RSP]
+        if sid >= self._state_limit and self.state_budget is not None:
+            raise BudgetExceeded("states", self.state_budget, trace.symbolize(rip))
+        cbs = thread.callback_stack
+        if cbs:
+            top = cbs[-1]
+            frames = top.chain
+            if frames is None or len(frames) != len(cbs):
+                frames = top.chain = tuple([(f.api, f.activation.spec.name) for f in cbs])
+            depth, api_top = len(frames), top.api
+        else:
+            depth, api_top, frames = 0, None, ()
+        base = thread.stack_base
+        view = self._stacks.get(base)
+        if view and view[1] <= rsp < base:
+            stack: bytes = view[0][rsp - view[1] : base - view[1]]  # capture(), inlined
+        else:
+            stack = self.capture(thread, rsp)
+        seen = self._seen  # as add() shares equal bytes at one RSP
+        same = seen.get(rsp)
+        if same is not None and same == stack:
+            stack = same
+        else:
+            if len(seen) >= _SEEN:
+                seen.clear()
+            seen[rsp] = stack
+        self.output_bytes += len(stack)
+        if self.output_bytes > self._output_limit and self.output_budget is not None:
+            raise BudgetExceeded("output_bytes", self.output_budget, trace.symbolize(rip))
+        tid = thread.tid
+        states.append((sid, tid, "kernel", regs, stack, base, depth, name, api_top, False, frames))
+        transitions = trace.raw_transitions
+        transitions.append((len(transitions), "syscall", tid, thread.state_id, sid, name, ssn, rip, rsp, depth, None,
+                            None, "", b"", self._woken() if self.wakes_pending else ()))  # fmt: skip
+        thread.state_id = sid
+        thread.mode = "kernel"
+        thread.resuming = None
+
+    def callback_entered(self, thread: KThread, regs: tuple[int, ...], service: str, api: int, note: str) -> None:
+        """:meth:`callback` (the new frame already on the thread's callback stack): the record
+        :meth:`add` would append, without its branches for other kinds."""
+        trace = self.trace
+        states = trace.raw_states
+        sid = len(states)
+        rip, rsp = regs[_RIP], regs[_RSP]
+        if sid >= self._state_limit and self.state_budget is not None:
+            raise BudgetExceeded("states", self.state_budget, trace.symbolize(rip))
+        cbs = thread.callback_stack
+        top = cbs[-1]
+        frames = top.chain
+        if frames is None or len(frames) != len(cbs):
+            frames = top.chain = tuple([(f.api, f.activation.spec.name) for f in cbs])
+        depth = len(frames)
+        base = thread.stack_base
+        view = self._stacks.get(base)
+        if view and view[1] <= rsp < base:
+            stack: bytes = view[0][rsp - view[1] : base - view[1]]  # capture(), inlined
+        else:
+            stack = self.capture(thread, rsp)
+        seen = self._seen  # as add() shares equal bytes at one RSP
+        same = seen.get(rsp)
+        if same is not None and same == stack:
+            stack = same
+        else:
+            if len(seen) >= _SEEN:
+                seen.clear()
+            seen[rsp] = stack
+        self.output_bytes += len(stack)
+        if self.output_bytes > self._output_limit and self.output_budget is not None:
+            raise BudgetExceeded("output_bytes", self.output_budget, trace.symbolize(rip))
+        tid = thread.tid
+        states.append((sid, tid, "user", regs, stack, base, depth, service, top.api, False, frames))
+        transitions = trace.raw_transitions
+        transitions.append((len(transitions), "callback", tid, thread.state_id, sid, service, None, rip, rsp, depth,
+                            None, api, note, b"", self._woken() if self.wakes_pending else ()))  # fmt: skip
+        thread.state_id = sid
+        thread.mode = "user"
+        thread.resuming = None
+        if self.observe is not None:
+            self.observe(sid, thread)
 
     def callback(self, thread: KThread, regs: tuple[int, ...], service: str, api: int, note: str) -> None:
         """Kernel → user at KiUserCallbackDispatcher."""

@@ -60,7 +60,11 @@ class ScriptActivation:
                 )
             write_step(self, sym, value)  # the symbolic bytes' value: write them and go on
             value = None
-        if isinstance(value, str):
+        if value is None:
+            pass  # the first step, or after a symbolic write: nothing to take in
+        elif type(value) is CallbackResult:
+            self.last = value
+        elif isinstance(value, str):
             if self.pending is None:
                 # The kernel hands an option only to the activation whose choice is pending.
                 raise ModelBug(f"service {self.spec.name} got option {value!r} but asked for no choice")
