@@ -2,17 +2,20 @@
 the registers KiUserCallbackDispatcher starts with.
 
 Pure functions of the trap frame, the input and the profile: the kernel writes what
-they return and records the crossing.
+they return and records the crossing. :func:`prepare_callout` adds the kernel's checks before a frame
+is written (the kernel stack's growth, the depth budget, the probe of the user stack).
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from emu.context import REGISTER_NAMES, UserContext
+from emu.errors import BudgetExceeded
 from emu.profile import Profile
+from emu.registers import XMM_IDS
 from emu.winnt import (
     KERNEL_STACK_CONTROL_LENGTH,
     KGDT64_R3_CODE,
@@ -20,6 +23,8 @@ from emu.winnt import (
     PAGE_SIZE,
     RFLAGS_IF,
     RFLAGS_RESERVED,
+    STATUS_ACCESS_VIOLATION,
+    STATUS_STACK_OVERFLOW,
     UCALLOUT_API_NUMBER,
     UCALLOUT_BUFFER,
     UCALLOUT_FRAME_SIZE,
@@ -30,6 +35,10 @@ from emu.winnt import (
     UCALLOUT_MF_SEGCS,
     UCALLOUT_MF_SEGSS,
 )
+
+if TYPE_CHECKING:
+    from emu.kernel.core import Kernel
+    from emu.kernel.thread import KThread
 
 
 class Callout(NamedTuple):
@@ -194,3 +203,32 @@ def lay_out(profile: Profile, trap: UserContext, api: int, data: bytes, dispatch
     # (zero) return address at [RSP]; the model keeps the other registers as they were.
     entry = tuple(trap._replace(rsp=frame - 8, rip=dispatcher, rcx=api, rdx=buffer, r8=len(data)))
     return Callout(frame, buffer, frame - 8, bytes(8) + block + data, entry)
+
+
+def prepare_callout(
+    kernel: Kernel, thread: KThread, ctx: UserContext, api: int, data: bytes, depth: int
+) -> tuple[Any, ...]:
+    """KeUserModeCallback's checks and the callout frame for ``depth`` callbacks active:
+    (the Callout, the register write, where and what to write, the regions and stack limit
+    it was checked against, the host buffer slot of the write or None), or why the callback is refused: (status, reason)."""
+    if depth in kernel._overflow:
+        overflow = kernel._overflow[depth]
+    else:
+        overflow = kernel._overflow[depth] = kernel_stack_overflow(kernel.profile, depth)
+    if overflow is not None:
+        return STATUS_STACK_OVERFLOW, overflow
+    if kernel.callback_depth_budget is not None and depth >= kernel.callback_depth_budget:
+        raise BudgetExceeded("callback_depth", kernel.callback_depth_budget, kernel.trace.symbolize(ctx.rip))
+    out, machine = lay_out(kernel.profile, ctx, api, data, kernel.dispatcher), kernel.machine
+    old = ctx.rsp
+    r = machine.region_at(out.lowest)  # the frame usually fits in the stack's own region
+    fits = r is not None and old <= r.end and "r" in r.perms
+    if out.lowest < thread.stack_limit or not (fits or machine.readable(out.lowest, old - out.lowest)):
+        # ProbeForWrite of the frame fails: KeUserModeCallback returns the exception code.
+        return STATUS_ACCESS_VIOLATION, "the callout frame does not fit on the user stack"
+    put = kernel._put_entry.get(out.xmm_zero)
+    if put is None:
+        ids = tuple(XMM_IDS[i] for i in out.xmm_zero)
+        put = kernel._put_entry[out.xmm_zero] = machine.regs.bound_zeroing(REGISTER_NAMES, ids)
+    slot = machine.host_slot(out.lowest, len(out.block))
+    return out, put, out.lowest, out.block, machine.regions, thread.stack_limit, slot

@@ -15,13 +15,13 @@ from collections.abc import Callable
 from typing import Any
 
 from emu.context import REGISTER_NAMES, KTrapFrame, UserContext
-from emu.errors import BudgetExceeded, EmuError, ModelBug, UnimplementedService
+from emu.errors import EmuError, ModelBug, UnimplementedService
 from emu.kernel import driving, exception, port_io, sched
-from emu.kernel.callout import entry_maker, kernel_stack_overflow, lay_out
+from emu.kernel.callout import entry_maker, prepare_callout
 from emu.kernel.driving import drive
 from emu.kernel.hooks import KernelHooks
 from emu.kernel.objects import ObjectTable
-from emu.kernel.record import Recorder, kernel_read, record_output
+from emu.kernel.record import Recorder
 from emu.kernel.services import (
     Activation,
     CallbackResult,
@@ -31,15 +31,13 @@ from emu.kernel.services import (
     UserCallback,
 )
 from emu.kernel.thread import CallbackFrame, KThread, PendingChoice, ThreadServiceContext
+from emu.kernel.user_read import kernel_read, record_output
 from emu.machine import Machine
 from emu.profile import Profile
-from emu.registers import XMM_IDS
 from emu.trap import Trap
 from emu.winnt import (
-    STATUS_ACCESS_VIOLATION,
     STATUS_INVALID_SYSTEM_SERVICE,
     STATUS_NO_CALLBACK_ACTIVE,
-    STATUS_STACK_OVERFLOW,
 )
 
 NT_CALLBACK_RETURN = "NtCallbackReturn"
@@ -400,7 +398,7 @@ class Kernel:
         cache = self._cache_places and type(data) is bytes
         place = self._places.get(key) if cache else None
         if place is None or place[4] is not machine.regions or place[5] != thread.stack_limit:
-            got = self._place(thread, ctx, api, bytes(data), depth)
+            got = prepare_callout(self, thread, ctx, api, bytes(data), depth)
             if len(got) == 2:
                 return got  # refused: (status, reason)
             place = got
@@ -435,32 +433,6 @@ class Kernel:
         put[0]()  # the registers, and the XMM registers the kernel scrubs, in one C call
         self.recorder.callback_entered(thread, entry, name, api, note)
         return None
-
-    def _place(self, thread: KThread, ctx: UserContext, api: int, data: bytes, depth: int) -> tuple[Any, ...]:
-        """KeUserModeCallback's checks and the callout frame for ``depth`` callbacks active:
-        (the Callout, the register write, where and what to write, the regions and stack limit
-        it was checked against, the host buffer slot of the write or None), or why the callback is refused: (status, reason)."""
-        if depth in self._overflow:
-            overflow = self._overflow[depth]
-        else:
-            overflow = self._overflow[depth] = kernel_stack_overflow(self.profile, depth)
-        if overflow is not None:
-            return STATUS_STACK_OVERFLOW, overflow
-        if self.callback_depth_budget is not None and depth >= self.callback_depth_budget:
-            raise BudgetExceeded("callback_depth", self.callback_depth_budget, self.trace.symbolize(ctx.rip))
-        out, machine = lay_out(self.profile, ctx, api, data, self.dispatcher), self.machine
-        old = ctx.rsp
-        r = machine.region_at(out.lowest)  # the frame usually fits in the stack's own region
-        fits = r is not None and old <= r.end and "r" in r.perms
-        if out.lowest < thread.stack_limit or not (fits or machine.readable(out.lowest, old - out.lowest)):
-            # ProbeForWrite of the frame fails: KeUserModeCallback returns the exception code.
-            return STATUS_ACCESS_VIOLATION, "the callout frame does not fit on the user stack"
-        put = self._put_entry.get(out.xmm_zero)
-        if put is None:
-            ids = tuple(XMM_IDS[i] for i in out.xmm_zero)
-            put = self._put_entry[out.xmm_zero] = machine.regs.bound_zeroing(_ALL, ids)
-        slot = machine.host_slot(out.lowest, len(out.block))
-        return out, put, out.lowest, out.block, machine.regions, thread.stack_limit, slot
 
     def _callback_return(self, thread: KThread, regs: tuple[int, ...], via: str, ssn: int) -> None:
         if not thread.callback_stack:

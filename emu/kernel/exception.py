@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 from emu.context import UserContext
 from emu.errors import MachineFault
 from emu.kernel import sched
-from emu.kernel.record import kernel_read
 from emu.kernel.stack_guard import is_guard, touch_guard
+from emu.kernel.user_read import kernel_read
 from emu.loader.image import PAGE
 from emu.ntcontext import (
     CONTEXT_CONTROL,

@@ -11,7 +11,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from emu.context import UserContext
-from emu.kernel.record import read_or_none
+from emu.kernel.user_read import read_or_none
 from emu.kernel.vunwind import (
     UNW_FLAG_EHANDLER,
     UNW_FLAG_UHANDLER,
