@@ -41,15 +41,13 @@ from unicorn import (
     UC_HOOK_MEM_WRITE_UNMAPPED,
     UC_MEM_WRITE_PROT,
     UC_MODE_64,
-    UC_PROT_EXEC,
-    UC_PROT_READ,
     UC_QUERY_TIMEOUT,
     Uc,
     UcError,
 )
 from unicorn import x86_const as x86
 
-from emu import interrupts
+from emu import cpu_state, interrupts
 from emu.errors import ImageError, MachineFault
 from emu.loader.image import PAGE, Image, page_align
 from emu.regions import Region, uc_prot
@@ -57,8 +55,6 @@ from emu.registers import _REG_IDS, _XMM, _XMM_SETS, RegisterFile
 from emu.snapshot import CowMemory
 from emu.trap import (
     ACCESS,
-    INITIAL_FPCW,
-    INITIAL_MXCSR,
     ExceptionHandler,
     ExtendedState,
     InterruptHandler,
@@ -66,15 +62,7 @@ from emu.trap import (
     SyscallHandler,
     Trap,
 )
-from emu.winnt import MSR_EFER, MSR_STAR
 
-_X87_WORDS = (x86.UC_X86_REG_FPCW, x86.UC_X86_REG_FPSW, x86.UC_X86_REG_FPTAG)
-_X87_REGS = tuple(getattr(x86, f"UC_X86_REG_FP{n}") for n in range(8))  # R0..R7 (physical, not ST(i))
-
-
-# Where emu puts the one instruction that drops the CPU to CPL 3 (mapped for that moment only).
-_SYSRET_PAGE = 0x1000
-_EFER_SCE = 1
 _SYSCALL_HOOK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)  # uc_cb_insn_syscall_t
 
 
@@ -127,21 +115,9 @@ class Machine:
         )
 
     def _enter_user_mode(self) -> None:
-        """Drop the CPU to CPL 3 with one `sysretq` (see the module docstring), then keep that
-        CPU state as the clean one :meth:`_clear_exception_state` goes back to."""
-        uc = self.uc
-        uc.mem_map(_SYSRET_PAGE, PAGE, UC_PROT_EXEC | UC_PROT_READ)
-        uc.mem_write(_SYSRET_PAGE, b"\x48\x0f\x07")  # sysretq
-        uc.reg_write(x86.UC_X86_REG_MSR, (MSR_EFER, uc.reg_read(x86.UC_X86_REG_MSR, MSR_EFER) | _EFER_SCE))
-        uc.reg_write(x86.UC_X86_REG_MSR, (MSR_STAR, 0x23 << 48 | 0x10 << 32))
-        uc.reg_write(x86.UC_X86_REG_RCX, _SYSRET_PAGE + 3)  # where sysret goes: the `until` address
-        uc.reg_write(x86.UC_X86_REG_R11, 0x202)
-        uc.emu_start(_SYSRET_PAGE, _SYSRET_PAGE + 3, count=1)
-        uc.mem_unmap(_SYSRET_PAGE, PAGE)
-        uc.reg_write(x86.UC_X86_REG_R11, 0)
-        uc.reg_write(x86.UC_X86_REG_FPCW, INITIAL_FPCW)
-        uc.reg_write(x86.UC_X86_REG_MXCSR, INITIAL_MXCSR)
-        self._clean = uc.context_save()
+        """Drop the CPU to CPL 3 (:func:`emu.cpu_state.enter_user_mode`) and keep that CPU state
+        as the clean one :meth:`_clear_exception_state` goes back to."""
+        self._clean = cpu_state.enter_user_mode(self.uc)
 
     def _clear_exception_state(self) -> None:
         """Forget the CPU exception in flight, keeping every register a thread can see.
@@ -159,21 +135,10 @@ class Machine:
         self.set_extended_state(ext)
 
     def extended_state(self) -> ExtendedState:
-        uc = self.uc
-        words = tuple(int(uc.reg_read(r)) for r in _X87_WORDS)
-        x87 = ((words[0], words[1], words[2]), tuple(tuple(uc.reg_read(r)) for r in _X87_REGS))
-        return ExtendedState([int(uc.reg_read(r)) for r in _XMM], int(uc.reg_read(x86.UC_X86_REG_MXCSR)), x87)
+        return cpu_state.extended_state(self.uc)
 
     def set_extended_state(self, ext: ExtendedState) -> None:
-        for r, v in zip(_XMM, ext.xmm):
-            self.uc.reg_write(r, v)
-        self.uc.reg_write(x86.UC_X86_REG_MXCSR, ext.mxcsr)
-        if ext.x87 is not None:
-            words, regs = ext.x87
-            for r, v in zip(_X87_WORDS, words):
-                self.uc.reg_write(r, v)
-            for r, pair in zip(_X87_REGS, regs):
-                self.uc.reg_write(r, pair)
+        cpu_state.set_extended_state(self.uc, ext)
 
     def register(self, name: str) -> int | None:
         """Any x86 register by its assembler name (``eax``, ``r8d``, ``ah``), or None if unknown."""

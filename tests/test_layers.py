@@ -24,7 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("emu.detection",),
     ("emu.exploration", "emu.symbolic", "emu.graph"),
     ("emu.engine", "emu.process_start", "emu.process_services", "emu.services", "emu.hooks"),
-    ("emu.kernel", "emu.machine", "emu.registers", "emu.regions", "emu.trap", "emu.watchdog", "emu.collector", "emu.snapshot",
+    ("emu.kernel", "emu.machine", "emu.cpu_state", "emu.registers", "emu.regions", "emu.trap", "emu.watchdog", "emu.collector", "emu.snapshot",
      "emu.trace"),
     ("emu.loader", "emu.runtime", "emu.scenario", "emu.address_space"),
     ("emu.winnt", "emu.profile", "emu.data", "emu.context", "emu.errors", "emu.writing", "emu.interrupts",
