@@ -385,6 +385,7 @@ class Explorer:
             self._cpu.save(), self.cow.take(), hand_over_kernel(self.kernel) if keep else save_kernel(self.kernel),
             depth, self._last or "", path, sym.save() if sym is not None else None, route=self._route,
         )  # fmt: skip
+        new_layer = self.cow.took_new  # (a layer take() returned again is counted where it was made)
         self.records.hold(fork.records)
         if self.hooks is not None:
             self.hooks.forked(fork)
@@ -400,15 +401,17 @@ class Explorer:
         if claim:
             self._unclaimed.append((fork, options))
             return
-        self._add_fork(result, work, fork, options)
+        self._add_fork(result, work, fork, options, new_layer)
         if keep:
             self._in_place = fork
 
     def _add_fork(
-        self, result: Exploration, work: deque[tuple[Fork, Any]], fork: Fork, options: Sequence[str | Pick]
-    ) -> None:
+        self, result: Exploration, work: deque[tuple[Fork, Any]], fork: Fork, options: Sequence[str | Pick],
+        new_layer: bool = True,
+    ) -> None:  # fmt: skip
         result.forks += 1
-        result.snapshot_bytes += fork.memory.own_bytes
+        if new_layer:
+            result.snapshot_bytes += fork.memory.own_bytes
         self.fork_nodes.append(fork.node)
         work.extend((fork, o) for o in (options if self.strategy == "bfs" else reversed(options)))
 
