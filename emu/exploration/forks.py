@@ -29,4 +29,4 @@ class Fork:
     @property
     def records(self) -> tuple[int, ...]:
         """The trace records (state ids) the saved threads name: kept while this fork may be restored."""
-        return tuple(t.state_id for t in self.kernel.threads)
+        return tuple([t.state_id for t in self.kernel.threads])  # (a list first: no generator frame)
