@@ -35,4 +35,6 @@ class SharedParts:
         # tuple.__new__: the fields are known to be complete (the NamedTuple constructors check).
         ctx = tuple.__new__(UserContext, map(ints.setdefault, raw[3], raw[3]))
         stack = stacks.setdefault(raw[4], raw[4])
-        return tuple.__new__(State, (raw[0], raw[1], raw[2], ctx, stack, raw[5], raw[6], raw[7], raw[8], raw[9], raw[10]))
+        return tuple.__new__(
+            State, (raw[0], raw[1], raw[2], ctx, stack, raw[5], raw[6], raw[7], raw[8], raw[9], raw[10])
+        )
