@@ -12,7 +12,10 @@ if TYPE_CHECKING:
     from emu.symbolic.driver import Pick
 
 
-@dataclass(frozen=True, slots=True)  # one per choice state: no instance dict
+# One per choice state: no instance dict. Not frozen: a frozen dataclass sets each field through
+# object.__setattr__ (five times slower to build); nothing assigns a field after it is made.
+# Compared and hashed by identity (eq=False), as the explorer uses it.
+@dataclass(slots=True, eq=False)
 class Fork:
     """A machine saved at a choice point."""
 

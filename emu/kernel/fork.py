@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 _T = TypeVar("_T")
 
 
-@dataclass(frozen=True, slots=True)  # one per fork: no instance dict
+# One per fork: no instance dict. Not frozen (a frozen dataclass sets each field through
+# object.__setattr__, several times slower to build): nothing assigns a field after it is made.
+@dataclass(slots=True)
 class KernelState:
     """A saved kernel model: threads (callback stacks, waits), the current thread, a pending choice, objects."""
 
