@@ -100,6 +100,7 @@ class CowMemory:
         self._faulted: dict[int, int] = {}  # page -> write faults taken, until it is hot
         self.base: dict[int, bytes] = {}  # original bytes of every page ever written
         self.current = PageSnapshot(None, {})
+        self.took_new = True  # whether the last take() made a new layer (not the current one again)
         self.faults = 0
         self._host: list[mmap.mmap] = []  # host memory behind large regions (kept alive here)
         self._ranges: list[tuple[int, int, int]] = []  # (start, end, writable prot)
@@ -228,6 +229,13 @@ class CowMemory:
                 delta[p] = data
         self._protect(self.dirty)
         self.dirty.clear()
+        if not delta and self._layout is cur.layout:
+            # Nothing differs from the current layer: it is this snapshot too. An empty layer would
+            # only lengthen the chain every page lookup walks (forks in a loop that leaves memory
+            # as it was would stack one per fork).
+            self.took_new = False
+            return cur
+        self.took_new = True
         self.current = PageSnapshot(
             cur, dict(sorted(delta.items())) if len(delta) > 1 and self.hot else delta, self._layout
         )

@@ -14,7 +14,13 @@ The memos are bounded: past ``MEMO_LIMIT`` entries one is cleared and starts aga
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from emu.kernel.fork import digest_key
+
+if TYPE_CHECKING:
+    from emu.kernel.core import Kernel
+    from emu.kernel.thread import KThread
 
 MEMO_LIMIT = 1 << 16
 
@@ -27,15 +33,74 @@ class _Reprs(dict[int, str]):
         return text
 
 
+class _ByteReprs(dict[int, bytes]):
+    """Register value -> its repr, encoded."""
+
+    def __missing__(self, value: int) -> bytes:
+        text = self[value] = repr(value).encode()
+        return text
+
+
 class DigestText:
     """Memoised ``repr`` of the parts of a state's identity."""
 
-    __slots__ = ("_keys", "_regs", "_tails")
+    __slots__ = ("_bregs", "_ends", "_keys", "_lone", "_regs", "_tails")
 
     def __init__(self) -> None:
         self._regs = _Reprs()  # register value -> its repr
         self._tails: dict[tuple[Any, ...], str] = {}  # (depth, service, api, pending, frames) -> repr
         self._keys: dict[tuple[object, ...], bytes] = {}  # the kernel model's key -> its repr, encoded
+        self._bregs = _ByteReprs()  # the same, encoded
+        self._ends: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}  # state text around the registers
+        self._lone: dict[tuple[object, ...], bytes] = {}  # a lone running thread's kernel key text
+
+    def state_parts(self, raw: tuple[Any, ...]) -> list[bytes]:
+        """``state(...)``'s text for a RawState ``raw``, in pieces whose concatenation is that text:
+        what goes before the registers and after them is memoised per (tid, mode, tail)."""
+        context = raw[3]
+        if type(context) is not tuple or len(context) < 2:
+            return [self.state(raw[1], raw[2], context, raw[6:11])]
+        # The tail holds a bool (pending) where 0 would compare equal: its type is part of the memo key.
+        memo = (raw[1], raw[2], raw[6], raw[7], raw[8], raw[9], type(raw[9]), raw[10])
+        ends = self._ends
+        got = ends.get(memo)
+        if got is None:
+            if len(ends) > MEMO_LIMIT:
+                ends.clear()
+            head, _, tail = self.state(raw[1], raw[2], (0, 0), raw[6:11]).partition(b"(0, 0)")
+            got = ends[memo] = (head + b"(", b")" + tail)
+        regs = self._bregs
+        if len(regs) > MEMO_LIMIT:
+            regs.clear()
+        return [got[0], b", ".join(map(regs.__getitem__, context)), got[1]]
+
+    def kernel_of(self, kernel: Kernel, thread: KThread) -> bytes:
+        """``kernel(digest_key(kernel, thread))``, without building the key in the common case of
+        one started thread with no callback, no wait, no choice pending and no objects."""
+        threads = kernel.threads
+        o = kernel.objects
+        if (
+            len(threads) == 1
+            and thread.started is True
+            and not thread.callback_stack
+            and thread.suspended is None
+            and thread.resuming is None
+            and type(thread.terminated) is bool
+            and kernel.pending_choice is None
+            and kernel.next_thread is None
+            and not (o.objects or o.queues or o.waiters)
+            and threads.get(thread.tid) is thread
+        ):
+            status = thread.exit_status
+            memo = (thread.tid, thread.mode, thread.terminated, status, type(status))
+            lone = self._lone
+            got = lone.get(memo)
+            if got is None:
+                if len(lone) > MEMO_LIMIT:
+                    lone.clear()
+                got = lone[memo] = self.kernel(digest_key(kernel, thread))
+            return got
+        return self.kernel(digest_key(kernel, thread))
 
     def state(self, tid: int, mode: str, context: tuple[int, ...], tail: tuple[Any, ...]) -> bytes:
         """``repr((tid, mode, context, tail)).encode()``."""

@@ -41,7 +41,7 @@ from emu.exploration.shared import SharedParts
 from emu.graph import StateGraph
 from emu.hooks import Hooks
 from emu.kernel import KernelHooks, KThread, sched
-from emu.kernel.fork import digest_key, hand_over_kernel, save_kernel
+from emu.kernel.fork import hand_over_kernel, save_kernel
 from emu.kernel.hooks import suspend
 from emu.kernel.symbolic import Symbolic
 from emu.scenario import Scenario, load_scenario
@@ -141,14 +141,15 @@ class Explorer:
         # stack from RSP up (bytes below RSP are dead: the x64 ABI has no red zone). The digest
         # hashes the parts one after the other (as one text: the same digest as update() each).
         if self.symbolic is None:  # repr() of that tuple, from memoised parts (emu.exploration.digest)
-            parts = [self._text.state(raw[1], raw[2], raw[3], raw[6:11]), raw[4]]
+            parts = self._text.state_parts(raw)
+            parts.append(raw[4])
         else:  # symbolic values: their locations masked, the path condition added
             context, stack, extra = self.symbolic.on_state(sid, thread, RawState._make(raw))
             parts = [repr((raw[1], raw[2], context, (raw[6], raw[7], raw[8], raw[9], raw[10]))).encode(), stack, extra]
         # Every thread's kernel side (waits, callback stacks), the objects, and the live
         # stacks of the threads that are not moving: the whole process is the state.
         kernel = self.kernel
-        parts.append(self._text.kernel(digest_key(kernel, thread)))
+        parts.append(self._text.kernel_of(kernel, thread))
         if len(kernel.threads) > 1:
             parts += [self._stack_of(other) for other in kernel.threads.values() if other is not thread]
         parts.append(self.cow.digest(self._stacks))
@@ -384,6 +385,7 @@ class Explorer:
             self._cpu.save(), self.cow.take(), hand_over_kernel(self.kernel) if keep else save_kernel(self.kernel),
             depth, self._last or "", path, sym.save() if sym is not None else None, route=self._route,
         )  # fmt: skip
+        new_layer = self.cow.took_new  # (a layer take() returned again is counted where it was made)
         self.records.hold(fork.records)
         if self.hooks is not None:
             self.hooks.forked(fork)
@@ -399,15 +401,17 @@ class Explorer:
         if claim:
             self._unclaimed.append((fork, options))
             return
-        self._add_fork(result, work, fork, options)
+        self._add_fork(result, work, fork, options, new_layer)
         if keep:
             self._in_place = fork
 
     def _add_fork(
-        self, result: Exploration, work: deque[tuple[Fork, Any]], fork: Fork, options: Sequence[str | Pick]
-    ) -> None:
+        self, result: Exploration, work: deque[tuple[Fork, Any]], fork: Fork, options: Sequence[str | Pick],
+        new_layer: bool = True,
+    ) -> None:  # fmt: skip
         result.forks += 1
-        result.snapshot_bytes += fork.memory.own_bytes
+        if new_layer:
+            result.snapshot_bytes += fork.memory.own_bytes
         self.fork_nodes.append(fork.node)
         work.extend((fork, o) for o in (options if self.strategy == "bfs" else reversed(options)))
 

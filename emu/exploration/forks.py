@@ -12,7 +12,10 @@ if TYPE_CHECKING:
     from emu.symbolic.driver import Pick
 
 
-@dataclass(frozen=True, slots=True)  # one per choice state: no instance dict
+# One per choice state: no instance dict. Not frozen: a frozen dataclass sets each field through
+# object.__setattr__ (five times slower to build); nothing assigns a field after it is made.
+# Compared and hashed by identity (eq=False), as the explorer uses it.
+@dataclass(slots=True, eq=False)
 class Fork:
     """A machine saved at a choice point."""
 
@@ -29,4 +32,4 @@ class Fork:
     @property
     def records(self) -> tuple[int, ...]:
         """The trace records (state ids) the saved threads name: kept while this fork may be restored."""
-        return tuple(t.state_id for t in self.kernel.threads)
+        return tuple([t.state_id for t in self.kernel.threads])  # (a list first: no generator frame)

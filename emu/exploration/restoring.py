@@ -34,8 +34,10 @@ def restore(ex: Explorer, fork: Fork) -> None:
     if current is not None and gs != current.teb:
         ex.machine.set_gs_base(current.teb)
     # The next segment will almost surely push onto the stack: open its page now
-    # rather than taking a copy-on-write fault and restarting the CPU for it.
-    ex.cow.prefault(rsp - 0x100, 0x100)
+    # rather than taking a copy-on-write fault and restarting the CPU for it (a hot page is open).
+    cow = ex.cow
+    if (rsp - 0x100) & ~0xFFF not in cow.hot or (rsp - 1) & ~0xFFF not in cow.hot:
+        cow.prefault(rsp - 0x100, 0x100)
     # The trace only grows: the restored threads' state ids still name their states.
     _at(ex, fork)
     if ex.hooks is not None:

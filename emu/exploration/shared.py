@@ -15,6 +15,7 @@ from emu.trace import State
 
 # Distinct stack contents remembered to share equal ones (then forgotten and begun again).
 STACK_MEMO = 1 << 16
+assert len(State._fields) == 11, "SharedParts.state spells out the RawState fields"
 
 
 class SharedParts:
@@ -34,4 +35,6 @@ class SharedParts:
         # tuple.__new__: the fields are known to be complete (the NamedTuple constructors check).
         ctx = tuple.__new__(UserContext, map(ints.setdefault, raw[3], raw[3]))
         stack = stacks.setdefault(raw[4], raw[4])
-        return tuple.__new__(State, (raw[0], raw[1], raw[2], ctx, stack, *raw[5:]))
+        return tuple.__new__(
+            State, (raw[0], raw[1], raw[2], ctx, stack, raw[5], raw[6], raw[7], raw[8], raw[9], raw[10])
+        )

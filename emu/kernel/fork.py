@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 _T = TypeVar("_T")
 
 
-@dataclass(frozen=True, slots=True)  # one per fork: no instance dict
+# One per fork: no instance dict. Not frozen (a frozen dataclass sets each field through
+# object.__setattr__, several times slower to build): nothing assigns a field after it is made.
+@dataclass(slots=True)
 class KernelState:
     """A saved kernel model: threads (callback stacks, waits), the current thread, a pending choice, objects."""
 
@@ -51,9 +53,7 @@ def hand_over_kernel(kernel: Kernel) -> KernelState:
     """What :func:`save_kernel` saves, without copying: the kernel's own threads and pending choice
     go into the saved state. For a caller that loads a saved state (another, or this one: a copy
     unless it is the last use) before the kernel runs again, so nothing changes them meanwhile."""
-    threads = tuple(kernel.threads.values())
-    for t in threads:
-        t.service_ctx = None  # (a load gives each thread a new one, as it does a copy)
+    threads = tuple(kernel.threads.values())  # (their service contexts go along: a load keeps this kernel's)
     return KernelState(
         threads,
         None if kernel.current is None else kernel.current.tid,
@@ -78,7 +78,10 @@ def load_kernel(kernel: Kernel, state: KernelState, last_use: bool = False) -> N
         pending, objects = _copy_pending(state.pending_choice), _copy_objects(saved)
     deadlock = list(state.deadlock)
     for t in threads.values():
-        t.service_ctx = ThreadServiceContext(kernel, t)
+        # A service context holds only the kernel and the thread id: one of this kernel's is kept.
+        ctx = t.service_ctx
+        if ctx is None or ctx.kernel is not kernel or ctx.thread_id != t.tid:
+            t.service_ctx = ThreadServiceContext(kernel, t)
     kernel.set_threads(threads)
     kernel.current = None if state.current is None else threads[state.current]
     kernel.max_depth = state.max_depth
@@ -168,7 +171,6 @@ def _copy_frame(f: CallbackFrame) -> CallbackFrame:
 def _copy_thread(t: KThread) -> KThread:
     twin = _shallow(t)
     twin.callback_stack = [_copy_frame(f) for f in t.callback_stack] if t.callback_stack else []
-    twin.service_ctx = None
     s = t.suspended
     if s is not None:
         s = _shallow(s)

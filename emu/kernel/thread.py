@@ -106,6 +106,11 @@ class ThreadServiceContext:
         self.thread_id = thread.tid
         self.probe_limit = kernel.profile.user_probe_address
 
+    @property
+    def kernel(self) -> Kernel:
+        """The kernel model it serves (a forked thread keeps a context of the same kernel)."""
+        return self._kernel
+
     def read(self, address: int, size: int) -> bytes:
         machine = self._kernel.machine
         if machine.kernel_read_watch is not None:  # symbolic bytes the model consumes (emu.symbolic)
