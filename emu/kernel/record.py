@@ -96,6 +96,29 @@ class Recorder:
         except UcError:
             return b""
 
+    def _kept(self, thread: KThread, rsp: int, rip: int) -> bytes:
+        """The stack bytes a new state records: captured, one copy kept for equal bytes at the
+        same RSP (a round trip passes the same RSP several times), counted against the
+        output_bytes budget."""
+        base = thread.stack_base
+        view = self._stacks.get(base)
+        if view and view[1] <= rsp < base:
+            stack: bytes = view[0][rsp - view[1] : base - view[1]]  # capture(), inlined
+        else:
+            stack = self.capture(thread, rsp)
+        seen = self._seen
+        same = seen.get(rsp)
+        if same is not None and same == stack:
+            stack = same
+        else:
+            if len(seen) >= _SEEN:
+                seen.clear()
+            seen[rsp] = stack
+        self.output_bytes += len(stack)
+        if self.output_bytes > self._output_limit and self.output_budget is not None:
+            raise BudgetExceeded("output_bytes", self.output_budget, self.trace.symbolize(rip))
+        return stack
+
     # --- one method per kind of crossing ----------------------------------------------------
     def initial(self, thread: KThread) -> None:
         """A new thread's first state: not started, its entry context (no transition into it)."""
@@ -195,23 +218,8 @@ class Recorder:
         if frames is None or len(frames) != len(cbs):
             frames = top.chain = tuple([(f.api, f.activation.spec.name) for f in cbs])
         depth, api, service = len(frames), top.api, top.activation.spec.name
-        base, seen = thread.stack_base, self._seen
-        view = self._stacks.get(base)
-        # _kept(), inlined (twice here): the capture, shared with equal bytes at that RSP, counted.
-        if view and view[1] <= rsp < base:
-            stack: bytes = view[0][rsp - view[1] : base - view[1]]
-        else:
-            stack = self.capture(thread, rsp)
-        same = seen.get(rsp)
-        if same is not None and same == stack:
-            stack = same
-        else:
-            if len(seen) >= _SEEN:
-                seen.clear()
-            seen[rsp] = stack
-        self.output_bytes += len(stack)
-        if self.output_bytes > self._output_limit and self.output_budget is not None:
-            raise BudgetExceeded("output_bytes", self.output_budget, trace.symbolize(rip))
+        base = thread.stack_base
+        stack = self._kept(thread, rsp, rip)
         tid, step = thread.tid, len(transitions)
         states.append((sid, tid, "kernel", regs, stack, base, depth, service, api, True, frames))
         transitions.append((step, "syscall", tid, thread.state_id, sid, name, ssn, rip, rsp, depth, None, None, "",
@@ -232,20 +240,7 @@ class Recorder:
             depth, api_top = len(frames), under.api
         else:
             depth, api_top, frames = 0, None, ()
-        if view and view[1] <= rsp < base:
-            stack = view[0][rsp - view[1] : base - view[1]]
-        else:
-            stack = self.capture(thread, rsp)
-        same = seen.get(rsp)
-        if same is not None and same == stack:
-            stack = same
-        else:
-            if len(seen) >= _SEEN:
-                seen.clear()
-            seen[rsp] = stack
-        self.output_bytes += len(stack)
-        if self.output_bytes > self._output_limit and self.output_budget is not None:
-            raise BudgetExceeded("output_bytes", self.output_budget, trace.symbolize(rip))
+        stack = self._kept(thread, rsp, rip)
         states.append((sid + 1, tid, "kernel", back, stack, base, depth, service, api_top, False, frames))
         transitions.append((step + 1, "callback_return", tid, sid, sid + 1, service, None, rip, rsp, depth, status,
                             api, detail, output, self._woken() if self.wakes_pending else ()))  # fmt: skip
@@ -303,22 +298,7 @@ class Recorder:
         else:
             depth, api_top, frames = 0, None, ()
         base = thread.stack_base
-        view = self._stacks.get(base)
-        if view and view[1] <= rsp < base:
-            stack: bytes = view[0][rsp - view[1] : base - view[1]]  # capture(), inlined
-        else:
-            stack = self.capture(thread, rsp)
-        seen = self._seen  # as add() shares equal bytes at one RSP
-        same = seen.get(rsp)
-        if same is not None and same == stack:
-            stack = same
-        else:
-            if len(seen) >= _SEEN:
-                seen.clear()
-            seen[rsp] = stack
-        self.output_bytes += len(stack)
-        if self.output_bytes > self._output_limit and self.output_budget is not None:
-            raise BudgetExceeded("output_bytes", self.output_budget, trace.symbolize(rip))
+        stack = self._kept(thread, rsp, rip)
         tid = thread.tid
         states.append((sid, tid, "kernel", regs, stack, base, depth, name, api_top, False, frames))
         transitions = trace.raw_transitions
@@ -344,22 +324,7 @@ class Recorder:
             frames = top.chain = tuple([(f.api, f.activation.spec.name) for f in cbs])
         depth = len(frames)
         base = thread.stack_base
-        view = self._stacks.get(base)
-        if view and view[1] <= rsp < base:
-            stack: bytes = view[0][rsp - view[1] : base - view[1]]  # capture(), inlined
-        else:
-            stack = self.capture(thread, rsp)
-        seen = self._seen  # as add() shares equal bytes at one RSP
-        same = seen.get(rsp)
-        if same is not None and same == stack:
-            stack = same
-        else:
-            if len(seen) >= _SEEN:
-                seen.clear()
-            seen[rsp] = stack
-        self.output_bytes += len(stack)
-        if self.output_bytes > self._output_limit and self.output_budget is not None:
-            raise BudgetExceeded("output_bytes", self.output_budget, trace.symbolize(rip))
+        stack = self._kept(thread, rsp, rip)
         tid = thread.tid
         states.append((sid, tid, "user", regs, stack, base, depth, service, top.api, False, frames))
         transitions = trace.raw_transitions
@@ -434,23 +399,7 @@ class Recorder:
             depth, api_top, frames = 0, None, ()
         rsp, base = regs[_RSP], thread.stack_base
         if stack is None:
-            view = self._stacks.get(base)
-            if view and view[1] <= rsp < base:
-                stack = view[0][rsp - view[1] : base - view[1]]  # capture(), inlined
-            else:
-                stack = self.capture(thread, rsp)
-            # Equal bytes at the same RSP: keep one copy (a round trip passes the same RSP several times).
-            seen = self._seen
-            same = seen.get(rsp)
-            if same is not None and same == stack:
-                stack = same
-            else:
-                if len(seen) >= _SEEN:
-                    seen.clear()
-                seen[rsp] = stack
-            self.output_bytes += len(stack)
-            if self.output_bytes > self._output_limit and self.output_budget is not None:
-                raise BudgetExceeded("output_bytes", self.output_budget, trace.symbolize(regs[_RIP]))
+            stack = self._kept(thread, rsp, regs[_RIP])
         tid = thread.tid
         # Plain tuples in the RawState / RawTransition field order (emu.trace names the fields).
         states.append((sid, tid, mode, regs, stack, base, depth, service, api_top, pending, frames))
