@@ -16,7 +16,7 @@ from unicorn import UcError
 
 from emu.context import UserContext
 from emu.errors import BudgetExceeded
-from emu.kernel.thread import KThread
+from emu.kernel.thread import CallbackFrame, KThread
 from emu.machine import Machine
 from emu.trace import S_CONTEXT, S_PENDING, S_STACK, Mode, Trace, TransitionKind
 
@@ -26,6 +26,16 @@ from emu.trace import S_CONTEXT, S_PENDING, S_STACK, Mode, Trace, TransitionKind
 _UNLIMITED = 1 << 62  # one int compare on the hot path when a budget is off
 _RIP, _RSP = UserContext._fields.index("rip"), UserContext._fields.index("rsp")
 _SEEN = 64  # RSPs whose last captured stack bytes are kept for sharing
+
+
+def _chain(cbs: list[CallbackFrame]) -> tuple[tuple[int, str], ...]:
+    """The callback frames as a state records them, (api, service) from the bottom up: kept on
+    the top frame and made again only when the stack under it changed."""
+    top = cbs[-1]
+    frames = top.chain
+    if frames is None or len(frames) != len(cbs):
+        frames = top.chain = tuple([(f.api, f.activation.spec.name) for f in cbs])
+    return frames
 
 
 class Recorder:
@@ -176,9 +186,7 @@ class Recorder:
         cbs = thread.callback_stack
         if cbs:
             top = cbs[-1]
-            frames = top.chain
-            if frames is None or len(frames) != len(cbs):
-                frames = top.chain = tuple([(f.api, f.activation.spec.name) for f in cbs])
+            frames = _chain(cbs)
             depth, api, service = len(frames), top.api, top.activation.spec.name
         else:
             depth, api, service, frames = 0, None, None, ()
@@ -214,9 +222,7 @@ class Recorder:
             raise BudgetExceeded("states", self.state_budget, trace.symbolize(rip))
         cbs = thread.callback_stack
         top = cbs[-1]
-        frames = top.chain
-        if frames is None or len(frames) != len(cbs):
-            frames = top.chain = tuple([(f.api, f.activation.spec.name) for f in cbs])
+        frames = _chain(cbs)
         depth, api, service = len(frames), top.api, top.activation.spec.name
         base = thread.stack_base
         stack = self._kept(thread, rsp, rip)
@@ -234,9 +240,7 @@ class Recorder:
             raise BudgetExceeded("states", self.state_budget, trace.symbolize(rip))
         if cbs:
             under = cbs[-1]
-            frames = under.chain
-            if frames is None or len(frames) != len(cbs):
-                frames = under.chain = tuple([(f.api, f.activation.spec.name) for f in cbs])
+            frames = _chain(cbs)
             depth, api_top = len(frames), under.api
         else:
             depth, api_top, frames = 0, None, ()
@@ -261,9 +265,7 @@ class Recorder:
         cbs = thread.callback_stack
         if cbs:
             top = cbs[-1]
-            frames = top.chain
-            if frames is None or len(frames) != len(cbs):
-                frames = top.chain = tuple([(f.api, f.activation.spec.name) for f in cbs])
+            frames = _chain(cbs)
             depth, api_top, mine = len(frames), top.api, top.activation.spec.name
         else:
             depth, api_top, frames, mine = 0, None, (), None
@@ -291,9 +293,7 @@ class Recorder:
         cbs = thread.callback_stack
         if cbs:
             top = cbs[-1]
-            frames = top.chain
-            if frames is None or len(frames) != len(cbs):
-                frames = top.chain = tuple([(f.api, f.activation.spec.name) for f in cbs])
+            frames = _chain(cbs)
             depth, api_top = len(frames), top.api
         else:
             depth, api_top, frames = 0, None, ()
@@ -319,9 +319,7 @@ class Recorder:
             raise BudgetExceeded("states", self.state_budget, trace.symbolize(rip))
         cbs = thread.callback_stack
         top = cbs[-1]
-        frames = top.chain
-        if frames is None or len(frames) != len(cbs):
-            frames = top.chain = tuple([(f.api, f.activation.spec.name) for f in cbs])
+        frames = _chain(cbs)
         depth = len(frames)
         base = thread.stack_base
         stack = self._kept(thread, rsp, rip)
@@ -389,9 +387,7 @@ class Recorder:
         cbs = thread.callback_stack
         if cbs:
             top = cbs[-1]
-            frames = top.chain
-            if frames is None or len(frames) != len(cbs):
-                frames = top.chain = tuple([(f.api, f.activation.spec.name) for f in cbs])
+            frames = _chain(cbs)
             depth, api_top = len(frames), top.api
             if service is None and mode == "user":
                 service = top.activation.spec.name
