@@ -28,14 +28,17 @@ _RIP, _RSP = UserContext._fields.index("rip"), UserContext._fields.index("rsp")
 _SEEN = 64  # RSPs whose last captured stack bytes are kept for sharing
 
 
-def _chain(cbs: list[CallbackFrame]) -> tuple[tuple[int, str], ...]:
-    """The callback frames as a state records them, (api, service) from the bottom up: kept on
-    the top frame and made again only when the stack under it changed."""
+def _frames(cbs: list[CallbackFrame]) -> tuple[tuple[tuple[int, str], ...], int, int | None]:
+    """The callback frames as a state records them, (api, service) from the bottom up (kept on
+    the top frame and made again only when the stack under it changed), their depth, and the
+    top frame's api."""
+    if not cbs:
+        return (), 0, None
     top = cbs[-1]
     frames = top.chain
     if frames is None or len(frames) != len(cbs):
         frames = top.chain = tuple([(f.api, f.activation.spec.name) for f in cbs])
-    return frames
+    return frames, len(frames), top.api
 
 
 class Recorder:
@@ -124,10 +127,14 @@ class Recorder:
             if len(seen) >= _SEEN:
                 seen.clear()
             seen[rsp] = stack
+        self._count(stack, rip)
+        return stack
+
+    def _count(self, stack: bytes, rip: int) -> None:
+        """Count recorded stack bytes against the output_bytes budget."""
         self.output_bytes += len(stack)
         if self.output_bytes > self._output_limit and self.output_budget is not None:
             raise BudgetExceeded("output_bytes", self.output_budget, self.trace.symbolize(rip))
-        return stack
 
     # --- one method per kind of crossing ----------------------------------------------------
     def initial(self, thread: KThread) -> None:
@@ -141,13 +148,12 @@ class Recorder:
 
     def restored(self, thread: KThread, mode: Mode, regs: tuple[int, ...], service: str | None, pending: bool) -> None:
         """A thread's first state in a run that starts from a dump: as the dump shows it (no transition into it)."""
-        cbs = thread.callback_stack
+        frames, depth, api = _frames(thread.callback_stack)
         thread.state_id = len(self.trace.raw_states)
         thread.mode = mode
-        frames = tuple((f.api, f.activation.spec.name) for f in cbs)
         self.trace.raw_states.append(
-            (thread.state_id, thread.tid, mode, regs, self.capture(thread, regs[_RSP]), thread.stack_base, len(cbs),
-             service, cbs[-1].api if cbs else None, pending, frames)
+            (thread.state_id, thread.tid, mode, regs, self.capture(thread, regs[_RSP]), thread.stack_base, depth,
+             service, api, pending, frames)
         )  # fmt: skip
 
     def syscall(
@@ -175,21 +181,10 @@ class Recorder:
         if sid >= self._state_limit and self.state_budget is not None:
             raise BudgetExceeded("states", self.state_budget, trace.symbolize(rip))
         tid, base, step = thread.tid, thread.stack_base, len(transitions)
-        view = self._stacks.get(base)
-        if view and view[1] <= rsp < base:
-            stack: bytes = view[0][rsp - view[1] : base - view[1]]  # capture(), inlined
-        else:
-            stack = self.capture(thread, rsp)
-        self.output_bytes += len(stack)
-        if self.output_bytes > self._output_limit and self.output_budget is not None:
-            raise BudgetExceeded("output_bytes", self.output_budget, trace.symbolize(rip))
+        stack = self._kept(thread, rsp, rip)
         cbs = thread.callback_stack
-        if cbs:
-            top = cbs[-1]
-            frames = _chain(cbs)
-            depth, api, service = len(frames), top.api, top.activation.spec.name
-        else:
-            depth, api, service, frames = 0, None, None, ()
+        frames, depth, api = _frames(cbs)
+        service = cbs[-1].activation.spec.name if cbs else None
         woke = self._woken() if self.wakes_pending else ()
         states.append((sid, tid, "kernel", regs, stack, base, depth, name, api, False, frames))
         transitions.append((step, "syscall", tid, thread.state_id, sid, name, ssn, rip, rsp, depth, None, None, "",
@@ -221,9 +216,8 @@ class Recorder:
         if sid >= self._state_limit and self.state_budget is not None:
             raise BudgetExceeded("states", self.state_budget, trace.symbolize(rip))
         cbs = thread.callback_stack
-        top = cbs[-1]
-        frames = _chain(cbs)
-        depth, api, service = len(frames), top.api, top.activation.spec.name
+        frames, depth, api = _frames(cbs)
+        service = cbs[-1].activation.spec.name
         base = thread.stack_base
         stack = self._kept(thread, rsp, rip)
         tid, step = thread.tid, len(transitions)
@@ -238,12 +232,7 @@ class Recorder:
         rip, rsp = back[_RIP], back[_RSP]
         if sid + 1 >= self._state_limit and self.state_budget is not None:
             raise BudgetExceeded("states", self.state_budget, trace.symbolize(rip))
-        if cbs:
-            under = cbs[-1]
-            frames = _chain(cbs)
-            depth, api_top = len(frames), under.api
-        else:
-            depth, api_top, frames = 0, None, ()
+        frames, depth, api_top = _frames(cbs)
         stack = self._kept(thread, rsp, rip)
         states.append((sid + 1, tid, "kernel", back, stack, base, depth, service, api_top, False, frames))
         transitions.append((step + 1, "callback_return", tid, sid, sid + 1, service, None, rip, rsp, depth, status,
@@ -263,15 +252,9 @@ class Recorder:
         if sid >= self._state_limit and self.state_budget is not None:
             raise BudgetExceeded("states", self.state_budget, trace.symbolize(rip))
         cbs = thread.callback_stack
-        if cbs:
-            top = cbs[-1]
-            frames = _chain(cbs)
-            depth, api_top, mine = len(frames), top.api, top.activation.spec.name
-        else:
-            depth, api_top, frames, mine = 0, None, (), None
-        self.output_bytes += len(stack)
-        if self.output_bytes > self._output_limit and self.output_budget is not None:
-            raise BudgetExceeded("output_bytes", self.output_budget, trace.symbolize(rip))
+        frames, depth, api_top = _frames(cbs)
+        mine = cbs[-1].activation.spec.name if cbs else None
+        self._count(stack, rip)
         tid = thread.tid
         states.append((sid, tid, "user", regs, stack, thread.stack_base, depth, mine, api_top, False, frames))
         transitions.append((len(transitions), "sysret", tid, thread.state_id, sid, service, ssn, rip, rsp, depth,
@@ -290,13 +273,7 @@ class Recorder:
         rip, rsp = regs[_RIP], regs[_RSP]
         if sid >= self._state_limit and self.state_budget is not None:
             raise BudgetExceeded("states", self.state_budget, trace.symbolize(rip))
-        cbs = thread.callback_stack
-        if cbs:
-            top = cbs[-1]
-            frames = _chain(cbs)
-            depth, api_top = len(frames), top.api
-        else:
-            depth, api_top, frames = 0, None, ()
+        frames, depth, api_top = _frames(thread.callback_stack)
         base = thread.stack_base
         stack = self._kept(thread, rsp, rip)
         tid = thread.tid
@@ -317,14 +294,11 @@ class Recorder:
         rip, rsp = regs[_RIP], regs[_RSP]
         if sid >= self._state_limit and self.state_budget is not None:
             raise BudgetExceeded("states", self.state_budget, trace.symbolize(rip))
-        cbs = thread.callback_stack
-        top = cbs[-1]
-        frames = _chain(cbs)
-        depth = len(frames)
+        frames, depth, api_top = _frames(thread.callback_stack)
         base = thread.stack_base
         stack = self._kept(thread, rsp, rip)
         tid = thread.tid
-        states.append((sid, tid, "user", regs, stack, base, depth, service, top.api, False, frames))
+        states.append((sid, tid, "user", regs, stack, base, depth, service, api_top, False, frames))
         transitions = trace.raw_transitions
         transitions.append((len(transitions), "callback", tid, thread.state_id, sid, service, None, rip, rsp, depth,
                             None, api, note, b"", self._woken() if self.wakes_pending else ()))  # fmt: skip
@@ -385,14 +359,9 @@ class Recorder:
         if sid >= self._state_limit and self.state_budget is not None:
             raise BudgetExceeded("states", self.state_budget, trace.symbolize(regs[_RIP]))
         cbs = thread.callback_stack
-        if cbs:
-            top = cbs[-1]
-            frames = _chain(cbs)
-            depth, api_top = len(frames), top.api
-            if service is None and mode == "user":
-                service = top.activation.spec.name
-        else:
-            depth, api_top, frames = 0, None, ()
+        frames, depth, api_top = _frames(cbs)
+        if cbs and service is None and mode == "user":
+            service = cbs[-1].activation.spec.name
         rsp, base = regs[_RSP], thread.stack_base
         if stack is None:
             stack = self._kept(thread, rsp, regs[_RIP])
