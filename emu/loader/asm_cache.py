@@ -31,7 +31,7 @@ FORMAT = b"emu-asm-1\n"  # bump when what is stored (or how the key is made) cha
 _CHECK = 16  # bytes of the blake2b digest of the stored bytes, kept in front of them
 KEEP = 512  # entries kept; past that, storing one removes the oldest (a scenario edited many times)
 
-_engine: list[bytes] = []  # what identifies the installed keystone, found once per process
+_libraries: dict[str, bytes] = {}  # library_identity's answers, per package
 
 
 def cache_dir() -> Path | None:
@@ -43,26 +43,29 @@ def cache_dir() -> Path | None:
     return Path(home) / "emu" / "asm"
 
 
-def _keystone_identity() -> bytes:
-    """The keystone library's size and modification time, without importing it (an upgrade is a new key)."""
-    if not _engine:
-        ident = b"keystone?"
+def library_identity(package: str) -> bytes:
+    """An installed package's native libraries (name, size, modification time), found without
+    importing it, once per process: an upgrade of the library makes new cache keys."""
+    ident = _libraries.get(package)
+    if ident is None:
+        ident = f"{package}?".encode()
         try:
-            spec = find_spec("keystone")
+            spec = find_spec(package)
             if spec is not None and spec.origin is not None:
                 folder = Path(spec.origin).parent
-                parts = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(folder.glob("*.so*"))]
+                libs = sorted([*folder.glob("*.so*"), *folder.glob("lib/*.so*"), *folder.glob("lib/*.dylib")])
+                parts = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in libs]
                 ident = ";".join(parts or [str(folder)]).encode()
         except (OSError, ImportError, ValueError):
             pass
-        _engine.append(ident)
-    return _engine[0]
+        _libraries[package] = ident
+    return ident
 
 
 def key(text: str, base: int) -> str:
     """The entry's name: a hash of the format, keystone's identity, the address and the text."""
     h = blake2b(FORMAT, digest_size=20)
-    h.update(_keystone_identity())
+    h.update(library_identity("keystone"))
     h.update(base.to_bytes(8, "little"))
     h.update(text.encode("utf-8", "surrogatepass"))
     return h.hexdigest()

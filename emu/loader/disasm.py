@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import atexit
 import marshal
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +80,7 @@ def disasm(code: bytes, address: int, count: int = 0) -> tuple[Insn, ...]:
     h.update((address & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little"))
     h.update(count.to_bytes(4, "little"))
     h.update(code)
-    h.update(_identity())
+    h.update(asm_cache.library_identity("capstone"))
     key = h.hexdigest()
     hit = _decoded.get(key)
     if hit is None:
@@ -97,7 +96,6 @@ Raw = tuple[int, int, str, str, tuple[tuple[str, str, int, str, str, int, int], 
 
 _decoded: dict[str, tuple[Insn, ...]] = {}  # this process's answers, as objects
 _capstone: list[Any] = []  # the decoder, made on first use
-_engine: list[bytes] = []  # what identifies the installed capstone, found once per process
 _shards: dict[str, dict[str, tuple[Raw, ...]]] = {}  # the stored answers, by shard, as read
 _new: dict[str, dict[str, tuple[Raw, ...]]] = {}  # answers learnt here, by shard, not yet written
 _saving: list[bool] = []  # [True] once :func:`save` is to run at exit
@@ -141,22 +139,6 @@ def _decode(code: bytes, address: int, count: int) -> tuple[Raw, ...]:
         reads, writes = tuple(name(r) or "" for r in read), tuple(name(r) or "" for r in write)
         out.append((int(insn.address), int(insn.size), insn.mnemonic, insn.op_str, tuple(ops), reads, writes))
     return tuple(out)
-
-
-def _identity() -> bytes:
-    """The installed capstone's library files (name, size, time), found without importing it."""
-    if not _engine:
-        ident = b"capstone?"
-        try:
-            spec = find_spec("capstone")
-            if spec is not None and spec.origin is not None:
-                folder = Path(spec.origin).parent
-                libs = sorted([*folder.glob("*.so*"), *folder.glob("lib/*.so*"), *folder.glob("lib/*.dylib")])
-                ident = ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in libs).encode()
-        except (OSError, ImportError, ValueError):
-            pass
-        _engine.append(ident)
-    return _engine[0]
 
 
 def cache_dir() -> Path | None:
