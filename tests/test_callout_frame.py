@@ -27,6 +27,7 @@ import dataclasses
 
 import pytest
 
+from conftest import asm_scenario
 from emu.api import Run, run
 from emu.errors import ScenarioError
 from emu.kernel.callout import place_frame
@@ -121,14 +122,7 @@ def test_an_unknown_placement_is_one_line() -> None:
         parse_scenario(text, "x.toml")
 
 
-LOOP = """
-[scenario]
-name = "loop"
-profile = "win10-22h2"
-{override}
-[[module]]
-name = "app"
-code = '''
+LOOP_CODE = """
 main:
     push rbx
     push rbp
@@ -155,18 +149,12 @@ next:
 on_message:
     xor eax, eax
     ret
-'''
-
-[thread]
-entry = "app!main"
-
-[kernel_callback_table]
-size = 4
-2 = "app!on_message"
-
-[services.NtUserMessageCall]
-steps = [{{ kind = "callback", api = 2, data = "01 02 03" }}, {{ kind = "return", status = "callback" }}]
 """
+LOOP_TABLE = '[kernel_callback_table]\nsize = 4\n2 = "app!on_message"\n'
+LOOP_SERVICE = (
+    '[services.NtUserMessageCall]\nsteps = [{ kind = "callback", api = 2, data = "01 02 03" },'
+    ' { kind = "return", status = "callback" }]\n'
+)
 
 
 @pytest.mark.parametrize("registers", ["wrk", "windows10", "reactos"])
@@ -175,7 +163,9 @@ def test_repeated_callbacks_from_one_place_enter_with_each_calls_registers(regis
     # KeUserModeCallback), and the dispatcher starts from that call's registers (callout.asm
     # KiCallUserMode: R9 = TrRbp under WRK; ReactOS usercall_asm.S zeroes RBX and RBP): nothing
     # carries over from an earlier callback made from the same place.
-    r: Run = run(parse_scenario(LOOP.format(override=f'[profile]\ndispatcher_registers = "{registers}"\n'), "l.toml"))
+    extra = f'profile = "win10-22h2"\n[profile]\ndispatcher_registers = "{registers}"\n'
+    text = asm_scenario(LOOP_CODE, extra=extra, table=LOOP_TABLE, services=LOOP_SERVICE)
+    r: Run = run(parse_scenario(text, "l.toml"))
     assert r.error is None and r.exit_status == 0
     calls = [t for t in r.trace if t.kind == "callback"]
     assert len(calls) == 3
