@@ -74,20 +74,33 @@ def key(text: str, base: int) -> str:
 def load(text: str, base: int) -> bytes | None:
     """The bytes stored for ``text`` at ``base``, or None (no cache, no entry, or a damaged one)."""
     folder = cache_dir()
-    if folder is None:
-        return None
+    return None if folder is None else read_checked(folder / key(text, base), FORMAT)
+
+
+def read_checked(path: Path, fmt: bytes) -> bytes | None:
+    """What :func:`write_checked` stored at ``path`` in format ``fmt``; None when the file is
+    missing, of another format, or fails its check digest."""
     try:
-        stored = (folder / key(text, base)).read_bytes()
+        stored = path.read_bytes()
     except OSError:
         return None
-    head, check, blob = (
-        stored[: len(FORMAT)],
-        stored[len(FORMAT) : len(FORMAT) + _CHECK],
-        stored[len(FORMAT) + _CHECK :],
-    )
-    if head != FORMAT or blake2b(blob, digest_size=_CHECK).digest() != check:
+    head, check, blob = stored[: len(fmt)], stored[len(fmt) : len(fmt) + _CHECK], stored[len(fmt) + _CHECK :]
+    if head != fmt or blake2b(blob, digest_size=_CHECK).digest() != check:
         return None
     return blob
+
+
+def write_checked(path: Path, fmt: bytes, blob: bytes) -> bool:
+    """Store ``blob`` behind ``fmt`` and its check digest, written whole then renamed (so a reader
+    never sees half of it); False when it cannot be written (a cache that cannot be written is
+    only a slower next run)."""
+    from emu.writing import write_atomic  # (whole, then renamed: emu's one way to replace a file)
+
+    try:
+        write_atomic(path, fmt + blake2b(blob, digest_size=_CHECK).digest() + blob)
+    except OutputError:
+        return False
+    return True
 
 
 def store(text: str, base: int, blob: bytes) -> None:
@@ -95,13 +108,8 @@ def store(text: str, base: int, blob: bytes) -> None:
     folder = cache_dir()
     if folder is None:
         return
-    from emu.writing import write_atomic  # (whole, then renamed: emu's one way to replace a file)
-
-    try:
-        write_atomic(folder / key(text, base), FORMAT + blake2b(blob, digest_size=_CHECK).digest() + blob)
-    except OutputError:
-        return  # a cache that cannot be written is only a slower next run
-    _prune(folder)
+    if write_checked(folder / key(text, base), FORMAT, blob):
+        _prune(folder)
 
 
 def _prune(folder: Path) -> None:

@@ -29,7 +29,6 @@ from emu.loader.asm_cache import blake2b
 __all__ = ["Insn", "Mem", "Operand", "disasm"]
 
 FORMAT = b"emu-disasm-1\n"  # bump when what is stored (or how the key is made) changes
-_CHECK = 16
 SHARDS = 256  # files, by the first two hex digits of an answer's key: a run reads only the ones it needs
 PER_SHARD = 128  # answers kept per file (a hundred bytes or so each); past that the oldest go
 MAX_INSN = 15  # bytes: the longest x86 instruction (Intel SDM vol. 2, 2.3.11)
@@ -158,16 +157,8 @@ def _shard(key: str) -> dict[str, tuple[Raw, ...]]:
 
 
 def _read(path: Path) -> dict[str, tuple[Raw, ...]]:
-    try:
-        stored = path.read_bytes()
-    except OSError:
-        return {}
-    head, check, blob = (
-        stored[: len(FORMAT)],
-        stored[len(FORMAT) : len(FORMAT) + _CHECK],
-        stored[len(FORMAT) + _CHECK :],
-    )
-    if head != FORMAT or blake2b(blob, digest_size=_CHECK).digest() != check:
+    blob = asm_cache.read_checked(path, FORMAT)
+    if blob is None:
         return {}
     try:
         answers = marshal.loads(blob)
@@ -198,15 +189,9 @@ def save() -> None:
     if folder is None:
         _new.clear()
         return
-    from emu.errors import OutputError
-    from emu.writing import write_atomic
-
     for name, learnt in sorted(_new.items()):
         merged = {**_read(folder / name), **learnt}
         kept = dict(list(merged.items())[-PER_SHARD:])
-        blob = marshal.dumps(kept)
-        try:
-            write_atomic(folder / name, FORMAT + blake2b(blob, digest_size=_CHECK).digest() + blob)
-        except OutputError:
-            break  # a cache that cannot be written is only a slower next run
+        if not asm_cache.write_checked(folder / name, FORMAT, marshal.dumps(kept)):
+            break
     _new.clear()
