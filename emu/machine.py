@@ -314,9 +314,10 @@ class Machine:
         self.uc.reg_write(_REG_IDS["gs_base"], value)
 
     def request_stop(self) -> None:
-        """Called by a handler: stop after the current instruction."""
-        self._stop_requested = True
-        self.uc.emu_stop()
+        """Called by a handler: stop after the current instruction (Unicorn is told once per run)."""
+        if not self._stop_requested:
+            self._stop_requested = True
+            self.uc.emu_stop()
 
     def enable_cow(self) -> CowMemory:
         """Track dirty pages for snapshots (exploration); call once, after everything is mapped."""
@@ -360,6 +361,8 @@ class Machine:
             except UcError as e:
                 self._raise_hook_error()
                 if self._cow_retry:
+                    if self._stop_requested:
+                        break  # the stop came first: the write happens when the CPU goes on
                     begin = self.regs.read(("rip",))[0]
                     continue
                 # A fault hook returned False, so Unicorn reports the access as an error; the

@@ -1,5 +1,5 @@
-"""The explorer's compact forms and cheaper paths keep what they replace: digest texts (whole and
-from memoised pieces), CPU contexts, shared parts, memory layers."""
+"""The explorer's compact forms and cheaper paths keep what they replace: digest texts (from
+memoised pieces, against their definition), CPU contexts, shared parts, memory layers."""
 
 from __future__ import annotations
 
@@ -43,40 +43,12 @@ CTX = (
 )
 
 
-@pytest.mark.parametrize(
-    ("tid", "mode", "context", "tail"),
-    [
-        (0, "user", CTX, (0, None, None, False, ())),
-        (3, "kernel", CTX, (2, "NtUserMessageCall", 2, True, ((2, "NtUserMessageCall"), (7, "x")))),
-        (1, "exited", (-1, 2**64 - 1), (0, None, None, 0, ())),  # a 0 where the flag is usually a bool
-        (0, "user", (5,), (0, None, None, False, ())),  # a 1-tuple's repr has a trailing comma
-        (0, "user", (), (0, None, None, False, ())),
-    ],
-)
-def test_state_text_is_repr_of_the_tuple(
-    tid: int, mode: str, context: tuple[int, ...], tail: tuple[object, ...]
-) -> None:
-    text = DigestText()
-    want = repr((tid, mode, context, tail)).encode()
-    assert text.state(tid, mode, context, tail) == want
-    assert text.state(tid, mode, context, tail) == want  # from the memos this time
-
-
-def test_equal_tails_of_other_types_keep_their_own_text() -> None:
-    text = DigestText()
-    a = text.state(0, "user", CTX, (0, None, None, False, ()))
-    b = text.state(0, "user", CTX, (0, None, None, 0, ()))  # 0 == False, but repr differs
-    assert a.endswith(b"False, ()))") and b.endswith(b"0, ()))")
-
-
-def test_a_named_tuple_context_is_spelled_with_its_field_names() -> None:
-    from emu.context import UserContext
-
-    ctx = UserContext._make(CTX)
-    assert (
-        DigestText().state(0, "user", ctx, (0, None, None, False, ()))
-        == repr((0, "user", ctx, (0, None, None, False, ()))).encode()
-    )
+def _reference_text(tid: int, mode: str, context: tuple[int, ...], tail: tuple[object, ...]) -> bytes:
+    """A state's identity text (its stack and the kernel aside) by its definition in emu.exploration.digest."""
+    values = tuple(context)
+    if all(isinstance(v, int) and 0 <= v < 1 << 64 for v in values):
+        return repr((tid, mode, tail, len(values))).encode() + b"".join(v.to_bytes(8, "little") for v in values)
+    return repr((tid, mode, tail, -1)).encode() + repr(values).encode()
 
 
 def test_kernel_text_is_repr_and_survives_unhashable_keys_and_a_full_memo() -> None:
@@ -88,16 +60,22 @@ def test_kernel_text_is_repr_and_survives_unhashable_keys_and_a_full_memo() -> N
     for i in range(MEMO_LIMIT + 2):
         text.kernel((i,))
     assert text.kernel(key) == repr(key).encode()
-    assert text.state(0, "user", tuple(range(MEMO_LIMIT + 5)), (0, None, None, False, ()))[:12] == b"(0, 'user', "
+
+
+def test_state_memo_starts_again_when_full() -> None:
+    text = DigestText()
+    for i in range(MEMO_LIMIT + 3):
+        raw = _raw(i, "user", CTX, (0, None, None, False, ()))
+        assert b"".join(text.state_parts(raw)) == _reference_text(i, "user", CTX, (0, None, None, False, ()))
 
 
 class _ReferenceDigests(Explorer):
-    """The explorer, also computing each digest as the explorer did with plain repr()."""
+    """The explorer, also computing each digest from the texts' definitions (no memo, no shortcut)."""
 
     def _observe(self, sid: int, thread: KThread) -> None:
         raw = self.trace.raw_states[sid]
         h = hashlib.blake2b(digest_size=12)
-        h.update(repr((raw[1], raw[2], raw[3], (raw[6], raw[7], raw[8], raw[9], raw[10]))).encode())
+        h.update(_reference_text(raw[1], raw[2], raw[3], (raw[6], raw[7], raw[8], raw[9], raw[10])))
         h.update(raw[4])
         h.update(repr(digest_key(self.kernel, thread)).encode())
         for other in self.kernel.threads.values():
@@ -117,7 +95,7 @@ class _ReferenceDigests(Explorer):
 @pytest.mark.parametrize(
     "name", ["choice_nested_depth", "threads_deadlock_sometimes", "callback_sends_to_thread", "exception_handled_av"]
 )
-def test_digests_are_those_of_the_repr_texts(name: str) -> None:
+def test_digests_are_those_of_the_defined_texts(name: str) -> None:
     path = next(p for p in SCENARIOS if p.stem == name)
     ex = _ReferenceDigests(load_scenario(path), "dfs")
     ex.reference, ex.checked = [], []
@@ -200,16 +178,18 @@ def _raw(tid: int, mode: str, context: tuple[int, ...], tail: tuple[object, ...]
     [
         (0, "user", CTX, (0, None, None, False, ())),
         (3, "kernel", CTX, (2, "NtUserMessageCall", 2, True, ((2, "NtUserMessageCall"), (7, "x")))),
-        (1, "exited", (-1, 2**64 - 1), (0, None, None, 0, ())),  # a 0 where the flag is usually a bool
-        (0, "user", (5,), (0, None, None, False, ())),  # a 1-tuple's repr has a trailing comma
+        (1, "exited", (0, 2**64 - 1), (0, None, None, 0, ())),  # a 0 where the flag is usually a bool
+        (1, "exited", (-1, 2**64 - 1), (0, None, None, 0, ())),  # not a 64-bit word: spelled by repr
+        (1, "exited", (0, 2**64), (0, None, None, 0, ())),
+        (0, "user", (5,), (0, None, None, False, ())),
         (0, "user", (), (0, None, None, False, ())),
     ],
 )
-def test_state_pieces_join_to_the_repr_of_the_tuple(
+def test_state_pieces_join_to_the_defined_text(
     tid: int, mode: str, context: tuple[int, ...], tail: tuple[object, ...]
 ) -> None:
     text = DigestText()
-    want = repr((tid, mode, context, tail)).encode()
+    want = _reference_text(tid, mode, context, tail)
     raw = _raw(tid, mode, context, tail)
     assert b"".join(text.state_parts(raw)) == want
     assert b"".join(text.state_parts(raw)) == want  # from the memos this time
@@ -219,7 +199,27 @@ def test_state_pieces_keep_a_bool_flag_apart_from_an_equal_int() -> None:
     text = DigestText()
     a = b"".join(text.state_parts(_raw(0, "user", CTX, (0, None, None, False, ()))))
     b = b"".join(text.state_parts(_raw(0, "user", CTX, (0, None, None, 0, ()))))  # 0 == False
-    assert a.endswith(b"False, ()))") and b.endswith(b"0, ()))")
+    assert a != b and b"False, ()), 18)" in a and b"0, ()), 18)" in b
+
+
+def test_a_named_tuple_context_is_the_same_state_as_its_values() -> None:
+    from emu.context import UserContext
+
+    text = DigestText()
+    tail = (0, None, None, False, ())
+    named = b"".join(text.state_parts(_raw(0, "user", UserContext._make(CTX), tail)))
+    assert named == b"".join(text.state_parts(_raw(0, "user", CTX, tail))) == _reference_text(0, "user", CTX, tail)
+
+
+def test_registers_that_differ_give_other_texts_and_a_repr_spelling_never_meets_a_packed_one() -> None:
+    text = DigestText()
+    tail = (0, None, None, False, ())
+    seen = {
+        b"".join(text.state_parts(_raw(0, "user", CTX[:i] + (CTX[i] + 1,) + CTX[i + 1 :], tail))) for i in range(18)
+    }
+    seen.add(b"".join(text.state_parts(_raw(0, "user", CTX, tail))))
+    seen.add(b"".join(text.state_parts(_raw(0, "user", (-1,) + CTX[1:], tail))))
+    assert len(seen) == 20
 
 
 def _explorer() -> Explorer:

@@ -17,7 +17,8 @@ from emu.trace import State
 
 # (src digest, dst digest, (kind, service, ssn, status, api, detail))
 EdgeKey = tuple[str, str, tuple[object, ...]]
-Kind = tuple[tuple[str, ...], EdgeInfo]  # a transition's sort key and its EdgeInfo
+# a transition's sort key, its EdgeInfo and the attribute dict of an edge with that transition only
+Kind = tuple[tuple[str, ...], EdgeInfo, dict[str, object]]
 
 
 def canonical_graph(
@@ -44,7 +45,7 @@ def canonical_graph(
         if tail not in kinds:
             kind, service, ssn, status, api, detail = tail
             info = EdgeInfo(str(kind), service, ssn, status, api, str(detail or ""))  # type: ignore[arg-type]
-            kinds[tail] = (edge_sort(tail), info)
+            kinds[tail] = (edge_sort(tail), info, {"edge": info})
         have = out_edges.get(key[0])
         if have is None:
             out_edges[key[0]] = key
@@ -102,18 +103,22 @@ def canonical_graph(
         elif len(out) > 1:
             out.sort(key=lambda e: (_number(order[e[1]]), kinds[e[2]][0]))
         targets = succ[u]
-        j = 0
-        while j < len(out):
+        j, n = 0, len(out)
+        while j < n:
             dst = out[j][1]
-            infos = [kinds[out[j][2]][1]]
+            kind = kinds[out[j][2]]
             j += 1
-            while j < len(out) and out[j][1] == dst:
-                infos.append(kinds[out[j][2]][1])
-                j += 1
-            group = tuple(infos)
-            a = shared.get(group)
-            if a is None:
-                a = shared[group] = {"edge": group[0], "also": group[1:]} if len(group) > 1 else {"edge": group[0]}
+            if j < n and out[j][1] == dst:
+                infos = [kind[1]]
+                while j < n and out[j][1] == dst:
+                    infos.append(kinds[out[j][2]][1])
+                    j += 1
+                group = tuple(infos)
+                a = shared.get(group)
+                if a is None:
+                    a = shared[group] = {"edge": group[0], "also": group[1:]}
+            else:
+                a = kind[2]  # one transition to this target: the dict its kind keeps
             v = order[dst]
             targets[v] = a
             pred[v][u] = a
