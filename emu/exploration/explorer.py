@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from emu.exploration.hooked import PathHooks
     from emu.symbolic.driver import Driver, Pick
 
+_EMPTY_DIGEST = blake2b(digest_size=12)  # states' digests: 96 bits
 CHECK_EVERY = 0.1  # seconds between looks at resident memory (and progress lines)
 # Building the canonical graph after the walk costs about 65 µs per state (measured on a
 # 2-core VM); the walk stops early enough to leave twice that.
@@ -140,43 +141,57 @@ class Explorer:
         # tid, mode, registers; then depth, service, api, pending, callback frames; then the
         # stack from RSP up (bytes below RSP are dead: the x64 ABI has no red zone). The digest
         # hashes the parts one after the other (as one text: the same digest as update() each).
-        if self.symbolic is None:  # repr() of that tuple, from memoised parts (emu.exploration.digest)
-            parts = self._text.state_parts(raw)
-            parts.append(raw[4])
-        else:  # symbolic values: their locations masked, the path condition added
-            context, stack, extra = self.symbolic.on_state(sid, thread, RawState._make(raw))
-            parts = [repr((raw[1], raw[2], context, (raw[6], raw[7], raw[8], raw[9], raw[10]))).encode(), stack, extra]
+        text, kernel, symbolic = self._text, self.kernel, self.symbolic
         # Every thread's kernel side (waits, callback stacks), the objects, and the live
         # stacks of the threads that are not moving: the whole process is the state.
-        kernel = self.kernel
-        parts.append(self._text.kernel_of(kernel, thread))
-        if len(kernel.threads) > 1:
-            parts += [self._stack_of(other) for other in kernel.threads.values() if other is not thread]
-        parts.append(self.cow.digest(self._stacks))
-        d = blake2b(b"".join(parts), digest_size=12).hexdigest()
-        if self.symbolic is not None:
-            self.symbolic.seen(d)
+        if symbolic is None and len(kernel.threads) == 1:  # the memoised head, the registers as words
+            head, words = text.state_parts(raw)
+            whole = b"".join((head, words, raw[4], text.kernel_of(kernel, thread), self.cow.digest(self._stacks)))
+        else:
+            if symbolic is None:
+                parts = text.state_parts(raw)
+                parts.append(raw[4])
+            else:  # symbolic values: their locations masked, the path condition added
+                context, stack, extra = symbolic.on_state(sid, thread, RawState._make(raw))
+                parts = [
+                    repr((raw[1], raw[2], context, (raw[6], raw[7], raw[8], raw[9], raw[10]))).encode(),
+                    stack,
+                    extra,
+                ]
+            parts.append(text.kernel_of(kernel, thread))
+            if len(kernel.threads) > 1:
+                parts += [self._stack_of(other) for other in kernel.threads.values() if other is not thread]
+            parts.append(self.cow.digest(self._stacks))
+            whole = b"".join(parts)
+        h = _EMPTY_DIGEST.copy()  # (a copy costs less than the constructor's keyword parsing)
+        h.update(whole)
+        d = h.hexdigest()
+        if symbolic is not None:
+            symbolic.seen(d)
         if self._count != sid:
             raise ModelBug(f"explorer lost track of states ({self._count} observed before state {sid})")
         self._count += 1
         if self._merged_at is not None:
             return  # past a merge: the rest of this path is explored elsewhere
-        if d not in self.nodes:
-            self.nodes[d] = self._shared.state(raw)  # its parts shared with other nodes' equal ones
-            if len(self.kernel.threads) > 1:
-                chains = sched.wait_chains(self.kernel)
+        nodes = self.nodes
+        if d not in nodes:
+            nodes[d] = self._shared.state(raw)  # its parts shared with other nodes' equal ones
+            if len(kernel.threads) > 1:
+                chains = sched.wait_chains(kernel)
                 if chains:
                     self.chains[d] = chains
-        if self._last is not None:
+        last = self._last
+        if last is not None:
             t = self.trace.raw_transitions[-1]  # RawTransition layout
             # (src, dst, (kind, service, ssn, status, api, detail)): one tuple per distinct transition
             tail = (t[1], t[5], t[6], t[10], t[11], t[12])
-            self.edges[(self._last, d, self._tails.setdefault(tail, tail))] = None
+            self.edges[(last, d, self._tails.setdefault(tail, tail))] = None
         self._last = d
-        if not (self._replaying or self._descending) and (d in self._known or d in self._segment_seen):
+        seen = self._segment_seen
+        if (d in seen or d in self._known) and not (self._replaying or self._descending):
             self._merged_at = sid  # a known state: its future is explored elsewhere
             self.machine.request_stop()
-        self._segment_seen.add(d)
+        seen.add(d)
 
     def _stack_of(self, t: KThread) -> bytes:
         ctx = t.suspended.trap.ctx if t.suspended is not None else (None if t.started else t.entry_context)

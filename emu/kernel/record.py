@@ -359,9 +359,12 @@ class Recorder:
         if sid >= self._state_limit and self.state_budget is not None:
             raise BudgetExceeded("states", self.state_budget, trace.symbolize(regs[_RIP]))
         cbs = thread.callback_stack
-        frames, depth, api_top = _frames(cbs)
-        if cbs and service is None and mode == "user":
-            service = cbs[-1].activation.spec.name
+        if cbs:
+            frames, depth, api_top = _frames(cbs)
+            if service is None and mode == "user":
+                service = cbs[-1].activation.spec.name
+        else:
+            frames, depth, api_top = (), 0, None
         rsp, base = regs[_RSP], thread.stack_base
         if stack is None:
             stack = self._kept(thread, rsp, regs[_RIP])

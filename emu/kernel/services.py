@@ -169,6 +169,11 @@ class ChoiceStep:
     options: tuple[tuple[str, tuple[ScriptStep, ...]], ...]
 
     def request(self) -> Choice:
+        return self._request
+
+    @functools.cached_property
+    def _request(self) -> Choice:
+        """The same (immutable) request at every visit: made once per step."""
         return Choice(self.name, tuple(n for n, _ in self.options), self.default)
 
     def branch(self, option: str) -> tuple[ScriptStep, ...]:
