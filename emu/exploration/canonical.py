@@ -56,9 +56,9 @@ def canonical_graph(
     if consume and isinstance(edges, dict):
         edges.clear()
 
-    def label(d: str) -> str:
-        s = nodes[d]
-        return f"{s.mode}|{s.depth}|{s.rip:#x}"
+    def label(d: str) -> tuple[str, int, int]:
+        s = nodes[d]  # (mode, depth, RIP) by index: State fields 2, 6 and its context's RIP
+        return (s[2], s[6], s[3][16])
 
     # Node names by digest, numbered in breadth-first order (the dict's insertion order).
     order: dict[str, str] = {}

@@ -186,6 +186,8 @@ def reschedule(kernel: Kernel, stopped: KThread) -> None:
     """The running thread stopped (blocked or exited): choose who runs next, or note a deadlock."""
     kernel.machine.request_stop()
     kernel.next_thread = None
+    if stopped.terminated and len(kernel.threads) == 1:
+        return  # the only thread ended: nobody runs next, nobody waits (the run is over)
     choice = schedule_choice(kernel, None, at_entry=False)
     if choice is None:
         if any(t.suspended is not None and not t.terminated for t in kernel.threads.values()):

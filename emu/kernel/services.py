@@ -260,6 +260,9 @@ class _JournalContext:
         self._ctx.write(address, data)
 
 
+_REQUEST_TYPES = (UserCallback, TerminateThread, Choice, Symbolic, *OBJECT_REQUEST_TYPES)  # what a service may yield
+
+
 @record
 class Activation:
     """One running instance of a Python service: a generator plus what was sent into it.
@@ -307,7 +310,7 @@ class Activation:
             raise
         except Exception as e:
             raise _failed(self.spec.name, e) from e
-        if not isinstance(req, (UserCallback, TerminateThread, Choice, Symbolic, *OBJECT_REQUEST_TYPES)):
+        if not isinstance(req, _REQUEST_TYPES):
             raise KernelError(
                 f"service {self.spec.name} yielded {req!r}; expected UserCallback, Choice or TerminateThread"
             )
