@@ -11,8 +11,8 @@ What is measured (each figure the median of ``--runs`` runs):
     ``/proc/self/statm``) after the exploration, with the explorer and its result still
     alive, minus the RSS just before it, divided by the states found. Peak RSS is shown too.
     The row's figure is the worse of the two strategies. The rate's verdict is judged as µs per
-    forked state over the µs of bench_roundtrip's bare hook, run in the same child before and
-    after the exploration (see ``goals.REFERENCE_HOOK_US``).
+    forked state over the µs of bench_roundtrip's bare hook: the median of three runs in the
+    same child before the exploration and three after it (see ``goals.REFERENCE_HOOK_US``).
 
 ``first write``
     The same tree (smaller K) where each branch writes one page of a read-write region: a
@@ -121,6 +121,7 @@ steps = [{{ kind = "choice", name = "bit", options = {{ zero = [{{ kind = "retur
 """
 # Keep every path distinct (RSI accumulates the bits), so no two paths merge.
 PATH = "lea rsi, [rsi * 2 + rax]"
+HOOK_RUNS = 3  # bare hook runs before an exploration, and again after it
 LARGE_REGION = 64 << 20
 SMALL_REGION = 64 << 10
 REGION = '[[memory]]\nname = "big"\nstart = 0x10000000\nsize = {size:#x}\nperms = "rw"'
@@ -157,13 +158,16 @@ def _peak_rss() -> int:
 def explore_child(k: int, strategy: str) -> dict[str, float | int | str | None]:
     """One exploration of the 2^k tree in this (fresh) process: its rate and the RSS it added."""
     explorer = Explorer(parse_scenario(tree(k), "tree"), strategy)  # type: ignore[arg-type]
-    hook = bare_hook_us()  # the rate goal's baseline, in this process, before and after
+    # The rate goal's baseline, in this process: the median of HOOK_RUNS bare hook runs before
+    # the exploration and as many after (one short run swings with the machine's load).
+    hooks = [bare_hook_us() for _ in range(HOOK_RUNS)]
     gc.collect()
     before, peak_before = resident_bytes(), _peak_rss()
     result = explorer.run()
     gc.collect()
     after, peak = resident_bytes(), _peak_rss()
-    hook = (hook + bare_hook_us()) / 2
+    hooks += [bare_hook_us() for _ in range(HOOK_RUNS)]
+    hook = statistics.median(hooks)
     if result.stopped_by is not None:
         raise SystemExit(f"2^{k} tree, {strategy}: stopped by the {result.stopped_by} budget")
     return {

@@ -41,7 +41,7 @@ SIZES: dict[str, tuple[int, int]] = {
     "tree": (14, 6),  # the explorer's 2^K tree
     "write_tree": (6, 2),  # the first-write tree
     "parallel_tree": (16, 6),
-    "user_code": (1_000_000, 10_000),
+    "user_code": (4_000_000, 10_000),
 }
 
 
