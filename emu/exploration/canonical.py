@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from emu.exploration.adjacency import CompactDiGraph, Neighbors
 from emu.graph import EdgeInfo, StateGraph
@@ -70,7 +71,7 @@ def canonical_graph(
         if out is None:
             continue
         if isinstance(out, list):
-            out.sort(key=lambda e: (kinds[e[2]][0], label(e[1]), e[1]))
+            _sort_pair(out, lambda e: (kinds[e[2]][0], label(e[1]), e[1]), lambda e: kinds[e[2]][0])
         for _, dst, _ in out if isinstance(out, list) else (out,):
             if dst not in order:
                 order[dst] = f"n{len(order)}"
@@ -101,7 +102,7 @@ def canonical_graph(
         if not isinstance(out, list):
             out = [out]
         elif len(out) > 1:
-            out.sort(key=lambda e: (_number(order[e[1]]), kinds[e[2]][0]))
+            _sort_pair(out, lambda e: (_number(order[e[1]]), kinds[e[2]][0]), lambda e: _number(order[e[1]]))
         targets = succ[u]
         j, n = 0, len(out)
         while j < n:
@@ -160,6 +161,18 @@ def name_faults(graph: StateGraph, faults: list[tuple[str, str]]) -> list[tuple[
     ids = {str(a.get("digest")): str(n) for n, a in graph.lean.nodes(data=True)}
     named = {(ids.get(d, d), m) for d, m in faults}
     return sorted(named, key=lambda f: (node_order(f[0]), f[1]))
+
+
+def _sort_pair(out: list[EdgeKey], key: Callable[[EdgeKey], Any], first: Callable[[EdgeKey], Any]) -> None:
+    """``out.sort(key=key)``, where ``first(e)`` is the first item of ``key(e)``; a pair (a fork's two
+    options, the usual case) whose first items differ is put in order by those alone."""
+    if len(out) == 2:
+        a, b = first(out[0]), first(out[1])
+        if a != b:
+            if a > b:
+                out.reverse()
+            return
+    out.sort(key=key)
 
 
 def _number(name: str) -> int:

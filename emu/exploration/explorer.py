@@ -393,9 +393,10 @@ class Explorer:
         # With a shared seen-set, a state is forked once the set says it is this worker's; not
         # while a path replays known states up to its symbolic decision (one process forks there too).
         claim = self.claims is not None and not (sym is not None and sym.replaying())
-        # Unless hooks, symbolic values or claims keep state of their own, the next option is
-        # followed after a load (a restore, or _stay): the kernel model is handed over, not copied.
-        keep = self.hooks is None and sym is None and not claim and owns_threads(self)
+        # Unless hooks or symbolic values keep state of their own, the next option is followed
+        # after a load (a restore, or _stay): the kernel model is handed over, not copied. (A fork
+        # waiting for its claim is never stayed in: the walk restores some fork before running on.)
+        keep = self.hooks is None and sym is None and owns_threads(self)
         fork = Fork(
             self._cpu.save(), self.cow.take(), hand_over_kernel(self.kernel) if keep else save_kernel(self.kernel),
             depth, self._last or "", path, sym.save() if sym is not None else None, route=self._route,
