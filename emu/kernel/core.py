@@ -162,27 +162,27 @@ class Kernel:
             self._entry_len = 2  # Unicorn adds the instruction length to a RIP written here
             regs = tuple(vals)
             thread = self.current
-            if not self._multithreaded and thread is not None and self.recorder.observe is None:
+            if not self._multithreaded and thread is not None:
                 ssn = vals[0] & 0xFFFF_FFFF
                 name = self.names.get(ssn)
-                status = self._returns.get(name)  # type: ignore[arg-type]
-                if status is not None:
-                    # The hot path: a service that only returns a status, one thread, nobody
-                    # watching. SYSRET puts RAX = status and the SYSCALL clobbers back (RCX,
-                    # R11); the user state after it has the stack bytes the entry state has.
-                    thread.trap_frame = None
-                    self._sysret_vals[:] = (status, rip, regs[11])
-                    self._put_sysret()
-                    self.recorder.syscall_sysret(thread, regs, name, ssn, status)  # type: ignore[arg-type]
-                    return
-                if name == NT_CALLBACK_RETURN:
-                    if thread.callback_stack:
+                if self.recorder.observe is None:  # (these two record without an observer's look)
+                    status = self._returns.get(name)  # type: ignore[arg-type]
+                    if status is not None:
+                        # The hot path: a service that only returns a status, one thread, nobody
+                        # watching. SYSRET puts RAX = status and the SYSCALL clobbers back (RCX,
+                        # R11); the user state after it has the stack bytes the entry state has.
+                        thread.trap_frame = None
+                        self._sysret_vals[:] = (status, rip, regs[11])
+                        self._put_sysret()
+                        self.recorder.syscall_sysret(thread, regs, name, ssn, status)  # type: ignore[arg-type]
+                        return
+                    if name == NT_CALLBACK_RETURN and thread.callback_stack:
                         thread.trap_frame = None
                         self._return_from_callback(thread, regs, ssn)
                         return
-                elif name is not None and name not in _CONTEXT_SERVICES:
+                if name is not None and name != NT_CALLBACK_RETURN and name not in _CONTEXT_SERVICES:
                     # What _enter does for any other service when one thread runs: record the
-                    # entry, then dispatch (the constants were served above).
+                    # entry (observed, when watched), then dispatch.
                     thread.trap_frame = None
                     self.recorder.syscall_entered(thread, regs, name, ssn)
                     spec = self._scripts.get(name)

@@ -264,8 +264,8 @@ class Recorder:
         thread.resuming = None
 
     def syscall_entered(self, thread: KThread, regs: tuple[int, ...], name: str, ssn: int) -> None:
-        """:meth:`syscall` for a service other than NtCallbackReturn, one thread, no observer:
-        the record :meth:`add` would append, without its branches for other kinds (the
+        """:meth:`syscall` for a service other than NtCallbackReturn, one thread: the record
+        :meth:`add` would append (and observe), without its branches for other kinds (the
         syscall hook's path to a service that does more than return a status)."""
         trace = self.trace
         states = trace.raw_states
@@ -284,6 +284,8 @@ class Recorder:
         thread.state_id = sid
         thread.mode = "kernel"
         thread.resuming = None
+        if self.observe is not None:
+            self.observe(sid, thread)
 
     def callback_entered(self, thread: KThread, regs: tuple[int, ...], service: str, api: int, note: str) -> None:
         """:meth:`callback` (the new frame already on the thread's callback stack): the record
