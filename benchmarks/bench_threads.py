@@ -105,10 +105,11 @@ def with_ray(sc: Scenario, workers: int, starts: list[float]) -> Exploration:
 
 
 def run_ways(runs: int, ways: list[Callable[[], Exploration]]) -> list[list[Outcome]]:
-    """Each way ``runs`` times, interleaved; the graphs of the first runs are checked byte-identical."""
+    """Each way ``runs`` times, interleaved (in reverse order every other round, as
+    :func:`measuring.paired`); the graphs of the first runs are checked byte-identical."""
     series: list[list[Outcome]] = [[] for _ in ways]
     for i in range(runs):
-        for out, way in zip(series, ways):
+        for out, way in measuring.alternate(list(zip(series, ways)), i):
             out.append(timed(way, keep_graph=i == 0))
     if len({out[0].graph for out in series}) != 1:
         raise SystemExit("the graphs differ: parallel exploration is broken")

@@ -13,9 +13,11 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from goals import Goal
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
@@ -96,12 +98,19 @@ def fmt(value: float, unit: str, bare: bool = False) -> str:
 
 
 def paired(runs: int, *fns: Any) -> list[list[Any]]:
-    """Call ``fns`` in turn, ``runs`` times: interleaved, so load shifts hit every series alike."""
+    """Call ``fns`` in turn, ``runs`` times: interleaved, so load shifts hit every series alike,
+    and in reverse order every other round, so that no series always runs first (after the
+    same other one)."""
     out: list[list[Any]] = [[] for _ in fns]
-    for _ in range(runs):
-        for series, fn in zip(out, fns):
+    for i in range(runs):
+        for series, fn in alternate(list(zip(out, fns)), i):
             series.append(fn())
     return out
+
+
+def alternate(items: list[T], round_: int) -> list[T]:
+    """``items`` in order on even rounds, reversed on odd ones (:func:`paired`'s order)."""
+    return items if round_ % 2 == 0 else items[::-1]
 
 
 def load_report() -> tuple[tuple[float, float, float], int, str | None]:
