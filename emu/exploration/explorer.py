@@ -139,11 +139,10 @@ class Explorer:
     def _observe(self, sid: int, thread: KThread) -> None:
         raw = self.trace.raw_states[sid]  # RawState layout
         # tid, mode, registers; then depth, service, api, pending, callback frames; then the
-        # stack from RSP up (bytes below RSP are dead: the x64 ABI has no red zone). The digest
-        # hashes the parts one after the other (as one text: the same digest as update() each).
+        # stack from RSP up (bytes below RSP are dead: the x64 ABI has no red zone); then every
+        # thread's kernel side (waits, callback stacks), the objects, and the live stacks of the
+        # threads that are not moving: the whole process is the state, hashed as one text.
         text, kernel, symbolic = self._text, self.kernel, self.symbolic
-        # Every thread's kernel side (waits, callback stacks), the objects, and the live
-        # stacks of the threads that are not moving: the whole process is the state.
         if symbolic is None and len(kernel.threads) == 1:  # the memoised head, the registers as words
             head, words = text.state_parts(raw)
             whole = b"".join((head, words, raw[4], text.kernel_of(kernel, thread), self.cow.digest(self._stacks)))
@@ -153,11 +152,8 @@ class Explorer:
                 parts.append(raw[4])
             else:  # symbolic values: their locations masked, the path condition added
                 context, stack, extra = symbolic.on_state(sid, thread, RawState._make(raw))
-                parts = [
-                    repr((raw[1], raw[2], context, (raw[6], raw[7], raw[8], raw[9], raw[10]))).encode(),
-                    stack,
-                    extra,
-                ]
+                rest = (raw[6], raw[7], raw[8], raw[9], raw[10])
+                parts = [repr((raw[1], raw[2], context, rest)).encode(), stack, extra]
             parts.append(text.kernel_of(kernel, thread))
             if len(kernel.threads) > 1:
                 parts += [self._stack_of(other) for other in kernel.threads.values() if other is not thread]
