@@ -184,7 +184,7 @@ class Kernel:
                     # What _enter does for any other service when one thread runs: record the
                     # entry (observed, when watched), then dispatch.
                     thread.trap_frame = None
-                    self.recorder.syscall_entered(thread, regs, name, ssn)
+                    self.recorder.entered("syscall", thread, "kernel", regs, name, ssn, None, "")
                     spec = self._scripts.get(name)
                     if spec is None:
                         self._dispatch(thread, regs, "syscall", ssn, name)
@@ -431,7 +431,7 @@ class Kernel:
         values[:] = entry
         values[16] -= self._entry_len  # RIP, as Unicorn will advance it
         put[0]()  # the registers, and the XMM registers the kernel scrubs, in one C call
-        self.recorder.callback_entered(thread, entry, name, api, note)
+        self.recorder.entered("callback", thread, "user", entry, name, None, api, note)
         return None
 
     def _callback_return(self, thread: KThread, regs: tuple[int, ...], via: str, ssn: int) -> None:

@@ -263,10 +263,14 @@ class Recorder:
         thread.mode = "user"
         thread.resuming = None
 
-    def syscall_entered(self, thread: KThread, regs: tuple[int, ...], name: str, ssn: int) -> None:
-        """:meth:`syscall` for a service other than NtCallbackReturn, one thread: the record
-        :meth:`add` would append (and observe), without its branches for other kinds (the
-        syscall hook's path to a service that does more than return a status)."""
+    def entered(
+        self, kind: TransitionKind, thread: KThread, mode: Mode, regs: tuple[int, ...], name: str,
+        ssn: int | None, api: int | None, detail: str,
+    ) -> None:  # fmt: skip
+        """The record :meth:`add` would append (and observe) for a ``"syscall"`` into a service
+        other than NtCallbackReturn on a lone thread, or a ``"callback"`` whose frame is already on
+        the thread's callback stack (``name``: the state's service), without its branches for
+        other kinds: the syscall hook's path and the callout's."""
         trace = self.trace
         states = trace.raw_states
         sid = len(states)
@@ -277,35 +281,12 @@ class Recorder:
         base = thread.stack_base
         stack = self._kept(thread, rsp, rip)
         tid = thread.tid
-        states.append((sid, tid, "kernel", regs, stack, base, depth, name, api_top, False, frames))
+        states.append((sid, tid, mode, regs, stack, base, depth, name, api_top, False, frames))
         transitions = trace.raw_transitions
-        transitions.append((len(transitions), "syscall", tid, thread.state_id, sid, name, ssn, rip, rsp, depth, None,
-                            None, "", b"", self._woken() if self.wakes_pending else ()))  # fmt: skip
+        transitions.append((len(transitions), kind, tid, thread.state_id, sid, name, ssn, rip, rsp, depth, None, api,
+                            detail, b"", self._woken() if self.wakes_pending else ()))  # fmt: skip
         thread.state_id = sid
-        thread.mode = "kernel"
-        thread.resuming = None
-        if self.observe is not None:
-            self.observe(sid, thread)
-
-    def callback_entered(self, thread: KThread, regs: tuple[int, ...], service: str, api: int, note: str) -> None:
-        """:meth:`callback` (the new frame already on the thread's callback stack): the record
-        :meth:`add` would append, without its branches for other kinds."""
-        trace = self.trace
-        states = trace.raw_states
-        sid = len(states)
-        rip, rsp = regs[_RIP], regs[_RSP]
-        if sid >= self._state_limit and self.state_budget is not None:
-            raise BudgetExceeded("states", self.state_budget, trace.symbolize(rip))
-        frames, depth, api_top = _frames(thread.callback_stack)
-        base = thread.stack_base
-        stack = self._kept(thread, rsp, rip)
-        tid = thread.tid
-        states.append((sid, tid, "user", regs, stack, base, depth, service, api_top, False, frames))
-        transitions = trace.raw_transitions
-        transitions.append((len(transitions), "callback", tid, thread.state_id, sid, service, None, rip, rsp, depth,
-                            None, api, note, b"", self._woken() if self.wakes_pending else ()))  # fmt: skip
-        thread.state_id = sid
-        thread.mode = "user"
+        thread.mode = mode
         thread.resuming = None
         if self.observe is not None:
             self.observe(sid, thread)
