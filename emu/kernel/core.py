@@ -197,18 +197,9 @@ class Kernel:
 
     def _run_script(self, thread: KThread, regs: tuple[int, ...], spec: ServiceSpec) -> None:
         """What :meth:`_dispatch` does for a scripted service of ``_scripts`` entered by
-        `syscall` (its checks all pass for those), one frame instead of three."""
+        `syscall` (its checks all pass for those), without them."""
         act = ScriptActivation(spec, [(spec.script, 0)], thread.service_ctx, [regs[10], regs[2], regs[8], regs[9]])  # type: ignore[list-item]
-        writes = self.user_writes
-        req = act.step(None)
-        if isinstance(req, int) and writes == self.user_writes:
-            # Returned at once, nothing written: the user state after sysret has the entry's stack bytes.
-            self._sysret_now(thread, regs, "syscall", req, spec.name, "", reuse_stack=True)
-            return
-        trap = KTrapFrame(_context(UserContext, regs), "syscall")
-        if type(req) is UserCallback and self._callback(thread, act, trap, req, "") is None:
-            return  # in KiUserCallbackDispatcher
-        drive(self, thread, act, trap, None, False, req)
+        self._start(thread, regs, "syscall", spec.name, act)
 
     def _return_from_callback(self, thread: KThread, regs: tuple[int, ...], ssn: int) -> None:
         """NtCallbackReturn completing a frame, one thread, nobody watching (the syscall hook's
@@ -346,7 +337,13 @@ class Kernel:
             # Arguments 5+ sit above the return address and the 0x20 shadow space.
             raw = kernel_read(self.machine, regs[4] + 0x28, 8 * extra) or bytes(8 * extra)
             args += [int.from_bytes(raw[i : i + 8], "little") for i in range(0, 8 * extra, 8)]
-        act = spec.activate(thread.service_ctx, args)  # type: ignore[arg-type]
+        self._start(thread, regs, via, name, spec.activate(thread.service_ctx, args))  # type: ignore[arg-type]
+
+    def _start(
+        self, thread: KThread, regs: tuple[int, ...], via: str, name: str, act: Activation | ScriptActivation
+    ) -> None:
+        """Run a new activation to its first request: a status returned at once goes back by
+        sysret; a callback enters KiUserCallbackDispatcher; anything else is driven."""
         writes = self.user_writes
         req = act.step(None)
         if isinstance(req, int) and writes == self.user_writes:
