@@ -8,9 +8,10 @@ is written (the kernel stack's growth, the depth budget, the probe of the user s
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from emu.context import REGISTER_NAMES, UserContext
 from emu.errors import BudgetExceeded
@@ -83,52 +84,59 @@ def entry_registers(
       R8-R10 and the non-volatile RBX, RDI, RSI, RBP, R12-R15 zero, XMM0-15 zero, R11 =
       EFLAGS_IF_MASK (0x200), RSP from the trap frame.
     """
-    v = [*trap]  # the trap frame's registers, changed in place (cheaper than namedtuple _replace)
-    v[_RSP] = rsp
-    v[_RIP] = v[_RCX] = dispatcher
-    policy = profile.dispatcher_registers
-    if policy == "reactos":
-        for i in _ZERO_REACTOS:
-            v[i] = 0
-        # SYSRET loads RFLAGS from R11 with bit 1 (reserved) set (Intel SDM vol. 2B SYSRET).
-        v[_R11] = RFLAGS_IF
-        v[_RFLAGS] = RFLAGS_IF | RFLAGS_RESERVED
-        return tuple(v), _XMM_ALL
-    v[_R11] = v[_RFLAGS]  # the trap frame's RFLAGS (v is a copy of it)
-    if policy == "windows10":
-        v[_RDX] = v[_R8] = v[_R9] = v[_R10] = 0
-    else:
-        v[_R10] = 0
-        v[_R8] = rsp
-        v[_R9] = v[_RBP]  # the trap frame's RBP
-    return tuple(v), _XMM_LOW
+    make, xmm = _POLICIES[profile.dispatcher_registers]
+    return make(trap, rsp, dispatcher), xmm
 
 
 def entry_maker(profile: Profile, dispatcher: int) -> Callable[[UserContext, int], tuple[int, ...]]:
     """``entry_registers(profile, trap, rsp, dispatcher)[0]`` as a function of ``(trap, rsp)``,
     with the profile's policy chosen once (the kernel derives these registers at every callback)."""
-    policy = profile.dispatcher_registers
-    if policy == "reactos":
-        return lambda trap, rsp: entry_registers(profile, trap, rsp, dispatcher)[0]
+    return functools.partial(_POLICIES[profile.dispatcher_registers][0], dispatcher=dispatcher)
 
-    def windows10(trap: UserContext, rsp: int) -> tuple[int, ...]:
-        v = [*trap]  # as entry_registers under "windows10": see there
-        v[_RSP] = rsp
-        v[_RIP] = v[_RCX] = dispatcher
-        v[_R11] = v[_RFLAGS]
-        v[_RDX] = v[_R8] = v[_R9] = v[_R10] = 0
-        return tuple(v)
 
-    def wrk(trap: UserContext, rsp: int) -> tuple[int, ...]:
-        v = [*trap]  # as entry_registers under "wrk": see there
-        v[_RSP] = v[_R8] = rsp
-        v[_RIP] = v[_RCX] = dispatcher
-        v[_R11] = v[_RFLAGS]
-        v[_R10] = 0
-        v[_R9] = v[_RBP]
-        return tuple(v)
+# The policies of entry_registers (see there for their sources). Each starts from the trap
+# frame's registers, changed in place (cheaper than namedtuple _replace), leaves through SYSRET
+# with RCX = RIP = the dispatcher, and returns a plain tuple in UserContext order.
+def _wrk(trap: UserContext, rsp: int, dispatcher: int) -> tuple[int, ...]:
+    v = [*trap]
+    v[_RSP] = v[_R8] = rsp
+    v[_RIP] = v[_RCX] = dispatcher
+    v[_R11] = v[_RFLAGS]  # the trap frame's RFLAGS (v is a copy of it)
+    v[_R10] = 0
+    v[_R9] = v[_RBP]  # the trap frame's RBP
+    return tuple(v)
 
-    return windows10 if policy == "windows10" else wrk
+
+def _windows10(trap: UserContext, rsp: int, dispatcher: int) -> tuple[int, ...]:
+    v = [*trap]
+    v[_RSP] = rsp
+    v[_RIP] = v[_RCX] = dispatcher
+    v[_R11] = v[_RFLAGS]
+    v[_RDX] = v[_R8] = v[_R9] = v[_R10] = 0
+    return tuple(v)
+
+
+def _reactos(trap: UserContext, rsp: int, dispatcher: int) -> tuple[int, ...]:
+    v = [*trap]
+    v[_RSP] = rsp
+    v[_RIP] = v[_RCX] = dispatcher
+    for i in _ZERO_REACTOS:
+        v[i] = 0
+    # SYSRET loads RFLAGS from R11 with bit 1 (reserved) set (Intel SDM vol. 2B SYSRET).
+    v[_R11] = RFLAGS_IF
+    v[_RFLAGS] = RFLAGS_IF | RFLAGS_RESERVED
+    return tuple(v)
+
+
+class _Policy(Protocol):
+    def __call__(self, trap: UserContext, rsp: int, dispatcher: int) -> tuple[int, ...]: ...
+
+
+_POLICIES: dict[str, tuple[_Policy, tuple[int, ...]]] = {
+    "wrk": (_wrk, _XMM_LOW),
+    "windows10": (_windows10, _XMM_LOW),
+    "reactos": (_reactos, _XMM_ALL),
+}
 
 
 def kernel_stack_overflow(profile: Profile, depth: int) -> str | None:
