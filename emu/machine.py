@@ -239,12 +239,10 @@ class Machine:
         """Write user memory from the host (the kernel model, the loader); Unicorn's hooks never see it."""
         if self.cow is not None:
             self.cow.on_host_write(address, len(data))
-        end = address + len(data)
-        for base, buf in self.host.items():
-            # Unicorn must see writes to code it may have translated: those go through it.
-            if base <= address and end <= base + len(buf) and base not in self._host_code:
-                buf[address - base : end - base] = data
-                break
+        slot = self.host_slot(address, len(data))
+        if slot is not None:
+            buf, start, end = slot
+            buf[start:end] = data
         else:
             self.uc.mem_write(address, bytes(data))
         if self.write_watch is not None:
@@ -257,6 +255,7 @@ class Machine:
         :attr:`cow` and :attr:`write_watch` are None, as :meth:`write` would act on them."""
         end = address + size
         for base, buf in self.host.items():
+            # Unicorn must see writes to code it may have translated: those go through it.
             if base <= address and end <= base + len(buf) and base not in self._host_code:
                 return buf, address - base, end - base
         return None

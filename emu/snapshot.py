@@ -309,16 +309,13 @@ class CowMemory:
         dirty, hot = self.dirty, self.hot
         if (not dirty or dirty <= skipped) and (not hot or hot <= skipped):
             live: set[int] = set()  # every page written since this layer is in a skipped range
-            memo = self.current.memo
-            if memo is not None and memo[0] == ranges:
-                return memo[1]
         else:
             live = dirty | hot
             self._classify(live)
             live -= skipped
-            memo = self.current.memo
-            if not live and memo is not None and memo[0] == ranges:
-                return memo[1]  # nothing written outside the skipped ranges since this layer
+        memo = self.current.memo
+        if not live and memo is not None and memo[0] == ranges:
+            return memo[1]  # nothing written outside the skipped ranges since this layer
         h = blake2b(digest_size=16)
         pages = self.current.touched.union(live)
         self._classify(pages)
